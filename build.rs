@@ -1,0 +1,29 @@
+//! Compiles `proto/` with protox (no system `protoc` needed) and generates the tonic/prost code.
+//! The encoded descriptor set is written to `OUT_DIR` for gRPC server reflection.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "proto/inference/grpc_predict_v2.proto",
+    "proto/modelgate/v1/registry.proto",
+    "proto/modelgate/testing/echo.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(PROTOS, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("modelgate_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Tensor payloads decode as `Bytes` slices of the request buffer: no copy.
+        .bytes(".inference")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! Settings for `modelgate serve`: flags, `MODELGATE_*` environment variables and an optional TOML
+//! config file, merged and validated into a [`Config`] before any port is bound.
+//!
+//! Precedence, highest first: command-line flag, environment variable, config file, built-in
+//! default. Environment and file values are installed as clap defaults, so one parser checks every
+//! value and its errors name the flag. The environment is passed in (never read from the process
+//! here), so tests do not touch global state.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::registry;
+
+/// Prefix of every environment variable modelgate reads.
+pub const ENV_PREFIX: &str = "MODELGATE_";
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `modelgate serve`. Every flag can also be set as `MODELGATE_<NAME>` (upper case,
+/// underscores) or as `<name>` (underscores or dashes) in the `--config` TOML file.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TOML config file (env MODELGATE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Data port: gRPC from applications (env MODELGATE_LISTEN).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9000")]
+    pub listen: SocketAddr,
+
+    /// Control port: the modelgate.v1 API (env MODELGATE_CONTROL_LISTEN).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9001")]
+    pub control_listen: SocketAddr,
+
+    /// Admin port: /metrics, /live, /ready over HTTP/1.1 (env MODELGATE_ADMIN_LISTEN).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9002")]
+    pub admin_listen: SocketAddr,
+
+    /// RocksDB directory, created if missing (env MODELGATE_DATA_DIR).
+    #[arg(long, value_name = "DIR", default_value = "./modelgate-data")]
+    pub data_dir: PathBuf,
+
+    /// Model serving calls that name none: non-OIP methods without an x-model-name header
+    /// (env MODELGATE_DEFAULT_MODEL).
+    #[arg(long, value_name = "MODEL")]
+    pub default_model: Option<String>,
+
+    /// Bearer token the control API requires; none means no authentication
+    /// (env MODELGATE_CONTROL_TOKEN).
+    #[arg(long, value_name = "TOKEN")]
+    pub control_token: Option<String>,
+
+    /// Requests in flight on the data port beyond which new ones get RESOURCE_EXHAUSTED
+    /// (env MODELGATE_MAX_IN_FLIGHT).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+
+    /// Largest OIP request message modelgate reads, in bytes (env MODELGATE_MAX_MESSAGE_BYTES).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Concurrent HTTP/2 streams allowed per client connection (env MODELGATE_MAX_CONCURRENT_STREAMS).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// Time allowed to open a connection to an upstream (env MODELGATE_CONNECT_TIMEOUT).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Deadline for a unary call whose caller sets no grpc-timeout (env MODELGATE_REQUEST_TIMEOUT).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// HTTP/2 keepalive PING interval on upstream and client connections
+    /// (env MODELGATE_KEEPALIVE_INTERVAL).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long shutdown waits for in-flight requests (env MODELGATE_SHUTDOWN_GRACE).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format (env MODELGATE_LOG_FORMAT).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `modelgate=debug` (env MODELGATE_LOG_LEVEL; RUST_LOG also works).
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Parses `250ms`, `2s`, `1m30s`…
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 500ms or 2s: {e}"))
+}
+
+/// Validated settings of `modelgate serve`.
+#[derive(Clone)]
+pub struct Config {
+    /// Data port address.
+    pub listen: SocketAddr,
+    /// Control port address.
+    pub control_listen: SocketAddr,
+    /// Admin port address.
+    pub admin_listen: SocketAddr,
+    /// RocksDB directory.
+    pub data_dir: PathBuf,
+    /// Model for calls that name none.
+    pub default_model: Option<String>,
+    /// Control API bearer token.
+    pub control_token: Option<String>,
+    /// In-flight request limit on the data port.
+    pub max_in_flight: usize,
+    /// Largest OIP request read.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Default unary deadline.
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: never print it.
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("control_listen", &self.control_listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("data_dir", &self.data_dir)
+            .field("default_model", &self.default_model)
+            .field("control_token", &self.control_token.as_ref().map(|_| "<redacted>"))
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("log_format", &self.log_format)
+            .field("log_level", &self.log_level)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Settings for tests and embedding: every port on 127.0.0.1:0, data in `data_dir`.
+    pub fn for_tests(data_dir: &Path) -> Config {
+        let args = ServeArgs::parse_from_defaults();
+        let mut c = Config::from_args(args).expect("defaults are valid");
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.listen = any;
+        c.control_listen = any;
+        c.admin_listen = any;
+        c.data_dir = data_dir.to_path_buf();
+        c.shutdown_grace = Duration::from_secs(2);
+        c
+    }
+
+    /// Checks settings that clap's types cannot.
+    pub fn from_args(a: ServeArgs) -> Result<Config, ConfigError> {
+        let bad = |setting: &'static str, message: String| ConfigError::Invalid { setting, message };
+        let ports = [
+            ("listen", a.listen),
+            ("control_listen", a.control_listen),
+            ("admin_listen", a.admin_listen),
+        ];
+        for (i, (name, addr)) in ports.iter().enumerate() {
+            for (other, other_addr) in &ports[i + 1..] {
+                if addr.port() != 0 && addr == other_addr {
+                    return Err(bad(
+                        name,
+                        format!("{addr} is also the {other} address; each port needs its own"),
+                    ));
+                }
+            }
+        }
+        if a.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty".into()));
+        }
+        if let Some(m) = &a.default_model {
+            registry::validate_model_name(m, "default_model")
+                .map_err(|e| bad("default_model", e.to_string()))?;
+        }
+        if let Some(t) = &a.control_token {
+            if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(
+                    "control_token",
+                    "must be non-empty with no whitespace or control characters".into(),
+                ));
+            }
+        }
+        if a.max_in_flight == 0 {
+            return Err(bad("max_in_flight", "must be at least 1".into()));
+        }
+        if !(1024..=1 << 30).contains(&a.max_message_bytes) {
+            return Err(bad(
+                "max_message_bytes",
+                format!("{} is outside 1024..=1073741824", a.max_message_bytes),
+            ));
+        }
+        if a.max_concurrent_streams == 0 {
+            return Err(bad("max_concurrent_streams", "must be at least 1".into()));
+        }
+        for (name, d) in [
+            ("connect_timeout", a.connect_timeout),
+            ("request_timeout", a.request_timeout),
+            ("keepalive_interval", a.keepalive_interval),
+        ] {
+            if d.is_zero() {
+                return Err(bad(name, "must be greater than zero".into()));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&a.log_level)
+            .map_err(|e| bad("log_level", format!("'{}': {e}", a.log_level)))?;
+        Ok(Config {
+            listen: a.listen,
+            control_listen: a.control_listen,
+            admin_listen: a.admin_listen,
+            data_dir: a.data_dir,
+            default_model: a.default_model,
+            control_token: a.control_token,
+            max_in_flight: a.max_in_flight,
+            max_message_bytes: a.max_message_bytes,
+            max_concurrent_streams: a.max_concurrent_streams,
+            connect_timeout: a.connect_timeout,
+            request_timeout: a.request_timeout,
+            keepalive_interval: a.keepalive_interval,
+            shutdown_grace: a.shutdown_grace,
+            log_format: a.log_format,
+            log_level: a.log_level,
+        })
+    }
+
+    /// Warnings worth logging at start-up (valid, but probably not what the user wants).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.control_listen.ip().is_loopback() && self.control_token.is_none() {
+            w.push(format!(
+                "the control port {} is reachable from other hosts and no --control-token is set: anyone who can reach it can change routing",
+                self.control_listen
+            ));
+        }
+        w
+    }
+}
+
+impl ServeArgs {
+    fn parse_from_defaults() -> ServeArgs {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let m = Wrapper::command().get_matches_from(["modelgate"]);
+        Wrapper::from_arg_matches(&m).expect("defaults parse").serve
+    }
+}
+
+/// A setting that is wrong, named.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is invalid.
+    #[error("invalid setting {}: {message}", describe(setting))]
+    Invalid {
+        /// Setting name (flag without dashes, with underscores).
+        setting: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The config file cannot be read or parsed.
+    #[error("config file {path}: {message}")]
+    File {
+        /// File path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The config file has a key modelgate does not know.
+    #[error("config file {path}: unknown setting '{key}'")]
+    UnknownKey {
+        /// File path.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+}
+
+fn describe(setting: &str) -> String {
+    format!(
+        "--{} ({}{})",
+        setting.replace('_', "-"),
+        ENV_PREFIX,
+        setting.to_ascii_uppercase()
+    )
+}
+
+/// The environment as a map, so tests can pass their own.
+pub type Env = HashMap<String, String>;
+
+/// Reads the process environment's `MODELGATE_*` variables (call once, in `main`).
+pub fn process_env() -> Env {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect()
+}
+
+/// Finds the config file path: `--config PATH`, `--config=PATH`, else `MODELGATE_CONFIG`.
+fn config_path(args: &[OsString], env: &Env) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(p) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    env.get("MODELGATE_CONFIG").map(PathBuf::from)
+}
+
+fn toml_to_string(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Installs config-file values, then environment values, as the defaults of `cmd`'s arguments, so
+/// that flags override env, which overrides the file. `args` is the command line of `cmd` itself
+/// (used only to find `--config`). Returns warnings (unknown `MODELGATE_*` variables).
+pub fn apply_sources(
+    mut cmd: clap::Command,
+    args: &[OsString],
+    env: &Env,
+    read_file: impl Fn(&Path) -> std::io::Result<String>,
+) -> Result<(clap::Command, Vec<String>), ConfigError> {
+    let ids: Vec<String> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().as_str().to_string())
+        .filter(|id| id != "help" && id != "config")
+        .collect();
+    let mut defaults: HashMap<String, String> = HashMap::new();
+    if let Some(path) = config_path(args, env) {
+        let text = read_file(&path).map_err(|e| ConfigError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        for (key, value) in table {
+            let id = key.replace('-', "_");
+            if !ids.contains(&id) {
+                return Err(ConfigError::UnknownKey { path, key });
+            }
+            let v = toml_to_string(&value).ok_or_else(|| ConfigError::File {
+                path: path.clone(),
+                message: format!("setting '{key}' must be a string, number or boolean"),
+            })?;
+            defaults.insert(id, v);
+        }
+    }
+    let mut warnings = Vec::new();
+    for (k, v) in env {
+        let Some(name) = k.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let id = name.to_ascii_lowercase();
+        if ids.contains(&id) {
+            defaults.insert(id, v.clone());
+        } else if id != "config" && !OTHER_ENV.contains(&name) {
+            warnings.push(format!("ignoring unknown environment variable {k}"));
+        }
+    }
+    for (id, value) in defaults {
+        cmd = cmd.mut_arg(id, |a| a.default_value(value));
+    }
+    Ok((cmd, warnings))
+}
+
+/// `MODELGATE_*` variables read by other subcommands, not unknown to `serve`.
+const OTHER_ENV: &[&str] = &["ADDR", "TOKEN"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn load(
+        args: &[&str],
+        env: &[(&str, &str)],
+        file: Option<&str>,
+    ) -> Result<Config, String> {
+        let argv: Vec<OsString> = std::iter::once("modelgate")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        let env: Env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let file = file.map(str::to_string);
+        let (cmd, _) = apply_sources(Cli::command(), &argv, &env, |_| {
+            file.clone()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"))
+        })
+        .map_err(|e| e.to_string())?;
+        let m = cmd.try_get_matches_from(argv).map_err(|e| e.to_string())?;
+        let cli = Cli::from_arg_matches(&m).map_err(|e| e.to_string())?;
+        Config::from_args(cli.serve).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = load(&[], &[], None).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.control_listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:9002");
+        assert_eq!(c.data_dir, PathBuf::from("./modelgate-data"));
+        assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let file = "max_in_flight = 10\nmax-concurrent-streams = 7\nrequest_timeout = \"5s\"\n";
+        // Without --config (or MODELGATE_CONFIG) no file is read.
+        assert_eq!(load(&[], &[], Some(file)).unwrap().max_in_flight, 10_000);
+        let c = load(&["--config", "x.toml"], &[], Some(file)).unwrap();
+        assert_eq!(c.max_in_flight, 10);
+        assert_eq!(c.max_concurrent_streams, 7);
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        let c = load(
+            &["--config", "x.toml"],
+            &[("MODELGATE_MAX_IN_FLIGHT", "20")],
+            Some(file),
+        )
+        .unwrap();
+        assert_eq!(c.max_in_flight, 20);
+        let c = load(
+            &["--config=x.toml", "--max-in-flight", "30"],
+            &[("MODELGATE_MAX_IN_FLIGHT", "20")],
+            Some(file),
+        )
+        .unwrap();
+        assert_eq!(c.max_in_flight, 30);
+        let c = load(&[], &[("MODELGATE_CONFIG", "x.toml")], Some(file)).unwrap();
+        assert_eq!(c.max_in_flight, 10);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let err = load(&["--max-in-flight", "0"], &[], None).unwrap_err();
+        assert!(err.contains("--max-in-flight"), "{err}");
+        assert!(err.contains("MODELGATE_MAX_IN_FLIGHT"), "{err}");
+        let err = load(&[], &[("MODELGATE_LISTEN", "nonsense")], None).unwrap_err();
+        assert!(err.contains("--listen"), "{err}");
+        let err = load(&["--config", "f"], &[], Some("lisen = \"1.2.3.4:1\"")).unwrap_err();
+        assert!(err.contains("unknown setting 'lisen'"), "{err}");
+        let err = load(&["--config", "f"], &[], Some("connect_timeout = \"soon\"")).unwrap_err();
+        assert!(err.contains("--connect-timeout"), "{err}");
+        let err = load(&["--config", "missing.toml"], &[], None).unwrap_err();
+        assert!(err.contains("missing.toml"), "{err}");
+        let err = load(
+            &["--listen", "127.0.0.1:5000", "--admin-listen", "127.0.0.1:5000"],
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("--listen") && err.contains("admin_listen"), "{err}");
+        let err = load(&["--default-model", "a b"], &[], None).unwrap_err();
+        assert!(err.contains("--default-model"), "{err}");
+        let err = load(&["--request-timeout", "0s"], &[], None).unwrap_err();
+        assert!(err.contains("--request-timeout"), "{err}");
+        let err = load(&["--log-level", "=="], &[], None).unwrap_err();
+        assert!(err.contains("--log-level"), "{err}");
+    }
+
+    #[test]
+    fn exposed_control_port_without_token_warns_and_token_is_redacted() {
+        let c = load(&["--control-listen", "0.0.0.0:9001"], &[], None).unwrap();
+        assert_eq!(c.warnings().len(), 1);
+        let c = load(
+            &["--control-listen", "0.0.0.0:9001"],
+            &[("MODELGATE_CONTROL_TOKEN", "s3cret")],
+            None,
+        )
+        .unwrap();
+        assert!(c.warnings().is_empty());
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn every_flag_documents_its_env_variable() {
+        for a in Cli::command().get_arguments() {
+            let id = a.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let env = format!("env {ENV_PREFIX}{}", id.to_ascii_uppercase());
+            assert!(help.contains(&env), "--{id} help should mention {env}: {help}");
+        }
+    }
+}

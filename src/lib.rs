@@ -1,0 +1,21 @@
+//! modelgate: a gRPC sidecar for machine-learning model servers.
+//!
+//! See `README.md` for what it does and `docs/` for the design. The binary (`src/main.rs`) is a
+//! thin CLI over this library; tests start the same servers in-process.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod model_server;
+pub mod oip;
+pub mod pb;
+pub mod proxy;
+pub mod registry;
+pub mod routing;
+pub mod server;
+pub mod store;
+pub mod telemetry;

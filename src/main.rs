@@ -1,0 +1,133 @@
+//! The `modelgate` command line: `serve`, `model-server`, `demo`.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use modelgate::config::{self, Config, ServeArgs};
+use modelgate::demo::DemoArgs;
+use modelgate::model_server::ModelSpec;
+
+#[derive(Parser, Debug)]
+#[command(name = "modelgate", version, about = "gRPC sidecar for ML model servers: routing, A/B tests, shadows, prediction logging, drift")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sidecar: data, control and admin ports, RocksDB in --data-dir.
+    Serve(ServeArgs),
+    /// Run the built-in Open Inference Protocol v2 model server (for demos, tests, benchmarks).
+    ModelServer(ModelServerArgs),
+    /// Start two model servers and modelgate in front of them, and send traffic through it.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ModelServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    listen: SocketAddr,
+    /// A model: 'name=iris;kind=logistic;weights=0.5,-1,0.2;bias=0.1;version=v1;latency=5ms'
+    /// (or features=N;seed=S instead of weights). Repeat for more models or versions.
+    #[arg(long = "model", value_name = "SPEC", required = true)]
+    models: Vec<ModelSpec>,
+}
+
+fn parse_cli() -> Result<(Cli, Vec<String>), config::ConfigError> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let env = config::process_env();
+    let mut cmd = Cli::command();
+    let mut warnings = Vec::new();
+    if argv.get(1).is_some_and(|a| a == "serve") {
+        let serve = cmd.find_subcommand("serve").expect("serve exists").clone();
+        let (serve, w) = config::apply_sources(serve, &argv[1..], &env, |p| std::fs::read_to_string(p))?;
+        warnings = w;
+        cmd = cmd.mut_subcommand("serve", |_| serve);
+    }
+    let matches = cmd.get_matches_from(argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok((cli, warnings))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn main() -> ExitCode {
+    let (cli, warnings) = match parse_cli() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("modelgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => {
+                let config = match Config::from_args(args) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("modelgate: {e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                };
+                modelgate::telemetry::init_logging(config.log_format, &config.log_level);
+                for w in warnings.iter().chain(config.warnings().iter()) {
+                    tracing::warn!("{w}");
+                }
+                let running = modelgate::server::start(config).await?;
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                running.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::ModelServer(args) => {
+                modelgate::telemetry::init_logging(config::LogFormat::Text, "info");
+                let listener = tokio::net::TcpListener::bind(args.listen).await?;
+                let names: Vec<String> = args
+                    .models
+                    .iter()
+                    .map(|m| format!("{} {} ({} features)", m.name, m.version, m.weights.len()))
+                    .collect();
+                tracing::info!(listen = %listener.local_addr()?, models = ?names, "model server listening");
+                modelgate::model_server::serve(
+                    listener,
+                    modelgate::model_server::ModelServer::new(args.models),
+                    shutdown_signal(),
+                )
+                .await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Demo(args) => {
+                modelgate::telemetry::init_logging(config::LogFormat::Text, "warn");
+                modelgate::demo::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("modelgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

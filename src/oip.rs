@@ -1,0 +1,576 @@
+//! Open Inference Protocol tensors: decoding `contents` and `raw_*_contents` into values.
+//!
+//! Raw contents are row-major and little-endian with no padding; a BYTES element is a 4-byte
+//! little-endian length followed by that many bytes. Everything here checks sizes against the
+//! declared shape before touching data, so a hostile message yields an [`OipError`], not a panic
+//! or a huge allocation.
+
+use bytes::Bytes;
+
+use crate::pb::inference::{
+    model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
+    InferTensorContents, ModelInferRequest, ModelInferResponse,
+};
+
+/// Default cap on elements decoded from one tensor.
+pub const DEFAULT_MAX_ELEMENTS: usize = 16 * 1024 * 1024;
+
+/// An OIP tensor datatype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataType {
+    /// BOOL
+    Bool,
+    /// UINT8
+    U8,
+    /// UINT16
+    U16,
+    /// UINT32
+    U32,
+    /// UINT64
+    U64,
+    /// INT8
+    I8,
+    /// INT16
+    I16,
+    /// INT32
+    I32,
+    /// INT64
+    I64,
+    /// FP16
+    F16,
+    /// BF16
+    BF16,
+    /// FP32
+    F32,
+    /// FP64
+    F64,
+    /// BYTES
+    Bytes,
+}
+
+impl DataType {
+    /// Parses the protocol's datatype name.
+    pub fn parse(s: &str) -> Option<DataType> {
+        Some(match s {
+            "BOOL" => DataType::Bool,
+            "UINT8" => DataType::U8,
+            "UINT16" => DataType::U16,
+            "UINT32" => DataType::U32,
+            "UINT64" => DataType::U64,
+            "INT8" => DataType::I8,
+            "INT16" => DataType::I16,
+            "INT32" => DataType::I32,
+            "INT64" => DataType::I64,
+            "FP16" => DataType::F16,
+            "BF16" => DataType::BF16,
+            "FP32" => DataType::F32,
+            "FP64" => DataType::F64,
+            "BYTES" => DataType::Bytes,
+            _ => return None,
+        })
+    }
+
+    /// The protocol's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::U8 => "UINT8",
+            DataType::U16 => "UINT16",
+            DataType::U32 => "UINT32",
+            DataType::U64 => "UINT64",
+            DataType::I8 => "INT8",
+            DataType::I16 => "INT16",
+            DataType::I32 => "INT32",
+            DataType::I64 => "INT64",
+            DataType::F16 => "FP16",
+            DataType::BF16 => "BF16",
+            DataType::F32 => "FP32",
+            DataType::F64 => "FP64",
+            DataType::Bytes => "BYTES",
+        }
+    }
+
+    /// Bytes per element in raw contents; `None` for BYTES (variable).
+    pub fn element_size(self) -> Option<usize> {
+        Some(match self {
+            DataType::Bool | DataType::U8 | DataType::I8 => 1,
+            DataType::U16 | DataType::I16 | DataType::F16 | DataType::BF16 => 2,
+            DataType::U32 | DataType::I32 | DataType::F32 => 4,
+            DataType::U64 | DataType::I64 | DataType::F64 => 8,
+            DataType::Bytes => return None,
+        })
+    }
+}
+
+/// Decoded tensor elements, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    /// Every numeric type and BOOL (as 0 / 1), widened to f64.
+    Numeric(Vec<f64>),
+    /// BYTES elements, sharing the message buffer.
+    Bytes(Vec<Bytes>),
+}
+
+impl Values {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Values::Numeric(v) => v.len(),
+            Values::Bytes(v) => v.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A decoded tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Tensor name.
+    pub name: String,
+    /// Datatype.
+    pub datatype: DataType,
+    /// Shape (every dimension non-negative).
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub values: Values,
+}
+
+impl Tensor {
+    /// Rows (samples): the first dimension of a tensor of rank ≥ 2, else 1.
+    pub fn rows(&self) -> usize {
+        if self.shape.len() >= 2 {
+            self.shape[0]
+        } else {
+            1
+        }
+    }
+
+    /// Elements per row.
+    pub fn cols(&self) -> usize {
+        match self.rows() {
+            0 => 0,
+            r => self.values.len() / r,
+        }
+    }
+
+    /// The numeric elements, if the tensor is numeric.
+    pub fn numeric(&self) -> Option<&[f64]> {
+        match &self.values {
+            Values::Numeric(v) => Some(v),
+            Values::Bytes(_) => None,
+        }
+    }
+}
+
+/// A tensor that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OipError {
+    /// Unknown datatype name.
+    #[error("tensor '{tensor}': unknown datatype '{datatype}'")]
+    UnknownDatatype {
+        /// Tensor name.
+        tensor: String,
+        /// Datatype as given.
+        datatype: String,
+    },
+    /// A negative or overflowing shape.
+    #[error("tensor '{tensor}': invalid shape {shape:?}")]
+    BadShape {
+        /// Tensor name.
+        tensor: String,
+        /// Shape as given.
+        shape: Vec<i64>,
+    },
+    /// More elements than allowed.
+    #[error("tensor '{tensor}': {elements} elements exceed the limit of {limit}")]
+    TooLarge {
+        /// Tensor name.
+        tensor: String,
+        /// Elements declared.
+        elements: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Contents do not match the shape.
+    #[error("tensor '{tensor}': shape {shape:?} ({datatype}) needs {expected}, got {got}")]
+    SizeMismatch {
+        /// Tensor name.
+        tensor: String,
+        /// Datatype.
+        datatype: &'static str,
+        /// Shape.
+        shape: Vec<usize>,
+        /// What the shape needs.
+        expected: String,
+        /// What was sent.
+        got: String,
+    },
+    /// Typed contents cannot carry this datatype.
+    #[error("tensor '{tensor}': {datatype} data must be sent as raw contents")]
+    RawOnly {
+        /// Tensor name.
+        tensor: String,
+        /// Datatype.
+        datatype: &'static str,
+    },
+    /// raw contents count does not match the tensor count.
+    #[error("{raw} raw contents for {tensors} tensors; there must be one per tensor")]
+    RawCount {
+        /// Raw entries.
+        raw: usize,
+        /// Tensors.
+        tensors: usize,
+    },
+    /// A BYTES element is malformed.
+    #[error("tensor '{tensor}': malformed BYTES raw contents: {reason}")]
+    BadBytes {
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+fn element_count(name: &str, shape: &[i64], limit: usize) -> Result<Vec<usize>, OipError> {
+    let bad = || OipError::BadShape {
+        tensor: name.to_string(),
+        shape: shape.to_vec(),
+    };
+    let dims: Vec<usize> = shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let n = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(bad)?;
+    if n > limit {
+        return Err(OipError::TooLarge {
+            tensor: name.to_string(),
+            elements: n,
+            limit,
+        });
+    }
+    Ok(dims)
+}
+
+/// Decodes one tensor from its typed `contents` or its `raw` bytes.
+pub fn decode_tensor(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+    contents: Option<&InferTensorContents>,
+    raw: Option<&Bytes>,
+    max_elements: usize,
+) -> Result<Tensor, OipError> {
+    let dt = DataType::parse(datatype).ok_or_else(|| OipError::UnknownDatatype {
+        tensor: name.to_string(),
+        datatype: datatype.to_string(),
+    })?;
+    let dims = element_count(name, shape, max_elements)?;
+    let n: usize = dims.iter().product();
+    let mismatch = |expected: String, got: String| OipError::SizeMismatch {
+        tensor: name.to_string(),
+        datatype: dt.as_str(),
+        shape: dims.clone(),
+        expected,
+        got,
+    };
+    let values = match raw {
+        Some(raw) => decode_raw(name, dt, n, raw, &mismatch)?,
+        None => decode_contents(name, dt, n, contents, &mismatch)?,
+    };
+    Ok(Tensor {
+        name: name.to_string(),
+        datatype: dt,
+        shape: dims,
+        values,
+    })
+}
+
+fn decode_raw(
+    name: &str,
+    dt: DataType,
+    n: usize,
+    raw: &Bytes,
+    mismatch: &dyn Fn(String, String) -> OipError,
+) -> Result<Values, OipError> {
+    let Some(size) = dt.element_size() else {
+        return decode_raw_bytes(name, n, raw, mismatch);
+    };
+    if raw.len() != n * size {
+        return Err(mismatch(
+            format!("{} raw bytes", n * size),
+            format!("{}", raw.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(n);
+    for c in raw.chunks_exact(size) {
+        out.push(match dt {
+            DataType::Bool => (c[0] != 0) as u8 as f64,
+            DataType::U8 => c[0] as f64,
+            DataType::I8 => c[0] as i8 as f64,
+            DataType::U16 => u16::from_le_bytes([c[0], c[1]]) as f64,
+            DataType::I16 => i16::from_le_bytes([c[0], c[1]]) as f64,
+            DataType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+            DataType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+            DataType::U32 => u32::from_le_bytes(c.try_into().expect("4")) as f64,
+            DataType::I32 => i32::from_le_bytes(c.try_into().expect("4")) as f64,
+            DataType::F32 => f32::from_le_bytes(c.try_into().expect("4")) as f64,
+            DataType::U64 => u64::from_le_bytes(c.try_into().expect("8")) as f64,
+            DataType::I64 => i64::from_le_bytes(c.try_into().expect("8")) as f64,
+            DataType::F64 => f64::from_le_bytes(c.try_into().expect("8")),
+            DataType::Bytes => unreachable!("handled above"),
+        });
+    }
+    Ok(Values::Numeric(out))
+}
+
+fn decode_raw_bytes(
+    name: &str,
+    n: usize,
+    raw: &Bytes,
+    mismatch: &dyn Fn(String, String) -> OipError,
+) -> Result<Values, OipError> {
+    // Each element needs at least its 4-byte length, which bounds the allocation by the input.
+    if n > raw.len() / 4 {
+        return Err(mismatch(
+            format!("{n} length-prefixed elements"),
+            format!("{} raw bytes", raw.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut pos = 0usize;
+    for _ in 0..n {
+        let Some(len) = raw.get(pos..pos + 4) else {
+            return Err(OipError::BadBytes {
+                tensor: name.to_string(),
+                reason: "truncated length prefix",
+            });
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4")) as usize;
+        pos += 4;
+        let end = pos.checked_add(len).filter(|&e| e <= raw.len()).ok_or_else(|| {
+            OipError::BadBytes {
+                tensor: name.to_string(),
+                reason: "element longer than the remaining data",
+            }
+        })?;
+        out.push(raw.slice(pos..end));
+        pos = end;
+    }
+    if pos != raw.len() {
+        return Err(OipError::BadBytes {
+            tensor: name.to_string(),
+            reason: "trailing bytes after the last element",
+        });
+    }
+    Ok(Values::Bytes(out))
+}
+
+fn decode_contents(
+    name: &str,
+    dt: DataType,
+    n: usize,
+    contents: Option<&InferTensorContents>,
+    mismatch: &dyn Fn(String, String) -> OipError,
+) -> Result<Values, OipError> {
+    let empty = InferTensorContents::default();
+    let c = contents.unwrap_or(&empty);
+    fn numeric<T: Copy>(
+        v: &[T],
+        n: usize,
+        field: &str,
+        f: impl Fn(T) -> f64,
+        mismatch: &dyn Fn(String, String) -> OipError,
+    ) -> Result<Values, OipError> {
+        if v.len() != n {
+            return Err(mismatch(
+                format!("{n} elements in {field}"),
+                format!("{}", v.len()),
+            ));
+        }
+        Ok(Values::Numeric(v.iter().map(|&x| f(x)).collect()))
+    }
+    match dt {
+        DataType::Bool => numeric(&c.bool_contents, n, "bool_contents", |b| b as u8 as f64, mismatch),
+        DataType::I8 | DataType::I16 | DataType::I32 => {
+            numeric(&c.int_contents, n, "int_contents", f64::from, mismatch)
+        }
+        DataType::I64 => numeric(&c.int64_contents, n, "int64_contents", |x| x as f64, mismatch),
+        DataType::U8 | DataType::U16 | DataType::U32 => {
+            numeric(&c.uint_contents, n, "uint_contents", f64::from, mismatch)
+        }
+        DataType::U64 => numeric(&c.uint64_contents, n, "uint64_contents", |x| x as f64, mismatch),
+        DataType::F32 => numeric(&c.fp32_contents, n, "fp32_contents", f64::from, mismatch),
+        DataType::F64 => numeric(&c.fp64_contents, n, "fp64_contents", |x| x, mismatch),
+        DataType::F16 | DataType::BF16 => Err(OipError::RawOnly {
+            tensor: name.to_string(),
+            datatype: dt.as_str(),
+        }),
+        DataType::Bytes => {
+            if c.bytes_contents.len() != n {
+                return Err(mismatch(
+                    format!("{n} elements in bytes_contents"),
+                    format!("{}", c.bytes_contents.len()),
+                ));
+            }
+            Ok(Values::Bytes(c.bytes_contents.clone()))
+        }
+    }
+}
+
+fn raw_for<'a>(raw: &'a [Bytes], tensors: usize, i: usize) -> Result<Option<&'a Bytes>, OipError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    if raw.len() != tensors {
+        return Err(OipError::RawCount {
+            raw: raw.len(),
+            tensors,
+        });
+    }
+    Ok(Some(&raw[i]))
+}
+
+/// Decodes every input tensor of a request.
+pub fn request_inputs(req: &ModelInferRequest, max_elements: usize) -> Result<Vec<Tensor>, OipError> {
+    req.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t): (usize, &InferInputTensor)| {
+            let raw = raw_for(&req.raw_input_contents, req.inputs.len(), i)?;
+            decode_tensor(&t.name, &t.datatype, &t.shape, t.contents.as_ref(), raw, max_elements)
+        })
+        .collect()
+}
+
+/// Decodes every output tensor of a response.
+pub fn response_outputs(
+    resp: &ModelInferResponse,
+    max_elements: usize,
+) -> Result<Vec<Tensor>, OipError> {
+    resp.outputs
+        .iter()
+        .enumerate()
+        .map(|(i, t): (usize, &InferOutputTensor)| {
+            let raw = raw_for(&resp.raw_output_contents, resp.outputs.len(), i)?;
+            decode_tensor(&t.name, &t.datatype, &t.shape, t.contents.as_ref(), raw, max_elements)
+        })
+        .collect()
+}
+
+/// Little-endian raw bytes of FP32 values.
+pub fn f32_raw(values: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Little-endian raw bytes of INT64 values.
+pub fn i64_raw(values: &[i64]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 8);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(dt: &str, shape: &[i64], c: Option<InferTensorContents>, raw: Option<Vec<u8>>) -> Result<Tensor, OipError> {
+        decode_tensor("x", dt, shape, c.as_ref(), raw.map(Bytes::from).as_ref(), 1000)
+    }
+
+    #[test]
+    fn raw_and_typed_contents_agree_for_every_numeric_type() {
+        let cases: Vec<(&str, InferTensorContents, Vec<u8>)> = vec![
+            ("FP32", InferTensorContents { fp32_contents: vec![1.5, -2.0], ..Default::default() },
+             [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat()),
+            ("FP64", InferTensorContents { fp64_contents: vec![1.5, -2.0], ..Default::default() },
+             [1.5f64.to_le_bytes(), (-2.0f64).to_le_bytes()].concat()),
+            ("INT8", InferTensorContents { int_contents: vec![1, -2], ..Default::default() }, vec![1, 0xfe]),
+            ("INT16", InferTensorContents { int_contents: vec![1, -2], ..Default::default() },
+             [1i16.to_le_bytes(), (-2i16).to_le_bytes()].concat()),
+            ("INT32", InferTensorContents { int_contents: vec![1, -2], ..Default::default() },
+             [1i32.to_le_bytes(), (-2i32).to_le_bytes()].concat()),
+            ("INT64", InferTensorContents { int64_contents: vec![1, -2], ..Default::default() },
+             [1i64.to_le_bytes(), (-2i64).to_le_bytes()].concat()),
+            ("UINT8", InferTensorContents { uint_contents: vec![1, 200], ..Default::default() }, vec![1, 200]),
+            ("UINT16", InferTensorContents { uint_contents: vec![1, 60000], ..Default::default() },
+             [1u16.to_le_bytes(), 60000u16.to_le_bytes()].concat()),
+            ("UINT32", InferTensorContents { uint_contents: vec![1, 4_000_000_000], ..Default::default() },
+             [1u32.to_le_bytes(), 4_000_000_000u32.to_le_bytes()].concat()),
+            ("UINT64", InferTensorContents { uint64_contents: vec![1, 1 << 40], ..Default::default() },
+             [1u64.to_le_bytes(), (1u64 << 40).to_le_bytes()].concat()),
+            ("BOOL", InferTensorContents { bool_contents: vec![true, false], ..Default::default() }, vec![1, 0]),
+        ];
+        for (dt, contents, raw) in cases {
+            let a = dec(dt, &[1, 2], Some(contents), None).unwrap();
+            let b = dec(dt, &[1, 2], None, Some(raw)).unwrap();
+            assert_eq!(a, b, "{dt}");
+            assert_eq!(a.rows(), 1);
+            assert_eq!(a.cols(), 2);
+        }
+    }
+
+    #[test]
+    fn half_precision_is_raw_only() {
+        let raw = [half::f16::from_f32(0.5).to_le_bytes(), half::f16::from_f32(-1.0).to_le_bytes()].concat();
+        let t = dec("FP16", &[2], None, Some(raw)).unwrap();
+        assert_eq!(t.numeric().unwrap(), &[0.5, -1.0]);
+        let raw = half::bf16::from_f32(2.0).to_le_bytes().to_vec();
+        assert_eq!(dec("BF16", &[1], None, Some(raw)).unwrap().numeric().unwrap(), &[2.0]);
+        assert!(matches!(dec("FP16", &[1], Some(Default::default()), None), Err(OipError::RawOnly { .. })));
+    }
+
+    #[test]
+    fn bytes_tensors_decode_from_both_forms() {
+        let mut raw = Vec::new();
+        for s in ["red", "", "blue"] {
+            raw.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            raw.extend_from_slice(s.as_bytes());
+        }
+        let a = dec("BYTES", &[3, 1], None, Some(raw)).unwrap();
+        let b = dec("BYTES", &[3, 1], Some(InferTensorContents {
+            bytes_contents: vec![Bytes::from("red"), Bytes::new(), Bytes::from("blue")],
+            ..Default::default()
+        }), None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.rows(), 3);
+    }
+
+    #[test]
+    fn hostile_tensors_are_errors() {
+        assert!(matches!(dec("FP32", &[-1, 2], None, None), Err(OipError::BadShape { .. })));
+        assert!(matches!(dec("FP32", &[i64::MAX, i64::MAX], None, None), Err(OipError::BadShape { .. })));
+        assert!(matches!(dec("FP32", &[1000, 1000], None, None), Err(OipError::TooLarge { .. })));
+        assert!(matches!(dec("FP99", &[1], None, None), Err(OipError::UnknownDatatype { .. })));
+        assert!(matches!(dec("FP32", &[2], None, Some(vec![0; 7])), Err(OipError::SizeMismatch { .. })));
+        assert!(matches!(dec("FP32", &[2], Some(InferTensorContents { fp32_contents: vec![1.0], ..Default::default() }), None), Err(OipError::SizeMismatch { .. })));
+        // A length prefix pointing past the end, and trailing garbage.
+        assert!(matches!(dec("BYTES", &[1], None, Some(vec![9, 0, 0, 0, 1])), Err(OipError::BadBytes { .. })));
+        assert!(matches!(dec("BYTES", &[1], None, Some(vec![0, 0, 0, 0, 1])), Err(OipError::BadBytes { .. })));
+        assert!(matches!(dec("BYTES", &[500], None, Some(vec![0; 8])), Err(OipError::SizeMismatch { .. })));
+        let err = dec("FP32", &[2, 3], None, Some(vec![0; 20])).unwrap_err().to_string();
+        assert!(err.contains("24 raw bytes") && err.contains("20"), "{err}");
+    }
+
+    #[test]
+    fn raw_count_must_match_inputs() {
+        let req = ModelInferRequest {
+            inputs: vec![Default::default(), Default::default()],
+            raw_input_contents: vec![Bytes::new()],
+            ..Default::default()
+        };
+        assert!(matches!(request_inputs(&req, 10), Err(OipError::RawCount { raw: 1, tensors: 2 })));
+    }
+}

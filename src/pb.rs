@@ -1,0 +1,27 @@
+//! Generated protobuf and gRPC code, in one place.
+
+/// The Open Inference Protocol v2 (`inference` package).
+#[allow(missing_docs, clippy::all)]
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// modelgate's control API.
+pub mod modelgate {
+    /// Version 1 of the control API (`modelgate.v1`).
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("modelgate.v1");
+    }
+}
+
+/// A service with every call kind, for pass-through tests and examples. Not product API.
+#[doc(hidden)]
+#[allow(missing_docs, clippy::all)]
+pub mod testing {
+    tonic::include_proto!("modelgate.testing");
+}
+
+/// Encoded `FileDescriptorSet` of every proto modelgate knows, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/modelgate_descriptor.bin"));

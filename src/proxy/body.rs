@@ -1,0 +1,199 @@
+//! Bodies: gRPC message framing, and a body wrapper that reports how a response ended.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::Code;
+
+/// The one message of a unary gRPC body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Fewer than 5 bytes, or fewer than the length prefix says.
+    #[error("truncated gRPC message frame ({0} bytes)")]
+    Truncated(usize),
+    /// The message is compressed.
+    #[error("compressed gRPC messages are not supported on this path; send them uncompressed")]
+    Compressed,
+    /// More than one message.
+    #[error("expected exactly one gRPC message, found more data after it")]
+    Trailing,
+}
+
+/// Extracts the single message of a unary gRPC body (5-byte prefix: flag, u32 BE length).
+pub fn unary_message(body: &Bytes) -> Result<Bytes, FrameError> {
+    if body.len() < 5 {
+        return Err(FrameError::Truncated(body.len()));
+    }
+    if body[0] != 0 {
+        return Err(FrameError::Compressed);
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    let end = 5usize
+        .checked_add(len)
+        .ok_or(FrameError::Truncated(body.len()))?;
+    if body.len() < end {
+        return Err(FrameError::Truncated(body.len()));
+    }
+    if body.len() > end {
+        return Err(FrameError::Trailing);
+    }
+    Ok(body.slice(5..end))
+}
+
+/// Frames a protobuf message as one uncompressed gRPC message.
+pub fn frame<M: prost::Message>(msg: &M) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    msg.encode(&mut buf).expect("buffer has capacity");
+    buf.freeze()
+}
+
+/// How a response stream ended, as seen by the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The stream finished with this gRPC status (from trailers or trailers-only headers).
+    Status(Code),
+    /// The stream finished with no grpc-status at all.
+    NoStatus,
+    /// The upstream body failed mid-stream.
+    Error,
+    /// The client went away before the end.
+    Cancelled,
+}
+
+type OnEnd = Box<dyn FnOnce(Ending) + Send + Sync>;
+
+pin_project_lite::pin_project! {
+    /// Forwards a body and calls `on_end` exactly once, when it ends, fails or is dropped.
+    pub struct Observed<B> {
+        #[pin]
+        inner: B,
+        header_code: Option<Code>,
+        on_end: Option<OnEnd>,
+    }
+
+    impl<B> PinnedDrop for Observed<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(f) = this.on_end.take() {
+                f(Ending::Cancelled);
+            }
+        }
+    }
+}
+
+impl<B> Observed<B> {
+    /// Wraps `inner`; `header_code` is the status already seen in the response headers.
+    pub fn new(
+        inner: B,
+        header_code: Option<Code>,
+        on_end: impl FnOnce(Ending) + Send + Sync + 'static,
+    ) -> Self {
+        Observed {
+            inner,
+            header_code,
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+}
+
+impl<B> HttpBody for Observed<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    if let Some(code) = super::status::code_from_headers(t) {
+                        *this.header_code = Some(code);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = this.on_end.take() {
+                    f(Ending::Error);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.on_end.take() {
+                    f(this
+                        .header_code
+                        .map(Ending::Status)
+                        .unwrap_or(Ending::NoStatus));
+                }
+            }
+            Poll::Pending => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use parking_lot::Mutex;
+    use std::sync::Arc;
+
+    #[test]
+    fn unary_frames_round_trip_and_reject_garbage() {
+        let msg = crate::pb::inference::ModelReadyRequest {
+            name: "iris".into(),
+            version: String::new(),
+        };
+        let framed = frame(&msg);
+        let inner = unary_message(&framed).unwrap();
+        let back: crate::pb::inference::ModelReadyRequest =
+            prost::Message::decode(inner).unwrap();
+        assert_eq!(back, msg);
+        assert_eq!(unary_message(&Bytes::from_static(&[0, 0])), Err(FrameError::Truncated(2)));
+        assert_eq!(unary_message(&Bytes::from_static(&[1, 0, 0, 0, 0])), Err(FrameError::Compressed));
+        assert_eq!(unary_message(&Bytes::from_static(&[0, 0, 0, 0, 9, 1])), Err(FrameError::Truncated(6)));
+        assert_eq!(unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0, 1])), Err(FrameError::Trailing));
+        assert_eq!(unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0])).unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn observed_bodies_report_trailer_status_once() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("5"));
+        let inner = http_body_util::Full::new(Bytes::from_static(b"abc"))
+            .with_trailers(async move { Some(Ok(trailers)) });
+        let body = Observed::new(inner, None, move |e| s.lock().push(e));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "5");
+        assert_eq!(*seen.lock(), vec![Ending::Status(Code::NotFound)]);
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        drop(Observed::new(
+            http_body_util::Empty::<Bytes>::new(),
+            None,
+            move |e| s.lock().push(e),
+        ));
+        assert_eq!(*seen.lock(), vec![Ending::Cancelled]);
+    }
+}

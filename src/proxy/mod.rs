@@ -1,0 +1,636 @@
+//! The data plane: an HTTP/2 gRPC server that routes each call to a model version's upstream.
+//!
+//! [`Proxy::handle`] is the whole request path, in order: request id → in-flight limit →
+//! classify → route → forward → response headers → observe the end of the response (metrics,
+//! in-flight release). Open Inference Protocol unary calls are read whole (bounded), routed by the
+//! model name in the message, and their answers are read whole within the deadline; every other
+//! call is streamed through untouched.
+
+pub mod body;
+pub mod classify;
+pub mod status;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::{body::Body, Code, Status};
+use tower::ServiceExt;
+
+use crate::pb::inference::{
+    ModelInferRequest, ModelReadyRequest, ServerLiveResponse, ServerMetadataResponse,
+    ServerReadyResponse,
+};
+use crate::routing::{Lookup, Route, RoutingTable};
+use crate::telemetry::{code_name, EndpointLabels, Metrics, RequestLabels, VersionLabels};
+use body::{Ending, FrameError, Observed};
+use classify::{Call, ServerCall};
+
+/// Header carrying the request id back to the caller.
+pub const REQUEST_ID_HEADER: &str = "x-modelgate-request-id";
+/// Header carrying the version that served the request.
+pub const VERSION_HEADER: &str = "x-modelgate-model-version";
+/// Header naming the model for non-OIP calls.
+pub const MODEL_HEADER: &str = "x-model-name";
+/// A request id the caller chose.
+pub const CLIENT_REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Limits of the data plane.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests in flight beyond which new ones are shed.
+    pub max_in_flight: usize,
+    /// Largest OIP message read, each way.
+    pub max_message_bytes: usize,
+    /// Deadline for OIP unary calls without grpc-timeout.
+    pub request_timeout: Duration,
+}
+
+/// Why the proxy answered a call itself, with an error.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("model '{0}' is not registered with modelgate")]
+    UnknownModel(String),
+    #[error("model '{0}' has no production version; promote one with modelgate.v1.Registry/TransitionStage")]
+    NoProduction(String),
+    #[error("no model named: set the '{MODEL_HEADER}' header or start modelgate with --default-model")]
+    NoModel,
+    #[error("invalid '{MODEL_HEADER}' header: not visible ASCII")]
+    BadModelHeader,
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("request is not a valid {message}: {error}")]
+    Decode {
+        message: &'static str,
+        error: prost::DecodeError,
+    },
+    #[error("{0}: required (the model to route to)")]
+    MissingModel(&'static str),
+    #[error("request message larger than the limit of {0} bytes (--max-message-bytes)")]
+    RequestTooLarge(usize),
+    #[error("reading the request failed: {0}")]
+    ReadRequest(String),
+    #[error("upstream {endpoint} (model '{model}' version {version}) is unreachable: {reason}")]
+    Unreachable {
+        endpoint: String,
+        model: String,
+        version: u32,
+        reason: String,
+    },
+    #[error("upstream {endpoint} (model '{model}' version {version}) answered HTTP {status}; is it a gRPC server?")]
+    UpstreamHttp {
+        endpoint: String,
+        model: String,
+        version: u32,
+        status: http::StatusCode,
+    },
+    #[error("upstream {endpoint} (model '{model}' version {version}) failed while answering: {reason}")]
+    UpstreamBody {
+        endpoint: String,
+        model: String,
+        version: u32,
+        reason: String,
+    },
+    #[error("deadline of {0:?} exceeded before the upstream answered")]
+    Deadline(Duration),
+}
+
+impl ProxyError {
+    fn status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
+            ProxyError::UnknownModel(_) | ProxyError::NoProduction(_) => Status::not_found(msg),
+            ProxyError::NoModel
+            | ProxyError::BadModelHeader
+            | ProxyError::Decode { .. }
+            | ProxyError::MissingModel(_) => Status::invalid_argument(msg),
+            ProxyError::Frame(FrameError::Compressed) => Status::unimplemented(msg),
+            ProxyError::Frame(_) => Status::invalid_argument(msg),
+            ProxyError::RequestTooLarge(_) => Status::resource_exhausted(msg),
+            ProxyError::ReadRequest(_) => Status::cancelled(msg),
+            ProxyError::Unreachable { .. } | ProxyError::UpstreamBody { .. } => {
+                Status::unavailable(msg)
+            }
+            ProxyError::UpstreamHttp { status, .. } => {
+                Status::new(status::code_for_http_status(*status), msg)
+            }
+            ProxyError::Deadline(_) => Status::deadline_exceeded(msg),
+        }
+    }
+
+    fn endpoint_kind(&self) -> Option<(&str, &'static str)> {
+        match self {
+            ProxyError::Unreachable { endpoint, .. } => Some((endpoint, "connect")),
+            ProxyError::UpstreamHttp { endpoint, .. } => Some((endpoint, "http_status")),
+            ProxyError::UpstreamBody { endpoint, .. } => Some((endpoint, "body")),
+            _ => None,
+        }
+    }
+}
+
+/// Releases one in-flight slot when dropped.
+struct InFlight {
+    counter: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl InFlight {
+    fn acquire(counter: &Arc<AtomicUsize>, max: usize, metrics: &Arc<Metrics>) -> Option<Self> {
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight {
+            counter: counter.clone(),
+            metrics: metrics.clone(),
+        };
+        metrics.in_flight.inc();
+        (prev < max).then_some(guard)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.in_flight.dec();
+    }
+}
+
+/// The data-plane request handler.
+pub struct Proxy {
+    routing: Arc<ArcSwap<RoutingTable>>,
+    upstreams: upstream::Upstreams,
+    local: tonic::service::Routes,
+    limits: Limits,
+    in_flight: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// A proxy reading routes from `routing`, answering health and reflection through `local`.
+    pub fn new(
+        routing: Arc<ArcSwap<RoutingTable>>,
+        upstream: upstream::UpstreamSettings,
+        local: tonic::service::Routes,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Proxy {
+            routing,
+            upstreams: upstream::Upstreams::new(upstream),
+            local,
+            limits,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            metrics,
+        }
+    }
+
+    /// Serves one request. Never fails: every error is a gRPC status.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let request_id = request_id(req.headers());
+        let Some(guard) =
+            InFlight::acquire(&self.in_flight, self.limits.max_in_flight, &self.metrics)
+        else {
+            self.metrics.shed.inc();
+            let mut resp = status::error_response(Status::resource_exhausted(format!(
+                "modelgate is serving its limit of {} requests (--max-in-flight); retry with backoff",
+                self.limits.max_in_flight
+            )));
+            self.record(None, Some(Code::ResourceExhausted), start);
+            set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
+            return resp;
+        };
+
+        let call = classify::classify(req.uri().path());
+        let mut route: Option<Arc<Route>> = None;
+        let result = match call {
+            Call::Local => Ok(self
+                .local
+                .clone()
+                .oneshot(req)
+                .await
+                .unwrap_or_else(|e: Infallible| match e {})),
+            Call::OipInfer | Call::OipModel => {
+                self.oip_unary(req, call, &mut route, &request_id).await
+            }
+            Call::OipServer(c) => self.oip_server(req, c, &mut route, &request_id).await,
+            Call::PassThrough => self.pass_through(req, &mut route, &request_id).await,
+        };
+        let mut resp = result.unwrap_or_else(|e| {
+            if let Some((endpoint, kind)) = e.endpoint_kind() {
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&EndpointLabels {
+                        endpoint: endpoint.to_string(),
+                        kind: kind.to_string(),
+                    })
+                    .inc();
+            }
+            status::error_response(e.status())
+        });
+
+        set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
+        if let Some(r) = &route {
+            set_header(resp.headers_mut(), VERSION_HEADER, &r.version_label);
+        }
+        let header_code = status::code_from_headers(resp.headers());
+        let this = self.clone();
+        resp.map(move |b| {
+            Body::new(Observed::new(b, header_code, move |ending| {
+                let code = match ending {
+                    Ending::Status(c) => Some(c),
+                    Ending::NoStatus => Some(Code::Unknown),
+                    Ending::Error => Some(Code::Unavailable),
+                    Ending::Cancelled => Some(Code::Cancelled),
+                };
+                this.record(route.as_deref(), code, start);
+                drop(guard);
+            }))
+        })
+    }
+
+    fn record(&self, route: Option<&Route>, code: Option<Code>, start: Instant) {
+        let (model, version) = route
+            .map(|r| (r.model.clone(), r.version_label.clone()))
+            .unwrap_or_default();
+        if route.is_some() {
+            self.metrics
+                .request_duration
+                .get_or_create(&VersionLabels {
+                    model: model.clone(),
+                    version: version.clone(),
+                })
+                .observe(start.elapsed().as_secs_f64());
+        }
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model,
+                version,
+                code: code.map(code_name).unwrap_or("UNKNOWN").to_string(),
+            })
+            .inc();
+    }
+
+    fn lookup(&self, model: &str) -> Result<Arc<Route>, ProxyError> {
+        match self.routing.load().lookup(model) {
+            Lookup::Found(r) => Ok(r),
+            Lookup::NoProduction => Err(ProxyError::NoProduction(model.to_string())),
+            Lookup::UnknownModel => Err(ProxyError::UnknownModel(model.to_string())),
+        }
+    }
+
+    /// The deadline the caller set, if any.
+    fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
+        headers
+            .get("grpc-timeout")
+            .and_then(status::parse_grpc_timeout)
+    }
+
+    /// ModelInfer, ModelMetadata, ModelReady: read the message, route by its model name,
+    /// rewrite the backend name and version if the route says so, and read the answer whole.
+    async fn oip_unary(
+        &self,
+        req: Request<Incoming>,
+        call: Call,
+        route_out: &mut Option<Arc<Route>>,
+        request_id: &str,
+    ) -> Result<Response<Body>, ProxyError> {
+        let deadline =
+            Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
+        let started = Instant::now();
+        let work = async {
+            let (parts, body) = req.into_parts();
+            let bytes = read_limited(body, self.limits.max_message_bytes)
+                .await
+                .map_err(|e| match e {
+                    ReadError::TooLarge => ProxyError::RequestTooLarge(self.limits.max_message_bytes),
+                    ReadError::Body(e) => ProxyError::ReadRequest(e),
+                })?;
+            let msg = body::unary_message(&bytes)?;
+            let (route, forward) = if call == Call::OipInfer {
+                let mut r = ModelInferRequest::decode(msg).map_err(|error| ProxyError::Decode {
+                    message: "inference.ModelInferRequest",
+                    error,
+                })?;
+                if r.model_name.is_empty() {
+                    return Err(ProxyError::MissingModel("model_name"));
+                }
+                let route = self.lookup(&r.model_name)?;
+                *route_out = Some(route.clone());
+                let forward = if rewrite(&route, &mut r.model_name, &mut r.model_version) {
+                    body::frame(&r)
+                } else {
+                    bytes
+                };
+                (route, forward)
+            } else {
+                // ModelMetadataRequest and ModelReadyRequest share their layout: name = 1, version = 2.
+                let mut r = ModelReadyRequest::decode(msg).map_err(|error| ProxyError::Decode {
+                    message: "model metadata/ready request",
+                    error,
+                })?;
+                if r.name.is_empty() {
+                    return Err(ProxyError::MissingModel("name"));
+                }
+                let route = self.lookup(&r.name)?;
+                *route_out = Some(route.clone());
+                let forward = if rewrite(&route, &mut r.name, &mut r.version) {
+                    body::frame(&r)
+                } else {
+                    bytes
+                };
+                (route, forward)
+            };
+            let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
+            let left = deadline.saturating_sub(started.elapsed());
+            let resp = self.send(upstream_req, &route, request_id, Some(left)).await?;
+            let (parts, body) = resp.into_parts();
+            let collected = Limited::new(body, self.limits.max_message_bytes)
+                .collect()
+                .await
+                .map_err(|e| ProxyError::UpstreamBody {
+                    endpoint: route.endpoint.clone(),
+                    model: route.model.clone(),
+                    version: route.version,
+                    reason: upstream::describe(&*e),
+                })?;
+            let trailers = collected.trailers().cloned();
+            let data = collected.to_bytes();
+            let body = Full::new(data).with_trailers(async move { trailers.map(Ok) });
+            Ok(Response::from_parts(parts, Body::new(body)))
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::Deadline(deadline)),
+        }
+    }
+
+    /// ServerLive / ServerReady / ServerMetadata: the default model's upstream answers when there
+    /// is one; otherwise modelgate answers for itself.
+    async fn oip_server(
+        &self,
+        req: Request<Incoming>,
+        call: ServerCall,
+        route_out: &mut Option<Arc<Route>>,
+        request_id: &str,
+    ) -> Result<Response<Body>, ProxyError> {
+        if self.routing.load().default_model().is_some() {
+            return self.pass_through(req, route_out, request_id).await;
+        }
+        Ok(match call {
+            ServerCall::Live => local_unary(&ServerLiveResponse { live: true }),
+            ServerCall::Ready => local_unary(&ServerReadyResponse {
+                ready: self.routing.load().routed_models() > 0,
+            }),
+            ServerCall::Metadata => local_unary(&ServerMetadataResponse {
+                name: "modelgate".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                extensions: vec![],
+            }),
+        })
+    }
+
+    /// Any other call: streamed both ways, routed by `x-model-name` or the default model.
+    async fn pass_through(
+        &self,
+        req: Request<Incoming>,
+        route_out: &mut Option<Arc<Route>>,
+        request_id: &str,
+    ) -> Result<Response<Body>, ProxyError> {
+        let model = match req.headers().get(MODEL_HEADER) {
+            Some(v) => v
+                .to_str()
+                .map_err(|_| ProxyError::BadModelHeader)?
+                .to_string(),
+            None => self
+                .routing
+                .load()
+                .default_model()
+                .ok_or(ProxyError::NoModel)?
+                .to_string(),
+        };
+        let route = self.lookup(&model)?;
+        *route_out = Some(route.clone());
+        let deadline = Self::caller_deadline(req.headers());
+        let (parts, body) = req.into_parts();
+        let upstream_req = Request::from_parts(parts, Body::new(body));
+        let send = self.send(upstream_req, &route, request_id, deadline);
+        match deadline {
+            Some(d) => tokio::time::timeout(d, send)
+                .await
+                .unwrap_or(Err(ProxyError::Deadline(d))),
+            None => send.await,
+        }
+    }
+
+    /// Sends a request to a route's upstream and returns its response head and streaming body.
+    async fn send(
+        &self,
+        mut req: Request<Body>,
+        route: &Route,
+        request_id: &str,
+        deadline: Option<Duration>,
+    ) -> Result<Response<Body>, ProxyError> {
+        set_header(req.headers_mut(), REQUEST_ID_HEADER, request_id);
+        if let Some(d) = deadline {
+            // The upstream sees the time that is left, not the caller's original budget.
+            req.headers_mut()
+                .insert("grpc-timeout", status::encode_grpc_timeout(d));
+        }
+        let unreachable = |reason: String| ProxyError::Unreachable {
+            endpoint: route.endpoint.clone(),
+            model: route.model.clone(),
+            version: route.version,
+            reason,
+        };
+        let channel = self
+            .upstreams
+            .channel(&route.endpoint)
+            .map_err(|e| unreachable(upstream::describe(&e)))?;
+        let resp = channel
+            .oneshot(req)
+            .await
+            .map_err(|e| unreachable(upstream::describe(&e)))?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(ProxyError::UpstreamHttp {
+                endpoint: route.endpoint.clone(),
+                model: route.model.clone(),
+                version: route.version,
+                status: resp.status(),
+            });
+        }
+        Ok(resp)
+    }
+}
+
+/// Writes the route's backend model name and version into a request; true when anything changed.
+fn rewrite(route: &Route, name: &mut String, version: &mut String) -> bool {
+    let mut changed = false;
+    if let Some(b) = &route.backend_model {
+        if name != b {
+            name.clone_from(b);
+            changed = true;
+        }
+    }
+    if let Some(b) = &route.backend_version {
+        if version != b {
+            version.clone_from(b);
+            changed = true;
+        }
+    }
+    changed
+}
+
+enum ReadError {
+    TooLarge,
+    Body(String),
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Err(e) => Err(ReadError::Body(upstream::describe(&*e))),
+    }
+}
+
+/// A successful unary gRPC response that modelgate answers itself.
+fn local_unary<M: Message>(msg: &M) -> Response<Body> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let body = Full::new(body::frame(msg)).with_trailers(async move { Some(Ok(trailers)) });
+    let mut resp = Response::new(Body::new(body));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// The caller's `x-request-id` when it is a sane token (visible ASCII, at most 128 bytes), else a
+/// new UUIDv7 (time-ordered, so records sort by arrival).
+fn request_id(headers: &HeaderMap) -> String {
+    if let Some(v) = headers.get(CLIENT_REQUEST_ID_HEADER) {
+        if let Ok(s) = v.to_str() {
+            if !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()) {
+                return s.to_string();
+            }
+        }
+    }
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// HTTP/2 server settings of the data port.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Streams per connection.
+    pub max_concurrent_streams: u32,
+    /// PING interval.
+    pub keepalive_interval: Duration,
+    /// How long shutdown waits for open requests.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves the data port on `listener` until `shutdown` resolves, then drains open connections for
+/// up to the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_interval.min(Duration::from_secs(20)))
+        .adaptive_window(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed on the data port");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let p = proxy.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(p.handle(req).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "data connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ended with requests still open");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(CLIENT_REQUEST_ID_HEADER, HeaderValue::from_static("req-42"));
+        assert_eq!(request_id(&h), "req-42");
+        h.insert(CLIENT_REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
+        let generated = request_id(&h);
+        let id = uuid::Uuid::parse_str(&generated).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn rewrite_only_when_the_route_says_so() {
+        let mut route = Route {
+            model: "iris".into(),
+            version: 1,
+            version_label: "1".into(),
+            endpoint: "http://h:1".into(),
+            backend_model: None,
+            backend_version: None,
+            prediction: Default::default(),
+        };
+        let (mut n, mut v) = ("iris".to_string(), String::new());
+        assert!(!rewrite(&route, &mut n, &mut v));
+        route.backend_model = Some("iris_onnx".into());
+        route.backend_version = Some("3".into());
+        assert!(rewrite(&route, &mut n, &mut v));
+        assert_eq!((n.as_str(), v.as_str()), ("iris_onnx", "3"));
+    }
+}

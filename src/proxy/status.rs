@@ -1,0 +1,113 @@
+//! gRPC status plumbing for the data plane: local errors as trailers-only responses, the status
+//! of an upstream answer, `grpc-timeout` parsing, and the HTTP-to-gRPC code mapping.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tonic::{body::Body, Code, Status};
+
+/// A trailers-only gRPC error response carrying `status`.
+pub fn error_response(status: Status) -> http::Response<Body> {
+    status.into_http()
+}
+
+/// The gRPC status code in `headers` (a trailers block, or the headers of a trailers-only
+/// response), if any.
+pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
+    let v = headers.get("grpc-status")?;
+    let n: i32 = v.to_str().ok()?.parse().ok()?;
+    Some(Code::from_i32(n))
+}
+
+/// The gRPC code a non-200 HTTP status from an upstream stands for (gRPC's HTTP mapping).
+pub fn code_for_http_status(s: StatusCode) -> Code {
+    match s.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?;
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = s.split_at(s.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Encodes a duration as a `grpc-timeout` value, in the finest unit that fits 8 digits.
+pub fn encode_grpc_timeout(d: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = d.as_nanos();
+    let (n, unit) = if nanos <= MAX {
+        (nanos, "n")
+    } else if d.as_micros() <= MAX {
+        (d.as_micros(), "u")
+    } else if d.as_millis() <= MAX {
+        (d.as_millis(), "m")
+    } else if u128::from(d.as_secs()) <= MAX {
+        (u128::from(d.as_secs()), "S")
+    } else {
+        ((u128::from(d.as_secs()) / 3600).min(MAX), "H")
+    };
+    HeaderValue::from_str(&format!("{n}{unit}")).expect("digits and a letter")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_round_trip() {
+        for (s, d) in [
+            ("1H", Duration::from_secs(3600)),
+            ("2M", Duration::from_secs(120)),
+            ("3S", Duration::from_secs(3)),
+            ("250m", Duration::from_millis(250)),
+            ("7u", Duration::from_micros(7)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+        ] {
+            assert_eq!(parse_grpc_timeout(&HeaderValue::from_static(s)), Some(d), "{s}");
+            assert_eq!(parse_grpc_timeout(&encode_grpc_timeout(d)), Some(d), "{s}");
+        }
+        for bad in ["", "5", "m", "123456789m", "-1S", "1x", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(&HeaderValue::from_static(bad)), None, "{bad}");
+        }
+        // Coarsens rather than overflows.
+        let long = Duration::from_secs(1 << 40);
+        assert!(parse_grpc_timeout(&encode_grpc_timeout(long)).is_some());
+    }
+
+    #[test]
+    fn http_statuses_map_like_grpc_does() {
+        assert_eq!(code_for_http_status(StatusCode::NOT_FOUND), Code::Unimplemented);
+        assert_eq!(code_for_http_status(StatusCode::BAD_GATEWAY), Code::Unavailable);
+        assert_eq!(code_for_http_status(StatusCode::IM_A_TEAPOT), Code::Unknown);
+    }
+
+    #[test]
+    fn error_responses_are_trailers_only() {
+        let r = error_response(Status::not_found("model 'x' is not registered"));
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(code_from_headers(r.headers()), Some(Code::NotFound));
+        assert!(r.headers().get("grpc-message").is_some());
+    }
+}

@@ -1,0 +1,173 @@
+//! `modelgate serve`: opens RocksDB, loads the registry and runs the data, control and admin
+//! ports until shut down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::control::{self, registry::RegistryService, BearerAuth, ControlPlane};
+use crate::pb::modelgate::v1::registry_server::RegistryServer;
+use crate::proxy::{self, upstream::UpstreamSettings, Limits, Proxy, ServerSettings};
+use crate::store::{self, Store};
+use crate::telemetry::Metrics;
+
+/// A running modelgate.
+pub struct Running {
+    /// Data port address.
+    pub data_addr: SocketAddr,
+    /// Control port address.
+    pub control_addr: SocketAddr,
+    /// Admin port address.
+    pub admin_addr: SocketAddr,
+    /// The control plane (registry and routing).
+    pub plane: Arc<ControlPlane>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--{setting})"))
+}
+
+fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Starts modelgate with `config` and returns once every port is listening.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
+    let store = store::blocking(move || Store::open(&dir))
+        .await
+        .with_context(|| format!("cannot open RocksDB in --data-dir {}", config.data_dir.display()))?;
+    let plane = Arc::new(
+        ControlPlane::load(store, config.default_model.clone())
+            .context("cannot load the registry from RocksDB")?,
+    );
+    let metrics = Arc::new(Metrics::new());
+
+    let data = bind(config.listen, "listen").await?;
+    let ctl = bind(config.control_listen, "control-listen").await?;
+    let admin = bind(config.admin_listen, "admin-listen").await?;
+    let (data_addr, control_addr, admin_addr) =
+        (data.local_addr()?, ctl.local_addr()?, admin.local_addr()?);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Data port: the proxy, with health and reflection for the OIP service.
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status(
+            "inference.GRPCInferenceService",
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    let (refl_v1, refl_v1alpha) = control::reflection_services(&["inference"]);
+    let local = tonic::service::Routes::new(health)
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .prepare();
+    let proxy = Arc::new(Proxy::new(
+        plane.routing(),
+        UpstreamSettings {
+            connect_timeout: config.connect_timeout,
+            keepalive_interval: config.keepalive_interval,
+        },
+        local,
+        Limits {
+            max_in_flight: config.max_in_flight,
+            max_message_bytes: config.max_message_bytes,
+            request_timeout: config.request_timeout,
+        },
+        metrics.clone(),
+    ));
+    let settings = ServerSettings {
+        max_concurrent_streams: config.max_concurrent_streams,
+        keepalive_interval: config.keepalive_interval,
+        shutdown_grace: config.shutdown_grace,
+    };
+    tasks.push(tokio::spawn(proxy::serve(
+        data,
+        proxy,
+        settings,
+        stopped(stop_rx.clone()),
+    )));
+
+    // Control port: modelgate.v1 behind the bearer token; health and reflection open.
+    let (ctl_health_reporter, ctl_health) = tonic_health::server::health_reporter();
+    ctl_health_reporter
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
+    let (ctl_refl_v1, ctl_refl_v1alpha) = control::reflection_services(&["modelgate.v1"]);
+    let auth = BearerAuth::new(config.control_token.as_deref());
+    let registry = RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth);
+    let ctl_server = tonic::transport::Server::builder()
+        .add_service(ctl_health)
+        .add_service(ctl_refl_v1)
+        .add_service(ctl_refl_v1alpha)
+        .add_service(registry)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = ctl_server.await {
+            tracing::error!(error = %e, "control server failed");
+        }
+    }));
+
+    // Admin port.
+    let ready_routing = plane.routing();
+    let ready: crate::admin::ReadyCheck = Arc::new(move || {
+        // The registry is loaded before any port opens; ready means routing is in place.
+        let _ = ready_routing.load();
+        Ok(())
+    });
+    tasks.push(tokio::spawn(crate::admin::serve(
+        admin,
+        metrics.clone(),
+        ready,
+        stopped(stop_rx.clone()),
+    )));
+
+    tracing::info!(
+        data = %data_addr, control = %control_addr, admin = %admin_addr,
+        data_dir = %config.data_dir.display(),
+        models = plane.registry().models().count(),
+        "modelgate listening"
+    );
+    Ok(Running {
+        data_addr,
+        control_addr,
+        admin_addr,
+        plane,
+        metrics,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests (up to the grace period) and closes RocksDB.
+    pub async fn shutdown(self) {
+        let Running {
+            stop, tasks, plane, ..
+        } = self;
+        let _ = stop.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Last owner: dropping it closes the database cleanly.
+        drop(plane);
+    }
+}

@@ -1,0 +1,290 @@
+//! Shared test helpers: real servers on 127.0.0.1:0, real clients, a real RocksDB in a tempdir.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use modelgate::config::Config;
+use modelgate::model_server::{self, ModelSpec, RunningModelServer};
+use modelgate::pb::inference::{
+    grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
+};
+use modelgate::pb::modelgate::v1 as pb;
+use modelgate::pb::modelgate::v1::registry_client::RegistryClient;
+use modelgate::pb::testing::{
+    echo_server::{Echo, EchoServer},
+    EchoReply, EchoRequest,
+};
+use modelgate::server::Running;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+pub const ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// modelgate on 127.0.0.1:0 with its RocksDB in `dir`.
+pub async fn start(dir: &std::path::Path) -> Running {
+    start_with(Config::for_tests(dir)).await
+}
+
+pub async fn start_with(config: Config) -> Running {
+    modelgate::server::start(config).await.expect("modelgate starts")
+}
+
+/// A built-in model server with one model.
+pub async fn model_server(spec: &str) -> RunningModelServer {
+    let spec: ModelSpec = spec.parse().expect("valid spec");
+    model_server::spawn(ANY, vec![spec]).await.expect("model server starts")
+}
+
+pub async fn registry(addr: SocketAddr) -> RegistryClient<Channel> {
+    RegistryClient::connect(format!("http://{addr}")).await.expect("control port reachable")
+}
+
+pub async fn infer_client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.expect("data port reachable")
+}
+
+/// Registers a version and returns its number.
+pub async fn register(reg: &mut RegistryClient<Channel>, model: &str, endpoint: &str) -> u32 {
+    reg.register_model_version(pb::RegisterModelVersionRequest {
+        model: model.into(),
+        endpoint: endpoint.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("registration succeeds")
+    .into_inner()
+    .version
+    .expect("a version")
+    .version
+}
+
+pub fn transition(model: &str, version: &str, stage: pb::Stage) -> pb::TransitionStageRequest {
+    pb::TransitionStageRequest {
+        model: model.into(),
+        version: version.into(),
+        stage: stage as i32,
+        force: false,
+    }
+}
+
+pub async fn promote(reg: &mut RegistryClient<Channel>, model: &str, version: &str) {
+    reg.transition_stage(transition(model, version, pb::Stage::Production))
+        .await
+        .expect("promotion succeeds");
+}
+
+/// A typed-contents FP32 request of `rows` rows.
+pub fn infer_request(model: &str, rows: &[&[f32]]) -> ModelInferRequest {
+    let cols = rows.first().map(|r| r.len()).unwrap_or(0);
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows.len() as i64, cols as i64],
+            parameters: Default::default(),
+            contents: Some(InferTensorContents {
+                fp32_contents: rows.iter().flat_map(|r| r.iter().copied()).collect(),
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    }
+}
+
+/// The same request with raw little-endian contents.
+pub fn raw_infer_request(model: &str, rows: &[&[f32]]) -> ModelInferRequest {
+    let mut r = infer_request(model, rows);
+    let values = r.inputs[0].contents.take().unwrap().fp32_contents;
+    r.raw_input_contents = vec![modelgate::oip::f32_raw(&values)];
+    r
+}
+
+/// The first output's FP32 values, from typed or raw contents.
+pub fn first_output(resp: &modelgate::pb::inference::ModelInferResponse) -> Vec<f64> {
+    let outputs = modelgate::oip::response_outputs(resp, 1 << 20).expect("decodable outputs");
+    outputs[0].numeric().expect("numeric").to_vec()
+}
+
+/// The x-modelgate-model-version header.
+pub fn served_version<T>(resp: &Response<T>) -> String {
+    resp.metadata()
+        .get("x-modelgate-model-version")
+        .expect("version header")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Sends raw bytes as one gRPC request body over HTTP/2 and returns (grpc-status, grpc-message).
+pub async fn raw_grpc_call(addr: SocketAddr, path: &str, body: Bytes) -> (i32, String) {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(body))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let headers = collected.trailers().cloned().unwrap_or(parts.headers);
+    let code = headers
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+        .unwrap_or(-1);
+    let message = headers
+        .get("grpc-message")
+        .map(|v| percent_decode(v.to_str().unwrap()))
+        .unwrap_or_default();
+    (code, message)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The Echo test service: every call kind, echoing `x-*` metadata and setting a trailer.
+#[derive(Clone, Default)]
+pub struct EchoService;
+
+fn x_metadata<T>(req: &Request<T>) -> Vec<String> {
+    let mut v: Vec<String> = req
+        .metadata()
+        .iter()
+        .filter_map(|kv| match kv {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) if k.as_str().starts_with("x-") => {
+                Some(format!("{}={}", k.as_str(), v.to_str().unwrap_or("")))
+            }
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn maybe_fail(r: &EchoRequest) -> Result<(), Status> {
+    if r.fail_with_code != 0 {
+        return Err(Status::new(tonic::Code::from_i32(r.fail_with_code), r.message.clone()));
+    }
+    Ok(())
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let md = x_metadata(&req);
+        let r = req.into_inner();
+        if r.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(r.delay_ms.into())).await;
+        }
+        maybe_fail(&r)?;
+        let mut resp = Response::new(EchoReply { message: r.message, index: 0, metadata: md });
+        resp.metadata_mut().insert("x-echo-header", "unary".parse().unwrap());
+        Ok(resp)
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(&self, req: Request<EchoRequest>) -> Result<Response<ReplyStream>, Status> {
+        let md = x_metadata(&req);
+        let r = req.into_inner();
+        maybe_fail(&r)?;
+        let s = tokio_stream::iter(0..r.repeat).map(move |i| {
+            Ok(EchoReply { message: format!("{} {i}", r.message), index: i, metadata: md.clone() })
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn client_stream(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<EchoReply>, Status> {
+        let md = x_metadata(&req);
+        let mut s = req.into_inner();
+        let mut parts = Vec::new();
+        while let Some(m) = s.next().await {
+            let m = m?;
+            maybe_fail(&m)?;
+            parts.push(m.message);
+        }
+        Ok(Response::new(EchoReply { message: parts.join("+"), index: parts.len() as u32, metadata: md }))
+    }
+
+    type BidiStreamStream = ReplyStream;
+
+    async fn bidi_stream(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<ReplyStream>, Status> {
+        let md = x_metadata(&req);
+        let mut s = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while let Some(m) = s.next().await {
+                let reply = m.and_then(|m| {
+                    maybe_fail(&m)?;
+                    Ok(EchoReply { message: m.message.to_uppercase(), index: i, metadata: md.clone() })
+                });
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+                i += 1;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Starts the Echo service on 127.0.0.1:0; returns its endpoint.
+pub async fn echo_server() -> String {
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+/// GET over HTTP/1.1 and return the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A connected channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("reachable")
+}

@@ -1,0 +1,257 @@
+//! Every failure is a gRPC status with a message a person can act on.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use common::*;
+use modelgate::config::Config;
+use modelgate::pb::modelgate::v1 as pb;
+use tonic::Code;
+
+const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+fn frame(flag: u8, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(flag);
+    b.put_u32(payload.len() as u32);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+#[tokio::test]
+async fn unknown_models_and_unreachable_upstreams() {
+    let dir = tempfile::tempdir().unwrap();
+    let mg = start(dir.path()).await;
+    let mut client = infer_client(mg.data_addr).await;
+    let err = client.model_infer(infer_request("nope", &[&[1.0]])).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "model 'nope' is not registered with modelgate");
+
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "ghost", &format!("http://{closed}")).await;
+    promote(&mut reg, "ghost", "1").await;
+    let started = std::time::Instant::now();
+    let err = client.model_infer(infer_request("ghost", &[&[1.0]])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&format!("http://{closed}")), "{}", err.message());
+    assert!(err.message().contains("model 'ghost' version 1"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(2), "fails fast");
+    let metrics = http_get(mg.admin_addr, "/metrics").await;
+    assert!(metrics.contains(r#"code="UNAVAILABLE""#), "{metrics}");
+    assert!(metrics.contains(&format!(r#"modelgate_upstream_errors_total{{endpoint="http://{closed}",kind="connect"}} 1"#)), "{metrics}");
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn deadlines_from_the_caller_and_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = model_server("name=slow;kind=linear;weights=1;latency=3s").await;
+    let mut config = Config::for_tests(dir.path());
+    config.request_timeout = Duration::from_millis(300);
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "slow", &slow.endpoint()).await;
+    promote(&mut reg, "slow", "1").await;
+    let mut client = infer_client(mg.data_addr).await;
+
+    let mut req = tonic::Request::new(infer_request("slow", &[&[1.0]]));
+    req.set_timeout(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let err = client.model_infer(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let started = std::time::Instant::now();
+    let err = client.model_infer(infer_request("slow", &[&[1.0]])).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("300ms"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_in_flight_limit_sheds_with_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = model_server("name=slow;kind=linear;weights=1;latency=500ms").await;
+    let mut config = Config::for_tests(dir.path());
+    config.max_in_flight = 2;
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "slow", &slow.endpoint()).await;
+    promote(&mut reg, "slow", "1").await;
+    let client = infer_client(mg.data_addr).await;
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.model_infer(infer_request("slow", &[&[1.0]])).await })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut shed = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(e.message().contains("--max-in-flight"), "{}", e.message());
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!(ok, 2, "exactly the limit is served");
+    assert_eq!(shed, 4);
+    let metrics = http_get(mg.admin_addr, "/metrics").await;
+    assert!(metrics.contains("modelgate_shed_requests_total 4"), "{metrics}");
+    // Slots are released: the next request goes through.
+    let mut c = client.clone();
+    c.model_infer(infer_request("slow", &[&[1.0]])).await.unwrap();
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_oip_bodies_are_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.max_message_bytes = 4096;
+    let mg = start_with(config).await;
+    let (code, msg) = raw_grpc_call(mg.data_addr, INFER, frame(0, &[0xff, 0xff, 0xff, 0xff])).await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{msg}");
+    assert!(msg.contains("not a valid inference.ModelInferRequest"), "{msg}");
+    let (code, msg) = raw_grpc_call(mg.data_addr, INFER, Bytes::from_static(&[0, 0, 0])).await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{msg}");
+    assert!(msg.contains("truncated"), "{msg}");
+    let (code, msg) = raw_grpc_call(mg.data_addr, INFER, frame(1, b"compressed")).await;
+    assert_eq!(code, Code::Unimplemented as i32, "{msg}");
+    let (code, msg) = raw_grpc_call(mg.data_addr, INFER, frame(0, &[])).await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{msg}");
+    assert!(msg.contains("model_name: required"), "{msg}");
+    let (code, msg) = raw_grpc_call(mg.data_addr, INFER, frame(0, &vec![0u8; 10_000])).await;
+    assert_eq!(code, Code::ResourceExhausted as i32, "{msg}");
+    assert!(msg.contains("--max-message-bytes"), "{msg}");
+    // The server is still fine afterwards.
+    let mut client = infer_client(mg.data_addr).await;
+    let err = client.model_infer(infer_request("nope", &[&[1.0]])).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_calls_name_the_field_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    let cases: Vec<(tonic::Status, &str)> = vec![
+        (reg.register_model_version(pb::RegisterModelVersionRequest { endpoint: "h:1".into(), ..Default::default() }).await.unwrap_err(), "model: "),
+        (reg.register_model_version(pb::RegisterModelVersionRequest { model: "m".into(), ..Default::default() }).await.unwrap_err(), "endpoint: "),
+        (reg.register_model_version(pb::RegisterModelVersionRequest { model: "m".into(), endpoint: "h:1".into(), artifact_sha256: "xyz".into(), ..Default::default() }).await.unwrap_err(), "artifact_sha256: "),
+        (reg.register_model_version(pb::RegisterModelVersionRequest { model: "m".into(), endpoint: "h:1".into(), prediction: Some(pb::PredictionSpec { kind: None }), ..Default::default() }).await.unwrap_err(), "prediction: "),
+        (reg.transition_stage(pb::TransitionStageRequest { model: "m".into(), version: "1".into(), stage: 0, force: false }).await.unwrap_err(), "stage: "),
+        (reg.transition_stage(pb::TransitionStageRequest { model: "m".into(), version: "".into(), stage: 2, force: false }).await.unwrap_err(), "version: "),
+        (reg.get_model_version(pb::GetModelVersionRequest { model: "".into(), version: "1".into() }).await.unwrap_err(), "model: "),
+        (reg.set_promotion_policy(pb::SetPromotionPolicyRequest { model: "m".into(), minimum_metrics: [("auc".to_string(), f64::INFINITY)].into(), ..Default::default() }).await.unwrap_err(), "minimum_metrics: "),
+    ];
+    for (status, field) in cases {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "expected '{field}…', got '{}'", status.message());
+    }
+    let mut versions = Vec::new();
+    for _ in 0..2 {
+        versions.push(register(&mut reg, "m", "127.0.0.1:1").await);
+    }
+    let err = reg
+        .set_alias(pb::SetAliasRequest { model: "m".into(), alias: "1st".into(), version: "1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("alias: "), "{}", err.message());
+    let err = reg
+        .get_model_version(pb::GetModelVersionRequest { model: "m".into(), version: "9".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = reg
+        .get_production_version(pb::GetProductionVersionRequest { model: "absent".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "model 'absent' is not registered");
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn promotion_gates_and_protected_production() {
+    let dir = tempfile::tempdir().unwrap();
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    reg.register_model_version(pb::RegisterModelVersionRequest {
+        model: "m".into(),
+        endpoint: "127.0.0.1:1".into(),
+        metrics: [("accuracy".to_string(), 0.85), ("latency_p99_ms".to_string(), 12.0)].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    reg.set_promotion_policy(pb::SetPromotionPolicyRequest {
+        model: "m".into(),
+        minimum_metrics: [("accuracy".to_string(), 0.9)].into(),
+        maximum_metrics: [("latency_p99_ms".to_string(), 50.0)].into(),
+    })
+    .await
+    .unwrap();
+    let err = reg.transition_stage(transition("m", "1", pb::Stage::Production)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("'accuracy' is 0.85, below the policy minimum 0.9"), "{}", err.message());
+    assert!(err.message().contains("force"), "{}", err.message());
+    let mut forced = transition("m", "1", pb::Stage::Production);
+    forced.force = true;
+    reg.transition_stage(forced).await.unwrap();
+
+    let err = reg
+        .delete_model_version(pb::DeleteModelVersionRequest { model: "m".into(), version: "1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("in production"), "{}", err.message());
+    reg.transition_stage(transition("m", "1", pb::Stage::Archived)).await.unwrap();
+    let deleted = reg
+        .delete_model_version(pb::DeleteModelVersionRequest { model: "m".into(), version: "1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.deleted.unwrap().version, 1);
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_control_token_is_required_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.control_token = Some("s3cret-token".into());
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    let err = reg.list_models(pb::ListModelsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("authorization: Bearer"), "{}", err.message());
+    let mut wrong = tonic::Request::new(pb::ListModelsRequest {});
+    wrong.metadata_mut().insert("authorization", "Bearer s3cret-tokem".parse().unwrap());
+    assert_eq!(reg.list_models(wrong).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut right = tonic::Request::new(pb::ListModelsRequest {});
+    right.metadata_mut().insert("authorization", "Bearer s3cret-token".parse().unwrap());
+    reg.list_models(right).await.unwrap();
+    // Health stays open for probes.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(mg.control_addr).await);
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "modelgate.v1.Registry".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // The data port never serves control services.
+    let (code, _) = raw_grpc_call(mg.data_addr, "/modelgate.v1.Registry/ListModels", frame(0, &[])).await;
+    assert_ne!(code, 0);
+    mg.shutdown().await;
+}

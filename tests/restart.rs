@@ -1,0 +1,124 @@
+//! Durability: the registry, stages, aliases and routing survive a restart and a `kill -9`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use modelgate::pb::modelgate::v1 as pb;
+
+async fn snapshot(reg: &mut modelgate::pb::modelgate::v1::registry_client::RegistryClient<tonic::transport::Channel>) -> Vec<(u32, i32, Vec<String>, String)> {
+    let versions = reg
+        .list_model_versions(pb::ListModelVersionsRequest { model: "iris".into(), stage: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    versions.into_iter().map(|v| (v.version, v.stage, v.aliases, v.endpoint)).collect()
+}
+
+async fn set_up_registry(control: SocketAddr, a: &str, b: &str) {
+    let mut reg = registry(control).await;
+    register(&mut reg, "iris", a).await;
+    register(&mut reg, "iris", b).await;
+    promote(&mut reg, "iris", "1").await;
+    promote(&mut reg, "iris", "2").await;
+    reg.set_alias(pb::SetAliasRequest { model: "iris".into(), alias: "champion".into(), version: "2".into() })
+        .await
+        .unwrap();
+    reg.set_alias(pb::SetAliasRequest { model: "iris".into(), alias: "previous".into(), version: "1".into() })
+        .await
+        .unwrap();
+    reg.set_promotion_policy(pb::SetPromotionPolicyRequest {
+        model: "iris".into(),
+        minimum_metrics: [("accuracy".to_string(), 0.8)].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn check_state(control: SocketAddr, data: SocketAddr, b_endpoint: &str) {
+    let mut reg = registry(control).await;
+    let s = snapshot(&mut reg).await;
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0].0, 1);
+    assert_eq!(s[0].1, pb::Stage::Archived as i32);
+    assert_eq!(s[0].2, vec!["previous".to_string()]);
+    assert_eq!(s[1].1, pb::Stage::Production as i32);
+    assert_eq!(s[1].2, vec!["champion".to_string()]);
+    assert_eq!(s[1].3, b_endpoint);
+    let policy = reg
+        .get_promotion_policy(pb::GetPromotionPolicyRequest { model: "iris".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policy.minimum_metrics.get("accuracy"), Some(&0.8));
+    // Routing is back without any control call.
+    let mut client = infer_client(data).await;
+    let resp = client.model_infer(infer_request("iris", &[&[1.0]])).await.unwrap();
+    assert_eq!(served_version(&resp), "2");
+    // Version numbers continue where they stopped.
+    assert_eq!(register(&mut reg, "iris", b_endpoint).await, 3);
+}
+
+#[tokio::test]
+async fn registry_and_routing_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = model_server("name=iris;kind=linear;weights=1;version=a").await;
+    let b = model_server("name=iris;kind=linear;weights=2;version=b").await;
+    let mg = start(dir.path()).await;
+    set_up_registry(mg.control_addr, &a.endpoint(), &b.endpoint()).await;
+    mg.shutdown().await;
+
+    let mg = start(dir.path()).await;
+    check_state(mg.control_addr, mg.data_addr, &b.endpoint()).await;
+    mg.shutdown().await;
+}
+
+/// Starts the real binary and reads its listening addresses from the JSON start-up log line.
+fn spawn_binary(dir: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        let line = lines.next().expect("modelgate exited before listening").unwrap();
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["message"] == "modelgate listening" {
+            let data = v["data"].as_str().unwrap().parse().unwrap();
+            let control = v["control"].as_str().unwrap().parse().unwrap();
+            // Keep draining stderr so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return (child, data, control);
+        }
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_control_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = model_server("name=iris;kind=linear;weights=1;version=a").await;
+    let b = model_server("name=iris;kind=linear;weights=2;version=b").await;
+    let (mut child, _data, control) = spawn_binary(dir.path());
+    set_up_registry(control, &a.endpoint(), &b.endpoint()).await;
+    // SIGKILL right after the last acknowledgement: no graceful close, no flush.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, data, control) = spawn_binary(dir.path());
+    check_state(control, data, &b.endpoint()).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
