@@ -127,12 +127,18 @@ async fn upstream_status_codes_and_messages_come_back_unchanged() {
 
 #[tokio::test]
 async fn the_callers_deadline_applies() {
-    let (_dir, mg, mut client) = setup(None).await;
-    let mut r = req(EchoRequest { message: "slow".into(), delay_ms: 2000, ..Default::default() });
-    r.set_timeout(Duration::from_millis(150));
+    let (_dir, mg, _client) = setup(None).await;
+    // A raw call: tonic's client would race modelgate's answer with its own timer.
+    let body = modelgate::proxy::body::frame(&EchoRequest { message: "slow".into(), delay_ms: 2000, ..Default::default() });
     let started = std::time::Instant::now();
-    let err = client.unary(r).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let (code, msg) = raw_grpc_call_with(
+        mg.data_addr,
+        "/modelgate.testing.Echo/Unary",
+        body,
+        &[("grpc-timeout", "150m"), ("x-model-name", "echo")],
+    )
+    .await;
+    assert_eq!(code, tonic::Code::DeadlineExceeded as i32, "{msg}");
     assert!(started.elapsed() < Duration::from_millis(1500), "answered at the deadline, not after the upstream");
     mg.shutdown().await;
 }

@@ -82,7 +82,7 @@ async fn admin_port_answers_live_ready_and_metrics() {
     let ready = http_get(mg.admin_addr, "/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    assert!(metrics.contains("# TYPE modelgate_requests counter"), "{metrics}");
+    assert!(metrics.contains("# TYPE modelgate_shed_requests counter"), "{metrics}");
     assert!(metrics.contains("modelgate_in_flight_requests 0"), "{metrics}");
     let missing = http_get(mg.admin_addr, "/nope").await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");

@@ -69,24 +69,37 @@ type OnEnd = Box<dyn FnOnce(Ending) + Send + Sync>;
 
 pin_project_lite::pin_project! {
     /// Forwards a body and calls `on_end` exactly once, when it ends, fails or is dropped.
-    pub struct Observed<B> {
+    pub struct Observed<B>
+    where
+        B: HttpBody,
+    {
         #[pin]
         inner: B,
         header_code: Option<Code>,
         on_end: Option<OnEnd>,
     }
 
-    impl<B> PinnedDrop for Observed<B> {
+    impl<B> PinnedDrop for Observed<B>
+    where
+        B: HttpBody,
+    {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(f) = this.on_end.take() {
-                f(Ending::Cancelled);
+                // A body that was complete (e.g. a trailers-only response, never polled) ended
+                // normally; anything else was abandoned by the client.
+                let ending = if this.inner.is_end_stream() {
+                    this.header_code.map(Ending::Status).unwrap_or(Ending::NoStatus)
+                } else {
+                    Ending::Cancelled
+                };
+                f(ending);
             }
         }
     }
 }
 
-impl<B> Observed<B> {
+impl<B: HttpBody> Observed<B> {
     /// Wraps `inner`; `header_code` is the status already seen in the response headers.
     pub fn new(
         inner: B,
@@ -116,9 +129,13 @@ where
         let res = this.inner.poll_frame(cx);
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
+                // Trailers are always the last frame: the stream's status is known now.
                 if let Some(t) = frame.trailers_ref() {
-                    if let Some(code) = super::status::code_from_headers(t) {
-                        *this.header_code = Some(code);
+                    let ending = super::status::code_from_headers(t)
+                        .map(Ending::Status)
+                        .unwrap_or(Ending::NoStatus);
+                    if let Some(f) = this.on_end.take() {
+                        f(ending);
                     }
                 }
             }
@@ -190,10 +207,20 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         drop(Observed::new(
-            http_body_util::Empty::<Bytes>::new(),
+            http_body_util::Full::new(Bytes::from_static(b"unread")),
             None,
             move |e| s.lock().push(e),
         ));
         assert_eq!(*seen.lock(), vec![Ending::Cancelled]);
+
+        // A trailers-only response: nothing to poll, the status was in the headers.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        drop(Observed::new(
+            http_body_util::Empty::<Bytes>::new(),
+            Some(Code::Unavailable),
+            move |e| s.lock().push(e),
+        ));
+        assert_eq!(*seen.lock(), vec![Ending::Status(Code::Unavailable)]);
     }
 }

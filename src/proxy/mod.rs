@@ -354,7 +354,14 @@ impl Proxy {
             };
             let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
             let left = deadline.saturating_sub(started.elapsed());
-            let resp = self.send(upstream_req, &route, request_id, Some(left)).await?;
+            let resp = self
+                .send(upstream_req, &route, request_id, Some(left))
+                .await
+                .map_err(|e| match e {
+                    // Report the caller's whole budget, not what was left of it.
+                    ProxyError::Deadline(_) => ProxyError::Deadline(deadline),
+                    e => e,
+                })?;
             let (parts, body) = resp.into_parts();
             let collected = Limited::new(body, self.limits.max_message_bytes)
                 .collect()
@@ -458,10 +465,15 @@ impl Proxy {
             .upstreams
             .channel(&route.endpoint)
             .map_err(|e| unreachable(upstream::describe(&e)))?;
-        let resp = channel
-            .oneshot(req)
-            .await
-            .map_err(|e| unreachable(upstream::describe(&e)))?;
+        let resp = channel.oneshot(req).await.map_err(|e| {
+            // The channel enforces the grpc-timeout we forwarded; that is the caller's deadline.
+            match deadline {
+                Some(d) if upstream::caused_by::<tonic::TimeoutExpired>(&e) => {
+                    ProxyError::Deadline(d)
+                }
+                _ => unreachable(upstream::describe(&e)),
+            }
+        })?;
         if resp.status() != http::StatusCode::OK {
             return Err(ProxyError::UpstreamHttp {
                 endpoint: route.endpoint.clone(),

@@ -70,3 +70,15 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
         format!("{outer}: {inner}")
     }
 }
+
+/// True when `T` is anywhere in the cause chain of `err`.
+pub fn caused_by<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(c) = cause {
+        if c.is::<T>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

@@ -123,6 +123,16 @@ pub fn served_version<T>(resp: &Response<T>) -> String {
 
 /// Sends raw bytes as one gRPC request body over HTTP/2 and returns (grpc-status, grpc-message).
 pub async fn raw_grpc_call(addr: SocketAddr, path: &str, body: Bytes) -> (i32, String) {
+    raw_grpc_call_with(addr, path, body, &[]).await
+}
+
+/// [`raw_grpc_call`] with extra request headers (e.g. a `grpc-timeout` no client timer races).
+pub async fn raw_grpc_call_with(
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> (i32, String) {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -132,11 +142,13 @@ pub async fn raw_grpc_call(addr: SocketAddr, path: &str, body: Bytes) -> (i32, S
     .await
     .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{addr}{path}"))
+    let mut req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(body))
-        .unwrap();
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body)).unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.unwrap();
