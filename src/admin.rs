@@ -39,7 +39,11 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, ready: &ReadyCheck) -> Resp
         "/live" => text(StatusCode::OK, PLAIN, "live\n".into()),
         "/ready" => match ready() {
             Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
-            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("not ready: {reason}\n")),
+            Err(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not ready: {reason}\n"),
+            ),
         },
         _ => text(
             StatusCode::NOT_FOUND,

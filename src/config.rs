@@ -103,7 +103,8 @@ pub struct ServeArgs {
 
 /// Parses `250ms`, `2s`, `1m30s`…
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 500ms or 2s: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 500ms or 2s: {e}"))
 }
 
 /// Validated settings of `modelgate serve`.
@@ -150,7 +151,10 @@ impl std::fmt::Debug for Config {
             .field("admin_listen", &self.admin_listen)
             .field("data_dir", &self.data_dir)
             .field("default_model", &self.default_model)
-            .field("control_token", &self.control_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "control_token",
+                &self.control_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("max_in_flight", &self.max_in_flight)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
@@ -180,7 +184,8 @@ impl Config {
 
     /// Checks settings that clap's types cannot.
     pub fn from_args(a: ServeArgs) -> Result<Config, ConfigError> {
-        let bad = |setting: &'static str, message: String| ConfigError::Invalid { setting, message };
+        let bad =
+            |setting: &'static str, message: String| ConfigError::Invalid { setting, message };
         let ports = [
             ("listen", a.listen),
             ("control_listen", a.control_listen),
@@ -372,10 +377,12 @@ pub fn apply_sources(
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         for (key, value) in table {
             let id = key.replace('-', "_");
             if !ids.contains(&id) {
@@ -420,11 +427,7 @@ mod tests {
         serve: ServeArgs,
     }
 
-    fn load(
-        args: &[&str],
-        env: &[(&str, &str)],
-        file: Option<&str>,
-    ) -> Result<Config, String> {
+    fn load(args: &[&str], env: &[(&str, &str)], file: Option<&str>) -> Result<Config, String> {
         let argv: Vec<OsString> = std::iter::once("modelgate")
             .chain(args.iter().copied())
             .map(OsString::from)
@@ -495,12 +498,20 @@ mod tests {
         let err = load(&["--config", "missing.toml"], &[], None).unwrap_err();
         assert!(err.contains("missing.toml"), "{err}");
         let err = load(
-            &["--listen", "127.0.0.1:5000", "--admin-listen", "127.0.0.1:5000"],
+            &[
+                "--listen",
+                "127.0.0.1:5000",
+                "--admin-listen",
+                "127.0.0.1:5000",
+            ],
             &[],
             None,
         )
         .unwrap_err();
-        assert!(err.contains("--listen") && err.contains("admin_listen"), "{err}");
+        assert!(
+            err.contains("--listen") && err.contains("admin_listen"),
+            "{err}"
+        );
         let err = load(&["--default-model", "a b"], &[], None).unwrap_err();
         assert!(err.contains("--default-model"), "{err}");
         let err = load(&["--request-timeout", "0s"], &[], None).unwrap_err();
@@ -532,7 +543,10 @@ mod tests {
             }
             let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
             let env = format!("env {ENV_PREFIX}{}", id.to_ascii_uppercase());
-            assert!(help.contains(&env), "--{id} help should mention {env}: {help}");
+            assert!(
+                help.contains(&env),
+                "--{id} help should mention {env}: {help}"
+            );
         }
     }
 }

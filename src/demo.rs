@@ -144,10 +144,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let server_a = model_server::spawn(any, vec![v1]).await?;
     let server_b = model_server::spawn(any, vec![v2]).await?;
     println!("model servers (built-in, Open Inference Protocol v2):");
-    println!("  iris v1 at {}   iris v2 at {}", server_a.endpoint(), server_b.endpoint());
+    println!(
+        "  iris v1 at {}   iris v2 at {}",
+        server_a.endpoint(),
+        server_b.endpoint()
+    );
 
     let tmp = tempfile::tempdir()?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| tmp.path().join("modelgate-data"));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("modelgate-data"));
     let mut config = Config::for_tests(&data_dir);
     config.shutdown_grace = Duration::from_secs(5);
     let mg = crate::server::start(config).await?;
@@ -163,15 +170,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to the control port")?;
     let prediction = pb::PredictionSpec {
-        kind: Some(pb::prediction_spec::Kind::Threshold(pb::ThresholdPrediction {
-            output: "probabilities".into(),
-            threshold: 0.5,
-            positive_label: "1".into(),
-            negative_label: "0".into(),
-        })),
+        kind: Some(pb::prediction_spec::Kind::Threshold(
+            pb::ThresholdPrediction {
+                output: "probabilities".into(),
+                threshold: 0.5,
+                positive_label: "1".into(),
+                negative_label: "0".into(),
+            },
+        )),
     };
     let mut versions = Vec::new();
-    for (server, accuracy, what) in [(&server_a, 0.91, "first model"), (&server_b, 0.94, "retrained")] {
+    for (server, accuracy, what) in [
+        (&server_a, 0.91, "first model"),
+        (&server_b, 0.94, "retrained"),
+    ] {
         let v = registry
             .register_model_version(pb::RegisterModelVersionRequest {
                 model: "iris".into(),
@@ -211,10 +223,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             version: versions[1].to_string(),
         })
         .await?;
-    println!("promoted version {} to production; alias challenger -> {}", versions[0], versions[1]);
+    println!(
+        "promoted version {} to production; alias challenger -> {}",
+        versions[0], versions[1]
+    );
 
-    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", mg.data_addr)).await?;
-    println!("\nsending {} ModelInfer requests through modelgate…", args.requests);
+    let mut client =
+        GrpcInferenceServiceClient::connect(format!("http://{}", mg.data_addr)).await?;
+    println!(
+        "\nsending {} ModelInfer requests through modelgate…",
+        args.requests
+    );
     let before = send_traffic(&mut client, args.requests, 0).await;
     report("before the promotion:", &before);
 
@@ -240,7 +259,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .await
         .expect_err("unknown models are refused");
-    println!("\nan unknown model is refused: {:?}: {}", err.code(), err.message());
+    println!(
+        "\nan unknown model is refused: {:?}: {}",
+        err.code(),
+        err.message()
+    );
 
     if args.keep_running {
         println!("\nstill running; try (Ctrl-C to stop):");

@@ -10,7 +10,11 @@ use modelgate::demo::DemoArgs;
 use modelgate::model_server::ModelSpec;
 
 #[derive(Parser, Debug)]
-#[command(name = "modelgate", version, about = "gRPC sidecar for ML model servers: routing, A/B tests, shadows, prediction logging, drift")]
+#[command(
+    name = "modelgate",
+    version,
+    about = "gRPC sidecar for ML model servers: routing, A/B tests, shadows, prediction logging, drift"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the sidecar: data, control and admin ports, RocksDB in --data-dir.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the built-in Open Inference Protocol v2 model server (for demos, tests, benchmarks).
     ModelServer(ModelServerArgs),
     /// Start two model servers and modelgate in front of them, and send traffic through it.
@@ -44,7 +48,8 @@ fn parse_cli() -> Result<(Cli, Vec<String>), config::ConfigError> {
     let mut warnings = Vec::new();
     if argv.get(1).is_some_and(|a| a == "serve") {
         let serve = cmd.find_subcommand("serve").expect("serve exists").clone();
-        let (serve, w) = config::apply_sources(serve, &argv[1..], &env, |p| std::fs::read_to_string(p))?;
+        let (serve, w) =
+            config::apply_sources(serve, &argv[1..], &env, |p| std::fs::read_to_string(p))?;
         warnings = w;
         cmd = cmd.mut_subcommand("serve", |_| serve);
     }
@@ -82,7 +87,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => {
-                let config = match Config::from_args(args) {
+                let config = match Config::from_args(*args) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("modelgate: {e}");

@@ -224,13 +224,16 @@ impl ModelServer {
         if version.is_empty() {
             return Ok(versions.last().expect("at least one version"));
         }
-        versions.iter().find(|m| m.version == version).ok_or_else(|| {
-            let available: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
-            Status::not_found(format!(
-                "model '{name}' has no version '{version}' (available: {})",
-                available.join(", ")
-            ))
-        })
+        versions
+            .iter()
+            .find(|m| m.version == version)
+            .ok_or_else(|| {
+                let available: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
+                Status::not_found(format!(
+                    "model '{name}' has no version '{version}' (available: {})",
+                    available.join(", ")
+                ))
+            })
     }
 
     /// The gRPC service, ready to add to a tonic router.
@@ -283,7 +286,10 @@ impl GrpcInferenceService for ModelServer {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = req.into_inner();
         let m = self.find(&r.name, &r.version)?;
-        let versions = self.models[&m.name].iter().map(|v| v.version.clone()).collect();
+        let versions = self.models[&m.name]
+            .iter()
+            .map(|v| v.version.clone())
+            .collect();
         Ok(Response::new(ModelMetadataResponse {
             name: m.name.clone(),
             versions,
@@ -336,7 +342,10 @@ impl GrpcInferenceService for ModelServer {
         let mut outputs = m.infer(x, rows);
         if !r.outputs.is_empty() {
             let wanted: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
-            if let Some(bad) = wanted.iter().find(|w| !outputs.iter().any(|o| o.name() == **w)) {
+            if let Some(bad) = wanted
+                .iter()
+                .find(|w| !outputs.iter().any(|o| o.name() == **w))
+            {
                 return Err(Status::invalid_argument(format!(
                     "model '{}' has no output '{bad}'",
                     m.name
@@ -460,18 +469,39 @@ mod tests {
 
     #[test]
     fn specs_parse_and_reject_nonsense() {
-        let s: ModelSpec = "name=iris; kind=linear; weights=1,2.5; bias=-1; version=v2; latency=5ms"
-            .parse()
-            .unwrap();
+        let s: ModelSpec =
+            "name=iris; kind=linear; weights=1,2.5; bias=-1; version=v2; latency=5ms"
+                .parse()
+                .unwrap();
         assert_eq!(s.weights, vec![1.0, 2.5]);
         assert_eq!(s.kind, Kind::Linear);
         assert_eq!(s.version, "v2");
         assert_eq!(s.latency, Duration::from_millis(5));
         let g: ModelSpec = "name=m;features=16;seed=7".parse().unwrap();
         assert_eq!(g.weights.len(), 16);
-        assert_eq!(g, "name=m;features=16;seed=7".parse().unwrap(), "deterministic");
-        assert_ne!(g.weights, "name=m;features=16;seed=8".parse::<ModelSpec>().unwrap().weights);
-        for bad in ["", "name=m", "weights=1", "name=m;weights=x", "name=m;features=0", "name=m;weights=1;features=1", "name=m;weights=1;kind=tree", "name=m;weights=1;color=red", "name=a b;weights=1"] {
+        assert_eq!(
+            g,
+            "name=m;features=16;seed=7".parse().unwrap(),
+            "deterministic"
+        );
+        assert_ne!(
+            g.weights,
+            "name=m;features=16;seed=8"
+                .parse::<ModelSpec>()
+                .unwrap()
+                .weights
+        );
+        for bad in [
+            "",
+            "name=m",
+            "weights=1",
+            "name=m;weights=x",
+            "name=m;features=0",
+            "name=m;weights=1;features=1",
+            "name=m;weights=1;kind=tree",
+            "name=m;weights=1;color=red",
+            "name=a b;weights=1",
+        ] {
             assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
         }
     }
@@ -480,15 +510,21 @@ mod tests {
     fn logistic_and_linear_compute() {
         let lin: ModelSpec = "name=m;kind=linear;weights=1,2;bias=0.5".parse().unwrap();
         let out = lin.infer(&[1.0, 1.0, 0.0, -1.0], 2);
-        let Output::F32(_, shape, v) = &out[0] else { panic!() };
+        let Output::F32(_, shape, v) = &out[0] else {
+            panic!()
+        };
         assert_eq!(shape, &vec![2, 1]);
         assert_eq!(v, &vec![3.5, -1.5]);
         let log: ModelSpec = "name=m;weights=1;bias=0".parse().unwrap();
         let out = log.infer(&[0.0, 10.0], 2);
-        let Output::F32(_, _, p) = &out[0] else { panic!() };
+        let Output::F32(_, _, p) = &out[0] else {
+            panic!()
+        };
         assert_eq!(p[0], 0.5);
         assert!(p[3] > 0.99);
-        let Output::I64(_, _, labels) = &out[1] else { panic!() };
+        let Output::I64(_, _, labels) = &out[1] else {
+            panic!()
+        };
         assert_eq!(labels, &vec![0, 1]);
     }
 }

@@ -354,12 +354,13 @@ fn decode_raw_bytes(
         };
         let len = u32::from_le_bytes(len.try_into().expect("4")) as usize;
         pos += 4;
-        let end = pos.checked_add(len).filter(|&e| e <= raw.len()).ok_or_else(|| {
-            OipError::BadBytes {
+        let end = pos
+            .checked_add(len)
+            .filter(|&e| e <= raw.len())
+            .ok_or_else(|| OipError::BadBytes {
                 tensor: name.to_string(),
                 reason: "element longer than the remaining data",
-            }
-        })?;
+            })?;
         out.push(raw.slice(pos..end));
         pos = end;
     }
@@ -397,15 +398,33 @@ fn decode_contents(
         Ok(Values::Numeric(v.iter().map(|&x| f(x)).collect()))
     }
     match dt {
-        DataType::Bool => numeric(&c.bool_contents, n, "bool_contents", |b| b as u8 as f64, mismatch),
+        DataType::Bool => numeric(
+            &c.bool_contents,
+            n,
+            "bool_contents",
+            |b| b as u8 as f64,
+            mismatch,
+        ),
         DataType::I8 | DataType::I16 | DataType::I32 => {
             numeric(&c.int_contents, n, "int_contents", f64::from, mismatch)
         }
-        DataType::I64 => numeric(&c.int64_contents, n, "int64_contents", |x| x as f64, mismatch),
+        DataType::I64 => numeric(
+            &c.int64_contents,
+            n,
+            "int64_contents",
+            |x| x as f64,
+            mismatch,
+        ),
         DataType::U8 | DataType::U16 | DataType::U32 => {
             numeric(&c.uint_contents, n, "uint_contents", f64::from, mismatch)
         }
-        DataType::U64 => numeric(&c.uint64_contents, n, "uint64_contents", |x| x as f64, mismatch),
+        DataType::U64 => numeric(
+            &c.uint64_contents,
+            n,
+            "uint64_contents",
+            |x| x as f64,
+            mismatch,
+        ),
         DataType::F32 => numeric(&c.fp32_contents, n, "fp32_contents", f64::from, mismatch),
         DataType::F64 => numeric(&c.fp64_contents, n, "fp64_contents", |x| x, mismatch),
         DataType::F16 | DataType::BF16 => Err(OipError::RawOnly {
@@ -424,7 +443,7 @@ fn decode_contents(
     }
 }
 
-fn raw_for<'a>(raw: &'a [Bytes], tensors: usize, i: usize) -> Result<Option<&'a Bytes>, OipError> {
+fn raw_for(raw: &[Bytes], tensors: usize, i: usize) -> Result<Option<&Bytes>, OipError> {
     if raw.is_empty() {
         return Ok(None);
     }
@@ -438,13 +457,23 @@ fn raw_for<'a>(raw: &'a [Bytes], tensors: usize, i: usize) -> Result<Option<&'a 
 }
 
 /// Decodes every input tensor of a request.
-pub fn request_inputs(req: &ModelInferRequest, max_elements: usize) -> Result<Vec<Tensor>, OipError> {
+pub fn request_inputs(
+    req: &ModelInferRequest,
+    max_elements: usize,
+) -> Result<Vec<Tensor>, OipError> {
     req.inputs
         .iter()
         .enumerate()
         .map(|(i, t): (usize, &InferInputTensor)| {
             let raw = raw_for(&req.raw_input_contents, req.inputs.len(), i)?;
-            decode_tensor(&t.name, &t.datatype, &t.shape, t.contents.as_ref(), raw, max_elements)
+            decode_tensor(
+                &t.name,
+                &t.datatype,
+                &t.shape,
+                t.contents.as_ref(),
+                raw,
+                max_elements,
+            )
         })
         .collect()
 }
@@ -459,7 +488,14 @@ pub fn response_outputs(
         .enumerate()
         .map(|(i, t): (usize, &InferOutputTensor)| {
             let raw = raw_for(&resp.raw_output_contents, resp.outputs.len(), i)?;
-            decode_tensor(&t.name, &t.datatype, &t.shape, t.contents.as_ref(), raw, max_elements)
+            decode_tensor(
+                &t.name,
+                &t.datatype,
+                &t.shape,
+                t.contents.as_ref(),
+                raw,
+                max_elements,
+            )
         })
         .collect()
 }
@@ -486,32 +522,113 @@ pub fn i64_raw(values: &[i64]) -> Bytes {
 mod tests {
     use super::*;
 
-    fn dec(dt: &str, shape: &[i64], c: Option<InferTensorContents>, raw: Option<Vec<u8>>) -> Result<Tensor, OipError> {
-        decode_tensor("x", dt, shape, c.as_ref(), raw.map(Bytes::from).as_ref(), 1000)
+    fn dec(
+        dt: &str,
+        shape: &[i64],
+        c: Option<InferTensorContents>,
+        raw: Option<Vec<u8>>,
+    ) -> Result<Tensor, OipError> {
+        decode_tensor(
+            "x",
+            dt,
+            shape,
+            c.as_ref(),
+            raw.map(Bytes::from).as_ref(),
+            1000,
+        )
     }
 
     #[test]
     fn raw_and_typed_contents_agree_for_every_numeric_type() {
         let cases: Vec<(&str, InferTensorContents, Vec<u8>)> = vec![
-            ("FP32", InferTensorContents { fp32_contents: vec![1.5, -2.0], ..Default::default() },
-             [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat()),
-            ("FP64", InferTensorContents { fp64_contents: vec![1.5, -2.0], ..Default::default() },
-             [1.5f64.to_le_bytes(), (-2.0f64).to_le_bytes()].concat()),
-            ("INT8", InferTensorContents { int_contents: vec![1, -2], ..Default::default() }, vec![1, 0xfe]),
-            ("INT16", InferTensorContents { int_contents: vec![1, -2], ..Default::default() },
-             [1i16.to_le_bytes(), (-2i16).to_le_bytes()].concat()),
-            ("INT32", InferTensorContents { int_contents: vec![1, -2], ..Default::default() },
-             [1i32.to_le_bytes(), (-2i32).to_le_bytes()].concat()),
-            ("INT64", InferTensorContents { int64_contents: vec![1, -2], ..Default::default() },
-             [1i64.to_le_bytes(), (-2i64).to_le_bytes()].concat()),
-            ("UINT8", InferTensorContents { uint_contents: vec![1, 200], ..Default::default() }, vec![1, 200]),
-            ("UINT16", InferTensorContents { uint_contents: vec![1, 60000], ..Default::default() },
-             [1u16.to_le_bytes(), 60000u16.to_le_bytes()].concat()),
-            ("UINT32", InferTensorContents { uint_contents: vec![1, 4_000_000_000], ..Default::default() },
-             [1u32.to_le_bytes(), 4_000_000_000u32.to_le_bytes()].concat()),
-            ("UINT64", InferTensorContents { uint64_contents: vec![1, 1 << 40], ..Default::default() },
-             [1u64.to_le_bytes(), (1u64 << 40).to_le_bytes()].concat()),
-            ("BOOL", InferTensorContents { bool_contents: vec![true, false], ..Default::default() }, vec![1, 0]),
+            (
+                "FP32",
+                InferTensorContents {
+                    fp32_contents: vec![1.5, -2.0],
+                    ..Default::default()
+                },
+                [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat(),
+            ),
+            (
+                "FP64",
+                InferTensorContents {
+                    fp64_contents: vec![1.5, -2.0],
+                    ..Default::default()
+                },
+                [1.5f64.to_le_bytes(), (-2.0f64).to_le_bytes()].concat(),
+            ),
+            (
+                "INT8",
+                InferTensorContents {
+                    int_contents: vec![1, -2],
+                    ..Default::default()
+                },
+                vec![1, 0xfe],
+            ),
+            (
+                "INT16",
+                InferTensorContents {
+                    int_contents: vec![1, -2],
+                    ..Default::default()
+                },
+                [1i16.to_le_bytes(), (-2i16).to_le_bytes()].concat(),
+            ),
+            (
+                "INT32",
+                InferTensorContents {
+                    int_contents: vec![1, -2],
+                    ..Default::default()
+                },
+                [1i32.to_le_bytes(), (-2i32).to_le_bytes()].concat(),
+            ),
+            (
+                "INT64",
+                InferTensorContents {
+                    int64_contents: vec![1, -2],
+                    ..Default::default()
+                },
+                [1i64.to_le_bytes(), (-2i64).to_le_bytes()].concat(),
+            ),
+            (
+                "UINT8",
+                InferTensorContents {
+                    uint_contents: vec![1, 200],
+                    ..Default::default()
+                },
+                vec![1, 200],
+            ),
+            (
+                "UINT16",
+                InferTensorContents {
+                    uint_contents: vec![1, 60000],
+                    ..Default::default()
+                },
+                [1u16.to_le_bytes(), 60000u16.to_le_bytes()].concat(),
+            ),
+            (
+                "UINT32",
+                InferTensorContents {
+                    uint_contents: vec![1, 4_000_000_000],
+                    ..Default::default()
+                },
+                [1u32.to_le_bytes(), 4_000_000_000u32.to_le_bytes()].concat(),
+            ),
+            (
+                "UINT64",
+                InferTensorContents {
+                    uint64_contents: vec![1, 1 << 40],
+                    ..Default::default()
+                },
+                [1u64.to_le_bytes(), (1u64 << 40).to_le_bytes()].concat(),
+            ),
+            (
+                "BOOL",
+                InferTensorContents {
+                    bool_contents: vec![true, false],
+                    ..Default::default()
+                },
+                vec![1, 0],
+            ),
         ];
         for (dt, contents, raw) in cases {
             let a = dec(dt, &[1, 2], Some(contents), None).unwrap();
@@ -524,12 +641,25 @@ mod tests {
 
     #[test]
     fn half_precision_is_raw_only() {
-        let raw = [half::f16::from_f32(0.5).to_le_bytes(), half::f16::from_f32(-1.0).to_le_bytes()].concat();
+        let raw = [
+            half::f16::from_f32(0.5).to_le_bytes(),
+            half::f16::from_f32(-1.0).to_le_bytes(),
+        ]
+        .concat();
         let t = dec("FP16", &[2], None, Some(raw)).unwrap();
         assert_eq!(t.numeric().unwrap(), &[0.5, -1.0]);
         let raw = half::bf16::from_f32(2.0).to_le_bytes().to_vec();
-        assert_eq!(dec("BF16", &[1], None, Some(raw)).unwrap().numeric().unwrap(), &[2.0]);
-        assert!(matches!(dec("FP16", &[1], Some(Default::default()), None), Err(OipError::RawOnly { .. })));
+        assert_eq!(
+            dec("BF16", &[1], None, Some(raw))
+                .unwrap()
+                .numeric()
+                .unwrap(),
+            &[2.0]
+        );
+        assert!(matches!(
+            dec("FP16", &[1], Some(Default::default()), None),
+            Err(OipError::RawOnly { .. })
+        ));
     }
 
     #[test]
@@ -540,27 +670,70 @@ mod tests {
             raw.extend_from_slice(s.as_bytes());
         }
         let a = dec("BYTES", &[3, 1], None, Some(raw)).unwrap();
-        let b = dec("BYTES", &[3, 1], Some(InferTensorContents {
-            bytes_contents: vec![Bytes::from("red"), Bytes::new(), Bytes::from("blue")],
-            ..Default::default()
-        }), None).unwrap();
+        let b = dec(
+            "BYTES",
+            &[3, 1],
+            Some(InferTensorContents {
+                bytes_contents: vec![Bytes::from("red"), Bytes::new(), Bytes::from("blue")],
+                ..Default::default()
+            }),
+            None,
+        )
+        .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.rows(), 3);
     }
 
     #[test]
     fn hostile_tensors_are_errors() {
-        assert!(matches!(dec("FP32", &[-1, 2], None, None), Err(OipError::BadShape { .. })));
-        assert!(matches!(dec("FP32", &[i64::MAX, i64::MAX], None, None), Err(OipError::BadShape { .. })));
-        assert!(matches!(dec("FP32", &[1000, 1000], None, None), Err(OipError::TooLarge { .. })));
-        assert!(matches!(dec("FP99", &[1], None, None), Err(OipError::UnknownDatatype { .. })));
-        assert!(matches!(dec("FP32", &[2], None, Some(vec![0; 7])), Err(OipError::SizeMismatch { .. })));
-        assert!(matches!(dec("FP32", &[2], Some(InferTensorContents { fp32_contents: vec![1.0], ..Default::default() }), None), Err(OipError::SizeMismatch { .. })));
+        assert!(matches!(
+            dec("FP32", &[-1, 2], None, None),
+            Err(OipError::BadShape { .. })
+        ));
+        assert!(matches!(
+            dec("FP32", &[i64::MAX, i64::MAX], None, None),
+            Err(OipError::BadShape { .. })
+        ));
+        assert!(matches!(
+            dec("FP32", &[1000, 1000], None, None),
+            Err(OipError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            dec("FP99", &[1], None, None),
+            Err(OipError::UnknownDatatype { .. })
+        ));
+        assert!(matches!(
+            dec("FP32", &[2], None, Some(vec![0; 7])),
+            Err(OipError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            dec(
+                "FP32",
+                &[2],
+                Some(InferTensorContents {
+                    fp32_contents: vec![1.0],
+                    ..Default::default()
+                }),
+                None
+            ),
+            Err(OipError::SizeMismatch { .. })
+        ));
         // A length prefix pointing past the end, and trailing garbage.
-        assert!(matches!(dec("BYTES", &[1], None, Some(vec![9, 0, 0, 0, 1])), Err(OipError::BadBytes { .. })));
-        assert!(matches!(dec("BYTES", &[1], None, Some(vec![0, 0, 0, 0, 1])), Err(OipError::BadBytes { .. })));
-        assert!(matches!(dec("BYTES", &[500], None, Some(vec![0; 8])), Err(OipError::SizeMismatch { .. })));
-        let err = dec("FP32", &[2, 3], None, Some(vec![0; 20])).unwrap_err().to_string();
+        assert!(matches!(
+            dec("BYTES", &[1], None, Some(vec![9, 0, 0, 0, 1])),
+            Err(OipError::BadBytes { .. })
+        ));
+        assert!(matches!(
+            dec("BYTES", &[1], None, Some(vec![0, 0, 0, 0, 1])),
+            Err(OipError::BadBytes { .. })
+        ));
+        assert!(matches!(
+            dec("BYTES", &[500], None, Some(vec![0; 8])),
+            Err(OipError::SizeMismatch { .. })
+        ));
+        let err = dec("FP32", &[2, 3], None, Some(vec![0; 20]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("24 raw bytes") && err.contains("20"), "{err}");
     }
 
@@ -571,6 +744,9 @@ mod tests {
             raw_input_contents: vec![Bytes::new()],
             ..Default::default()
         };
-        assert!(matches!(request_inputs(&req, 10), Err(OipError::RawCount { raw: 1, tensors: 2 })));
+        assert!(matches!(
+            request_inputs(&req, 10),
+            Err(OipError::RawCount { raw: 1, tensors: 2 })
+        ));
     }
 }

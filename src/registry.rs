@@ -318,7 +318,10 @@ pub fn validate_alias(alias: &str) -> Result<(), RegistryError> {
         return Err(invalid("alias", "required"));
     }
     if alias.len() > MAX_ALIAS {
-        return Err(invalid("alias", format!("longer than {MAX_ALIAS} characters")));
+        return Err(invalid(
+            "alias",
+            format!("longer than {MAX_ALIAS} characters"),
+        ));
     }
     if !alias.as_bytes()[0].is_ascii_alphabetic() {
         return Err(invalid("alias", "must start with a letter"));
@@ -357,9 +360,12 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, RegistryError> {
             format!("'{e}' must be http://host:port with no path"),
         ));
     }
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| invalid(FIELD, format!("'{e}' has no port; expected http://host:port")))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+        invalid(
+            FIELD,
+            format!("'{e}' has no port; expected http://host:port"),
+        )
+    })?;
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') {
         return Err(invalid(FIELD, format!("'{e}' has no valid host")));
     }
@@ -606,7 +612,9 @@ impl Registry {
                 None => {
                     return Err(refuse(
                         metric,
-                        format!("metric '{metric}' is missing; the promotion policy requires at most {max}"),
+                        format!(
+                        "metric '{metric}' is missing; the promotion policy requires at most {max}"
+                    ),
                     ))
                 }
                 Some(x) if x > max => {
@@ -787,8 +795,14 @@ mod tests {
         assert_eq!(v.version, 1);
         assert_eq!(v.stage, Stage::Staging);
         assert_eq!(update.put_versions.len(), 1);
-        assert_eq!(r.get("iris", "2").unwrap().endpoint, "http://127.0.0.1:8002");
-        assert_eq!(r.get("iris", "1").unwrap().endpoint, "http://127.0.0.1:8001");
+        assert_eq!(
+            r.get("iris", "2").unwrap().endpoint,
+            "http://127.0.0.1:8002"
+        );
+        assert_eq!(
+            r.get("iris", "1").unwrap().endpoint,
+            "http://127.0.0.1:8001"
+        );
     }
 
     #[test]
@@ -860,7 +874,8 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
         // force skips the gate.
-        r.transition("iris", "2", Stage::Production, true, 1).unwrap();
+        r.transition("iris", "2", Stage::Production, true, 1)
+            .unwrap();
         assert_eq!(r.production("iris").unwrap().version, 2);
     }
 
@@ -873,14 +888,20 @@ mod tests {
         let mut policy = PromotionPolicy::default();
         policy.maximum.insert("latency_ms".into(), 30.0);
         r.set_policy("m", policy).unwrap();
-        let err = r.transition("m", "1", Stage::Production, false, 0).unwrap_err();
-        assert!(err.to_string().contains("above the policy maximum 30"), "{err}");
+        let err = r
+            .transition("m", "1", Stage::Production, false, 0)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("above the policy maximum 30"),
+            "{err}"
+        );
     }
 
     #[test]
     fn production_cannot_be_deleted_and_aliases_go_with_a_version() {
         let mut r = registry_with_two();
-        r.transition("iris", "1", Stage::Production, false, 1).unwrap();
+        r.transition("iris", "1", Stage::Production, false, 1)
+            .unwrap();
         assert!(matches!(
             r.delete_version("iris", "1"),
             Err(RegistryError::DeleteProduction { version: 1, .. })
@@ -919,15 +940,24 @@ mod tests {
         n.artifact_sha256 = "abc".into();
         assert!(matches!(
             r.register(n, 0),
-            Err(RegistryError::InvalidArgument { field: "artifact_sha256", .. })
+            Err(RegistryError::InvalidArgument {
+                field: "artifact_sha256",
+                ..
+            })
         ));
         let mut n = new("m", "h:1");
         n.metrics.insert("auc".into(), f64::NAN);
         assert!(matches!(
             r.register(n, 0),
-            Err(RegistryError::InvalidArgument { field: "metrics", .. })
+            Err(RegistryError::InvalidArgument {
+                field: "metrics",
+                ..
+            })
         ));
-        assert!(r.models().next().is_none(), "failed registrations leave nothing");
+        assert!(
+            r.models().next().is_none(),
+            "failed registrations leave nothing"
+        );
         assert!(matches!(
             r.resolve("nope", "1"),
             Err(RegistryError::ModelNotFound(_))
@@ -938,7 +968,8 @@ mod tests {
     fn from_records_round_trips() {
         let mut r = registry_with_two();
         r.set_alias("iris", "champion", "2").unwrap();
-        r.transition("iris", "2", Stage::Production, true, 5).unwrap();
+        r.transition("iris", "2", Stage::Production, true, 5)
+            .unwrap();
         let mut p = PromotionPolicy::default();
         p.minimum.insert("accuracy".into(), 0.5);
         r.set_policy("iris", p.clone()).unwrap();

@@ -134,7 +134,8 @@ mod tests {
         assert_eq!(t.lookup("iris"), Lookup::NoProduction);
         assert_eq!(t.lookup("nope"), Lookup::UnknownModel);
 
-        r.transition("iris", "2", Stage::Production, false, 0).unwrap();
+        r.transition("iris", "2", Stage::Production, false, 0)
+            .unwrap();
         let t = RoutingTable::build(&r, Some("iris"));
         let Lookup::Found(route) = t.lookup("iris") else {
             panic!("no route")

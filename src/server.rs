@@ -39,10 +39,8 @@ async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} (--{setting})"))
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Starts modelgate with `config` and returns once every port is listening.
@@ -52,7 +50,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
     let store = store::blocking(move || Store::open(&dir))
         .await
-        .with_context(|| format!("cannot open RocksDB in --data-dir {}", config.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot open RocksDB in --data-dir {}",
+                config.data_dir.display()
+            )
+        })?;
     let plane = Arc::new(
         ControlPlane::load(store, config.default_model.clone())
             .context("cannot load the registry from RocksDB")?,

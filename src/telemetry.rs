@@ -183,10 +183,15 @@ mod tests {
             .observe(0.003);
         let text = m.encode();
         assert!(
-            text.contains(r#"modelgate_requests_total{model="iris",version="2",code="NOT_FOUND"} 1"#),
+            text.contains(
+                r#"modelgate_requests_total{model="iris",version="2",code="NOT_FOUND"} 1"#
+            ),
             "{text}"
         );
-        assert!(text.contains("modelgate_request_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("modelgate_request_duration_seconds_bucket"),
+            "{text}"
+        );
         assert!(text.contains("modelgate_shed_requests_total 0"), "{text}");
     }
 }

@@ -9,7 +9,10 @@ fn modelgate(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -19,7 +22,10 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
     let (code, err) = modelgate(&["serve", "--data-dir", d, "--max-in-flight", "0"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--max-in-flight"), "{err}");
-    let (code, err) = modelgate(&["serve", "--data-dir", d], &[("MODELGATE_CONNECT_TIMEOUT", "forever")]);
+    let (code, err) = modelgate(
+        &["serve", "--data-dir", d],
+        &[("MODELGATE_CONNECT_TIMEOUT", "forever")],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--connect-timeout"), "{err}");
     let file = dir.path().join("modelgate.toml");
@@ -37,16 +43,32 @@ fn a_port_in_use_is_reported_by_its_setting() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = modelgate(
-        &["serve", "--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--control-listen", &addr],
+        &[
+            "serve",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            &addr,
+        ],
         &[],
     );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("cannot listen on {addr} (--control-listen)")), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (--control-listen)")),
+        "{err}"
+    );
 }
 
 #[test]
 fn model_server_rejects_a_bad_spec() {
-    let (code, err) = modelgate(&["model-server", "--model", "name=m;kind=tree;weights=1"], &[]);
+    let (code, err) = modelgate(
+        &["model-server", "--model", "name=m;kind=tree;weights=1"],
+        &[],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("kind 'tree'"), "{err}");
 }

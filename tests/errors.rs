@@ -25,24 +25,49 @@ async fn unknown_models_and_unreachable_upstreams() {
     let dir = tempfile::tempdir().unwrap();
     let mg = start(dir.path()).await;
     let mut client = infer_client(mg.data_addr).await;
-    let err = client.model_infer(infer_request("nope", &[&[1.0]])).await.unwrap_err();
+    let err = client
+        .model_infer(infer_request("nope", &[&[1.0]]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(err.message(), "model 'nope' is not registered with modelgate");
+    assert_eq!(
+        err.message(),
+        "model 'nope' is not registered with modelgate"
+    );
 
     // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut reg = registry(mg.control_addr).await;
     register(&mut reg, "ghost", &format!("http://{closed}")).await;
     promote(&mut reg, "ghost", "1").await;
     let started = std::time::Instant::now();
-    let err = client.model_infer(infer_request("ghost", &[&[1.0]])).await.unwrap_err();
+    let err = client
+        .model_infer(infer_request("ghost", &[&[1.0]]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains(&format!("http://{closed}")), "{}", err.message());
-    assert!(err.message().contains("model 'ghost' version 1"), "{}", err.message());
+    assert!(
+        err.message().contains(&format!("http://{closed}")),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("model 'ghost' version 1"),
+        "{}",
+        err.message()
+    );
     assert!(started.elapsed() < Duration::from_secs(2), "fails fast");
     let metrics = http_get(mg.admin_addr, "/metrics").await;
     assert!(metrics.contains(r#"code="UNAVAILABLE""#), "{metrics}");
-    assert!(metrics.contains(&format!(r#"modelgate_upstream_errors_total{{endpoint="http://{closed}",kind="connect"}} 1"#)), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            r#"modelgate_upstream_errors_total{{endpoint="http://{closed}",kind="connect"}} 1"#
+        )),
+        "{metrics}"
+    );
     mg.shutdown().await;
 }
 
@@ -61,13 +86,17 @@ async fn deadlines_from_the_caller_and_the_default() {
     // A raw call: tonic's client would race modelgate's answer with its own timer.
     let body = modelgate::proxy::body::frame(&infer_request("slow", &[&[1.0]]));
     let started = std::time::Instant::now();
-    let (code, msg) = raw_grpc_call_with(mg.data_addr, INFER, body, &[("grpc-timeout", "100m")]).await;
+    let (code, msg) =
+        raw_grpc_call_with(mg.data_addr, INFER, body, &[("grpc-timeout", "100m")]).await;
     assert_eq!(code, Code::DeadlineExceeded as i32, "{msg}");
     assert!(msg.contains("100ms"), "{msg}");
     assert!(started.elapsed() < Duration::from_secs(1));
 
     let started = std::time::Instant::now();
-    let err = client.model_infer(infer_request("slow", &[&[1.0]])).await.unwrap_err();
+    let err = client
+        .model_infer(infer_request("slow", &[&[1.0]]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("300ms"), "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -106,10 +135,15 @@ async fn the_in_flight_limit_sheds_with_resource_exhausted() {
     assert_eq!(ok, 2, "exactly the limit is served");
     assert_eq!(shed, 4);
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    assert!(metrics.contains("modelgate_shed_requests_total 4"), "{metrics}");
+    assert!(
+        metrics.contains("modelgate_shed_requests_total 4"),
+        "{metrics}"
+    );
     // Slots are released: the next request goes through.
     let mut c = client.clone();
-    c.model_infer(infer_request("slow", &[&[1.0]])).await.unwrap();
+    c.model_infer(infer_request("slow", &[&[1.0]]))
+        .await
+        .unwrap();
     mg.shutdown().await;
 }
 
@@ -121,7 +155,10 @@ async fn malformed_oip_bodies_are_invalid_argument() {
     let mg = start_with(config).await;
     let (code, msg) = raw_grpc_call(mg.data_addr, INFER, frame(0, &[0xff, 0xff, 0xff, 0xff])).await;
     assert_eq!(code, Code::InvalidArgument as i32, "{msg}");
-    assert!(msg.contains("not a valid inference.ModelInferRequest"), "{msg}");
+    assert!(
+        msg.contains("not a valid inference.ModelInferRequest"),
+        "{msg}"
+    );
     let (code, msg) = raw_grpc_call(mg.data_addr, INFER, Bytes::from_static(&[0, 0, 0])).await;
     assert_eq!(code, Code::InvalidArgument as i32, "{msg}");
     assert!(msg.contains("truncated"), "{msg}");
@@ -135,7 +172,10 @@ async fn malformed_oip_bodies_are_invalid_argument() {
     assert!(msg.contains("--max-message-bytes"), "{msg}");
     // The server is still fine afterwards.
     let mut client = infer_client(mg.data_addr).await;
-    let err = client.model_infer(infer_request("nope", &[&[1.0]])).await.unwrap_err();
+    let err = client
+        .model_infer(infer_request("nope", &[&[1.0]]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     mg.shutdown().await;
 }
@@ -146,36 +186,122 @@ async fn control_calls_name_the_field_at_fault() {
     let mg = start(dir.path()).await;
     let mut reg = registry(mg.control_addr).await;
     let cases: Vec<(tonic::Status, &str)> = vec![
-        (reg.register_model_version(pb::RegisterModelVersionRequest { endpoint: "h:1".into(), ..Default::default() }).await.unwrap_err(), "model: "),
-        (reg.register_model_version(pb::RegisterModelVersionRequest { model: "m".into(), ..Default::default() }).await.unwrap_err(), "endpoint: "),
-        (reg.register_model_version(pb::RegisterModelVersionRequest { model: "m".into(), endpoint: "h:1".into(), artifact_sha256: "xyz".into(), ..Default::default() }).await.unwrap_err(), "artifact_sha256: "),
-        (reg.register_model_version(pb::RegisterModelVersionRequest { model: "m".into(), endpoint: "h:1".into(), prediction: Some(pb::PredictionSpec { kind: None }), ..Default::default() }).await.unwrap_err(), "prediction: "),
-        (reg.transition_stage(pb::TransitionStageRequest { model: "m".into(), version: "1".into(), stage: 0, force: false }).await.unwrap_err(), "stage: "),
-        (reg.transition_stage(pb::TransitionStageRequest { model: "m".into(), version: "".into(), stage: 2, force: false }).await.unwrap_err(), "version: "),
-        (reg.get_model_version(pb::GetModelVersionRequest { model: "".into(), version: "1".into() }).await.unwrap_err(), "model: "),
-        (reg.set_promotion_policy(pb::SetPromotionPolicyRequest { model: "m".into(), minimum_metrics: [("auc".to_string(), f64::INFINITY)].into(), ..Default::default() }).await.unwrap_err(), "minimum_metrics: "),
+        (
+            reg.register_model_version(pb::RegisterModelVersionRequest {
+                endpoint: "h:1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            "model: ",
+        ),
+        (
+            reg.register_model_version(pb::RegisterModelVersionRequest {
+                model: "m".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            "endpoint: ",
+        ),
+        (
+            reg.register_model_version(pb::RegisterModelVersionRequest {
+                model: "m".into(),
+                endpoint: "h:1".into(),
+                artifact_sha256: "xyz".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            "artifact_sha256: ",
+        ),
+        (
+            reg.register_model_version(pb::RegisterModelVersionRequest {
+                model: "m".into(),
+                endpoint: "h:1".into(),
+                prediction: Some(pb::PredictionSpec { kind: None }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            "prediction: ",
+        ),
+        (
+            reg.transition_stage(pb::TransitionStageRequest {
+                model: "m".into(),
+                version: "1".into(),
+                stage: 0,
+                force: false,
+            })
+            .await
+            .unwrap_err(),
+            "stage: ",
+        ),
+        (
+            reg.transition_stage(pb::TransitionStageRequest {
+                model: "m".into(),
+                version: "".into(),
+                stage: 2,
+                force: false,
+            })
+            .await
+            .unwrap_err(),
+            "version: ",
+        ),
+        (
+            reg.get_model_version(pb::GetModelVersionRequest {
+                model: "".into(),
+                version: "1".into(),
+            })
+            .await
+            .unwrap_err(),
+            "model: ",
+        ),
+        (
+            reg.set_promotion_policy(pb::SetPromotionPolicyRequest {
+                model: "m".into(),
+                minimum_metrics: [("auc".to_string(), f64::INFINITY)].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            "minimum_metrics: ",
+        ),
     ];
     for (status, field) in cases {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(status.message().starts_with(field), "expected '{field}…', got '{}'", status.message());
+        assert!(
+            status.message().starts_with(field),
+            "expected '{field}…', got '{}'",
+            status.message()
+        );
     }
     let mut versions = Vec::new();
     for _ in 0..2 {
         versions.push(register(&mut reg, "m", "127.0.0.1:1").await);
     }
     let err = reg
-        .set_alias(pb::SetAliasRequest { model: "m".into(), alias: "1st".into(), version: "1".into() })
+        .set_alias(pb::SetAliasRequest {
+            model: "m".into(),
+            alias: "1st".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("alias: "), "{}", err.message());
     let err = reg
-        .get_model_version(pb::GetModelVersionRequest { model: "m".into(), version: "9".into() })
+        .get_model_version(pb::GetModelVersionRequest {
+            model: "m".into(),
+            version: "9".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = reg
-        .get_production_version(pb::GetProductionVersionRequest { model: "absent".into() })
+        .get_production_version(pb::GetProductionVersionRequest {
+            model: "absent".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -191,7 +317,11 @@ async fn promotion_gates_and_protected_production() {
     reg.register_model_version(pb::RegisterModelVersionRequest {
         model: "m".into(),
         endpoint: "127.0.0.1:1".into(),
-        metrics: [("accuracy".to_string(), 0.85), ("latency_p99_ms".to_string(), 12.0)].into(),
+        metrics: [
+            ("accuracy".to_string(), 0.85),
+            ("latency_p99_ms".to_string(), 12.0),
+        ]
+        .into(),
         ..Default::default()
     })
     .await
@@ -203,23 +333,39 @@ async fn promotion_gates_and_protected_production() {
     })
     .await
     .unwrap();
-    let err = reg.transition_stage(transition("m", "1", pb::Stage::Production)).await.unwrap_err();
+    let err = reg
+        .transition_stage(transition("m", "1", pb::Stage::Production))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("'accuracy' is 0.85, below the policy minimum 0.9"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("'accuracy' is 0.85, below the policy minimum 0.9"),
+        "{}",
+        err.message()
+    );
     assert!(err.message().contains("force"), "{}", err.message());
     let mut forced = transition("m", "1", pb::Stage::Production);
     forced.force = true;
     reg.transition_stage(forced).await.unwrap();
 
     let err = reg
-        .delete_model_version(pb::DeleteModelVersionRequest { model: "m".into(), version: "1".into() })
+        .delete_model_version(pb::DeleteModelVersionRequest {
+            model: "m".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("in production"), "{}", err.message());
-    reg.transition_stage(transition("m", "1", pb::Stage::Archived)).await.unwrap();
+    reg.transition_stage(transition("m", "1", pb::Stage::Archived))
+        .await
+        .unwrap();
     let deleted = reg
-        .delete_model_version(pb::DeleteModelVersionRequest { model: "m".into(), version: "1".into() })
+        .delete_model_version(pb::DeleteModelVersionRequest {
+            model: "m".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -236,23 +382,45 @@ async fn the_control_token_is_required_when_set() {
     let mut reg = registry(mg.control_addr).await;
     let err = reg.list_models(pb::ListModelsRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(err.message().contains("authorization: Bearer"), "{}", err.message());
+    assert!(
+        err.message().contains("authorization: Bearer"),
+        "{}",
+        err.message()
+    );
     let mut wrong = tonic::Request::new(pb::ListModelsRequest {});
-    wrong.metadata_mut().insert("authorization", "Bearer s3cret-tokem".parse().unwrap());
-    assert_eq!(reg.list_models(wrong).await.unwrap_err().code(), Code::Unauthenticated);
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret-tokem".parse().unwrap());
+    assert_eq!(
+        reg.list_models(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
     let mut right = tonic::Request::new(pb::ListModelsRequest {});
-    right.metadata_mut().insert("authorization", "Bearer s3cret-token".parse().unwrap());
+    right
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret-token".parse().unwrap());
     reg.list_models(right).await.unwrap();
     // Health stays open for probes.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(mg.control_addr).await);
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(mg.control_addr).await);
     let s = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "modelgate.v1.Registry".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "modelgate.v1.Registry".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(s.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // The data port never serves control services.
-    let (code, _) = raw_grpc_call(mg.data_addr, "/modelgate.v1.Registry/ListModels", frame(0, &[])).await;
+    let (code, _) = raw_grpc_call(
+        mg.data_addr,
+        "/modelgate.v1.Registry/ListModels",
+        frame(0, &[]),
+    )
+    .await;
     assert_ne!(code, 0);
     mg.shutdown().await;
 }

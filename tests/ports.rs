@@ -8,13 +8,28 @@ use tokio_stream::StreamExt;
 
 async fn reflected_services_v1(addr: std::net::SocketAddr) -> Vec<String> {
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let mut c = ServerReflectionClient::new(channel(addr).await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = c.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
-    match stream.next().await.unwrap().unwrap().message_response.unwrap() {
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = c
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    match stream
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap()
+    {
         MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected {other:?}"),
     }
@@ -22,13 +37,28 @@ async fn reflected_services_v1(addr: std::net::SocketAddr) -> Vec<String> {
 
 async fn reflected_services_v1alpha(addr: std::net::SocketAddr) -> Vec<String> {
     use tonic_reflection::pb::v1alpha::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     let mut c = ServerReflectionClient::new(channel(addr).await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = c.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
-    match stream.next().await.unwrap().unwrap().message_response.unwrap() {
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = c
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    match stream
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .message_response
+        .unwrap()
+    {
         MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected {other:?}"),
     }
@@ -38,18 +68,50 @@ async fn reflected_services_v1alpha(addr: std::net::SocketAddr) -> Vec<String> {
 async fn both_ports_serve_health_and_both_reflection_versions() {
     let dir = tempfile::tempdir().unwrap();
     let mg = start(dir.path()).await;
-    for services in [reflected_services_v1(mg.data_addr).await, reflected_services_v1alpha(mg.data_addr).await] {
-        assert!(services.contains(&"inference.GRPCInferenceService".to_string()), "{services:?}");
-        assert!(!services.iter().any(|s| s.starts_with("modelgate.v1")), "data port hides control: {services:?}");
+    for services in [
+        reflected_services_v1(mg.data_addr).await,
+        reflected_services_v1alpha(mg.data_addr).await,
+    ] {
+        assert!(
+            services.contains(&"inference.GRPCInferenceService".to_string()),
+            "{services:?}"
+        );
+        assert!(
+            !services.iter().any(|s| s.starts_with("modelgate.v1")),
+            "data port hides control: {services:?}"
+        );
     }
-    for services in [reflected_services_v1(mg.control_addr).await, reflected_services_v1alpha(mg.control_addr).await] {
-        assert!(services.contains(&"modelgate.v1.Registry".to_string()), "{services:?}");
-        assert!(!services.contains(&"inference.GRPCInferenceService".to_string()), "{services:?}");
+    for services in [
+        reflected_services_v1(mg.control_addr).await,
+        reflected_services_v1alpha(mg.control_addr).await,
+    ] {
+        assert!(
+            services.contains(&"modelgate.v1.Registry".to_string()),
+            "{services:?}"
+        );
+        assert!(
+            !services.contains(&"inference.GRPCInferenceService".to_string()),
+            "{services:?}"
+        );
     }
-    for (addr, service) in [(mg.data_addr, "inference.GRPCInferenceService"), (mg.control_addr, "modelgate.v1.Registry"), (mg.data_addr, "")] {
+    for (addr, service) in [
+        (mg.data_addr, "inference.GRPCInferenceService"),
+        (mg.control_addr, "modelgate.v1.Registry"),
+        (mg.data_addr, ""),
+    ] {
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
-        let s = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
-        assert_eq!(s.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service}");
+        let s = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            s.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
     }
     mg.shutdown().await;
 }
@@ -60,16 +122,41 @@ async fn oip_server_calls_are_answered() {
     let mg = start(dir.path()).await;
     let mut client = infer_client(mg.data_addr).await;
     use modelgate::pb::inference::*;
-    assert!(client.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
+    assert!(
+        client
+            .server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
     // Nothing in production yet: not ready.
-    assert!(!client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    let md = client.server_metadata(ServerMetadataRequest {}).await.unwrap().into_inner();
+    assert!(
+        !client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let md = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(md.name, "modelgate");
     let server = model_server("name=iris;weights=1").await;
     let mut reg = registry(mg.control_addr).await;
     register(&mut reg, "iris", &server.endpoint()).await;
     promote(&mut reg, "iris", "1").await;
-    assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    assert!(
+        client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
     mg.shutdown().await;
 }
 
@@ -82,8 +169,14 @@ async fn admin_port_answers_live_ready_and_metrics() {
     let ready = http_get(mg.admin_addr, "/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    assert!(metrics.contains("# TYPE modelgate_shed_requests counter"), "{metrics}");
-    assert!(metrics.contains("modelgate_in_flight_requests 0"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE modelgate_shed_requests counter"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("modelgate_in_flight_requests 0"),
+        "{metrics}"
+    );
     let missing = http_get(mg.admin_addr, "/nope").await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     mg.shutdown().await;
@@ -92,18 +185,27 @@ async fn admin_port_answers_live_ready_and_metrics() {
 /// grpcurl, when installed (scripts/test.sh installs it and sets MODELGATE_REQUIRE_PEERS=1).
 fn grpcurl() -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join("grpcurl")).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|p| p.join("grpcurl"))
+            .find(|p| p.is_file())
     });
     if found.is_none() {
-        assert!(std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(), "grpcurl is required but not on PATH");
+        assert!(
+            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
+            "grpcurl is required but not on PATH"
+        );
         eprintln!("grpcurl not installed; skipping (scripts/test.sh installs it)");
     }
     found
 }
 
-fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(cmd).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+async fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(cmd).args(args).output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -115,21 +217,71 @@ async fn grpcurl_works_without_proto_files() {
     let mg = start(dir.path()).await;
     let ctl = mg.control_addr.to_string();
     let data = mg.data_addr.to_string();
-    let (ok, out) = run(&g, &["-plaintext", &ctl, "list"]);
+    let (ok, out) = run(&g, &["-plaintext", &ctl, "list"]).await;
     assert!(ok && out.contains("modelgate.v1.Registry"), "{out}");
-    let body = format!(r#"{{"model":"iris","endpoint":"{}","metrics":{{"accuracy":0.9}}}}"#, server.endpoint());
-    let (ok, out) = run(&g, &["-plaintext", "-d", &body, &ctl, "modelgate.v1.Registry/RegisterModelVersion"]);
+    let body = format!(
+        r#"{{"model":"iris","endpoint":"{}","metrics":{{"accuracy":0.9}}}}"#,
+        server.endpoint()
+    );
+    let (ok, out) = run(
+        &g,
+        &[
+            "-plaintext",
+            "-d",
+            &body,
+            &ctl,
+            "modelgate.v1.Registry/RegisterModelVersion",
+        ],
+    )
+    .await;
     assert!(ok && out.contains("\"STAGE_STAGING\""), "{out}");
-    let (ok, out) = run(&g, &["-plaintext", "-d", r#"{"model":"iris","version":"1","stage":"STAGE_PRODUCTION"}"#, &ctl, "modelgate.v1.Registry/TransitionStage"]);
+    let (ok, out) = run(
+        &g,
+        &[
+            "-plaintext",
+            "-d",
+            r#"{"model":"iris","version":"1","stage":"STAGE_PRODUCTION"}"#,
+            &ctl,
+            "modelgate.v1.Registry/TransitionStage",
+        ],
+    )
+    .await;
     assert!(ok && out.contains("STAGE_PRODUCTION"), "{out}");
-    let (ok, out) = run(&g, &["-plaintext", &data, "list"]);
-    assert!(ok && out.contains("inference.GRPCInferenceService"), "{out}");
+    let (ok, out) = run(&g, &["-plaintext", &data, "list"]).await;
+    assert!(
+        ok && out.contains("inference.GRPCInferenceService"),
+        "{out}"
+    );
     let infer = r#"{"model_name":"iris","inputs":[{"name":"input","datatype":"FP32","shape":[1,2],"contents":{"fp32_contents":[1,1]}}]}"#;
-    let (ok, out) = run(&g, &["-plaintext", "-v", "-d", infer, &data, "inference.GRPCInferenceService/ModelInfer"]);
+    let (ok, out) = run(
+        &g,
+        &[
+            "-plaintext",
+            "-v",
+            "-d",
+            infer,
+            &data,
+            "inference.GRPCInferenceService/ModelInfer",
+        ],
+    )
+    .await;
     assert!(ok, "{out}");
     assert!(out.contains("x-modelgate-model-version: 1"), "{out}");
     assert!(out.contains("6"), "2*1 + 3*1 + 1 = 6: {out}");
-    let (ok, out) = run(&g, &["-plaintext", "-d", r#"{"model":"iris","version":"1","stage":"STAGE_UNSPECIFIED"}"#, &ctl, "modelgate.v1.Registry/TransitionStage"]);
-    assert!(!ok && out.contains("InvalidArgument") && out.contains("stage: required"), "{out}");
+    let (ok, out) = run(
+        &g,
+        &[
+            "-plaintext",
+            "-d",
+            r#"{"model":"iris","version":"1","stage":"STAGE_UNSPECIFIED"}"#,
+            &ctl,
+            "modelgate.v1.Registry/TransitionStage",
+        ],
+    )
+    .await;
+    assert!(
+        !ok && out.contains("InvalidArgument") && out.contains("stage: required"),
+        "{out}"
+    );
     mg.shutdown().await;
 }

@@ -9,14 +9,24 @@ use std::process::{Child, Command, Stdio};
 use common::*;
 use modelgate::pb::modelgate::v1 as pb;
 
-async fn snapshot(reg: &mut modelgate::pb::modelgate::v1::registry_client::RegistryClient<tonic::transport::Channel>) -> Vec<(u32, i32, Vec<String>, String)> {
+async fn snapshot(
+    reg: &mut modelgate::pb::modelgate::v1::registry_client::RegistryClient<
+        tonic::transport::Channel,
+    >,
+) -> Vec<(u32, i32, Vec<String>, String)> {
     let versions = reg
-        .list_model_versions(pb::ListModelVersionsRequest { model: "iris".into(), stage: 0 })
+        .list_model_versions(pb::ListModelVersionsRequest {
+            model: "iris".into(),
+            stage: 0,
+        })
         .await
         .unwrap()
         .into_inner()
         .versions;
-    versions.into_iter().map(|v| (v.version, v.stage, v.aliases, v.endpoint)).collect()
+    versions
+        .into_iter()
+        .map(|v| (v.version, v.stage, v.aliases, v.endpoint))
+        .collect()
 }
 
 async fn set_up_registry(control: SocketAddr, a: &str, b: &str) {
@@ -25,12 +35,20 @@ async fn set_up_registry(control: SocketAddr, a: &str, b: &str) {
     register(&mut reg, "iris", b).await;
     promote(&mut reg, "iris", "1").await;
     promote(&mut reg, "iris", "2").await;
-    reg.set_alias(pb::SetAliasRequest { model: "iris".into(), alias: "champion".into(), version: "2".into() })
-        .await
-        .unwrap();
-    reg.set_alias(pb::SetAliasRequest { model: "iris".into(), alias: "previous".into(), version: "1".into() })
-        .await
-        .unwrap();
+    reg.set_alias(pb::SetAliasRequest {
+        model: "iris".into(),
+        alias: "champion".into(),
+        version: "2".into(),
+    })
+    .await
+    .unwrap();
+    reg.set_alias(pb::SetAliasRequest {
+        model: "iris".into(),
+        alias: "previous".into(),
+        version: "1".into(),
+    })
+    .await
+    .unwrap();
     reg.set_promotion_policy(pb::SetPromotionPolicyRequest {
         model: "iris".into(),
         minimum_metrics: [("accuracy".to_string(), 0.8)].into(),
@@ -51,14 +69,19 @@ async fn check_state(control: SocketAddr, data: SocketAddr, b_endpoint: &str) {
     assert_eq!(s[1].2, vec!["champion".to_string()]);
     assert_eq!(s[1].3, b_endpoint);
     let policy = reg
-        .get_promotion_policy(pb::GetPromotionPolicyRequest { model: "iris".into() })
+        .get_promotion_policy(pb::GetPromotionPolicyRequest {
+            model: "iris".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(policy.minimum_metrics.get("accuracy"), Some(&0.8));
     // Routing is back without any control call.
     let mut client = infer_client(data).await;
-    let resp = client.model_infer(infer_request("iris", &[&[1.0]])).await.unwrap();
+    let resp = client
+        .model_infer(infer_request("iris", &[&[1.0]]))
+        .await
+        .unwrap();
     assert_eq!(served_version(&resp), "2");
     // Version numbers continue where they stopped.
     assert_eq!(register(&mut reg, "iris", b_endpoint).await, 3);
@@ -81,7 +104,17 @@ async fn registry_and_routing_survive_a_restart() {
 /// Starts the real binary and reads its listening addresses from the JSON start-up log line.
 fn spawn_binary(dir: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .arg("--data-dir")
         .arg(dir)
         .stderr(Stdio::piped())
@@ -91,7 +124,11 @@ fn spawn_binary(dir: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     loop {
-        let line = lines.next().expect("modelgate exited before listening").unwrap();
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("modelgate exited before listening: {status:?}");
+        };
         let v: serde_json::Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(_) => continue,

@@ -19,12 +19,26 @@ async fn promotion_moves_traffic_and_archives_the_old_version() {
     assert_eq!(register(&mut reg, "iris", &b.endpoint()).await, 2);
 
     let mut client = infer_client(mg.data_addr).await;
-    let err = client.model_infer(infer_request("iris", &[&[1.0, 2.0]])).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::NotFound, "nothing in production yet: {err:?}");
-    assert!(err.message().contains("no production version"), "{}", err.message());
+    let err = client
+        .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::NotFound,
+        "nothing in production yet: {err:?}"
+    );
+    assert!(
+        err.message().contains("no production version"),
+        "{}",
+        err.message()
+    );
 
     promote(&mut reg, "iris", "1").await;
-    let resp = client.model_infer(infer_request("iris", &[&[1.0, 2.0]])).await.unwrap();
+    let resp = client
+        .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+        .await
+        .unwrap();
     assert_eq!(served_version(&resp), "1");
     assert!(resp.metadata().get("x-modelgate-request-id").is_some());
     let body = resp.into_inner();
@@ -32,29 +46,43 @@ async fn promotion_moves_traffic_and_archives_the_old_version() {
     assert_eq!(first_output(&body), vec![3.0]);
 
     promote(&mut reg, "iris", "2").await;
-    let resp = client.model_infer(infer_request("iris", &[&[1.0, 2.0]])).await.unwrap();
+    let resp = client
+        .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+        .await
+        .unwrap();
     assert_eq!(served_version(&resp), "2");
     assert_eq!(first_output(&resp.into_inner()), vec![13.0], "10*1 - 2 + 5");
 
     let old = reg
-        .get_model_version(pb::GetModelVersionRequest { model: "iris".into(), version: "1".into() })
+        .get_model_version(pb::GetModelVersionRequest {
+            model: "iris".into(),
+            version: "1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(old.stage, pb::Stage::Archived as i32);
     let prod = reg
-        .get_production_version(pb::GetProductionVersionRequest { model: "iris".into() })
+        .get_production_version(pb::GetProductionVersionRequest {
+            model: "iris".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(prod.version, 2);
     let archived = reg
-        .list_model_versions(pb::ListModelVersionsRequest { model: "iris".into(), stage: pb::Stage::Archived as i32 })
+        .list_model_versions(pb::ListModelVersionsRequest {
+            model: "iris".into(),
+            stage: pb::Stage::Archived as i32,
+        })
         .await
         .unwrap()
         .into_inner()
         .versions;
-    assert_eq!(archived.iter().map(|v| v.version).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        archived.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![1]
+    );
     mg.shutdown().await;
 }
 
@@ -67,28 +95,46 @@ async fn aliases_name_versions_everywhere() {
     register(&mut reg, "iris", &a.endpoint()).await;
     register(&mut reg, "iris", &b.endpoint()).await;
     let set = reg
-        .set_alias(pb::SetAliasRequest { model: "iris".into(), alias: "champion".into(), version: "2".into() })
+        .set_alias(pb::SetAliasRequest {
+            model: "iris".into(),
+            alias: "champion".into(),
+            version: "2".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!((set.version, set.previous_version), (2, 0));
     promote(&mut reg, "iris", "champion").await;
     let mut client = infer_client(mg.data_addr).await;
-    let resp = client.model_infer(infer_request("iris", &[&[0.0, 0.0]])).await.unwrap();
+    let resp = client
+        .model_infer(infer_request("iris", &[&[0.0, 0.0]]))
+        .await
+        .unwrap();
     assert_eq!(served_version(&resp), "2");
     let v = reg
-        .get_model_version(pb::GetModelVersionRequest { model: "iris".into(), version: "champion".into() })
+        .get_model_version(pb::GetModelVersionRequest {
+            model: "iris".into(),
+            version: "champion".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(v.version, 2);
     assert_eq!(v.aliases, vec!["champion".to_string()]);
-    let models = reg.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    let models = reg
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].production_version, 2);
     assert_eq!(models[0].aliases.get("champion"), Some(&2));
     let deleted = reg
-        .delete_alias(pb::DeleteAliasRequest { model: "iris".into(), alias: "champion".into() })
+        .delete_alias(pb::DeleteAliasRequest {
+            model: "iris".into(),
+            alias: "champion".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -107,8 +153,16 @@ async fn raw_and_typed_contents_give_the_same_answer_through_the_proxy() {
     let rows: [&[f32]; 3] = [&[1.0, 2.0, 3.0], &[-1.0, 0.0, 0.5], &[0.0, 0.0, 0.0]];
     for addr in [a.addr, mg.data_addr] {
         let mut client = infer_client(addr).await;
-        let typed = client.model_infer(infer_request("iris", &rows)).await.unwrap().into_inner();
-        let raw = client.model_infer(raw_infer_request("iris", &rows)).await.unwrap().into_inner();
+        let typed = client
+            .model_infer(infer_request("iris", &rows))
+            .await
+            .unwrap()
+            .into_inner();
+        let raw = client
+            .model_infer(raw_infer_request("iris", &rows))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(typed.raw_output_contents.is_empty());
         assert_eq!(raw.raw_output_contents.len(), 2, "raw in, raw out");
         let (t, r) = (first_output(&typed), first_output(&raw));
@@ -127,8 +181,12 @@ async fn backend_name_and_version_are_rewritten() {
     let server = modelgate::model_server::spawn(
         ANY,
         vec![
-            "name=iris_onnx;kind=linear;weights=1;version=7".parse().unwrap(),
-            "name=iris_onnx;kind=linear;weights=2;version=8".parse().unwrap(),
+            "name=iris_onnx;kind=linear;weights=1;version=7"
+                .parse()
+                .unwrap(),
+            "name=iris_onnx;kind=linear;weights=2;version=8"
+                .parse()
+                .unwrap(),
         ],
     )
     .await
@@ -146,19 +204,29 @@ async fn backend_name_and_version_are_rewritten() {
     .unwrap();
     promote(&mut reg, "iris", "1").await;
     let mut client = infer_client(mg.data_addr).await;
-    let resp = client.model_infer(infer_request("iris", &[&[3.0]])).await.unwrap().into_inner();
+    let resp = client
+        .model_infer(infer_request("iris", &[&[3.0]]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.model_name, "iris_onnx");
     assert_eq!(resp.model_version, "7", "not the server's default (8)");
     assert_eq!(first_output(&resp), vec![3.0]);
     // ModelMetadata and ModelReady are routed and rewritten the same way.
     let md = client
-        .model_metadata(modelgate::pb::inference::ModelMetadataRequest { name: "iris".into(), version: String::new() })
+        .model_metadata(modelgate::pb::inference::ModelMetadataRequest {
+            name: "iris".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(md.name, "iris_onnx");
     let ready = client
-        .model_ready(modelgate::pb::inference::ModelReadyRequest { name: "iris".into(), version: String::new() })
+        .model_ready(modelgate::pb::inference::ModelReadyRequest {
+            name: "iris".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -199,7 +267,11 @@ async fn artifact_digests_are_computed_and_checked() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().starts_with("artifact_sha256:"), "{}", err.message());
+    assert!(
+        err.message().starts_with("artifact_sha256:"),
+        "{}",
+        err.message()
+    );
     // A remote URI keeps the given digest, unverified.
     let v = reg
         .register_model_version(pb::RegisterModelVersionRequest {

@@ -145,7 +145,9 @@ pub fn reflection_services(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     (
-        builder().build_v1().expect("built-in descriptors are valid"),
+        builder()
+            .build_v1()
+            .expect("built-in descriptors are valid"),
         builder()
             .build_v1alpha()
             .expect("built-in descriptors are valid"),

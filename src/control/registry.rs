@@ -60,7 +60,12 @@ fn prediction_from_pb(p: Option<pb::PredictionSpec>) -> Result<Option<Prediction
     use pb::prediction_spec::Kind;
     let Some(p) = p else { return Ok(None) };
     Ok(Some(match p.kind {
-        None => return Err(invalid("prediction", "set one of argmax, threshold, label, value")),
+        None => {
+            return Err(invalid(
+                "prediction",
+                "set one of argmax, threshold, label, value",
+            ))
+        }
         Some(Kind::Argmax(a)) => PredictionSpec::Argmax {
             output: a.output,
             labels: a.labels,
@@ -68,8 +73,16 @@ fn prediction_from_pb(p: Option<pb::PredictionSpec>) -> Result<Option<Prediction
         Some(Kind::Threshold(t)) => PredictionSpec::Threshold {
             output: t.output,
             threshold: t.threshold,
-            positive_label: if t.positive_label.is_empty() { "1".into() } else { t.positive_label },
-            negative_label: if t.negative_label.is_empty() { "0".into() } else { t.negative_label },
+            positive_label: if t.positive_label.is_empty() {
+                "1".into()
+            } else {
+                t.positive_label
+            },
+            negative_label: if t.negative_label.is_empty() {
+                "0".into()
+            } else {
+                t.negative_label
+            },
         },
         Some(Kind::Label(l)) => PredictionSpec::Label { output: l.output },
         Some(Kind::Value(v)) => PredictionSpec::Value { output: v.output },
@@ -194,10 +207,7 @@ impl RegistryApi for RegistryService {
                 if !sha.is_empty() && sha != computed {
                     return Err(invalid(
                         "artifact_sha256",
-                        format!(
-                            "given {sha}, but {} hashes to {computed}",
-                            path.display()
-                        ),
+                        format!("given {sha}, but {} hashes to {computed}", path.display()),
                     ));
                 }
                 sha = computed;
@@ -231,7 +241,9 @@ impl RegistryApi for RegistryService {
         let r = request.into_inner();
         required("model", &r.model)?;
         let registry = self.plane.registry();
-        let v = registry.get(&r.model, &r.version).map_err(registry_status)?;
+        let v = registry
+            .get(&r.model, &r.version)
+            .map_err(registry_status)?;
         Ok(Response::new(self.pb_version(v)))
     }
 
@@ -386,8 +398,14 @@ mod tests {
 
     #[test]
     fn artifact_paths() {
-        assert_eq!(local_artifact_path("/m/a.onnx"), Some(PathBuf::from("/m/a.onnx")));
-        assert_eq!(local_artifact_path("file:///m/a.onnx"), Some(PathBuf::from("/m/a.onnx")));
+        assert_eq!(
+            local_artifact_path("/m/a.onnx"),
+            Some(PathBuf::from("/m/a.onnx"))
+        );
+        assert_eq!(
+            local_artifact_path("file:///m/a.onnx"),
+            Some(PathBuf::from("/m/a.onnx"))
+        );
         assert_eq!(local_artifact_path("s3://bucket/a.onnx"), None);
         assert_eq!(local_artifact_path(""), None);
     }

@@ -181,14 +181,30 @@ mod tests {
         };
         let framed = frame(&msg);
         let inner = unary_message(&framed).unwrap();
-        let back: crate::pb::inference::ModelReadyRequest =
-            prost::Message::decode(inner).unwrap();
+        let back: crate::pb::inference::ModelReadyRequest = prost::Message::decode(inner).unwrap();
         assert_eq!(back, msg);
-        assert_eq!(unary_message(&Bytes::from_static(&[0, 0])), Err(FrameError::Truncated(2)));
-        assert_eq!(unary_message(&Bytes::from_static(&[1, 0, 0, 0, 0])), Err(FrameError::Compressed));
-        assert_eq!(unary_message(&Bytes::from_static(&[0, 0, 0, 0, 9, 1])), Err(FrameError::Truncated(6)));
-        assert_eq!(unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0, 1])), Err(FrameError::Trailing));
-        assert_eq!(unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0])).unwrap().len(), 0);
+        assert_eq!(
+            unary_message(&Bytes::from_static(&[0, 0])),
+            Err(FrameError::Truncated(2))
+        );
+        assert_eq!(
+            unary_message(&Bytes::from_static(&[1, 0, 0, 0, 0])),
+            Err(FrameError::Compressed)
+        );
+        assert_eq!(
+            unary_message(&Bytes::from_static(&[0, 0, 0, 0, 9, 1])),
+            Err(FrameError::Truncated(6))
+        );
+        assert_eq!(
+            unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0, 1])),
+            Err(FrameError::Trailing)
+        );
+        assert_eq!(
+            unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[tokio::test]

@@ -57,8 +57,14 @@ mod tests {
 
     #[test]
     fn paths_classify() {
-        assert_eq!(classify("/inference.GRPCInferenceService/ModelInfer"), Call::OipInfer);
-        assert_eq!(classify("/inference.GRPCInferenceService/ModelReady"), Call::OipModel);
+        assert_eq!(
+            classify("/inference.GRPCInferenceService/ModelInfer"),
+            Call::OipInfer
+        );
+        assert_eq!(
+            classify("/inference.GRPCInferenceService/ModelReady"),
+            Call::OipModel
+        );
         assert_eq!(
             classify("/inference.GRPCInferenceService/ServerLive"),
             Call::OipServer(ServerCall::Live)
@@ -68,7 +74,10 @@ mod tests {
             Call::PassThrough
         );
         assert_eq!(classify("/grpc.health.v1.Health/Check"), Call::Local);
-        assert_eq!(classify("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"), Call::Local);
+        assert_eq!(
+            classify("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Call::Local
+        );
         assert_eq!(classify("/pkg.Svc/Method"), Call::PassThrough);
         assert_eq!(classify("/"), Call::PassThrough);
     }

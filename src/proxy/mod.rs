@@ -65,7 +65,9 @@ enum ProxyError {
     UnknownModel(String),
     #[error("model '{0}' has no production version; promote one with modelgate.v1.Registry/TransitionStage")]
     NoProduction(String),
-    #[error("no model named: set the '{MODEL_HEADER}' header or start modelgate with --default-model")]
+    #[error(
+        "no model named: set the '{MODEL_HEADER}' header or start modelgate with --default-model"
+    )]
     NoModel,
     #[error("invalid '{MODEL_HEADER}' header: not visible ASCII")]
     BadModelHeader,
@@ -96,7 +98,9 @@ enum ProxyError {
         version: u32,
         status: http::StatusCode,
     },
-    #[error("upstream {endpoint} (model '{model}' version {version}) failed while answering: {reason}")]
+    #[error(
+        "upstream {endpoint} (model '{model}' version {version}) failed while answering: {reason}"
+    )]
     UpstreamBody {
         endpoint: String,
         model: String,
@@ -306,15 +310,16 @@ impl Proxy {
         route_out: &mut Option<Arc<Route>>,
         request_id: &str,
     ) -> Result<Response<Body>, ProxyError> {
-        let deadline =
-            Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
+        let deadline = Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
         let started = Instant::now();
         let work = async {
             let (parts, body) = req.into_parts();
             let bytes = read_limited(body, self.limits.max_message_bytes)
                 .await
                 .map_err(|e| match e {
-                    ReadError::TooLarge => ProxyError::RequestTooLarge(self.limits.max_message_bytes),
+                    ReadError::TooLarge => {
+                        ProxyError::RequestTooLarge(self.limits.max_message_bytes)
+                    }
                     ReadError::Body(e) => ProxyError::ReadRequest(e),
                 })?;
             let msg = body::unary_message(&bytes)?;
@@ -621,7 +626,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(CLIENT_REQUEST_ID_HEADER, HeaderValue::from_static("req-42"));
         assert_eq!(request_id(&h), "req-42");
-        h.insert(CLIENT_REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
+        h.insert(
+            CLIENT_REQUEST_ID_HEADER,
+            HeaderValue::from_static("has space"),
+        );
         let generated = request_id(&h);
         let id = uuid::Uuid::parse_str(&generated).unwrap();
         assert_eq!(id.get_version_num(), 7);

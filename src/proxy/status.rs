@@ -85,11 +85,19 @@ mod tests {
             ("7u", Duration::from_micros(7)),
             ("99999999n", Duration::from_nanos(99_999_999)),
         ] {
-            assert_eq!(parse_grpc_timeout(&HeaderValue::from_static(s)), Some(d), "{s}");
+            assert_eq!(
+                parse_grpc_timeout(&HeaderValue::from_static(s)),
+                Some(d),
+                "{s}"
+            );
             assert_eq!(parse_grpc_timeout(&encode_grpc_timeout(d)), Some(d), "{s}");
         }
         for bad in ["", "5", "m", "123456789m", "-1S", "1x", "1.5S"] {
-            assert_eq!(parse_grpc_timeout(&HeaderValue::from_static(bad)), None, "{bad}");
+            assert_eq!(
+                parse_grpc_timeout(&HeaderValue::from_static(bad)),
+                None,
+                "{bad}"
+            );
         }
         // Coarsens rather than overflows.
         let long = Duration::from_secs(1 << 40);
@@ -98,8 +106,14 @@ mod tests {
 
     #[test]
     fn http_statuses_map_like_grpc_does() {
-        assert_eq!(code_for_http_status(StatusCode::NOT_FOUND), Code::Unimplemented);
-        assert_eq!(code_for_http_status(StatusCode::BAD_GATEWAY), Code::Unavailable);
+        assert_eq!(
+            code_for_http_status(StatusCode::NOT_FOUND),
+            Code::Unimplemented
+        );
+        assert_eq!(
+            code_for_http_status(StatusCode::BAD_GATEWAY),
+            Code::Unavailable
+        );
         assert_eq!(code_for_http_status(StatusCode::IM_A_TEAPOT), Code::Unknown);
     }
 

@@ -73,16 +73,22 @@ mod tests {
     #[test]
     fn registry_keys_round_trip_and_sort_by_model_then_version() {
         for (m, v) in [("iris", 1), ("a", 0), ("x.y-z_1", u32::MAX)] {
-            assert_eq!(decode_registry_key(&registry_key(m, v)).unwrap(), (m.to_string(), v));
+            assert_eq!(
+                decode_registry_key(&registry_key(m, v)).unwrap(),
+                (m.to_string(), v)
+            );
         }
-        let mut keys = vec![
+        let mut keys = [
             registry_key("iris", 10),
             registry_key("iris-2", 1),
             registry_key("iris", 2),
             registry_key("iris", MODEL_META_VERSION),
         ];
         keys.sort();
-        let decoded: Vec<_> = keys.iter().map(|k| decode_registry_key(k).unwrap()).collect();
+        let decoded: Vec<_> = keys
+            .iter()
+            .map(|k| decode_registry_key(k).unwrap())
+            .collect();
         assert_eq!(
             decoded,
             vec![

@@ -118,7 +118,10 @@ impl Store {
     pub fn load_registry(&self) -> Result<Registry, StoreError> {
         let mut metas = Vec::new();
         let mut versions = Vec::new();
-        for item in self.db.iterator_cf(self.cf(cf::REGISTRY), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::REGISTRY), IteratorMode::Start)
+        {
             let (k, v) = item?;
             let (model, version) = keys::decode_registry_key(&k)?;
             let bad = |source| StoreError::Value {
@@ -133,7 +136,10 @@ impl Store {
             }
         }
         let mut policies = Vec::new();
-        for item in self.db.iterator_cf(self.cf(cf::POLICIES), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::POLICIES), IteratorMode::Start)
+        {
             let (k, v) = item?;
             let model = keys::decode_policy_key(&k)?;
             let policy: PromotionPolicy =
@@ -153,7 +159,11 @@ impl Store {
         let pol = self.cf(cf::POLICIES);
         let mut batch = WriteBatch::default();
         for m in &update.put_models {
-            batch.put_cf(reg, keys::registry_key(&m.name, keys::MODEL_META_VERSION), json(m));
+            batch.put_cf(
+                reg,
+                keys::registry_key(&m.name, keys::MODEL_META_VERSION),
+                json(m),
+            );
         }
         for v in &update.put_versions {
             batch.put_cf(reg, keys::registry_key(&v.model, v.version), json(v));
@@ -228,7 +238,9 @@ mod tests {
                     .unwrap();
                 store.write_registry(&u).unwrap();
             }
-            let (_, u) = r.transition("iris", "1", Stage::Production, false, 8).unwrap();
+            let (_, u) = r
+                .transition("iris", "1", Stage::Production, false, 8)
+                .unwrap();
             store.write_registry(&u).unwrap();
             let (_, u) = r.set_alias("iris", "champion", "1").unwrap();
             store.write_registry(&u).unwrap();

@@ -31,21 +31,29 @@ pub async fn start(dir: &std::path::Path) -> Running {
 }
 
 pub async fn start_with(config: Config) -> Running {
-    modelgate::server::start(config).await.expect("modelgate starts")
+    modelgate::server::start(config)
+        .await
+        .expect("modelgate starts")
 }
 
 /// A built-in model server with one model.
 pub async fn model_server(spec: &str) -> RunningModelServer {
     let spec: ModelSpec = spec.parse().expect("valid spec");
-    model_server::spawn(ANY, vec![spec]).await.expect("model server starts")
+    model_server::spawn(ANY, vec![spec])
+        .await
+        .expect("model server starts")
 }
 
 pub async fn registry(addr: SocketAddr) -> RegistryClient<Channel> {
-    RegistryClient::connect(format!("http://{addr}")).await.expect("control port reachable")
+    RegistryClient::connect(format!("http://{addr}"))
+        .await
+        .expect("control port reachable")
 }
 
 pub async fn infer_client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
-    GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.expect("data port reachable")
+    GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("data port reachable")
 }
 
 /// Registers a version and returns its number.
@@ -203,7 +211,10 @@ fn x_metadata<T>(req: &Request<T>) -> Vec<String> {
 
 fn maybe_fail(r: &EchoRequest) -> Result<(), Status> {
     if r.fail_with_code != 0 {
-        return Err(Status::new(tonic::Code::from_i32(r.fail_with_code), r.message.clone()));
+        return Err(Status::new(
+            tonic::Code::from_i32(r.fail_with_code),
+            r.message.clone(),
+        ));
     }
     Ok(())
 }
@@ -219,24 +230,39 @@ impl Echo for EchoService {
             tokio::time::sleep(Duration::from_millis(r.delay_ms.into())).await;
         }
         maybe_fail(&r)?;
-        let mut resp = Response::new(EchoReply { message: r.message, index: 0, metadata: md });
-        resp.metadata_mut().insert("x-echo-header", "unary".parse().unwrap());
+        let mut resp = Response::new(EchoReply {
+            message: r.message,
+            index: 0,
+            metadata: md,
+        });
+        resp.metadata_mut()
+            .insert("x-echo-header", "unary".parse().unwrap());
         Ok(resp)
     }
 
     type ServerStreamStream = ReplyStream;
 
-    async fn server_stream(&self, req: Request<EchoRequest>) -> Result<Response<ReplyStream>, Status> {
+    async fn server_stream(
+        &self,
+        req: Request<EchoRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let md = x_metadata(&req);
         let r = req.into_inner();
         maybe_fail(&r)?;
         let s = tokio_stream::iter(0..r.repeat).map(move |i| {
-            Ok(EchoReply { message: format!("{} {i}", r.message), index: i, metadata: md.clone() })
+            Ok(EchoReply {
+                message: format!("{} {i}", r.message),
+                index: i,
+                metadata: md.clone(),
+            })
         });
         Ok(Response::new(Box::pin(s)))
     }
 
-    async fn client_stream(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<EchoReply>, Status> {
+    async fn client_stream(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
         let md = x_metadata(&req);
         let mut s = req.into_inner();
         let mut parts = Vec::new();
@@ -245,12 +271,19 @@ impl Echo for EchoService {
             maybe_fail(&m)?;
             parts.push(m.message);
         }
-        Ok(Response::new(EchoReply { message: parts.join("+"), index: parts.len() as u32, metadata: md }))
+        Ok(Response::new(EchoReply {
+            message: parts.join("+"),
+            index: parts.len() as u32,
+            metadata: md,
+        }))
     }
 
     type BidiStreamStream = ReplyStream;
 
-    async fn bidi_stream(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<ReplyStream>, Status> {
+    async fn bidi_stream(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let md = x_metadata(&req);
         let mut s = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -259,7 +292,11 @@ impl Echo for EchoService {
             while let Some(m) = s.next().await {
                 let reply = m.and_then(|m| {
                     maybe_fail(&m)?;
-                    Ok(EchoReply { message: m.message.to_uppercase(), index: i, metadata: md.clone() })
+                    Ok(EchoReply {
+                        message: m.message.to_uppercase(),
+                        index: i,
+                        metadata: md.clone(),
+                    })
                 });
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
@@ -268,7 +305,9 @@ impl Echo for EchoService {
                 i += 1;
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -298,5 +337,9 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// A connected channel to `addr`.
 pub async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("reachable")
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("reachable")
 }
