@@ -75,6 +75,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
 
+    /// HTTP/2 connections modelgate opens to each upstream endpoint, used in turn
+    /// (env MODELGATE_UPSTREAM_CONNECTIONS).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub upstream_connections: usize,
+
     /// Time allowed to open a connection to an upstream (env MODELGATE_CONNECT_TIMEOUT).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -128,6 +133,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 connections per upstream endpoint.
+    pub upstream_connections: usize,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// Default unary deadline.
@@ -158,6 +165,7 @@ impl std::fmt::Debug for Config {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field("upstream_connections", &self.upstream_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
@@ -225,6 +233,12 @@ impl Config {
                 format!("{} is outside 1024..=1073741824", a.max_message_bytes),
             ));
         }
+        if !(1..=64).contains(&a.upstream_connections) {
+            return Err(bad(
+                "upstream_connections",
+                format!("{} is outside 1..=64", a.upstream_connections),
+            ));
+        }
         if a.max_concurrent_streams == 0 {
             return Err(bad("max_concurrent_streams", "must be at least 1".into()));
         }
@@ -249,6 +263,7 @@ impl Config {
             max_in_flight: a.max_in_flight,
             max_message_bytes: a.max_message_bytes,
             max_concurrent_streams: a.max_concurrent_streams,
+            upstream_connections: a.upstream_connections,
             connect_timeout: a.connect_timeout,
             request_timeout: a.request_timeout,
             keepalive_interval: a.keepalive_interval,

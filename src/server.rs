@@ -88,6 +88,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         UpstreamSettings {
             connect_timeout: config.connect_timeout,
             keepalive_interval: config.keepalive_interval,
+            connections: config.upstream_connections,
         },
         local,
         Limits {

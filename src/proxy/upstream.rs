@@ -1,9 +1,13 @@
-//! Upstream connections: one lazily connected, pooled HTTP/2 channel per endpoint.
+//! Upstream connections: a few lazily connected HTTP/2 channels per endpoint, used in turn.
 //!
-//! A tonic `Channel` multiplexes every request to an endpoint over one HTTP/2 connection, with a
-//! connect timeout, keepalive PINGs and reconnection after failures; it is cheap to clone.
+//! A tonic `Channel` multiplexes requests over one HTTP/2 connection, with a connect timeout,
+//! keepalive PINGs and reconnection after failures. One connection is driven by one task, which
+//! caps its throughput (the load benchmark measured ~30k small requests/s on one connection here),
+//! so each endpoint gets `connections` channels and requests take them round-robin.
 
 use std::error::Error as StdError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -16,12 +20,20 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// HTTP/2 PING interval.
     pub keepalive_interval: Duration,
+    /// HTTP/2 connections per endpoint.
+    pub connections: usize,
+}
+
+/// The channels of one endpoint.
+struct EndpointChannels {
+    channels: Vec<Channel>,
+    next: AtomicUsize,
 }
 
 /// Channels by endpoint.
 pub struct Upstreams {
     settings: UpstreamSettings,
-    channels: DashMap<String, Channel>,
+    endpoints: DashMap<String, Arc<EndpointChannels>>,
 }
 
 impl Upstreams {
@@ -29,29 +41,39 @@ impl Upstreams {
     pub fn new(settings: UpstreamSettings) -> Self {
         Upstreams {
             settings,
-            channels: DashMap::new(),
+            endpoints: DashMap::new(),
         }
     }
 
-    /// The channel to `endpoint` (normalised `http://host:port`), created on first use.
+    /// A channel to `endpoint` (normalised `http://host:port`); the endpoint's channels are
+    /// created on first use and handed out in turn.
     pub fn channel(&self, endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-        if let Some(c) = self.channels.get(endpoint) {
-            return Ok(c.clone());
-        }
-        let s = &self.settings;
-        let channel = Endpoint::from_shared(endpoint.to_string())?
-            .connect_timeout(s.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(s.keepalive_interval)
-            .keep_alive_timeout(s.keepalive_interval.min(Duration::from_secs(20)))
-            .keep_alive_while_idle(true)
-            .http2_adaptive_window(true)
-            .connect_lazy();
-        Ok(self
-            .channels
-            .entry(endpoint.to_string())
-            .or_insert(channel)
-            .clone())
+        let set = match self.endpoints.get(endpoint) {
+            Some(set) => set.clone(),
+            None => {
+                let s = &self.settings;
+                let template = Endpoint::from_shared(endpoint.to_string())?
+                    .connect_timeout(s.connect_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(s.keepalive_interval)
+                    .keep_alive_timeout(s.keepalive_interval.min(Duration::from_secs(20)))
+                    .keep_alive_while_idle(true)
+                    .http2_adaptive_window(true);
+                let channels = (0..s.connections.max(1))
+                    .map(|_| template.clone().connect_lazy())
+                    .collect();
+                let set = Arc::new(EndpointChannels {
+                    channels,
+                    next: AtomicUsize::new(0),
+                });
+                self.endpoints
+                    .entry(endpoint.to_string())
+                    .or_insert(set)
+                    .clone()
+            }
+        };
+        let i = set.next.fetch_add(1, Ordering::Relaxed) % set.channels.len();
+        Ok(set.channels[i].clone())
     }
 }
 
