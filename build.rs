@@ -6,6 +6,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "proto/inference/grpc_predict_v2.proto",
     "proto/modelgate/v1/registry.proto",
+    "proto/modelgate/v1/records.proto",
     "proto/modelgate/testing/echo.proto",
 ];
 

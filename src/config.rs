@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::registry;
+use crate::store::records::Retention;
 
 /// Prefix of every environment variable modelgate reads.
 pub const ENV_PREFIX: &str = "MODELGATE_";
@@ -97,6 +98,31 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Metadata key (and OIP request parameter) carrying the caller's unit id
+    /// (env MODELGATE_UNIT_KEY).
+    #[arg(long, value_name = "KEY", default_value = "x-user-id")]
+    pub unit_key: String,
+
+    /// Input tensor (one id per row) or OIP request parameter naming the feature-store entity;
+    /// the unit id is used when neither is present (env MODELGATE_ENTITY_KEY).
+    #[arg(long, value_name = "NAME", default_value = "entity_id")]
+    pub entity_key: String,
+
+    /// How long records are kept: one duration for all, or per family, e.g.
+    /// `predictions=7d,outcomes=30d,features=1d` (env MODELGATE_RETENTION).
+    #[arg(long, value_name = "SPEC", default_value = "7d", value_parser = parse_retention)]
+    pub retention: Retention,
+
+    /// Prediction records waiting for the writer before new ones are dropped
+    /// (env MODELGATE_RECORD_QUEUE).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub record_queue: usize,
+
+    /// Bytes the waiting records may hold before new ones are dropped
+    /// (env MODELGATE_RECORD_QUEUE_BYTES).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
+    pub record_queue_bytes: usize,
+
     /// Log format (env MODELGATE_LOG_FORMAT).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -104,6 +130,44 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `modelgate=debug` (env MODELGATE_LOG_LEVEL; RUST_LOG also works).
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
+}
+
+/// Parses a retention: `7d` for every family, or `predictions=7d,outcomes=30d,features=1d`
+/// (families not named keep the 7-day default).
+pub fn parse_retention(s: &str) -> Result<Retention, String> {
+    let positive = |v: &str| -> Result<Duration, String> {
+        let d = parse_duration(v)?;
+        if d < Duration::from_secs(1) {
+            return Err(format!("'{v}' is shorter than one second"));
+        }
+        Ok(d)
+    };
+    if !s.contains('=') {
+        let d = positive(s.trim())?;
+        return Ok(Retention {
+            predictions: d,
+            outcomes: d,
+            features: d,
+        });
+    }
+    let mut r = Retention::default();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (family, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' is not family=duration"))?;
+        let d = positive(v.trim())?;
+        match family.trim() {
+            "predictions" => r.predictions = d,
+            "outcomes" => r.outcomes = d,
+            "features" => r.features = d,
+            other => {
+                return Err(format!(
+                    "unknown family '{other}'; expected predictions, outcomes or features"
+                ))
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// Parses `250ms`, `2s`, `1m30s`…
@@ -143,6 +207,16 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// Unit id metadata key / parameter.
+    pub unit_key: String,
+    /// Feature-store entity input / parameter.
+    pub entity_key: String,
+    /// Record retention.
+    pub retention: Retention,
+    /// Record queue length.
+    pub record_queue: usize,
+    /// Record queue bytes.
+    pub record_queue_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -170,6 +244,11 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("unit_key", &self.unit_key)
+            .field("entity_key", &self.entity_key)
+            .field("retention", &self.retention)
+            .field("record_queue", &self.record_queue)
+            .field("record_queue_bytes", &self.record_queue_bytes)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish()
@@ -251,6 +330,22 @@ impl Config {
                 return Err(bad(name, "must be greater than zero".into()));
             }
         }
+        if a.unit_key.is_empty()
+            || !a.unit_key.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+            })
+        {
+            return Err(bad(
+                "unit_key",
+                format!("'{}' is not a lower-case gRPC metadata key", a.unit_key),
+            ));
+        }
+        if a.record_queue == 0 {
+            return Err(bad("record_queue", "must be at least 1".into()));
+        }
+        if a.record_queue_bytes < 1 << 20 {
+            return Err(bad("record_queue_bytes", "must be at least 1048576".into()));
+        }
         tracing_subscriber::EnvFilter::try_new(&a.log_level)
             .map_err(|e| bad("log_level", format!("'{}': {e}", a.log_level)))?;
         Ok(Config {
@@ -268,6 +363,11 @@ impl Config {
             request_timeout: a.request_timeout,
             keepalive_interval: a.keepalive_interval,
             shutdown_grace: a.shutdown_grace,
+            unit_key: a.unit_key,
+            entity_key: a.entity_key,
+            retention: a.retention,
+            record_queue: a.record_queue,
+            record_queue_bytes: a.record_queue_bytes,
             log_format: a.log_format,
             log_level: a.log_level,
         })
@@ -533,6 +633,23 @@ mod tests {
         assert!(err.contains("--request-timeout"), "{err}");
         let err = load(&["--log-level", "=="], &[], None).unwrap_err();
         assert!(err.contains("--log-level"), "{err}");
+    }
+
+    #[test]
+    fn retention_specs() {
+        let day = Duration::from_secs(86_400);
+        let r = parse_retention("1d").unwrap();
+        assert_eq!((r.predictions, r.outcomes, r.features), (day, day, day));
+        let r = parse_retention("outcomes=30d, features=1h").unwrap();
+        assert_eq!(r.predictions, 7 * day);
+        assert_eq!(r.outcomes, 30 * day);
+        assert_eq!(r.features, Duration::from_secs(3600));
+        assert!(parse_retention("events=1d")
+            .unwrap_err()
+            .contains("unknown family"));
+        assert!(parse_retention("0s").is_err());
+        let err = load(&["--retention", "soon"], &[], None).unwrap_err();
+        assert!(err.contains("--retention"), "{err}");
     }
 
     #[test]

@@ -509,6 +509,35 @@ pub fn response_outputs(
     decode_all(&resp.outputs, &resp.raw_output_contents, max_elements)
 }
 
+/// Decodes one output of a response: the one named `name`, or the first when `name` is empty.
+/// `None` when there is no such output.
+pub fn response_output(
+    resp: &ModelInferResponse,
+    name: &str,
+    max_elements: usize,
+) -> Result<Option<Tensor>, OipError> {
+    let found = if name.is_empty() {
+        resp.outputs.first().map(|t| (0, t))
+    } else {
+        resp.outputs
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.name == name)
+    };
+    let Some((i, t)) = found else {
+        return Ok(None);
+    };
+    let raw = &resp.raw_output_contents;
+    if !raw.is_empty() && raw.len() != resp.outputs.len() {
+        return Err(OipError::RawCount {
+            raw: raw.len(),
+            tensors: resp.outputs.len(),
+        });
+    }
+    let (name, datatype, shape, contents) = t.fields();
+    decode_tensor(name, datatype, shape, contents, raw.get(i), max_elements).map(Some)
+}
+
 /// Little-endian raw bytes of FP32 values.
 pub fn f32_raw(values: &[f32]) -> Bytes {
     let mut out = Vec::with_capacity(values.len() * 4);

@@ -116,6 +116,9 @@ pub struct ModelVersion {
     /// How to read its predictions.
     #[serde(default)]
     pub prediction: PredictionSpec,
+    /// Feature names per input tensor, in column order.
+    #[serde(default)]
+    pub feature_names: BTreeMap<String, Vec<String>>,
     /// Registration time, Unix milliseconds.
     pub created_at_ms: u64,
     /// Last change, Unix milliseconds.
@@ -198,6 +201,8 @@ pub struct NewVersion {
     pub description: String,
     /// Prediction reading.
     pub prediction: Option<PredictionSpec>,
+    /// Feature names per input tensor.
+    pub feature_names: BTreeMap<String, Vec<String>>,
 }
 
 /// The writes one registry operation needs made durable, as one atomic batch.
@@ -544,6 +549,26 @@ impl Registry {
         }
         let prediction = new.prediction.unwrap_or_default();
         validate_prediction(&prediction)?;
+        for (input, names) in &new.feature_names {
+            if input.is_empty() {
+                return Err(invalid("feature_names.input", "required"));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for n in names {
+                if n.is_empty() {
+                    return Err(invalid(
+                        "feature_names.names",
+                        format!("input '{input}' has an empty feature name"),
+                    ));
+                }
+                if !seen.insert(n) {
+                    return Err(invalid(
+                        "feature_names.names",
+                        format!("input '{input}' names feature '{n}' twice"),
+                    ));
+                }
+            }
+        }
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
 
         let model = self.models.entry(new.model.clone()).or_default();
@@ -567,6 +592,7 @@ impl Registry {
             tags: new.tags,
             description: new.description,
             prediction,
+            feature_names: new.feature_names,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
         };

@@ -4,7 +4,7 @@
 //! in an `ArcSwap`); a request reads one snapshot from start to end, so a promotion never tears a
 //! request in half.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::registry::{PredictionSpec, Registry};
@@ -26,6 +26,8 @@ pub struct Route {
     pub backend_version: Option<String>,
     /// How to read predictions from this version's responses.
     pub prediction: PredictionSpec,
+    /// Feature names per input tensor.
+    pub feature_names: BTreeMap<String, Vec<String>>,
 }
 
 /// The answer to "where does this model's traffic go?".
@@ -65,6 +67,7 @@ impl RoutingTable {
                         backend_model: v.backend_model.clone(),
                         backend_version: v.backend_version.clone(),
                         prediction: v.prediction.clone(),
+                        feature_names: v.feature_names.clone(),
                     }),
                 );
             }

@@ -11,9 +11,17 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
-use crate::control::{self, registry::RegistryService, BearerAuth, ControlPlane};
+use crate::control::{
+    self, records::RecordServices, registry::RegistryService, BearerAuth, ControlPlane,
+};
+use crate::feature_store::FeatureCatalog;
 use crate::pb::modelgate::v1::registry_server::RegistryServer;
+use crate::pb::modelgate::v1::{
+    features_server::FeaturesServer, outcomes_server::OutcomesServer,
+    predictions_server::PredictionsServer,
+};
 use crate::proxy::{self, upstream::UpstreamSettings, Limits, Proxy, ServerSettings};
+use crate::recorder::{Recorder, RecorderSettings};
 use crate::store::{self, Store};
 use crate::telemetry::Metrics;
 
@@ -29,6 +37,9 @@ pub struct Running {
     pub plane: Arc<ControlPlane>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The record pipeline.
+    pub recorder: Arc<Recorder>,
+    writer: Option<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -48,7 +59,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
-    let store = store::blocking(move || Store::open(&dir))
+    let retention = config.retention;
+    let store = store::blocking(move || Store::open_with(&dir, retention))
         .await
         .with_context(|| {
             format!(
@@ -57,10 +69,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             )
         })?;
     let plane = Arc::new(
-        ControlPlane::load(store, config.default_model.clone())
+        ControlPlane::load(store.clone(), config.default_model.clone())
             .context("cannot load the registry from RocksDB")?,
     );
     let metrics = Arc::new(Metrics::new());
+    let catalog = Arc::new(FeatureCatalog::new(
+        store
+            .load_feature_defs()
+            .context("cannot load feature definitions from RocksDB")?,
+    ));
+    let (recorder, writer) = Recorder::start(
+        store.clone(),
+        RecorderSettings {
+            queue: config.record_queue,
+            queue_bytes: config.record_queue_bytes,
+            entity_key: config.entity_key.clone(),
+            ..Default::default()
+        },
+        metrics.clone(),
+        catalog,
+    );
+    let recorder = Arc::new(recorder);
 
     let data = bind(config.listen, "listen").await?;
     let ctl = bind(config.control_listen, "control-listen").await?;
@@ -95,8 +124,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_in_flight: config.max_in_flight,
             max_message_bytes: config.max_message_bytes,
             request_timeout: config.request_timeout,
+            unit_key: config.unit_key.clone(),
         },
         metrics.clone(),
+        recorder.clone(),
     ));
     let settings = ServerSettings {
         max_concurrent_streams: config.max_concurrent_streams,
@@ -117,12 +148,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await;
     let (ctl_refl_v1, ctl_refl_v1alpha) = control::reflection_services(&["modelgate.v1"]);
     let auth = BearerAuth::new(config.control_token.as_deref());
-    let registry = RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth);
+    let registry =
+        RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
+    let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone());
     let ctl_server = tonic::transport::Server::builder()
         .add_service(ctl_health)
         .add_service(ctl_refl_v1)
         .add_service(ctl_refl_v1alpha)
         .add_service(registry)
+        .add_service(PredictionsServer::with_interceptor(
+            records.clone(),
+            auth.clone(),
+        ))
+        .add_service(OutcomesServer::with_interceptor(
+            records.clone(),
+            auth.clone(),
+        ))
+        .add_service(FeaturesServer::with_interceptor(records, auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ctl_server.await {
@@ -156,22 +198,40 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_addr,
         plane,
         metrics,
+        recorder,
+        writer: Some(writer),
         stop,
         tasks,
     })
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (up to the grace period) and closes RocksDB.
+    /// Stops accepting, drains in-flight requests (up to the grace period), writes every queued
+    /// record and closes RocksDB.
     pub async fn shutdown(self) {
         let Running {
-            stop, tasks, plane, ..
+            stop,
+            tasks,
+            plane,
+            recorder,
+            writer,
+            ..
         } = self;
         let _ = stop.send(true);
         for t in tasks {
             let _ = t.await;
         }
-        // Last owner: dropping it closes the database cleanly.
+        recorder.flush().await;
+        drop(recorder);
+        // The writer exits once the last recorder handle is gone (the servers above held the
+        // others); wait for it briefly, then let the database close.
+        if let Some(w) = writer {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || w.join()),
+            )
+            .await;
+        }
         drop(plane);
     }
 }

@@ -59,6 +59,14 @@ pub struct Metrics {
     pub shed: Counter,
     /// Upstream failures.
     pub upstream_errors: Family<EndpointLabels, Counter>,
+    /// Prediction records committed to RocksDB.
+    pub records_written: Counter,
+    /// Prediction records dropped because the queue was full.
+    pub records_dropped: Counter,
+    /// Prediction records lost to failed writes.
+    pub record_write_errors: Counter,
+    /// Prediction records waiting in the queue.
+    pub record_queue_depth: Gauge,
 }
 
 impl Default for Metrics {
@@ -103,8 +111,36 @@ impl Metrics {
             "Upstream failures by endpoint and kind",
             upstream_errors.clone(),
         );
+        let records_written = Counter::default();
+        registry.register(
+            "records_written",
+            "Prediction records committed to RocksDB",
+            records_written.clone(),
+        );
+        let records_dropped = Counter::default();
+        registry.register(
+            "records_dropped",
+            "Prediction records dropped because the record queue was full",
+            records_dropped.clone(),
+        );
+        let record_write_errors = Counter::default();
+        registry.register(
+            "record_write_errors",
+            "Prediction records lost because RocksDB refused the write",
+            record_write_errors.clone(),
+        );
+        let record_queue_depth = Gauge::default();
+        registry.register(
+            "record_queue_depth",
+            "Prediction records waiting for the writer",
+            record_queue_depth.clone(),
+        );
         Metrics {
             registry,
+            records_written,
+            records_dropped,
+            record_write_errors,
+            record_queue_depth,
             requests,
             request_duration,
             in_flight,

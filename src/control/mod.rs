@@ -1,6 +1,7 @@
 //! The control plane: the registry in memory, persisted in RocksDB, published as the routing
 //! snapshot; and the tonic services of the `modelgate.v1` control API (thin adapters).
 
+pub mod records;
 pub mod registry;
 
 use std::sync::Arc;

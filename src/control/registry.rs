@@ -112,7 +112,24 @@ fn prediction_to_pb(p: &PredictionSpec) -> pb::PredictionSpec {
     pb::PredictionSpec { kind: Some(kind) }
 }
 
-fn timestamp(ms: u64) -> prost_types::Timestamp {
+fn feature_names_from_pb(
+    list: Vec<pb::InputFeatureNames>,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, Status> {
+    let mut out = std::collections::BTreeMap::new();
+    for f in list {
+        let input = f.input.clone();
+        if out.insert(f.input, f.names).is_some() {
+            return Err(invalid(
+                "feature_names.input",
+                format!("input '{input}' is listed twice"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Converts Unix milliseconds to a protobuf timestamp.
+pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (ms / 1000) as i64,
         nanos: ((ms % 1000) * 1_000_000) as i32,
@@ -136,6 +153,14 @@ pub fn version_to_pb(v: &reg::ModelVersion, aliases: Vec<String>) -> pb::ModelVe
         description: v.description.clone(),
         prediction: Some(prediction_to_pb(&v.prediction)),
         aliases,
+        feature_names: v
+            .feature_names
+            .iter()
+            .map(|(input, names)| pb::InputFeatureNames {
+                input: input.clone(),
+                names: names.clone(),
+            })
+            .collect(),
         created_at: Some(timestamp(v.created_at_ms)),
         updated_at: Some(timestamp(v.updated_at_ms)),
     }
@@ -226,6 +251,7 @@ impl RegistryApi for RegistryService {
             tags: r.tags.into_iter().collect(),
             description: r.description,
             prediction,
+            feature_names: feature_names_from_pb(r.feature_names)?,
         };
         let v = self.plane.update(|reg| reg.register(new, now_ms())).await?;
         tracing::info!(model = %v.model, version = v.version, endpoint = %v.endpoint, "registered model version");

@@ -33,6 +33,7 @@ use crate::pb::inference::{
     ModelInferRequest, ModelReadyRequest, ServerLiveResponse, ServerMetadataResponse,
     ServerReadyResponse,
 };
+use crate::recorder::{RawRecord, Recorder};
 use crate::routing::{Lookup, Route, RoutingTable};
 use crate::telemetry::{code_name, EndpointLabels, Metrics, RequestLabels, VersionLabels};
 use body::{Ending, FrameError, Observed};
@@ -56,6 +57,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Deadline for OIP unary calls without grpc-timeout.
     pub request_timeout: Duration,
+    /// Metadata key (and OIP parameter) carrying the unit id.
+    pub unit_key: String,
 }
 
 /// Why the proxy answered a call itself, with an error.
@@ -169,6 +172,20 @@ impl Drop for InFlight {
     }
 }
 
+/// What handling a request learned, for its record.
+#[derive(Default)]
+struct Exchange {
+    /// The model the call named.
+    model: String,
+    route: Option<Arc<Route>>,
+    unit_id: Option<String>,
+    upstream_latency: Option<Duration>,
+    infer: Option<ModelInferRequest>,
+    /// The answer's message when it succeeded (ModelInfer only).
+    response: Option<Bytes>,
+    size: usize,
+}
+
 /// The data-plane request handler.
 pub struct Proxy {
     routing: Arc<ArcSwap<RoutingTable>>,
@@ -177,6 +194,7 @@ pub struct Proxy {
     limits: Limits,
     in_flight: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    recorder: Arc<Recorder>,
 }
 
 impl Proxy {
@@ -187,6 +205,7 @@ impl Proxy {
         local: tonic::service::Routes,
         limits: Limits,
         metrics: Arc<Metrics>,
+        recorder: Arc<Recorder>,
     ) -> Self {
         Proxy {
             routing,
@@ -195,13 +214,21 @@ impl Proxy {
             limits,
             in_flight: Arc::new(AtomicUsize::new(0)),
             metrics,
+            recorder,
         }
     }
 
     /// Serves one request. Never fails: every error is a gRPC status.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let arrival_ms = crate::store::records::now_ms();
         let request_id = request_id(req.headers());
+        let method = req.uri().path().to_string();
+        let call = classify::classify(&method);
+        let mut ex = Exchange {
+            unit_id: header_str(req.headers(), &self.limits.unit_key).map(str::to_string),
+            ..Default::default()
+        };
         let Some(guard) =
             InFlight::acquire(&self.in_flight, self.limits.max_in_flight, &self.metrics)
         else {
@@ -210,13 +237,21 @@ impl Proxy {
                 "modelgate is serving its limit of {} requests (--max-in-flight); retry with backoff",
                 self.limits.max_in_flight
             )));
-            self.record(None, Some(Code::ResourceExhausted), start);
+            ex.model = header_str(req.headers(), MODEL_HEADER)
+                .unwrap_or_default()
+                .to_string();
+            self.finish(
+                ex,
+                request_id.clone(),
+                method,
+                arrival_ms,
+                Code::ResourceExhausted,
+                start,
+            );
             set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
             return resp;
         };
 
-        let call = classify::classify(req.uri().path());
-        let mut route: Option<Arc<Route>> = None;
         let result = match call {
             Call::Local => Ok(self
                 .local
@@ -225,10 +260,10 @@ impl Proxy {
                 .await
                 .unwrap_or_else(|e: Infallible| match e {})),
             Call::OipInfer | Call::OipModel => {
-                self.oip_unary(req, call, &mut route, &request_id).await
+                self.oip_unary(req, call, &mut ex, &request_id).await
             }
-            Call::OipServer(c) => self.oip_server(req, c, &mut route, &request_id).await,
-            Call::PassThrough => self.pass_through(req, &mut route, &request_id).await,
+            Call::OipServer(c) => self.oip_server(req, c, &mut ex, &request_id).await,
+            Call::PassThrough => self.pass_through(req, &mut ex, &request_id).await,
         };
         let mut resp = result.unwrap_or_else(|e| {
             if let Some((endpoint, kind)) = e.endpoint_kind() {
@@ -244,7 +279,7 @@ impl Proxy {
         });
 
         set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
-        if let Some(r) = &route {
+        if let Some(r) = &ex.route {
             set_header(resp.headers_mut(), VERSION_HEADER, &r.version_label);
         }
         let header_code = status::code_from_headers(resp.headers());
@@ -252,18 +287,56 @@ impl Proxy {
         resp.map(move |b| {
             Body::new(Observed::new(b, header_code, move |ending| {
                 let code = match ending {
-                    Ending::Status(c) => Some(c),
-                    Ending::NoStatus => Some(Code::Unknown),
-                    Ending::Error => Some(Code::Unavailable),
-                    Ending::Cancelled => Some(Code::Cancelled),
+                    Ending::Status(c) => c,
+                    Ending::NoStatus => Code::Unknown,
+                    Ending::Error => Code::Unavailable,
+                    Ending::Cancelled => Code::Cancelled,
                 };
-                this.record(route.as_deref(), code, start);
+                if call != Call::Local {
+                    this.finish(ex, request_id, method, arrival_ms, code, start);
+                } else {
+                    this.count(None, code, start);
+                }
                 drop(guard);
             }))
         })
     }
 
-    fn record(&self, route: Option<&Route>, code: Option<Code>, start: Instant) {
+    /// Counts a finished request and hands its record to the recorder.
+    fn finish(
+        &self,
+        ex: Exchange,
+        request_id: String,
+        method: String,
+        time_ms: u64,
+        code: Code,
+        start: Instant,
+    ) {
+        self.count(ex.route.as_deref(), code, start);
+        let unit_id = ex.unit_id.or_else(|| {
+            ex.infer
+                .as_ref()
+                .and_then(|r| crate::record::parameter(&r.parameters, &self.limits.unit_key))
+        });
+        self.recorder.submit(RawRecord {
+            request_id,
+            time_ms,
+            method,
+            model: ex.model,
+            route: ex.route,
+            experiment: None,
+            variant: None,
+            unit_id,
+            status: code as i32,
+            upstream_latency: ex.upstream_latency,
+            latency: start.elapsed(),
+            infer: ex.infer,
+            response: ex.response,
+            size: ex.size,
+        });
+    }
+
+    fn count(&self, route: Option<&Route>, code: Code, start: Instant) {
         let (model, version) = route
             .map(|r| (r.model.clone(), r.version_label.clone()))
             .unwrap_or_default();
@@ -281,7 +354,7 @@ impl Proxy {
             .get_or_create(&RequestLabels {
                 model,
                 version,
-                code: code.map(code_name).unwrap_or("UNKNOWN").to_string(),
+                code: code_name(code).to_string(),
             })
             .inc();
     }
@@ -307,7 +380,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         call: Call,
-        route_out: &mut Option<Arc<Route>>,
+        ex: &mut Exchange,
         request_id: &str,
     ) -> Result<Response<Body>, ProxyError> {
         let deadline = Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
@@ -322,17 +395,18 @@ impl Proxy {
                     }
                     ReadError::Body(e) => ProxyError::ReadRequest(e),
                 })?;
+            ex.size = bytes.len();
             let (route, forward) = if call == Call::OipInfer {
-                let (_, route, forward) =
-                    self.route_message::<ModelInferRequest>(bytes, route_out)?;
+                let (req, route, forward) = self.route_message::<ModelInferRequest>(bytes, ex)?;
+                ex.infer = Some(req);
                 (route, forward)
             } else {
-                let (_, route, forward) =
-                    self.route_message::<ModelReadyRequest>(bytes, route_out)?;
+                let (_, route, forward) = self.route_message::<ModelReadyRequest>(bytes, ex)?;
                 (route, forward)
             };
             let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
             let left = deadline.saturating_sub(started.elapsed());
+            let sent = Instant::now();
             let resp = self
                 .send(upstream_req, &route, request_id, Some(left))
                 .await
@@ -351,8 +425,18 @@ impl Proxy {
                     version: route.version,
                     reason: upstream::describe(&*e),
                 })?;
+            ex.upstream_latency = Some(sent.elapsed());
             let trailers = collected.trailers().cloned();
             let data = collected.to_bytes();
+            let ok = trailers
+                .as_ref()
+                .and_then(status::code_from_headers)
+                .or_else(|| status::code_from_headers(&parts.headers))
+                == Some(Code::Ok);
+            if ok && call == Call::OipInfer {
+                ex.size += data.len();
+                ex.response = body::unary_message(&data).ok();
+            }
             let body = Full::new(data).with_trailers(async move { trailers.map(Ok) });
             Ok(Response::from_parts(parts, Body::new(body)))
         };
@@ -367,7 +451,7 @@ impl Proxy {
     fn route_message<M: RoutedMessage>(
         &self,
         framed: Bytes,
-        route_out: &mut Option<Arc<Route>>,
+        ex: &mut Exchange,
     ) -> Result<(M, Arc<Route>, Bytes), ProxyError> {
         let msg = body::unary_message(&framed)?;
         let mut m = M::decode(msg).map_err(|error| ProxyError::Decode {
@@ -378,8 +462,9 @@ impl Proxy {
         if name.is_empty() {
             return Err(ProxyError::MissingModel(M::MODEL_FIELD));
         }
+        ex.model.clone_from(name);
         let route = self.lookup(name)?;
-        *route_out = Some(route.clone());
+        ex.route = Some(route.clone());
         let forward = if rewrite(&route, name, version) {
             body::frame(&m)
         } else {
@@ -394,11 +479,11 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         call: ServerCall,
-        route_out: &mut Option<Arc<Route>>,
+        ex: &mut Exchange,
         request_id: &str,
     ) -> Result<Response<Body>, ProxyError> {
         if self.routing.load().default_model().is_some() {
-            return self.pass_through(req, route_out, request_id).await;
+            return self.pass_through(req, ex, request_id).await;
         }
         Ok(match call {
             ServerCall::Live => local_unary(&ServerLiveResponse { live: true }),
@@ -417,7 +502,7 @@ impl Proxy {
     async fn pass_through(
         &self,
         req: Request<Incoming>,
-        route_out: &mut Option<Arc<Route>>,
+        ex: &mut Exchange,
         request_id: &str,
     ) -> Result<Response<Body>, ProxyError> {
         let model = match req.headers().get(MODEL_HEADER) {
@@ -432,18 +517,23 @@ impl Proxy {
                 .ok_or(ProxyError::NoModel)?
                 .to_string(),
         };
+        ex.model.clone_from(&model);
         let route = self.lookup(&model)?;
-        *route_out = Some(route.clone());
+        ex.route = Some(route.clone());
         let deadline = Self::caller_deadline(req.headers());
         let (parts, body) = req.into_parts();
         let upstream_req = Request::from_parts(parts, Body::new(body));
+        let sent = Instant::now();
         let send = self.send(upstream_req, &route, request_id, deadline);
-        match deadline {
+        let resp = match deadline {
             Some(d) => tokio::time::timeout(d, send)
                 .await
                 .unwrap_or(Err(ProxyError::Deadline(d))),
             None => send.await,
-        }
+        };
+        // For a stream, the time until the upstream's response headers.
+        ex.upstream_latency = Some(sent.elapsed());
+        resp
     }
 
     /// Sends a request to a route's upstream and returns its response head and streaming body.
@@ -562,6 +652,13 @@ fn local_unary<M: Message>(msg: &M) -> Response<Body> {
     resp
 }
 
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+}
+
 fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
@@ -571,11 +668,9 @@ fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
 /// The caller's `x-request-id` when it is a sane token (visible ASCII, at most 128 bytes), else a
 /// new UUIDv7 (time-ordered, so records sort by arrival).
 fn request_id(headers: &HeaderMap) -> String {
-    if let Some(v) = headers.get(CLIENT_REQUEST_ID_HEADER) {
-        if let Ok(s) = v.to_str() {
-            if !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()) {
-                return s.to_string();
-            }
+    if let Some(s) = header_str(headers, CLIENT_REQUEST_ID_HEADER) {
+        if crate::record::validate_request_id(s).is_ok() {
+            return s.to_string();
         }
     }
     uuid::Uuid::now_v7().to_string()
@@ -672,6 +767,7 @@ mod tests {
             backend_model: None,
             backend_version: None,
             prediction: Default::default(),
+            feature_names: Default::default(),
         };
         let (mut n, mut v) = ("iris".to_string(), String::new());
         assert!(!rewrite(&route, &mut n, &mut v));

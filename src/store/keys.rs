@@ -66,6 +66,175 @@ pub fn decode_policy_key(key: &[u8]) -> Result<String, KeyError> {
         })
 }
 
+fn err(family: &'static str, key: &[u8], reason: &'static str) -> KeyError {
+    KeyError {
+        family,
+        key: key.to_vec(),
+        reason,
+    }
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("8 bytes"))
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b.try_into().expect("4 bytes"))
+}
+
+/// `predictions` key: the request id (visible ASCII, no NUL).
+pub fn prediction_key(request_id: &str) -> Vec<u8> {
+    request_id.as_bytes().to_vec()
+}
+
+/// `prediction_index` key: model, 0x00, time (ms, u64 BE), request id; the value is the version.
+/// Scanning a model's prefix walks its records in time order.
+pub fn prediction_index_key(model: &str, time_ms: u64, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model.len() + 9 + request_id.len());
+    k.extend_from_slice(model.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+/// The prefix of every `prediction_index` key of `model`.
+pub fn prediction_index_prefix(model: &str) -> Vec<u8> {
+    let mut k = model.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// Parses a `prediction_index` key into (model, time, request id).
+pub fn decode_prediction_index_key(key: &[u8]) -> Result<(String, u64, String), KeyError> {
+    const F: &str = "prediction_index";
+    let sep = key
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| err(F, key, "missing separator"))?;
+    let rest = &key[sep + 1..];
+    if rest.len() < 8 {
+        return Err(err(F, key, "too short"));
+    }
+    let model = std::str::from_utf8(&key[..sep]).map_err(|_| err(F, key, "model is not UTF-8"))?;
+    let id = std::str::from_utf8(&rest[8..]).map_err(|_| err(F, key, "request id is not UTF-8"))?;
+    Ok((model.to_string(), be64(&rest[..8]), id.to_string()))
+}
+
+/// `outcomes` key: request id, 0x00, row (u32 BE).
+pub fn outcome_key(request_id: &str, row: u32) -> Vec<u8> {
+    let mut k = outcome_prefix(request_id);
+    k.extend_from_slice(&row.to_be_bytes());
+    k
+}
+
+/// The prefix of every outcome of one request.
+pub fn outcome_prefix(request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(request_id.len() + 5);
+    k.extend_from_slice(request_id.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Parses an `outcomes` key into (request id, row).
+pub fn decode_outcome_key(key: &[u8]) -> Result<(String, u32), KeyError> {
+    const F: &str = "outcomes";
+    if key.len() < 6 || key[key.len() - 5] != 0 {
+        return Err(err(F, key, "missing separator"));
+    }
+    let (id, rest) = key.split_at(key.len() - 5);
+    let id = std::str::from_utf8(id).map_err(|_| err(F, key, "request id is not UTF-8"))?;
+    Ok((id.to_string(), be32(&rest[1..])))
+}
+
+/// The prefix of every `outcome_index` key of one model version.
+pub fn outcome_index_prefix(model: &str, version: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model.len() + 5);
+    k.extend_from_slice(model.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// `outcome_index` key: model, 0x00, version (u32 BE), time (ms, u64 BE), request id, 0x00, row
+/// (u32 BE). A version's outcomes are contiguous and in time order, for "the last N outcomes".
+pub fn outcome_index_key(
+    model: &str,
+    version: u32,
+    time_ms: u64,
+    request_id: &str,
+    row: u32,
+) -> Vec<u8> {
+    let mut k = outcome_index_prefix(model, version);
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(&outcome_key(request_id, row));
+    k
+}
+
+/// The time inside an `outcome_index` key.
+pub fn outcome_index_time(key: &[u8]) -> Result<u64, KeyError> {
+    let sep = key
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| err("outcome_index", key, "missing separator"))?;
+    key.get(sep + 5..sep + 13)
+        .map(be64)
+        .ok_or_else(|| err("outcome_index", key, "too short"))
+}
+
+/// `counters` key of a model version's counter: b'v', model, 0x00, version (u32 BE), name.
+pub fn version_counter_key(model: &str, version: u32, name: &str) -> Vec<u8> {
+    let mut k = vec![b'v'];
+    k.extend_from_slice(&outcome_index_prefix(model, version));
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `features` key: entity, 0x00, feature, 0x00, inverted time (u64::MAX − ms, BE). The newest
+/// value sorts first, so a seek to the inverted `as_of` lands on the latest value at or before it.
+pub fn feature_history_key(entity: &str, feature: &str, time_ms: u64) -> Vec<u8> {
+    let mut k = feature_latest_key(entity, feature);
+    k.push(0);
+    k.extend_from_slice(&(u64::MAX - time_ms).to_be_bytes());
+    k
+}
+
+/// The time inside a `features` key.
+pub fn feature_history_time(key: &[u8]) -> Result<u64, KeyError> {
+    if key.len() < 9 {
+        return Err(err("features", key, "too short"));
+    }
+    Ok(u64::MAX - be64(&key[key.len() - 8..]))
+}
+
+/// `features_latest` key: entity, 0x00, feature.
+pub fn feature_latest_key(entity: &str, feature: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(entity.len() + feature.len() + 10);
+    k.extend_from_slice(entity.as_bytes());
+    k.push(0);
+    k.extend_from_slice(feature.as_bytes());
+    k
+}
+
+/// Prefixes a stored value with its time (ms, u64 BE), so retention can read it cheaply.
+pub fn timed_value(time_ms: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + body.len());
+    v.extend_from_slice(&time_ms.to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// Splits a value written by [`timed_value`].
+pub fn split_timed_value<'a>(
+    family: &'static str,
+    value: &'a [u8],
+) -> Result<(u64, &'a [u8]), KeyError> {
+    if value.len() < 8 {
+        return Err(err(family, value, "value shorter than its time prefix"));
+    }
+    Ok((be64(&value[..8]), &value[8..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +281,47 @@ mod tests {
     fn policy_keys_round_trip() {
         assert_eq!(decode_policy_key(&policy_key("iris")).unwrap(), "iris");
         assert!(decode_policy_key(b"\xff").is_err());
+    }
+
+    #[test]
+    fn record_keys_round_trip_and_sort_by_time() {
+        let k = prediction_index_key("iris", 1_700_000_000_000, "01J-abc");
+        assert_eq!(
+            decode_prediction_index_key(&k).unwrap(),
+            ("iris".to_string(), 1_700_000_000_000, "01J-abc".to_string())
+        );
+        assert!(k.starts_with(&prediction_index_prefix("iris")));
+        assert!(prediction_index_key("iris", 5, "z") < prediction_index_key("iris", 6, "a"));
+        assert!(decode_prediction_index_key(b"iris").is_err());
+
+        assert_eq!(
+            decode_outcome_key(&outcome_key("req-1", 3)).unwrap(),
+            ("req-1".to_string(), 3)
+        );
+        assert!(decode_outcome_key(b"x").is_err());
+        let oi = outcome_index_key("iris", 2, 99, "req", 1);
+        assert!(oi.starts_with(&outcome_index_prefix("iris", 2)));
+        assert_eq!(outcome_index_time(&oi).unwrap(), 99);
+        assert!(
+            outcome_index_key("iris", 2, 99, "z", 0) < outcome_index_key("iris", 2, 100, "a", 0)
+        );
+    }
+
+    #[test]
+    fn feature_history_sorts_newest_first() {
+        let old = feature_history_key("u1", "age", 100);
+        let new = feature_history_key("u1", "age", 200);
+        assert!(new < old);
+        assert_eq!(feature_history_time(&old).unwrap(), 100);
+        assert!(old.starts_with(&feature_latest_key("u1", "age")));
+        // "age" and "age2" do not interleave.
+        assert!(feature_history_key("u1", "age", 0) < feature_latest_key("u1", "age2"));
+    }
+
+    #[test]
+    fn timed_values_split() {
+        let v = timed_value(42, b"body");
+        assert_eq!(split_timed_value("x", &v).unwrap(), (42, &b"body"[..]));
+        assert!(split_timed_value("x", b"short").is_err());
     }
 }

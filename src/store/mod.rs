@@ -4,6 +4,7 @@
 //! plane) or the record writer thread (data plane), never a request task.
 
 pub mod keys;
+pub mod records;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,10 +27,18 @@ pub mod cf {
     pub const REFERENCES: &str = "references";
     /// Prediction records.
     pub const PREDICTIONS: &str = "predictions";
+    /// Prediction records by model and time.
+    pub const PREDICTION_INDEX: &str = "prediction_index";
     /// Outcomes joined to predictions.
     pub const OUTCOMES: &str = "outcomes";
-    /// Online feature store.
+    /// Outcomes by model version and time.
+    pub const OUTCOME_INDEX: &str = "outcome_index";
+    /// Online feature store: every value, newest first per entity and feature.
     pub const FEATURES: &str = "features";
+    /// Online feature store: the newest value per entity and feature.
+    pub const FEATURES_LATEST: &str = "features_latest";
+    /// Feature definitions.
+    pub const FEATURE_DEFS: &str = "feature_defs";
     /// Merge-operator counters.
     pub const COUNTERS: &str = "counters";
     /// Event stream.
@@ -42,8 +51,12 @@ pub mod cf {
         SHADOWS,
         REFERENCES,
         PREDICTIONS,
+        PREDICTION_INDEX,
         OUTCOMES,
+        OUTCOME_INDEX,
         FEATURES,
+        FEATURES_LATEST,
+        FEATURE_DEFS,
         COUNTERS,
         EVENTS,
     ];
@@ -68,6 +81,16 @@ pub enum StoreError {
         /// Parse error.
         source: serde_json::Error,
     },
+    /// A stored protobuf does not decode.
+    #[error("corrupt {family} record for {key}: {reason}")]
+    Decode {
+        /// Column family.
+        family: &'static str,
+        /// Readable key.
+        key: String,
+        /// Decode error.
+        reason: String,
+    },
     /// A blocking task did not finish (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
@@ -77,6 +100,7 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    retention: records::Retention,
 }
 
 impl std::fmt::Debug for Store {
@@ -97,17 +121,32 @@ fn db_options() -> Options {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir` with every column family.
+    /// Opens (or creates) the database in `dir` with every column family and the default
+    /// retention.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let opts = db_options();
-        let families = cf::ALL
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, db_options_for(name)));
-        let db = DB::open_cf_descriptors(&opts, dir, families)?;
-        Ok(Store { db: Arc::new(db) })
+        Self::open_with(dir, records::Retention::default())
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+    /// Opens (or creates) the database in `dir`, dropping records older than `retention`.
+    pub fn open_with(dir: &Path, retention: records::Retention) -> Result<Self, StoreError> {
+        let opts = db_options();
+        let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+        let families = cf::ALL.iter().map(|name| {
+            ColumnFamilyDescriptor::new(*name, family_options(name, &cache, retention))
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, families)?;
+        Ok(Store {
+            db: Arc::new(db),
+            retention,
+        })
+    }
+
+    /// How long records are kept.
+    pub fn retention(&self) -> records::Retention {
+        self.retention
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         // Every family in cf::ALL is created at open; a missing one is a programming error.
         self.db
             .cf_handle(name)
@@ -191,9 +230,45 @@ impl Store {
     }
 }
 
-fn db_options_for(_family: &str) -> Options {
+/// Options of one column family: a shared block cache with bloom filters for point lookups,
+/// the merge operators of `counters` and `features_latest`, and — for families with a retention —
+/// a compaction filter that drops expired entries, with periodic compaction so that files are
+/// revisited even when nothing else triggers a compaction.
+fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Retention) -> Options {
     let mut o = Options::default();
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    o.set_block_based_table_factory(&table);
+    match family {
+        cf::COUNTERS => o.set_merge_operator_associative("add", records::add_counters),
+        cf::FEATURES_LATEST => o.set_merge_operator_associative("newest", records::keep_newest),
+        _ => {}
+    }
+    let keep = match family {
+        cf::PREDICTIONS | cf::PREDICTION_INDEX => Some(retention.predictions),
+        cf::OUTCOMES | cf::OUTCOME_INDEX => Some(retention.outcomes),
+        cf::FEATURES | cf::FEATURES_LATEST => Some(retention.features),
+        _ => None,
+    };
+    if let Some(keep) = keep {
+        let family: &'static str = cf::ALL
+            .iter()
+            .find(|f| **f == family)
+            .expect("a known family");
+        let keep_ms = keep.as_millis() as u64;
+        o.set_compaction_filter("retention", move |_level: u32, key: &[u8], value: &[u8]| {
+            match records::record_time(family, key, value) {
+                Some(t) if t < records::now_ms().saturating_sub(keep_ms) => {
+                    rocksdb::CompactionDecision::Remove
+                }
+                _ => rocksdb::CompactionDecision::Keep,
+            }
+        });
+        o.set_periodic_compaction_seconds(keep.as_secs().clamp(60, 24 * 3600));
+    }
     o
 }
 

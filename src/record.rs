@@ -1,0 +1,490 @@
+//! What a request and its answer say: the features of every sample, the model's prediction per
+//! sample, and the entity each sample belongs to. Plain functions over decoded OIP messages.
+//!
+//! Rows: a tensor of rank ≥ 2 has `shape[0]` rows and `shape[1..]` columns. Rank-1 tensors are
+//! columns of a batch when another tensor fixes the batch size B (or when several rank-1 inputs
+//! all have the same length); a lone rank-1 input is one sample of N features (`[N]`). Outputs of
+//! rank 1 are one value per row.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::oip::{self, Tensor, Values};
+use crate::pb::inference::{
+    infer_parameter::ParameterChoice, InferParameter, ModelInferRequest, ModelInferResponse,
+};
+use crate::registry::PredictionSpec;
+
+/// One feature value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FeatureValue {
+    /// Every numeric datatype and BOOL.
+    Number(f64),
+    /// BYTES elements (categorical features).
+    Text(String),
+}
+
+/// What the model predicted for one row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prediction {
+    /// Classification.
+    Label(String),
+    /// Regression.
+    Value(f64),
+}
+
+/// The features of a request: one row per sample.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FeatureTable {
+    /// Feature names, one per column.
+    pub names: Vec<String>,
+    /// Rows of values, each `names.len()` long.
+    pub rows: Vec<Vec<FeatureValue>>,
+    /// The feature-store entity of each row, when known.
+    pub entities: Vec<Option<String>>,
+}
+
+/// Longest request id accepted.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Checks a request id: 1 to 128 visible ASCII characters (what modelgate keeps from a caller's
+/// `x-request-id`, and what it generates).
+pub fn validate_request_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("required".into());
+    }
+    if id.len() > MAX_REQUEST_ID {
+        return Err(format!("longer than {MAX_REQUEST_ID} characters"));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("{id:?} must be visible ASCII without spaces"));
+    }
+    Ok(())
+}
+
+/// Formats a number the way a label would be written: integers without a fraction.
+pub fn format_number(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        x.to_string()
+    }
+}
+
+/// A request parameter as text (string, integer or boolean parameters).
+pub fn parameter(params: &HashMap<String, InferParameter>, key: &str) -> Option<String> {
+    match params.get(key)?.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(s) if !s.is_empty() => Some(s.clone()),
+        ParameterChoice::StringParam(_) => None,
+        ParameterChoice::Int64Param(i) => Some(i.to_string()),
+        ParameterChoice::BoolParam(b) => Some(b.to_string()),
+    }
+}
+
+fn value_at(t: &Tensor, i: usize) -> FeatureValue {
+    match &t.values {
+        Values::Numeric(v) => FeatureValue::Number(v[i]),
+        Values::Bytes(v) => FeatureValue::Text(String::from_utf8_lossy(&v[i]).into_owned()),
+    }
+}
+
+fn text_at(t: &Tensor, i: usize) -> String {
+    match value_at(t, i) {
+        FeatureValue::Number(x) => format_number(x),
+        FeatureValue::Text(s) => s,
+    }
+}
+
+/// Extracts the feature table of a request.
+///
+/// `names` are the registered feature names per input; `entity_key` names an input tensor (one
+/// entity id per row, not a feature) or a request parameter holding the entity; `unit_id` is the
+/// fallback entity.
+pub fn extract_features(
+    req: &ModelInferRequest,
+    names: &BTreeMap<String, Vec<String>>,
+    entity_key: &str,
+    unit_id: Option<&str>,
+    max_elements: usize,
+) -> Result<FeatureTable, String> {
+    let tensors = oip::request_inputs(req, max_elements).map_err(|e| e.to_string())?;
+    let (entity_tensor, features): (Vec<&Tensor>, Vec<&Tensor>) = tensors
+        .iter()
+        .partition(|t| !entity_key.is_empty() && t.name == entity_key);
+    let batch = batch_size(&features);
+    let mut table = FeatureTable {
+        rows: vec![Vec::new(); batch],
+        ..Default::default()
+    };
+    for t in &features {
+        let cols = columns(t, batch)?;
+        let registered = names.get(&t.name);
+        for c in 0..cols {
+            table.names.push(
+                registered
+                    .and_then(|n| n.get(c))
+                    .cloned()
+                    .unwrap_or_else(|| format!("{}[{c}]", t.name)),
+            );
+        }
+        for (r, row) in table.rows.iter_mut().enumerate() {
+            for c in 0..cols {
+                row.push(value_at(t, r * cols + c));
+            }
+        }
+    }
+    table.entities = match entity_tensor.first() {
+        Some(t) => {
+            if t.values.len() != batch {
+                return Err(format!(
+                    "entity input '{}' has {} values for {batch} rows",
+                    t.name,
+                    t.values.len()
+                ));
+            }
+            (0..batch).map(|r| Some(text_at(t, r))).collect()
+        }
+        None => {
+            let e = parameter(&req.parameters, entity_key).or(unit_id.map(str::to_string));
+            vec![e; batch]
+        }
+    };
+    Ok(table)
+}
+
+/// The number of samples a set of input tensors carries.
+fn batch_size(tensors: &[&Tensor]) -> usize {
+    if let Some(t) = tensors.iter().find(|t| t.shape.len() >= 2) {
+        return t.shape[0];
+    }
+    let rank1: Vec<usize> = tensors
+        .iter()
+        .filter(|t| t.shape.len() == 1)
+        .map(|t| t.shape[0])
+        .collect();
+    if rank1.len() > 1 && rank1.iter().all(|&n| n == rank1[0]) {
+        return rank1[0];
+    }
+    1
+}
+
+/// Columns a tensor contributes to each of `batch` rows.
+fn columns(t: &Tensor, batch: usize) -> Result<usize, String> {
+    let n = t.values.len();
+    let fits = match t.shape.len() {
+        _ if batch == 0 => return Ok(0),
+        0 | 1 if batch == 1 => return Ok(n),
+        0 => false,
+        _ => t.shape[0] == batch,
+    };
+    if fits {
+        Ok(n / batch)
+    } else {
+        Err(format!(
+            "input '{}' has shape {:?}, which does not split into {batch} rows",
+            t.name, t.shape
+        ))
+    }
+}
+
+/// Rows and columns of an output tensor: rank ≥ 1 has `shape[0]` rows.
+fn output_rows(t: &Tensor) -> (usize, usize) {
+    let rows = t.shape.first().copied().unwrap_or(1);
+    let cols = if rows == 0 { 0 } else { t.values.len() / rows };
+    (rows, cols)
+}
+
+/// Reads one prediction per row from a response, as `spec` says.
+pub fn extract_predictions(
+    resp: &ModelInferResponse,
+    spec: &PredictionSpec,
+    max_elements: usize,
+) -> Result<Vec<Prediction>, String> {
+    let output = match spec {
+        PredictionSpec::Argmax { output, .. }
+        | PredictionSpec::Threshold { output, .. }
+        | PredictionSpec::Label { output }
+        | PredictionSpec::Value { output } => output,
+    };
+    let t = oip::response_output(resp, output, max_elements)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            if output.is_empty() {
+                "the response has no outputs".to_string()
+            } else {
+                format!("the response has no output '{output}'")
+            }
+        })?;
+    let (rows, cols) = output_rows(&t);
+    let numeric = |what: &str| {
+        t.numeric()
+            .ok_or_else(|| format!("output '{}' is BYTES; {what} needs numbers", t.name))
+    };
+    let row = |v: &'_ [f64], r: usize| v[r * cols..(r + 1) * cols].to_vec();
+    match spec {
+        PredictionSpec::Argmax { labels, .. } => {
+            let v = numeric("argmax")?;
+            (0..rows)
+                .map(|r| {
+                    let row = row(v, r);
+                    let best = row
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| !x.is_nan())
+                        .fold(None::<(usize, f64)>, |best, (i, &x)| match best {
+                            Some((_, b)) if b >= x => best,
+                            _ => Some((i, x)),
+                        })
+                        .ok_or_else(|| format!("row {r} of output '{}' has no number", t.name))?;
+                    Ok(Prediction::Label(
+                        labels
+                            .get(best.0)
+                            .cloned()
+                            .unwrap_or_else(|| best.0.to_string()),
+                    ))
+                })
+                .collect()
+        }
+        PredictionSpec::Threshold {
+            threshold,
+            positive_label,
+            negative_label,
+            ..
+        } => {
+            let v = numeric("threshold")?;
+            if cols != 1 && cols != 2 {
+                return Err(format!(
+                    "threshold needs one score per row or [batch, 2] probabilities; output '{}' has {cols} columns",
+                    t.name
+                ));
+            }
+            Ok((0..rows)
+                .map(|r| {
+                    let score = v[r * cols + cols - 1];
+                    Prediction::Label(if score > *threshold {
+                        positive_label.clone()
+                    } else {
+                        negative_label.clone()
+                    })
+                })
+                .collect())
+        }
+        PredictionSpec::Label { .. } => Ok((0..rows)
+            .map(|r| Prediction::Label(text_at(&t, r * cols)))
+            .collect()),
+        PredictionSpec::Value { .. } => {
+            let v = numeric("a value prediction")?;
+            Ok((0..rows).map(|r| Prediction::Value(v[r * cols])).collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::inference::{
+        model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
+        InferTensorContents,
+    };
+    use bytes::Bytes;
+
+    fn input(
+        name: &str,
+        dt: &str,
+        shape: &[i64],
+        contents: InferTensorContents,
+    ) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: dt.into(),
+            shape: shape.to_vec(),
+            parameters: Default::default(),
+            contents: Some(contents),
+        }
+    }
+
+    fn fp32(v: &[f32]) -> InferTensorContents {
+        InferTensorContents {
+            fp32_contents: v.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn num(x: f64) -> FeatureValue {
+        FeatureValue::Number(x)
+    }
+
+    #[test]
+    fn a_batch_gives_one_row_per_sample_with_registered_names() {
+        let req = ModelInferRequest {
+            inputs: vec![input("x", "FP32", &[2, 3], fp32(&[1., 2., 3., 4., 5., 6.]))],
+            ..Default::default()
+        };
+        let names = BTreeMap::from([("x".to_string(), vec!["a".to_string(), "b".to_string()])]);
+        let t = extract_features(&req, &names, "entity_id", Some("user-1"), 1000).unwrap();
+        assert_eq!(t.names, vec!["a", "b", "x[2]"]);
+        assert_eq!(
+            t.rows,
+            vec![
+                vec![num(1.), num(2.), num(3.)],
+                vec![num(4.), num(5.), num(6.)]
+            ]
+        );
+        assert_eq!(t.entities, vec![Some("user-1".to_string()); 2]);
+    }
+
+    #[test]
+    fn raw_typed_and_bytes_inputs_and_an_entity_tensor() {
+        let mut raw_colour = Vec::new();
+        for s in ["red", "blue"] {
+            raw_colour.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            raw_colour.extend_from_slice(s.as_bytes());
+        }
+        let req = ModelInferRequest {
+            inputs: vec![
+                input("age", "INT64", &[2], Default::default()),
+                input("colour", "BYTES", &[2], Default::default()),
+                input("entity_id", "INT32", &[2], Default::default()),
+            ],
+            raw_input_contents: vec![
+                oip::i64_raw(&[31, 45]),
+                Bytes::from(raw_colour),
+                Bytes::from([7i32.to_le_bytes(), 8i32.to_le_bytes()].concat()),
+            ],
+            ..Default::default()
+        };
+        let t = extract_features(&req, &BTreeMap::new(), "entity_id", Some("u"), 1000).unwrap();
+        assert_eq!(t.names, vec!["age[0]", "colour[0]"]);
+        assert_eq!(t.rows[1], vec![num(45.), FeatureValue::Text("blue".into())]);
+        assert_eq!(
+            t.entities,
+            vec![Some("7".to_string()), Some("8".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_lone_vector_is_one_sample_and_parameters_name_the_entity() {
+        let mut req = ModelInferRequest {
+            inputs: vec![input("x", "FP32", &[3], fp32(&[1., 2., 3.]))],
+            ..Default::default()
+        };
+        req.parameters.insert(
+            "entity_id".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("acct-9".into())),
+            },
+        );
+        let t = extract_features(&req, &BTreeMap::new(), "entity_id", Some("u"), 1000).unwrap();
+        assert_eq!(t.rows.len(), 1);
+        assert_eq!(t.names.len(), 3);
+        assert_eq!(t.entities, vec![Some("acct-9".to_string())]);
+    }
+
+    #[test]
+    fn inconsistent_batches_are_reported() {
+        let req = ModelInferRequest {
+            inputs: vec![
+                input("x", "FP32", &[2, 1], fp32(&[1., 2.])),
+                input("y", "FP32", &[3, 1], fp32(&[1., 2., 3.])),
+            ],
+            ..Default::default()
+        };
+        let err = extract_features(&req, &BTreeMap::new(), "", None, 1000).unwrap_err();
+        assert!(err.contains("'y'"), "{err}");
+    }
+
+    fn response(name: &str, shape: &[i64], v: &[f32]) -> ModelInferResponse {
+        ModelInferResponse {
+            outputs: vec![InferOutputTensor {
+                name: name.into(),
+                datatype: "FP32".into(),
+                shape: shape.to_vec(),
+                parameters: Default::default(),
+                contents: Some(fp32(v)),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn labels(p: Vec<Prediction>) -> Vec<String> {
+        p.into_iter()
+            .map(|p| match p {
+                Prediction::Label(l) => l,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn predictions_are_read_as_registered() {
+        let probs = response("probabilities", &[3, 2], &[0.9, 0.1, 0.2, 0.8, 0.5, 0.5]);
+        let argmax = PredictionSpec::Argmax {
+            output: "probabilities".into(),
+            labels: vec!["cat".into(), "dog".into()],
+        };
+        assert_eq!(
+            labels(extract_predictions(&probs, &argmax, 100).unwrap()),
+            vec!["cat", "dog", "cat"]
+        );
+        let unlabelled = PredictionSpec::Argmax {
+            output: String::new(),
+            labels: vec![],
+        };
+        assert_eq!(
+            labels(extract_predictions(&probs, &unlabelled, 100).unwrap()),
+            vec!["0", "1", "0"]
+        );
+        let threshold = PredictionSpec::Threshold {
+            output: "probabilities".into(),
+            threshold: 0.5,
+            positive_label: "yes".into(),
+            negative_label: "no".into(),
+        };
+        assert_eq!(
+            labels(extract_predictions(&probs, &threshold, 100).unwrap()),
+            vec!["no", "yes", "no"]
+        );
+        let value = PredictionSpec::Value {
+            output: String::new(),
+        };
+        let scores = response("value", &[2], &[1.5, -2.0]);
+        assert_eq!(
+            extract_predictions(&scores, &value, 100).unwrap(),
+            vec![Prediction::Value(1.5), Prediction::Value(-2.0)]
+        );
+        let label = PredictionSpec::Label {
+            output: "value".into(),
+        };
+        assert_eq!(
+            labels(
+                extract_predictions(&response("value", &[2, 1], &[3.0, 4.0]), &label, 100).unwrap()
+            ),
+            vec!["3", "4"]
+        );
+        let missing = PredictionSpec::Value {
+            output: "nope".into(),
+        };
+        assert!(extract_predictions(&scores, &missing, 100)
+            .unwrap_err()
+            .contains("'nope'"));
+        let wide = response("p", &[1, 3], &[0.1, 0.2, 0.7]);
+        assert!(extract_predictions(
+            &wide,
+            &PredictionSpec::Threshold {
+                output: String::new(),
+                threshold: 0.5,
+                positive_label: "1".into(),
+                negative_label: "0".into()
+            },
+            100
+        )
+        .unwrap_err()
+        .contains("3 columns"));
+    }
+
+    #[test]
+    fn numbers_format_like_labels() {
+        assert_eq!(format_number(1.0), "1");
+        assert_eq!(format_number(-3.0), "-3");
+        assert_eq!(format_number(0.25), "0.25");
+    }
+}

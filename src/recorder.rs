@@ -1,0 +1,395 @@
+//! The record pipeline: request path → bounded queue → one writer thread → RocksDB.
+//!
+//! The request path only hands over what it already has (the decoded request, the answer's
+//! bytes) with a non-blocking `try_send`; when the queue is full (by count or by bytes) the record
+//! is dropped and counted, never waited for. The writer thread does the work — features,
+//! predictions, encoding — and commits `WriteBatch`es; a RocksDB write stall therefore stalls only
+//! the writer, and at worst fills the queue. Records waiting in the queue stay visible in a
+//! pending map, so an outcome that arrives before its record reached RocksDB still joins.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use prost::Message;
+
+use crate::feature_store::{FeatureCatalog, FeatureDef, FeatureKind};
+use crate::pb::inference::{ModelInferRequest, ModelInferResponse};
+use crate::pb::modelgate::v1 as pb;
+use crate::record::{self, FeatureTable, Prediction};
+use crate::routing::Route;
+use crate::store::records::feature_value_to_pb;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// Everything the data plane knows about one finished request.
+#[derive(Debug, Default)]
+pub struct RawRecord {
+    /// Request id.
+    pub request_id: String,
+    /// Arrival time, Unix ms.
+    pub time_ms: u64,
+    /// gRPC path.
+    pub method: String,
+    /// Model as named by the caller (empty when none).
+    pub model: String,
+    /// The route that served it.
+    pub route: Option<Arc<Route>>,
+    /// A/B experiment, when the request was in one.
+    pub experiment: Option<String>,
+    /// Variant within the experiment.
+    pub variant: Option<String>,
+    /// Unit id (the bucketing key).
+    pub unit_id: Option<String>,
+    /// Final gRPC status code.
+    pub status: i32,
+    /// Time waiting for the upstream.
+    pub upstream_latency: Option<Duration>,
+    /// Time through modelgate.
+    pub latency: Duration,
+    /// The OIP inference request, decoded.
+    pub infer: Option<ModelInferRequest>,
+    /// The OIP inference answer (one unframed message), when it succeeded.
+    pub response: Option<Bytes>,
+    /// Approximate bytes held (for the queue's byte bound).
+    pub size: usize,
+}
+
+/// Settings of the pipeline.
+#[derive(Clone, Debug)]
+pub struct RecorderSettings {
+    /// Records the queue holds.
+    pub queue: usize,
+    /// Bytes the queued records may hold.
+    pub queue_bytes: usize,
+    /// Records per `WriteBatch` at most.
+    pub batch: usize,
+    /// Input tensor or request parameter naming the feature-store entity.
+    pub entity_key: String,
+    /// Elements decoded per tensor at most.
+    pub max_elements: usize,
+}
+
+impl Default for RecorderSettings {
+    fn default() -> Self {
+        RecorderSettings {
+            queue: 65_536,
+            queue_bytes: 256 << 20,
+            batch: 512,
+            entity_key: "entity_id".into(),
+            max_elements: crate::oip::DEFAULT_MAX_ELEMENTS,
+        }
+    }
+}
+
+enum Msg {
+    Record(Arc<RawRecord>),
+    Flush(SyncSender<()>),
+}
+
+/// The handle the data plane and the control services use.
+pub struct Recorder {
+    tx: SyncSender<Msg>,
+    pending: Arc<DashMap<String, Arc<RawRecord>>>,
+    queued_bytes: Arc<AtomicUsize>,
+    settings: RecorderSettings,
+    metrics: Arc<Metrics>,
+    catalog: Arc<FeatureCatalog>,
+}
+
+/// A record as stored: the protobuf, and the features for the feature store.
+pub struct Prepared {
+    /// The record.
+    pub record: pb::PredictionRecord,
+    /// Its features, one row per sample.
+    pub features: FeatureTable,
+    /// Its predictions, one per row.
+    pub predictions: Vec<Prediction>,
+}
+
+/// Converts a prediction.
+pub fn prediction_to_pb(p: &Prediction) -> pb::PredictionValue {
+    pb::PredictionValue {
+        kind: Some(match p {
+            Prediction::Label(l) => pb::prediction_value::Kind::Label(l.clone()),
+            Prediction::Value(v) => pb::prediction_value::Kind::Value(*v),
+        }),
+    }
+}
+
+/// Converts a stored prediction back.
+pub fn prediction_from_pb(p: &pb::PredictionValue) -> Option<Prediction> {
+    match p.kind.as_ref()? {
+        pb::prediction_value::Kind::Label(l) => Some(Prediction::Label(l.clone())),
+        pb::prediction_value::Kind::Value(v) => Some(Prediction::Value(*v)),
+    }
+}
+
+/// Turns what the data plane saw into the stored record: features, predictions, notes.
+pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
+    let mut notes = Vec::new();
+    let features = match &raw.infer {
+        Some(req) => {
+            let names = raw
+                .route
+                .as_ref()
+                .map(|r| r.feature_names.clone())
+                .unwrap_or_default();
+            record::extract_features(
+                req,
+                &names,
+                &settings.entity_key,
+                raw.unit_id.as_deref(),
+                settings.max_elements,
+            )
+            .unwrap_or_else(|e| {
+                notes.push(format!("features: {e}"));
+                FeatureTable::default()
+            })
+        }
+        None => FeatureTable::default(),
+    };
+    let predictions = match (&raw.response, &raw.route) {
+        (Some(bytes), Some(route)) => match ModelInferResponse::decode(bytes.clone()) {
+            Ok(resp) => {
+                record::extract_predictions(&resp, &route.prediction, settings.max_elements)
+                    .unwrap_or_else(|e| {
+                        notes.push(format!("prediction: {e}"));
+                        Vec::new()
+                    })
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "prediction: the answer is not a ModelInferResponse: {e}"
+                ));
+                Vec::new()
+            }
+        },
+        _ => Vec::new(),
+    };
+    let record = pb::PredictionRecord {
+        request_id: raw.request_id.clone(),
+        time: Some(crate::control::registry::timestamp(raw.time_ms)),
+        model: raw
+            .route
+            .as_ref()
+            .map(|r| r.model.clone())
+            .unwrap_or_else(|| raw.model.clone()),
+        version: raw.route.as_ref().map(|r| r.version).unwrap_or(0),
+        experiment: raw.experiment.clone().unwrap_or_default(),
+        variant: raw.variant.clone().unwrap_or_default(),
+        unit_id: raw.unit_id.clone().unwrap_or_default(),
+        method: raw.method.clone(),
+        status_code: raw.status,
+        upstream_latency_us: raw
+            .upstream_latency
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0),
+        latency_us: raw.latency.as_micros() as u64,
+        feature_names: features.names.clone(),
+        rows: features
+            .rows
+            .iter()
+            .map(|r| pb::FeatureRow {
+                values: r.iter().map(feature_value_to_pb).collect(),
+            })
+            .collect(),
+        predictions: predictions.iter().map(prediction_to_pb).collect(),
+        entity_ids: features
+            .entities
+            .iter()
+            .map(|e| e.clone().unwrap_or_default())
+            .collect(),
+        note: notes.join("; "),
+        outcomes: Vec::new(),
+    };
+    Prepared {
+        record,
+        features,
+        predictions,
+    }
+}
+
+impl Recorder {
+    /// Starts the writer thread.
+    pub fn start(
+        store: Store,
+        settings: RecorderSettings,
+        metrics: Arc<Metrics>,
+        catalog: Arc<FeatureCatalog>,
+    ) -> (Recorder, std::thread::JoinHandle<()>) {
+        let (tx, rx) = sync_channel(settings.queue.max(1));
+        let pending = Arc::new(DashMap::new());
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let writer = Writer {
+            store,
+            rx,
+            pending: pending.clone(),
+            queued_bytes: queued_bytes.clone(),
+            settings: settings.clone(),
+            metrics: metrics.clone(),
+            catalog: catalog.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("modelgate-recorder".into())
+            .spawn(move || writer.run())
+            .expect("spawning the recorder thread");
+        (
+            Recorder {
+                tx,
+                pending,
+                queued_bytes,
+                settings,
+                metrics,
+                catalog,
+            },
+            handle,
+        )
+    }
+
+    /// Hands a record to the writer without waiting. Returns false when it was dropped.
+    pub fn submit(&self, raw: RawRecord) -> bool {
+        let size = raw.size + 512;
+        if self.queued_bytes.load(Ordering::Relaxed) + size > self.settings.queue_bytes {
+            self.metrics.records_dropped.inc();
+            return false;
+        }
+        let raw = Arc::new(raw);
+        // Visible to outcome joins before the caller can see the response.
+        self.pending.insert(raw.request_id.clone(), raw.clone());
+        self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        match self.tx.try_send(Msg::Record(raw.clone())) {
+            Ok(()) => {
+                self.metrics.record_queue_depth.inc();
+                true
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.pending
+                    .remove_if(&raw.request_id, |_, v| Arc::ptr_eq(v, &raw));
+                self.metrics.records_dropped.inc();
+                false
+            }
+        }
+    }
+
+    /// A record still waiting to be written.
+    pub fn pending(&self, request_id: &str) -> Option<Arc<RawRecord>> {
+        self.pending.get(request_id).map(|r| r.clone())
+    }
+
+    /// Settings.
+    pub fn settings(&self) -> &RecorderSettings {
+        &self.settings
+    }
+
+    /// The feature catalog the writer registers traffic features in.
+    pub fn catalog(&self) -> &Arc<FeatureCatalog> {
+        &self.catalog
+    }
+
+    /// Waits (blocking) until everything submitted before the call is written.
+    pub fn flush_blocking(&self) {
+        let (ack, done) = sync_channel(1);
+        if self.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+
+    /// Waits until everything submitted before the call is written, off the async runtime.
+    pub async fn flush(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.flush_blocking()).await;
+    }
+}
+
+struct Writer {
+    store: Store,
+    rx: Receiver<Msg>,
+    pending: Arc<DashMap<String, Arc<RawRecord>>>,
+    queued_bytes: Arc<AtomicUsize>,
+    settings: RecorderSettings,
+    metrics: Arc<Metrics>,
+    catalog: Arc<FeatureCatalog>,
+}
+
+impl Writer {
+    /// Runs until every `Recorder` (sender) is gone, writing everything queued before that.
+    fn run(self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut records = Vec::new();
+            let mut acks = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    Msg::Record(r) => records.push(r),
+                    Msg::Flush(ack) => acks.push(ack),
+                }
+                next = if records.len() < self.settings.batch {
+                    self.rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            self.write(&records);
+            for ack in acks {
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    fn write(&self, records: &[Arc<RawRecord>]) {
+        if records.is_empty() {
+            return;
+        }
+        let mut batch = self.store.record_batch();
+        let mut new_defs: Vec<FeatureDef> = Vec::new();
+        for raw in records {
+            let p = prepare(raw, &self.settings);
+            batch.add_prediction(&p.record, raw.time_ms);
+            for (row, entity) in p.features.rows.iter().zip(&p.features.entities) {
+                let Some(entity) = entity else { continue };
+                if crate::feature_store::validate_entity_id(entity).is_err() {
+                    continue;
+                }
+                for (name, value) in p.features.names.iter().zip(row) {
+                    if !self.catalog.contains(name) && !new_defs.iter().any(|d| &d.name == name) {
+                        let def = FeatureDef {
+                            name: name.clone(),
+                            description: String::new(),
+                            kind: FeatureKind::of(value),
+                            ttl_ms: None,
+                            from_traffic: true,
+                        };
+                        batch.add_feature_def(&def);
+                        new_defs.push(def);
+                    }
+                    batch.add_feature(entity, name, raw.time_ms, value);
+                }
+            }
+        }
+        let n = records.len() as u64;
+        match batch.commit(false) {
+            Ok(()) => {
+                self.metrics.records_written.inc_by(n);
+                for d in new_defs {
+                    self.catalog.insert_if_absent(d);
+                }
+            }
+            Err(e) => {
+                self.metrics.record_write_errors.inc_by(n);
+                tracing::warn!(error = %e, records = n, "writing records failed; they are dropped");
+            }
+        }
+        for raw in records {
+            self.pending
+                .remove_if(&raw.request_id, |_, v| Arc::ptr_eq(v, raw));
+            self.queued_bytes
+                .fetch_sub(raw.size + 512, Ordering::Relaxed);
+            self.metrics.record_queue_depth.dec();
+        }
+    }
+}

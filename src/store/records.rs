@@ -1,0 +1,666 @@
+//! Records in RocksDB: predictions and their time index, outcomes with their index and the
+//! per-version counters, and the online feature store.
+//!
+//! | family | key | value |
+//! |---|---|---|
+//! | `predictions` | request id | time ‖ `PredictionRecord` |
+//! | `prediction_index` | model ∅ time ‖ request id | version |
+//! | `outcomes` | request id ∅ row | time ‖ `OutcomeRecord` |
+//! | `outcome_index` | model ∅ version ‖ time ‖ request id ∅ row | judgement (flags, error) |
+//! | `counters` | `v` model ∅ version ‖ name | tagged i64 / f64, merged by addition |
+//! | `features` | entity ∅ feature ∅ ¬time | `FeatureValue` |
+//! | `features_latest` | entity ∅ feature | time ‖ `FeatureValue`, merged by keeping the newest |
+//! | `feature_defs` | name | JSON `FeatureDef` |
+
+use std::time::Duration;
+
+use prost::Message;
+use rocksdb::{Direction, IteratorMode, MergeOperands, WriteBatch, WriteOptions};
+
+use super::{cf, keys, Store, StoreError};
+use crate::feature_store::{self, FeatureDef};
+use crate::outcome::{Judgement, Tally, TallyDelta};
+use crate::pb::modelgate::v1 as pb;
+use crate::record::FeatureValue;
+
+/// How long records are kept, per family group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Prediction records and their index.
+    pub predictions: Duration,
+    /// Outcomes and their index (the counters are kept forever).
+    pub outcomes: Duration,
+    /// Feature values (history and latest).
+    pub features: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        Retention {
+            predictions: week,
+            outcomes: week,
+            features: week,
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The oldest time still retained.
+pub fn cutoff(retention: Duration) -> u64 {
+    now_ms().saturating_sub(retention.as_millis() as u64)
+}
+
+fn decode_err(family: &'static str, key: String) -> impl FnOnce(prost::DecodeError) -> StoreError {
+    move |e| StoreError::Decode {
+        family,
+        key,
+        reason: e.to_string(),
+    }
+}
+
+const COUNTERS: [&str; 6] = [
+    "outcomes",
+    "judged",
+    "successes",
+    "regression",
+    "abs_error",
+    "sq_error",
+];
+
+fn int_counter(v: i64) -> [u8; 9] {
+    let mut b = [b'i'; 9];
+    b[1..].copy_from_slice(&v.to_le_bytes());
+    b
+}
+
+fn float_counter(v: f64) -> [u8; 9] {
+    let mut b = [b'f'; 9];
+    b[1..].copy_from_slice(&v.to_le_bytes());
+    b
+}
+
+enum Counter {
+    Int(i64),
+    Float(f64),
+}
+
+fn parse_counter(v: &[u8]) -> Option<Counter> {
+    if v.len() != 9 {
+        return None;
+    }
+    let n: [u8; 8] = v[1..].try_into().ok()?;
+    match v[0] {
+        b'i' => Some(Counter::Int(i64::from_le_bytes(n))),
+        b'f' => Some(Counter::Float(f64::from_le_bytes(n))),
+        _ => None,
+    }
+}
+
+/// Merge operator of `counters`: adds tagged integers or floats. A malformed operand is skipped
+/// rather than poisoning the counter.
+pub(super) fn add_counters(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut int: Option<i64> = None;
+    let mut float: Option<f64> = None;
+    for v in existing.into_iter().chain(operands.iter()) {
+        match parse_counter(v) {
+            Some(Counter::Int(i)) => int = Some(int.unwrap_or(0).wrapping_add(i)),
+            Some(Counter::Float(f)) => float = Some(float.unwrap_or(0.0) + f),
+            None => {}
+        }
+    }
+    match (int, float) {
+        (_, Some(f)) => Some(float_counter(f).to_vec()),
+        (Some(i), None) => Some(int_counter(i).to_vec()),
+        (None, None) => existing.map(<[u8]>::to_vec),
+    }
+}
+
+/// Merge operator of `features_latest`: keeps the value with the newest time (the later operand
+/// on ties), so a late write of an old value never hides a newer one.
+pub(super) fn keep_newest(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut best: Option<(u64, &[u8])> = None;
+    for v in existing.into_iter().chain(operands.iter()) {
+        if let Ok((t, _)) = keys::split_timed_value(cf::FEATURES_LATEST, v) {
+            if best.is_none_or(|(bt, _)| t >= bt) {
+                best = Some((t, v));
+            }
+        }
+    }
+    best.map(|(_, v)| v.to_vec())
+}
+
+/// The judgement stored in `outcome_index`: flags (has success, success, has error), error (f64 LE).
+fn encode_judgement(j: &Judgement) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[0] = u8::from(j.success.is_some())
+        | (u8::from(j.success == Some(true)) << 1)
+        | (u8::from(j.error.is_some()) << 2);
+    b[1..].copy_from_slice(&j.error.unwrap_or(0.0).to_le_bytes());
+    b
+}
+
+fn decode_judgement(v: &[u8]) -> Option<Judgement> {
+    if v.len() != 9 {
+        return None;
+    }
+    let e = f64::from_le_bytes(v[1..].try_into().ok()?);
+    Some(Judgement {
+        success: (v[0] & 1 != 0).then_some(v[0] & 2 != 0),
+        error: (v[0] & 4 != 0).then_some(e),
+    })
+}
+
+/// Converts a feature value to its protobuf.
+pub fn feature_value_to_pb(v: &FeatureValue) -> pb::FeatureValue {
+    pb::FeatureValue {
+        kind: Some(match v {
+            FeatureValue::Number(x) => pb::feature_value::Kind::Number(*x),
+            FeatureValue::Text(s) => pb::feature_value::Kind::Text(s.clone()),
+        }),
+    }
+}
+
+/// Converts a stored feature value back.
+pub fn feature_value_from_pb(v: pb::FeatureValue) -> Option<FeatureValue> {
+    match v.kind? {
+        pb::feature_value::Kind::Number(x) => Some(FeatureValue::Number(x)),
+        pb::feature_value::Kind::Text(s) => Some(FeatureValue::Text(s)),
+    }
+}
+
+/// Many records written as one `WriteBatch` (WAL on, not synced: a process crash loses nothing
+/// committed; a power loss may lose the last moments).
+pub struct RecordBatch<'s> {
+    store: &'s Store,
+    batch: WriteBatch,
+    records: usize,
+}
+
+impl RecordBatch<'_> {
+    /// Adds a prediction record and its index entry.
+    pub fn add_prediction(&mut self, rec: &pb::PredictionRecord, time_ms: u64) {
+        self.batch.put_cf(
+            self.store.cf(cf::PREDICTIONS),
+            keys::prediction_key(&rec.request_id),
+            keys::timed_value(time_ms, &rec.encode_to_vec()),
+        );
+        self.batch.put_cf(
+            self.store.cf(cf::PREDICTION_INDEX),
+            keys::prediction_index_key(&rec.model, time_ms, &rec.request_id),
+            rec.version.to_be_bytes(),
+        );
+        self.records += 1;
+    }
+
+    /// Adds one feature value of an entity (history and latest).
+    pub fn add_feature(&mut self, entity: &str, feature: &str, time_ms: u64, value: &FeatureValue) {
+        let body = feature_value_to_pb(value).encode_to_vec();
+        self.batch.put_cf(
+            self.store.cf(cf::FEATURES),
+            keys::feature_history_key(entity, feature, time_ms),
+            &body,
+        );
+        self.batch.merge_cf(
+            self.store.cf(cf::FEATURES_LATEST),
+            keys::feature_latest_key(entity, feature),
+            keys::timed_value(time_ms, &body),
+        );
+    }
+
+    /// Adds a feature definition.
+    pub fn add_feature_def(&mut self, def: &FeatureDef) {
+        self.batch.put_cf(
+            self.store.cf(cf::FEATURE_DEFS),
+            def.name.as_bytes(),
+            serde_json::to_vec(def).expect("feature definitions serialise"),
+        );
+    }
+
+    /// Prediction records in the batch.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+
+    /// True when no prediction was added.
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// Commits the batch. `no_slowdown` makes RocksDB fail instead of stalling the writer.
+    pub fn commit(self, no_slowdown: bool) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_no_slowdown(no_slowdown);
+        self.store.db.write_opt(self.batch, &wo)?;
+        Ok(())
+    }
+}
+
+/// A page of prediction records.
+pub struct PredictionPage {
+    /// Records with their time, newest first.
+    pub records: Vec<pb::PredictionRecord>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<(u64, String)>,
+}
+
+impl Store {
+    /// Starts a batch of records.
+    pub fn record_batch(&self) -> RecordBatch<'_> {
+        RecordBatch {
+            store: self,
+            batch: WriteBatch::default(),
+            records: 0,
+        }
+    }
+
+    /// One prediction record with its time, unless unknown or older than `not_before_ms`.
+    pub fn get_prediction(
+        &self,
+        request_id: &str,
+        not_before_ms: u64,
+    ) -> Result<Option<(u64, pb::PredictionRecord)>, StoreError> {
+        let Some(v) = self
+            .db
+            .get_pinned_cf(self.cf(cf::PREDICTIONS), keys::prediction_key(request_id))?
+        else {
+            return Ok(None);
+        };
+        let (time, body) = keys::split_timed_value(cf::PREDICTIONS, &v)?;
+        if time < not_before_ms {
+            return Ok(None);
+        }
+        let rec = pb::PredictionRecord::decode(body)
+            .map_err(decode_err(cf::PREDICTIONS, request_id.to_string()))?;
+        Ok(Some((time, rec)))
+    }
+
+    /// Records of `model` (and `version`, unless 0) with `start_ms <= time < end_ms`, newest first,
+    /// starting strictly after `after` (a previous page's last entry).
+    pub fn list_predictions(
+        &self,
+        model: &str,
+        version: u32,
+        start_ms: u64,
+        end_ms: u64,
+        limit: usize,
+        after: Option<(u64, String)>,
+    ) -> Result<PredictionPage, StoreError> {
+        let prefix = keys::prediction_index_prefix(model);
+        let from = match &after {
+            Some((t, id)) => keys::prediction_index_key(model, *t, id),
+            None => keys::prediction_index_key(model, end_ms, ""),
+        };
+        let mut ids = Vec::new();
+        let mut next = None;
+        let iter = self.db.iterator_cf(
+            self.cf(cf::PREDICTION_INDEX),
+            IteratorMode::From(&from, Direction::Reverse),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if k.as_ref() == from.as_slice() {
+                continue; // the page token's own entry, or an entry exactly at end_ms
+            }
+            let (_, time, id) = keys::decode_prediction_index_key(&k)?;
+            if time < start_ms {
+                break;
+            }
+            if time >= end_ms {
+                continue;
+            }
+            let v: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Decode {
+                family: cf::PREDICTION_INDEX,
+                key: id.clone(),
+                reason: "version is not 4 bytes".into(),
+            })?;
+            if version != 0 && u32::from_be_bytes(v) != version {
+                continue;
+            }
+            if ids.len() == limit {
+                next = ids.last().cloned();
+                break;
+            }
+            ids.push((time, id));
+        }
+        let mut records = Vec::with_capacity(ids.len());
+        for (_, id) in &ids {
+            // An index entry whose record is gone (retention, or a re-used request id) is skipped.
+            if let Some((_, rec)) = self.get_prediction(id, 0)? {
+                if rec.model == model {
+                    records.push(rec);
+                }
+            }
+        }
+        Ok(PredictionPage { records, next })
+    }
+
+    /// Every outcome of a request, by row.
+    pub fn outcomes_of(&self, request_id: &str) -> Result<Vec<pb::OutcomeRecord>, StoreError> {
+        let prefix = keys::outcome_prefix(request_id);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(cf::OUTCOMES),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let (_, body) = keys::split_timed_value(cf::OUTCOMES, &v)?;
+            out.push(
+                pb::OutcomeRecord::decode(body)
+                    .map_err(decode_err(cf::OUTCOMES, request_id.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The outcome of one row, with its time.
+    pub fn get_outcome(
+        &self,
+        request_id: &str,
+        row: u32,
+    ) -> Result<Option<(u64, pb::OutcomeRecord)>, StoreError> {
+        let Some(v) = self
+            .db
+            .get_pinned_cf(self.cf(cf::OUTCOMES), keys::outcome_key(request_id, row))?
+        else {
+            return Ok(None);
+        };
+        let (time, body) = keys::split_timed_value(cf::OUTCOMES, &v)?;
+        let rec = pb::OutcomeRecord::decode(body)
+            .map_err(decode_err(cf::OUTCOMES, request_id.to_string()))?;
+        Ok(Some((time, rec)))
+    }
+
+    /// Writes an outcome, its index entry and the counter changes in one batch; `replaced` is the
+    /// outcome it overwrites (time, record, judgement), whose contribution is taken back.
+    pub fn write_outcome(
+        &self,
+        outcome: &pb::OutcomeRecord,
+        time_ms: u64,
+        judgement: &Judgement,
+        replaced: Option<(u64, &pb::OutcomeRecord, Judgement)>,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let idx = self.cf(cf::OUTCOME_INDEX);
+        batch.put_cf(
+            self.cf(cf::OUTCOMES),
+            keys::outcome_key(&outcome.request_id, outcome.row),
+            keys::timed_value(time_ms, &outcome.encode_to_vec()),
+        );
+        batch.put_cf(
+            idx,
+            keys::outcome_index_key(
+                &outcome.model,
+                outcome.version,
+                time_ms,
+                &outcome.request_id,
+                outcome.row,
+            ),
+            encode_judgement(judgement),
+        );
+        let mut delta = TallyDelta::of(judgement);
+        if let Some((old_time, old, old_judgement)) = replaced {
+            if old_time != time_ms {
+                batch.delete_cf(
+                    idx,
+                    keys::outcome_index_key(
+                        &old.model,
+                        old.version,
+                        old_time,
+                        &old.request_id,
+                        old.row,
+                    ),
+                );
+            }
+            delta = delta.plus(TallyDelta::of(&old_judgement).negate());
+        }
+        let counters = self.cf(cf::COUNTERS);
+        let key = |name| keys::version_counter_key(&outcome.model, outcome.version, name);
+        let ints = [
+            delta.outcomes,
+            delta.judged,
+            delta.successes,
+            delta.regression,
+        ];
+        for (name, v) in COUNTERS.iter().zip(ints) {
+            if v != 0 {
+                batch.merge_cf(counters, key(name), int_counter(v));
+            }
+        }
+        for (name, v) in COUNTERS[4..].iter().zip([delta.abs_error, delta.sq_error]) {
+            if v != 0.0 {
+                batch.merge_cf(counters, key(name), float_counter(v));
+            }
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// All-time figures of a model version, from the counters.
+    pub fn tally(&self, model: &str, version: u32) -> Result<Tally, StoreError> {
+        let counters = self.cf(cf::COUNTERS);
+        let keys: Vec<Vec<u8>> = COUNTERS
+            .iter()
+            .map(|n| keys::version_counter_key(model, version, n))
+            .collect();
+        let values = self.db.batched_multi_get_cf(counters, keys.iter(), false);
+        let mut ints = [0u64; 4];
+        let mut floats = [0f64; 2];
+        for (i, v) in values.into_iter().enumerate() {
+            match v?.as_deref().and_then(parse_counter) {
+                Some(Counter::Int(n)) if i < 4 => ints[i] = n.max(0) as u64,
+                Some(Counter::Float(f)) if i >= 4 => floats[i - 4] = f,
+                _ => {}
+            }
+        }
+        Ok(Tally {
+            outcomes: ints[0],
+            judged: ints[1],
+            successes: ints[2],
+            regression: ints[3],
+            abs_error: floats[0],
+            sq_error: floats[1],
+        })
+    }
+
+    /// Figures over the most recent `n` retained outcomes of a model version.
+    pub fn recent_tally(&self, model: &str, version: u32, n: usize) -> Result<Tally, StoreError> {
+        let prefix = keys::outcome_index_prefix(model, version);
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&[0xff; 9]);
+        let mut t = Tally::default();
+        for item in self.db.iterator_cf(
+            self.cf(cf::OUTCOME_INDEX),
+            IteratorMode::From(&upper, Direction::Reverse),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || t.outcomes as usize >= n {
+                break;
+            }
+            if let Some(j) = decode_judgement(&v) {
+                t.add(&j);
+            }
+        }
+        Ok(t)
+    }
+
+    /// Every feature definition.
+    pub fn load_feature_defs(&self) -> Result<Vec<FeatureDef>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::FEATURE_DEFS), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|source| StoreError::Value {
+                    family: cf::FEATURE_DEFS,
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes feature definitions durably (synced): they are configuration.
+    pub fn put_feature_defs(&self, defs: &[FeatureDef]) -> Result<(), StoreError> {
+        let mut b = self.record_batch();
+        for d in defs {
+            b.add_feature_def(d);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(b.batch, &wo)?;
+        Ok(())
+    }
+
+    /// Point-in-time feature reads: for each entity, for each `(feature, ttl)`, the latest value at
+    /// or before `as_of_ms` with its time, or `None` (never seen, only newer values, or expired).
+    #[allow(clippy::type_complexity)]
+    pub fn get_features(
+        &self,
+        entities: &[String],
+        features: &[(String, Option<u64>)],
+        as_of_ms: u64,
+    ) -> Result<Vec<Vec<Option<(u64, FeatureValue)>>>, StoreError> {
+        let retained = cutoff(self.retention.features);
+        let latest_keys: Vec<Vec<u8>> = entities
+            .iter()
+            .flat_map(|e| {
+                features
+                    .iter()
+                    .map(move |(f, _)| keys::feature_latest_key(e, f))
+            })
+            .collect();
+        let latest =
+            self.db
+                .batched_multi_get_cf(self.cf(cf::FEATURES_LATEST), latest_keys.iter(), false);
+        let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
+        let mut out = Vec::with_capacity(entities.len());
+        let mut latest = latest.into_iter();
+        for entity in entities {
+            let mut row = Vec::with_capacity(features.len());
+            for (feature, ttl) in features {
+                let cell = latest.next().expect("one result per key")?;
+                let found = match cell {
+                    None => None,
+                    Some(v) => {
+                        let (t, body) = keys::split_timed_value(cf::FEATURES_LATEST, &v)?;
+                        if t <= as_of_ms {
+                            Some((t, body.to_vec()))
+                        } else {
+                            // The newest value is from after as_of: look back in the history.
+                            let seek = keys::feature_history_key(entity, feature, as_of_ms);
+                            let mut prefix = keys::feature_latest_key(entity, feature);
+                            prefix.push(0);
+                            history.seek(&seek);
+                            match (history.key(), history.value()) {
+                                (Some(k), Some(v)) if k.starts_with(&prefix) => {
+                                    Some((keys::feature_history_time(k)?, v.to_vec()))
+                                }
+                                _ => {
+                                    history.status()?;
+                                    None
+                                }
+                            }
+                        }
+                    }
+                };
+                row.push(match found {
+                    Some((t, body))
+                        if t >= retained && feature_store::visible(t, as_of_ms, *ttl) =>
+                    {
+                        let v = pb::FeatureValue::decode(body.as_slice())
+                            .map_err(decode_err(cf::FEATURES, format!("{entity}/{feature}")))?;
+                        feature_value_from_pb(v).map(|v| (t, v))
+                    }
+                    _ => None,
+                });
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    /// Runs a manual compaction of every retained family, which drops what retention has expired.
+    /// RocksDB also does this on its own (periodic compaction); this makes it happen now.
+    pub fn compact_expired(&self) {
+        for name in [
+            cf::PREDICTIONS,
+            cf::PREDICTION_INDEX,
+            cf::OUTCOMES,
+            cf::OUTCOME_INDEX,
+            cf::FEATURES,
+            cf::FEATURES_LATEST,
+        ] {
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+}
+
+/// The time a retained record was written, read from its key or value; `None` when the family is
+/// kept forever or the entry is malformed (kept).
+pub(super) fn record_time(family: &str, key: &[u8], value: &[u8]) -> Option<u64> {
+    match family {
+        cf::PREDICTIONS | cf::OUTCOMES | cf::FEATURES_LATEST => {
+            keys::split_timed_value(cf::PREDICTIONS, value)
+                .ok()
+                .map(|(t, _)| t)
+        }
+        cf::PREDICTION_INDEX => keys::decode_prediction_index_key(key)
+            .ok()
+            .map(|(_, t, _)| t),
+        cf::OUTCOME_INDEX => keys::outcome_index_time(key).ok(),
+        cf::FEATURES => keys::feature_history_time(key).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judgements_round_trip() {
+        for j in [
+            Judgement {
+                success: Some(true),
+                error: None,
+            },
+            Judgement {
+                success: Some(false),
+                error: None,
+            },
+            Judgement {
+                success: None,
+                error: Some(-1.5),
+            },
+            Judgement::default(),
+        ] {
+            assert_eq!(decode_judgement(&encode_judgement(&j)), Some(j));
+        }
+    }
+}
