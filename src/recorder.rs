@@ -93,6 +93,7 @@ enum Msg {
 /// The handle the data plane and the control services use.
 pub struct Recorder {
     tx: SyncSender<Msg>,
+    pause: Arc<parking_lot::Mutex<()>>,
     pending: Arc<DashMap<String, Arc<RawRecord>>>,
     queued_bytes: Arc<AtomicUsize>,
     settings: RecorderSettings,
@@ -224,7 +225,9 @@ impl Recorder {
         let (tx, rx) = sync_channel(settings.queue.max(1));
         let pending = Arc::new(DashMap::new());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let pause = Arc::new(parking_lot::Mutex::new(()));
         let writer = Writer {
+            pause: pause.clone(),
             store,
             rx,
             pending: pending.clone(),
@@ -240,6 +243,7 @@ impl Recorder {
         (
             Recorder {
                 tx,
+                pause,
                 pending,
                 queued_bytes,
                 settings,
@@ -291,6 +295,13 @@ impl Recorder {
         &self.catalog
     }
 
+    /// Test hook (fault injection): while the guard lives, the writer stops right after taking
+    /// one message off the queue, as it would during a long RocksDB stall.
+    #[doc(hidden)]
+    pub fn pause_writer(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.pause.lock()
+    }
+
     /// Waits (blocking) until everything submitted before the call is written.
     pub fn flush_blocking(&self) {
         let (ack, done) = sync_channel(1);
@@ -307,6 +318,7 @@ impl Recorder {
 }
 
 struct Writer {
+    pause: Arc<parking_lot::Mutex<()>>,
     store: Store,
     rx: Receiver<Msg>,
     pending: Arc<DashMap<String, Arc<RawRecord>>>,
@@ -320,6 +332,8 @@ impl Writer {
     /// Runs until every `Recorder` (sender) is gone, writing everything queued before that.
     fn run(self) {
         while let Ok(first) = self.rx.recv() {
+            // Fault-injection point for tests: hold here, with one message taken.
+            drop(self.pause.lock());
             let mut records = Vec::new();
             let mut acks = Vec::new();
             let mut next = Some(first);
