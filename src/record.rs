@@ -189,7 +189,7 @@ fn columns(t: &Tensor, batch: usize) -> Result<usize, String> {
 /// Rows and columns of an output tensor: rank ≥ 1 has `shape[0]` rows.
 fn output_rows(t: &Tensor) -> (usize, usize) {
     let rows = t.shape.first().copied().unwrap_or(1);
-    let cols = if rows == 0 { 0 } else { t.values.len() / rows };
+    let cols = t.values.len().checked_div(rows).unwrap_or(0);
     (rows, cols)
 }
 
