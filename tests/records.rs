@@ -467,6 +467,8 @@ async fn list_predictions_pages_newest_first_and_filters() {
     mg.shutdown().await;
 }
 
+// The writer is held paused (a lock) while requests are awaited: that is the point of the test.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test]
 async fn a_full_queue_drops_and_counts_while_every_request_succeeds() {
     let dir = tempfile::tempdir().unwrap();
