@@ -241,10 +241,17 @@ fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Rete
     table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
+    // A hash index inside data blocks speeds point lookups (records, outcomes, latest features).
+    table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
     o.set_block_based_table_factory(&table);
     match family {
         cf::COUNTERS => o.set_merge_operator_associative("add", records::add_counters),
-        cf::FEATURES_LATEST => o.set_merge_operator_associative("newest", records::keep_newest),
+        cf::FEATURES_LATEST => {
+            o.set_merge_operator_associative("newest", records::keep_newest);
+            // Resolve merge chains at write time (on the writer thread) once they grow, so
+            // point reads see few operands.
+            o.set_max_successive_merges(2);
+        }
         _ => {}
     }
     let keep = match family {

@@ -546,24 +546,35 @@ impl Store {
         as_of_ms: u64,
     ) -> Result<Vec<Vec<Option<(u64, FeatureValue)>>>, StoreError> {
         let retained = cutoff(self.retention.features);
-        let latest_keys: Vec<Vec<u8>> = entities
+        // One batched, sorted multi-get for every (entity, feature): RocksDB then walks each
+        // block once instead of seeking per key.
+        let mut latest_keys: Vec<(Vec<u8>, usize)> = entities
             .iter()
-            .flat_map(|e| {
-                features
-                    .iter()
-                    .map(move |(f, _)| keys::feature_latest_key(e, f))
-            })
+            .flat_map(|e| features.iter().map(move |(f, _)| keys::feature_latest_key(e, f)))
+            .enumerate()
+            .map(|(i, k)| (k, i))
             .collect();
-        let latest =
-            self.db
-                .batched_multi_get_cf(self.cf(cf::FEATURES_LATEST), latest_keys.iter(), false);
+        latest_keys.sort_unstable();
+        let sorted = self.db.batched_multi_get_cf(
+            self.cf(cf::FEATURES_LATEST),
+            latest_keys.iter().map(|(k, _)| k),
+            true,
+        );
+        let mut latest: Vec<Option<Result<Option<rocksdb::DBPinnableSlice>, rocksdb::Error>>> =
+            (0..latest_keys.len()).map(|_| None).collect();
+        for ((_, i), v) in latest_keys.iter().zip(sorted) {
+            latest[*i] = Some(v);
+        }
         let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
         let mut out = Vec::with_capacity(entities.len());
         let mut latest = latest.into_iter();
         for entity in entities {
             let mut row = Vec::with_capacity(features.len());
             for (feature, ttl) in features {
-                let cell = latest.next().expect("one result per key")?;
+                let cell = latest
+                    .next()
+                    .flatten()
+                    .expect("one result per key")?;
                 let found = match cell {
                     None => None,
                     Some(v) => {
