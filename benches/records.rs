@@ -135,7 +135,12 @@ fn feature_lookups() -> Vec<(String, f64, f64, f64)> {
             for (fi, f) in features.iter().enumerate() {
                 for v in 0..3u64 {
                     let t = now - 3_600_000 + v * 600_000;
-                    batch.add_feature(&format!("entity-{e}"), f, t, &FeatureValue::Number((e * 10 + fi) as f64 + v as f64));
+                    batch.add_feature(
+                        &format!("entity-{e}"),
+                        f,
+                        t,
+                        &FeatureValue::Number((e * 10 + fi) as f64 + v as f64),
+                    );
                 }
             }
         }
@@ -143,29 +148,48 @@ fn feature_lookups() -> Vec<(String, f64, f64, f64)> {
     }
     let with_ttl: Vec<(String, Option<u64>)> = features.iter().map(|f| (f.clone(), None)).collect();
     let mut out = Vec::new();
-    for (name, as_of) in [("as of now (latest)", now), ("as of 45 min ago (history)", now - 2_700_000)] {
+    for (name, as_of) in [
+        ("as of now (latest)", now),
+        ("as of 45 min ago (history)", now - 2_700_000),
+    ] {
         let mut times = Vec::new();
         for round in 0..1000usize {
-            let entities: Vec<String> = (0..100).map(|k| format!("entity-{}", (round * 7919 + k * 101) % 10_000)).collect();
+            let entities: Vec<String> = (0..100)
+                .map(|k| format!("entity-{}", (round * 7919 + k * 101) % 10_000))
+                .collect();
             let t = Instant::now();
             let cells = store.get_features(&entities, &with_ttl, as_of).unwrap();
             times.push(t.elapsed());
             assert!(cells.iter().all(|row| row.iter().all(Option::is_some)));
         }
         times.sort();
-        out.push((name.to_string(), percentile(&times, 0.5), percentile(&times, 0.99), percentile(&times, 0.999)));
+        out.push((
+            name.to_string(),
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            percentile(&times, 0.999),
+        ));
     }
     out
 }
 
 fn main() {
-    let n: usize = std::env::var("BENCH_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let n: usize = std::env::var("BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     println!("record writer, {n} records of 1x16 FP32 features + threshold prediction:");
-    for (label, entity) in [("prediction log only", false), ("log + feature store (16 features/entity)", true)] {
+    for (label, entity) in [
+        ("prediction log only", false),
+        ("log + feature store (16 features/entity)", true),
+    ] {
         println!("  {label:<44} {:>10.0} records/s", writer_rate(n, entity));
     }
     println!("feature lookups, 100 entities x 10 features (10,000 entities x 10 features x 3 versions stored):");
-    println!("  {:<30} {:>9} {:>9} {:>9}", "read", "p50 µs", "p99 µs", "p99.9 µs");
+    println!(
+        "  {:<30} {:>9} {:>9} {:>9}",
+        "read", "p50 µs", "p99 µs", "p99.9 µs"
+    );
     for (name, p50, p99, p999) in feature_lookups() {
         println!("  {name:<30} {p50:>9.0} {p99:>9.0} {p999:>9.0}");
     }

@@ -54,13 +54,7 @@ async fn unary_keeps_metadata_both_ways() {
     let resp = client.unary(req(echo("hi"))).await.unwrap();
     assert_eq!(resp.metadata().get("x-echo-header").unwrap(), "unary");
     assert_eq!(served_version(&resp), "1");
-    let request_id = resp
-        .metadata()
-        .get("x-modelgate-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let request_id = request_id_of(&resp);
     let body = resp.into_inner();
     assert_eq!(body.message, "hi");
     assert!(

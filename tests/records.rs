@@ -108,13 +108,7 @@ async fn records_hold_features_and_predictions_and_outcomes_join_at_once() {
         ))
         .await
         .unwrap();
-    let id = resp
-        .metadata()
-        .get("x-modelgate-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = request_id_of(&resp);
     // The outcome is sent the moment the answer arrives, before the record can have been written.
     let o = c
         .outcomes
@@ -198,14 +192,7 @@ async fn duplicate_outcomes_overwrites_and_exact_performance_after_restart() {
             .model_infer(infer_request("churn", &[row]))
             .await
             .unwrap();
-        ids.push(
-            r.metadata()
-                .get("x-modelgate-request-id")
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(request_id_of(&r));
     }
     // Truth: everyone churned. Right on the 5 even ones.
     let items: Vec<_> = ids
@@ -289,13 +276,7 @@ async fn regression_outcomes_give_mae_and_rmse() {
             .model_infer(infer_request("price", &[&[x]]))
             .await
             .unwrap();
-        let id = r
-            .metadata()
-            .get("x-modelgate-request-id")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let id = request_id_of(&r);
         results.push(
             c.outcomes
                 .record_outcome(outcome(&id, 0, pb::actual::Kind::Number(truth)))
@@ -314,13 +295,7 @@ async fn regression_outcomes_give_mae_and_rmse() {
         .model_infer(infer_request("price", &[&[1.0]]))
         .await
         .unwrap();
-    let id = r
-        .metadata()
-        .get("x-modelgate-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = request_id_of(&r);
     let err = c
         .outcomes
         .record_outcome(outcome(&id, 0, pb::actual::Kind::Label("cheap".into())))
@@ -752,13 +727,7 @@ async fn bad_outcomes_get_a_status_each_and_lose_nothing_else() {
         .model_infer(infer_request("churn", &[&[1.0, 0.0, 0.0]]))
         .await
         .unwrap();
-    let id = r
-        .metadata()
-        .get("x-modelgate-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = request_id_of(&r);
     let mut c = clients(&mg).await;
 
     let err = c
@@ -867,13 +836,7 @@ async fn bad_outcomes_get_a_status_each_and_lose_nothing_else() {
         ))
         .await
         .unwrap();
-    let eid = r
-        .metadata()
-        .get("x-modelgate-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let eid = request_id_of(&r);
     let err = c
         .outcomes
         .record_outcome(outcome(&eid, 0, pb::actual::Kind::Label("x".into())))

@@ -550,7 +550,11 @@ impl Store {
         // block once instead of seeking per key.
         let mut latest_keys: Vec<(Vec<u8>, usize)> = entities
             .iter()
-            .flat_map(|e| features.iter().map(move |(f, _)| keys::feature_latest_key(e, f)))
+            .flat_map(|e| {
+                features
+                    .iter()
+                    .map(move |(f, _)| keys::feature_latest_key(e, f))
+            })
             .enumerate()
             .map(|(i, k)| (k, i))
             .collect();
@@ -571,10 +575,7 @@ impl Store {
         for entity in entities {
             let mut row = Vec::with_capacity(features.len());
             for (feature, ttl) in features {
-                let cell = latest
-                    .next()
-                    .flatten()
-                    .expect("one result per key")?;
+                let cell = latest.next().flatten().expect("one result per key")?;
                 let found = match cell {
                     None => None,
                     Some(v) => {

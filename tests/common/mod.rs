@@ -119,6 +119,16 @@ pub fn first_output(resp: &modelgate::pb::inference::ModelInferResponse) -> Vec<
     outputs[0].numeric().expect("numeric").to_vec()
 }
 
+/// The x-modelgate-request-id header.
+pub fn request_id_of<T>(resp: &Response<T>) -> String {
+    resp.metadata()
+        .get("x-modelgate-request-id")
+        .expect("request id header")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The x-modelgate-model-version header.
 pub fn served_version<T>(resp: &Response<T>) -> String {
     resp.metadata()
