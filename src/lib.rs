@@ -21,5 +21,6 @@ pub mod recorder;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
