@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/inference/grpc_predict_v2.proto",
     "proto/modelgate/v1/registry.proto",
     "proto/modelgate/v1/records.proto",
+    "proto/modelgate/v1/experiments.proto",
     "proto/modelgate/testing/echo.proto",
 ];
 

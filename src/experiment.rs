@@ -168,6 +168,16 @@ pub enum ExperimentError {
         /// What was asked.
         operation: &'static str,
     },
+    /// The version serves an open experiment.
+    #[error("model '{model}' version {version} serves experiment '{experiment}'; stop or conclude it first")]
+    VersionInUse {
+        /// Model.
+        model: String,
+        /// Version.
+        version: u32,
+        /// The experiment.
+        experiment: String,
+    },
     /// A registry rule refused (unknown model, promotion gate…).
     #[error(transparent)]
     Registry(#[from] RegistryError),

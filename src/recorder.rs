@@ -21,7 +21,7 @@ use crate::pb::inference::{ModelInferRequest, ModelInferResponse};
 use crate::pb::modelgate::v1 as pb;
 use crate::record::{self, FeatureTable, Prediction};
 use crate::routing::Route;
-use crate::store::records::feature_value_to_pb;
+use crate::store::records::{feature_value_to_pb, UnitSketch};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -42,6 +42,8 @@ pub struct RawRecord {
     pub experiment: Option<String>,
     /// Variant within the experiment.
     pub variant: Option<String>,
+    /// Counted in the experiment's results (false when the variant was forced).
+    pub counted: bool,
     /// Unit id (the bucketing key).
     pub unit_id: Option<String>,
     /// Final gRPC status code.
@@ -206,6 +208,7 @@ pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
             .collect(),
         note: notes.join("; "),
         outcomes: Vec::new(),
+        variant_forced: raw.experiment.is_some() && !raw.counted,
     };
     Prepared {
         record,
@@ -227,6 +230,7 @@ impl Recorder {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let pause = Arc::new(parking_lot::Mutex::new(()));
         let writer = Writer {
+            sketches: Default::default(),
             pause: pause.clone(),
             store,
             rx,
@@ -317,7 +321,30 @@ impl Recorder {
     }
 }
 
+/// Distinct-unit sketches of experiment variants, kept by the writer and stored every
+/// [`SKETCH_PERSIST`] (and at flushes and exit) when they changed.
+#[derive(Default)]
+struct Sketches {
+    by_variant: std::collections::HashMap<(String, String), (UnitSketch, bool)>,
+    last_persist: Option<std::time::Instant>,
+}
+
+/// How often changed unit sketches are written.
+const SKETCH_PERSIST: Duration = Duration::from_millis(250);
+
+impl Writer {
+    fn load_sketch(&self, experiment: &str, variant: &str) -> UnitSketch {
+        match self.store.experiment_units(experiment, variant) {
+            Ok(Some(registers)) if registers.len() == UnitSketch::number_registers() => {
+                UnitSketch::with_registers(registers)
+            }
+            _ => UnitSketch::new(),
+        }
+    }
+}
+
 struct Writer {
+    sketches: parking_lot::Mutex<Sketches>,
     pause: Arc<parking_lot::Mutex<()>>,
     store: Store,
     rx: Receiver<Msg>,
@@ -348,22 +375,33 @@ impl Writer {
                     None
                 };
             }
-            self.write(&records);
+            self.write(&records, !acks.is_empty());
             for ack in acks {
                 let _ = ack.send(());
             }
         }
+        // Last changes of the unit sketches.
+        self.write(&[], true);
     }
 
-    fn write(&self, records: &[Arc<RawRecord>]) {
-        if records.is_empty() {
-            return;
-        }
+    fn write(&self, records: &[Arc<RawRecord>], persist_sketches: bool) {
         let mut batch = self.store.record_batch();
         let mut new_defs: Vec<FeatureDef> = Vec::new();
+        let mut sketches = self.sketches.lock();
         for raw in records {
             let p = prepare(raw, &self.settings);
             batch.add_prediction(&p.record, raw.time_ms);
+            if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
+                batch.add_experiment_request(e, v);
+                if let Some(unit) = &raw.unit_id {
+                    let (sketch, dirty) = sketches
+                        .by_variant
+                        .entry((e.clone(), v.clone()))
+                        .or_insert_with(|| (self.load_sketch(e, v), false));
+                    sketch.add_hash(xxhash_rust::xxh3::xxh3_64(unit.as_bytes()));
+                    *dirty = true;
+                }
+            }
             for (row, entity) in p.features.rows.iter().zip(&p.features.entities) {
                 let Some(entity) = entity else { continue };
                 if crate::feature_store::validate_entity_id(entity).is_err() {
@@ -385,6 +423,19 @@ impl Writer {
                 }
             }
         }
+        let due = sketches
+            .last_persist
+            .is_none_or(|t| t.elapsed() >= SKETCH_PERSIST);
+        if persist_sketches || due {
+            for ((e, v), (sketch, dirty)) in sketches.by_variant.iter_mut() {
+                if *dirty {
+                    batch.put_experiment_units(e, v, sketch.get_registers());
+                    *dirty = false;
+                }
+            }
+            sketches.last_persist = Some(std::time::Instant::now());
+        }
+        drop(sketches);
         let n = records.len() as u64;
         match batch.commit(false) {
             Ok(()) => {

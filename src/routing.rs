@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::registry::{PredictionSpec, Registry};
+use crate::control::State;
+use crate::experiment::{self, Experiment, ExperimentState};
+use crate::registry::{ModelVersion, PredictionSpec};
 
 /// Where one model's traffic goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +32,49 @@ pub struct Route {
     pub feature_names: BTreeMap<String, Vec<String>>,
 }
 
+impl Route {
+    /// The route to a registered version.
+    pub fn to(v: &ModelVersion) -> Route {
+        Route {
+            model: v.model.clone(),
+            version: v.version,
+            version_label: v.version.to_string(),
+            endpoint: v.endpoint.clone(),
+            backend_model: v.backend_model.clone(),
+            backend_version: v.backend_version.clone(),
+            prediction: v.prediction.clone(),
+            feature_names: v.feature_names.clone(),
+        }
+    }
+}
+
+/// A running experiment, as the data plane needs it.
+#[derive(Debug)]
+pub struct LiveExperiment {
+    /// Experiment name.
+    pub name: Arc<str>,
+    /// Metadata key / OIP parameter of the unit id.
+    pub unit_key: String,
+    salt: String,
+    coverage: f64,
+    cumulative: Vec<f64>,
+    /// Variant names and their routes, in order.
+    pub variants: Vec<(Arc<str>, Arc<Route>)>,
+    start_ms: Option<u64>,
+    end_ms: Option<u64>,
+}
+
+/// Where one request goes, and whether it is an experiment observation.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// The route.
+    pub route: Arc<Route>,
+    /// Experiment and variant, when the request is in one.
+    pub experiment: Option<(Arc<str>, Arc<str>)>,
+    /// Counted in the experiment's results (false for forced variants).
+    pub counted: bool,
+}
+
 /// The answer to "where does this model's traffic go?".
 #[derive(Clone, Debug, PartialEq)]
 pub enum Lookup {
@@ -46,36 +91,82 @@ pub enum Lookup {
 pub struct RoutingTable {
     production: HashMap<String, Arc<Route>>,
     known: HashSet<String>,
+    experiments: HashMap<String, Arc<LiveExperiment>>,
     default_model: Option<String>,
 }
 
 impl RoutingTable {
-    /// Builds the snapshot for the current registry.
-    pub fn build(registry: &Registry, default_model: Option<&str>) -> Self {
+    /// Builds the snapshot for the current registry and experiments.
+    pub fn build(state: &State, default_model: Option<&str>) -> Self {
         let mut production = HashMap::new();
         let mut known = HashSet::new();
-        for m in registry.models() {
+        for m in state.registry.models() {
             known.insert(m.meta.name.clone());
             if let Some(v) = m.production() {
-                production.insert(
-                    v.model.clone(),
-                    Arc::new(Route {
-                        model: v.model.clone(),
-                        version: v.version,
-                        version_label: v.version.to_string(),
-                        endpoint: v.endpoint.clone(),
-                        backend_model: v.backend_model.clone(),
-                        backend_version: v.backend_version.clone(),
-                        prediction: v.prediction.clone(),
-                        feature_names: v.feature_names.clone(),
-                    }),
-                );
+                production.insert(v.model.clone(), Arc::new(Route::to(v)));
             }
         }
+        let experiments = state
+            .experiments
+            .all()
+            .filter(|e| e.state == ExperimentState::Running)
+            .filter_map(|e| Some((e.model.clone(), Arc::new(live(e, state)?))))
+            .collect();
         RoutingTable {
             production,
             known,
+            experiments,
             default_model: default_model.map(str::to_string),
+        }
+    }
+
+    /// The running experiment of `model`, if any (it may still be outside its time window).
+    pub fn experiment(&self, model: &str) -> Option<&Arc<LiveExperiment>> {
+        self.experiments.get(model)
+    }
+
+    /// Routes one request of `model`: to the variant the unit is assigned (or the one forced by
+    /// `x-modelgate-variant`) when the model has a live experiment, else to production.
+    pub fn decide(
+        &self,
+        model: &str,
+        unit_id: Option<&str>,
+        forced: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Decision, Lookup> {
+        if let Some(e) = self.experiments.get(model) {
+            let live =
+                e.start_ms.is_none_or(|s| now_ms >= s) && e.end_ms.is_none_or(|x| now_ms < x);
+            if live {
+                let forced = forced.and_then(|f| e.variants.iter().position(|(n, _)| &**n == f));
+                let chosen = match forced {
+                    Some(i) => Some((i, false)),
+                    None => unit_id.and_then(|u| {
+                        experiment::pick(
+                            experiment::bucket(&e.salt, &e.name, u),
+                            e.coverage,
+                            &e.cumulative,
+                        )
+                        .map(|i| (i, true))
+                    }),
+                };
+                if let Some((i, counted)) = chosen {
+                    let (variant, route) = &e.variants[i];
+                    return Ok(Decision {
+                        route: route.clone(),
+                        experiment: Some((e.name.clone(), variant.clone())),
+                        counted,
+                    });
+                }
+            }
+        }
+        match self.lookup(model) {
+            Lookup::Found(route) => Ok(Decision {
+                route,
+                experiment: None,
+                counted: false,
+            }),
+            other => Err(other),
         }
     }
 
@@ -104,10 +195,33 @@ impl RoutingTable {
     }
 }
 
+/// The data plane's view of a running experiment; `None` when a variant's version is gone.
+fn live(e: &Experiment, state: &State) -> Option<LiveExperiment> {
+    let model = state.registry.model(&e.model).ok()?;
+    let variants = e
+        .variants
+        .iter()
+        .map(|v| {
+            let version = model.versions.get(&v.version)?;
+            Some((Arc::from(v.name.as_str()), Arc::new(Route::to(version))))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(LiveExperiment {
+        name: Arc::from(e.name.as_str()),
+        unit_key: e.unit_key.clone(),
+        salt: e.salt.clone(),
+        coverage: e.coverage,
+        cumulative: e.cumulative(),
+        variants,
+        start_ms: e.start_ms,
+        end_ms: e.end_ms,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{NewVersion, Stage};
+    use crate::registry::{NewVersion, Registry, Stage};
 
     #[test]
     fn routes_follow_the_production_stage() {
@@ -133,13 +247,17 @@ mod tests {
             0,
         )
         .unwrap();
-        let t = RoutingTable::build(&r, Some("iris"));
+        let state = |r: &crate::registry::Registry| State {
+            registry: r.clone(),
+            ..Default::default()
+        };
+        let t = RoutingTable::build(&state(&r), Some("iris"));
         assert_eq!(t.lookup("iris"), Lookup::NoProduction);
         assert_eq!(t.lookup("nope"), Lookup::UnknownModel);
 
         r.transition("iris", "2", Stage::Production, false, 0)
             .unwrap();
-        let t = RoutingTable::build(&r, Some("iris"));
+        let t = RoutingTable::build(&state(&r), Some("iris"));
         let Lookup::Found(route) = t.lookup("iris") else {
             panic!("no route")
         };
@@ -149,5 +267,86 @@ mod tests {
         assert_eq!(t.default_model(), Some("iris"));
         assert_eq!(t.routed_models(), 1);
         assert_eq!(t.lookup("idle"), Lookup::NoProduction);
+    }
+
+    #[test]
+    fn experiments_split_force_and_fall_back_to_production() {
+        use crate::experiment::{Experiments, NewExperiment, NewVariant};
+        let mut r = Registry::default();
+        for port in [1, 2] {
+            r.register(
+                NewVersion {
+                    model: "m".into(),
+                    endpoint: format!("h:{port}"),
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        }
+        r.transition("m", "1", Stage::Production, false, 0).unwrap();
+        let mut ex = Experiments::default();
+        let new = |coverage| NewExperiment {
+            name: "e".into(),
+            model: "m".into(),
+            variants: ["1", "2"]
+                .iter()
+                .map(|v| NewVariant {
+                    name: format!("v{v}"),
+                    version: v.to_string(),
+                    weight: 1.0,
+                })
+                .collect(),
+            coverage,
+            start_ms: Some(100),
+            ..Default::default()
+        };
+        ex.create(new(0.5), &r, 0).unwrap();
+        let t = RoutingTable::build(
+            &State {
+                registry: r.clone(),
+                experiments: ex.clone(),
+            },
+            None,
+        );
+        // Before the start: production, uncounted.
+        let d = t.decide("m", Some("u1"), None, 50).unwrap();
+        assert!(d.experiment.is_none() && d.route.version == 1);
+        // No unit id: production.
+        assert!(t.decide("m", None, None, 200).unwrap().experiment.is_none());
+        // Forced: that variant, not counted; unknown forced names are ignored.
+        let d = t.decide("m", None, Some("v2"), 200).unwrap();
+        assert_eq!(d.route.version, 2);
+        assert!(!d.counted);
+        assert!(t
+            .decide("m", None, Some("nope"), 200)
+            .unwrap()
+            .experiment
+            .is_none());
+        // Units: about half in (coverage 0.5), split between the variants, sticky.
+        let mut inside = 0;
+        for i in 0..2000 {
+            let u = format!("user-{i}");
+            let d = t.decide("m", Some(&u), None, 200).unwrap();
+            if let Some((e, v)) = &d.experiment {
+                inside += 1;
+                assert_eq!(&**e, "e");
+                assert!(d.counted);
+                assert_eq!(format!("v{}", d.route.version), **v);
+                let again = t.decide("m", Some(&u), None, 300).unwrap();
+                assert_eq!(again.route.version, d.route.version);
+            }
+        }
+        assert!((900..1100).contains(&inside), "{inside}");
+        // Paused: production for everyone.
+        ex.pause("e", 1).unwrap();
+        let t = RoutingTable::build(
+            &State {
+                registry: r,
+                experiments: ex,
+            },
+            None,
+        );
+        assert!(t.experiment("m").is_none());
     }
 }

@@ -12,13 +12,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
 use crate::control::{
-    self, records::RecordServices, registry::RegistryService, BearerAuth, ControlPlane,
+    self, experiments::ExperimentService, records::RecordServices, registry::RegistryService,
+    BearerAuth, ControlPlane,
 };
 use crate::feature_store::FeatureCatalog;
 use crate::pb::modelgate::v1::registry_server::RegistryServer;
 use crate::pb::modelgate::v1::{
-    features_server::FeaturesServer, outcomes_server::OutcomesServer,
-    predictions_server::PredictionsServer,
+    experiments_server::ExperimentsServer, features_server::FeaturesServer,
+    outcomes_server::OutcomesServer, predictions_server::PredictionsServer,
 };
 use crate::proxy::{self, upstream::UpstreamSettings, Limits, Proxy, ServerSettings};
 use crate::recorder::{Recorder, RecorderSettings};
@@ -164,7 +165,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             records.clone(),
             auth.clone(),
         ))
-        .add_service(FeaturesServer::with_interceptor(records, auth))
+        .add_service(FeaturesServer::with_interceptor(records, auth.clone()))
+        .add_service(ExperimentsServer::with_interceptor(
+            ExperimentService::new(plane.clone()),
+            auth,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ctl_server.await {
@@ -189,7 +194,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(
         data = %data_addr, control = %control_addr, admin = %admin_addr,
         data_dir = %config.data_dir.display(),
-        models = plane.registry().models().count(),
+        models = plane.state().registry.models().count(),
         "modelgate listening"
     );
     Ok(Running {

@@ -1,6 +1,7 @@
 //! The control plane: the registry in memory, persisted in RocksDB, published as the routing
 //! snapshot; and the tonic services of the `modelgate.v1` control API (thin adapters).
 
+pub mod experiments;
 pub mod records;
 pub mod registry;
 
@@ -10,6 +11,7 @@ use arc_swap::ArcSwap;
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
+use crate::experiment::{Experiment, ExperimentError, Experiments};
 use crate::registry::{Registry, RegistryError, RegistryUpdate};
 use crate::routing::RoutingTable;
 use crate::store::{self, Store, StoreError};
@@ -28,6 +30,9 @@ pub enum ControlError {
     /// The registry's rules refused it.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The experiment rules refused it.
+    #[error(transparent)]
+    Experiment(#[from] ExperimentError),
     /// It could not be made durable; nothing changed.
     #[error("the change could not be made durable, nothing was changed: {0}")]
     Store(#[from] StoreError),
@@ -37,6 +42,7 @@ impl From<ControlError> for Status {
     fn from(e: ControlError) -> Status {
         match e {
             ControlError::Registry(e) => registry_status(e),
+            ControlError::Experiment(e) => experiment_status(e),
             ControlError::Store(_) => Status::unavailable(e.to_string()),
         }
     }
@@ -57,6 +63,54 @@ pub fn registry_status(e: RegistryError) -> Status {
     }
 }
 
+/// Maps an experiment refusal to its gRPC status.
+pub fn experiment_status(e: ExperimentError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ExperimentError::InvalidArgument { .. } => Status::invalid_argument(msg),
+        ExperimentError::NotFound(_) => Status::not_found(msg),
+        ExperimentError::AlreadyExists(_) => Status::already_exists(msg),
+        ExperimentError::ModelBusy { .. }
+        | ExperimentError::WrongState { .. }
+        | ExperimentError::VersionInUse { .. } => Status::failed_precondition(msg),
+        ExperimentError::Registry(e) => registry_status(e),
+    }
+}
+
+/// Everything the control plane configures: the registry and the experiments.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct State {
+    /// Models and versions.
+    pub registry: Registry,
+    /// Experiments.
+    pub experiments: Experiments,
+}
+
+/// The writes one control operation needs made durable, as one atomic batch.
+#[derive(Clone, Debug, Default)]
+pub struct Update {
+    /// Registry records.
+    pub registry: RegistryUpdate,
+    /// Experiment records to write.
+    pub experiments: Vec<Experiment>,
+}
+
+impl Update {
+    /// True when nothing needs writing.
+    pub fn is_empty(&self) -> bool {
+        self.registry.is_empty() && self.experiments.is_empty()
+    }
+}
+
+impl From<RegistryUpdate> for Update {
+    fn from(registry: RegistryUpdate) -> Self {
+        Update {
+            registry,
+            experiments: Vec::new(),
+        }
+    }
+}
+
 /// The registry and routing state shared by the control services and the data plane.
 ///
 /// Reads are lock-free snapshots. Writes are serialised: each applies an operation to a copy of
@@ -64,29 +118,32 @@ pub fn registry_status(e: RegistryError) -> Status {
 /// copy and a rebuilt routing table. A failed write leaves both untouched.
 pub struct ControlPlane {
     store: Store,
-    registry: ArcSwap<Registry>,
+    state: ArcSwap<State>,
     routing: Arc<ArcSwap<RoutingTable>>,
     default_model: Option<String>,
     write_lock: tokio::sync::Mutex<()>,
 }
 
 impl ControlPlane {
-    /// Loads the registry from `store` and builds the first routing snapshot.
+    /// Loads the registry and experiments from `store` and builds the first routing snapshot.
     pub fn load(store: Store, default_model: Option<String>) -> Result<Self, StoreError> {
-        let registry = store.load_registry()?;
-        let routing = RoutingTable::build(&registry, default_model.as_deref());
+        let state = State {
+            registry: store.load_registry()?,
+            experiments: Experiments::from_records(store.load_experiments()?),
+        };
+        let routing = RoutingTable::build(&state, default_model.as_deref());
         Ok(ControlPlane {
             store,
-            registry: ArcSwap::from_pointee(registry),
+            state: ArcSwap::from_pointee(state),
             routing: Arc::new(ArcSwap::from_pointee(routing)),
             default_model,
             write_lock: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// The current registry.
-    pub fn registry(&self) -> Arc<Registry> {
-        self.registry.load_full()
+    /// The current registry and experiments.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
     }
 
     /// The routing snapshot handle the data plane reads.
@@ -99,19 +156,33 @@ impl ControlPlane {
         &self.store
     }
 
-    /// Applies `op` durably and publishes the result. `op` runs on a copy of the registry.
+    /// Applies a registry operation durably and publishes the result.
     pub async fn update<R>(
         &self,
         op: impl FnOnce(&mut Registry) -> Result<(R, RegistryUpdate), RegistryError>,
     ) -> Result<R, ControlError> {
+        self.update_state(|s| {
+            let (r, u) = op(&mut s.registry)?;
+            Ok((r, u.into()))
+        })
+        .await
+    }
+
+    /// Applies `op` to a copy of the whole state, makes its update durable in one synced batch,
+    /// and only then publishes the copy and a rebuilt routing table.
+    pub async fn update_state<R>(
+        &self,
+        op: impl FnOnce(&mut State) -> Result<(R, Update), ControlError>,
+    ) -> Result<R, ControlError> {
         let _guard = self.write_lock.lock().await;
-        let mut next = Registry::clone(&self.registry.load());
+        let mut next = State::clone(&self.state.load());
         let (out, update) = op(&mut next)?;
         if !update.is_empty() {
             let store = self.store.clone();
-            store::blocking(move || store.write_registry(&update)).await?;
+            store::blocking(move || store.write_control(&update.registry, &update.experiments))
+                .await?;
             let routing = RoutingTable::build(&next, self.default_model.as_deref());
-            self.registry.store(Arc::new(next));
+            self.state.store(Arc::new(next));
             self.routing.store(Arc::new(routing));
         }
         Ok(out)

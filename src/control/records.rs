@@ -166,7 +166,7 @@ impl RecordServices {
             )
         });
         self.store
-            .write_outcome(&out, time_ms, &judgement, replaced)
+            .write_outcome(&out, time_ms, &judgement, replaced, !rec.variant_forced)
             .map_err(unavailable)?;
         Ok(out)
     }
@@ -375,7 +375,8 @@ impl Outcomes for RecordServices {
         };
         let version = self
             .plane
-            .registry()
+            .state()
+            .registry
             .resolve(&r.model, &r.version)
             .map_err(registry_status)?;
         let store = self.store.clone();

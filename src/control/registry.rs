@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{now_ms, registry_status, ControlPlane};
+use crate::experiment::ExperimentError;
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::registry_server::Registry as RegistryApi;
 use crate::registry::{self as reg, NewVersion, PredictionSpec, PromotionPolicy, Stage};
@@ -200,7 +201,8 @@ fn hash_file(path: &std::path::Path) -> Option<String> {
 
 impl RegistryService {
     fn pb_version(&self, v: &reg::ModelVersion) -> pb::ModelVersion {
-        let r = self.plane.registry();
+        let state = self.plane.state();
+        let r = &state.registry;
         let aliases = r
             .model(&v.model)
             .map(|m| m.aliases_of(v.version))
@@ -266,7 +268,8 @@ impl RegistryApi for RegistryService {
     ) -> Result<Response<pb::ModelVersion>, Status> {
         let r = request.into_inner();
         required("model", &r.model)?;
-        let registry = self.plane.registry();
+        let state = self.plane.state();
+        let registry = &state.registry;
         let v = registry
             .get(&r.model, &r.version)
             .map_err(registry_status)?;
@@ -277,7 +280,8 @@ impl RegistryApi for RegistryService {
         &self,
         _: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let registry = self.plane.registry();
+        let state = self.plane.state();
+        let registry = &state.registry;
         let models = registry
             .models()
             .map(|m| pb::ModelSummary {
@@ -298,7 +302,8 @@ impl RegistryApi for RegistryService {
         let r = request.into_inner();
         required("model", &r.model)?;
         let stage = stage_from_pb(r.stage, "stage")?;
-        let registry = self.plane.registry();
+        let state = self.plane.state();
+        let registry = &state.registry;
         let versions = registry
             .versions(&r.model, stage)
             .map_err(registry_status)?
@@ -314,7 +319,8 @@ impl RegistryApi for RegistryService {
     ) -> Result<Response<pb::ModelVersion>, Status> {
         let r = request.into_inner();
         required("model", &r.model)?;
-        let registry = self.plane.registry();
+        let state = self.plane.state();
+        let registry = &state.registry;
         let v = registry.production(&r.model).map_err(registry_status)?;
         Ok(Response::new(self.pb_version(v)))
     }
@@ -395,7 +401,7 @@ impl RegistryApi for RegistryService {
     ) -> Result<Response<pb::PromotionPolicy>, Status> {
         let r = request.into_inner();
         reg::validate_model_name(&r.model, "model").map_err(registry_status)?;
-        let p = self.plane.registry().policy(&r.model);
+        let p = self.plane.state().registry.policy(&r.model);
         Ok(Response::new(policy_to_pb(&r.model, &p)))
     }
 
@@ -408,7 +414,19 @@ impl RegistryApi for RegistryService {
         required("version", &r.version)?;
         let (v, removed_aliases) = self
             .plane
-            .update(|reg| reg.delete_version(&r.model, &r.version))
+            .update_state(|s| {
+                let n = s.registry.resolve(&r.model, &r.version)?;
+                if let Some(e) = s.experiments.uses_version(&r.model, n) {
+                    return Err(ExperimentError::VersionInUse {
+                        model: r.model.clone(),
+                        version: n,
+                        experiment: e.name.clone(),
+                    }
+                    .into());
+                }
+                let (out, u) = s.registry.delete_version(&r.model, &r.version)?;
+                Ok((out, u.into()))
+            })
             .await?;
         tracing::info!(model = %v.model, version = v.version, "deleted model version");
         Ok(Response::new(pb::DeleteModelVersionResponse {

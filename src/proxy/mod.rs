@@ -11,6 +11,7 @@ pub mod classify;
 pub mod status;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,8 +31,8 @@ use tonic::{body::Body, Code, Status};
 use tower::ServiceExt;
 
 use crate::pb::inference::{
-    ModelInferRequest, ModelReadyRequest, ServerLiveResponse, ServerMetadataResponse,
-    ServerReadyResponse,
+    InferParameter, ModelInferRequest, ModelReadyRequest, ServerLiveResponse,
+    ServerMetadataResponse, ServerReadyResponse,
 };
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::{Lookup, Route, RoutingTable};
@@ -45,6 +46,10 @@ pub const REQUEST_ID_HEADER: &str = "x-modelgate-request-id";
 pub const VERSION_HEADER: &str = "x-modelgate-model-version";
 /// Header naming the model for non-OIP calls.
 pub const MODEL_HEADER: &str = "x-model-name";
+/// Header naming the experiment that served the request.
+pub const EXPERIMENT_HEADER: &str = "x-modelgate-experiment";
+/// Header naming the variant that served the request; on a request, forces that variant.
+pub const VARIANT_HEADER: &str = "x-modelgate-variant";
 /// A request id the caller chose.
 pub const CLIENT_REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -178,6 +183,10 @@ struct Exchange {
     /// The model the call named.
     model: String,
     route: Option<Arc<Route>>,
+    /// Experiment and variant, when the request is in one.
+    experiment: Option<(Arc<str>, Arc<str>)>,
+    /// Whether it counts in the experiment (not forced).
+    counted: bool,
     unit_id: Option<String>,
     upstream_latency: Option<Duration>,
     infer: Option<ModelInferRequest>,
@@ -282,6 +291,10 @@ impl Proxy {
         if let Some(r) = &ex.route {
             set_header(resp.headers_mut(), VERSION_HEADER, &r.version_label);
         }
+        if let Some((experiment, variant)) = &ex.experiment {
+            set_header(resp.headers_mut(), EXPERIMENT_HEADER, experiment);
+            set_header(resp.headers_mut(), VARIANT_HEADER, variant);
+        }
         let header_code = status::code_from_headers(resp.headers());
         let this = self.clone();
         resp.map(move |b| {
@@ -324,8 +337,9 @@ impl Proxy {
             method,
             model: ex.model,
             route: ex.route,
-            experiment: None,
-            variant: None,
+            experiment: ex.experiment.as_ref().map(|(e, _)| e.to_string()),
+            variant: ex.experiment.as_ref().map(|(_, v)| v.to_string()),
+            counted: ex.counted,
             unit_id,
             status: code as i32,
             upstream_latency: ex.upstream_latency,
@@ -359,11 +373,39 @@ impl Proxy {
             .inc();
     }
 
-    fn lookup(&self, model: &str) -> Result<Arc<Route>, ProxyError> {
-        match self.routing.load().lookup(model) {
-            Lookup::Found(r) => Ok(r),
-            Lookup::NoProduction => Err(ProxyError::NoProduction(model.to_string())),
-            Lookup::UnknownModel => Err(ProxyError::UnknownModel(model.to_string())),
+    /// Routes a request for `model`: to its experiment variant (by the unit id under the
+    /// experiment's unit key, in the headers or the OIP parameters, or a forced variant) or to
+    /// production. Records the decision in `ex`.
+    fn decide(
+        &self,
+        model: &str,
+        headers: &HeaderMap,
+        params: Option<&HashMap<String, InferParameter>>,
+        ex: &mut Exchange,
+    ) -> Result<Arc<Route>, ProxyError> {
+        ex.model = model.to_string();
+        let table = self.routing.load();
+        let unit_key = table
+            .experiment(model)
+            .map(|e| e.unit_key.as_str())
+            .unwrap_or(&self.limits.unit_key);
+        if let Some(u) = header_str(headers, unit_key)
+            .map(str::to_string)
+            .or_else(|| params.and_then(|p| crate::record::parameter(p, unit_key)))
+        {
+            ex.unit_id = Some(u);
+        }
+        let forced = header_str(headers, VARIANT_HEADER);
+        let now = crate::store::records::now_ms();
+        match table.decide(model, ex.unit_id.as_deref(), forced, now) {
+            Ok(d) => {
+                ex.route = Some(d.route.clone());
+                ex.experiment = d.experiment;
+                ex.counted = d.counted;
+                Ok(d.route)
+            }
+            Err(Lookup::NoProduction) => Err(ProxyError::NoProduction(model.to_string())),
+            Err(_) => Err(ProxyError::UnknownModel(model.to_string())),
         }
     }
 
@@ -397,11 +439,13 @@ impl Proxy {
                 })?;
             ex.size = bytes.len();
             let (route, forward) = if call == Call::OipInfer {
-                let (req, route, forward) = self.route_message::<ModelInferRequest>(bytes, ex)?;
+                let (req, route, forward) =
+                    self.route_message::<ModelInferRequest>(bytes, &parts.headers, ex)?;
                 ex.infer = Some(req);
                 (route, forward)
             } else {
-                let (_, route, forward) = self.route_message::<ModelReadyRequest>(bytes, ex)?;
+                let (_, route, forward) =
+                    self.route_message::<ModelReadyRequest>(bytes, &parts.headers, ex)?;
                 (route, forward)
             };
             let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
@@ -451,6 +495,7 @@ impl Proxy {
     fn route_message<M: RoutedMessage>(
         &self,
         framed: Bytes,
+        headers: &HeaderMap,
         ex: &mut Exchange,
     ) -> Result<(M, Arc<Route>, Bytes), ProxyError> {
         let msg = body::unary_message(&framed)?;
@@ -458,13 +503,12 @@ impl Proxy {
             message: M::NAME,
             error,
         })?;
-        let (name, version) = m.model_and_version();
-        if name.is_empty() {
+        let model = m.model_and_version().0.clone();
+        if model.is_empty() {
             return Err(ProxyError::MissingModel(M::MODEL_FIELD));
         }
-        ex.model.clone_from(name);
-        let route = self.lookup(name)?;
-        ex.route = Some(route.clone());
+        let route = self.decide(&model, headers, m.parameters(), ex)?;
+        let (name, version) = m.model_and_version();
         let forward = if rewrite(&route, name, version) {
             body::frame(&m)
         } else {
@@ -517,9 +561,7 @@ impl Proxy {
                 .ok_or(ProxyError::NoModel)?
                 .to_string(),
         };
-        ex.model.clone_from(&model);
-        let route = self.lookup(&model)?;
-        ex.route = Some(route.clone());
+        let route = self.decide(&model, req.headers(), None, ex)?;
         let deadline = Self::caller_deadline(req.headers());
         let (parts, body) = req.into_parts();
         let upstream_req = Request::from_parts(parts, Body::new(body));
@@ -589,6 +631,10 @@ trait RoutedMessage: Message + Default {
     const MODEL_FIELD: &'static str;
     /// The model name and version fields.
     fn model_and_version(&mut self) -> (&mut String, &mut String);
+    /// Request parameters, where the message has them.
+    fn parameters(&self) -> Option<&HashMap<String, InferParameter>> {
+        None
+    }
 }
 
 impl RoutedMessage for ModelInferRequest {
@@ -596,6 +642,9 @@ impl RoutedMessage for ModelInferRequest {
     const MODEL_FIELD: &'static str = "model_name";
     fn model_and_version(&mut self) -> (&mut String, &mut String) {
         (&mut self.model_name, &mut self.model_version)
+    }
+    fn parameters(&self) -> Option<&HashMap<String, InferParameter>> {
+        Some(&self.parameters)
     }
 }
 

@@ -190,6 +190,18 @@ pub fn version_counter_key(model: &str, version: u32, name: &str) -> Vec<u8> {
     k
 }
 
+/// `counters` key of an experiment variant's counter: b'e', experiment, 0x00, variant, 0x00, name.
+pub fn experiment_counter_key(experiment: &str, variant: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(experiment.len() + variant.len() + name.len() + 3);
+    k.push(b'e');
+    k.extend_from_slice(experiment.as_bytes());
+    k.push(0);
+    k.extend_from_slice(variant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 /// `features` key: entity, 0x00, feature, 0x00, inverted time (u64::MAX − ms, BE). The newest
 /// value sorts first, so a seek to the inverted `as_of` lands on the latest value at or before it.
 pub fn feature_history_key(entity: &str, feature: &str, time_ms: u64) -> Vec<u8> {

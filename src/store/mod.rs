@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
+use crate::experiment::Experiment;
 use crate::registry::{ModelMeta, ModelVersion, PromotionPolicy, Registry, RegistryUpdate};
 
 /// Column family names; [`cf::ALL`] lists every one, all created when the database is opened.
@@ -192,8 +193,36 @@ impl Store {
         Ok(Registry::from_records(metas, versions, policies))
     }
 
+    /// Every experiment.
+    pub fn load_experiments(&self) -> Result<Vec<Experiment>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::EXPERIMENTS), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|source| StoreError::Value {
+                    family: cf::EXPERIMENTS,
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Writes one registry update as one batch, synced to disk before returning.
     pub fn write_registry(&self, update: &RegistryUpdate) -> Result<(), StoreError> {
+        self.write_control(update, &[])
+    }
+
+    /// Writes a registry update and experiment records as one batch, synced before returning.
+    pub fn write_control(
+        &self,
+        update: &RegistryUpdate,
+        experiments: &[Experiment],
+    ) -> Result<(), StoreError> {
         let reg = self.cf(cf::REGISTRY);
         let pol = self.cf(cf::POLICIES);
         let mut batch = WriteBatch::default();
@@ -212,6 +241,9 @@ impl Store {
         }
         for (model, p) in &update.put_policies {
             batch.put_cf(pol, keys::policy_key(model), json(p));
+        }
+        for e in experiments {
+            batch.put_cf(self.cf(cf::EXPERIMENTS), e.name.as_bytes(), json(e));
         }
         self.write_sync(batch)
     }

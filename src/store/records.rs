@@ -18,10 +18,12 @@ use prost::Message;
 use rocksdb::{Direction, IteratorMode, MergeOperands, WriteBatch, WriteOptions};
 
 use super::{cf, keys, Store, StoreError};
+use crate::experiment::VariantCounts;
 use crate::feature_store::{self, FeatureDef};
 use crate::outcome::{Judgement, Tally, TallyDelta};
 use crate::pb::modelgate::v1 as pb;
 use crate::record::FeatureValue;
+use crate::stats::Moments;
 
 /// How long records are kept, per family group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,25 +89,53 @@ fn float_counter(v: f64) -> [u8; 9] {
     b
 }
 
+/// A numeric-outcome moments operand: tag 'w', n (i64, negative to take observations back),
+/// mean, M2.
+fn moments_counter(n: i64, mean: f64, m2: f64) -> [u8; 25] {
+    let mut b = [b'w'; 25];
+    b[1..9].copy_from_slice(&n.to_le_bytes());
+    b[9..17].copy_from_slice(&mean.to_le_bytes());
+    b[17..].copy_from_slice(&m2.to_le_bytes());
+    b
+}
+
 enum Counter {
     Int(i64),
     Float(f64),
+    Moments(i64, f64, f64),
 }
 
 fn parse_counter(v: &[u8]) -> Option<Counter> {
-    if v.len() != 9 {
-        return None;
-    }
-    let n: [u8; 8] = v[1..].try_into().ok()?;
-    match v[0] {
-        b'i' => Some(Counter::Int(i64::from_le_bytes(n))),
-        b'f' => Some(Counter::Float(f64::from_le_bytes(n))),
+    let le = |b: &[u8]| -> Option<[u8; 8]> { b.try_into().ok() };
+    match (v.first()?, v.len()) {
+        (b'i', 9) => Some(Counter::Int(i64::from_le_bytes(le(&v[1..])?))),
+        (b'f', 9) => Some(Counter::Float(f64::from_le_bytes(le(&v[1..])?))),
+        (b'w', 25) => Some(Counter::Moments(
+            i64::from_le_bytes(le(&v[1..9])?),
+            f64::from_le_bytes(le(&v[9..17])?),
+            f64::from_le_bytes(le(&v[17..])?),
+        )),
         _ => None,
     }
 }
 
-/// Merge operator of `counters`: adds tagged integers or floats. A malformed operand is skipped
-/// rather than poisoning the counter.
+/// Chan et al.'s combination of (n, mean, M2); with a negative n it removes observations.
+fn combine_moments(a: (i64, f64, f64), b: (i64, f64, f64)) -> (i64, f64, f64) {
+    let n = a.0 + b.0;
+    if n == 0 {
+        return (0, 0.0, 0.0);
+    }
+    if a.0 == 0 {
+        return b;
+    }
+    let delta = b.1 - a.1;
+    let mean = a.1 + delta * b.0 as f64 / n as f64;
+    let m2 = a.2 + b.2 + delta * delta * a.0 as f64 * b.0 as f64 / n as f64;
+    (n, mean, m2.max(0.0))
+}
+
+/// Merge operator of `counters`: adds tagged integers or floats, and combines tagged moments.
+/// A malformed operand is skipped rather than poisoning the counter.
 pub(super) fn add_counters(
     _key: &[u8],
     existing: Option<&[u8]>,
@@ -113,17 +143,25 @@ pub(super) fn add_counters(
 ) -> Option<Vec<u8>> {
     let mut int: Option<i64> = None;
     let mut float: Option<f64> = None;
+    let mut moments: Option<(i64, f64, f64)> = None;
     for v in existing.into_iter().chain(operands.iter()) {
         match parse_counter(v) {
             Some(Counter::Int(i)) => int = Some(int.unwrap_or(0).wrapping_add(i)),
             Some(Counter::Float(f)) => float = Some(float.unwrap_or(0.0) + f),
+            Some(Counter::Moments(n, mean, m2)) => {
+                moments = Some(combine_moments(
+                    moments.unwrap_or((0, 0.0, 0.0)),
+                    (n, mean, m2),
+                ))
+            }
             None => {}
         }
     }
-    match (int, float) {
-        (_, Some(f)) => Some(float_counter(f).to_vec()),
-        (Some(i), None) => Some(int_counter(i).to_vec()),
-        (None, None) => existing.map(<[u8]>::to_vec),
+    match (int, float, moments) {
+        (_, _, Some((n, mean, m2))) => Some(moments_counter(n, mean, m2).to_vec()),
+        (_, Some(f), None) => Some(float_counter(f).to_vec()),
+        (Some(i), None, None) => Some(int_counter(i).to_vec()),
+        (None, None, None) => existing.map(<[u8]>::to_vec),
     }
 }
 
@@ -220,6 +258,27 @@ impl RecordBatch<'_> {
             self.store.cf(cf::FEATURES_LATEST),
             keys::feature_latest_key(entity, feature),
             keys::timed_value(time_ms, &body),
+        );
+    }
+
+    /// Counts one request of an experiment variant.
+    pub fn add_experiment_request(&mut self, experiment: &str, variant: &str) {
+        self.batch.merge_cf(
+            self.store.cf(cf::COUNTERS),
+            keys::experiment_counter_key(experiment, variant, "requests"),
+            int_counter(1),
+        );
+    }
+
+    /// Stores the distinct-unit sketch (HyperLogLog registers) of an experiment variant.
+    pub fn put_experiment_units(&mut self, experiment: &str, variant: &str, registers: &[u8]) {
+        let mut v = Vec::with_capacity(registers.len() + 1);
+        v.push(b'h');
+        v.extend_from_slice(registers);
+        self.batch.put_cf(
+            self.store.cf(cf::COUNTERS),
+            keys::experiment_counter_key(experiment, variant, "units"),
+            v,
         );
     }
 
@@ -394,12 +453,17 @@ impl Store {
 
     /// Writes an outcome, its index entry and the counter changes in one batch; `replaced` is the
     /// outcome it overwrites (time, record, judgement), whose contribution is taken back.
+    ///
+    /// When the prediction was a counted experiment observation (`counted`), the experiment
+    /// variant's counters (outcomes, judged, successes, numeric moments of `number`) change in the
+    /// same batch.
     pub fn write_outcome(
         &self,
         outcome: &pb::OutcomeRecord,
         time_ms: u64,
         judgement: &Judgement,
         replaced: Option<(u64, &pb::OutcomeRecord, Judgement)>,
+        counted: bool,
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let idx = self.cf(cf::OUTCOME_INDEX);
@@ -453,8 +517,92 @@ impl Store {
                 batch.merge_cf(counters, key(name), float_counter(v));
             }
         }
+        if counted && !outcome.experiment.is_empty() {
+            let key =
+                |name| keys::experiment_counter_key(&outcome.experiment, &outcome.variant, name);
+            let ints = [delta.outcomes, delta.judged, delta.successes];
+            for (name, v) in ["outcomes", "judged", "successes"].into_iter().zip(ints) {
+                if v != 0 {
+                    batch.merge_cf(counters, key(name), int_counter(v));
+                }
+            }
+            if let Some(x) = actual_number(outcome) {
+                batch.merge_cf(counters, key("numeric"), moments_counter(1, x, 0.0));
+            }
+            if let Some((_, old, _)) = replaced {
+                if let Some(x) = actual_number(old) {
+                    batch.merge_cf(counters, key("numeric"), moments_counter(-1, x, 0.0));
+                }
+            }
+        }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// The counters of an experiment's variants, in the order given.
+    pub fn experiment_counts(
+        &self,
+        experiment: &str,
+        variants: &[&str],
+    ) -> Result<Vec<VariantCounts>, StoreError> {
+        const NAMES: [&str; 6] = [
+            "requests",
+            "units",
+            "outcomes",
+            "judged",
+            "successes",
+            "numeric",
+        ];
+        let keys: Vec<Vec<u8>> = variants
+            .iter()
+            .flat_map(|v| {
+                NAMES
+                    .iter()
+                    .map(move |n| keys::experiment_counter_key(experiment, v, n))
+            })
+            .collect();
+        let values = self
+            .db
+            .batched_multi_get_cf(self.cf(cf::COUNTERS), keys.iter(), false);
+        let mut out = vec![VariantCounts::default(); variants.len()];
+        for (i, v) in values.into_iter().enumerate() {
+            let Some(v) = v? else { continue };
+            let c = &mut out[i / NAMES.len()];
+            let int = |v: &[u8]| match parse_counter(v) {
+                Some(Counter::Int(n)) => n.max(0) as u64,
+                _ => 0,
+            };
+            match NAMES[i % NAMES.len()] {
+                "requests" => c.requests = int(&v),
+                "units" => c.units = unit_estimate(&v),
+                "outcomes" => c.outcomes = int(&v),
+                "judged" => c.judged = int(&v),
+                "successes" => c.successes = int(&v),
+                _ => {
+                    if let Some(Counter::Moments(n, mean, m2)) = parse_counter(&v) {
+                        c.numeric = Moments {
+                            n: n.max(0) as u64,
+                            mean,
+                            m2,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored distinct-unit sketch registers of an experiment variant.
+    pub fn experiment_units(
+        &self,
+        experiment: &str,
+        variant: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.db.get_cf(
+            self.cf(cf::COUNTERS),
+            keys::experiment_counter_key(experiment, variant, "units"),
+        )?;
+        Ok(v.and_then(|v| (v.first() == Some(&b'h')).then(|| v[1..].to_vec())))
     }
 
     /// All-time figures of a model version, from the counters.
@@ -633,6 +781,27 @@ impl Store {
     }
 }
 
+/// The number sent as an outcome, for numeric-outcome statistics.
+fn actual_number(o: &pb::OutcomeRecord) -> Option<f64> {
+    match o.actual.as_ref()?.kind.as_ref()? {
+        pb::actual::Kind::Number(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// Precision of the distinct-unit sketches: 2^12 registers, about 1.6% standard error.
+pub const UNIT_SKETCH_PRECISION: usize = 12;
+
+/// The distinct-unit sketch of an experiment variant.
+pub type UnitSketch = simple_hll::HyperLogLog<UNIT_SKETCH_PRECISION>;
+
+fn unit_estimate(v: &[u8]) -> u64 {
+    if v.first() != Some(&b'h') || v.len() != 1 + (1 << UNIT_SKETCH_PRECISION) {
+        return 0;
+    }
+    UnitSketch::with_registers(v[1..].to_vec()).count() as u64
+}
+
 /// The time a retained record was written, read from its key or value; `None` when the family is
 /// kept forever or the entry is malformed (kept).
 pub(super) fn record_time(family: &str, key: &[u8], value: &[u8]) -> Option<u64> {
@@ -654,6 +823,22 @@ pub(super) fn record_time(family: &str, key: &[u8], value: &[u8]) -> Option<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_moments_add_and_take_back() {
+        let mut acc = (0, 0.0, 0.0);
+        for x in [1.0, 2.0, 4.0, 8.0] {
+            acc = combine_moments(acc, (1, x, 0.0));
+        }
+        assert_eq!(acc.0, 4);
+        assert!((acc.1 - 3.75).abs() < 1e-12);
+        // Taking 8 back leaves the moments of [1, 2, 4].
+        let back = combine_moments(acc, (-1, 8.0, 0.0));
+        assert_eq!(back.0, 3);
+        assert!((back.1 - 7.0 / 3.0).abs() < 1e-12);
+        let var = back.2 / 2.0;
+        assert!((var - 2.333_333_333_333_333_5).abs() < 1e-9, "{var}");
+    }
 
     #[test]
     fn judgements_round_trip() {
