@@ -88,7 +88,8 @@ pub fn chisquare(observed: &[u64], weights: &[f64]) -> Result<TestResult, Unavai
         return unavailable("no observations");
     }
     let wsum: f64 = weights.iter().sum();
-    if !(wsum > 0.0) || weights.iter().any(|w| !(*w > 0.0)) {
+    let positive = |x: f64| x > 0.0 && x.is_finite();
+    if !positive(wsum) || !weights.iter().all(|w| positive(*w)) {
         return unavailable("weights must be positive");
     }
     let stat = observed
@@ -209,7 +210,10 @@ pub fn msprt_p_value(a: &Moments, b: &Moments, tau_fraction: f64) -> Result<f64,
         b.variance().unwrap_or(0.0).max(pooled * 1e-9),
     );
     let v = va / a.n as f64 + vb / b.n as f64;
-    if !(v > 0.0) || !(pooled > 0.0) {
+    // NaN-safe: anything but a positive variance means no test.
+    if v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        || pooled.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+    {
         return unavailable("the outcomes have no variance yet");
     }
     let tau2 = pooled * tau_fraction * tau_fraction;
