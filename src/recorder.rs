@@ -419,8 +419,12 @@ impl Writer {
                         batch.add_feature_def(&def);
                         new_defs.push(def);
                     }
-                    batch.add_feature(entity, name, raw.time_ms, value);
                 }
+                batch.add_features(
+                    entity,
+                    raw.time_ms,
+                    p.features.names.iter().map(String::as_str).zip(row),
+                );
             }
         }
         let due = sketches

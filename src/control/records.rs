@@ -559,9 +559,7 @@ impl Features for RecordServices {
             store::blocking(move || {
                 let mut batch = store.record_batch();
                 for (entity, time, values) in &accepted {
-                    for (name, v) in values {
-                        batch.add_feature(entity, name, *time, v);
-                    }
+                    batch.add_features(entity, *time, values.iter().map(|(n, v)| (n.as_str(), v)));
                 }
                 batch.commit(false)
             })

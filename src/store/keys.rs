@@ -219,7 +219,12 @@ pub fn feature_history_time(key: &[u8]) -> Result<u64, KeyError> {
     Ok(u64::MAX - be64(&key[key.len() - 8..]))
 }
 
-/// `features_latest` key: entity, 0x00, feature.
+/// `features_latest` key: the entity id.
+pub fn feature_entity_key(entity: &str) -> Vec<u8> {
+    entity.as_bytes().to_vec()
+}
+
+/// The prefix of a feature's `features` history: entity, 0x00, feature (0x00 follows).
 pub fn feature_latest_key(entity: &str, feature: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(entity.len() + feature.len() + 10);
     k.extend_from_slice(entity.as_bytes());

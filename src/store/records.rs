@@ -9,7 +9,7 @@
 //! | `outcome_index` | model ∅ version ‖ time ‖ request id ∅ row | judgement (flags, error) |
 //! | `counters` | `v` model ∅ version ‖ name | tagged i64 / f64, merged by addition |
 //! | `features` | entity ∅ feature ∅ ¬time | `FeatureValue` |
-//! | `features_latest` | entity ∅ feature | time ‖ `FeatureValue`, merged by keeping the newest |
+//! | `features_latest` | entity | newest time ‖ every feature's newest (time, value), merged per feature |
 //! | `feature_defs` | name | JSON `FeatureDef` |
 
 use std::time::Duration;
@@ -165,22 +165,69 @@ pub(super) fn add_counters(
     }
 }
 
-/// Merge operator of `features_latest`: keeps the value with the newest time (the later operand
-/// on ties), so a late write of an old value never hides a newer one.
+/// One feature's newest value in an entity's `features_latest` record.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LatestEntry {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(uint64, tag = "2")]
+    time_ms: u64,
+    #[prost(message, optional, tag = "3")]
+    value: Option<pb::FeatureValue>,
+}
+
+/// An entity's `features_latest` record: entries sorted by feature name.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LatestFeatures {
+    #[prost(message, repeated, tag = "1")]
+    entries: Vec<LatestEntry>,
+}
+
+impl LatestFeatures {
+    /// Keeps, per feature, the entry with the newest time (the later one on ties).
+    fn absorb(&mut self, other: LatestFeatures) {
+        for e in other.entries {
+            match self.entries.binary_search_by(|x| x.name.cmp(&e.name)) {
+                Ok(i) if self.entries[i].time_ms <= e.time_ms => self.entries[i] = e,
+                Ok(_) => {}
+                Err(i) => self.entries.insert(i, e),
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&LatestEntry> {
+        self.entries
+            .binary_search_by(|x| x.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// Encoded with the newest time in front, for the retention filter.
+    fn to_value(&self) -> Vec<u8> {
+        let newest = self.entries.iter().map(|e| e.time_ms).max().unwrap_or(0);
+        keys::timed_value(newest, &self.encode_to_vec())
+    }
+
+    fn from_value(v: &[u8]) -> Option<LatestFeatures> {
+        let (_, body) = keys::split_timed_value(cf::FEATURES_LATEST, v).ok()?;
+        LatestFeatures::decode(body).ok()
+    }
+}
+
+/// Merge operator of `features_latest`: per feature, the value with the newest time wins, so a
+/// late write of an old value never hides a newer one and no write needs a read first.
 pub(super) fn keep_newest(
     _key: &[u8],
     existing: Option<&[u8]>,
     operands: &MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut best: Option<(u64, &[u8])> = None;
+    let mut acc = LatestFeatures::default();
     for v in existing.into_iter().chain(operands.iter()) {
-        if let Ok((t, _)) = keys::split_timed_value(cf::FEATURES_LATEST, v) {
-            if best.is_none_or(|(bt, _)| t >= bt) {
-                best = Some((t, v));
-            }
+        if let Some(l) = LatestFeatures::from_value(v) {
+            acc.absorb(l);
         }
     }
-    best.map(|(_, v)| v.to_vec())
+    Some(acc.to_value())
 }
 
 /// The judgement stored in `outcome_index`: flags (has success, success, has error), error (f64 LE).
@@ -246,19 +293,36 @@ impl RecordBatch<'_> {
         self.records += 1;
     }
 
-    /// Adds one feature value of an entity (history and latest).
-    pub fn add_feature(&mut self, entity: &str, feature: &str, time_ms: u64, value: &FeatureValue) {
-        let body = feature_value_to_pb(value).encode_to_vec();
-        self.batch.put_cf(
-            self.store.cf(cf::FEATURES),
-            keys::feature_history_key(entity, feature, time_ms),
-            &body,
-        );
-        self.batch.merge_cf(
-            self.store.cf(cf::FEATURES_LATEST),
-            keys::feature_latest_key(entity, feature),
-            keys::timed_value(time_ms, &body),
-        );
+    /// Adds feature values of one entity at one time (history, and one merge into latest).
+    pub fn add_features<'a>(
+        &mut self,
+        entity: &str,
+        time_ms: u64,
+        values: impl IntoIterator<Item = (&'a str, &'a FeatureValue)>,
+    ) {
+        let mut latest = LatestFeatures::default();
+        for (feature, value) in values {
+            let pbv = feature_value_to_pb(value);
+            self.batch.put_cf(
+                self.store.cf(cf::FEATURES),
+                keys::feature_history_key(entity, feature, time_ms),
+                pbv.encode_to_vec(),
+            );
+            latest.absorb(LatestFeatures {
+                entries: vec![LatestEntry {
+                    name: feature.to_string(),
+                    time_ms,
+                    value: Some(pbv),
+                }],
+            });
+        }
+        if !latest.entries.is_empty() {
+            self.batch.merge_cf(
+                self.store.cf(cf::FEATURES_LATEST),
+                keys::feature_entity_key(entity),
+                latest.to_value(),
+            );
+        }
     }
 
     /// Counts one request of an experiment variant.
@@ -694,74 +758,73 @@ impl Store {
         as_of_ms: u64,
     ) -> Result<Vec<Vec<Option<(u64, FeatureValue)>>>, StoreError> {
         let retained = cutoff(self.retention.features);
-        // One batched, sorted multi-get for every (entity, feature): RocksDB then walks each
-        // block once instead of seeking per key.
-        let mut latest_keys: Vec<(Vec<u8>, usize)> = entities
+        // One batched, sorted multi-get of the entities' latest records: each holds every
+        // feature's newest value, so most reads ("as of now") need nothing else.
+        let mut order: Vec<(Vec<u8>, usize)> = entities
             .iter()
-            .flat_map(|e| {
-                features
-                    .iter()
-                    .map(move |(f, _)| keys::feature_latest_key(e, f))
-            })
             .enumerate()
-            .map(|(i, k)| (k, i))
+            .map(|(i, e)| (keys::feature_entity_key(e), i))
             .collect();
-        latest_keys.sort_unstable();
-        let sorted = self.db.batched_multi_get_cf(
+        order.sort_unstable();
+        let values = self.db.batched_multi_get_cf(
             self.cf(cf::FEATURES_LATEST),
-            latest_keys.iter().map(|(k, _)| k),
+            order.iter().map(|(k, _)| k),
             true,
         );
-        let mut latest: Vec<Option<Result<Option<rocksdb::DBPinnableSlice>, rocksdb::Error>>> =
-            (0..latest_keys.len()).map(|_| None).collect();
-        for ((_, i), v) in latest_keys.iter().zip(sorted) {
-            latest[*i] = Some(v);
+        let mut latest: Vec<Option<LatestFeatures>> = vec![None; entities.len()];
+        for ((_, i), v) in order.iter().zip(values) {
+            latest[*i] = v?.and_then(|v| LatestFeatures::from_value(&v));
         }
         let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
         let mut out = Vec::with_capacity(entities.len());
-        let mut latest = latest.into_iter();
-        for entity in entities {
+        for (entity, latest) in entities.iter().zip(latest) {
             let mut row = Vec::with_capacity(features.len());
             for (feature, ttl) in features {
-                let cell = latest.next().flatten().expect("one result per key")?;
-                let found = match cell {
+                let found = match latest.as_ref().and_then(|l| l.get(feature)) {
                     None => None,
-                    Some(v) => {
-                        let (t, body) = keys::split_timed_value(cf::FEATURES_LATEST, &v)?;
-                        if t <= as_of_ms {
-                            Some((t, body.to_vec()))
-                        } else {
-                            // The newest value is from after as_of: look back in the history.
-                            let seek = keys::feature_history_key(entity, feature, as_of_ms);
-                            let mut prefix = keys::feature_latest_key(entity, feature);
-                            prefix.push(0);
-                            history.seek(&seek);
-                            match (history.key(), history.value()) {
-                                (Some(k), Some(v)) if k.starts_with(&prefix) => {
-                                    Some((keys::feature_history_time(k)?, v.to_vec()))
-                                }
-                                _ => {
-                                    history.status()?;
-                                    None
-                                }
+                    Some(e) if e.time_ms <= as_of_ms => e
+                        .value
+                        .clone()
+                        .and_then(feature_value_from_pb)
+                        .map(|v| (e.time_ms, v)),
+                    Some(_) => {
+                        // The newest value is from after as_of: look back in the history.
+                        let mut prefix = keys::feature_latest_key(entity, feature);
+                        prefix.push(0);
+                        history.seek(keys::feature_history_key(entity, feature, as_of_ms));
+                        match (history.key(), history.value()) {
+                            (Some(k), Some(v)) if k.starts_with(&prefix) => {
+                                let t = keys::feature_history_time(k)?;
+                                let v = pb::FeatureValue::decode(v).map_err(decode_err(
+                                    cf::FEATURES,
+                                    format!("{entity}/{feature}"),
+                                ))?;
+                                feature_value_from_pb(v).map(|v| (t, v))
+                            }
+                            _ => {
+                                history.status()?;
+                                None
                             }
                         }
                     }
                 };
-                row.push(match found {
-                    Some((t, body))
-                        if t >= retained && feature_store::visible(t, as_of_ms, *ttl) =>
-                    {
-                        let v = pb::FeatureValue::decode(body.as_slice())
-                            .map_err(decode_err(cf::FEATURES, format!("{entity}/{feature}")))?;
-                        feature_value_from_pb(v).map(|v| (t, v))
-                    }
-                    _ => None,
-                });
+                row.push(
+                    found.filter(|(t, _)| {
+                        *t >= retained && feature_store::visible(*t, as_of_ms, *ttl)
+                    }),
+                );
             }
             out.push(row);
         }
         Ok(out)
+    }
+
+    /// Flushes the feature families' memtables to SST files (benchmarks compare reads from both).
+    pub fn flush_features(&self) -> Result<(), StoreError> {
+        for name in [cf::FEATURES, cf::FEATURES_LATEST] {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
     }
 
     /// Runs a manual compaction of every retained family, which drops what retention has expired.
