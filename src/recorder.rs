@@ -344,6 +344,8 @@ impl Writer {
 }
 
 struct Writer {
+    // Only the writer thread touches it; the lock (never contended) lets `write` take `&self`
+    // while it also loads sketches from the store.
     sketches: parking_lot::Mutex<Sketches>,
     pause: Arc<parking_lot::Mutex<()>>,
     store: Store,
