@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "proto/modelgate/v1/registry.proto",
     "proto/modelgate/v1/records.proto",
     "proto/modelgate/v1/experiments.proto",
+    "proto/modelgate/v1/shadows.proto",
     "proto/modelgate/testing/echo.proto",
 ];
 

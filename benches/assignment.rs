@@ -48,6 +48,7 @@ fn table() -> RoutingTable {
         &State {
             registry: r,
             experiments: ex,
+            ..Default::default()
         },
         None,
     )

@@ -123,6 +123,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub record_queue_bytes: usize,
 
+    /// Shadow copies in flight at most; more are dropped and counted, never queued
+    /// (env MODELGATE_MAX_SHADOW_IN_FLIGHT).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_shadow_in_flight: usize,
+
     /// Log format (env MODELGATE_LOG_FORMAT).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -217,6 +222,8 @@ pub struct Config {
     pub record_queue: usize,
     /// Record queue bytes.
     pub record_queue_bytes: usize,
+    /// Shadow copies in flight at most.
+    pub max_shadow_in_flight: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -249,6 +256,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("record_queue", &self.record_queue)
             .field("record_queue_bytes", &self.record_queue_bytes)
+            .field("max_shadow_in_flight", &self.max_shadow_in_flight)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish()
@@ -368,6 +376,7 @@ impl Config {
             retention: a.retention,
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
+            max_shadow_in_flight: a.max_shadow_in_flight,
             log_format: a.log_format,
             log_level: a.log_level,
         })

@@ -22,6 +22,7 @@ pub mod recorder;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod shadow;
 pub mod stats;
 pub mod store;
 pub mod telemetry;

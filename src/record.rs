@@ -187,7 +187,7 @@ fn columns(t: &Tensor, batch: usize) -> Result<usize, String> {
 }
 
 /// Rows and columns of an output tensor: rank ≥ 1 has `shape[0]` rows.
-fn output_rows(t: &Tensor) -> (usize, usize) {
+fn output_rows_cols(t: &Tensor) -> (usize, usize) {
     let rows = t.shape.first().copied().unwrap_or(1);
     let cols = t.values.len().checked_div(rows).unwrap_or(0);
     (rows, cols)
@@ -214,7 +214,7 @@ pub fn extract_predictions(
                 format!("the response has no output '{output}'")
             }
         })?;
-    let (rows, cols) = output_rows(&t);
+    let (rows, cols) = output_rows_cols(&t);
     let numeric = |what: &str| {
         t.numeric()
             .ok_or_else(|| format!("output '{}' is BYTES; {what} needs numbers", t.name))
@@ -276,6 +276,26 @@ pub fn extract_predictions(
             Ok((0..rows).map(|r| Prediction::Value(v[r * cols])).collect())
         }
     }
+}
+
+/// Every numeric output value of each row, outputs in order (for tolerance comparisons). BYTES
+/// outputs are skipped; an output that does not decode ends the list.
+pub fn output_rows(resp: &ModelInferResponse, max_elements: usize) -> Vec<Vec<f64>> {
+    let Ok(outputs) = oip::response_outputs(resp, max_elements) else {
+        return Vec::new();
+    };
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    for t in &outputs {
+        let Some(v) = t.numeric() else { continue };
+        let (n, cols) = output_rows_cols(t);
+        if rows.len() < n {
+            rows.resize(n, Vec::new());
+        }
+        for (r, row) in rows.iter_mut().enumerate().take(n) {
+            row.extend_from_slice(&v[r * cols..(r + 1) * cols]);
+        }
+    }
+    rows
 }
 
 #[cfg(test)]

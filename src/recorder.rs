@@ -21,7 +21,9 @@ use crate::pb::inference::{ModelInferRequest, ModelInferResponse};
 use crate::pb::modelgate::v1 as pb;
 use crate::record::{self, FeatureTable, Prediction};
 use crate::routing::Route;
+use crate::shadow::{self, Answer, Comparison};
 use crate::store::records::{feature_value_to_pb, UnitSketch};
+use crate::store::shadows::ShadowLatency;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -44,6 +46,10 @@ pub struct RawRecord {
     pub variant: Option<String>,
     /// Counted in the experiment's results (false when the variant was forced).
     pub counted: bool,
+    /// Shadow versions that did not take this request (sampling).
+    pub shadow_skipped: Vec<u32>,
+    /// Shadow versions whose copy was dropped (too many copies in flight).
+    pub shadow_dropped: Vec<u32>,
     /// Unit id (the bucketing key).
     pub unit_id: Option<String>,
     /// Final gRPC status code.
@@ -87,9 +93,47 @@ impl Default for RecorderSettings {
     }
 }
 
+/// How a shadow copy went.
+#[derive(Debug)]
+pub enum ShadowCall {
+    /// It answered OK: the response message and the time it took.
+    Answered(Bytes, Duration),
+    /// It failed with this gRPC code (unreachable upstreams are UNAVAILABLE).
+    Failed(i32),
+    /// It missed its deadline.
+    Timeout,
+}
+
+/// One shadow copy and production's answer, for the writer to count and compare.
+#[derive(Debug)]
+pub struct ShadowObservation {
+    /// Model.
+    pub model: String,
+    /// Shadow version.
+    pub version: u32,
+    /// The shadow's route (prediction reading).
+    pub shadow: Arc<Route>,
+    /// The version that answered the caller.
+    pub production: Arc<Route>,
+    /// Request id.
+    pub request_id: String,
+    /// Arrival time of the original request.
+    pub time_ms: u64,
+    /// Whether the answers are OIP ModelInferResponses (else opaque bytes).
+    pub oip: bool,
+    /// When the answers agree.
+    pub comparison: Comparison,
+    /// Production's answer and upstream latency (`None` when it failed).
+    pub production_answer: Option<(Bytes, Duration)>,
+    /// The copy's result.
+    pub result: ShadowCall,
+}
+
 enum Msg {
     Record(Arc<RawRecord>),
+    Shadow(Box<ShadowObservation>),
     Flush(SyncSender<()>),
+    Stop,
 }
 
 /// The handle the data plane and the control services use.
@@ -284,6 +328,19 @@ impl Recorder {
         }
     }
 
+    /// Hands a shadow observation to the writer without waiting; dropped (and counted) when the
+    /// queue is full.
+    pub fn submit_shadow(&self, o: ShadowObservation) {
+        match self.tx.try_send(Msg::Shadow(Box::new(o))) {
+            Ok(()) => {
+                self.metrics.record_queue_depth.inc();
+            }
+            Err(_) => {
+                self.metrics.records_dropped.inc();
+            }
+        }
+    }
+
     /// A record still waiting to be written.
     pub fn pending(&self, request_id: &str) -> Option<Arc<RawRecord>> {
         self.pending.get(request_id).map(|r| r.clone())
@@ -314,6 +371,12 @@ impl Recorder {
         }
     }
 
+    /// Writes everything submitted before the call and stops the writer thread, even if other
+    /// handles remain (e.g. shadow copies still in flight): later submissions are dropped.
+    pub fn close_blocking(&self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+
     /// Waits until everything submitted before the call is written, off the async runtime.
     pub async fn flush(self: &Arc<Self>) {
         let me = self.clone();
@@ -326,13 +389,97 @@ impl Recorder {
 #[derive(Default)]
 struct Sketches {
     by_variant: std::collections::HashMap<(String, String), (UnitSketch, bool)>,
+    /// Production and shadow latency histograms per shadow (model, version).
+    shadow_latency: std::collections::HashMap<(String, u32), (ShadowLatency, bool)>,
     last_persist: Option<std::time::Instant>,
 }
 
 /// How often changed unit sketches are written.
 const SKETCH_PERSIST: Duration = Duration::from_millis(250);
 
+/// Reads a side's answer for comparison: the bytes, and for OIP answers the predictions (as the
+/// version's registration says) and every output value per row.
+fn answer(bytes: &Bytes, oip: bool, route: &Route, max_elements: usize) -> Answer {
+    let mut a = Answer {
+        bytes: bytes.clone(),
+        ..Default::default()
+    };
+    if oip {
+        if let Ok(resp) = ModelInferResponse::decode(bytes.clone()) {
+            a.predictions = record::extract_predictions(&resp, &route.prediction, max_elements)
+                .unwrap_or_default();
+            a.rows = record::output_rows(&resp, max_elements);
+        }
+    }
+    a
+}
+
 impl Writer {
+    /// Counts one shadow copy, compares its answer with production's, logs a disagreement.
+    fn observe_shadow(
+        &self,
+        batch: &mut crate::store::records::RecordBatch<'_>,
+        sketches: &mut Sketches,
+        o: &ShadowObservation,
+    ) {
+        batch.add_shadow_count(&o.model, o.version, "mirrored", 1);
+        let (answer_bytes, latency) = match &o.result {
+            ShadowCall::Timeout => {
+                batch.add_shadow_count(&o.model, o.version, "timeouts", 1);
+                return;
+            }
+            ShadowCall::Failed(code) => {
+                let name = crate::telemetry::code_name(tonic::Code::from_i32(*code));
+                batch.add_shadow_count(&o.model, o.version, &format!("error.{name}"), 1);
+                return;
+            }
+            ShadowCall::Answered(bytes, latency) => (bytes, *latency),
+        };
+        let Some((prod_bytes, prod_latency)) = &o.production_answer else {
+            // Production failed: nothing to compare with.
+            return;
+        };
+        let (h, dirty) = sketches
+            .shadow_latency
+            .entry((o.model.clone(), o.version))
+            .or_insert_with(|| (self.load_latency(&o.model, o.version), false));
+        h.record(*prod_latency, latency);
+        *dirty = true;
+        // Answers modelgate does not parse can only be compared byte for byte.
+        let comparison = if o.oip {
+            o.comparison.clone()
+        } else {
+            Comparison::Bytes
+        };
+        let max = self.settings.max_elements;
+        let verdict = shadow::compare(
+            &comparison,
+            &answer(prod_bytes, o.oip, &o.production, max),
+            &answer(answer_bytes, o.oip, &o.shadow, max),
+        );
+        batch.add_shadow_count(&o.model, o.version, "compared", verdict.compared as i64);
+        batch.add_shadow_count(&o.model, o.version, "agreed", verdict.agreed as i64);
+        if let Some((row, production, shadow)) = verdict.first_disagreement {
+            batch.add_disagreement(
+                &o.model,
+                o.version,
+                o.time_ms,
+                &o.request_id,
+                row,
+                &production,
+                &shadow,
+            );
+        }
+    }
+
+    fn load_latency(&self, model: &str, version: u32) -> ShadowLatency {
+        self.store
+            .shadow_latency(model, version)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     fn load_sketch(&self, experiment: &str, variant: &str) -> UnitSketch {
         match self.store.experiment_units(experiment, variant) {
             Ok(Some(registers)) if registers.len() == UnitSketch::number_registers() => {
@@ -364,29 +511,41 @@ impl Writer {
             // Fault-injection point for tests: hold here, with one message taken.
             drop(self.pause.lock());
             let mut records = Vec::new();
+            let mut shadows = Vec::new();
             let mut acks = Vec::new();
+            let mut stop = false;
             let mut next = Some(first);
             while let Some(msg) = next {
                 match msg {
                     Msg::Record(r) => records.push(r),
+                    Msg::Shadow(o) => shadows.push(o),
                     Msg::Flush(ack) => acks.push(ack),
+                    Msg::Stop => stop = true,
                 }
-                next = if records.len() < self.settings.batch {
+                next = if records.len() + shadows.len() < self.settings.batch {
                     self.rx.try_recv().ok()
                 } else {
                     None
                 };
             }
-            self.write(&records, !acks.is_empty());
+            self.write(&records, &shadows, !acks.is_empty());
             for ack in acks {
                 let _ = ack.send(());
             }
+            if stop {
+                break;
+            }
         }
         // Last changes of the unit sketches.
-        self.write(&[], true);
+        self.write(&[], &[], true);
     }
 
-    fn write(&self, records: &[Arc<RawRecord>], persist_sketches: bool) {
+    fn write(
+        &self,
+        records: &[Arc<RawRecord>],
+        shadows: &[Box<ShadowObservation>],
+        persist_sketches: bool,
+    ) {
         let mut batch = self.store.record_batch();
         let mut new_defs: Vec<FeatureDef> = Vec::new();
         let mut sketches = self.sketches.lock();
@@ -429,6 +588,17 @@ impl Writer {
                 );
             }
         }
+        for raw in records {
+            for v in &raw.shadow_skipped {
+                batch.add_shadow_count(&raw.model, *v, "skipped", 1);
+            }
+            for v in &raw.shadow_dropped {
+                batch.add_shadow_count(&raw.model, *v, "dropped", 1);
+            }
+        }
+        for o in shadows {
+            self.observe_shadow(&mut batch, &mut sketches, o);
+        }
         let due = sketches
             .last_persist
             .is_none_or(|t| t.elapsed() >= SKETCH_PERSIST);
@@ -436,6 +606,12 @@ impl Writer {
             for ((e, v), (sketch, dirty)) in sketches.by_variant.iter_mut() {
                 if *dirty {
                     batch.put_experiment_units(e, v, sketch.get_registers());
+                    *dirty = false;
+                }
+            }
+            for ((model, version), (h, dirty)) in sketches.shadow_latency.iter_mut() {
+                if *dirty {
+                    batch.put_shadow_latency(model, *version, h);
                     *dirty = false;
                 }
             }

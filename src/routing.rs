@@ -64,6 +64,19 @@ pub struct LiveExperiment {
     end_ms: Option<u64>,
 }
 
+/// A shadow, as the data plane needs it.
+#[derive(Debug)]
+pub struct LiveShadow {
+    /// The shadow version's route.
+    pub route: Arc<Route>,
+    /// Share of requests mirrored.
+    pub sample_fraction: f64,
+    /// Deadline of each copy.
+    pub timeout: std::time::Duration,
+    /// When answers agree.
+    pub comparison: crate::shadow::Comparison,
+}
+
 /// Where one request goes, and whether it is an experiment observation.
 #[derive(Clone, Debug)]
 pub struct Decision {
@@ -92,6 +105,7 @@ pub struct RoutingTable {
     production: HashMap<String, Arc<Route>>,
     known: HashSet<String>,
     experiments: HashMap<String, Arc<LiveExperiment>>,
+    shadows: HashMap<String, Arc<[LiveShadow]>>,
     default_model: Option<String>,
 }
 
@@ -112,12 +126,36 @@ impl RoutingTable {
             .filter(|e| e.state == ExperimentState::Running)
             .filter_map(|e| Some((e.model.clone(), Arc::new(live(e, state)?))))
             .collect();
+        let mut shadows: HashMap<String, Vec<LiveShadow>> = HashMap::new();
+        for s in state.shadows.all() {
+            let Ok(m) = state.registry.model(&s.model) else {
+                continue;
+            };
+            let Some(v) = m.versions.get(&s.version) else {
+                continue;
+            };
+            shadows
+                .entry(s.model.clone())
+                .or_default()
+                .push(LiveShadow {
+                    route: Arc::new(Route::to(v)),
+                    sample_fraction: s.sample_fraction,
+                    timeout: std::time::Duration::from_millis(s.timeout_ms),
+                    comparison: s.comparison.clone(),
+                });
+        }
         RoutingTable {
             production,
             known,
             experiments,
+            shadows: shadows.into_iter().map(|(k, v)| (k, v.into())).collect(),
             default_model: default_model.map(str::to_string),
         }
+    }
+
+    /// The shadows of `model`, if any.
+    pub fn shadows(&self, model: &str) -> Option<Arc<[LiveShadow]>> {
+        self.shadows.get(model).cloned()
     }
 
     /// The running experiment of `model`, if any (it may still be outside its time window).
@@ -306,6 +344,7 @@ mod tests {
             &State {
                 registry: r.clone(),
                 experiments: ex.clone(),
+                ..Default::default()
             },
             None,
         );
@@ -344,6 +383,7 @@ mod tests {
             &State {
                 registry: r,
                 experiments: ex,
+                ..Default::default()
             },
             None,
         );

@@ -13,13 +13,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::config::Config;
 use crate::control::{
     self, experiments::ExperimentService, records::RecordServices, registry::RegistryService,
-    BearerAuth, ControlPlane,
+    shadows::ShadowService, BearerAuth, ControlPlane,
 };
 use crate::feature_store::FeatureCatalog;
 use crate::pb::modelgate::v1::registry_server::RegistryServer;
 use crate::pb::modelgate::v1::{
     experiments_server::ExperimentsServer, features_server::FeaturesServer,
     outcomes_server::OutcomesServer, predictions_server::PredictionsServer,
+    shadows_server::ShadowsServer,
 };
 use crate::proxy::{self, upstream::UpstreamSettings, Limits, Proxy, ServerSettings};
 use crate::recorder::{Recorder, RecorderSettings};
@@ -126,6 +127,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_message_bytes: config.max_message_bytes,
             request_timeout: config.request_timeout,
             unit_key: config.unit_key.clone(),
+            max_shadow_in_flight: config.max_shadow_in_flight,
         },
         metrics.clone(),
         recorder.clone(),
@@ -168,6 +170,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service(FeaturesServer::with_interceptor(records, auth.clone()))
         .add_service(ExperimentsServer::with_interceptor(
             ExperimentService::new(plane.clone()),
+            auth.clone(),
+        ))
+        .add_service(ShadowsServer::with_interceptor(
+            ShadowService::new(plane.clone()),
             auth,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));
@@ -226,10 +232,11 @@ impl Running {
         for t in tasks {
             let _ = t.await;
         }
-        recorder.flush().await;
+        // Everything queued is written, then the writer stops (shadow copies still in flight
+        // hold handles; what they submit later is dropped and counted).
+        let r = recorder.clone();
+        let _ = tokio::task::spawn_blocking(move || r.close_blocking()).await;
         drop(recorder);
-        // The writer exits once the last recorder handle is gone (the servers above held the
-        // others); wait for it briefly, then let the database close.
         if let Some(w) = writer {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),

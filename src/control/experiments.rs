@@ -272,6 +272,7 @@ impl ExperimentsApi for ExperimentService {
                     Update {
                         registry,
                         experiments: vec![e],
+                        ..Default::default()
                     },
                 ))
             })

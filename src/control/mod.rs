@@ -4,6 +4,7 @@
 pub mod experiments;
 pub mod records;
 pub mod registry;
+pub mod shadows;
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use tonic::Status;
 use crate::experiment::{Experiment, ExperimentError, Experiments};
 use crate::registry::{Registry, RegistryError, RegistryUpdate};
 use crate::routing::RoutingTable;
+use crate::shadow::{Shadow, ShadowError, Shadows};
 use crate::store::{self, Store, StoreError};
 
 /// Unix time in milliseconds.
@@ -33,6 +35,9 @@ pub enum ControlError {
     /// The experiment rules refused it.
     #[error(transparent)]
     Experiment(#[from] ExperimentError),
+    /// The shadow rules refused it.
+    #[error(transparent)]
+    Shadow(#[from] ShadowError),
     /// It could not be made durable; nothing changed.
     #[error("the change could not be made durable, nothing was changed: {0}")]
     Store(#[from] StoreError),
@@ -43,6 +48,7 @@ impl From<ControlError> for Status {
         match e {
             ControlError::Registry(e) => registry_status(e),
             ControlError::Experiment(e) => experiment_status(e),
+            ControlError::Shadow(e) => shadow_status(e),
             ControlError::Store(_) => Status::unavailable(e.to_string()),
         }
     }
@@ -77,13 +83,25 @@ pub fn experiment_status(e: ExperimentError) -> Status {
     }
 }
 
-/// Everything the control plane configures: the registry and the experiments.
+/// Maps a shadow refusal to its gRPC status.
+pub fn shadow_status(e: ShadowError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ShadowError::InvalidArgument { .. } => Status::invalid_argument(msg),
+        ShadowError::NotFound { .. } => Status::not_found(msg),
+        ShadowError::Registry(e) => registry_status(e),
+    }
+}
+
+/// Everything the control plane configures: the registry, experiments and shadows.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     /// Models and versions.
     pub registry: Registry,
     /// Experiments.
     pub experiments: Experiments,
+    /// Shadows.
+    pub shadows: Shadows,
 }
 
 /// The writes one control operation needs made durable, as one atomic batch.
@@ -93,12 +111,19 @@ pub struct Update {
     pub registry: RegistryUpdate,
     /// Experiment records to write.
     pub experiments: Vec<Experiment>,
+    /// Shadow records to write.
+    pub put_shadows: Vec<Shadow>,
+    /// Shadow records to delete (model, version).
+    pub delete_shadows: Vec<(String, u32)>,
 }
 
 impl Update {
     /// True when nothing needs writing.
     pub fn is_empty(&self) -> bool {
-        self.registry.is_empty() && self.experiments.is_empty()
+        self.registry.is_empty()
+            && self.experiments.is_empty()
+            && self.put_shadows.is_empty()
+            && self.delete_shadows.is_empty()
     }
 }
 
@@ -106,7 +131,7 @@ impl From<RegistryUpdate> for Update {
     fn from(registry: RegistryUpdate) -> Self {
         Update {
             registry,
-            experiments: Vec::new(),
+            ..Default::default()
         }
     }
 }
@@ -130,6 +155,7 @@ impl ControlPlane {
         let state = State {
             registry: store.load_registry()?,
             experiments: Experiments::from_records(store.load_experiments()?),
+            shadows: Shadows::from_records(store.load_shadows()?),
         };
         let routing = RoutingTable::build(&state, default_model.as_deref());
         Ok(ControlPlane {
@@ -179,8 +205,7 @@ impl ControlPlane {
         let (out, update) = op(&mut next)?;
         if !update.is_empty() {
             let store = self.store.clone();
-            store::blocking(move || store.write_control(&update.registry, &update.experiments))
-                .await?;
+            store::blocking(move || store.write_control(&update)).await?;
             let routing = RoutingTable::build(&next, self.default_model.as_deref());
             self.state.store(Arc::new(next));
             self.routing.store(Arc::new(routing));

@@ -1,6 +1,7 @@
 //! Bodies: gRPC message framing, and a body wrapper that reports how a response ended.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -166,6 +167,94 @@ where
     }
 }
 
+/// Where a [`Tee`] leaves its copy: the whole body, or `None` while incomplete or when it was
+/// larger than the limit.
+pub type TeeSlot = Arc<parking_lot::Mutex<Option<Bytes>>>;
+
+pin_project_lite::pin_project! {
+    /// Forwards a body unchanged and keeps a copy of its data (up to `limit` bytes) in `slot`
+    /// once the body ends. The copy shares the frames' buffers.
+    pub struct Tee<B> {
+        #[pin]
+        inner: B,
+        parts: Vec<Bytes>,
+        size: usize,
+        limit: usize,
+        overflow: bool,
+        done: bool,
+        slot: TeeSlot,
+    }
+}
+
+impl<B> Tee<B> {
+    /// Wraps `inner`, copying at most `limit` bytes.
+    pub fn new(inner: B, limit: usize, slot: TeeSlot) -> Self {
+        Tee {
+            inner,
+            parts: Vec::new(),
+            size: 0,
+            limit,
+            overflow: false,
+            done: false,
+            slot,
+        }
+    }
+}
+
+impl<B> HttpBody for Tee<B>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let res = this.inner.as_mut().poll_frame(cx);
+        let finished = match &res {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.size += data.len();
+                    if *this.size > *this.limit {
+                        *this.overflow = true;
+                        this.parts.clear();
+                    } else if !*this.overflow {
+                        this.parts.push(data.clone());
+                    }
+                }
+                // The last data frame may carry the end of the stream itself (HTTP/2
+                // END_STREAM): then nobody polls again, so the copy is complete now.
+                frame.is_trailers() || this.inner.is_end_stream()
+            }
+            Poll::Ready(None) => true,
+            _ => false,
+        };
+        if finished && !*this.done {
+            *this.done = true;
+            if !*this.overflow {
+                let whole = match this.parts.len() {
+                    1 => this.parts[0].clone(),
+                    _ => Bytes::from(this.parts.concat()),
+                };
+                *this.slot.lock() = Some(whole);
+            }
+            this.parts.clear();
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +327,30 @@ mod tests {
             move |e| s.lock().push(e),
         ));
         assert_eq!(*seen.lock(), vec![Ending::Status(Code::Unavailable)]);
+    }
+
+    #[tokio::test]
+    async fn tees_copy_whole_bodies_within_the_limit() {
+        let slot: TeeSlot = Default::default();
+        let inner = http_body_util::StreamBody::new(tokio_stream::iter(
+            ["ab", "cd", "e"]
+                .map(|s| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(s)))),
+        ));
+        let out = Tee::new(inner, 10, slot.clone())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&out[..], b"abcde");
+        assert_eq!(slot.lock().as_deref(), Some(&b"abcde"[..]));
+        let slot: TeeSlot = Default::default();
+        let big = http_body_util::Full::new(Bytes::from_static(b"0123456789abc"));
+        let out = Tee::new(big, 10, slot.clone())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(out.len(), 13, "the body itself passes whole");
+        assert_eq!(*slot.lock(), None, "too large to copy");
     }
 }

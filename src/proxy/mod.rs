@@ -8,6 +8,7 @@
 
 pub mod body;
 pub mod classify;
+pub mod mirror;
 pub mod status;
 pub mod upstream;
 
@@ -35,7 +36,7 @@ use crate::pb::inference::{
     ServerMetadataResponse, ServerReadyResponse,
 };
 use crate::recorder::{RawRecord, Recorder};
-use crate::routing::{Lookup, Route, RoutingTable};
+use crate::routing::{LiveShadow, Lookup, Route, RoutingTable};
 use crate::telemetry::{code_name, EndpointLabels, Metrics, RequestLabels, VersionLabels};
 use body::{Ending, FrameError, Observed};
 use classify::{Call, ServerCall};
@@ -64,6 +65,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Metadata key (and OIP parameter) carrying the unit id.
     pub unit_key: String,
+    /// Shadow copies in flight at most; more are dropped and counted.
+    pub max_shadow_in_flight: usize,
 }
 
 /// Why the proxy answered a call itself, with an error.
@@ -193,17 +196,25 @@ struct Exchange {
     /// The answer's message when it succeeded (ModelInfer only).
     response: Option<Bytes>,
     size: usize,
+    /// The model's shadows and which of them take this request.
+    shadows: Option<(Arc<[LiveShadow]>, Vec<usize>)>,
+    /// The request as received, and its headers, when shadows take it.
+    request_copy: Option<(Bytes, HeaderMap)>,
+    /// Pass-through calls that shadows take: copies of the request and response bodies, and the
+    /// request headers.
+    tee: Option<(body::TeeSlot, body::TeeSlot, HeaderMap)>,
 }
 
 /// The data-plane request handler.
 pub struct Proxy {
     routing: Arc<ArcSwap<RoutingTable>>,
-    upstreams: upstream::Upstreams,
+    upstreams: Arc<upstream::Upstreams>,
     local: tonic::service::Routes,
     limits: Limits,
     in_flight: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     recorder: Arc<Recorder>,
+    mirror: mirror::Mirror,
 }
 
 impl Proxy {
@@ -216,14 +227,22 @@ impl Proxy {
         metrics: Arc<Metrics>,
         recorder: Arc<Recorder>,
     ) -> Self {
+        let upstreams = Arc::new(upstream::Upstreams::new(upstream));
+        let mirror = mirror::Mirror::new(
+            limits.max_shadow_in_flight,
+            upstreams.clone(),
+            recorder.clone(),
+            limits.max_message_bytes,
+        );
         Proxy {
             routing,
-            upstreams: upstream::Upstreams::new(upstream),
+            upstreams,
             local,
             limits,
             in_flight: Arc::new(AtomicUsize::new(0)),
             metrics,
             recorder,
+            mirror,
         }
     }
 
@@ -295,6 +314,10 @@ impl Proxy {
             set_header(resp.headers_mut(), EXPERIMENT_HEADER, experiment);
             set_header(resp.headers_mut(), VARIANT_HEADER, variant);
         }
+        if let Some((_, response, _)) = &ex.tee {
+            let (slot, limit) = (response.clone(), self.limits.max_message_bytes);
+            resp = resp.map(|b| Body::new(body::Tee::new(b, limit, slot)));
+        }
         let header_code = status::code_from_headers(resp.headers());
         let this = self.clone();
         resp.map(move |b| {
@@ -318,7 +341,7 @@ impl Proxy {
     /// Counts a finished request and hands its record to the recorder.
     fn finish(
         &self,
-        ex: Exchange,
+        mut ex: Exchange,
         request_id: String,
         method: String,
         time_ms: u64,
@@ -331,6 +354,22 @@ impl Proxy {
                 .as_ref()
                 .and_then(|r| crate::record::parameter(&r.parameters, &self.limits.unit_key))
         });
+        if let Some((request, response, headers)) = ex.tee.take() {
+            ex.request_copy = request.lock().take().map(|r| (r, headers));
+            ex.response = response.lock().take().filter(|_| code == Code::Ok);
+        }
+        let (shadow_skipped, shadow_dropped) = self.mirror_finished(
+            &mut ex.shadows,
+            &mut ex.request_copy,
+            &ex.infer,
+            &ex.response,
+            &ex.route,
+            &ex.model,
+            &request_id,
+            &method,
+            time_ms,
+            ex.upstream_latency,
+        );
         self.recorder.submit(RawRecord {
             request_id,
             time_ms,
@@ -347,7 +386,55 @@ impl Proxy {
             infer: ex.infer,
             response: ex.response,
             size: ex.size,
+            shadow_skipped,
+            shadow_dropped,
         });
+    }
+
+    /// Sends the copies of a finished request to the shadows that sampled it. Returns the
+    /// versions that skipped it and those whose copy was dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror_finished(
+        &self,
+        shadows: &mut Option<(Arc<[LiveShadow]>, Vec<usize>)>,
+        copy: &mut Option<(Bytes, HeaderMap)>,
+        infer: &Option<ModelInferRequest>,
+        response: &Option<Bytes>,
+        route: &Option<Arc<Route>>,
+        model: &str,
+        request_id: &str,
+        method: &str,
+        time_ms: u64,
+        latency: Option<Duration>,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let Some((all, taken)) = shadows.take() else {
+            return (Vec::new(), Vec::new());
+        };
+        let skipped = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !taken.contains(i))
+            .map(|(_, s)| s.route.version)
+            .collect();
+        let (Some((request, headers)), Some(production)) = (copy.take(), route.clone()) else {
+            return (skipped, Vec::new());
+        };
+        let finished = Arc::new(mirror::Finished {
+            model: model.to_string(),
+            production,
+            request_id: request_id.to_string(),
+            time_ms,
+            path: method.to_string(),
+            headers,
+            request,
+            infer: infer.clone(),
+            answer: response.clone(),
+            latency: latency.unwrap_or_default(),
+        });
+        let dropped = self
+            .mirror
+            .dispatch(finished, taken.iter().map(|&i| &all[i]).collect());
+        (skipped, dropped)
     }
 
     fn count(&self, route: Option<&Route>, code: Code, start: Instant) {
@@ -381,6 +468,7 @@ impl Proxy {
         model: &str,
         headers: &HeaderMap,
         params: Option<&HashMap<String, InferParameter>>,
+        request_id: &str,
         ex: &mut Exchange,
     ) -> Result<Arc<Route>, ProxyError> {
         ex.model = model.to_string();
@@ -399,6 +487,20 @@ impl Proxy {
         let now = crate::store::records::now_ms();
         match table.decide(model, ex.unit_id.as_deref(), forced, now) {
             Ok(d) => {
+                // Shadows mirror production's traffic (not experiment variants), sampled by unit
+                // id, else request id.
+                if d.experiment.is_none() {
+                    if let Some(shadows) = table.shadows(model) {
+                        let key = ex.unit_id.as_deref().unwrap_or(request_id);
+                        let taken = shadows
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| crate::shadow::sampled(model, key, s.sample_fraction))
+                            .map(|(i, _)| i)
+                            .collect();
+                        ex.shadows = Some((shadows, taken));
+                    }
+                }
                 ex.route = Some(d.route.clone());
                 ex.experiment = d.experiment;
                 ex.counted = d.counted;
@@ -440,12 +542,12 @@ impl Proxy {
             ex.size = bytes.len();
             let (route, forward) = if call == Call::OipInfer {
                 let (req, route, forward) =
-                    self.route_message::<ModelInferRequest>(bytes, &parts.headers, ex)?;
+                    self.route_message::<ModelInferRequest>(bytes, &parts.headers, request_id, ex)?;
                 ex.infer = Some(req);
                 (route, forward)
             } else {
                 let (_, route, forward) =
-                    self.route_message::<ModelReadyRequest>(bytes, &parts.headers, ex)?;
+                    self.route_message::<ModelReadyRequest>(bytes, &parts.headers, request_id, ex)?;
                 (route, forward)
             };
             let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
@@ -496,6 +598,7 @@ impl Proxy {
         &self,
         framed: Bytes,
         headers: &HeaderMap,
+        request_id: &str,
         ex: &mut Exchange,
     ) -> Result<(M, Arc<Route>, Bytes), ProxyError> {
         let msg = body::unary_message(&framed)?;
@@ -507,7 +610,17 @@ impl Proxy {
         if model.is_empty() {
             return Err(ProxyError::MissingModel(M::MODEL_FIELD));
         }
-        let route = self.decide(&model, headers, m.parameters(), ex)?;
+        let route = self.decide(&model, headers, m.parameters(), request_id, ex)?;
+        if !M::MIRRORED {
+            // Metadata and readiness calls are not traffic worth comparing.
+            ex.shadows = None;
+        } else if ex
+            .shadows
+            .as_ref()
+            .is_some_and(|(_, taken)| !taken.is_empty())
+        {
+            ex.request_copy = Some((framed.clone(), headers.clone()));
+        }
         let (name, version) = m.model_and_version();
         let forward = if rewrite(&route, name, version) {
             body::frame(&m)
@@ -561,10 +674,21 @@ impl Proxy {
                 .ok_or(ProxyError::NoModel)?
                 .to_string(),
         };
-        let route = self.decide(&model, req.headers(), None, ex)?;
+        let route = self.decide(&model, req.headers(), None, request_id, ex)?;
         let deadline = Self::caller_deadline(req.headers());
         let (parts, body) = req.into_parts();
-        let upstream_req = Request::from_parts(parts, Body::new(body));
+        let body = if ex
+            .shadows
+            .as_ref()
+            .is_some_and(|(_, taken)| !taken.is_empty())
+        {
+            let (request, response) = (body::TeeSlot::default(), body::TeeSlot::default());
+            ex.tee = Some((request.clone(), response, parts.headers.clone()));
+            Body::new(body::Tee::new(body, self.limits.max_message_bytes, request))
+        } else {
+            Body::new(body)
+        };
+        let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
         let send = self.send(upstream_req, &route, request_id, deadline);
         let resp = match deadline {
@@ -629,6 +753,8 @@ trait RoutedMessage: Message + Default {
     const NAME: &'static str;
     /// The field naming the model.
     const MODEL_FIELD: &'static str;
+    /// Whether shadows receive copies of these calls.
+    const MIRRORED: bool;
     /// The model name and version fields.
     fn model_and_version(&mut self) -> (&mut String, &mut String);
     /// Request parameters, where the message has them.
@@ -640,6 +766,7 @@ trait RoutedMessage: Message + Default {
 impl RoutedMessage for ModelInferRequest {
     const NAME: &'static str = "inference.ModelInferRequest";
     const MODEL_FIELD: &'static str = "model_name";
+    const MIRRORED: bool = true;
     fn model_and_version(&mut self) -> (&mut String, &mut String) {
         (&mut self.model_name, &mut self.model_version)
     }
@@ -652,6 +779,7 @@ impl RoutedMessage for ModelInferRequest {
 impl RoutedMessage for ModelReadyRequest {
     const NAME: &'static str = "model metadata/ready request";
     const MODEL_FIELD: &'static str = "name";
+    const MIRRORED: bool = false;
     fn model_and_version(&mut self) -> (&mut String, &mut String) {
         (&mut self.name, &mut self.version)
     }

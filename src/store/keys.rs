@@ -202,6 +202,29 @@ pub fn experiment_counter_key(experiment: &str, variant: &str, name: &str) -> Ve
     k
 }
 
+/// `counters` key of a shadow's counter: b's', model, 0x00, version (u32 BE), name.
+pub fn shadow_counter_key(model: &str, version: u32, name: &str) -> Vec<u8> {
+    let mut k = shadow_counter_prefix(model, version);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The prefix of a shadow's counters.
+pub fn shadow_counter_prefix(model: &str, version: u32) -> Vec<u8> {
+    let mut k = vec![b's'];
+    k.extend_from_slice(&outcome_index_prefix(model, version));
+    k
+}
+
+/// `shadow_log` key: model, 0x00, version (u32 BE), time (ms, u64 BE), request id — the same
+/// layout as `outcome_index`, so a version's disagreements are contiguous and in time order.
+pub fn shadow_log_key(model: &str, version: u32, time_ms: u64, request_id: &str) -> Vec<u8> {
+    let mut k = outcome_index_prefix(model, version);
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
 /// `features` key: entity, 0x00, feature, 0x00, inverted time (u64::MAX − ms, BE). The newest
 /// value sorts first, so a seek to the inverted `as_of` lands on the latest value at or before it.
 pub fn feature_history_key(entity: &str, feature: &str, time_ms: u64) -> Vec<u8> {

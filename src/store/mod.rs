@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod records;
+pub mod shadows;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOp
 
 use crate::experiment::Experiment;
 use crate::registry::{ModelMeta, ModelVersion, PromotionPolicy, Registry, RegistryUpdate};
+use crate::shadow::Shadow;
 
 /// Column family names; [`cf::ALL`] lists every one, all created when the database is opened.
 pub mod cf {
@@ -24,6 +26,8 @@ pub mod cf {
     pub const EXPERIMENTS: &str = "experiments";
     /// Shadow configurations.
     pub const SHADOWS: &str = "shadows";
+    /// Recent shadow disagreements, by model, version and time.
+    pub const SHADOW_LOG: &str = "shadow_log";
     /// Drift reference samples.
     pub const REFERENCES: &str = "references";
     /// Prediction records.
@@ -50,6 +54,7 @@ pub mod cf {
         POLICIES,
         EXPERIMENTS,
         SHADOWS,
+        SHADOW_LOG,
         REFERENCES,
         PREDICTIONS,
         PREDICTION_INDEX,
@@ -212,17 +217,38 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes one registry update as one batch, synced to disk before returning.
-    pub fn write_registry(&self, update: &RegistryUpdate) -> Result<(), StoreError> {
-        self.write_control(update, &[])
+    /// Every shadow.
+    pub fn load_shadows(&self) -> Result<Vec<Shadow>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::SHADOWS), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|source| StoreError::Value {
+                    family: cf::SHADOWS,
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
     }
 
-    /// Writes a registry update and experiment records as one batch, synced before returning.
-    pub fn write_control(
-        &self,
-        update: &RegistryUpdate,
-        experiments: &[Experiment],
-    ) -> Result<(), StoreError> {
+    /// Writes one registry update as one batch, synced to disk before returning.
+    pub fn write_registry(&self, update: &RegistryUpdate) -> Result<(), StoreError> {
+        self.write_control(&crate::control::Update {
+            registry: update.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// Writes one control-plane update (registry, experiments, shadows) as one batch, synced
+    /// before returning.
+    pub fn write_control(&self, control: &crate::control::Update) -> Result<(), StoreError> {
+        let update = &control.registry;
+        let experiments = &control.experiments;
         let reg = self.cf(cf::REGISTRY);
         let pol = self.cf(cf::POLICIES);
         let mut batch = WriteBatch::default();
@@ -244,6 +270,16 @@ impl Store {
         }
         for e in experiments {
             batch.put_cf(self.cf(cf::EXPERIMENTS), e.name.as_bytes(), json(e));
+        }
+        for s in &control.put_shadows {
+            batch.put_cf(
+                self.cf(cf::SHADOWS),
+                keys::registry_key(&s.model, s.version),
+                json(s),
+            );
+        }
+        for (model, version) in &control.delete_shadows {
+            batch.delete_cf(self.cf(cf::SHADOWS), keys::registry_key(model, *version));
         }
         self.write_sync(batch)
     }
@@ -287,7 +323,7 @@ fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Rete
         _ => {}
     }
     let keep = match family {
-        cf::PREDICTIONS | cf::PREDICTION_INDEX => Some(retention.predictions),
+        cf::PREDICTIONS | cf::PREDICTION_INDEX | cf::SHADOW_LOG => Some(retention.predictions),
         cf::OUTCOMES | cf::OUTCOME_INDEX => Some(retention.outcomes),
         cf::FEATURES | cf::FEATURES_LATEST => Some(retention.features),
         _ => None,

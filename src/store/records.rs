@@ -77,7 +77,7 @@ const COUNTERS: [&str; 6] = [
     "sq_error",
 ];
 
-fn int_counter(v: i64) -> [u8; 9] {
+pub(super) fn int_counter(v: i64) -> [u8; 9] {
     let mut b = [b'i'; 9];
     b[1..].copy_from_slice(&v.to_le_bytes());
     b
@@ -99,13 +99,13 @@ fn moments_counter(n: i64, mean: f64, m2: f64) -> [u8; 25] {
     b
 }
 
-enum Counter {
+pub(super) enum Counter {
     Int(i64),
     Float(f64),
     Moments(i64, f64, f64),
 }
 
-fn parse_counter(v: &[u8]) -> Option<Counter> {
+pub(super) fn parse_counter(v: &[u8]) -> Option<Counter> {
     let le = |b: &[u8]| -> Option<[u8; 8]> { b.try_into().ok() };
     match (v.first()?, v.len()) {
         (b'i', 9) => Some(Counter::Int(i64::from_le_bytes(le(&v[1..])?))),
@@ -272,8 +272,8 @@ pub fn feature_value_from_pb(v: pb::FeatureValue) -> Option<FeatureValue> {
 /// Many records written as one `WriteBatch` (WAL on, not synced: a process crash loses nothing
 /// committed; a power loss may lose the last moments).
 pub struct RecordBatch<'s> {
-    store: &'s Store,
-    batch: WriteBatch,
+    pub(super) store: &'s Store,
+    pub(super) batch: WriteBatch,
     records: usize,
 }
 
@@ -833,6 +833,7 @@ impl Store {
         for name in [
             cf::PREDICTIONS,
             cf::PREDICTION_INDEX,
+            cf::SHADOW_LOG,
             cf::OUTCOMES,
             cf::OUTCOME_INDEX,
             cf::FEATURES,
@@ -877,7 +878,7 @@ pub(super) fn record_time(family: &str, key: &[u8], value: &[u8]) -> Option<u64>
         cf::PREDICTION_INDEX => keys::decode_prediction_index_key(key)
             .ok()
             .map(|(_, t, _)| t),
-        cf::OUTCOME_INDEX => keys::outcome_index_time(key).ok(),
+        cf::OUTCOME_INDEX | cf::SHADOW_LOG => keys::outcome_index_time(key).ok(),
         cf::FEATURES => keys::feature_history_time(key).ok(),
         _ => None,
     }

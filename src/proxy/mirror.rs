@@ -1,0 +1,200 @@
+//! The data-plane side of shadows: copies of finished production requests sent to shadow
+//! versions, in the background.
+//!
+//! A copy is sent after the caller's response has ended, from a spawned task: the caller never
+//! waits for it. Copies in flight are capped by a semaphore taken with `try_acquire` — when none
+//! is free the copy is dropped and counted, never queued. Each copy has its own deadline; its
+//! answer and production's go to the record writer, which compares them off the request path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::sync::Semaphore;
+use tonic::body::Body;
+use tower::ServiceExt;
+
+use super::{body, status, upstream::Upstreams, REQUEST_ID_HEADER};
+use crate::pb::inference::ModelInferRequest;
+use crate::recorder::{Recorder, ShadowCall, ShadowObservation};
+use crate::routing::{LiveShadow, Route};
+
+/// Header marking a mirrored copy.
+pub const SHADOW_HEADER: &str = "x-modelgate-shadow";
+
+/// Sends shadow copies.
+pub struct Mirror {
+    permits: Arc<Semaphore>,
+    upstreams: Arc<Upstreams>,
+    recorder: Arc<Recorder>,
+    max_message_bytes: usize,
+}
+
+/// A finished production exchange, as the copies need it.
+pub struct Finished {
+    /// Model.
+    pub model: String,
+    /// The version that answered the caller.
+    pub production: Arc<Route>,
+    /// Request id (shared with the copies, for correlation).
+    pub request_id: String,
+    /// Arrival time, Unix ms.
+    pub time_ms: u64,
+    /// gRPC path.
+    pub path: String,
+    /// The caller's request headers.
+    pub headers: HeaderMap,
+    /// The request body as received (gRPC framed).
+    pub request: Bytes,
+    /// The decoded OIP request, when the call was a ModelInfer.
+    pub infer: Option<ModelInferRequest>,
+    /// Production's answer: the response message bytes, or `None` when it failed.
+    pub answer: Option<Bytes>,
+    /// Production's upstream latency.
+    pub latency: Duration,
+}
+
+impl Mirror {
+    /// A mirror allowing `max_in_flight` copies at once.
+    pub fn new(
+        max_in_flight: usize,
+        upstreams: Arc<Upstreams>,
+        recorder: Arc<Recorder>,
+        max_message_bytes: usize,
+    ) -> Self {
+        Mirror {
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            upstreams,
+            recorder,
+            max_message_bytes,
+        }
+    }
+
+    /// Sends a copy of `f` to each of `shadows`; returns the versions whose copy was dropped
+    /// because the in-flight cap was reached.
+    pub fn dispatch(&self, f: Arc<Finished>, shadows: Vec<&LiveShadow>) -> Vec<u32> {
+        let mut dropped = Vec::new();
+        for s in shadows {
+            // The version that answered is not its own shadow (e.g. after a promotion).
+            if s.route.version == f.production.version {
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                dropped.push(s.route.version);
+                continue;
+            };
+            let route = s.route.clone();
+            let timeout = s.timeout;
+            let comparison = s.comparison.clone();
+            let upstreams = self.upstreams.clone();
+            let recorder = self.recorder.clone();
+            let limit = self.max_message_bytes;
+            let f = f.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let call = tokio::time::timeout(
+                    timeout,
+                    call_shadow(&upstreams, &route, &f, timeout, limit),
+                )
+                .await;
+                let latency = started.elapsed();
+                drop(permit);
+                let result = match call {
+                    Err(_) => ShadowCall::Timeout,
+                    Ok(Err(code)) => ShadowCall::Failed(code),
+                    Ok(Ok(answer)) => ShadowCall::Answered(answer, latency),
+                };
+                recorder.submit_shadow(ShadowObservation {
+                    model: f.model.clone(),
+                    version: route.version,
+                    shadow: route,
+                    production: f.production.clone(),
+                    request_id: f.request_id.clone(),
+                    time_ms: f.time_ms,
+                    oip: f.infer.is_some(),
+                    comparison: comparison.clone(),
+                    production_answer: f.answer.clone().map(|a| (a, f.latency)),
+                    result,
+                });
+            });
+        }
+        dropped
+    }
+}
+
+/// One copy: the caller's request to the shadow's upstream, its answer read whole (bounded).
+/// Returns the answer's message bytes, or the gRPC code it failed with.
+async fn call_shadow(
+    upstreams: &Upstreams,
+    route: &Route,
+    f: &Finished,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Bytes, i32> {
+    const UNAVAILABLE: i32 = tonic::Code::Unavailable as i32;
+    let body = match (&f.infer, rewrite_needed(route, f.infer.as_ref())) {
+        (Some(infer), true) => {
+            let mut m = infer.clone();
+            if let Some(b) = &route.backend_model {
+                m.model_name.clone_from(b);
+            }
+            if let Some(b) = &route.backend_version {
+                m.model_version.clone_from(b);
+            }
+            body::frame(&m)
+        }
+        // The caller's own bytes: no re-encode.
+        _ => f.request.clone(),
+    };
+    let mut req = Request::post(format!("{}{}", route.endpoint, f.path))
+        .body(Body::new(Full::new(body)))
+        .map_err(|_| UNAVAILABLE)?;
+    *req.headers_mut() = f.headers.clone();
+    let h = req.headers_mut();
+    h.insert(SHADOW_HEADER, HeaderValue::from_static("true"));
+    h.insert("grpc-timeout", status::encode_grpc_timeout(timeout));
+    if let Ok(v) = HeaderValue::from_str(&f.request_id) {
+        h.insert(REQUEST_ID_HEADER, v);
+    }
+    let channel = upstreams
+        .channel(&route.endpoint)
+        .map_err(|_| UNAVAILABLE)?;
+    let resp = channel.oneshot(req).await.map_err(|_| UNAVAILABLE)?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(status::code_for_http_status(resp.status()) as i32);
+    }
+    let (parts, body) = resp.into_parts();
+    let collected = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|_| UNAVAILABLE)?;
+    let code = collected
+        .trailers()
+        .and_then(status::code_from_headers)
+        .or_else(|| status::code_from_headers(&parts.headers))
+        .unwrap_or(tonic::Code::Unknown);
+    if code != tonic::Code::Ok {
+        return Err(code as i32);
+    }
+    let data = collected.to_bytes();
+    Ok(if f.infer.is_some() {
+        body::unary_message(&data).unwrap_or(data)
+    } else {
+        data
+    })
+}
+
+/// Whether the shadow's backend name or version differs from what the caller sent.
+fn rewrite_needed(route: &Route, infer: Option<&ModelInferRequest>) -> bool {
+    let Some(m) = infer else { return false };
+    route
+        .backend_model
+        .as_ref()
+        .is_some_and(|b| *b != m.model_name)
+        || route
+            .backend_version
+            .as_ref()
+            .is_some_and(|b| *b != m.model_version)
+}
