@@ -1,10 +1,12 @@
 //! Load benchmark: the built-in model server directly vs. through modelgate.
 //!
-//! `cargo bench --bench proxy_load` starts the release binary twice — `modelgate model-server`
-//! (a logistic model over 16 features) and `modelgate serve` in front of it — registers and
-//! promotes the model, then drives `ModelInfer` with a 1×16 FP32 input at a fixed concurrency for
-//! a fixed time against each target in turn, and prints throughput, the ratio to direct, and
-//! latency percentiles. Settings (environment): `BENCH_CONCURRENCY` (default 32),
+//! `cargo bench --bench proxy_load` starts the release binary as two model servers
+//! (`modelgate model-server`, a logistic model over 16 features) and `modelgate serve` in front,
+//! registers the model (plus a shadow version on the second server and one whose endpoint is
+//! down), then drives `ModelInfer` with a 1×16 FP32 input at a fixed concurrency for a fixed time
+//! against: the model server directly, modelgate routing only, modelgate mirroring 100% to a
+//! healthy shadow, and modelgate mirroring 100% to a shadow that is down — and prints throughput,
+//! the ratio to direct, and latency percentiles side by side. Settings (environment): `BENCH_CONCURRENCY` (default 32),
 //! `BENCH_SECONDS` (default 10), `BENCH_CONNECTIONS` (default 4), `BENCH_JSON=1` for JSON too.
 //!
 //! Everything runs on one machine: the load generator, modelgate and the model server share its
@@ -201,6 +203,17 @@ fn main() {
             "--model",
             "name=bench;kind=logistic;features=16;seed=1",
         ]);
+        // A second server for the healthy shadow (same model), and an address nothing listens on
+        // for the shadow that is down.
+        let shadow_addr = free_addr();
+        let _shadow = spawn(&[
+            "model-server",
+            "--listen",
+            &shadow_addr.to_string(),
+            "--model",
+            "name=bench;kind=logistic;features=16;seed=1",
+        ]);
+        let down_addr = free_addr();
         let (data, control, admin) = (free_addr(), free_addr(), free_addr());
         let _mg = spawn(&[
             "serve",
@@ -216,18 +229,24 @@ fn main() {
             "warn",
         ]);
         wait_for(model_addr).await;
+        wait_for(shadow_addr).await;
         wait_for(control).await;
         wait_for(data).await;
         let mut reg = pb::registry_client::RegistryClient::connect(format!("http://{control}"))
             .await
             .unwrap();
-        reg.register_model_version(pb::RegisterModelVersionRequest {
-            model: "bench".into(),
-            endpoint: format!("http://{model_addr}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        for addr in [model_addr, shadow_addr, down_addr] {
+            reg.register_model_version(pb::RegisterModelVersionRequest {
+                model: "bench".into(),
+                endpoint: format!("http://{addr}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let mut shadows = pb::shadows_client::ShadowsClient::connect(format!("http://{control}"))
+            .await
+            .unwrap();
         reg.transition_stage(pb::TransitionStageRequest {
             model: "bench".into(),
             version: "1".into(),
@@ -243,13 +262,31 @@ fn main() {
         );
         let direct = run("direct", model_addr, concurrency, connections, seconds).await;
         let proxied = run("modelgate (routing)", data, concurrency, connections, seconds).await;
+        let shadow = |version: &str| pb::SetShadowRequest {
+            model: "bench".into(),
+            version: version.into(),
+            sample_fraction: 1.0,
+            ..Default::default()
+        };
+        shadows.set_shadow(shadow("2")).await.unwrap();
+        let healthy = run("+ 100% shadow (healthy)", data, concurrency, connections, seconds).await;
+        shadows
+            .remove_shadow(pb::RemoveShadowRequest {
+                model: "bench".into(),
+                version: "2".into(),
+            })
+            .await
+            .unwrap();
+        shadows.set_shadow(shadow("3")).await.unwrap();
+        let down = run("+ 100% shadow (down)", data, concurrency, connections, seconds).await;
+        let results = [&direct, &proxied, &healthy, &down];
         println!(
-            "{:<22} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
+            "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
             "target", "req/s", "ratio", "p50 ms", "p99 ms", "p99.9 ms", "errors"
         );
-        for r in [&direct, &proxied] {
+        for r in results {
             println!(
-                "{:<22} {:>10.0} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+                "{:<24} {:>10.0} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",
                 r.name,
                 r.rps(),
                 r.rps() / direct.rps(),
@@ -259,8 +296,12 @@ fn main() {
                 r.errors
             );
         }
+        println!(
+            "p99 with a shadow that is down vs. without shadows: {:+.1}%",
+            (down.ms(0.99) / proxied.ms(0.99) - 1.0) * 100.0
+        );
         if json {
-            let rows: Vec<serde_json::Value> = [&direct, &proxied]
+            let rows: Vec<serde_json::Value> = results
                 .iter()
                 .map(|r| {
                     serde_json::json!({

@@ -50,6 +50,8 @@ pub struct RawRecord {
     pub shadow_skipped: Vec<u32>,
     /// Shadow versions whose copy was dropped (too many copies in flight).
     pub shadow_dropped: Vec<u32>,
+    /// Shadow versions that were not sent a copy because they are down (breaker open).
+    pub shadow_suppressed: Vec<u32>,
     /// Unit id (the bucketing key).
     pub unit_id: Option<String>,
     /// Final gRPC status code.
@@ -594,6 +596,9 @@ impl Writer {
             }
             for v in &raw.shadow_dropped {
                 batch.add_shadow_count(&raw.model, *v, "dropped", 1);
+            }
+            for v in &raw.shadow_suppressed {
+                batch.add_shadow_count(&raw.model, *v, "suppressed", 1);
             }
         }
         for o in shadows {

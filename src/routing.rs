@@ -75,6 +75,8 @@ pub struct LiveShadow {
     pub timeout: std::time::Duration,
     /// When answers agree.
     pub comparison: crate::shadow::Comparison,
+    /// Suspends copies while the shadow is down.
+    pub breaker: crate::shadow::Breaker,
 }
 
 /// Where one request goes, and whether it is an experiment observation.
@@ -142,6 +144,8 @@ impl RoutingTable {
                     sample_fraction: s.sample_fraction,
                     timeout: std::time::Duration::from_millis(s.timeout_ms),
                     comparison: s.comparison.clone(),
+                    // A new snapshot starts with closed breakers: one probe per shadow.
+                    breaker: Default::default(),
                 });
         }
         RoutingTable {

@@ -217,6 +217,43 @@ pub fn sampled(model: &str, key: &str, fraction: f64) -> bool {
     u < fraction
 }
 
+/// Stops sending copies to a shadow that is down, so a dead shadow costs (almost) nothing.
+///
+/// A copy that cannot reach the shadow (UNAVAILABLE) or misses its deadline opens the breaker for
+/// 100 ms, doubling with each consecutive failure up to 30 s; while open, requests are not copied
+/// (counted as suppressed). The first copy after that is a probe: success closes the breaker.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    open_until_ms: std::sync::atomic::AtomicU64,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl Breaker {
+    /// Whether copies may be sent at `now_ms`.
+    pub fn allows(&self, now_ms: u64) -> bool {
+        now_ms
+            >= self
+                .open_until_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a copy that could not reach the shadow.
+    pub fn failed(&self, now_ms: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.failures.fetch_add(1, Relaxed).min(20);
+        let backoff = (100u64 << n).min(30_000);
+        self.open_until_ms.store(now_ms + backoff, Relaxed);
+    }
+
+    /// Records a copy that reached the shadow.
+    pub fn succeeded(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+    }
+}
+
 /// One side's answer, as far as comparison needs it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Answer {
@@ -483,6 +520,23 @@ mod tests {
             }
         }
         assert!((0..1000).all(|i| sampled("m", &format!("u{i}"), 1.0)));
+    }
+
+    #[test]
+    fn breakers_back_off_and_close_on_success() {
+        let b = Breaker::default();
+        assert!(b.allows(0));
+        b.failed(1000);
+        assert!(!b.allows(1099) && b.allows(1100));
+        b.failed(1100);
+        assert!(!b.allows(1299) && b.allows(1300), "doubles");
+        for _ in 0..30 {
+            b.failed(5000);
+        }
+        assert!(!b.allows(34_999) && b.allows(35_000), "capped at 30 s");
+        b.succeeded();
+        b.failed(40_000);
+        assert!(b.allows(40_100), "back to 100 ms after a success");
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl ShadowsApi for ShadowService {
             dropped: counts.dropped,
             errors: counts.errors.into_iter().collect(),
             timeouts: counts.timeouts,
+            suppressed: counts.suppressed,
             compared: counts.compared,
             agreed: counts.agreed,
             agreement_rate: (counts.compared > 0)

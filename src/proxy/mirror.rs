@@ -74,9 +74,10 @@ impl Mirror {
 
     /// Sends a copy of `f` to each of `shadows`; returns the versions whose copy was dropped
     /// because the in-flight cap was reached.
-    pub fn dispatch(&self, f: Arc<Finished>, shadows: Vec<&LiveShadow>) -> Vec<u32> {
+    pub fn dispatch(&self, f: Arc<Finished>, all: &Arc<[LiveShadow]>, taken: &[usize]) -> Vec<u32> {
         let mut dropped = Vec::new();
-        for s in shadows {
+        for &i in taken {
+            let s = &all[i];
             // The version that answered is not its own shadow (e.g. after a promotion).
             if s.route.version == f.production.version {
                 continue;
@@ -88,6 +89,7 @@ impl Mirror {
             let route = s.route.clone();
             let timeout = s.timeout;
             let comparison = s.comparison.clone();
+            let shadows = all.clone();
             let upstreams = self.upstreams.clone();
             let recorder = self.recorder.clone();
             let limit = self.max_message_bytes;
@@ -106,6 +108,16 @@ impl Mirror {
                     Ok(Err(code)) => ShadowCall::Failed(code),
                     Ok(Ok(answer)) => ShadowCall::Answered(answer, latency),
                 };
+                // A shadow that cannot be reached (or does not answer in time) is suspended for
+                // a while, so that a dead shadow costs nothing on the request path.
+                let breaker = &shadows[i].breaker;
+                match &result {
+                    ShadowCall::Timeout => breaker.failed(crate::store::records::now_ms()),
+                    ShadowCall::Failed(c) if *c == tonic::Code::Unavailable as i32 => {
+                        breaker.failed(crate::store::records::now_ms())
+                    }
+                    _ => breaker.succeeded(),
+                }
                 recorder.submit_shadow(ShadowObservation {
                     model: f.model.clone(),
                     version: route.version,

@@ -200,6 +200,8 @@ struct Exchange {
     shadows: Option<(Arc<[LiveShadow]>, Vec<usize>)>,
     /// The request as received, and its headers, when shadows take it.
     request_copy: Option<(Bytes, HeaderMap)>,
+    /// Shadow versions that sampled this request but are down (breaker open).
+    shadow_suppressed: Vec<u32>,
     /// Pass-through calls that shadows take: copies of the request and response bodies, and the
     /// request headers.
     tee: Option<(body::TeeSlot, body::TeeSlot, HeaderMap)>,
@@ -360,6 +362,7 @@ impl Proxy {
         }
         let (shadow_skipped, shadow_dropped) = self.mirror_finished(
             &mut ex.shadows,
+            &ex.shadow_suppressed,
             &mut ex.request_copy,
             &ex.infer,
             &ex.response,
@@ -388,6 +391,7 @@ impl Proxy {
             size: ex.size,
             shadow_skipped,
             shadow_dropped,
+            shadow_suppressed: ex.shadow_suppressed,
         });
     }
 
@@ -397,6 +401,7 @@ impl Proxy {
     fn mirror_finished(
         &self,
         shadows: &mut Option<(Arc<[LiveShadow]>, Vec<usize>)>,
+        suppressed: &[u32],
         copy: &mut Option<(Bytes, HeaderMap)>,
         infer: &Option<ModelInferRequest>,
         response: &Option<Bytes>,
@@ -410,10 +415,11 @@ impl Proxy {
         let Some((all, taken)) = shadows.take() else {
             return (Vec::new(), Vec::new());
         };
+        // Not sampled: skipped. (Sampled but suppressed by an open breaker are counted apart.)
         let skipped = all
             .iter()
             .enumerate()
-            .filter(|(i, _)| !taken.contains(i))
+            .filter(|(i, s)| !taken.contains(i) && !suppressed.contains(&s.route.version))
             .map(|(_, s)| s.route.version)
             .collect();
         let (Some((request, headers)), Some(production)) = (copy.take(), route.clone()) else {
@@ -431,9 +437,7 @@ impl Proxy {
             answer: response.clone(),
             latency: latency.unwrap_or_default(),
         });
-        let dropped = self
-            .mirror
-            .dispatch(finished, taken.iter().map(|&i| &all[i]).collect());
+        let dropped = self.mirror.dispatch(finished, &all, &taken);
         (skipped, dropped)
     }
 
@@ -492,12 +496,16 @@ impl Proxy {
                 if d.experiment.is_none() {
                     if let Some(shadows) = table.shadows(model) {
                         let key = ex.unit_id.as_deref().unwrap_or(request_id);
-                        let taken = shadows
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, s)| crate::shadow::sampled(model, key, s.sample_fraction))
-                            .map(|(i, _)| i)
-                            .collect();
+                        let mut taken = Vec::new();
+                        for (i, s) in shadows.iter().enumerate() {
+                            if crate::shadow::sampled(model, key, s.sample_fraction) {
+                                if s.breaker.allows(now) {
+                                    taken.push(i);
+                                } else {
+                                    ex.shadow_suppressed.push(s.route.version);
+                                }
+                            }
+                        }
                         ex.shadows = Some((shadows, taken));
                     }
                 }

@@ -99,6 +99,8 @@ pub struct ShadowCounts {
     pub dropped: u64,
     /// Copies past their deadline.
     pub timeouts: u64,
+    /// Copies not sent because the shadow was down (breaker open).
+    pub suppressed: u64,
     /// Failed copies by gRPC status name.
     pub errors: BTreeMap<String, u64>,
     /// Rows (or messages) compared.
@@ -180,6 +182,7 @@ impl Store {
                 "skipped" => c.skipped = n,
                 "dropped" => c.dropped = n,
                 "timeouts" => c.timeouts = n,
+                "suppressed" => c.suppressed = n,
                 "compared" => c.compared = n,
                 "agreed" => c.agreed = n,
                 other => {
