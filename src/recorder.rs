@@ -590,16 +590,22 @@ impl Writer {
                 );
             }
         }
+        // Shadow counters are summed per batch: one merge per counter, not one per request.
+        let mut shadow_counts: std::collections::HashMap<(&str, u32, &str), i64> =
+            std::collections::HashMap::new();
         for raw in records {
-            for v in &raw.shadow_skipped {
-                batch.add_shadow_count(&raw.model, *v, "skipped", 1);
+            for (kind, versions) in [
+                ("skipped", &raw.shadow_skipped),
+                ("dropped", &raw.shadow_dropped),
+                ("suppressed", &raw.shadow_suppressed),
+            ] {
+                for v in versions {
+                    *shadow_counts.entry((&raw.model, *v, kind)).or_default() += 1;
+                }
             }
-            for v in &raw.shadow_dropped {
-                batch.add_shadow_count(&raw.model, *v, "dropped", 1);
-            }
-            for v in &raw.shadow_suppressed {
-                batch.add_shadow_count(&raw.model, *v, "suppressed", 1);
-            }
+        }
+        for ((model, version, kind), n) in shadow_counts {
+            batch.add_shadow_count(model, version, kind, n);
         }
         for o in shadows {
             self.observe_shadow(&mut batch, &mut sketches, o);
