@@ -231,6 +231,8 @@ async fn broken_shadows_never_touch_the_caller() {
             h.lock().push(s);
         }
     });
+    // (e) answers, but only after 5 s
+    let late = model_server("name=m;kind=logistic;weights=1,-1,0.5;version=late;latency=5s").await;
     let mg = start(dir.path()).await;
     register_all(
         &mg,
@@ -240,6 +242,7 @@ async fn broken_shadows_never_touch_the_caller() {
             slow.endpoint(),
             errors.endpoint(),
             hang_addr,
+            late.endpoint(),
         ],
     )
     .await;
@@ -248,6 +251,7 @@ async fn broken_shadows_never_touch_the_caller() {
         // A generous shadow deadline: the caller must finish long before it.
         sc.set_shadow(set(v, 1.0, 900)).await.unwrap();
     }
+    sc.set_shadow(set("6", 1.0, 150)).await.unwrap();
     let mut infer = infer_client(mg.data_addr).await;
     for i in 0..20 {
         let r = rows(i);
@@ -280,17 +284,21 @@ async fn broken_shadows_never_touch_the_caller() {
         Some(&20),
         "answering errors is not being down: {c:?}"
     );
-    // A server that accepts and never answers: the first copy misses its deadline and the breaker
-    // suspends the rest for a while; a probe may also fail fast (UNAVAILABLE) once the connection
-    // attempt itself has timed out.
+    // A server that accepts connections and never answers: copies end either at their own
+    // deadline or when the connection attempt times out (UNAVAILABLE) — which one depends on
+    // timing — and the breaker then suspends the rest for a while.
     let d = report_when(&mg, "5", |r| r.mirrored + r.suppressed >= 20).await;
-    assert!(d.timeouts >= 1, "{d:?}");
     assert_eq!(d.mirrored + d.suppressed, 20, "{d:?}");
     assert_eq!(
         d.timeouts + d.errors.get("UNAVAILABLE").copied().unwrap_or(0),
         d.mirrored,
         "{d:?}"
     );
+    // (e) An HTTP/2 server that answers long after the copy's deadline: timeouts, for certain.
+    let e = report_when(&mg, "6", |r| r.mirrored + r.suppressed >= 20).await;
+    assert!(e.timeouts >= 1, "{e:?}");
+    assert_eq!(e.timeouts, e.mirrored, "{e:?}");
+    assert_eq!(e.mirrored + e.suppressed, 20, "{e:?}");
     assert_eq!(d.compared, 0);
     mg.shutdown().await;
 }

@@ -104,8 +104,8 @@ impl Mirror {
                 let latency = started.elapsed();
                 drop(permit);
                 let result = match call {
-                    Err(_) => ShadowCall::Timeout,
-                    Ok(Err(code)) => ShadowCall::Failed(code),
+                    Err(_) | Ok(Err(Failure::Timeout)) => ShadowCall::Timeout,
+                    Ok(Err(Failure::Code(code))) => ShadowCall::Failed(code),
                     Ok(Ok(answer)) => ShadowCall::Answered(answer, latency),
                 };
                 // A shadow that cannot be reached (or does not answer in time) is suspended for
@@ -136,16 +136,25 @@ impl Mirror {
     }
 }
 
+/// How a copy failed.
+enum Failure {
+    /// Its deadline passed (ours, or the one the channel enforces from `grpc-timeout`).
+    Timeout,
+    /// It ended with this gRPC code.
+    Code(i32),
+}
+
+const UNAVAILABLE: Failure = Failure::Code(tonic::Code::Unavailable as i32);
+
 /// One copy: the caller's request to the shadow's upstream, its answer read whole (bounded).
-/// Returns the answer's message bytes, or the gRPC code it failed with.
+/// Returns the answer's message bytes.
 async fn call_shadow(
     upstreams: &Upstreams,
     route: &Route,
     f: &Finished,
     timeout: Duration,
     limit: usize,
-) -> Result<Bytes, i32> {
-    const UNAVAILABLE: i32 = tonic::Code::Unavailable as i32;
+) -> Result<Bytes, Failure> {
     let body = match (&f.infer, rewrite_needed(route, f.infer.as_ref())) {
         (Some(infer), true) => {
             let mut m = infer.clone();
@@ -173,9 +182,17 @@ async fn call_shadow(
     let channel = upstreams
         .channel(&route.endpoint)
         .map_err(|_| UNAVAILABLE)?;
-    let resp = channel.oneshot(req).await.map_err(|_| UNAVAILABLE)?;
+    let resp = channel.oneshot(req).await.map_err(|e| {
+        if super::upstream::caused_by::<tonic::TimeoutExpired>(&e) {
+            Failure::Timeout
+        } else {
+            UNAVAILABLE
+        }
+    })?;
     if resp.status() != http::StatusCode::OK {
-        return Err(status::code_for_http_status(resp.status()) as i32);
+        return Err(Failure::Code(
+            status::code_for_http_status(resp.status()) as i32
+        ));
     }
     let (parts, body) = resp.into_parts();
     let collected = Limited::new(body, limit)
@@ -187,8 +204,11 @@ async fn call_shadow(
         .and_then(status::code_from_headers)
         .or_else(|| status::code_from_headers(&parts.headers))
         .unwrap_or(tonic::Code::Unknown);
+    if code == tonic::Code::DeadlineExceeded {
+        return Err(Failure::Timeout);
+    }
     if code != tonic::Code::Ok {
-        return Err(code as i32);
+        return Err(Failure::Code(code as i32));
     }
     let data = collected.to_bytes();
     Ok(if f.infer.is_some() {
