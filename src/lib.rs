@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod drift;
 pub mod experiment;
 pub mod feature_store;
 pub mod model_server;
