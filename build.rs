@@ -9,6 +9,8 @@ const PROTOS: &[&str] = &[
     "proto/modelgate/v1/records.proto",
     "proto/modelgate/v1/experiments.proto",
     "proto/modelgate/v1/shadows.proto",
+    "proto/modelgate/v1/drift.proto",
+    "proto/modelgate/v1/events.proto",
     "proto/modelgate/testing/echo.proto",
 ];
 

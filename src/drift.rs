@@ -338,6 +338,408 @@ pub fn categorical_drift(
     })
 }
 
+/// A live window of a categorical feature: a ring of category ids with their counts. Only a new
+/// category allocates.
+#[derive(Clone, Debug, Default)]
+pub struct CategoryWindow {
+    ring: Vec<u32>,
+    next: usize,
+    filled: usize,
+    names: Vec<String>,
+    ids: std::collections::HashMap<String, u32>,
+    counts: Vec<u64>,
+}
+
+impl CategoryWindow {
+    /// A window of `size` values.
+    pub fn new(size: usize) -> Self {
+        CategoryWindow {
+            ring: vec![0; size.max(1)],
+            ..Default::default()
+        }
+    }
+
+    /// Adds one value.
+    pub fn push(&mut self, category: &str) {
+        let id = match self.ids.get(category) {
+            Some(&id) => id,
+            None => {
+                let id = self.names.len() as u32;
+                self.names.push(category.to_string());
+                self.ids.insert(category.to_string(), id);
+                self.counts.push(0);
+                id
+            }
+        };
+        if self.filled == self.ring.len() {
+            self.counts[self.ring[self.next] as usize] -= 1;
+        }
+        self.ring[self.next] = id;
+        self.counts[id as usize] += 1;
+        self.next = (self.next + 1) % self.ring.len();
+        self.filled = (self.filled + 1).min(self.ring.len());
+    }
+
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    /// Category → count of the values held.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.names
+            .iter()
+            .zip(&self.counts)
+            .filter(|(_, &c)| c > 0)
+            .map(|(n, &c)| (n.clone(), c))
+            .collect()
+    }
+}
+
+/// A feature's reference data.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReferenceData {
+    /// Sorted finite values.
+    Numeric(Vec<f64>),
+    /// Category → count.
+    Categorical(BTreeMap<String, u64>),
+}
+
+impl ReferenceData {
+    /// Values in the reference.
+    pub fn len(&self) -> usize {
+        match self {
+            ReferenceData::Numeric(v) => v.len(),
+            ReferenceData::Categorical(c) => c.values().sum::<u64>() as usize,
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A feature of a reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferenceFeature {
+    /// Feature name.
+    pub name: String,
+    /// Its data.
+    pub data: ReferenceData,
+    /// NaN and infinite values seen (excluded).
+    pub non_finite: u64,
+}
+
+/// A model's reference sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    /// Features, in order.
+    pub features: Vec<ReferenceFeature>,
+    /// Rows kept.
+    pub rows: u64,
+    /// Rows received.
+    pub received: u64,
+    /// Whether the rows were uniformly sampled down.
+    pub sampled: bool,
+    /// "uploaded" or "captured".
+    pub source: String,
+    /// When it was made.
+    pub created_at_ms: u64,
+}
+
+/// Builds a reference from rows (values in the order of `names`). More than `max` rows are
+/// uniformly sampled (a seeded shuffle, so the same upload gives the same reference). A feature
+/// is categorical when declared so or when any of its values is a string.
+pub fn build_reference(
+    names: &[String],
+    rows: Vec<Vec<crate::record::FeatureValue>>,
+    categorical: &[String],
+    max: usize,
+    source: &str,
+    now_ms: u64,
+) -> Result<Reference, String> {
+    use crate::record::{format_number, FeatureValue};
+    use rand::seq::SliceRandom;
+    if names.is_empty() {
+        return Err("feature_names: required".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for n in names {
+        crate::feature_store::validate_feature_name(n)
+            .map_err(|e| format!("feature_names: {e}"))?;
+        if !seen.insert(n) {
+            return Err(format!("feature_names: '{n}' is listed twice"));
+        }
+    }
+    for c in categorical {
+        if !names.contains(c) {
+            return Err(format!(
+                "categorical_features: '{c}' is not in feature_names"
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return Err("rows: required".into());
+    }
+    if let Some((i, r)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.len() != names.len())
+    {
+        return Err(format!(
+            "rows[{i}]: {} values for {} feature names",
+            r.len(),
+            names.len()
+        ));
+    }
+    let received = rows.len() as u64;
+    let mut rows = rows;
+    let sampled = rows.len() > max;
+    if sampled {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x5eed);
+        rows.shuffle(&mut rng);
+        rows.truncate(max);
+    }
+    let features = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let is_cat = categorical.contains(name)
+                || rows.iter().any(|r| matches!(r[i], FeatureValue::Text(_)));
+            let mut non_finite = 0;
+            let data = if is_cat {
+                let mut counts = BTreeMap::new();
+                for r in &rows {
+                    let key = match &r[i] {
+                        FeatureValue::Text(s) => s.clone(),
+                        FeatureValue::Number(x) => format_number(*x),
+                    };
+                    *counts.entry(key).or_insert(0) += 1;
+                }
+                ReferenceData::Categorical(counts)
+            } else {
+                let mut v: Vec<f64> = rows
+                    .iter()
+                    .filter_map(|r| match r[i] {
+                        FeatureValue::Number(x) if x.is_finite() => Some(x),
+                        _ => {
+                            non_finite += 1;
+                            None
+                        }
+                    })
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                ReferenceData::Numeric(v)
+            };
+            ReferenceFeature {
+                name: name.clone(),
+                data,
+                non_finite,
+            }
+        })
+        .collect();
+    Ok(Reference {
+        features,
+        rows: rows.len() as u64,
+        received,
+        sampled,
+        source: source.to_string(),
+        created_at_ms: now_ms,
+    })
+}
+
+/// A live window, numeric or categorical, matching its reference feature.
+#[derive(Clone, Debug)]
+pub enum LiveWindow {
+    /// Numbers.
+    Numeric(Window),
+    /// Categories.
+    Categorical(CategoryWindow),
+}
+
+impl LiveWindow {
+    /// An empty window of `size` for `feature`.
+    pub fn for_feature(feature: &ReferenceFeature, size: usize) -> Self {
+        match feature.data {
+            ReferenceData::Numeric(_) => LiveWindow::Numeric(Window::new(size)),
+            ReferenceData::Categorical(_) => LiveWindow::Categorical(CategoryWindow::new(size)),
+        }
+    }
+
+    /// Adds a live value.
+    pub fn push(&mut self, v: &crate::record::FeatureValue) {
+        use crate::record::{format_number, FeatureValue};
+        match (self, v) {
+            (LiveWindow::Numeric(w), FeatureValue::Number(x)) => w.push(*x),
+            // A string where numbers are expected cannot be compared: count it as non-finite.
+            (LiveWindow::Numeric(w), FeatureValue::Text(_)) => w.non_finite += 1,
+            (LiveWindow::Categorical(w), FeatureValue::Text(s)) => w.push(s),
+            (LiveWindow::Categorical(w), FeatureValue::Number(x)) => w.push(&format_number(*x)),
+        }
+    }
+}
+
+/// A feature's evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureResult {
+    /// Name.
+    pub name: String,
+    /// Categorical feature.
+    pub categorical: bool,
+    /// Reference values.
+    pub reference_size: u64,
+    /// Window values.
+    pub window_size: u64,
+    /// Non-finite live values.
+    pub non_finite: u64,
+    /// The test, or why not.
+    pub result: Result<FeatureDrift, Unavailable>,
+    /// Benjamini–Hochberg adjusted p-value.
+    pub adjusted: Option<f64>,
+    /// Adjusted p-value below the false discovery rate.
+    pub drifted: bool,
+}
+
+/// Evaluates every feature's window against the reference, then adjusts the p-values across
+/// features (Benjamini–Hochberg) and marks those below `fdr` as drifted.
+pub fn evaluate(reference: &Reference, windows: &[LiveWindow], fdr: f64) -> Vec<FeatureResult> {
+    let mut out: Vec<FeatureResult> = reference
+        .features
+        .iter()
+        .zip(windows)
+        .map(|(f, w)| {
+            let (result, window_size, non_finite) = match (&f.data, w) {
+                (ReferenceData::Numeric(r), LiveWindow::Numeric(w)) => (
+                    if w.is_empty() {
+                        Err(Unavailable("no live values yet".into()))
+                    } else {
+                        numeric_drift(r, &w.snapshot())
+                    },
+                    w.len(),
+                    w.non_finite,
+                ),
+                (ReferenceData::Categorical(r), LiveWindow::Categorical(w)) => (
+                    if w.is_empty() {
+                        Err(Unavailable("no live values yet".into()))
+                    } else {
+                        categorical_drift(r, &w.counts())
+                    },
+                    w.len(),
+                    0,
+                ),
+                _ => (
+                    Err(Unavailable("window and reference differ in kind".into())),
+                    0,
+                    0,
+                ),
+            };
+            FeatureResult {
+                name: f.name.clone(),
+                categorical: matches!(f.data, ReferenceData::Categorical(_)),
+                reference_size: f.data.len() as u64,
+                window_size: window_size as u64,
+                non_finite,
+                result,
+                adjusted: None,
+                drifted: false,
+            }
+        })
+        .collect();
+    let tested: Vec<usize> = (0..out.len()).filter(|&i| out[i].result.is_ok()).collect();
+    let p: Vec<f64> = tested
+        .iter()
+        .map(|&i| out[i].result.as_ref().map(|d| d.p_value).unwrap_or(1.0))
+        .collect();
+    for (&i, adj) in tested.iter().zip(benjamini_hochberg(&p)) {
+        out[i].adjusted = Some(adj);
+        out[i].drifted = adj < fdr;
+    }
+    out
+}
+
+/// The metric of a version's concept-drift window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConceptMetric {
+    /// Share of right outcomes (higher is better).
+    Accuracy,
+    /// Mean absolute error (lower is better).
+    Mae,
+}
+
+impl ConceptMetric {
+    /// The metric name, as registered metrics use it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConceptMetric::Accuracy => "accuracy",
+            ConceptMetric::Mae => "mae",
+        }
+    }
+
+    /// How much worse `current` is than `baseline` (positive = worse).
+    pub fn degradation(self, baseline: f64, current: f64) -> f64 {
+        match self {
+            ConceptMetric::Accuracy => baseline - current,
+            ConceptMetric::Mae => current - baseline,
+        }
+    }
+}
+
+/// The last N outcomes of a model version: 1/0 for right/wrong, or the absolute error.
+#[derive(Clone, Debug)]
+pub struct ConceptWindow {
+    /// Which metric.
+    pub metric: ConceptMetric,
+    ring: Vec<f64>,
+    next: usize,
+    filled: usize,
+    sum: f64,
+}
+
+impl ConceptWindow {
+    /// An empty window of `size`.
+    pub fn new(metric: ConceptMetric, size: usize) -> Self {
+        ConceptWindow {
+            metric,
+            ring: vec![0.0; size.max(1)],
+            next: 0,
+            filled: 0,
+            sum: 0.0,
+        }
+    }
+
+    /// Adds one outcome's value.
+    pub fn push(&mut self, x: f64) {
+        if self.filled == self.ring.len() {
+            self.sum -= self.ring[self.next];
+        }
+        self.ring[self.next] = x;
+        self.sum += x;
+        self.next = (self.next + 1) % self.ring.len();
+        self.filled = (self.filled + 1).min(self.ring.len());
+    }
+
+    /// Outcomes held.
+    pub fn fill(&self) -> usize {
+        self.filled
+    }
+
+    /// Window size.
+    pub fn size(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// The metric over a full window (`None` until it is full).
+    pub fn current(&self) -> Option<f64> {
+        (self.filled == self.ring.len()).then(|| self.sum / self.filled as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,5 +894,126 @@ mod tests {
         assert_eq!(c.test, "chi2_contingency");
         assert!(c.p_value < 0.001);
         assert!(categorical_drift(&counts(&[("red", 3)]), &counts(&[("red", 5)])).is_err());
+    }
+
+    /// 50 features, no drift, 100 evaluations: Benjamini–Hochberg keeps false alarms to a few
+    /// percent of evaluations, where testing each feature at 0.05 would alarm in nearly all.
+    #[test]
+    fn no_drift_rarely_alarms_across_many_features() {
+        struct Rng(u64);
+        impl Rng {
+            fn normal(&mut self) -> f64 {
+                // Box–Muller on a xorshift.
+                let mut u = || {
+                    self.0 ^= self.0 << 13;
+                    self.0 ^= self.0 >> 7;
+                    self.0 ^= self.0 << 17;
+                    ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+                };
+                let (a, b) = (u(), u());
+                (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
+            }
+        }
+        let mut rng = Rng(42);
+        let names: Vec<String> = (0..50).map(|i| format!("f{i}")).collect();
+        let rows: Vec<Vec<crate::record::FeatureValue>> = (0..1000)
+            .map(|_| {
+                (0..50)
+                    .map(|_| crate::record::FeatureValue::Number(rng.normal()))
+                    .collect()
+            })
+            .collect();
+        let reference = build_reference(&names, rows, &[], MAX_SAMPLE, "uploaded", 0).unwrap();
+        let mut windows: Vec<LiveWindow> = reference
+            .features
+            .iter()
+            .map(|f| LiveWindow::for_feature(f, 300))
+            .collect();
+        let (mut alarms, mut naive) = (0, 0);
+        for _ in 0..100 {
+            // 100 new rows between evaluations, like --drift-every.
+            for _ in 0..100 {
+                for w in windows.iter_mut() {
+                    w.push(&crate::record::FeatureValue::Number(rng.normal()));
+                }
+            }
+            let r = evaluate(&reference, &windows, 0.05);
+            alarms += usize::from(r.iter().any(|f| f.drifted));
+            naive += usize::from(
+                r.iter()
+                    .any(|f| f.result.as_ref().is_ok_and(|d| d.p_value < 0.05)),
+            );
+        }
+        assert!(alarms <= 8, "{alarms} of 100 evaluations alarmed");
+        assert!(
+            naive >= 50,
+            "uncorrected tests alarm most of the time: {naive}"
+        );
+    }
+
+    #[test]
+    fn category_windows_forget_old_values() {
+        let mut w = CategoryWindow::new(3);
+        for c in ["a", "a", "b", "c", "c"] {
+            w.push(c);
+        }
+        let counts = w.counts();
+        assert_eq!(counts.get("a"), None);
+        assert_eq!(counts.get("c"), Some(&2));
+        assert_eq!(w.len(), 3);
+    }
+
+    #[test]
+    fn references_sample_large_uploads_and_detect_categories() {
+        use crate::record::FeatureValue::{Number, Text};
+        let names = vec!["x".to_string(), "colour".to_string(), "zip".to_string()];
+        let rows: Vec<_> = (0..50)
+            .map(|i| {
+                vec![
+                    Number(i as f64),
+                    Text(if i % 2 == 0 { "red" } else { "blue" }.into()),
+                    Number((i % 3) as f64),
+                ]
+            })
+            .collect();
+        let r = build_reference(&names, rows.clone(), &["zip".into()], 20, "uploaded", 0).unwrap();
+        assert!(r.sampled);
+        assert_eq!((r.rows, r.received), (20, 50));
+        assert!(matches!(r.features[0].data, ReferenceData::Numeric(ref v) if v.len() == 20));
+        assert!(matches!(r.features[1].data, ReferenceData::Categorical(_)));
+        assert!(matches!(r.features[2].data, ReferenceData::Categorical(ref c) if c.len() == 3));
+        assert_eq!(
+            build_reference(&names, rows.clone(), &[], 20, "uploaded", 0),
+            build_reference(&names, rows, &[], 20, "uploaded", 0),
+            "deterministic"
+        );
+        assert!(
+            build_reference(&names, vec![vec![Number(1.0)]], &[], 10, "u", 0)
+                .unwrap_err()
+                .starts_with("rows[0]")
+        );
+        assert!(build_reference(&names, vec![], &[], 10, "u", 0)
+            .unwrap_err()
+            .starts_with("rows"));
+        assert!(
+            build_reference(&names, vec![], &["nope".into()], 10, "u", 0)
+                .unwrap_err()
+                .starts_with("categorical_features")
+        );
+    }
+
+    #[test]
+    fn concept_windows() {
+        let mut w = ConceptWindow::new(ConceptMetric::Accuracy, 4);
+        for x in [1.0, 1.0, 0.0] {
+            w.push(x);
+        }
+        assert_eq!(w.current(), None, "insufficient data until full");
+        w.push(1.0);
+        assert_eq!(w.current(), Some(0.75));
+        w.push(0.0);
+        assert_eq!(w.current(), Some(0.5));
+        assert!((ConceptMetric::Accuracy.degradation(0.9, 0.75) - 0.15).abs() < 1e-12);
+        assert!((ConceptMetric::Mae.degradation(1.0, 1.5) - 0.5).abs() < 1e-12);
     }
 }

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub record_write_errors: Counter,
     /// Prediction records waiting in the queue.
     pub record_queue_depth: Gauge,
+    /// Events POSTed to webhooks.
+    pub webhook_deliveries: Counter,
+    /// Webhook deliveries that failed after every retry.
+    pub webhook_failures: Counter,
+    /// Events not handed to the webhook sender because its queue was full.
+    pub webhook_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -135,8 +141,29 @@ impl Metrics {
             "Prediction records waiting for the writer",
             record_queue_depth.clone(),
         );
+        let webhook_deliveries = Counter::default();
+        registry.register(
+            "webhook_deliveries",
+            "Events delivered to webhooks",
+            webhook_deliveries.clone(),
+        );
+        let webhook_failures = Counter::default();
+        registry.register(
+            "webhook_failures",
+            "Webhook deliveries that failed after every retry",
+            webhook_failures.clone(),
+        );
+        let webhook_dropped = Counter::default();
+        registry.register(
+            "webhook_dropped",
+            "Events not sent to webhooks because the sender's queue was full",
+            webhook_dropped.clone(),
+        );
         Metrics {
             registry,
+            webhook_deliveries,
+            webhook_failures,
+            webhook_dropped,
             records_written,
             records_dropped,
             record_write_errors,

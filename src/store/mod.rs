@@ -292,6 +292,60 @@ impl Store {
         Ok(())
     }
 
+    /// Appends an event under its cursor, synced.
+    pub fn append_event(&self, e: &crate::pb::modelgate::v1::Event) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(
+            self.cf(cf::EVENTS),
+            e.cursor.to_be_bytes(),
+            prost::Message::encode_to_vec(e),
+            &wo,
+        )?;
+        Ok(())
+    }
+
+    /// The cursor of the last stored event (0 when none).
+    pub fn last_event_cursor(&self) -> Result<u64, StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(cf::EVENTS));
+        it.seek_to_last();
+        it.status()?;
+        Ok(it
+            .key()
+            .and_then(|k| <[u8; 8]>::try_from(k).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Up to `limit` events with a cursor above `after`, in order.
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::pb::modelgate::v1::Event>, StoreError> {
+        let start = (after + 1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(cf::EVENTS),
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if out.len() >= limit {
+                break;
+            }
+            out.push(
+                <crate::pb::modelgate::v1::Event as prost::Message>::decode(&*v).map_err(|e| {
+                    StoreError::Decode {
+                        family: cf::EVENTS,
+                        key: format!("{k:02x?}"),
+                        reason: e.to_string(),
+                    }
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
     /// The directory the database lives in.
     pub fn path(&self) -> &Path {
         self.db.path()
