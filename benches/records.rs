@@ -89,6 +89,7 @@ fn writer_rate(n: usize, entity: bool) -> f64 {
         },
         metrics.clone(),
         Arc::new(FeatureCatalog::default()),
+        None,
     );
     let response = bytes::Bytes::from(
         ModelInferResponse {

@@ -128,6 +128,43 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_shadow_in_flight: usize,
 
+    /// Live values per feature in the drift window (env MODELGATE_DRIFT_WINDOW).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub drift_window: usize,
+
+    /// New rows between drift evaluations (env MODELGATE_DRIFT_EVERY).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub drift_every: u64,
+
+    /// False discovery rate of the Benjamini–Hochberg correction across features
+    /// (env MODELGATE_DRIFT_FDR).
+    #[arg(long, value_name = "RATE", default_value_t = 0.05)]
+    pub drift_fdr: f64,
+
+    /// Largest reference sample; larger uploads are uniformly sampled
+    /// (env MODELGATE_DRIFT_REFERENCE_MAX).
+    #[arg(long, value_name = "ROWS", default_value_t = 10_000)]
+    pub drift_reference_max: usize,
+
+    /// Outcomes per version in the concept-drift window (env MODELGATE_CONCEPT_WINDOW).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub concept_window: usize,
+
+    /// Accuracy drop (or MAE rise) beyond which a version's performance has drifted
+    /// (env MODELGATE_CONCEPT_THRESHOLD).
+    #[arg(long, value_name = "DELTA", default_value_t = 0.1)]
+    pub concept_threshold: f64,
+
+    /// Shadow agreement below which a shadow_agreement_low event fires
+    /// (env MODELGATE_SHADOW_AGREEMENT_ALERT).
+    #[arg(long, value_name = "RATE", default_value_t = 0.9)]
+    pub shadow_agreement_alert: f64,
+
+    /// POST every event as JSON to this URL, optionally only some types: `http://h:p/path#type,type`;
+    /// repeatable (env MODELGATE_WEBHOOK, whitespace-separated).
+    #[arg(long = "webhook", value_name = "URL", action = clap::ArgAction::Append)]
+    pub webhook: Vec<String>,
+
     /// Log format (env MODELGATE_LOG_FORMAT).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -224,6 +261,10 @@ pub struct Config {
     pub record_queue_bytes: usize,
     /// Shadow copies in flight at most.
     pub max_shadow_in_flight: usize,
+    /// Drift settings.
+    pub drift: crate::monitor::DriftSettings,
+    /// Webhooks.
+    pub webhooks: Vec<crate::webhook::Webhook>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -257,6 +298,8 @@ impl std::fmt::Debug for Config {
             .field("record_queue", &self.record_queue)
             .field("record_queue_bytes", &self.record_queue_bytes)
             .field("max_shadow_in_flight", &self.max_shadow_in_flight)
+            .field("drift", &self.drift)
+            .field("webhooks", &self.webhooks)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish()
@@ -354,6 +397,45 @@ impl Config {
         if a.record_queue_bytes < 1 << 20 {
             return Err(bad("record_queue_bytes", "must be at least 1048576".into()));
         }
+        if !(10..=crate::drift::MAX_SAMPLE).contains(&a.drift_window) {
+            return Err(bad(
+                "drift_window",
+                format!("{} is outside 10..=10000", a.drift_window),
+            ));
+        }
+        if a.drift_every == 0 {
+            return Err(bad("drift_every", "must be at least 1".into()));
+        }
+        if !(a.drift_fdr > 0.0 && a.drift_fdr < 1.0) {
+            return Err(bad(
+                "drift_fdr",
+                format!("{} is outside (0, 1)", a.drift_fdr),
+            ));
+        }
+        if !(10..=crate::drift::MAX_SAMPLE).contains(&a.drift_reference_max) {
+            return Err(bad(
+                "drift_reference_max",
+                format!("{} is outside 10..=10000", a.drift_reference_max),
+            ));
+        }
+        if a.concept_window == 0 {
+            return Err(bad("concept_window", "must be at least 1".into()));
+        }
+        if !(a.concept_threshold > 0.0 && a.concept_threshold.is_finite()) {
+            return Err(bad("concept_threshold", "must be a positive number".into()));
+        }
+        if !(0.0..=1.0).contains(&a.shadow_agreement_alert) {
+            return Err(bad(
+                "shadow_agreement_alert",
+                "must be within [0, 1]".into(),
+            ));
+        }
+        let webhooks = a
+            .webhook
+            .iter()
+            .map(|w| crate::webhook::parse_webhook(w))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("webhook", e))?;
         tracing_subscriber::EnvFilter::try_new(&a.log_level)
             .map_err(|e| bad("log_level", format!("'{}': {e}", a.log_level)))?;
         Ok(Config {
@@ -377,6 +459,16 @@ impl Config {
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
             max_shadow_in_flight: a.max_shadow_in_flight,
+            drift: crate::monitor::DriftSettings {
+                window: a.drift_window,
+                every: a.drift_every,
+                fdr: a.drift_fdr,
+                reference_max: a.drift_reference_max,
+                concept_window: a.concept_window,
+                concept_threshold: a.concept_threshold,
+                shadow_agreement_alert: a.shadow_agreement_alert,
+            },
+            webhooks,
             log_format: a.log_format,
             log_level: a.log_level,
         })
@@ -495,7 +587,13 @@ pub fn apply_sources(
         .map(|a| a.get_id().as_str().to_string())
         .filter(|id| id != "help" && id != "config")
         .collect();
-    let mut defaults: HashMap<String, String> = HashMap::new();
+    // Repeatable flags take a list: a TOML array, or whitespace-separated in the environment.
+    let lists: Vec<String> = cmd
+        .get_arguments()
+        .filter(|a| matches!(a.get_action(), clap::ArgAction::Append))
+        .map(|a| a.get_id().as_str().to_string())
+        .collect();
+    let mut defaults: HashMap<String, Vec<String>> = HashMap::new();
     if let Some(path) = config_path(args, env) {
         let text = read_file(&path).map_err(|e| ConfigError::File {
             path: path.clone(),
@@ -512,10 +610,18 @@ pub fn apply_sources(
             if !ids.contains(&id) {
                 return Err(ConfigError::UnknownKey { path, key });
             }
-            let v = toml_to_string(&value).ok_or_else(|| ConfigError::File {
-                path: path.clone(),
-                message: format!("setting '{key}' must be a string, number or boolean"),
-            })?;
+            let items: Vec<toml::Value> = match value {
+                toml::Value::Array(a) if lists.contains(&id) => a,
+                v => vec![v],
+            };
+            let v = items
+                .iter()
+                .map(toml_to_string)
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(|| ConfigError::File {
+                    path: path.clone(),
+                    message: format!("setting '{key}' must be a string, number or boolean"),
+                })?;
             defaults.insert(id, v);
         }
     }
@@ -525,14 +631,16 @@ pub fn apply_sources(
             continue;
         };
         let id = name.to_ascii_lowercase();
-        if ids.contains(&id) {
-            defaults.insert(id, v.clone());
+        if lists.contains(&id) {
+            defaults.insert(id, v.split_whitespace().map(str::to_string).collect());
+        } else if ids.contains(&id) {
+            defaults.insert(id, vec![v.clone()]);
         } else if id != "config" && !OTHER_ENV.contains(&name) {
             warnings.push(format!("ignoring unknown environment variable {k}"));
         }
     }
-    for (id, value) in defaults {
-        cmd = cmd.mut_arg(id, |a| a.default_value(value));
+    for (id, values) in defaults {
+        cmd = cmd.mut_arg(id, |a| a.default_values(values));
     }
     Ok((cmd, warnings))
 }
@@ -642,6 +750,32 @@ mod tests {
         assert!(err.contains("--request-timeout"), "{err}");
         let err = load(&["--log-level", "=="], &[], None).unwrap_err();
         assert!(err.contains("--log-level"), "{err}");
+    }
+
+    #[test]
+    fn repeatable_settings_from_file_and_env() {
+        let file = "webhook = [\"http://a:1/x\", \"http://b:2/y#drift_started\"]\n";
+        let c = load(&["--config", "f"], &[], Some(file)).unwrap();
+        assert_eq!(c.webhooks.len(), 2);
+        assert_eq!(c.webhooks[1].types, vec!["drift_started"]);
+        let c = load(
+            &[],
+            &[("MODELGATE_WEBHOOK", "http://a:1/x http://b:2/y")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.webhooks.len(), 2);
+        let c = load(
+            &["--webhook", "http://c:3/z"],
+            &[("MODELGATE_WEBHOOK", "http://a:1/x")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.webhooks.len(), 1, "flags replace the environment");
+        let err = load(&["--webhook", "https://x/y"], &[], None).unwrap_err();
+        assert!(err.contains("--webhook"), "{err}");
+        let err = load(&["--drift-fdr", "2"], &[], None).unwrap_err();
+        assert!(err.contains("--drift-fdr"), "{err}");
     }
 
     #[test]

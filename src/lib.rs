@@ -15,6 +15,7 @@ pub mod events;
 pub mod experiment;
 pub mod feature_store;
 pub mod model_server;
+pub mod monitor;
 pub mod oip;
 pub mod outcome;
 pub mod pb;

@@ -270,12 +270,14 @@ impl Recorder {
         settings: RecorderSettings,
         metrics: Arc<Metrics>,
         catalog: Arc<FeatureCatalog>,
+        monitor: Option<Arc<crate::monitor::Monitor>>,
     ) -> (Recorder, std::thread::JoinHandle<()>) {
         let (tx, rx) = sync_channel(settings.queue.max(1));
         let pending = Arc::new(DashMap::new());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let pause = Arc::new(parking_lot::Mutex::new(()));
         let writer = Writer {
+            monitor,
             sketches: Default::default(),
             pause: pause.clone(),
             store,
@@ -493,6 +495,7 @@ impl Writer {
 }
 
 struct Writer {
+    monitor: Option<Arc<crate::monitor::Monitor>>,
     // Only the writer thread touches it; the lock (never contended) lets `write` take `&self`
     // while it also loads sketches from the store.
     sketches: parking_lot::Mutex<Sketches>,
@@ -554,6 +557,9 @@ impl Writer {
         for raw in records {
             let p = prepare(raw, &self.settings);
             batch.add_prediction(&p.record, raw.time_ms);
+            if let Some(m) = &self.monitor {
+                m.observe(&p.record.model, &p.features.names, &p.features.rows);
+            }
             if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
                 batch.add_experiment_request(e, v);
                 if let Some(unit) = &raw.unit_id {

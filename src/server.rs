@@ -12,15 +12,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Config;
 use crate::control::{
-    self, experiments::ExperimentService, records::RecordServices, registry::RegistryService,
-    shadows::ShadowService, BearerAuth, ControlPlane,
+    self, drift::DriftService, events::EventService, experiments::ExperimentService,
+    records::RecordServices, registry::RegistryService, shadows::ShadowService, BearerAuth,
+    ControlPlane,
 };
+use crate::events::EventBus;
 use crate::feature_store::FeatureCatalog;
+use crate::monitor::Monitor;
 use crate::pb::modelgate::v1::registry_server::RegistryServer;
 use crate::pb::modelgate::v1::{
-    experiments_server::ExperimentsServer, features_server::FeaturesServer,
-    outcomes_server::OutcomesServer, predictions_server::PredictionsServer,
-    shadows_server::ShadowsServer,
+    drift_server::DriftServer, events_server::EventsServer, experiments_server::ExperimentsServer,
+    features_server::FeaturesServer, outcomes_server::OutcomesServer,
+    predictions_server::PredictionsServer, shadows_server::ShadowsServer,
 };
 use crate::proxy::{self, upstream::UpstreamSettings, Limits, Proxy, ServerSettings};
 use crate::recorder::{Recorder, RecorderSettings};
@@ -41,6 +44,10 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The record pipeline.
     pub recorder: Arc<Recorder>,
+    /// Drift monitoring.
+    pub monitor: Arc<Monitor>,
+    /// The event stream.
+    pub events: Arc<EventBus>,
     writer: Option<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -70,11 +77,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 config.data_dir.display()
             )
         })?;
+    let metrics = Arc::new(Metrics::new());
+    let events = Arc::new(
+        EventBus::open(
+            store.clone(),
+            crate::webhook::spawn(config.webhooks.clone(), metrics.clone()),
+            metrics.clone(),
+        )
+        .context("cannot open the event log in RocksDB")?,
+    );
     let plane = Arc::new(
         ControlPlane::load(store.clone(), config.default_model.clone())
-            .context("cannot load the registry from RocksDB")?,
+            .context("cannot load the registry from RocksDB")?
+            .with_events(events.clone()),
     );
-    let metrics = Arc::new(Metrics::new());
+    let monitor = Monitor::start(
+        config.drift.clone(),
+        store.clone(),
+        events.clone(),
+        plane.clone(),
+    )
+    .context("cannot load drift references from RocksDB")?;
     let catalog = Arc::new(FeatureCatalog::new(
         store
             .load_feature_defs()
@@ -90,6 +113,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         metrics.clone(),
         catalog,
+        Some(monitor.clone()),
     );
     let recorder = Arc::new(recorder);
 
@@ -153,7 +177,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let auth = BearerAuth::new(config.control_token.as_deref());
     let registry =
         RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
-    let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone());
+    let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone())
+        .with_monitor(monitor.clone());
     let ctl_server = tonic::transport::Server::builder()
         .add_service(ctl_health)
         .add_service(ctl_refl_v1)
@@ -174,12 +199,39 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ))
         .add_service(ShadowsServer::with_interceptor(
             ShadowService::new(plane.clone()),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            // References can be large uploads.
+            DriftServer::new(DriftService::new(plane.clone(), monitor.clone()))
+                .max_decoding_message_size(256 << 20),
+            auth.clone(),
+        ))
+        .add_service(EventsServer::with_interceptor(
+            EventService::new(events.clone()),
             auth,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ctl_server.await {
             tracing::error!(error = %e, "control server failed");
+        }
+    }));
+
+    // Periodic checks: scheduled retraining, experiment and shadow alerts.
+    let periodic = monitor.clone();
+    let stop_periodic = stopped(stop_rx.clone());
+    tasks.push(tokio::spawn(async move {
+        tokio::pin!(stop_periodic);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let m = periodic.clone();
+                    let _ = tokio::task::spawn_blocking(move || m.periodic()).await;
+                }
+                _ = &mut stop_periodic => break,
+            }
         }
     }));
 
@@ -210,6 +262,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         plane,
         metrics,
         recorder,
+        monitor,
+        events,
         writer: Some(writer),
         stop,
         tasks,

@@ -27,6 +27,21 @@ impl ExperimentService {
         ExperimentService { plane }
     }
 
+    async fn publish(&self, e: &Experiment, kind: &str) {
+        let mut ev = crate::events::event(
+            kind,
+            &e.model,
+            format!(
+                "experiment '{}' on model '{}' is {}",
+                e.name,
+                e.model,
+                e.state.as_str()
+            ),
+        );
+        ev.experiment = e.name.clone();
+        self.plane.publish(ev).await;
+    }
+
     async fn change(
         &self,
         name: String,
@@ -50,6 +65,9 @@ impl ExperimentService {
             })
             .await?;
         tracing::info!(experiment = %e.name, state = e.state.as_str(), "experiment state changed");
+        if e.state == ExperimentState::Stopped {
+            self.publish(&e, "experiment_stopped").await;
+        }
         Ok(Response::new(experiment_to_pb(&e)))
     }
 }
@@ -189,6 +207,7 @@ impl ExperimentsApi for ExperimentService {
             })
             .await?;
         tracing::info!(experiment = %e.name, model = %e.model, variants = e.variants.len(), "experiment created");
+        self.publish(&e, "experiment_created").await;
         Ok(Response::new(experiment_to_pb(&e)))
     }
 
@@ -278,6 +297,8 @@ impl ExperimentsApi for ExperimentService {
             })
             .await?;
         tracing::info!(experiment = %e.name, winner = %r.winner, version = promoted.version, "experiment concluded");
+        self.publish(&e, "experiment_concluded").await;
+        super::registry::publish_transition(&self.plane, &promoted, &archived).await;
         let state = self.plane.state();
         let aliases = |v: &crate::registry::ModelVersion| {
             state

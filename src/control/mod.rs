@@ -1,6 +1,8 @@
 //! The control plane: the registry in memory, persisted in RocksDB, published as the routing
 //! snapshot; and the tonic services of the `modelgate.v1` control API (thin adapters).
 
+pub mod drift;
+pub mod events;
 pub mod experiments;
 pub mod records;
 pub mod registry;
@@ -147,6 +149,7 @@ pub struct ControlPlane {
     routing: Arc<ArcSwap<RoutingTable>>,
     default_model: Option<String>,
     write_lock: tokio::sync::Mutex<()>,
+    events: Option<Arc<crate::events::EventBus>>,
 }
 
 impl ControlPlane {
@@ -164,7 +167,21 @@ impl ControlPlane {
             routing: Arc::new(ArcSwap::from_pointee(routing)),
             default_model,
             write_lock: tokio::sync::Mutex::new(()),
+            events: None,
         })
+    }
+
+    /// Publishes control-plane events (versions, experiments) on `events`.
+    pub fn with_events(mut self, events: Arc<crate::events::EventBus>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Publishes an event, when an event bus is attached. Never fails the caller.
+    pub async fn publish(&self, e: crate::pb::modelgate::v1::Event) {
+        if let Some(bus) = &self.events {
+            bus.publish(e).await;
+        }
     }
 
     /// The current registry and experiments.

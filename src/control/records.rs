@@ -56,6 +56,7 @@ pub struct RecordServices {
     catalog: Arc<FeatureCatalog>,
     /// Outcome writes for one request are serialised (duplicate checks, counter deltas).
     stripes: Arc<[Mutex<()>; 64]>,
+    monitor: Option<Arc<crate::monitor::Monitor>>,
 }
 
 impl RecordServices {
@@ -68,7 +69,14 @@ impl RecordServices {
             plane,
             catalog,
             stripes: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
+            monitor: None,
         }
+    }
+
+    /// Feeds recorded outcomes to the concept-drift monitor.
+    pub fn with_monitor(mut self, monitor: Arc<crate::monitor::Monitor>) -> Self {
+        self.monitor = Some(monitor);
+        self
     }
 
     /// A request's record: still queued (pending), or stored and not expired.
@@ -168,6 +176,9 @@ impl RecordServices {
         self.store
             .write_outcome(&out, time_ms, &judgement, replaced, !rec.variant_forced)
             .map_err(unavailable)?;
+        if let Some(m) = &self.monitor {
+            m.observe_outcome(&out.model, out.version, &judgement);
+        }
         Ok(out)
     }
 }

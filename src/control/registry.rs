@@ -129,6 +129,53 @@ fn feature_names_from_pb(
     Ok(out)
 }
 
+/// An event about a version.
+pub fn version_event(kind: &str, v: &reg::ModelVersion, message: String) -> pb::Event {
+    let mut e = crate::events::event(kind, &v.model, message);
+    e.version = v.version;
+    e
+}
+
+/// The events of a stage transition: the version promoted (or archived), and the versions a
+/// promotion archived.
+pub async fn publish_transition(
+    plane: &ControlPlane,
+    v: &reg::ModelVersion,
+    archived: &[reg::ModelVersion],
+) {
+    let kind = match v.stage {
+        Stage::Production => Some("version_promoted"),
+        Stage::Archived => Some("version_archived"),
+        Stage::Staging => None,
+    };
+    if let Some(kind) = kind {
+        plane
+            .publish(version_event(
+                kind,
+                v,
+                format!(
+                    "model '{}' version {} is now {}",
+                    v.model,
+                    v.version,
+                    v.stage.as_str()
+                ),
+            ))
+            .await;
+    }
+    for a in archived {
+        plane
+            .publish(version_event(
+                "version_archived",
+                a,
+                format!(
+                    "model '{}' version {} archived (version {} promoted)",
+                    a.model, a.version, v.version
+                ),
+            ))
+            .await;
+    }
+}
+
 /// Converts Unix milliseconds to a protobuf timestamp.
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -257,6 +304,16 @@ impl RegistryApi for RegistryService {
         };
         let v = self.plane.update(|reg| reg.register(new, now_ms())).await?;
         tracing::info!(model = %v.model, version = v.version, endpoint = %v.endpoint, "registered model version");
+        self.plane
+            .publish(version_event(
+                "version_registered",
+                &v,
+                format!(
+                    "model '{}' version {} registered ({})",
+                    v.model, v.version, v.endpoint
+                ),
+            ))
+            .await;
         Ok(Response::new(pb::RegisterModelVersionResponse {
             version: Some(version_to_pb(&v, vec![])),
         }))
@@ -343,6 +400,7 @@ impl RegistryApi for RegistryService {
             .update(|reg| reg.transition(&r.model, &r.version, stage, r.force, now_ms()))
             .await?;
         tracing::info!(model = %v.model, version = v.version, stage = stage.as_str(), force = r.force, "stage transition");
+        publish_transition(&self.plane, &v, &archived).await;
         Ok(Response::new(pb::TransitionStageResponse {
             version: Some(self.pb_version(&v)),
             archived: archived.iter().map(|a| self.pb_version(a)).collect(),

@@ -3,6 +3,7 @@
 //! Every call here blocks; callers on the async runtime go through `spawn_blocking` (control
 //! plane) or the record writer thread (data plane), never a request task.
 
+pub mod drift;
 pub mod keys;
 pub mod records;
 pub mod shadows;

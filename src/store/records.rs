@@ -698,23 +698,37 @@ impl Store {
 
     /// Figures over the most recent `n` retained outcomes of a model version.
     pub fn recent_tally(&self, model: &str, version: u32, n: usize) -> Result<Tally, StoreError> {
+        let mut t = Tally::default();
+        for j in self.recent_judgements(model, version, n)? {
+            t.add(&j);
+        }
+        Ok(t)
+    }
+
+    /// The judgements of the most recent `n` retained outcomes of a model version, newest first.
+    pub fn recent_judgements(
+        &self,
+        model: &str,
+        version: u32,
+        n: usize,
+    ) -> Result<Vec<Judgement>, StoreError> {
         let prefix = keys::outcome_index_prefix(model, version);
         let mut upper = prefix.clone();
         upper.extend_from_slice(&[0xff; 9]);
-        let mut t = Tally::default();
+        let mut out = Vec::new();
         for item in self.db.iterator_cf(
             self.cf(cf::OUTCOME_INDEX),
             IteratorMode::From(&upper, Direction::Reverse),
         ) {
             let (k, v) = item?;
-            if !k.starts_with(&prefix) || t.outcomes as usize >= n {
+            if !k.starts_with(&prefix) || out.len() >= n {
                 break;
             }
             if let Some(j) = decode_judgement(&v) {
-                t.add(&j);
+                out.push(j);
             }
         }
-        Ok(t)
+        Ok(out)
     }
 
     /// Every feature definition.

@@ -1,0 +1,724 @@
+//! Online monitoring: data drift, concept drift, retraining triggers and alerts.
+//!
+//! Live rows reach [`Monitor::observe`] from the record writer's thread (never the request
+//! path): each row updates every feature's window in O(features). Every `--drift-every` rows (or
+//! on demand) the model is queued for the evaluator thread, which compares windows with the
+//! reference and publishes `drift_started` / `drift_ended` when the drifted set changes. Outcomes
+//! update each version's concept window as they are recorded. A periodic task raises scheduled
+//! retraining triggers and the experiment and shadow alerts.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::control::ControlPlane;
+use crate::drift::{self, ConceptMetric, ConceptWindow, FeatureResult, LiveWindow, Reference};
+use crate::events::{event, EventBus};
+use crate::outcome::Judgement;
+use crate::record::FeatureValue;
+use crate::store::records::now_ms;
+use crate::store::{Store, StoreError};
+
+/// Drift settings.
+#[derive(Clone, Debug)]
+pub struct DriftSettings {
+    /// Live values per feature window (W).
+    pub window: usize,
+    /// New rows between evaluations (K).
+    pub every: u64,
+    /// Benjamini–Hochberg false discovery rate.
+    pub fdr: f64,
+    /// Largest reference (rows).
+    pub reference_max: usize,
+    /// Outcomes per concept window (N).
+    pub concept_window: usize,
+    /// Degradation beyond which a version's performance has drifted.
+    pub concept_threshold: f64,
+    /// Shadow agreement below which `shadow_agreement_low` fires (after 100 comparisons).
+    pub shadow_agreement_alert: f64,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        DriftSettings {
+            window: 1000,
+            every: 100,
+            fdr: 0.05,
+            reference_max: drift::MAX_SAMPLE,
+            concept_window: 1000,
+            concept_threshold: 0.1,
+            shadow_agreement_alert: 0.9,
+        }
+    }
+}
+
+/// The persisted drift state of a model.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct DriftState {
+    drifted: Vec<String>,
+    changed_ms: u64,
+}
+
+/// A model's retraining policy, with what it has already triggered.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetrainPolicy {
+    /// Trigger when data drift starts.
+    pub on_data_drift: bool,
+    /// Trigger when a version's performance drifts.
+    pub on_performance_drift: bool,
+    /// Trigger when the production version is older than this.
+    pub max_age_ms: Option<u64>,
+    /// No second trigger within this.
+    pub cooldown_ms: u64,
+    /// When the last trigger fired.
+    #[serde(default)]
+    pub last_trigger_ms: Option<u64>,
+    /// The production version a scheduled trigger already fired for.
+    #[serde(default)]
+    pub scheduled_version: Option<u32>,
+}
+
+/// The persisted concept-drift state of a version.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ConceptRecord {
+    baseline: Option<f64>,
+    drifted: bool,
+}
+
+/// The latest evaluation of a model.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// Per feature.
+    pub features: Vec<FeatureResult>,
+    /// When.
+    pub at_ms: u64,
+}
+
+/// A capture of live rows in progress.
+struct Capture {
+    target: usize,
+    names: Vec<String>,
+    rows: Vec<Vec<FeatureValue>>,
+    received: u64,
+}
+
+#[derive(Default)]
+struct ModelDrift {
+    reference: Option<Arc<Reference>>,
+    index: HashMap<String, usize>,
+    windows: Vec<LiveWindow>,
+    since_eval: u64,
+    evaluations: u64,
+    capture: Option<Capture>,
+    latest: Option<Arc<Evaluation>>,
+    state: DriftState,
+}
+
+struct Concept {
+    window: ConceptWindow,
+    record: ConceptRecord,
+}
+
+/// What the report of a version's concept drift says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConceptStatus {
+    /// Version.
+    pub version: u32,
+    /// Metric.
+    pub metric: ConceptMetric,
+    /// Baseline and where it came from.
+    pub baseline: Option<(f64, &'static str)>,
+    /// Metric over the full window.
+    pub current: Option<f64>,
+    /// Window size and fill.
+    pub window: (usize, usize),
+    /// Drifted.
+    pub drifted: bool,
+}
+
+/// Everything [`Monitor::report`] returns.
+pub struct ModelReport {
+    /// Latest evaluation.
+    pub evaluation: Option<Arc<Evaluation>>,
+    /// Evaluations so far (this process).
+    pub evaluations: u64,
+    /// Drifted features.
+    pub drifted: Vec<String>,
+    /// When the drifted set last changed.
+    pub changed_ms: u64,
+    /// Whether there is a reference.
+    pub has_reference: bool,
+    /// Concept drift per version seen.
+    pub concept: Vec<ConceptStatus>,
+}
+
+type EvalRequest = (String, Option<SyncSender<()>>);
+
+/// The monitor.
+pub struct Monitor {
+    settings: DriftSettings,
+    store: Store,
+    events: Arc<EventBus>,
+    plane: Arc<ControlPlane>,
+    models: DashMap<String, Arc<Mutex<ModelDrift>>>,
+    concepts: DashMap<(String, u32), Arc<Mutex<Concept>>>,
+    retrain: Mutex<HashMap<String, RetrainPolicy>>,
+    eval_tx: SyncSender<EvalRequest>,
+    /// Alerts already raised (experiment significance / SRM, shadow agreement), by key.
+    raised: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Monitor {
+    /// Loads references and policies and starts the evaluator thread.
+    pub fn start(
+        settings: DriftSettings,
+        store: Store,
+        events: Arc<EventBus>,
+        plane: Arc<ControlPlane>,
+    ) -> Result<Arc<Monitor>, StoreError> {
+        let (eval_tx, eval_rx) = sync_channel::<EvalRequest>(1024);
+        let monitor = Arc::new(Monitor {
+            settings,
+            store: store.clone(),
+            events,
+            plane,
+            models: DashMap::new(),
+            concepts: DashMap::new(),
+            retrain: Mutex::new(HashMap::new()),
+            eval_tx,
+            raised: Mutex::new(Default::default()),
+        });
+        for model in store.reference_models()? {
+            if let Some(r) = store.load_reference(&model)? {
+                let state = store.get_model_state(&model, "drift")?.unwrap_or_default();
+                let md = monitor.fresh(Arc::new(r), state);
+                monitor
+                    .models
+                    .insert(model.clone(), Arc::new(Mutex::new(md)));
+            }
+            if let Some(p) = store.get_model_state::<RetrainPolicy>(&model, "retrain")? {
+                monitor.retrain.lock().insert(model, p);
+            }
+        }
+        // The evaluator holds only a weak handle, so the monitor can be dropped at shutdown.
+        let weak = Arc::downgrade(&monitor);
+        std::thread::Builder::new()
+            .name("modelgate-drift".into())
+            .spawn(move || {
+                while let Ok((model, ack)) = eval_rx.recv() {
+                    let Some(m) = weak.upgrade() else { break };
+                    m.evaluate(&model);
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
+                }
+            })
+            .expect("spawning the drift evaluator");
+        Ok(monitor)
+    }
+
+    fn fresh(&self, reference: Arc<Reference>, state: DriftState) -> ModelDrift {
+        ModelDrift {
+            index: reference
+                .features
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.name.clone(), i))
+                .collect(),
+            windows: reference
+                .features
+                .iter()
+                .map(|f| LiveWindow::for_feature(f, self.settings.window))
+                .collect(),
+            reference: Some(reference),
+            state,
+            ..Default::default()
+        }
+    }
+
+    /// Settings.
+    pub fn settings(&self) -> &DriftSettings {
+        &self.settings
+    }
+
+    /// Live rows of `model` (record writer thread).
+    pub fn observe(&self, model: &str, names: &[String], rows: &[Vec<FeatureValue>]) {
+        if rows.is_empty() {
+            return;
+        }
+        let Some(md) = self.models.get(model).map(|m| m.clone()) else {
+            return;
+        };
+        let mut md = md.lock();
+        if let Some(c) = md.capture.as_mut() {
+            if c.names.is_empty() {
+                c.names = names.to_vec();
+            }
+            if c.names == names {
+                for r in rows {
+                    c.received += 1;
+                    if c.rows.len() < c.target {
+                        c.rows.push(r.clone());
+                    }
+                }
+            }
+            if c.rows.len() >= c.target {
+                let c = md.capture.take().expect("capturing");
+                match drift::build_reference(&c.names, c.rows, &[], c.target, "captured", now_ms())
+                {
+                    Ok(mut r) => {
+                        r.received = c.received;
+                        if let Err(e) = self.store.put_reference(model, &r) {
+                            tracing::error!(model, error = %e, "could not store the captured reference");
+                        }
+                        *md = self.fresh(Arc::new(r), DriftState::default());
+                        tracing::info!(model, "reference captured");
+                    }
+                    Err(e) => tracing::warn!(model, error = %e, "capture failed"),
+                }
+            }
+            return;
+        }
+        if md.reference.is_none() {
+            return;
+        }
+        let map: Vec<Option<usize>> = names.iter().map(|n| md.index.get(n).copied()).collect();
+        for r in rows {
+            for (v, slot) in r.iter().zip(&map) {
+                if let Some(i) = slot {
+                    md.windows[*i].push(v);
+                }
+            }
+        }
+        md.since_eval += rows.len() as u64;
+        if md.since_eval >= self.settings.every {
+            md.since_eval = 0;
+            drop(md);
+            // The evaluator is busy or far behind: the next K rows will ask again.
+            let _ = self.eval_tx.try_send((model.to_string(), None));
+        }
+    }
+
+    /// Installs an uploaded reference (synced first).
+    pub fn set_reference(&self, model: &str, r: Reference) -> Result<Arc<Reference>, StoreError> {
+        self.store.put_reference(model, &r)?;
+        let r = Arc::new(r);
+        let md = self.fresh(r.clone(), DriftState::default());
+        self.models
+            .insert(model.to_string(), Arc::new(Mutex::new(md)));
+        Ok(r)
+    }
+
+    /// Starts taking the next `n` live rows as the reference.
+    pub fn capture(&self, model: &str, n: usize) {
+        let md = self.models.entry(model.to_string()).or_default().clone();
+        md.lock().capture = Some(Capture {
+            target: n,
+            names: Vec::new(),
+            rows: Vec::with_capacity(n.min(drift::MAX_SAMPLE)),
+            received: 0,
+        });
+    }
+
+    /// The reference and, while capturing, how many rows remain.
+    pub fn reference(&self, model: &str) -> (Option<Arc<Reference>>, Option<(usize, u64)>) {
+        match self.models.get(model) {
+            None => (None, None),
+            Some(md) => {
+                let md = md.lock();
+                let capturing = md
+                    .capture
+                    .as_ref()
+                    .map(|c| (c.target - c.rows.len(), c.received));
+                (md.reference.clone(), capturing)
+            }
+        }
+    }
+
+    /// Evaluates `model` now on the evaluator thread and waits for it.
+    pub fn evaluate_now(&self, model: &str) {
+        let (ack, done) = sync_channel(1);
+        if self.eval_tx.send((model.to_string(), Some(ack))).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(60));
+        }
+    }
+
+    fn evaluate(&self, model: &str) {
+        let Some(md) = self.models.get(model).map(|m| m.clone()) else {
+            return;
+        };
+        let (reference, windows) = {
+            let md = md.lock();
+            let Some(r) = md.reference.clone() else {
+                return;
+            };
+            (r, md.windows.clone())
+        };
+        let features = drift::evaluate(&reference, &windows, self.settings.fdr);
+        let drifted: Vec<String> = features
+            .iter()
+            .filter(|f| f.drifted)
+            .map(|f| f.name.clone())
+            .collect();
+        let now = now_ms();
+        let (started, ended) = {
+            let mut md = md.lock();
+            md.evaluations += 1;
+            md.latest = Some(Arc::new(Evaluation {
+                features,
+                at_ms: now,
+            }));
+            if md.state.drifted == drifted {
+                return;
+            }
+            let was = !md.state.drifted.is_empty();
+            md.state = DriftState {
+                drifted: drifted.clone(),
+                changed_ms: now,
+            };
+            if let Err(e) = self.store.put_model_state(model, "drift", &md.state) {
+                tracing::error!(model, error = %e, "could not store the drift state");
+            }
+            (!was && !drifted.is_empty(), was && drifted.is_empty())
+        };
+        // Within an episode a changing set of features only updates the report; events mark
+        // the start and the end.
+        if started {
+            let mut e = event(
+                "drift_started",
+                model,
+                format!("data drift in model '{model}': {}", drifted.join(", ")),
+            );
+            e.features = drifted;
+            self.publish(e);
+            self.trigger(model, "data_drift", None);
+        } else if ended {
+            self.publish(event(
+                "drift_ended",
+                model,
+                format!("no data drift in model '{model}' any more"),
+            ));
+        }
+    }
+
+    fn publish(&self, e: crate::pb::modelgate::v1::Event) {
+        if let Err(err) = self.events.publish_blocking(e) {
+            tracing::error!(error = %err, "could not store an event");
+        }
+    }
+
+    /// The report of a model.
+    pub fn report(&self, model: &str) -> ModelReport {
+        let (evaluation, evaluations, drifted, changed_ms, has_reference) =
+            match self.models.get(model) {
+                Some(md) => {
+                    let md = md.lock();
+                    (
+                        md.latest.clone(),
+                        md.evaluations,
+                        md.state.drifted.clone(),
+                        md.state.changed_ms,
+                        md.reference.is_some(),
+                    )
+                }
+                None => (None, 0, Vec::new(), 0, false),
+            };
+        let mut concept: Vec<ConceptStatus> = self
+            .concepts
+            .iter()
+            .filter(|e| e.key().0 == model)
+            .map(|e| {
+                let version = e.key().1;
+                let c = e.value().lock();
+                self.concept_status(model, version, &c)
+            })
+            .collect();
+        concept.sort_by_key(|c| c.version);
+        ModelReport {
+            evaluation,
+            evaluations,
+            drifted,
+            changed_ms,
+            has_reference,
+            concept,
+        }
+    }
+
+    fn registered_baseline(&self, model: &str, version: u32, metric: ConceptMetric) -> Option<f64> {
+        self.plane
+            .state()
+            .registry
+            .get(model, &version.to_string())
+            .ok()
+            .and_then(|v| v.metrics.get(metric.as_str()).copied())
+    }
+
+    fn concept_status(&self, model: &str, version: u32, c: &Concept) -> ConceptStatus {
+        let metric = c.window.metric;
+        let baseline = match self.registered_baseline(model, version, metric) {
+            Some(b) => Some((b, "registered metric")),
+            None => c.record.baseline.map(|b| (b, "first full window")),
+        };
+        ConceptStatus {
+            version,
+            metric,
+            baseline,
+            current: c.window.current(),
+            window: (c.window.size(), c.window.fill()),
+            drifted: c.record.drifted,
+        }
+    }
+
+    /// One recorded outcome of `model` version `version` (from the Outcomes service, blocking).
+    pub fn observe_outcome(&self, model: &str, version: u32, j: &Judgement) {
+        let (metric, x) = match (j.success, j.error) {
+            (Some(s), _) => (ConceptMetric::Accuracy, f64::from(u8::from(s))),
+            (None, Some(e)) => (ConceptMetric::Mae, e.abs()),
+            (None, None) => return,
+        };
+        let key = (model.to_string(), version);
+        let concept = match self.concepts.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(Mutex::new(self.load_concept(model, version, metric)));
+                self.concepts.entry(key).or_insert(c).clone()
+            }
+        };
+        let mut c = concept.lock();
+        if c.window.metric != metric {
+            return; // a version is judged one way; mixed outcomes would make no metric
+        }
+        c.window.push(x);
+        let Some(current) = c.window.current() else {
+            return;
+        };
+        let registered = self.registered_baseline(model, version, metric);
+        if registered.is_none() && c.record.baseline.is_none() {
+            c.record.baseline = Some(current);
+            self.save_concept(model, version, &c.record);
+        }
+        let baseline = registered.or(c.record.baseline).expect("set above");
+        let degradation = metric.degradation(baseline, current);
+        let drifted = degradation > self.settings.concept_threshold;
+        if drifted == c.record.drifted {
+            return;
+        }
+        c.record.drifted = drifted;
+        self.save_concept(model, version, &c.record);
+        drop(c);
+        let mut e = event(
+            if drifted {
+                "performance_drift_started"
+            } else {
+                "performance_drift_ended"
+            },
+            model,
+            format!(
+                "model '{model}' version {version}: {} {current:.4} against a baseline of {baseline:.4}",
+                metric.as_str()
+            ),
+        );
+        e.version = version;
+        e.details.insert("metric".into(), metric.as_str().into());
+        e.details.insert("current".into(), format!("{current}"));
+        e.details.insert("baseline".into(), format!("{baseline}"));
+        self.publish(e);
+        if drifted {
+            self.trigger(model, "performance_drift", Some(version));
+        }
+    }
+
+    fn load_concept(&self, model: &str, version: u32, metric: ConceptMetric) -> Concept {
+        let record: ConceptRecord = self
+            .store
+            .get_model_state(model, &format!("concept/{version}"))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let mut window = ConceptWindow::new(metric, self.settings.concept_window);
+        // Refill from the stored outcomes, oldest first, so a restart loses nothing.
+        if let Ok(recent) =
+            self.store
+                .recent_judgements(model, version, self.settings.concept_window)
+        {
+            for j in recent.iter().rev() {
+                match (metric, j.success, j.error) {
+                    (ConceptMetric::Accuracy, Some(s), _) => window.push(f64::from(u8::from(s))),
+                    (ConceptMetric::Mae, None, Some(e)) => window.push(e.abs()),
+                    _ => {}
+                }
+            }
+        }
+        Concept { window, record }
+    }
+
+    fn save_concept(&self, model: &str, version: u32, r: &ConceptRecord) {
+        if let Err(e) = self
+            .store
+            .put_model_state(model, &format!("concept/{version}"), r)
+        {
+            tracing::error!(model, version, error = %e, "could not store the concept-drift state");
+        }
+    }
+
+    /// Sets a model's retraining policy (synced).
+    pub fn set_retrain_policy(
+        &self,
+        model: &str,
+        mut p: RetrainPolicy,
+    ) -> Result<RetrainPolicy, StoreError> {
+        let mut all = self.retrain.lock();
+        if let Some(old) = all.get(model) {
+            p.last_trigger_ms = old.last_trigger_ms;
+            p.scheduled_version = old.scheduled_version;
+        }
+        self.store.put_model_state(model, "retrain", &p)?;
+        all.insert(model.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// A model's retraining policy.
+    pub fn retrain_policy(&self, model: &str) -> Option<RetrainPolicy> {
+        self.retrain.lock().get(model).cloned()
+    }
+
+    /// Fires a retraining trigger if the policy asks for it and the cooldown has passed.
+    fn trigger(&self, model: &str, reason: &str, version: Option<u32>) -> bool {
+        let now = now_ms();
+        let mut all = self.retrain.lock();
+        let Some(p) = all.get_mut(model) else {
+            return false;
+        };
+        let wanted = match reason {
+            "data_drift" => p.on_data_drift,
+            "performance_drift" => p.on_performance_drift,
+            _ => true,
+        };
+        if !wanted || p.last_trigger_ms.is_some_and(|t| now < t + p.cooldown_ms) {
+            return false;
+        }
+        p.last_trigger_ms = Some(now);
+        let p = p.clone();
+        drop(all);
+        if let Err(e) = self.store.put_model_state(model, "retrain", &p) {
+            tracing::error!(model, error = %e, "could not store the retraining policy");
+        }
+        let mut e = event(
+            "retrain_triggered",
+            model,
+            format!("model '{model}' should be retrained: {reason}"),
+        );
+        e.reason = reason.to_string();
+        e.version = version.unwrap_or(0);
+        self.publish(e);
+        true
+    }
+
+    /// Periodic checks: scheduled retraining, experiment significance and sample-ratio mismatch,
+    /// shadow agreement. Blocking (reads RocksDB).
+    pub fn periodic(&self) {
+        let state = self.plane.state();
+        let now = now_ms();
+        // Scheduled retraining: the production version is older than max_age.
+        let policies: Vec<(String, RetrainPolicy)> = self
+            .retrain
+            .lock()
+            .iter()
+            .map(|(m, p)| (m.clone(), p.clone()))
+            .collect();
+        for (model, p) in policies {
+            let (Some(max_age), Ok(v)) = (p.max_age_ms, state.registry.production(&model)) else {
+                continue;
+            };
+            if now.saturating_sub(v.updated_at_ms) > max_age
+                && p.scheduled_version != Some(v.version)
+            {
+                let version = v.version;
+                if let Some(p) = self.retrain.lock().get_mut(&model) {
+                    p.scheduled_version = Some(version);
+                }
+                if !self.trigger(&model, "scheduled", Some(version)) {
+                    continue;
+                }
+            }
+        }
+        // Experiments: significance and sample ratio mismatch, once each.
+        for e in state.experiments.all().filter(|e| e.state.is_open()) {
+            let names: Vec<&str> = e.variants.iter().map(|v| v.name.as_str()).collect();
+            let Ok(counts) = self.store.experiment_counts(&e.name, &names) else {
+                continue;
+            };
+            let r = crate::experiment::results(e, &counts);
+            if let Ok(t) = &r.significance {
+                if t.p_value < e.alpha && self.raise(format!("sig/{}", e.name)) {
+                    let mut ev = event(
+                        "experiment_significant",
+                        &e.model,
+                        format!(
+                            "experiment '{}' is significant (p = {:.3e})",
+                            e.name, t.p_value
+                        ),
+                    );
+                    ev.experiment = e.name.clone();
+                    self.publish(ev);
+                }
+            }
+            if let Ok(t) = &r.srm {
+                if t.p_value < crate::experiment::SRM_P && self.raise(format!("srm/{}", e.name)) {
+                    let mut ev = event(
+                        "experiment_sample_ratio_mismatch",
+                        &e.model,
+                        format!(
+                            "experiment '{}' has a sample ratio mismatch (p = {:.3e}); its results cannot be trusted",
+                            e.name, t.p_value
+                        ),
+                    );
+                    ev.experiment = e.name.clone();
+                    self.publish(ev);
+                }
+            }
+        }
+        // Shadows: agreement below the alert level after enough comparisons.
+        for s in state.shadows.all() {
+            let Ok(c) = self.store.shadow_counts(&s.model, s.version) else {
+                continue;
+            };
+            if c.compared < 100 {
+                continue;
+            }
+            let rate = c.agreed as f64 / c.compared as f64;
+            let key = format!("shadow/{}/{}", s.model, s.version);
+            if rate < self.settings.shadow_agreement_alert {
+                if self.raise(key) {
+                    let mut ev = event(
+                        "shadow_agreement_low",
+                        &s.model,
+                        format!(
+                            "shadow version {} of model '{}' agrees with production on {:.1}% of {} comparisons",
+                            s.version,
+                            s.model,
+                            rate * 100.0,
+                            c.compared
+                        ),
+                    );
+                    ev.version = s.version;
+                    ev.details
+                        .insert("agreement_rate".into(), format!("{rate}"));
+                    self.publish(ev);
+                }
+            } else {
+                self.raised.lock().remove(&key);
+            }
+        }
+    }
+
+    /// Marks an alert raised; false when it already was.
+    fn raise(&self, key: String) -> bool {
+        self.raised.lock().insert(key)
+    }
+}

@@ -1,0 +1,233 @@
+//! Drift state in the `references` family: each model's reference sample, and small JSON records
+//! of drift state, concept baselines and retraining policies.
+//!
+//! | key | value |
+//! |---|---|
+//! | model | JSON reference header (features, kinds, categories, row counts, source) |
+//! | model ∅ `n` ∅ feature | sorted f64 LE values of a numeric reference feature |
+//! | model ∅ `s` ∅ name | JSON state record (`drift`, `retrain`, `concept/<version>`) |
+
+use std::collections::BTreeMap;
+
+use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{cf, Store, StoreError};
+use crate::drift::{Reference, ReferenceData, ReferenceFeature};
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    features: Vec<HeaderFeature>,
+    rows: u64,
+    received: u64,
+    sampled: bool,
+    source: String,
+    created_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeaderFeature {
+    name: String,
+    non_finite: u64,
+    /// Present for categorical features.
+    categories: Option<BTreeMap<String, u64>>,
+}
+
+fn sub_key(model: &str, kind: u8, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model.len() + name.len() + 3);
+    k.extend_from_slice(model.as_bytes());
+    k.push(0);
+    k.push(kind);
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn synced() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
+impl Store {
+    /// Replaces a model's reference (synced).
+    pub fn put_reference(&self, model: &str, r: &Reference) -> Result<(), StoreError> {
+        let fam = self.cf(cf::REFERENCES);
+        let mut batch = WriteBatch::default();
+        // Drop the previous numeric arrays: model ∅ n ∅ …
+        let mut from = model.as_bytes().to_vec();
+        from.extend_from_slice(&[0, b'n', 0]);
+        let mut to = from.clone();
+        *to.last_mut().expect("non-empty") = 1;
+        batch.delete_range_cf(fam, &from, &to);
+        let header = Header {
+            features: r
+                .features
+                .iter()
+                .map(|f| HeaderFeature {
+                    name: f.name.clone(),
+                    non_finite: f.non_finite,
+                    categories: match &f.data {
+                        ReferenceData::Categorical(c) => Some(c.clone()),
+                        ReferenceData::Numeric(_) => None,
+                    },
+                })
+                .collect(),
+            rows: r.rows,
+            received: r.received,
+            sampled: r.sampled,
+            source: r.source.clone(),
+            created_at_ms: r.created_at_ms,
+        };
+        batch.put_cf(
+            fam,
+            model.as_bytes(),
+            serde_json::to_vec(&header).expect("headers serialise"),
+        );
+        for f in &r.features {
+            if let ReferenceData::Numeric(v) = &f.data {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                batch.put_cf(fam, sub_key(model, b'n', &f.name), bytes);
+            }
+        }
+        self.db.write_opt(batch, &synced())?;
+        Ok(())
+    }
+
+    /// A model's reference.
+    pub fn load_reference(&self, model: &str) -> Result<Option<Reference>, StoreError> {
+        let fam = self.cf(cf::REFERENCES);
+        let Some(h) = self.db.get_cf(fam, model.as_bytes())? else {
+            return Ok(None);
+        };
+        let bad = |source| StoreError::Value {
+            family: cf::REFERENCES,
+            key: model.to_string(),
+            source,
+        };
+        let h: Header = serde_json::from_slice(&h).map_err(bad)?;
+        let mut features = Vec::with_capacity(h.features.len());
+        for f in h.features {
+            let data = match f.categories {
+                Some(c) => ReferenceData::Categorical(c),
+                None => {
+                    let raw = self
+                        .db
+                        .get_cf(fam, sub_key(model, b'n', &f.name))?
+                        .unwrap_or_default();
+                    ReferenceData::Numeric(
+                        raw.chunks_exact(8)
+                            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                            .collect(),
+                    )
+                }
+            };
+            features.push(ReferenceFeature {
+                name: f.name,
+                data,
+                non_finite: f.non_finite,
+            });
+        }
+        Ok(Some(Reference {
+            features,
+            rows: h.rows,
+            received: h.received,
+            sampled: h.sampled,
+            source: h.source,
+            created_at_ms: h.created_at_ms,
+        }))
+    }
+
+    /// The models that have a reference.
+    pub fn reference_models(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::REFERENCES), IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            if !k.contains(&0) {
+                out.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a model's state record `name` (synced).
+    pub fn put_model_state<T: Serialize>(
+        &self,
+        model: &str,
+        name: &str,
+        v: &T,
+    ) -> Result<(), StoreError> {
+        self.db.put_cf_opt(
+            self.cf(cf::REFERENCES),
+            sub_key(model, b's', name),
+            serde_json::to_vec(v).expect("state records serialise"),
+            &synced(),
+        )?;
+        Ok(())
+    }
+
+    /// Reads a model's state record `name`.
+    pub fn get_model_state<T: DeserializeOwned>(
+        &self,
+        model: &str,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(v) = self
+            .db
+            .get_cf(self.cf(cf::REFERENCES), sub_key(model, b's', name))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|source| StoreError::Value {
+                family: cf::REFERENCES,
+                key: format!("{model}/{name}"),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::FeatureValue;
+
+    #[test]
+    fn references_round_trip_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names = vec!["x".to_string(), "c".to_string()];
+        let rows = |k: f64| {
+            (0..10)
+                .map(|i| {
+                    vec![
+                        FeatureValue::Number(i as f64 * k),
+                        FeatureValue::Text(format!("v{}", i % 2)),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        };
+        let r = crate::drift::build_reference(&names, rows(1.0), &[], 100, "uploaded", 5).unwrap();
+        store.put_reference("m", &r).unwrap();
+        assert_eq!(store.load_reference("m").unwrap().unwrap(), r);
+        let r2 = crate::drift::build_reference(&names, rows(2.0), &[], 100, "captured", 6).unwrap();
+        store.put_reference("m", &r2).unwrap();
+        assert_eq!(store.load_reference("m").unwrap().unwrap(), r2);
+        assert_eq!(store.reference_models().unwrap(), vec!["m".to_string()]);
+        store.put_model_state("m", "drift", &vec![1, 2]).unwrap();
+        assert_eq!(
+            store.get_model_state::<Vec<i32>>("m", "drift").unwrap(),
+            Some(vec![1, 2])
+        );
+        assert_eq!(
+            store.reference_models().unwrap(),
+            vec!["m".to_string()],
+            "state records are not models"
+        );
+        assert!(store.load_reference("other").unwrap().is_none());
+    }
+}
