@@ -771,7 +771,9 @@ mod tests {
     /// scipy 1.17.1: `ks_2samp(a, b)` → statistic, pvalue; `wasserstein_distance(a, b)`.
     #[test]
     fn ks_and_wasserstein_match_scipy() {
-        let cases: Vec<(Vec<f64>, Vec<f64>, f64, f64, f64)> = vec![
+        // (a, b, statistic, p-value, Wasserstein)
+        type Case = (Vec<f64>, Vec<f64>, f64, f64, f64);
+        let cases: Vec<Case> = vec![
             (
                 vec![1., 2., 2., 3., 3., 3., 4., 5.],
                 vec![2., 3., 3., 4., 4., 5., 5., 6., 7.],

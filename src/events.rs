@@ -99,6 +99,5 @@ pub fn event(kind: &str, model: &str, message: impl Into<String>) -> pb::Event {
 
 /// Whether `e` passes a watch filter.
 pub fn matches(e: &pb::Event, types: &[String], model: &str) -> bool {
-    (types.is_empty() || types.iter().any(|t| *t == e.r#type))
-        && (model.is_empty() || e.model == model)
+    (types.is_empty() || types.contains(&e.r#type)) && (model.is_empty() || e.model == model)
 }
