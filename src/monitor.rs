@@ -482,18 +482,29 @@ impl Monitor {
             (None, None) => return,
         };
         let key = (model.to_string(), version);
-        let concept = match self.concepts.get(&key) {
-            Some(c) => c.clone(),
+        // A window made now is refilled from RocksDB, where this outcome already is.
+        let (concept, refilled) = match self.concepts.get(&key) {
+            Some(c) => (c.clone(), false),
             None => {
-                let c = Arc::new(Mutex::new(self.load_concept(model, version, metric)));
-                self.concepts.entry(key).or_insert(c).clone()
+                let mut created = false;
+                let c = self
+                    .concepts
+                    .entry(key)
+                    .or_insert_with(|| {
+                        created = true;
+                        Arc::new(Mutex::new(self.load_concept(model, version, metric)))
+                    })
+                    .clone();
+                (c, created)
             }
         };
         let mut c = concept.lock();
         if c.window.metric != metric {
             return; // a version is judged one way; mixed outcomes would make no metric
         }
-        c.window.push(x);
+        if !refilled {
+            c.window.push(x);
+        }
         let Some(current) = c.window.current() else {
             return;
         };

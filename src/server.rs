@@ -65,6 +65,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 
 /// Starts modelgate with `config` and returns once every port is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    // Ports first: a port in use fails before the database is opened or any thread started.
+    let data = bind(config.listen, "listen").await?;
+    let ctl = bind(config.control_listen, "control-listen").await?;
+    let admin = bind(config.admin_listen, "admin-listen").await?;
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
@@ -117,9 +121,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let recorder = Arc::new(recorder);
 
-    let data = bind(config.listen, "listen").await?;
-    let ctl = bind(config.control_listen, "control-listen").await?;
-    let admin = bind(config.admin_listen, "admin-listen").await?;
     let (data_addr, control_addr, admin_addr) =
         (data.local_addr()?, ctl.local_addr()?, admin.local_addr()?);
     let (stop, stop_rx) = watch::channel(false);
@@ -208,7 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             auth.clone(),
         ))
         .add_service(EventsServer::with_interceptor(
-            EventService::new(events.clone()),
+            EventService::new(events.clone(), stop_rx.clone()),
             auth,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));

@@ -17,12 +17,13 @@ use crate::pb::modelgate::v1::events_server::Events;
 #[derive(Clone)]
 pub struct EventService {
     bus: Arc<EventBus>,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl EventService {
-    /// A service over `bus`.
-    pub fn new(bus: Arc<EventBus>) -> Self {
-        EventService { bus }
+    /// A service over `bus`; open Watch streams end when `stop` turns true (shutdown).
+    pub fn new(bus: Arc<EventBus>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        EventService { bus, stop }
     }
 }
 
@@ -39,7 +40,8 @@ impl Events for EventService {
         // Subscribe before replaying, so nothing published in between is missed.
         let mut live = self.bus.subscribe();
         let store = self.bus.store().clone();
-        tokio::spawn(async move {
+        let mut stop = self.stop.clone();
+        let follow = async move {
             let mut last = r.from_cursor;
             loop {
                 // Replay what is stored after `last`.
@@ -84,6 +86,13 @@ impl Events for EventService {
                         Err(RecvError::Closed) => return,
                     }
                 }
+            }
+        };
+        tokio::spawn(async move {
+            // Shutdown ends the stream, so that graceful shutdown never waits on a watcher.
+            tokio::select! {
+                _ = follow => {}
+                _ = stop.wait_for(|s| *s) => {}
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

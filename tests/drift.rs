@@ -1,0 +1,491 @@
+//! Drift, retraining triggers and the event stream, end to end: the built-in model server behind
+//! modelgate, references over gRPC, live traffic, outcomes, a Watch stream and a webhook
+//! receiver the test runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use modelgate::config::Config;
+use modelgate::pb::modelgate::v1 as pb;
+use modelgate::pb::modelgate::v1::{
+    drift_client::DriftClient, events_client::EventsClient, outcomes_client::OutcomesClient,
+};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Deterministic standard normals (xorshift + Box–Muller).
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (a, b) = (self.uniform(), self.uniform());
+        (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
+    }
+}
+
+fn num(x: f64) -> pb::FeatureValue {
+    pb::FeatureValue {
+        kind: Some(pb::feature_value::Kind::Number(x)),
+    }
+}
+
+async fn drift_client(mg: &modelgate::server::Running) -> DriftClient<Channel> {
+    DriftClient::new(channel(mg.control_addr).await)
+}
+
+/// A webhook receiver: every POSTed body, as JSON.
+async fn webhook_receiver() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let _ = tx.send(serde_json::from_slice(&body).unwrap());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Empty::<bytes::Bytes>::new(),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), rx)
+}
+
+async fn next_event(stream: &mut tonic::Streaming<pb::Event>) -> pb::Event {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream is open")
+        .expect("an event")
+}
+
+/// Sends `n` single-row requests whose features come from `row`.
+async fn traffic(mg: &modelgate::server::Running, n: usize, mut row: impl FnMut() -> [f32; 3]) {
+    let mut infer = infer_client(mg.data_addr).await;
+    for _ in 0..n {
+        let r = row();
+        infer.model_infer(infer_request("m", &[&r])).await.unwrap();
+    }
+    mg.recorder.flush().await;
+}
+
+async fn setup(
+    config: Config,
+    server: &modelgate::model_server::RunningModelServer,
+) -> modelgate::server::Running {
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    reg.register_model_version(pb::RegisterModelVersionRequest {
+        model: "m".into(),
+        endpoint: server.endpoint(),
+        feature_names: vec![pb::InputFeatureNames {
+            input: "input".into(),
+            names: vec!["a".into(), "b".into(), "c".into()],
+        }],
+        metrics: [("accuracy".to_string(), 0.9)].into(),
+        prediction: Some(pb::PredictionSpec {
+            kind: Some(pb::prediction_spec::Kind::Threshold(
+                pb::ThresholdPrediction {
+                    output: "probabilities".into(),
+                    threshold: 0.5,
+                    positive_label: "1".into(),
+                    negative_label: "0".into(),
+                },
+            )),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    promote(&mut reg, "m", "1").await;
+    mg
+}
+
+#[tokio::test]
+async fn a_shift_in_one_feature_drifts_exactly_that_feature_and_is_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=0.5,-0.5,0.2").await;
+    let (hook, mut hook_rx) = webhook_receiver().await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.window = 300;
+    config.drift.every = 100;
+    config.webhooks =
+        vec![modelgate::webhook::parse_webhook(&format!("{hook}#drift_started")).unwrap()];
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    let mut rng = Rng(7);
+    let rows: Vec<pb::ReferenceRow> = (0..1000)
+        .map(|_| pb::ReferenceRow {
+            values: vec![num(rng.normal()), num(rng.normal()), num(rng.normal())],
+        })
+        .collect();
+    let summary = drift
+        .set_reference(pb::SetReferenceRequest {
+            model: "m".into(),
+            feature_names: vec!["a".into(), "b".into(), "c".into()],
+            rows,
+            categorical_features: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((summary.rows, summary.sampled), (1000, false));
+    assert!((summary.features[0].mean.unwrap()).abs() < 0.1);
+
+    let mut events = EventsClient::new(channel(mg.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 0,
+            types: vec!["drift_started".into(), "drift_ended".into()],
+            model: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The same distribution: evaluated several times, never drifted.
+    traffic(&mg, 900, || {
+        [
+            rng.normal() as f32,
+            rng.normal() as f32,
+            rng.normal() as f32,
+        ]
+    })
+    .await;
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        report.evaluations >= 8,
+        "evaluated every 100 rows: {}",
+        report.evaluations
+    );
+    assert!(!report.drifted, "{report:?}");
+    assert_eq!(report.features.len(), 3);
+    for f in &report.features {
+        assert_eq!((f.reference_size, f.window_size), (1000, 300));
+        assert_eq!(f.test, "ks_2samp");
+        assert!(
+            f.p_value.is_some()
+                && f.adjusted_p_value.is_some()
+                && f.psi.is_some()
+                && f.wasserstein.is_some()
+        );
+    }
+
+    // Feature b moves by +1.5 standard deviations.
+    traffic(&mg, 300, || {
+        [
+            rng.normal() as f32,
+            (rng.normal() + 1.5) as f32,
+            rng.normal() as f32,
+        ]
+    })
+    .await;
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.drifted);
+    let drifted: Vec<&str> = report
+        .features
+        .iter()
+        .filter(|f| f.drifted)
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(drifted, vec!["b"], "{report:?}");
+    assert!(report.state_changed_at.is_some());
+    let e = next_event(&mut events).await;
+    assert_eq!(e.r#type, "drift_started");
+    assert_eq!(e.features, vec!["b".to_string()]);
+    let posted = tokio::time::timeout(Duration::from_secs(10), hook_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(posted["type"], "drift_started");
+    assert_eq!(posted["features"], serde_json::json!(["b"]));
+    assert_eq!(posted["cursor"], e.cursor);
+    mg.shutdown().await;
+
+    // The reference is durable.
+    let mut config = Config::for_tests(dir.path());
+    config.drift.window = 300;
+    let mg = start_with(config).await;
+    let again = drift_client(&mg)
+        .await
+        .get_reference(pb::GetReferenceRequest { model: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.rows, 1000);
+    assert_eq!(again.source, "uploaded");
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn performance_drift_fires_one_retrain_trigger() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=1,0,0").await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.concept_window = 20;
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    drift
+        .set_retrain_policy(pb::RetrainPolicy {
+            model: "m".into(),
+            on_performance_drift: true,
+            cooldown: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut events = EventsClient::new(channel(mg.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 0,
+            types: vec![
+                "performance_drift_started".into(),
+                "retrain_triggered".into(),
+            ],
+            model: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let infer = infer_client(mg.data_addr).await;
+    let outcomes = OutcomesClient::new(channel(mg.control_addr).await);
+    // x = 2 → label 1. Truth first agrees (accuracy 1.0), then never does.
+    let send = |right: bool| {
+        let mut infer = infer.clone();
+        let mut outcomes = outcomes.clone();
+        async move {
+            let resp = infer
+                .model_infer(infer_request("m", &[&[2.0, 0.0, 0.0]]))
+                .await
+                .unwrap();
+            let id = request_id_of(&resp);
+            outcomes
+                .record_outcome(pb::RecordOutcomeRequest {
+                    request_id: id,
+                    actual: Some(pb::Actual {
+                        kind: Some(pb::actual::Kind::Label(
+                            if right { "1" } else { "0" }.into(),
+                        )),
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    };
+    for _ in 0..19 {
+        send(true).await;
+    }
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.concept[0].status, "insufficient data");
+    assert_eq!(report.concept[0].window_fill, 19);
+    for _ in 0..40 {
+        send(false).await;
+    }
+    let e = next_event(&mut events).await;
+    assert_eq!(e.r#type, "performance_drift_started");
+    assert_eq!(e.version, 1);
+    let t = next_event(&mut events).await;
+    assert_eq!(t.r#type, "retrain_triggered");
+    assert_eq!(t.reason, "performance_drift");
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &report.concept[0];
+    assert_eq!(
+        (c.baseline, c.baseline_source.as_str()),
+        (Some(0.9), "registered metric")
+    );
+    assert_eq!(c.current, Some(0.0));
+    assert!(c.drifted);
+    // Still drifting: no second trigger (one per episode, and the cooldown).
+    for _ in 0..5 {
+        send(false).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), events.next())
+            .await
+            .is_err(),
+        "no more triggers"
+    );
+    drop(infer);
+    drop(outcomes);
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_watcher_that_reconnects_with_its_cursor_gets_exactly_what_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "w", "127.0.0.1:1").await;
+    promote(&mut reg, "w", "1").await;
+    let mut watch = EventsClient::new(channel(mg.control_addr).await);
+    let mut stream = watch
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_event(&mut stream).await;
+    let second = next_event(&mut stream).await;
+    assert_eq!(
+        (first.r#type.as_str(), second.r#type.as_str()),
+        ("version_registered", "version_promoted")
+    );
+    assert_eq!(second.cursor, first.cursor + 1);
+    drop(stream);
+    // While disconnected: a registration, a promotion that archives version 1.
+    register(&mut reg, "w", "127.0.0.1:2").await;
+    promote(&mut reg, "w", "2").await;
+    let mut stream = watch
+        .watch(pb::WatchRequest {
+            from_cursor: second.cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut missed = Vec::new();
+    for _ in 0..3 {
+        missed.push(next_event(&mut stream).await);
+    }
+    let kinds: Vec<&str> = missed.iter().map(|e| e.r#type.as_str()).collect();
+    assert_eq!(
+        kinds,
+        vec!["version_registered", "version_promoted", "version_archived"]
+    );
+    let cursors: Vec<u64> = missed.iter().map(|e| e.cursor).collect();
+    assert_eq!(
+        cursors,
+        vec![second.cursor + 1, second.cursor + 2, second.cursor + 3],
+        "no gap, no repeat"
+    );
+    // Live events keep coming on the same stream.
+    register(&mut reg, "w", "127.0.0.1:3").await;
+    assert_eq!(next_event(&mut stream).await.cursor, second.cursor + 4);
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn references_capture_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=0.5,-0.5,0.2").await;
+    let mg = setup(Config::for_tests(dir.path()), &server).await;
+    let mut drift = drift_client(&mg).await;
+    let e = drift
+        .get_reference(pb::GetReferenceRequest { model: "m".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = drift
+        .set_reference(pb::SetReferenceRequest {
+            model: "ghost".into(),
+            feature_names: vec!["a".into()],
+            rows: vec![],
+            categorical_features: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = drift
+        .set_reference(pb::SetReferenceRequest {
+            model: "m".into(),
+            feature_names: vec!["a".into(), "b".into()],
+            rows: vec![pb::ReferenceRow {
+                values: vec![num(1.0)],
+            }],
+            categorical_features: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("rows[0]:"), "{}", e.message());
+    let e = drift
+        .capture_reference(pb::CaptureReferenceRequest {
+            model: "m".into(),
+            rows: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("rows:"), "{}", e.message());
+
+    let s = drift
+        .capture_reference(pb::CaptureReferenceRequest {
+            model: "m".into(),
+            rows: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.source.as_str(), s.capture_remaining), ("capturing", 50));
+    let mut k = 0f32;
+    traffic(&mg, 60, || {
+        k += 1.0;
+        [k, -k, 0.5]
+    })
+    .await;
+    let s = drift
+        .get_reference(pb::GetReferenceRequest { model: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.source.as_str(), s.rows), ("captured", 50));
+    assert_eq!(s.features[0].min, Some(1.0));
+    assert_eq!(
+        s.features[0].max,
+        Some(50.0),
+        "the next 50 rows, not later ones"
+    );
+    mg.shutdown().await;
+}
