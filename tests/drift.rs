@@ -489,3 +489,106 @@ async fn references_capture_and_refusals() {
     );
     mg.shutdown().await;
 }
+
+#[tokio::test]
+async fn periodic_checks_raise_scheduled_retraining_shadow_and_experiment_alerts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let prod = model_server("name=m;kind=logistic;weights=1,-1,0.5;version=a").await;
+    let other = model_server("name=m;kind=logistic;weights=-1,1,0.5;version=b").await;
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "m", &prod.endpoint()).await;
+    register(&mut reg, "m", &other.endpoint()).await;
+    promote(&mut reg, "m", "1").await;
+    let mut drift = drift_client(&mg).await;
+    drift
+        .set_retrain_policy(pb::RetrainPolicy {
+            model: "m".into(),
+            max_age: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1_000_000,
+            }),
+            cooldown: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // A shadow that disagrees with production on most rows.
+    modelgate::pb::modelgate::v1::shadows_client::ShadowsClient::new(
+        channel(mg.control_addr).await,
+    )
+    .set_shadow(pb::SetShadowRequest {
+        model: "m".into(),
+        version: "2".into(),
+        sample_fraction: 1.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut infer = infer_client(mg.data_addr).await;
+    for i in 0..120 {
+        let x = (i % 7) as f32 - 3.0;
+        infer
+            .model_infer(infer_request("m", &[&[x, -x, 0.1]]))
+            .await
+            .unwrap();
+    }
+    let mut sc = modelgate::pb::modelgate::v1::shadows_client::ShadowsClient::new(
+        channel(mg.control_addr).await,
+    );
+    for _ in 0..200 {
+        mg.recorder.flush().await;
+        let r = sc
+            .get_shadow_report(pb::GetShadowReportRequest {
+                model: "m".into(),
+                version: "2".into(),
+                disagreements: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.mirrored >= 120 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut events = EventsClient::new(channel(mg.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 0,
+            types: vec!["retrain_triggered".into(), "shadow_agreement_low".into()],
+            model: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        let m = mg.monitor.clone();
+        tokio::task::spawn_blocking(move || m.periodic())
+            .await
+            .unwrap();
+    }
+    let mut got: Vec<(String, String)> = Vec::new();
+    for _ in 0..2 {
+        let e = next_event(&mut events).await;
+        got.push((e.r#type, e.reason));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("retrain_triggered".into(), "scheduled".into()),
+            ("shadow_agreement_low".into(), String::new())
+        ]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.next())
+            .await
+            .is_err(),
+        "each fires once: the second check raised nothing new"
+    );
+    mg.shutdown().await;
+}
