@@ -1,18 +1,37 @@
-//! Load benchmark: the built-in model server directly vs. through modelgate.
+//! Load benchmark: the built-in model server directly vs. through modelgate (and, when installed,
+//! HAProxy and nginx), closed loop and open loop, in one run.
 //!
-//! `cargo bench --bench proxy_load` starts the release binary as two model servers
-//! (`modelgate model-server`, a logistic model over 16 features) and `modelgate serve` in front,
-//! registers the model (plus a shadow version on the second server and one whose endpoint is
-//! down), then drives `ModelInfer` with a 1×16 FP32 input at a fixed concurrency for a fixed time
-//! against: the model server directly, modelgate routing only, modelgate mirroring 100% to a
-//! healthy shadow, and modelgate mirroring 100% to a shadow that is down — and prints throughput,
-//! the ratio to direct, and latency percentiles side by side. Settings (environment): `BENCH_CONCURRENCY` (default 32),
-//! `BENCH_SECONDS` (default 10), `BENCH_CONNECTIONS` (default 4), `BENCH_JSON=1` for JSON too.
+//! `cargo bench --bench proxy_load` (or `make bench-load`) starts the release binary as a model
+//! server (`modelgate model-server`, a logistic model over 16 features) and two modelgates in
+//! front of it:
 //!
-//! Everything runs on one machine: the load generator, modelgate and the model server share its
-//! cores, so the figures measure the cost modelgate adds under contention, not a NIC.
+//! - **routing only**: the model registered with a production version, prediction records off
+//!   (`--record-predictions=false`), no experiment, shadow or drift reference;
+//! - **everything on**: records on, an experiment over half of the users (two variants), a shadow
+//!   taking 10% of production's traffic, and a drift reference captured from the first rows, so
+//!   every request is recorded, assigned, compared or observed.
+//!
+//! It then drives `ModelInfer` (a 1×16 FP32 input, a distinct `x-user-id` per request from a pool
+//! of 10,000 users) against each target:
+//!
+//! 1. **closed loop**: `BENCH_CONCURRENCY` callers over `BENCH_CONNECTIONS` HTTP/2 connections,
+//!    each sending the next request when the last one answers, for `BENCH_SECONDS`: throughput;
+//! 2. **open loop**: requests sent on a fixed schedule at half of the direct closed-loop rate
+//!    (`BENCH_RATE` overrides), latency measured from when each request was *due*, so queueing
+//!    is not hidden (no coordinated omission): the latency a proxy adds at moderate load.
+//!
+//! For every target it prints throughput, the ratio to direct, latency p50 / p99 / p99.9, and —
+//! for the proxy processes — CPU seconds per 1,000 requests and peak resident memory (VmHWM,
+//! reset before each run). `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
+//! (HTTP/2 both sides) and nginx (`grpc_pass`) appear when `haproxy` / `nginx` are on PATH
+//! (`BENCH_COMPARE=0` skips them).
+//!
+//! Everything runs on one machine: the load generator, the proxy and the model server share its
+//! cores, so the figures measure the cost a proxy adds under contention, not a NIC.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,6 +59,7 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// A child process, killed with the benchmark.
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -49,15 +69,17 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(args: &[&str]) -> Proc {
+fn spawn_modelgate(args: &[&str]) -> Proc {
+    spawn(Command::new(env!("CARGO_BIN_EXE_modelgate")).args(args))
+}
+
+fn spawn(cmd: &mut Command) -> Proc {
     Proc(
-        Command::new(env!("CARGO_BIN_EXE_modelgate"))
-            .args(args)
-            .env("RUST_LOG", "warn")
+        cmd.env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("modelgate binary starts"),
+            .expect("process starts"),
     )
 }
 
@@ -69,6 +91,13 @@ async fn wait_for(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{addr} never started listening");
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(bin).is_file()
 }
 
 fn request() -> ModelInferRequest {
@@ -88,31 +117,128 @@ fn request() -> ModelInferRequest {
     }
 }
 
-struct Result {
+/// User ids cycled through by the load generator.
+const USERS: u64 = 10_000;
+
+fn call(n: u64, req: &ModelInferRequest) -> tonic::Request<ModelInferRequest> {
+    let mut r = tonic::Request::new(req.clone());
+    let user = format!("user-{}", n % USERS);
+    r.metadata_mut()
+        .insert("x-user-id", user.parse().expect("ASCII"));
+    r
+}
+
+/// CPU time and peak memory of a process tree (a proxy and its workers).
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+/// The pids of `root` and its direct children (nginx's workers).
+fn family(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+                if after.split_whitespace().nth(1) == Some(&root.to_string()) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+fn usage(root: u32) -> Usage {
+    let ticks = 100.0; // USER_HZ, fixed at 100 on Linux for /proc/<pid>/stat
+    let mut u = Usage {
+        cpu_seconds: 0.0,
+        peak_rss_bytes: 0,
+    };
+    for pid in family(root) {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+            let f: Vec<&str> = after.split_whitespace().collect();
+            // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+            let t: f64 = [11, 12]
+                .iter()
+                .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+                .sum();
+            u.cpu_seconds += t / ticks;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .unwrap_or(0);
+            u.peak_rss_bytes = u.peak_rss_bytes.max(hwm * 1024);
+        }
+    }
+    u
+}
+
+/// Resets the peak-RSS mark of a process tree (`echo 5 > /proc/<pid>/clear_refs`).
+fn reset_peak(root: u32) {
+    for pid in family(root) {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+}
+
+struct Target {
     name: &'static str,
+    addr: SocketAddr,
+    /// The proxy's process, when the target is one.
+    pid: Option<u32>,
+}
+
+struct Run {
+    target: &'static str,
+    mode: &'static str,
     requests: u64,
     errors: u64,
     seconds: f64,
     hist: Histogram<u64>,
+    /// CPU seconds and peak RSS of the proxy during the run.
+    proxy: Option<Usage>,
 }
 
-impl Result {
+impl Run {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
     fn ms(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
+    fn cpu_per_1000(&self) -> Option<f64> {
+        self.proxy
+            .map(|u| u.cpu_seconds / self.requests.max(1) as f64 * 1000.0)
+    }
+    fn json(&self, direct: &Run) -> serde_json::Value {
+        serde_json::json!({
+            "target": self.target, "mode": self.mode, "requests": self.requests,
+            "errors": self.errors, "seconds": self.seconds, "rps": self.rps(),
+            "ratio_to_direct": self.rps() / direct.rps(),
+            "p50_ms": self.ms(0.5), "p99_ms": self.ms(0.99), "p999_ms": self.ms(0.999),
+            "added_p50_ms": self.ms(0.5) - direct.ms(0.5),
+            "added_p99_ms": self.ms(0.99) - direct.ms(0.99),
+            "proxy_cpu_seconds_per_1000": self.cpu_per_1000(),
+            "proxy_peak_rss_mib": self.proxy.map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
+        })
+    }
 }
 
-/// Closed loop: `concurrency` workers, each sending the next request when the last one answers.
-async fn run(
-    name: &'static str,
-    addr: SocketAddr,
-    concurrency: usize,
-    connections: usize,
-    seconds: f64,
-) -> Result {
+fn new_hist() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
+async fn connect(addr: SocketAddr, connections: usize) -> Vec<Channel> {
     let mut channels = Vec::new();
     for _ in 0..connections {
         channels.push(
@@ -123,24 +249,41 @@ async fn run(
                 .unwrap(),
         );
     }
-    // Warm-up: connections, pools, caches.
-    let mut warm = GrpcInferenceServiceClient::new(channels[0].clone());
-    for _ in 0..200 {
-        warm.model_infer(request()).await.expect("warm-up request");
+    // Warm-up: connections, pools, caches, the proxy's upstream connections.
+    let req = request();
+    for (i, ch) in channels.iter().enumerate() {
+        let mut c = GrpcInferenceServiceClient::new(ch.clone());
+        for n in 0..100 {
+            c.model_infer(call((i * 100 + n) as u64, &req))
+                .await
+                .expect("warm-up request");
+        }
     }
+    channels
+}
+
+/// Closed loop: `concurrency` callers, each sending the next request when the last one answers.
+async fn closed(target: &Target, concurrency: usize, connections: usize, seconds: f64) -> Run {
+    let channels = connect(target.addr, connections).await;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    if let Some(pid) = target.pid {
+        reset_peak(pid);
+    }
+    let before = target.pid.map(usage);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
         let mut client = GrpcInferenceServiceClient::new(channels[w % connections].clone());
-        let (stop, errors) = (stop.clone(), errors.clone());
+        let (stop, errors, counter) = (stop.clone(), errors.clone(), counter.clone());
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut hist = new_hist();
             let req = request();
             while !stop.load(Ordering::Relaxed) {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                match client.model_infer(req.clone()).await {
+                match client.model_infer(call(n, &req)).await {
                     Ok(_) => {
                         let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                     }
@@ -154,17 +297,85 @@ async fn run(
     }
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut hist = new_hist();
     for t in tasks {
         hist.add(t.await.unwrap()).unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    Result {
-        name,
+    finish(target, "closed", hist, errors.load(Ordering::Relaxed), elapsed, before)
+}
+
+/// Open loop: request `n` is due at `n / rate` seconds whether or not earlier ones answered;
+/// each latency counts from when its request was due, so a proxy that falls behind shows it.
+/// `workers` callers take the next due request in turn (no task per request, so the load
+/// generator stays cheap); a caller that is early sleeps until the request is due.
+async fn open(target: &Target, rate: f64, workers: usize, connections: usize, seconds: f64) -> Run {
+    let channels = connect(target.addr, connections).await;
+    let errors = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    if let Some(pid) = target.pid {
+        reset_peak(pid);
+    }
+    let before = target.pid.map(usage);
+    let started = tokio::time::Instant::now();
+    let total = (rate * seconds) as u64;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut client = GrpcInferenceServiceClient::new(channels[w % connections].clone());
+        let (errors, next) = (errors.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = new_hist();
+            let req = request();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                let due = started + Duration::from_secs_f64(n as f64 / rate);
+                tokio::time::sleep_until(due).await;
+                match client.model_infer(call(n, &req)).await {
+                    Ok(_) => {
+                        let _ = hist.record(due.elapsed().as_micros().max(1) as u64);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            hist
+        }));
+    }
+    let mut hist = new_hist();
+    for t in tasks {
+        hist.add(t.await.unwrap()).unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    finish(target, "open", hist, errors.load(Ordering::Relaxed), elapsed, before)
+}
+
+fn finish(
+    target: &Target,
+    mode: &'static str,
+    hist: Histogram<u64>,
+    errors: u64,
+    seconds: f64,
+    before: Option<Usage>,
+) -> Run {
+    let proxy = target.pid.zip(before).map(|(pid, b)| {
+        let a = usage(pid);
+        Usage {
+            cpu_seconds: a.cpu_seconds - b.cpu_seconds,
+            peak_rss_bytes: a.peak_rss_bytes,
+        }
+    });
+    Run {
+        target: target.name,
+        mode,
         requests: hist.len(),
-        errors: errors.load(Ordering::Relaxed),
-        seconds: elapsed,
+        errors,
+        seconds,
         hist,
+        proxy,
     }
 }
 
@@ -184,11 +395,196 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+fn print_table(title: &str, runs: &[Run], direct: &Run) {
+    println!("\n{title}");
+    println!(
+        "{:<26} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>10} {:>9} {:>6}",
+        "target",
+        "req/s",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "CPU s/1k",
+        "RSS MiB"
+    );
+    for r in runs {
+        let (cpu, rss) = match r.proxy {
+            Some(u) => (
+                format!("{:.4}", r.cpu_per_1000().unwrap_or(0.0)),
+                format!("{:.1}", u.peak_rss_bytes as f64 / (1 << 20) as f64),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<26} {:>9.0} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>10.3} {:>10.3} {:>9} {:>6}{}",
+            r.target,
+            r.rps(),
+            r.rps() / direct.rps(),
+            r.ms(0.5),
+            r.ms(0.99),
+            r.ms(0.999),
+            r.ms(0.5) - direct.ms(0.5),
+            r.ms(0.99) - direct.ms(0.99),
+            cpu,
+            rss,
+            if r.errors > 0 {
+                format!("  ({} errors)", r.errors)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+/// Starts HAProxy in HTTP/2 mode on both sides, in front of `upstream`.
+fn haproxy(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  nbthread 2\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\n\
+             frontend grpc\n  bind {listen} proto h2\n  default_backend model\n\n\
+             backend model\n  server m1 {upstream} proto h2\n"
+        ),
+    )
+    .unwrap();
+    spawn(Command::new("haproxy").arg("-f").arg(&cfg).arg("-db"))
+}
+
+/// Starts nginx with `grpc_pass` to `upstream`, two workers.
+fn nginx(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let cfg = prefix.join("nginx.conf");
+    std::fs::write(
+        &cfg,
+        format!(
+            "worker_processes 2;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n\
+               upstream model {{ server {upstream}; keepalive 16; }}\n\
+               server {{\n    listen {listen} http2;\n    location / {{ grpc_pass grpc://model; }}\n  }}\n}}\n",
+            p = prefix.display()
+        ),
+    )
+    .unwrap();
+    spawn(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["-g", "daemon off;"]),
+    )
+}
+
+/// Starts a modelgate in front of the model server at `model` with `extra` flags; returns it and
+/// its data and control addresses.
+async fn modelgate(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    let (data, control, admin) = (free_addr(), free_addr(), free_addr());
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        data.to_string(),
+        "--control-listen".into(),
+        control.to_string(),
+        "--admin-listen".into(),
+        admin.to_string(),
+        "--data-dir".into(),
+        dir.to_str().unwrap().into(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = spawn_modelgate(&args);
+    wait_for(control).await;
+    wait_for(data).await;
+    (p, data, control)
+}
+
+/// Registers `versions` versions of `bench` at `model`; version 1 becomes production.
+async fn register(control: SocketAddr, model: SocketAddr, versions: usize) {
+    let mut reg = pb::registry_client::RegistryClient::connect(format!("http://{control}"))
+        .await
+        .unwrap();
+    for _ in 0..versions {
+        reg.register_model_version(pb::RegisterModelVersionRequest {
+            model: "bench".into(),
+            endpoint: format!("http://{model}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    reg.transition_stage(pb::TransitionStageRequest {
+        model: "bench".into(),
+        version: "1".into(),
+        stage: pb::Stage::Production as i32,
+        force: false,
+    })
+    .await
+    .unwrap();
+}
+
+/// Turns on everything else: an experiment over half the users (versions 1 and 2), a 10% shadow
+/// (version 3), and a drift reference captured from the next 1,000 rows.
+async fn everything(control: SocketAddr) {
+    let url = format!("http://{control}");
+    let mut ex = pb::experiments_client::ExperimentsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let variant = |name: &str, version: &str| pb::VariantSpec {
+        name: name.into(),
+        version: version.into(),
+        weight: 1.0,
+    };
+    ex.create_experiment(pb::CreateExperimentRequest {
+        name: "bench-ab".into(),
+        model: "bench".into(),
+        variants: vec![variant("control", "1"), variant("treatment", "2")],
+        coverage: 0.5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut sh = pb::shadows_client::ShadowsClient::connect(url.clone())
+        .await
+        .unwrap();
+    sh.set_shadow(pb::SetShadowRequest {
+        model: "bench".into(),
+        version: "3".into(),
+        sample_fraction: 0.1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut drift = pb::drift_client::DriftClient::connect(url).await.unwrap();
+    drift
+        .capture_reference(pb::CaptureReferenceRequest {
+            model: "bench".into(),
+            rows: 1000,
+        })
+        .await
+        .unwrap();
+}
+
 fn main() {
     let concurrency: usize = env_or("BENCH_CONCURRENCY", 32);
     let seconds: f64 = env_or("BENCH_SECONDS", 10.0);
     let connections: usize = env_or("BENCH_CONNECTIONS", 4).max(1);
-    let json = std::env::var("BENCH_JSON").is_ok_and(|v| v == "1");
+    let open_workers: usize = env_or("BENCH_OPEN_WORKERS", 256).max(1);
+    let compare = std::env::var("BENCH_COMPARE").map_or(true, |v| v != "0");
+    // Comma-separated substrings of target names to run (direct always runs).
+    let only: Vec<String> = std::env::var("BENCH_TARGETS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "closed,open".into());
+    let json_path = std::env::var("BENCH_JSON").ok().filter(|p| !p.is_empty());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,128 +592,121 @@ fn main() {
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let model_addr = free_addr();
-        let _model = spawn(&[
+        let _model = spawn_modelgate(&[
             "model-server",
             "--listen",
             &model_addr.to_string(),
             "--model",
             "name=bench;kind=logistic;features=16;seed=1",
         ]);
-        // A second server for the healthy shadow (same model), and an address nothing listens on
-        // for the shadow that is down.
-        let shadow_addr = free_addr();
-        let _shadow = spawn(&[
-            "model-server",
-            "--listen",
-            &shadow_addr.to_string(),
-            "--model",
-            "name=bench;kind=logistic;features=16;seed=1",
-        ]);
-        let down_addr = free_addr();
-        let (data, control, admin) = (free_addr(), free_addr(), free_addr());
-        let _mg = spawn(&[
-            "serve",
-            "--listen",
-            &data.to_string(),
-            "--control-listen",
-            &control.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--log-level",
-            "warn",
-        ]);
         wait_for(model_addr).await;
-        wait_for(shadow_addr).await;
-        wait_for(control).await;
-        wait_for(data).await;
-        let mut reg = pb::registry_client::RegistryClient::connect(format!("http://{control}"))
-            .await
-            .unwrap();
-        for addr in [model_addr, shadow_addr, down_addr] {
-            reg.register_model_version(pb::RegisterModelVersionRequest {
-                model: "bench".into(),
-                endpoint: format!("http://{addr}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-        let mut shadows = pb::shadows_client::ShadowsClient::connect(format!("http://{control}"))
-            .await
-            .unwrap();
-        reg.transition_stage(pb::TransitionStageRequest {
-            model: "bench".into(),
-            version: "1".into(),
-            stage: pb::Stage::Production as i32,
-            force: false,
-        })
-        .await
-        .unwrap();
 
+        let (routing, routing_data, routing_control) = modelgate(
+            &dir.path().join("routing"),
+            &["--record-predictions", "false"],
+        )
+        .await;
+        register(routing_control, model_addr, 1).await;
+        let (all, all_data, all_control) = modelgate(&dir.path().join("everything"), &[]).await;
+        register(all_control, model_addr, 3).await;
+        everything(all_control).await;
+
+        let mut targets = vec![Target {
+            name: "direct",
+            addr: model_addr,
+            pid: None,
+        }];
+        let mut _others = Vec::new();
+        if compare && on_path("haproxy") {
+            let addr = free_addr();
+            let p = haproxy(dir.path(), addr, model_addr);
+            wait_for(addr).await;
+            targets.push(Target {
+                name: "haproxy (h2)",
+                addr,
+                pid: Some(p.0.id()),
+            });
+            _others.push(p);
+        }
+        if compare && on_path("nginx") {
+            let addr = free_addr();
+            let p = nginx(dir.path(), addr, model_addr);
+            wait_for(addr).await;
+            targets.push(Target {
+                name: "nginx (grpc_pass)",
+                addr,
+                pid: Some(p.0.id()),
+            });
+            _others.push(p);
+        }
+        targets.push(Target {
+            name: "modelgate routing only",
+            addr: routing_data,
+            pid: Some(routing.0.id()),
+        });
+        targets.push(Target {
+            name: "modelgate everything on",
+            addr: all_data,
+            pid: Some(all.0.id()),
+        });
+
+        targets.retain(|t| {
+            t.name == "direct" || only.is_empty() || only.iter().any(|o| t.name.contains(o.as_str()))
+        });
         eprintln!(
-            "ModelInfer 1x16 FP32, closed loop, concurrency {concurrency} over {connections} HTTP/2 connections, {seconds}s per target; machine: {}",
+            "ModelInfer 1x16 FP32; closed loop: concurrency {concurrency} over {connections} HTTP/2 connections; {seconds}s per run; machine: {}",
             machine()
         );
-        let direct = run("direct", model_addr, concurrency, connections, seconds).await;
-        let proxied = run("modelgate (routing)", data, concurrency, connections, seconds).await;
-        let shadow = |version: &str| pb::SetShadowRequest {
-            model: "bench".into(),
-            version: version.into(),
-            sample_fraction: 1.0,
-            ..Default::default()
-        };
-        shadows.set_shadow(shadow("2")).await.unwrap();
-        let healthy = run("+ 100% shadow (healthy)", data, concurrency, connections, seconds).await;
-        shadows
-            .remove_shadow(pb::RemoveShadowRequest {
-                model: "bench".into(),
-                version: "2".into(),
-            })
-            .await
-            .unwrap();
-        shadows.set_shadow(shadow("3")).await.unwrap();
-        let down = run("+ 100% shadow (down)", data, concurrency, connections, seconds).await;
-        let results = [&direct, &proxied, &healthy, &down];
-        println!(
-            "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}",
-            "target", "req/s", "ratio", "p50 ms", "p99 ms", "p99.9 ms", "errors"
+        let mut closed_runs = Vec::new();
+        for t in targets.iter().filter(|_| modes.contains("closed")) {
+            eprintln!("closed loop: {}", t.name);
+            closed_runs.push(closed(t, concurrency, connections, seconds).await);
+        }
+        let rate: f64 = env_or(
+            "BENCH_RATE",
+            closed_runs.first().map_or(10_000.0, |d| (d.rps() / 2.0).round()),
         );
-        for r in results {
-            println!(
-                "{:<24} {:>10.0} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",
-                r.name,
-                r.rps(),
-                r.rps() / direct.rps(),
-                r.ms(0.5),
-                r.ms(0.99),
-                r.ms(0.999),
-                r.errors
+        let mut open_runs = Vec::new();
+        for t in targets.iter().filter(|_| modes.contains("open")) {
+            eprintln!("open loop at {rate:.0} req/s: {}", t.name);
+            open_runs.push(open(t, rate, open_workers, connections, seconds).await);
+        }
+        if let Some(direct) = closed_runs.first() {
+            print_table(
+                &format!("closed loop, concurrency {concurrency}: throughput"),
+                &closed_runs,
+                direct,
             );
         }
-        println!(
-            "p99 with a shadow that is down vs. without shadows: {:+.1}%",
-            (down.ms(0.99) / proxied.ms(0.99) - 1.0) * 100.0
-        );
-        if json {
-            let rows: Vec<serde_json::Value> = results
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "target": r.name, "requests": r.requests, "errors": r.errors,
-                        "rps": r.rps(), "ratio_to_direct": r.rps() / direct.rps(),
-                        "p50_ms": r.ms(0.5), "p99_ms": r.ms(0.99), "p999_ms": r.ms(0.999),
-                    })
-                })
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "machine": machine(), "concurrency": concurrency,
-                    "connections": connections, "seconds": seconds, "results": rows,
-                })
+        if let Some(direct) = open_runs.first() {
+            print_table(
+                &format!("open loop at {rate:.0} req/s (half of direct's closed-loop rate), {open_workers} callers: added latency"),
+                &open_runs,
+                direct,
             );
         }
+        println!("machine: {}", machine());
+        let by_name: HashMap<&str, &Run> = closed_runs.iter().map(|r| (r.target, r)).collect();
+        if let (Some(r), Some(e)) = (
+            by_name.get("modelgate routing only"),
+            by_name.get("modelgate everything on"),
+        ) {
+            println!(
+                "everything on / routing only: {:.3}",
+                e.rps() / r.rps()
+            );
+        }
+        if let Some(path) = json_path {
+            let doc = serde_json::json!({
+                "machine": machine(), "concurrency": concurrency, "connections": connections,
+                "seconds": seconds, "open_loop_rate": rate,
+                "closed": closed_runs.iter().map(|r| r.json(&closed_runs[0])).collect::<Vec<_>>(),
+                "open": open_runs.iter().map(|r| r.json(&open_runs[0])).collect::<Vec<_>>(),
+                "open_loop_callers": open_workers,
+            });
+            std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+            println!("JSON written to {path}");
+        }
+        drop(_others);
     });
 }

@@ -113,6 +113,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SPEC", default_value = "7d", value_parser = parse_retention)]
     pub retention: Retention,
 
+    /// Store a prediction record (request, features, answer) for every inference call; `false`
+    /// keeps only what experiments, shadows and drift monitoring need (env
+    /// MODELGATE_RECORD_PREDICTIONS).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub record_predictions: bool,
+
     /// Prediction records waiting for the writer before new ones are dropped
     /// (env MODELGATE_RECORD_QUEUE).
     #[arg(long, value_name = "N", default_value_t = 65_536)]
@@ -255,6 +261,8 @@ pub struct Config {
     pub entity_key: String,
     /// Record retention.
     pub retention: Retention,
+    /// Whether every inference call is stored as a prediction record.
+    pub record_predictions: bool,
     /// Record queue length.
     pub record_queue: usize,
     /// Record queue bytes.
@@ -456,6 +464,7 @@ impl Config {
             unit_key: a.unit_key,
             entity_key: a.entity_key,
             retention: a.retention,
+            record_predictions: a.record_predictions,
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
             max_shadow_in_flight: a.max_shadow_in_flight,

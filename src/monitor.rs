@@ -314,6 +314,14 @@ impl Monitor {
         Ok(r)
     }
 
+    /// Whether `model` has a reference or is capturing one: its rows are wanted.
+    pub fn watching(&self, model: &str) -> bool {
+        self.models.get(model).is_some_and(|md| {
+            let md = md.lock();
+            md.reference.is_some() || md.capture.is_some()
+        })
+    }
+
     /// Starts taking the next `n` live rows as the reference.
     pub fn capture(&self, model: &str, n: usize) {
         let md = self.models.entry(model.to_string()).or_default().clone();

@@ -71,6 +71,10 @@ pub struct RawRecord {
 /// Settings of the pipeline.
 #[derive(Clone, Debug)]
 pub struct RecorderSettings {
+    /// Store every inference call as a prediction record (and its features in the feature
+    /// store); when false, records are still prepared for experiments, shadows and drift, but
+    /// not stored.
+    pub record_predictions: bool,
     /// Records the queue holds.
     pub queue: usize,
     /// Bytes the queued records may hold.
@@ -86,6 +90,7 @@ pub struct RecorderSettings {
 impl Default for RecorderSettings {
     fn default() -> Self {
         RecorderSettings {
+            record_predictions: true,
             queue: 65_536,
             queue_bytes: 256 << 20,
             batch: 512,
@@ -147,6 +152,7 @@ pub struct Recorder {
     settings: RecorderSettings,
     metrics: Arc<Metrics>,
     catalog: Arc<FeatureCatalog>,
+    monitor: Option<Arc<crate::monitor::Monitor>>,
 }
 
 /// A record as stored: the protobuf, and the features for the feature store.
@@ -277,7 +283,7 @@ impl Recorder {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let pause = Arc::new(parking_lot::Mutex::new(()));
         let writer = Writer {
-            monitor,
+            monitor: monitor.clone(),
             sketches: Default::default(),
             pause: pause.clone(),
             store,
@@ -301,9 +307,20 @@ impl Recorder {
                 settings,
                 metrics,
                 catalog,
+                monitor,
             },
             handle,
         )
+    }
+
+    /// Whether a finished call needs the writer: always when prediction records are stored;
+    /// otherwise only when an experiment counts it, shadows were involved, or drift monitoring
+    /// watches its model. (Routing-only deployments then never touch the queue.)
+    pub fn wanted(&self, model: &str, in_experiment: bool, shadowed: bool) -> bool {
+        self.settings.record_predictions
+            || in_experiment
+            || shadowed
+            || self.monitor.as_ref().is_some_and(|m| m.watching(model))
     }
 
     /// Hands a record to the writer without waiting. Returns false when it was dropped.
@@ -315,7 +332,9 @@ impl Recorder {
         }
         let raw = Arc::new(raw);
         // Visible to outcome joins before the caller can see the response.
-        self.pending.insert(raw.request_id.clone(), raw.clone());
+        if self.settings.record_predictions {
+            self.pending.insert(raw.request_id.clone(), raw.clone());
+        }
         self.queued_bytes.fetch_add(size, Ordering::Relaxed);
         match self.tx.try_send(Msg::Record(raw.clone())) {
             Ok(()) => {
@@ -556,7 +575,9 @@ impl Writer {
         let mut sketches = self.sketches.lock();
         for raw in records {
             let p = prepare(raw, &self.settings);
-            batch.add_prediction(&p.record, raw.time_ms);
+            if self.settings.record_predictions {
+                batch.add_prediction(&p.record, raw.time_ms);
+            }
             if let Some(m) = &self.monitor {
                 m.observe(&p.record.model, &p.features.names, &p.features.rows);
             }
@@ -570,6 +591,9 @@ impl Writer {
                     sketch.add_hash(xxhash_rust::xxh3::xxh3_64(unit.as_bytes()));
                     *dirty = true;
                 }
+            }
+            if !self.settings.record_predictions {
+                continue;
             }
             for (row, entity) in p.features.rows.iter().zip(&p.features.entities) {
                 let Some(entity) = entity else { continue };

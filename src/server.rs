@@ -110,6 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (recorder, writer) = Recorder::start(
         store.clone(),
         RecorderSettings {
+            record_predictions: config.record_predictions,
             queue: config.record_queue,
             queue_bytes: config.record_queue_bytes,
             entity_key: config.entity_key.clone(),

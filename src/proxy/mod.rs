@@ -373,6 +373,15 @@ impl Proxy {
             time_ms,
             ex.upstream_latency,
         );
+        let shadowed = !(shadow_skipped.is_empty()
+            && shadow_dropped.is_empty()
+            && ex.shadow_suppressed.is_empty());
+        if !self
+            .recorder
+            .wanted(&ex.model, ex.experiment.is_some(), shadowed)
+        {
+            return;
+        }
         self.recorder.submit(RawRecord {
             request_id,
             time_ms,
