@@ -302,7 +302,14 @@ async fn closed(target: &Target, concurrency: usize, connections: usize, seconds
         hist.add(t.await.unwrap()).unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    finish(target, "closed", hist, errors.load(Ordering::Relaxed), elapsed, before)
+    finish(
+        target,
+        "closed",
+        hist,
+        errors.load(Ordering::Relaxed),
+        elapsed,
+        before,
+    )
 }
 
 /// Open loop: request `n` is due at `n / rate` seconds whether or not earlier ones answered;
@@ -350,7 +357,14 @@ async fn open(target: &Target, rate: f64, workers: usize, connections: usize, se
         hist.add(t.await.unwrap()).unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    finish(target, "open", hist, errors.load(Ordering::Relaxed), elapsed, before)
+    finish(
+        target,
+        "open",
+        hist,
+        errors.load(Ordering::Relaxed),
+        elapsed,
+        before,
+    )
 }
 
 fn finish(

@@ -76,9 +76,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
 
-    /// HTTP/2 connections modelgate opens to each upstream endpoint, used in turn
-    /// (env MODELGATE_UPSTREAM_CONNECTIONS).
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    /// Threads serving the data port, each with its own connections; 0 means one per CPU core
+    /// (env MODELGATE_DATA_THREADS).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub data_threads: usize,
+
+    /// HTTP/2 connections modelgate opens to each upstream endpoint, per data thread, used in
+    /// turn (env MODELGATE_UPSTREAM_CONNECTIONS).
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub upstream_connections: usize,
 
     /// Time allowed to open a connection to an upstream (env MODELGATE_CONNECT_TIMEOUT).
@@ -245,6 +250,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Data-plane threads (at least 1).
+    pub data_threads: usize,
     /// HTTP/2 connections per upstream endpoint.
     pub upstream_connections: usize,
     /// Upstream connect timeout.
@@ -456,6 +463,10 @@ impl Config {
             max_in_flight: a.max_in_flight,
             max_message_bytes: a.max_message_bytes,
             max_concurrent_streams: a.max_concurrent_streams,
+            data_threads: match a.data_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             upstream_connections: a.upstream_connections,
             connect_timeout: a.connect_timeout,
             request_timeout: a.request_timeout,

@@ -163,12 +163,40 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         keepalive_interval: config.keepalive_interval,
         shutdown_grace: config.shutdown_grace,
     };
-    tasks.push(tokio::spawn(proxy::serve(
-        data,
-        proxy,
-        settings,
-        stopped(stop_rx.clone()),
-    )));
+    // The data plane runs on its own threads, each a single-threaded runtime accepting from the
+    // shared listener with its own upstream connections: a request, its upstream stream and both
+    // connections are driven by one thread, with no cross-thread wakeups, and the connection
+    // tasks run after the request tasks that fed them, so their frames leave in fewer writes.
+    let data = data.into_std()?;
+    for i in 0..config.data_threads {
+        let listener = data.try_clone()?;
+        let proxy = if i == 0 {
+            proxy.clone()
+        } else {
+            Arc::new(proxy.sibling())
+        };
+        let (settings, shutdown) = (settings.clone(), stopped(stop_rx.clone()));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("modelgate-data-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a single-threaded runtime builds");
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => proxy::serve(l, proxy, settings, shutdown).await,
+                        Err(e) => tracing::error!(error = %e, "data port listener failed"),
+                    }
+                });
+                let _ = done_tx.send(());
+            })
+            .context("cannot start a data-plane thread")?;
+        tasks.push(tokio::spawn(async move {
+            let _ = done_rx.await;
+        }));
+    }
 
     // Control port: modelgate.v1 behind the bearer token; health and reflection open.
     let (ctl_health_reporter, ctl_health) = tonic_health::server::health_reporter();

@@ -168,7 +168,11 @@ async fn agreement_is_measured_per_row() {
             }
         }
     }
-    let identical = report_when(&mg, "2", |r| r.mirrored >= 40).await;
+    // Latency histograms are persisted every 250 ms, a little after the counters.
+    let identical = report_when(&mg, "2", |r| {
+        r.mirrored >= 40 && r.shadow_latency.as_ref().is_some_and(|l| l.count >= 40)
+    })
+    .await;
     assert_eq!(identical.mirrored, 40);
     assert_eq!(
         (identical.compared, identical.agreed),

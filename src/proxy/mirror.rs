@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::Semaphore;
-use tonic::body::Body;
-use tower::ServiceExt;
 
-use super::{body, status, upstream::Upstreams, REQUEST_ID_HEADER};
+use super::{
+    body, status,
+    upstream::{Payload, Upstreams},
+    REQUEST_ID_HEADER,
+};
 use crate::pb::inference::ModelInferRequest;
 use crate::recorder::{Recorder, ShadowCall, ShadowObservation};
 use crate::routing::{LiveShadow, Route};
@@ -69,6 +71,16 @@ impl Mirror {
             upstreams,
             recorder,
             max_message_bytes,
+        }
+    }
+
+    /// The same mirror (and cap) sending over other connections.
+    pub fn with_upstreams(&self, upstreams: Arc<Upstreams>) -> Self {
+        Mirror {
+            permits: self.permits.clone(),
+            upstreams,
+            recorder: self.recorder.clone(),
+            max_message_bytes: self.max_message_bytes,
         }
     }
 
@@ -138,7 +150,7 @@ impl Mirror {
 
 /// How a copy failed.
 enum Failure {
-    /// Its deadline passed (ours, or the one the channel enforces from `grpc-timeout`).
+    /// Its deadline passed (ours, or the upstream's answer to the `grpc-timeout` we sent).
     Timeout,
     /// It ended with this gRPC code.
     Code(i32),
@@ -155,6 +167,7 @@ async fn call_shadow(
     timeout: Duration,
     limit: usize,
 ) -> Result<Bytes, Failure> {
+    let started = Instant::now();
     let body = match (&f.infer, rewrite_needed(route, f.infer.as_ref())) {
         (Some(infer), true) => {
             let mut m = infer.clone();
@@ -169,8 +182,8 @@ async fn call_shadow(
         // The caller's own bytes: no re-encode.
         _ => f.request.clone(),
     };
-    let mut req = Request::post(format!("{}{}", route.endpoint, f.path))
-        .body(Body::new(Full::new(body)))
+    let mut req = Request::post(f.path.as_str())
+        .body(())
         .map_err(|_| UNAVAILABLE)?;
     *req.headers_mut() = f.headers.clone();
     let h = req.headers_mut();
@@ -179,16 +192,10 @@ async fn call_shadow(
     if let Ok(v) = HeaderValue::from_str(&f.request_id) {
         h.insert(REQUEST_ID_HEADER, v);
     }
-    let channel = upstreams
-        .channel(&route.endpoint)
+    let resp = upstreams
+        .send(&route.endpoint, req, Payload::Full(body))
+        .await
         .map_err(|_| UNAVAILABLE)?;
-    let resp = channel.oneshot(req).await.map_err(|e| {
-        if super::upstream::caused_by::<tonic::TimeoutExpired>(&e) {
-            Failure::Timeout
-        } else {
-            UNAVAILABLE
-        }
-    })?;
     if resp.status() != http::StatusCode::OK {
         return Err(Failure::Code(
             status::code_for_http_status(resp.status()) as i32
@@ -204,7 +211,11 @@ async fn call_shadow(
         .and_then(status::code_from_headers)
         .or_else(|| status::code_from_headers(&parts.headers))
         .unwrap_or(tonic::Code::Unknown);
-    if code == tonic::Code::DeadlineExceeded {
+    // The upstream enforces the grpc-timeout we sent: DEADLINE_EXCEEDED, or CANCELLED as tonic
+    // servers answer, once our deadline has passed — either way the copy ran out of time.
+    if code == tonic::Code::DeadlineExceeded
+        || (code == tonic::Code::Cancelled && started.elapsed() >= timeout)
+    {
         return Err(Failure::Timeout);
     }
     if code != tonic::Code::Ok {

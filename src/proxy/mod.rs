@@ -248,6 +248,23 @@ impl Proxy {
         }
     }
 
+    /// A proxy sharing everything with this one (routes, limits and the in-flight count,
+    /// metrics, recorder, the shadow cap) except its upstream connections: one per data-plane
+    /// thread, so that a request and the connection it travels on are driven by the same thread.
+    pub fn sibling(&self) -> Self {
+        let upstreams = Arc::new(upstream::Upstreams::new(self.upstreams.settings().clone()));
+        Proxy {
+            routing: self.routing.clone(),
+            mirror: self.mirror.with_upstreams(upstreams.clone()),
+            upstreams,
+            local: self.local.clone(),
+            limits: self.limits.clone(),
+            in_flight: self.in_flight.clone(),
+            metrics: self.metrics.clone(),
+            recorder: self.recorder.clone(),
+        }
+    }
+
     /// Serves one request. Never fails: every error is a gRPC status.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
@@ -309,6 +326,7 @@ impl Proxy {
         });
 
         set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
+        mark_per_request(resp.headers_mut(), &self.limits.unit_key);
         if let Some(r) = &ex.route {
             set_header(resp.headers_mut(), VERSION_HEADER, &r.version_label);
         }
@@ -567,11 +585,16 @@ impl Proxy {
                     self.route_message::<ModelReadyRequest>(bytes, &parts.headers, request_id, ex)?;
                 (route, forward)
             };
-            let upstream_req = Request::from_parts(parts, Body::new(Full::new(forward)));
             let left = deadline.saturating_sub(started.elapsed());
             let sent = Instant::now();
             let resp = self
-                .send(upstream_req, &route, request_id, Some(left))
+                .send(
+                    Request::from_parts(parts, ()),
+                    upstream::Payload::Full(forward),
+                    &route,
+                    request_id,
+                    Some(left),
+                )
                 .await
                 .map_err(|e| match e {
                     // Report the caller's whole budget, not what was left of it.
@@ -591,11 +614,14 @@ impl Proxy {
             ex.upstream_latency = Some(sent.elapsed());
             let trailers = collected.trailers().cloned();
             let data = collected.to_bytes();
-            let ok = trailers
+            let code = trailers
                 .as_ref()
                 .and_then(status::code_from_headers)
-                .or_else(|| status::code_from_headers(&parts.headers))
-                == Some(Code::Ok);
+                .or_else(|| status::code_from_headers(&parts.headers));
+            if ran_out(code, started, deadline) {
+                return Err(ProxyError::Deadline(deadline));
+            }
+            let ok = code == Some(Code::Ok);
             if ok && call == Call::OipInfer {
                 ex.size += data.len();
                 ex.response = body::unary_message(&data).ok();
@@ -705,9 +731,14 @@ impl Proxy {
         } else {
             Body::new(body)
         };
-        let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
-        let send = self.send(upstream_req, &route, request_id, deadline);
+        let send = self.send(
+            Request::from_parts(parts, ()),
+            upstream::Payload::Stream(body),
+            &route,
+            request_id,
+            deadline,
+        );
         let resp = match deadline {
             Some(d) => tokio::time::timeout(d, send)
                 .await
@@ -720,38 +751,33 @@ impl Proxy {
     }
 
     /// Sends a request to a route's upstream and returns its response head and streaming body.
+    /// The deadline itself is enforced by the caller (a timeout around the call); here it is
+    /// only passed on, as the time that is left, in `grpc-timeout`.
     async fn send(
         &self,
-        mut req: Request<Body>,
+        mut head: Request<()>,
+        payload: upstream::Payload,
         route: &Route,
         request_id: &str,
         deadline: Option<Duration>,
     ) -> Result<Response<Body>, ProxyError> {
-        set_header(req.headers_mut(), REQUEST_ID_HEADER, request_id);
+        set_header(head.headers_mut(), REQUEST_ID_HEADER, request_id);
         if let Some(d) = deadline {
-            // The upstream sees the time that is left, not the caller's original budget.
-            req.headers_mut()
+            head.headers_mut()
                 .insert("grpc-timeout", status::encode_grpc_timeout(d));
         }
-        let unreachable = |reason: String| ProxyError::Unreachable {
-            endpoint: route.endpoint.clone(),
-            model: route.model.clone(),
-            version: route.version,
-            reason,
-        };
-        let channel = self
+        mark_per_request(head.headers_mut(), &self.limits.unit_key);
+        let sent = Instant::now();
+        let resp = self
             .upstreams
-            .channel(&route.endpoint)
-            .map_err(|e| unreachable(upstream::describe(&e)))?;
-        let resp = channel.oneshot(req).await.map_err(|e| {
-            // The channel enforces the grpc-timeout we forwarded; that is the caller's deadline.
-            match deadline {
-                Some(d) if upstream::caused_by::<tonic::TimeoutExpired>(&e) => {
-                    ProxyError::Deadline(d)
-                }
-                _ => unreachable(upstream::describe(&e)),
-            }
-        })?;
+            .send(&route.endpoint, head, payload)
+            .await
+            .map_err(|e| ProxyError::Unreachable {
+                endpoint: route.endpoint.clone(),
+                model: route.model.clone(),
+                version: route.version,
+                reason: upstream::describe(&e),
+            })?;
         if resp.status() != http::StatusCode::OK {
             return Err(ProxyError::UpstreamHttp {
                 endpoint: route.endpoint.clone(),
@@ -760,8 +786,20 @@ impl Proxy {
                 status: resp.status(),
             });
         }
+        if let Some(d) = deadline {
+            if ran_out(status::code_from_headers(resp.headers()), sent, d) {
+                return Err(ProxyError::Deadline(d));
+            }
+        }
         Ok(resp)
     }
+}
+
+/// Whether an upstream's status means the caller's deadline ran out: the upstream enforces the
+/// `grpc-timeout` we forward and answers DEADLINE_EXCEEDED — or CANCELLED, as tonic servers do —
+/// which the caller should see as DEADLINE_EXCEEDED either way.
+fn ran_out(code: Option<Code>, since: Instant, deadline: Duration) -> bool {
+    matches!(code, Some(Code::DeadlineExceeded | Code::Cancelled)) && since.elapsed() >= deadline
 }
 
 /// An OIP request that names the model it is for.
@@ -859,6 +897,28 @@ fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
+/// Headers whose value changes with every request (ids, deadlines, trace context, the unit id).
+const PER_REQUEST_HEADERS: [&str; 6] = [
+    REQUEST_ID_HEADER,
+    CLIENT_REQUEST_ID_HEADER,
+    "grpc-timeout",
+    "traceparent",
+    "tracestate",
+    "x-user-id",
+];
+
+/// Marks per-request header values so that HPACK sends them as literals and keeps them out of
+/// the connection's header table. Indexed, each new value would evict the headers that repeat
+/// (content-type, user-agent, te…), and every request would pay to search and rebuild the table
+/// (the load benchmark's profile showed HPACK among the largest costs before this).
+fn mark_per_request(headers: &mut HeaderMap, unit_key: &str) {
+    for name in PER_REQUEST_HEADERS.iter().copied().chain([unit_key]) {
+        if let Some(v) = headers.get_mut(name) {
+            v.set_sensitive(true);
+        }
+    }
+}
+
 /// The caller's `x-request-id` when it is a sane token (visible ASCII, at most 128 bytes), else a
 /// new UUIDv7 (time-ordered, so records sort by arrival).
 fn request_id(headers: &HeaderMap) -> String {
@@ -896,7 +956,10 @@ pub async fn serve(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_interval.min(Duration::from_secs(20)))
-        .adaptive_window(true);
+        // Fixed, generous windows: BDP probing (adaptive windows) sends PINGs and timestamps
+        // every frame, which costs more than it gains for small inference messages.
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {

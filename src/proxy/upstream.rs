@@ -1,39 +1,95 @@
-//! Upstream connections: a few lazily connected HTTP/2 channels per endpoint, used in turn.
+//! Upstream connections: a few lazily opened HTTP/2 connections per endpoint, used in turn, spoken
+//! to with the `h2` crate directly.
 //!
-//! A tonic `Channel` multiplexes requests over one HTTP/2 connection, with a connect timeout,
-//! keepalive PINGs and reconnection after failures. One connection is driven by one task, which
-//! caps its throughput (the load benchmark measured ~30k small requests/s on one connection here),
-//! so each endpoint gets `connections` channels and requests take them round-robin.
+//! Why not a tonic `Channel` (or hyper's client)? Both put a queue and a task between the caller
+//! and the connection (tower's `Buffer` worker, hyper's dispatch channel), so every request
+//! crossed two extra tasks — often two extra threads woken — before its frames were written. The
+//! load benchmark showed that hop among the largest costs modelgate added. With `h2`, the
+//! request's own task writes into the connection's frame queue and only the connection task does
+//! I/O.
+//!
+//! Each endpoint has `connections` slots. A slot holds an open connection or nothing; a request
+//! that finds nothing connects (one attempt at a time per slot, bounded by the connect timeout).
+//! When a connection ends (the upstream closed it, a GOAWAY, a keepalive PING unanswered), its
+//! slot empties and the next request reconnects. A request that could not even start on a
+//! connection that turned out to be dead is retried once on a fresh one: nothing of it reached
+//! the upstream.
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use dashmap::DashMap;
-use tonic::transport::{Channel, Endpoint};
+use http::{HeaderMap, Request, Response, Uri};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use tonic::body::Body;
 
 /// Connection settings for upstreams.
 #[derive(Clone, Debug)]
 pub struct UpstreamSettings {
     /// Time allowed to establish a connection.
     pub connect_timeout: Duration,
-    /// HTTP/2 PING interval.
+    /// HTTP/2 PING interval; a PING unanswered for as long (at most 20s) closes the connection.
     pub keepalive_interval: Duration,
     /// HTTP/2 connections per endpoint.
     pub connections: usize,
 }
 
-/// The channels of one endpoint.
-struct EndpointChannels {
-    channels: Vec<Channel>,
+/// Why an upstream call failed before a response head arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The endpoint is not an `http://host:port` URL.
+    #[error("invalid endpoint: {0}")]
+    Endpoint(String),
+    /// No connection could be opened.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection failed or was reset while the call was under way.
+    #[error("{0}")]
+    Stream(#[from] h2::Error),
+}
+
+/// What to send: a whole message (unary calls, shadow copies) or a stream to relay.
+pub enum Payload {
+    /// Sent at once, ending the request stream.
+    Full(Bytes),
+    /// Relayed frame by frame as the caller sends it, with HTTP/2 flow control.
+    Stream(Body),
+}
+
+/// An open connection and its identity (so that only its own task clears its slot).
+struct Conn {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+}
+
+/// One connection's place in an endpoint's set.
+#[derive(Default)]
+struct Slot {
+    conn: ArcSwapOption<Conn>,
+    /// Held while connecting, so that a burst of requests opens one connection, not many.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// The connections of one endpoint.
+struct Endpoint {
+    /// `host:port`, for connecting and for the `:authority` of requests.
+    authority: http::uri::Authority,
+    slots: Vec<Arc<Slot>>,
     next: AtomicUsize,
 }
 
-/// Channels by endpoint.
+/// Connections by endpoint.
 pub struct Upstreams {
     settings: UpstreamSettings,
-    endpoints: DashMap<String, Arc<EndpointChannels>>,
+    endpoints: DashMap<String, Arc<Endpoint>>,
+    ids: AtomicU64,
 }
 
 impl Upstreams {
@@ -42,38 +98,291 @@ impl Upstreams {
         Upstreams {
             settings,
             endpoints: DashMap::new(),
+            ids: AtomicU64::new(0),
         }
     }
 
-    /// A channel to `endpoint` (normalised `http://host:port`); the endpoint's channels are
-    /// created on first use and handed out in turn.
-    pub fn channel(&self, endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-        let set = match self.endpoints.get(endpoint) {
-            Some(set) => set.clone(),
-            None => {
-                let s = &self.settings;
-                let template = Endpoint::from_shared(endpoint.to_string())?
-                    .connect_timeout(s.connect_timeout)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(s.keepalive_interval)
-                    .keep_alive_timeout(s.keepalive_interval.min(Duration::from_secs(20)))
-                    .keep_alive_while_idle(true)
-                    .http2_adaptive_window(true);
-                let channels = (0..s.connections.max(1))
-                    .map(|_| template.clone().connect_lazy())
-                    .collect();
-                let set = Arc::new(EndpointChannels {
-                    channels,
-                    next: AtomicUsize::new(0),
-                });
-                self.endpoints
-                    .entry(endpoint.to_string())
-                    .or_insert(set)
-                    .clone()
-            }
+    /// The settings the pool was made with.
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    fn endpoint(&self, endpoint: &str) -> Result<Arc<Endpoint>, UpstreamError> {
+        if let Some(e) = self.endpoints.get(endpoint) {
+            return Ok(e.clone());
+        }
+        let uri: Uri = endpoint
+            .parse()
+            .map_err(|e| UpstreamError::Endpoint(format!("'{endpoint}': {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(UpstreamError::Endpoint(format!(
+                "'{endpoint}': only http:// (plaintext HTTP/2) upstreams are supported"
+            )));
+        }
+        let authority = uri
+            .authority()
+            .filter(|a| a.port_u16().is_some())
+            .cloned()
+            .ok_or_else(|| UpstreamError::Endpoint(format!("'{endpoint}': no host:port")))?;
+        let e = Arc::new(Endpoint {
+            authority,
+            slots: (0..self.settings.connections.max(1))
+                .map(|_| Arc::default())
+                .collect(),
+            next: AtomicUsize::new(0),
+        });
+        Ok(self
+            .endpoints
+            .entry(endpoint.to_string())
+            .or_insert(e)
+            .clone())
+    }
+
+    /// Sends a request to `endpoint` (`http://host:port`; the request's path is kept) and returns
+    /// the response head with its body streaming. Dropping the response (or its body) before
+    /// the end resets the upstream stream.
+    pub async fn send(
+        &self,
+        endpoint: &str,
+        head: Request<()>,
+        payload: Payload,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let ep = self.endpoint(endpoint)?;
+        let slot = ep.slots[ep.next.fetch_add(1, Ordering::Relaxed) % ep.slots.len()].clone();
+        let (mut parts, ()) = head.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(ep.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| UpstreamError::Endpoint(e.to_string()))?;
+        parts.version = http::Version::HTTP_2;
+        strip_connection_headers(&mut parts.headers);
+        let head = Request::from_parts(parts, ());
+        let end = match &payload {
+            Payload::Full(b) => b.is_empty(),
+            Payload::Stream(b) => b.is_end_stream(),
         };
-        let i = set.next.fetch_add(1, Ordering::Relaxed) % set.channels.len();
-        Ok(set.channels[i].clone())
+        // A connection found dead before the request started on it: one retry on a new one.
+        let mut send = None;
+        for attempt in 0..2 {
+            let conn = self.connection(&ep, &slot).await?;
+            match conn.send.clone().ready().await {
+                Ok(s) => {
+                    send = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    slot.conn
+                        .compare_and_swap(&Some(conn.clone()), None::<Arc<Conn>>);
+                    if attempt == 1 {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        let mut send = send.expect("the loop returns or sets it");
+        let (response, mut stream) = send.send_request(head, end)?;
+        match payload {
+            Payload::Full(b) if !b.is_empty() => {
+                // h2 queues what the window does not admit yet; the message is bounded.
+                stream.send_data(b, true)?;
+            }
+            Payload::Full(_) => {}
+            Payload::Stream(body) if !end => {
+                tokio::spawn(relay(body, stream));
+            }
+            Payload::Stream(_) => {}
+        }
+        let resp = response.await?;
+        Ok(resp.map(|recv| {
+            Body::new(Received {
+                recv,
+                data_done: false,
+            })
+        }))
+    }
+
+    /// The slot's connection, opened if there is none.
+    async fn connection(
+        &self,
+        ep: &Endpoint,
+        slot: &Arc<Slot>,
+    ) -> Result<Arc<Conn>, UpstreamError> {
+        if let Some(c) = slot.conn.load_full() {
+            return Ok(c);
+        }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(c) = slot.conn.load_full() {
+            return Ok(c);
+        }
+        let addr = ep.authority.as_str();
+        let tcp = tokio::time::timeout(
+            self.settings.connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(format!(
+                "timed out after {:?} connecting to {addr}",
+                self.settings.connect_timeout
+            ))
+        })?
+        .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .max_frame_size(1 << 20)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("{addr}: HTTP/2 handshake: {e}")))?;
+        let conn = Arc::new(Conn {
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            send,
+        });
+        slot.conn.store(Some(conn.clone()));
+        let (interval, ka_timeout) = (
+            self.settings.keepalive_interval,
+            self.settings
+                .keepalive_interval
+                .min(Duration::from_secs(20)),
+        );
+        let ping = connection.ping_pong();
+        let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some(mut ping) = ping {
+            // PINGs from their own task: the pong is read by the connection task.
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    match tokio::time::timeout(ka_timeout, ping.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => return, // the connection is gone
+                        Err(_) => {
+                            tracing::warn!(
+                                "upstream did not answer a keepalive PING; closing the connection"
+                            );
+                            let _ = dead_tx.send(());
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        let (slot, id, authority) = (slot.clone(), conn.id, ep.authority.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                r = connection => if let Err(e) = r {
+                    tracing::debug!(upstream = %authority, error = %e, "upstream connection ended");
+                },
+                _ = dead_rx => {}
+            }
+            let current = slot.conn.load();
+            if current.as_ref().is_some_and(|c| c.id == id) {
+                slot.conn.store(None);
+            }
+        });
+        Ok(conn)
+    }
+}
+
+/// Headers that HTTP/2 forbids (RFC 9113 §8.2.2); a caller's HTTP/2 request has none, but a
+/// shadow copy's headers are reused and `te` may only say `trailers`.
+fn strip_connection_headers(h: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+    if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(http::header::TE);
+    }
+}
+
+/// Relays a caller's request stream to the upstream, respecting the upstream's flow-control
+/// window, and resets the upstream stream if the caller's stream fails.
+async fn relay(mut body: Body, mut to: h2::SendStream<Bytes>) {
+    loop {
+        match body.frame().await {
+            None => {
+                let _ = to.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(_)) => {
+                to.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    while !data.is_empty() {
+                        to.reserve_capacity(data.len());
+                        match std::future::poll_fn(|cx| to.poll_capacity(cx)).await {
+                            Some(Ok(n)) if n > 0 => {
+                                let chunk = data.split_to(n.min(data.len()));
+                                if to.send_data(chunk, false).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            // The upstream reset or closed the stream.
+                            _ => return,
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = to.send_trailers(trailers);
+                    }
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// An upstream's response body: DATA frames (their window released as they are read), then the
+/// trailers.
+struct Received {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl HttpBody for Received {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
 
@@ -91,16 +400,4 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
     } else {
         format!("{outer}: {inner}")
     }
-}
-
-/// True when `T` is anywhere in the cause chain of `err`.
-pub fn caused_by<T: StdError + 'static>(err: &(dyn StdError + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(c) = cause {
-        if c.is::<T>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
 }
