@@ -41,6 +41,7 @@ fn route() -> Arc<Route> {
             negative_label: "0".into(),
         },
         feature_names: Default::default(),
+        metrics: Default::default(),
     })
 }
 

@@ -17,6 +17,9 @@ use crate::telemetry::Metrics;
 /// Answers whether modelgate can serve traffic: `Err(reason)` when not.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Brings sampled metrics (RocksDB sizes, drift statistics) up to date before a scrape.
+pub type Refresh = Arc<dyn Fn() + Send + Sync>;
+
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -25,17 +28,25 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .expect("static parts are valid")
 }
 
-fn route(req: &Request<Incoming>, metrics: &Metrics, ready: &ReadyCheck) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    refresh: &Refresh,
+    ready: &ReadyCheck,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into());
     }
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
+        "/metrics" => {
+            refresh();
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            )
+        }
         "/live" => text(StatusCode::OK, PLAIN, "live\n".into()),
         "/ready" => match ready() {
             Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
@@ -57,6 +68,7 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, ready: &ReadyCheck) -> Resp
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    refresh: Refresh,
     ready: ReadyCheck,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -73,9 +85,9 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, refresh, ready) = (metrics.clone(), refresh.clone(), ready.clone());
         let svc = hyper::service::service_fn(move |req| {
-            let resp = route(&req, &metrics, &ready);
+            let resp = route(&req, &metrics, &refresh, &ready);
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {

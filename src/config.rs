@@ -147,6 +147,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub drift_every: u64,
 
+    /// Least time between two drift evaluations of a model, however fast rows arrive
+    /// (env MODELGATE_DRIFT_MIN_INTERVAL).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub drift_min_interval: Duration,
+
     /// False discovery rate of the Benjamini–Hochberg correction across features
     /// (env MODELGATE_DRIFT_FDR).
     #[arg(long, value_name = "RATE", default_value_t = 0.05)]
@@ -175,6 +180,12 @@ pub struct ServeArgs {
     /// repeatable (env MODELGATE_WEBHOOK, whitespace-separated).
     #[arg(long = "webhook", value_name = "URL", action = clap::ArgAction::Append)]
     pub webhook: Vec<String>,
+
+    /// Export traces over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317`; none means
+    /// no tracing (env MODELGATE_OTLP_ENDPOINT, else the standard
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 
     /// Log format (env MODELGATE_LOG_FORMAT).
     #[arg(long, value_enum, default_value = "text")]
@@ -268,6 +279,8 @@ pub struct Config {
     pub entity_key: String,
     /// Record retention.
     pub retention: Retention,
+    /// OTLP/gRPC collector for traces.
+    pub otlp_endpoint: Option<String>,
     /// Whether every inference call is stored as a prediction record.
     pub record_predictions: bool,
     /// Record queue length.
@@ -332,6 +345,10 @@ impl Config {
         c.admin_listen = any;
         c.data_dir = data_dir.to_path_buf();
         c.shutdown_grace = Duration::from_secs(2);
+        // Tests drive a few hundred rows and expect every evaluation they ask for.
+        c.drift.min_interval = Duration::ZERO;
+        // Two data threads whatever the machine, so tests exercise the thread-per-core path.
+        c.data_threads = 2;
         c
     }
 
@@ -476,12 +493,22 @@ impl Config {
             entity_key: a.entity_key,
             retention: a.retention,
             record_predictions: a.record_predictions,
+            otlp_endpoint: match a.otlp_endpoint {
+                Some(e) if !e.starts_with("http://") => {
+                    return Err(bad(
+                        "otlp_endpoint",
+                        format!("'{e}' is not an http:// URL (traces go over plaintext OTLP/gRPC; put a collector beside modelgate for TLS)"),
+                    ))
+                }
+                e => e,
+            },
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
             max_shadow_in_flight: a.max_shadow_in_flight,
             drift: crate::monitor::DriftSettings {
                 window: a.drift_window,
                 every: a.drift_every,
+                min_interval: a.drift_min_interval,
                 fdr: a.drift_fdr,
                 reference_max: a.drift_reference_max,
                 concept_window: a.concept_window,
@@ -561,11 +588,31 @@ fn describe(setting: &str) -> String {
 /// The environment as a map, so tests can pass their own.
 pub type Env = HashMap<String, String>;
 
-/// Reads the process environment's `MODELGATE_*` variables (call once, in `main`).
+/// Reads the process environment's `MODELGATE_*` variables (call once, in `main`), and the
+/// standard OpenTelemetry endpoint as `--otlp-endpoint` unless that is set.
 pub fn process_env() -> Env {
-    std::env::vars()
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    with_otel_endpoint(vars)
+}
+
+/// `MODELGATE_*` variables from `vars`, plus `MODELGATE_OTLP_ENDPOINT` taken from
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`, when not set itself.
+fn with_otel_endpoint(vars: Vec<(String, String)>) -> Env {
+    let find = |name: &str| {
+        vars.iter()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    };
+    let otel =
+        find("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| find("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let mut env: Env = vars
+        .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect()
+        .collect();
+    if let Some(e) = otel {
+        env.entry(format!("{ENV_PREFIX}OTLP_ENDPOINT")).or_insert(e);
+    }
+    env
 }
 
 /// Finds the config file path: `--config PATH`, `--config=PATH`, else `MODELGATE_CONFIG`.
@@ -672,6 +719,38 @@ const OTHER_ENV: &[&str] = &["ADDR", "TOKEN"];
 mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[test]
+    fn the_standard_otel_endpoint_turns_tracing_on_unless_overridden() {
+        let vars = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let env = with_otel_endpoint(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("PATH", "/bin"),
+        ]));
+        assert_eq!(env.get("MODELGATE_OTLP_ENDPOINT").unwrap(), "http://c:4317");
+        assert!(!env.contains_key("PATH"));
+        let env = with_otel_endpoint(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4317"),
+        ]));
+        assert_eq!(env.get("MODELGATE_OTLP_ENDPOINT").unwrap(), "http://t:4317");
+        let env = with_otel_endpoint(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("MODELGATE_OTLP_ENDPOINT", "http://mine:4317"),
+        ]));
+        assert_eq!(
+            env.get("MODELGATE_OTLP_ENDPOINT").unwrap(),
+            "http://mine:4317"
+        );
+        assert!(with_otel_endpoint(vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")])).is_empty());
+        assert!(load(&["--otlp-endpoint", "grpc://c:4317"], &[], None)
+            .unwrap_err()
+            .contains("otlp"));
+    }
 
     #[derive(Parser, Debug)]
     struct Cli {

@@ -29,4 +29,5 @@ pub mod shadow;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod traces;
 pub mod webhook;

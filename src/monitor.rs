@@ -31,6 +31,9 @@ pub struct DriftSettings {
     pub window: usize,
     /// New rows between evaluations (K).
     pub every: u64,
+    /// Least time between evaluations of a model: under heavy traffic K rows arrive every few
+    /// milliseconds, and evaluating that often would spend a core on statistics.
+    pub min_interval: std::time::Duration,
     /// Benjamini–Hochberg false discovery rate.
     pub fdr: f64,
     /// Largest reference (rows).
@@ -48,6 +51,7 @@ impl Default for DriftSettings {
         DriftSettings {
             window: 1000,
             every: 100,
+            min_interval: std::time::Duration::ZERO,
             fdr: 0.05,
             reference_max: drift::MAX_SAMPLE,
             concept_window: 1000,
@@ -113,6 +117,8 @@ struct ModelDrift {
     index: HashMap<String, usize>,
     windows: Vec<LiveWindow>,
     since_eval: u64,
+    /// When the last evaluation was asked for.
+    asked: Option<std::time::Instant>,
     evaluations: u64,
     capture: Option<Capture>,
     latest: Option<Arc<Evaluation>>,
@@ -296,8 +302,13 @@ impl Monitor {
             }
         }
         md.since_eval += rows.len() as u64;
-        if md.since_eval >= self.settings.every {
+        if md.since_eval >= self.settings.every
+            && md
+                .asked
+                .is_none_or(|t| t.elapsed() >= self.settings.min_interval)
+        {
             md.since_eval = 0;
+            md.asked = Some(std::time::Instant::now());
             drop(md);
             // The evaluator is busy or far behind: the next K rows will ask again.
             let _ = self.eval_tx.try_send((model.to_string(), None));
@@ -641,6 +652,21 @@ impl Monitor {
     /// Periodic checks: scheduled retraining, experiment significance and sample-ratio mismatch,
     /// shadow agreement. Blocking (reads RocksDB).
     pub fn periodic(&self) {
+        // Rows that arrived inside the last evaluation's interval and were never followed by
+        // more: evaluate them now.
+        for entry in self.models.iter() {
+            let mut md = entry.value().lock();
+            if md.reference.is_some()
+                && md.since_eval >= self.settings.every
+                && md
+                    .asked
+                    .is_none_or(|t| t.elapsed() >= self.settings.min_interval)
+            {
+                md.since_eval = 0;
+                md.asked = Some(std::time::Instant::now());
+                let _ = self.eval_tx.try_send((entry.key().clone(), None));
+            }
+        }
         let state = self.plane.state();
         let now = now_ms();
         // Scheduled retraining: the production version is older than max_age.

@@ -438,6 +438,49 @@ fn answer(bytes: &Bytes, oip: bool, route: &Route, max_elements: usize) -> Answe
 }
 
 impl Writer {
+    /// Adds to a shadow counter, in the batch (for reports) and in the metrics.
+    fn count_shadow(
+        &self,
+        batch: &mut crate::store::records::RecordBatch<'_>,
+        model: &str,
+        version: u32,
+        kind: &str,
+        n: i64,
+    ) {
+        batch.add_shadow_count(model, version, kind, n);
+        let labels = || crate::telemetry::VersionLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+        };
+        let outcome = match kind {
+            "compared" => {
+                self.metrics
+                    .shadow_compared
+                    .get_or_create(&labels())
+                    .inc_by(n as u64);
+                return;
+            }
+            "agreed" => {
+                self.metrics
+                    .shadow_agreed
+                    .get_or_create(&labels())
+                    .inc_by(n as u64);
+                return;
+            }
+            "timeouts" => "timeout",
+            k if k.starts_with("error.") => "error",
+            k => k,
+        };
+        self.metrics
+            .shadow_requests
+            .get_or_create(&crate::telemetry::ShadowLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc_by(n as u64);
+    }
+
     /// Counts one shadow copy, compares its answer with production's, logs a disagreement.
     fn observe_shadow(
         &self,
@@ -445,15 +488,15 @@ impl Writer {
         sketches: &mut Sketches,
         o: &ShadowObservation,
     ) {
-        batch.add_shadow_count(&o.model, o.version, "mirrored", 1);
+        self.count_shadow(batch, &o.model, o.version, "mirrored", 1);
         let (answer_bytes, latency) = match &o.result {
             ShadowCall::Timeout => {
-                batch.add_shadow_count(&o.model, o.version, "timeouts", 1);
+                self.count_shadow(batch, &o.model, o.version, "timeouts", 1);
                 return;
             }
             ShadowCall::Failed(code) => {
                 let name = crate::telemetry::code_name(tonic::Code::from_i32(*code));
-                batch.add_shadow_count(&o.model, o.version, &format!("error.{name}"), 1);
+                self.count_shadow(batch, &o.model, o.version, &format!("error.{name}"), 1);
                 return;
             }
             ShadowCall::Answered(bytes, latency) => (bytes, *latency),
@@ -480,8 +523,14 @@ impl Writer {
             &answer(prod_bytes, o.oip, &o.production, max),
             &answer(answer_bytes, o.oip, &o.shadow, max),
         );
-        batch.add_shadow_count(&o.model, o.version, "compared", verdict.compared as i64);
-        batch.add_shadow_count(&o.model, o.version, "agreed", verdict.agreed as i64);
+        self.count_shadow(
+            batch,
+            &o.model,
+            o.version,
+            "compared",
+            verdict.compared as i64,
+        );
+        self.count_shadow(batch, &o.model, o.version, "agreed", verdict.agreed as i64);
         if let Some((row, production, shadow)) = verdict.first_disagreement {
             batch.add_disagreement(
                 &o.model,
@@ -573,6 +622,8 @@ impl Writer {
         let mut batch = self.store.record_batch();
         let mut new_defs: Vec<FeatureDef> = Vec::new();
         let mut sketches = self.sketches.lock();
+        let mut variant_requests: std::collections::HashMap<(&str, &str), u64> =
+            std::collections::HashMap::new();
         for raw in records {
             let p = prepare(raw, &self.settings);
             if self.settings.record_predictions {
@@ -583,6 +634,9 @@ impl Writer {
             }
             if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
                 batch.add_experiment_request(e, v);
+                *variant_requests
+                    .entry((e.as_str(), v.as_str()))
+                    .or_default() += 1;
                 if let Some(unit) = &raw.unit_id {
                     let (sketch, dirty) = sketches
                         .by_variant
@@ -620,6 +674,15 @@ impl Writer {
                 );
             }
         }
+        for ((experiment, variant), n) in variant_requests {
+            self.metrics
+                .experiment_requests
+                .get_or_create(&crate::telemetry::VariantLabels {
+                    experiment: experiment.to_string(),
+                    variant: variant.to_string(),
+                })
+                .inc_by(n);
+        }
         // Shadow counters are summed per batch: one merge per counter, not one per request.
         let mut shadow_counts: std::collections::HashMap<(&str, u32, &str), i64> =
             std::collections::HashMap::new();
@@ -635,7 +698,7 @@ impl Writer {
             }
         }
         for ((model, version, kind), n) in shadow_counts {
-            batch.add_shadow_count(model, version, kind, n);
+            self.count_shadow(&mut batch, model, version, kind, n);
         }
         for o in shadows {
             self.observe_shadow(&mut batch, &mut sketches, o);

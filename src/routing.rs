@@ -30,6 +30,8 @@ pub struct Route {
     pub prediction: PredictionSpec,
     /// Feature names per input tensor.
     pub feature_names: BTreeMap<String, Vec<String>>,
+    /// Metric handles of this route, resolved on first use (a cache, not part of its identity).
+    pub metrics: crate::telemetry::RouteMetrics,
 }
 
 impl Route {
@@ -44,6 +46,7 @@ impl Route {
             backend_version: v.backend_version.clone(),
             prediction: v.prediction.clone(),
             feature_names: v.feature_names.clone(),
+            metrics: Default::default(),
         }
     }
 }

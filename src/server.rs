@@ -2,6 +2,7 @@
 //! ports until shut down.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -48,6 +49,7 @@ pub struct Running {
     pub monitor: Arc<Monitor>,
     /// The event stream.
     pub events: Arc<EventBus>,
+    traces: Option<Arc<crate::traces::Traces>>,
     writer: Option<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -140,24 +142,36 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .prepare();
-    let proxy = Arc::new(Proxy::new(
-        plane.routing(),
-        UpstreamSettings {
-            connect_timeout: config.connect_timeout,
-            keepalive_interval: config.keepalive_interval,
-            connections: config.upstream_connections,
-        },
-        local,
-        Limits {
-            max_in_flight: config.max_in_flight,
-            max_message_bytes: config.max_message_bytes,
-            request_timeout: config.request_timeout,
-            unit_key: config.unit_key.clone(),
-            max_shadow_in_flight: config.max_shadow_in_flight,
-        },
-        metrics.clone(),
-        recorder.clone(),
-    ));
+    let traces = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let t = crate::traces::Traces::otlp(endpoint)
+                .with_context(|| format!("cannot set up trace export to {endpoint}"))?;
+            tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let proxy = Arc::new(
+        Proxy::new(
+            plane.routing(),
+            UpstreamSettings {
+                connect_timeout: config.connect_timeout,
+                keepalive_interval: config.keepalive_interval,
+                connections: config.upstream_connections,
+            },
+            local,
+            Limits {
+                max_in_flight: config.max_in_flight,
+                max_message_bytes: config.max_message_bytes,
+                request_timeout: config.request_timeout,
+                unit_key: config.unit_key.clone(),
+                max_shadow_in_flight: config.max_shadow_in_flight,
+            },
+            metrics.clone(),
+            recorder.clone(),
+        )
+        .with_traces(traces.clone()),
+    );
     let settings = ServerSettings {
         max_concurrent_streams: config.max_concurrent_streams,
         keepalive_interval: config.keepalive_interval,
@@ -168,6 +182,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // connections are driven by one thread, with no cross-thread wakeups, and the connection
     // tasks run after the request tasks that fed them, so their frames leave in fewer writes.
     let data = data.into_std()?;
+    let serving = Arc::new(AtomicUsize::new(0));
     for i in 0..config.data_threads {
         let listener = data.try_clone()?;
         let proxy = if i == 0 {
@@ -176,6 +191,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Arc::new(proxy.sibling())
         };
         let (settings, shutdown) = (settings.clone(), stopped(stop_rx.clone()));
+        let serving = serving.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("modelgate-data-{i}"))
@@ -186,7 +202,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     .expect("a single-threaded runtime builds");
                 rt.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => proxy::serve(l, proxy, settings, shutdown).await,
+                        Ok(l) => {
+                            serving.fetch_add(1, Ordering::AcqRel);
+                            proxy::serve(l, proxy, settings, shutdown).await
+                        }
                         Err(e) => tracing::error!(error = %e, "data port listener failed"),
                     }
                 });
@@ -266,15 +285,40 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }));
 
     // Admin port.
-    let ready_routing = plane.routing();
-    let ready: crate::admin::ReadyCheck = Arc::new(move || {
-        // The registry is loaded before any port opens; ready means routing is in place.
-        let _ = ready_routing.load();
-        Ok(())
-    });
+    let ready: crate::admin::ReadyCheck = {
+        let (store, routing, serving, stop_rx) = (
+            store.clone(),
+            plane.routing(),
+            serving.clone(),
+            stop_rx.clone(),
+        );
+        let threads = config.data_threads;
+        Arc::new(move || {
+            if *stop_rx.borrow() {
+                return Err("shutting down".into());
+            }
+            if serving.load(Ordering::Acquire) < threads {
+                return Err("the data port is not serving yet".into());
+            }
+            store.check().map_err(|e| format!("RocksDB: {e}"))?;
+            // Routing is loaded from RocksDB before any port opens; a snapshot is always there.
+            let _ = routing.load();
+            Ok(())
+        })
+    };
+    let refresh: crate::admin::Refresh = {
+        let (m, store, monitor, plane) = (
+            metrics.clone(),
+            store.clone(),
+            monitor.clone(),
+            plane.clone(),
+        );
+        Arc::new(move || refresh_metrics(&m, &store, &monitor, &plane))
+    };
     tasks.push(tokio::spawn(crate::admin::serve(
         admin,
         metrics.clone(),
+        refresh,
         ready,
         stopped(stop_rx.clone()),
     )));
@@ -294,10 +338,54 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         recorder,
         monitor,
         events,
+        traces,
         writer: Some(writer),
         stop,
         tasks,
     })
+}
+
+/// Brings the sampled metrics up to date: RocksDB sizes and stalls, drift per feature.
+fn refresh_metrics(m: &Metrics, store: &Store, monitor: &Monitor, plane: &ControlPlane) {
+    use crate::telemetry::{FamilyLabels, FeatureLabels};
+    let stats = store.stats();
+    for f in &stats.families {
+        let l = FamilyLabels {
+            family: f.name.to_string(),
+        };
+        m.rocksdb_sst_bytes
+            .get_or_create(&l)
+            .set(f.sst_bytes as i64);
+        m.rocksdb_memtable_bytes
+            .get_or_create(&l)
+            .set(f.memtable_bytes as i64);
+        m.rocksdb_live_data_bytes
+            .get_or_create(&l)
+            .set(f.live_data_bytes as i64);
+    }
+    m.rocksdb_write_stopped.set(stats.write_stopped as i64);
+    m.rocksdb_delayed_write_rate
+        .set(stats.delayed_write_rate as i64);
+    m.rocksdb_stall_seconds.set(stats.stall_seconds);
+    let state = plane.state();
+    for model in state.registry.models() {
+        let Some(evaluation) = monitor.report(&model.meta.name).evaluation else {
+            continue;
+        };
+        for f in &evaluation.features {
+            let l = FeatureLabels {
+                model: model.meta.name.clone(),
+                feature: f.name.clone(),
+            };
+            if let Ok(d) = &f.result {
+                m.drift_statistic.get_or_create(&l).set(d.statistic);
+            }
+            if let Some(p) = f.adjusted {
+                m.drift_p_value.get_or_create(&l).set(p);
+            }
+            m.drift_drifted.get_or_create(&l).set(f.drifted as i64);
+        }
+    }
 }
 
 impl Running {
@@ -310,6 +398,7 @@ impl Running {
             plane,
             recorder,
             writer,
+            traces,
             ..
         } = self;
         let _ = stop.send(true);
@@ -327,6 +416,10 @@ impl Running {
                 tokio::task::spawn_blocking(move || w.join()),
             )
             .await;
+        }
+        if let Some(t) = traces {
+            // Spans still buffered go out now (bounded by the exporter's timeout).
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
         }
         drop(plane);
     }

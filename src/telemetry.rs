@@ -1,5 +1,8 @@
 //! Prometheus metrics and logs.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,11 +20,44 @@ pub struct RequestLabels {
     pub model: String,
     /// Version number, empty when none.
     pub version: String,
+    /// Experiment the request was in, empty when none.
+    pub experiment: String,
+    /// Its variant, empty when none.
+    pub variant: String,
     /// gRPC status name, e.g. `OK`, `NOT_FOUND`.
     pub code: String,
 }
 
-/// Labels of a model version.
+/// Labels of the request latency histogram (every request label but the status).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// Model name.
+    pub model: String,
+    /// Version number.
+    pub version: String,
+    /// Experiment, empty when none.
+    pub experiment: String,
+    /// Variant, empty when none.
+    pub variant: String,
+}
+
+/// Labels of an upstream endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `http://host:port`.
+    pub endpoint: String,
+}
+
+/// Labels of an upstream failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// `http://host:port`.
+    pub endpoint: String,
+    /// `connect`, `http_status`, `body`.
+    pub kind: String,
+}
+
+/// Labels of a model version (shadows).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     /// Model name.
@@ -30,20 +66,49 @@ pub struct VersionLabels {
     pub version: String,
 }
 
-/// Labels of an upstream endpoint.
+/// Labels of what happened to a request a shadow could have received.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    /// `http://host:port`.
-    pub endpoint: String,
-    /// `connect`, `deadline`, `http_status`, `body`.
-    pub kind: String,
+pub struct ShadowLabels {
+    /// Model name.
+    pub model: String,
+    /// The shadow's version number.
+    pub version: String,
+    /// `mirrored`, `dropped` (cap reached), `suppressed` (breaker open), `skipped` (not
+    /// sampled), `timeout`, `error`.
+    pub outcome: String,
+}
+
+/// Labels of an experiment variant.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VariantLabels {
+    /// Experiment name.
+    pub experiment: String,
+    /// Variant name.
+    pub variant: String,
+}
+
+/// Labels of a monitored feature.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeatureLabels {
+    /// Model name.
+    pub model: String,
+    /// Feature name.
+    pub feature: String,
+}
+
+/// Labels of a RocksDB column family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    /// Column family.
+    pub family: String,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn latency_histogram() -> Histogram {
-    // 100µs … ~6.5s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+    // 50µs … ~3.3s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
 }
 
 /// Every metric modelgate exports.
@@ -52,13 +117,30 @@ pub struct Metrics {
     /// Finished data-plane requests.
     pub requests: Family<RequestLabels, Counter>,
     /// Request duration through modelgate, until the response body ends.
-    pub request_duration: HistogramFamily<VersionLabels>,
+    pub request_duration: HistogramFamily<LatencyLabels>,
+    /// Time from sending a request upstream to the end of its answer (OIP unary) or its response
+    /// head (streams).
+    pub upstream_duration: HistogramFamily<UpstreamLabels>,
     /// Requests in flight.
     pub in_flight: Gauge,
     /// Requests refused because of the in-flight limit.
     pub shed: Counter,
     /// Upstream failures.
     pub upstream_errors: Family<EndpointLabels, Counter>,
+    /// Shadow copies by outcome.
+    pub shadow_requests: Family<ShadowLabels, Counter>,
+    /// Rows (or messages) compared between production and a shadow.
+    pub shadow_compared: Family<VersionLabels, Counter>,
+    /// Those that agreed.
+    pub shadow_agreed: Family<VersionLabels, Counter>,
+    /// Requests counted in an experiment, per variant.
+    pub experiment_requests: Family<VariantLabels, Counter>,
+    /// Latest drift test statistic per feature (KS D or chi-square).
+    pub drift_statistic: Family<FeatureLabels, FloatGauge>,
+    /// Its p-value (Benjamini–Hochberg adjusted).
+    pub drift_p_value: Family<FeatureLabels, FloatGauge>,
+    /// 1 while the feature is drifted.
+    pub drift_drifted: Family<FeatureLabels, Gauge>,
     /// Prediction records committed to RocksDB.
     pub records_written: Counter,
     /// Prediction records dropped because the queue was full.
@@ -67,6 +149,18 @@ pub struct Metrics {
     pub record_write_errors: Counter,
     /// Prediction records waiting in the queue.
     pub record_queue_depth: Gauge,
+    /// Bytes of SST files per column family.
+    pub rocksdb_sst_bytes: Family<FamilyLabels, Gauge>,
+    /// Bytes of memtables per column family.
+    pub rocksdb_memtable_bytes: Family<FamilyLabels, Gauge>,
+    /// Estimated live data per column family.
+    pub rocksdb_live_data_bytes: Family<FamilyLabels, Gauge>,
+    /// 1 while RocksDB stops writes (a write stall).
+    pub rocksdb_write_stopped: Gauge,
+    /// The rate RocksDB slows writes to, in bytes per second; 0 when it does not.
+    pub rocksdb_delayed_write_rate: Gauge,
+    /// Time writes have been stalled since the database opened.
+    pub rocksdb_stall_seconds: FloatGauge,
     /// Events POSTed to webhooks.
     pub webhook_deliveries: Counter,
     /// Webhook deliveries that failed after every retry.
@@ -84,95 +178,159 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("modelgate");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Data-plane requests by model, version and gRPC status",
-            requests.clone(),
-        );
-        let request_duration: HistogramFamily<VersionLabels> =
-            Family::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "request_duration",
-            "Time from request arrival to the end of the response, through modelgate",
-            prometheus_client::registry::Unit::Seconds,
-            request_duration.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register(
-            "in_flight_requests",
-            "Data-plane requests being served",
-            in_flight.clone(),
-        );
-        let shed = Counter::default();
-        registry.register(
-            "shed_requests",
-            "Requests refused with RESOURCE_EXHAUSTED by the in-flight limit",
-            shed.clone(),
-        );
-        let upstream_errors = Family::<EndpointLabels, Counter>::default();
-        registry.register(
-            "upstream_errors",
-            "Upstream failures by endpoint and kind",
-            upstream_errors.clone(),
-        );
-        let records_written = Counter::default();
-        registry.register(
-            "records_written",
-            "Prediction records committed to RocksDB",
-            records_written.clone(),
-        );
-        let records_dropped = Counter::default();
-        registry.register(
-            "records_dropped",
-            "Prediction records dropped because the record queue was full",
-            records_dropped.clone(),
-        );
-        let record_write_errors = Counter::default();
-        registry.register(
-            "record_write_errors",
-            "Prediction records lost because RocksDB refused the write",
-            record_write_errors.clone(),
-        );
-        let record_queue_depth = Gauge::default();
-        registry.register(
-            "record_queue_depth",
-            "Prediction records waiting for the writer",
-            record_queue_depth.clone(),
-        );
-        let webhook_deliveries = Counter::default();
-        registry.register(
-            "webhook_deliveries",
-            "Events delivered to webhooks",
-            webhook_deliveries.clone(),
-        );
-        let webhook_failures = Counter::default();
-        registry.register(
-            "webhook_failures",
-            "Webhook deliveries that failed after every retry",
-            webhook_failures.clone(),
-        );
-        let webhook_dropped = Counter::default();
-        registry.register(
-            "webhook_dropped",
-            "Events not sent to webhooks because the sender's queue was full",
-            webhook_dropped.clone(),
-        );
+        let mut r = Registry::with_prefix("modelgate");
+        macro_rules! metric {
+            ($name:expr, $help:expr, $m:expr) => {{
+                let m = $m;
+                r.register($name, $help, m.clone());
+                m
+            }};
+            ($name:expr, $help:expr, $unit:expr, $m:expr) => {{
+                let m = $m;
+                r.register_with_unit($name, $help, $unit, m.clone());
+                m
+            }};
+        }
+        let seconds = || prometheus_client::registry::Unit::Seconds;
+        let bytes = || prometheus_client::registry::Unit::Bytes;
         Metrics {
-            registry,
-            webhook_deliveries,
-            webhook_failures,
-            webhook_dropped,
-            records_written,
-            records_dropped,
-            record_write_errors,
-            record_queue_depth,
-            requests,
-            request_duration,
-            in_flight,
-            shed,
-            upstream_errors,
+            requests: metric!(
+                "requests",
+                "Data-plane requests by model, version, experiment, variant and gRPC status (from trailers, else headers)",
+                Family::default()
+            ),
+            request_duration: metric!(
+                "request_duration",
+                "Time from request arrival to the end of the response, through modelgate",
+                seconds(),
+                HistogramFamily::<LatencyLabels>::new_with_constructor(latency_histogram)
+            ),
+            upstream_duration: metric!(
+                "upstream_request_duration",
+                "Time the upstream took: to the end of an OIP answer, to the response head of a stream",
+                seconds(),
+                HistogramFamily::<UpstreamLabels>::new_with_constructor(latency_histogram)
+            ),
+            in_flight: metric!(
+                "in_flight_requests",
+                "Data-plane requests being served",
+                Gauge::default()
+            ),
+            shed: metric!(
+                "shed_requests",
+                "Requests refused with RESOURCE_EXHAUSTED by the in-flight limit",
+                Counter::default()
+            ),
+            upstream_errors: metric!(
+                "upstream_errors",
+                "Upstream failures by endpoint and kind",
+                Family::default()
+            ),
+            shadow_requests: metric!(
+                "shadow_requests",
+                "Requests a shadow could have received, by outcome: mirrored, dropped, suppressed, skipped, timeout, error",
+                Family::default()
+            ),
+            shadow_compared: metric!(
+                "shadow_compared",
+                "Rows (or messages) compared between production and a shadow",
+                Family::default()
+            ),
+            shadow_agreed: metric!(
+                "shadow_agreed",
+                "Compared rows (or messages) on which the shadow agreed with production",
+                Family::default()
+            ),
+            experiment_requests: metric!(
+                "experiment_requests",
+                "Requests counted in an experiment, per variant",
+                Family::default()
+            ),
+            drift_statistic: metric!(
+                "drift_statistic",
+                "Latest drift test statistic per feature: KS D (numeric) or chi-square (categorical)",
+                Family::default()
+            ),
+            drift_p_value: metric!(
+                "drift_p_value",
+                "Latest drift p-value per feature, Benjamini-Hochberg adjusted",
+                Family::default()
+            ),
+            drift_drifted: metric!(
+                "drift_drifted",
+                "1 while a feature has drifted",
+                Family::default()
+            ),
+            records_written: metric!(
+                "records_written",
+                "Prediction records committed to RocksDB",
+                Counter::default()
+            ),
+            records_dropped: metric!(
+                "records_dropped",
+                "Prediction records dropped because the record queue was full",
+                Counter::default()
+            ),
+            record_write_errors: metric!(
+                "record_write_errors",
+                "Prediction records lost because RocksDB refused the write",
+                Counter::default()
+            ),
+            record_queue_depth: metric!(
+                "record_queue_depth",
+                "Prediction records waiting for the writer",
+                Gauge::default()
+            ),
+            rocksdb_sst_bytes: metric!(
+                "rocksdb_sst",
+                "Size of SST files per column family",
+                bytes(),
+                Family::default()
+            ),
+            rocksdb_memtable_bytes: metric!(
+                "rocksdb_memtable",
+                "Size of memtables per column family",
+                bytes(),
+                Family::default()
+            ),
+            rocksdb_live_data_bytes: metric!(
+                "rocksdb_live_data",
+                "Estimated live data per column family",
+                bytes(),
+                Family::default()
+            ),
+            rocksdb_write_stopped: metric!(
+                "rocksdb_write_stopped",
+                "1 while RocksDB stops writes (a write stall)",
+                Gauge::default()
+            ),
+            rocksdb_delayed_write_rate: metric!(
+                "rocksdb_delayed_write_rate",
+                "Bytes per second RocksDB slows writes to; 0 when writes are not delayed",
+                Gauge::default()
+            ),
+            rocksdb_stall_seconds: metric!(
+                "rocksdb_write_stall",
+                "Time writes have been stalled since the database opened",
+                seconds(),
+                FloatGauge::default()
+            ),
+            webhook_deliveries: metric!(
+                "webhook_deliveries",
+                "Events delivered to webhooks",
+                Counter::default()
+            ),
+            webhook_failures: metric!(
+                "webhook_failures",
+                "Webhook deliveries that failed after every retry",
+                Counter::default()
+            ),
+            webhook_dropped: metric!(
+                "webhook_dropped",
+                "Events not sent to webhooks because the sender's queue was full",
+                Counter::default()
+            ),
+            registry: r,
         }
     }
 
@@ -182,6 +340,130 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Counts a finished request and its latency. The label sets are resolved once per route and
+    /// experiment variant and cached in `cache`, so the request path allocates nothing here.
+    pub fn observe_request(
+        &self,
+        cache: Option<&RouteMetrics>,
+        route: Option<(&str, &str)>,
+        experiment: Option<&(Arc<str>, Arc<str>)>,
+        code: Code,
+        seconds: f64,
+    ) {
+        let (Some(cache), Some((model, version))) = (cache, route) else {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    model: String::new(),
+                    version: String::new(),
+                    experiment: String::new(),
+                    variant: String::new(),
+                    code: code_name(code).to_string(),
+                })
+                .inc();
+            return;
+        };
+        let find = |entries: &[Arc<RouteEntry>]| {
+            entries
+                .iter()
+                .find(|e| match (&e.experiment, experiment) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.0 == b.0 && a.1 == b.1,
+                    _ => false,
+                })
+                .cloned()
+        };
+        let found = find(&cache.entries.read());
+        let entry = match found {
+            Some(e) => e,
+            None => {
+                let mut entries = cache.entries.write();
+                match find(&entries) {
+                    Some(e) => e,
+                    None => {
+                        let (exp, var) = experiment
+                            .map(|(e, v)| (e.to_string(), v.to_string()))
+                            .unwrap_or_default();
+                        let e = Arc::new(RouteEntry {
+                            experiment: experiment.cloned(),
+                            duration: self
+                                .request_duration
+                                .get_or_create(&LatencyLabels {
+                                    model: model.to_string(),
+                                    version: version.to_string(),
+                                    experiment: exp,
+                                    variant: var,
+                                })
+                                .clone(),
+                            codes: Default::default(),
+                        });
+                        entries.push(e.clone());
+                        e
+                    }
+                }
+            }
+        };
+        entry.duration.observe(seconds);
+        entry.codes[code as usize % 17]
+            .get_or_init(|| {
+                let (exp, var) = experiment
+                    .map(|(e, v)| (e.to_string(), v.to_string()))
+                    .unwrap_or_default();
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        model: model.to_string(),
+                        version: version.to_string(),
+                        experiment: exp,
+                        variant: var,
+                        code: code_name(code).to_string(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// The upstream latency histogram of `endpoint`, resolved once per route.
+    pub fn upstream_histogram<'a>(&self, cache: &'a RouteMetrics, endpoint: &str) -> &'a Histogram {
+        cache.upstream.get_or_init(|| {
+            self.upstream_duration
+                .get_or_create(&UpstreamLabels {
+                    endpoint: endpoint.to_string(),
+                })
+                .clone()
+        })
+    }
+}
+
+/// The metric handles of one route, resolved on first use. A cache: it is never part of a
+/// route's identity (every two caches compare equal) and a clone starts empty.
+#[derive(Default)]
+pub struct RouteMetrics {
+    entries: parking_lot::RwLock<Vec<Arc<RouteEntry>>>,
+    upstream: OnceLock<Histogram>,
+}
+
+struct RouteEntry {
+    experiment: Option<(Arc<str>, Arc<str>)>,
+    duration: Histogram,
+    codes: [OnceLock<Counter>; 17],
+}
+
+impl Clone for RouteMetrics {
+    fn clone(&self) -> Self {
+        RouteMetrics::default()
+    }
+}
+
+impl PartialEq for RouteMetrics {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteMetrics")
     }
 }
 
@@ -231,26 +513,34 @@ mod tests {
     #[test]
     fn metrics_follow_prometheus_naming() {
         let m = Metrics::new();
-        m.requests
-            .get_or_create(&RequestLabels {
-                model: "iris".into(),
-                version: "2".into(),
-                code: code_name(Code::NotFound).into(),
-            })
-            .inc();
-        m.request_duration
-            .get_or_create(&VersionLabels {
-                model: "iris".into(),
-                version: "2".into(),
-            })
-            .observe(0.003);
-        let text = m.encode();
-        assert!(
-            text.contains(
-                r#"modelgate_requests_total{model="iris",version="2",code="NOT_FOUND"} 1"#
-            ),
-            "{text}"
+        let cache = RouteMetrics::default();
+        let exp: (Arc<str>, Arc<str>) = ("ab".into(), "treatment".into());
+        for _ in 0..2 {
+            m.observe_request(
+                Some(&cache),
+                Some(("iris", "2")),
+                None,
+                Code::NotFound,
+                0.003,
+            );
+        }
+        m.observe_request(
+            Some(&cache),
+            Some(("iris", "2")),
+            Some(&exp),
+            Code::Ok,
+            0.001,
         );
+        m.observe_request(None, None, None, Code::InvalidArgument, 0.0);
+        let text = m.encode();
+        for line in [
+            r#"modelgate_requests_total{model="iris",version="2",experiment="",variant="",code="NOT_FOUND"} 2"#,
+            r#"modelgate_requests_total{model="iris",version="2",experiment="ab",variant="treatment",code="OK"} 1"#,
+            r#"modelgate_requests_total{model="",version="",experiment="",variant="",code="INVALID_ARGUMENT"} 1"#,
+            r#"modelgate_request_duration_seconds_count{model="iris",version="2",experiment="ab",variant="treatment"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
         assert!(
             text.contains("modelgate_request_duration_seconds_bucket"),
             "{text}"

@@ -56,6 +56,9 @@ pub struct Finished {
     pub answer: Option<Bytes>,
     /// Production's upstream latency.
     pub latency: Duration,
+    /// The trace context of the production request's span, when traces are exported: the
+    /// copy is traced as its child.
+    pub traceparent: Option<HeaderValue>,
 }
 
 impl Mirror {
@@ -188,6 +191,9 @@ async fn call_shadow(
     *req.headers_mut() = f.headers.clone();
     let h = req.headers_mut();
     h.insert(SHADOW_HEADER, HeaderValue::from_static("true"));
+    if let Some(t) = &f.traceparent {
+        h.insert("traceparent", t.clone());
+    }
     h.insert("grpc-timeout", status::encode_grpc_timeout(timeout));
     if let Ok(v) = HeaderValue::from_str(&f.request_id) {
         h.insert(REQUEST_ID_HEADER, v);

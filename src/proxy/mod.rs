@@ -37,7 +37,7 @@ use crate::pb::inference::{
 };
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::{LiveShadow, Lookup, Route, RoutingTable};
-use crate::telemetry::{code_name, EndpointLabels, Metrics, RequestLabels, VersionLabels};
+use crate::telemetry::{EndpointLabels, Metrics};
 use body::{Ending, FrameError, Observed};
 use classify::{Call, ServerCall};
 
@@ -205,6 +205,8 @@ struct Exchange {
     /// Pass-through calls that shadows take: copies of the request and response bodies, and the
     /// request headers.
     tee: Option<(body::TeeSlot, body::TeeSlot, HeaderMap)>,
+    /// The request's trace span, when traces are exported.
+    span: Option<crate::traces::RequestSpan>,
 }
 
 /// The data-plane request handler.
@@ -217,6 +219,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     recorder: Arc<Recorder>,
     mirror: mirror::Mirror,
+    traces: Option<Arc<crate::traces::Traces>>,
 }
 
 impl Proxy {
@@ -245,7 +248,14 @@ impl Proxy {
             metrics,
             recorder,
             mirror,
+            traces: None,
         }
+    }
+
+    /// Records a trace span per request (and per upstream call) with `traces`.
+    pub fn with_traces(mut self, traces: Option<Arc<crate::traces::Traces>>) -> Self {
+        self.traces = traces;
+        self
     }
 
     /// A proxy sharing everything with this one (routes, limits and the in-flight count,
@@ -262,6 +272,7 @@ impl Proxy {
             in_flight: self.in_flight.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
+            traces: self.traces.clone(),
         }
     }
 
@@ -274,6 +285,13 @@ impl Proxy {
         let call = classify::classify(&method);
         let mut ex = Exchange {
             unit_id: header_str(req.headers(), &self.limits.unit_key).map(str::to_string),
+            span: (call != Call::Local)
+                .then(|| {
+                    self.traces
+                        .as_ref()
+                        .map(|t| t.request(req.headers(), &method))
+                })
+                .flatten(),
             ..Default::default()
         };
         let Some(guard) =
@@ -351,7 +369,7 @@ impl Proxy {
                 if call != Call::Local {
                     this.finish(ex, request_id, method, arrival_ms, code, start);
                 } else {
-                    this.count(None, code, start);
+                    this.count(None, None, code, start);
                 }
                 drop(guard);
             }))
@@ -368,12 +386,31 @@ impl Proxy {
         code: Code,
         start: Instant,
     ) {
-        self.count(ex.route.as_deref(), code, start);
+        self.count(ex.route.as_deref(), ex.experiment.as_ref(), code, start);
+
+        if let (Some(r), Some(latency)) = (&ex.route, ex.upstream_latency) {
+            self.metrics
+                .upstream_histogram(&r.metrics, &r.endpoint)
+                .observe(latency.as_secs_f64());
+        }
         let unit_id = ex.unit_id.or_else(|| {
             ex.infer
                 .as_ref()
                 .and_then(|r| crate::record::parameter(&r.parameters, &self.limits.unit_key))
         });
+        let traceparent = match (&self.traces, &ex.span) {
+            (Some(t), Some(s)) => t.traceparent(s),
+            _ => None,
+        };
+        if let Some(span) = ex.span.take() {
+            span.finish(crate::traces::Outcome {
+                model: &ex.model,
+                version: ex.route.as_ref().map(|r| r.version),
+                experiment: ex.experiment.as_ref().map(|(e, v)| (&**e, &**v)),
+                request_id: &request_id,
+                code,
+            });
+        }
         if let Some((request, response, headers)) = ex.tee.take() {
             ex.request_copy = request.lock().take().map(|r| (r, headers));
             ex.response = response.lock().take().filter(|_| code == Code::Ok);
@@ -390,6 +427,7 @@ impl Proxy {
             &method,
             time_ms,
             ex.upstream_latency,
+            traceparent,
         );
         let shadowed = !(shadow_skipped.is_empty()
             && shadow_dropped.is_empty()
@@ -438,6 +476,7 @@ impl Proxy {
         method: &str,
         time_ms: u64,
         latency: Option<Duration>,
+        traceparent: Option<HeaderValue>,
     ) -> (Vec<u32>, Vec<u32>) {
         let Some((all, taken)) = shadows.take() else {
             return (Vec::new(), Vec::new());
@@ -463,32 +502,26 @@ impl Proxy {
             infer: infer.clone(),
             answer: response.clone(),
             latency: latency.unwrap_or_default(),
+            traceparent,
         });
         let dropped = self.mirror.dispatch(finished, &all, &taken);
         (skipped, dropped)
     }
 
-    fn count(&self, route: Option<&Route>, code: Code, start: Instant) {
-        let (model, version) = route
-            .map(|r| (r.model.clone(), r.version_label.clone()))
-            .unwrap_or_default();
-        if route.is_some() {
-            self.metrics
-                .request_duration
-                .get_or_create(&VersionLabels {
-                    model: model.clone(),
-                    version: version.clone(),
-                })
-                .observe(start.elapsed().as_secs_f64());
-        }
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                model,
-                version,
-                code: code_name(code).to_string(),
-            })
-            .inc();
+    fn count(
+        &self,
+        route: Option<&Route>,
+        experiment: Option<&(Arc<str>, Arc<str>)>,
+        code: Code,
+        start: Instant,
+    ) {
+        self.metrics.observe_request(
+            route.map(|r| &r.metrics),
+            route.map(|r| (r.model.as_str(), r.version_label.as_str())),
+            experiment,
+            code,
+            start.elapsed().as_secs_f64(),
+        );
     }
 
     /// Routes a request for `model`: to its experiment variant (by the unit id under the
@@ -594,6 +627,7 @@ impl Proxy {
                     &route,
                     request_id,
                     Some(left),
+                    ex.span.as_ref(),
                 )
                 .await
                 .map_err(|e| match e {
@@ -738,6 +772,7 @@ impl Proxy {
             &route,
             request_id,
             deadline,
+            ex.span.as_ref(),
         );
         let resp = match deadline {
             Some(d) => tokio::time::timeout(d, send)
@@ -760,6 +795,7 @@ impl Proxy {
         route: &Route,
         request_id: &str,
         deadline: Option<Duration>,
+        span: Option<&crate::traces::RequestSpan>,
     ) -> Result<Response<Body>, ProxyError> {
         set_header(head.headers_mut(), REQUEST_ID_HEADER, request_id);
         if let Some(d) = deadline {
@@ -767,31 +803,42 @@ impl Proxy {
                 .insert("grpc-timeout", status::encode_grpc_timeout(d));
         }
         mark_per_request(head.headers_mut(), &self.limits.unit_key);
+        let child = match (&self.traces, span) {
+            (Some(t), Some(s)) => Some(t.upstream(s, &route.endpoint, head.headers_mut())),
+            _ => None,
+        };
         let sent = Instant::now();
-        let resp = self
-            .upstreams
-            .send(&route.endpoint, head, payload)
-            .await
-            .map_err(|e| ProxyError::Unreachable {
-                endpoint: route.endpoint.clone(),
-                model: route.model.clone(),
-                version: route.version,
-                reason: upstream::describe(&e),
-            })?;
-        if resp.status() != http::StatusCode::OK {
-            return Err(ProxyError::UpstreamHttp {
-                endpoint: route.endpoint.clone(),
-                model: route.model.clone(),
-                version: route.version,
-                status: resp.status(),
-            });
-        }
-        if let Some(d) = deadline {
-            if ran_out(status::code_from_headers(resp.headers()), sent, d) {
-                return Err(ProxyError::Deadline(d));
+        let result = async {
+            let resp = self
+                .upstreams
+                .send(&route.endpoint, head, payload)
+                .await
+                .map_err(|e| ProxyError::Unreachable {
+                    endpoint: route.endpoint.clone(),
+                    model: route.model.clone(),
+                    version: route.version,
+                    reason: upstream::describe(&e),
+                })?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(ProxyError::UpstreamHttp {
+                    endpoint: route.endpoint.clone(),
+                    model: route.model.clone(),
+                    version: route.version,
+                    status: resp.status(),
+                });
             }
+            if let Some(d) = deadline {
+                if ran_out(status::code_from_headers(resp.headers()), sent, d) {
+                    return Err(ProxyError::Deadline(d));
+                }
+            }
+            Ok(resp)
         }
-        Ok(resp)
+        .await;
+        if let Some(c) = child {
+            c.end(result.as_ref().err().map(ToString::to_string));
+        }
+        result
     }
 }
 
@@ -1025,6 +1072,7 @@ mod tests {
             backend_version: None,
             prediction: Default::default(),
             feature_names: Default::default(),
+            metrics: Default::default(),
         };
         let (mut n, mut v) = ("iris".to_string(), String::new());
         assert!(!rewrite(&route, &mut n, &mut v));

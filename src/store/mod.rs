@@ -103,6 +103,32 @@ pub enum StoreError {
     Task(String),
 }
 
+/// Sizes of one column family.
+#[derive(Debug, Clone)]
+pub struct FamilyStats {
+    /// Column family.
+    pub name: &'static str,
+    /// SST files.
+    pub sst_bytes: u64,
+    /// Memtables.
+    pub memtable_bytes: u64,
+    /// RocksDB's estimate of live data.
+    pub live_data_bytes: u64,
+}
+
+/// What the metrics report about the database.
+#[derive(Debug, Clone)]
+pub struct StoreStats {
+    /// Per column family.
+    pub families: Vec<FamilyStats>,
+    /// Writes are stopped right now (a stall).
+    pub write_stopped: bool,
+    /// The rate writes are slowed to, bytes/s; 0 when not delayed.
+    pub delayed_write_rate: u64,
+    /// Time writes have been stalled since the database opened.
+    pub stall_seconds: f64,
+}
+
 /// The open database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -151,6 +177,55 @@ impl Store {
     /// How long records are kept.
     pub fn retention(&self) -> records::Retention {
         self.retention
+    }
+
+    /// Whether RocksDB answers (a property read; no I/O).
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.db.property_int_value("rocksdb.num-running-flushes")?;
+        Ok(())
+    }
+
+    /// Sizes and write-stall state, for the metrics.
+    pub fn stats(&self) -> StoreStats {
+        let int = |name: &str| self.db.property_int_value(name).ok().flatten();
+        let families = cf::ALL
+            .iter()
+            .map(|f| {
+                let h = self.cf(f);
+                let v = |name: &str| {
+                    self.db
+                        .property_int_value_cf(h, name)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                FamilyStats {
+                    name: f,
+                    sst_bytes: v("rocksdb.total-sst-files-size"),
+                    memtable_bytes: v("rocksdb.cur-size-all-mem-tables"),
+                    live_data_bytes: v("rocksdb.estimate-live-data-size"),
+                }
+            })
+            .collect();
+        // "Cumulative stall: 00:00:1.234 H:M:S, ..." in the DB stats text.
+        let stall_seconds = self
+            .db
+            .property_value("rocksdb.dbstats")
+            .ok()
+            .flatten()
+            .and_then(|text| {
+                let line = text.lines().find(|l| l.starts_with("Cumulative stall:"))?;
+                let hms = line.split_whitespace().nth(2)?;
+                let mut parts = hms.split(':').map(|p| p.parse::<f64>().ok());
+                Some(parts.next()?? * 3600.0 + parts.next()?? * 60.0 + parts.next()??)
+            })
+            .unwrap_or(0.0);
+        StoreStats {
+            families,
+            write_stopped: int("rocksdb.is-write-stopped").unwrap_or(0) > 0,
+            delayed_write_rate: int("rocksdb.actual-delayed-write-rate").unwrap_or(0),
+            stall_seconds,
+        }
     }
 
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {

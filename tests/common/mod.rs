@@ -209,7 +209,9 @@ fn x_metadata<T>(req: &Request<T>) -> Vec<String> {
         .metadata()
         .iter()
         .filter_map(|kv| match kv {
-            tonic::metadata::KeyAndValueRef::Ascii(k, v) if k.as_str().starts_with("x-") => {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v)
+                if k.as_str().starts_with("x-") || k.as_str() == "traceparent" =>
+            {
                 Some(format!("{}={}", k.as_str(), v.to_str().unwrap_or("")))
             }
             _ => None,
