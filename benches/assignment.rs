@@ -1,11 +1,18 @@
-//! Criterion micro-benchmark of A/B assignment: the hash bucket alone, and a whole routing
-//! decision (experiment lookup, unit hash, variant pick) on a snapshot with a running experiment.
-//! `cargo bench --bench assignment`.
+//! Criterion micro-benchmark of A/B assignment and request routing: the hash bucket alone, a
+//! whole routing decision (experiment lookup, unit hash, variant pick) on a snapshot with a running
+//! experiment, and what the data plane does per `ModelInfer` before forwarding it (classify the
+//! path, unframe and decode the request, decide the route). `cargo bench --bench assignment`.
 
 use std::hint::black_box;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use modelgate::control::State;
+use modelgate::pb::inference::{
+    model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
+};
+use modelgate::proxy::{body, classify};
+use prost::Message;
 use modelgate::experiment::{self, Experiments, NewExperiment, NewVariant};
 use modelgate::registry::{NewVersion, Registry, Stage};
 use modelgate::routing::RoutingTable;
@@ -72,5 +79,41 @@ fn assignment(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, assignment);
+/// A framed 16-feature FP32 `ModelInfer` request, as it arrives on the wire.
+fn framed_request() -> Bytes {
+    body::frame(&ModelInferRequest {
+        model_name: "m".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 16],
+            contents: Some(InferTensorContents {
+                fp32_contents: (0..16).map(|i| i as f32 * 0.25).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+fn classify_and_route(c: &mut Criterion) {
+    let t = table();
+    let framed = framed_request();
+    let users: Vec<String> = (0..1024).map(|i| format!("user-{i:08}")).collect();
+    let mut i = 0usize;
+    c.bench_function("classify + decode ModelInfer (16 features) + route", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            let call = classify::classify("/inference.GRPCInferenceService/ModelInfer");
+            assert_eq!(call, classify::Call::OipInfer);
+            let msg = body::unary_message(&framed).unwrap();
+            let req = ModelInferRequest::decode(msg).unwrap();
+            black_box(t.decide(&req.model_name, Some(&users[i]), None, 1).unwrap());
+            black_box(req)
+        })
+    });
+}
+
+criterion_group!(benches, assignment, classify_and_route);
 criterion_main!(benches);
