@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::control::{
@@ -260,7 +260,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             EventService::new(events.clone(), stop_rx.clone()),
             auth,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(ctl), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(ctl).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ctl_server.await {
             tracing::error!(error = %e, "control server failed");
