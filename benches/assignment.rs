@@ -8,14 +8,14 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use modelgate::control::State;
+use modelgate::experiment::{self, Experiments, NewExperiment, NewVariant};
 use modelgate::pb::inference::{
     model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
 };
 use modelgate::proxy::{body, classify};
-use prost::Message;
-use modelgate::experiment::{self, Experiments, NewExperiment, NewVariant};
 use modelgate::registry::{NewVersion, Registry, Stage};
 use modelgate::routing::RoutingTable;
+use prost::Message;
 
 fn table() -> RoutingTable {
     let mut r = Registry::default();

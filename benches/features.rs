@@ -23,7 +23,9 @@ use prost::Message;
 const FEATURES: usize = 16;
 
 fn request(rows: usize, raw: bool) -> ModelInferRequest {
-    let values: Vec<f32> = (0..rows * FEATURES).map(|i| (i % 97) as f32 * 0.5).collect();
+    let values: Vec<f32> = (0..rows * FEATURES)
+        .map(|i| (i % 97) as f32 * 0.5)
+        .collect();
     let mut tensor = InferInputTensor {
         name: "input".into(),
         datatype: "FP32".into(),

@@ -92,7 +92,7 @@ impl Default for RecorderSettings {
         RecorderSettings {
             record_predictions: true,
             queue: 65_536,
-            queue_bytes: 256 << 20,
+            queue_bytes: 32 << 20,
             batch: 512,
             entity_key: "entity_id".into(),
             max_elements: crate::oip::DEFAULT_MAX_ELEMENTS,
@@ -633,7 +633,6 @@ impl Writer {
                 m.observe(&p.record.model, &p.features.names, &p.features.rows);
             }
             if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
-                batch.add_experiment_request(e, v);
                 *variant_requests
                     .entry((e.as_str(), v.as_str()))
                     .or_default() += 1;
@@ -674,7 +673,9 @@ impl Writer {
                 );
             }
         }
+        // Summed per batch: one merge per variant, not one per request.
         for ((experiment, variant), n) in variant_requests {
+            batch.add_experiment_requests(experiment, variant, n);
             self.metrics
                 .experiment_requests
                 .get_or_create(&crate::telemetry::VariantLabels {

@@ -225,35 +225,37 @@ pub fn shadow_log_key(model: &str, version: u32, time_ms: u64, request_id: &str)
     k
 }
 
-/// `features` key: entity, 0x00, feature, 0x00, inverted time (u64::MAX − ms, BE). The newest
-/// value sorts first, so a seek to the inverted `as_of` lands on the latest value at or before it.
-pub fn feature_history_key(entity: &str, feature: &str, time_ms: u64) -> Vec<u8> {
-    let mut k = feature_latest_key(entity, feature);
-    k.push(0);
+/// `feature_rows` key: entity, 0x00, inverted time (u64::MAX − ms, BE), sequence (u32 BE). An
+/// entity's newest row sorts first, so a seek to `feature_row_key(e, as_of, 0)` lands on its
+/// latest row at or before `as_of`; the sequence tells apart rows of the same millisecond.
+/// Entity ids hold no control characters, so the 0x00 ends the entity unambiguously.
+pub fn feature_row_key(entity: &str, time_ms: u64, seq: u32) -> Vec<u8> {
+    let mut k = feature_row_prefix(entity);
     k.extend_from_slice(&(u64::MAX - time_ms).to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-/// The time inside a `features` key.
-pub fn feature_history_time(key: &[u8]) -> Result<u64, KeyError> {
-    if key.len() < 9 {
-        return Err(err("features", key, "too short"));
+/// The prefix of an entity's `feature_rows`.
+pub fn feature_row_prefix(entity: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(entity.len() + 13);
+    k.extend_from_slice(entity.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The time inside a `feature_rows` key.
+pub fn feature_row_time(key: &[u8]) -> Result<u64, KeyError> {
+    if key.len() < 13 {
+        return Err(err("feature_rows", key, "too short"));
     }
-    Ok(u64::MAX - be64(&key[key.len() - 8..]))
+    let n = key.len();
+    Ok(u64::MAX - be64(&key[n - 12..n - 4]))
 }
 
 /// `features_latest` key: the entity id.
 pub fn feature_entity_key(entity: &str) -> Vec<u8> {
     entity.as_bytes().to_vec()
-}
-
-/// The prefix of a feature's `features` history: entity, 0x00, feature (0x00 follows).
-pub fn feature_latest_key(entity: &str, feature: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(entity.len() + feature.len() + 10);
-    k.extend_from_slice(entity.as_bytes());
-    k.push(0);
-    k.extend_from_slice(feature.as_bytes());
-    k
 }
 
 /// Prefixes a stored value with its time (ms, u64 BE), so retention can read it cheaply.
@@ -348,14 +350,17 @@ mod tests {
     }
 
     #[test]
-    fn feature_history_sorts_newest_first() {
-        let old = feature_history_key("u1", "age", 100);
-        let new = feature_history_key("u1", "age", 200);
+    fn feature_rows_sort_newest_first_per_entity() {
+        let old = feature_row_key("u1", 100, 7);
+        let new = feature_row_key("u1", 200, 0);
         assert!(new < old);
-        assert_eq!(feature_history_time(&old).unwrap(), 100);
-        assert!(old.starts_with(&feature_latest_key("u1", "age")));
-        // "age" and "age2" do not interleave.
-        assert!(feature_history_key("u1", "age", 0) < feature_latest_key("u1", "age2"));
+        assert_eq!(feature_row_time(&old).unwrap(), 100);
+        assert!(old.starts_with(&feature_row_prefix("u1")));
+        // Same millisecond: the sequence keeps both.
+        assert_ne!(feature_row_key("u1", 100, 1), feature_row_key("u1", 100, 2));
+        // "u1" and "u10" do not interleave.
+        assert!(!feature_row_key("u10", 5, 0).starts_with(&feature_row_prefix("u1")));
+        assert!(feature_row_time(b"short").is_err());
     }
 
     #[test]

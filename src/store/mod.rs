@@ -39,8 +39,12 @@ pub mod cf {
     pub const OUTCOMES: &str = "outcomes";
     /// Outcomes by model version and time.
     pub const OUTCOME_INDEX: &str = "outcome_index";
-    /// Online feature store: every value, newest first per entity and feature.
-    pub const FEATURES: &str = "features";
+    /// Online feature store: every row of values an entity was given, newest first per entity
+    /// (one key per write, not one per feature: traffic writes a row per request).
+    pub const FEATURES: &str = "feature_rows";
+    /// The per-feature history of earlier builds (one key per entity, feature and time); its
+    /// contents are not read any more and the family is dropped when found.
+    pub const LEGACY_FEATURES: &str = "features";
     /// Online feature store: the newest value per entity and feature.
     pub const FEATURES_LATEST: &str = "features_latest";
     /// Feature definitions.
@@ -134,6 +138,8 @@ pub struct StoreStats {
 pub struct Store {
     db: Arc<DB>,
     retention: records::Retention,
+    /// Tells apart feature rows of one entity written in the same millisecond.
+    row_seq: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for Store {
@@ -144,12 +150,23 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Memory RocksDB may use, so that a sidecar stays small (peak RSS under load is measured by
+/// `benches/proxy_load.rs`): memtables of all column families together…
+const MEMTABLES_BYTES: usize = 16 << 20;
+/// …each family's memtable before it is flushed (RocksDB's default is 64 MiB per family, with
+/// 15 families)…
+const FAMILY_MEMTABLE_BYTES: usize = 4 << 20;
+/// …and the block cache shared by every family (index and filter blocks included).
+const BLOCK_CACHE_BYTES: usize = 16 << 20;
+
 fn db_options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
     o.increase_parallelism(2);
+    // Past this total the largest memtable is flushed, whichever family it belongs to.
+    o.set_db_write_buffer_size(MEMTABLES_BYTES);
     o
 }
 
@@ -163,13 +180,32 @@ impl Store {
     /// Opens (or creates) the database in `dir`, dropping records older than `retention`.
     pub fn open_with(dir: &Path, retention: records::Retention) -> Result<Self, StoreError> {
         let opts = db_options();
-        let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let families = cf::ALL.iter().map(|name| {
             ColumnFamilyDescriptor::new(*name, family_options(name, &cache, retention))
         });
-        let db = DB::open_cf_descriptors(&opts, dir, families)?;
+        let legacy = DB::list_cf(&opts, dir)
+            .map(|names| names.iter().any(|n| n == cf::LEGACY_FEATURES))
+            .unwrap_or(false);
+        let families = families.chain(
+            legacy.then(|| ColumnFamilyDescriptor::new(cf::LEGACY_FEATURES, Options::default())),
+        );
+        let mut db = DB::open_cf_descriptors(&opts, dir, families)?;
+        if legacy {
+            db.drop_cf(cf::LEGACY_FEATURES)?;
+            tracing::info!(
+                "dropped the per-feature history of an earlier version (feature_rows replaces it)"
+            );
+        }
+        // Rows written in the same millisecond by an earlier process must not be overwritten:
+        // start the sequence somewhere else each time.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         Ok(Store {
             db: Arc::new(db),
+            row_seq: Arc::new(std::sync::atomic::AtomicU32::new(seed)),
             retention,
         })
     }
@@ -435,6 +471,7 @@ impl Store {
 fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Retention) -> Options {
     let mut o = Options::default();
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_write_buffer_size(FAMILY_MEMTABLE_BYTES);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
     table.set_bloom_filter(10.0, false);
@@ -498,6 +535,22 @@ where
 mod tests {
     use super::*;
     use crate::registry::{NewVersion, Stage};
+
+    #[test]
+    fn the_per_feature_history_of_earlier_builds_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            DB::open_cf(&o, dir.path(), [cf::LEGACY_FEATURES]).unwrap();
+        }
+        drop(Store::open(dir.path()).unwrap());
+        let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(!names.iter().any(|n| n == cf::LEGACY_FEATURES), "{names:?}");
+        assert!(names.iter().any(|n| n == cf::FEATURES), "{names:?}");
+        drop(Store::open(dir.path()).unwrap());
+    }
 
     #[test]
     fn registry_survives_reopen() {

@@ -300,37 +300,46 @@ impl RecordBatch<'_> {
         time_ms: u64,
         values: impl IntoIterator<Item = (&'a str, &'a FeatureValue)>,
     ) {
-        let mut latest = LatestFeatures::default();
+        // One row (names and values, sorted by name) for the history and the same entries,
+        // timed, merged into the entity's latest values.
+        let mut row = LatestFeatures::default();
         for (feature, value) in values {
-            let pbv = feature_value_to_pb(value);
-            self.batch.put_cf(
-                self.store.cf(cf::FEATURES),
-                keys::feature_history_key(entity, feature, time_ms),
-                pbv.encode_to_vec(),
-            );
-            latest.absorb(LatestFeatures {
+            row.absorb(LatestFeatures {
                 entries: vec![LatestEntry {
                     name: feature.to_string(),
-                    time_ms,
-                    value: Some(pbv),
+                    time_ms: 0,
+                    value: Some(feature_value_to_pb(value)),
                 }],
             });
         }
-        if !latest.entries.is_empty() {
-            self.batch.merge_cf(
-                self.store.cf(cf::FEATURES_LATEST),
-                keys::feature_entity_key(entity),
-                latest.to_value(),
-            );
+        if row.entries.is_empty() {
+            return;
         }
+        let seq = self
+            .store
+            .row_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.batch.put_cf(
+            self.store.cf(cf::FEATURES),
+            keys::feature_row_key(entity, time_ms, seq),
+            row.encode_to_vec(),
+        );
+        for e in &mut row.entries {
+            e.time_ms = time_ms;
+        }
+        self.batch.merge_cf(
+            self.store.cf(cf::FEATURES_LATEST),
+            keys::feature_entity_key(entity),
+            row.to_value(),
+        );
     }
 
-    /// Counts one request of an experiment variant.
-    pub fn add_experiment_request(&mut self, experiment: &str, variant: &str) {
+    /// Counts `n` requests of an experiment variant.
+    pub fn add_experiment_requests(&mut self, experiment: &str, variant: &str, n: u64) {
         self.batch.merge_cf(
             self.store.cf(cf::COUNTERS),
             keys::experiment_counter_key(experiment, variant, "requests"),
-            int_counter(1),
+            int_counter(n as i64),
         );
     }
 
@@ -792,9 +801,10 @@ impl Store {
         let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
         let mut out = Vec::with_capacity(entities.len());
         for (entity, latest) in entities.iter().zip(latest) {
-            let mut row = Vec::with_capacity(features.len());
-            for (feature, ttl) in features {
-                let found = match latest.as_ref().and_then(|l| l.get(feature)) {
+            let mut row: Vec<Option<(u64, FeatureValue)>> = Vec::with_capacity(features.len());
+            let mut older = Vec::new();
+            for (i, (feature, _)) in features.iter().enumerate() {
+                row.push(match latest.as_ref().and_then(|l| l.get(feature)) {
                     None => None,
                     Some(e) if e.time_ms <= as_of_ms => e
                         .value
@@ -803,34 +813,80 @@ impl Store {
                         .map(|v| (e.time_ms, v)),
                     Some(_) => {
                         // The newest value is from after as_of: look back in the history.
-                        let mut prefix = keys::feature_latest_key(entity, feature);
-                        prefix.push(0);
-                        history.seek(keys::feature_history_key(entity, feature, as_of_ms));
-                        match (history.key(), history.value()) {
-                            (Some(k), Some(v)) if k.starts_with(&prefix) => {
-                                let t = keys::feature_history_time(k)?;
-                                let v = pb::FeatureValue::decode(v).map_err(decode_err(
-                                    cf::FEATURES,
-                                    format!("{entity}/{feature}"),
-                                ))?;
-                                feature_value_from_pb(v).map(|v| (t, v))
-                            }
-                            _ => {
-                                history.status()?;
-                                None
-                            }
-                        }
+                        older.push(i);
+                        None
                     }
-                };
-                row.push(
-                    found.filter(|(t, _)| {
-                        *t >= retained && feature_store::visible(*t, as_of_ms, *ttl)
-                    }),
-                );
+                });
+            }
+            if !older.is_empty() {
+                self.look_back(
+                    &mut history,
+                    entity,
+                    features,
+                    as_of_ms,
+                    retained,
+                    older,
+                    &mut row,
+                )?;
+            }
+            for (found, (_, ttl)) in row.iter_mut().zip(features) {
+                if found.as_ref().is_some_and(|(t, _)| {
+                    *t < retained || !feature_store::visible(*t, as_of_ms, *ttl)
+                }) {
+                    *found = None;
+                }
             }
             out.push(row);
         }
         Ok(out)
+    }
+
+    /// Fills `row[i]` for each `i` in `wanted` with the feature's value in the newest of
+    /// `entity`'s rows at or before `as_of_ms`: rows are read newest first until every wanted
+    /// feature is found or nothing older could be returned (retention, TTLs).
+    #[allow(clippy::too_many_arguments)]
+    fn look_back(
+        &self,
+        history: &mut rocksdb::DBRawIterator<'_>,
+        entity: &str,
+        features: &[(String, Option<u64>)],
+        as_of_ms: u64,
+        retained: u64,
+        mut wanted: Vec<usize>,
+        row: &mut [Option<(u64, FeatureValue)>],
+    ) -> Result<(), StoreError> {
+        let prefix = keys::feature_row_prefix(entity);
+        history.seek(keys::feature_row_key(entity, as_of_ms, 0));
+        while !wanted.is_empty() {
+            let (Some(k), Some(v)) = (history.key(), history.value()) else {
+                history.status()?;
+                break;
+            };
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let t = keys::feature_row_time(k)?;
+            if t < retained {
+                break;
+            }
+            // A feature whose TTL has passed at this row is not in any older one either.
+            wanted.retain(|&i| feature_store::visible(t, as_of_ms, features[i].1));
+            let stored =
+                LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string()))?;
+            wanted.retain(|&i| match stored.get(&features[i].0) {
+                Some(e) => {
+                    row[i] = e
+                        .value
+                        .clone()
+                        .and_then(feature_value_from_pb)
+                        .map(|v| (t, v));
+                    false
+                }
+                None => true,
+            });
+            history.next();
+        }
+        Ok(())
     }
 
     /// Flushes the feature families' memtables to SST files (benchmarks compare reads from both).
@@ -893,7 +949,7 @@ pub(super) fn record_time(family: &str, key: &[u8], value: &[u8]) -> Option<u64>
             .ok()
             .map(|(_, t, _)| t),
         cf::OUTCOME_INDEX | cf::SHADOW_LOG => keys::outcome_index_time(key).ok(),
-        cf::FEATURES => keys::feature_history_time(key).ok(),
+        cf::FEATURES => keys::feature_row_time(key).ok(),
         _ => None,
     }
 }
@@ -937,5 +993,59 @@ mod tests {
         ] {
             assert_eq!(decode_judgement(&encode_judgement(&j)), Some(j));
         }
+    }
+
+    /// History reads walk an entity's rows newest first: rows without the feature are passed
+    /// over, rows of the same millisecond are both kept, and a TTL ends the walk.
+    #[test]
+    fn point_in_time_reads_walk_the_rows_of_an_entity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = now_ms() - 60_000;
+        let n = |x: f64| FeatureValue::Number(x);
+        let mut b = store.record_batch();
+        b.add_features("e", t0, [("a", &n(1.0)), ("b", &n(10.0))]);
+        b.add_features("e", t0 + 1_000, [("a", &n(2.0))]);
+        b.add_features("e", t0 + 1_000, [("c", &n(7.0))]);
+        b.add_features("e", t0 + 2_000, [("a", &n(3.0)), ("b", &n(30.0))]);
+        // Another entity whose id extends "e" must not be read as "e".
+        b.add_features("e2", t0 + 1_500, [("b", &n(99.0))]);
+        b.commit(false).unwrap();
+        let feats = |names: &[(&str, Option<u64>)]| -> Vec<(String, Option<u64>)> {
+            names.iter().map(|(f, t)| (f.to_string(), *t)).collect()
+        };
+        let get = |as_of: u64, names: &[(&str, Option<u64>)]| {
+            store
+                .get_features(&["e".to_string()], &feats(names), as_of)
+                .unwrap()
+                .remove(0)
+                .into_iter()
+                .map(|c| c.map(|(t, v)| (t - t0, v)))
+                .collect::<Vec<_>>()
+        };
+        let all = [("a", None), ("b", None), ("c", None)];
+        assert_eq!(
+            get(t0 + 1_500, &all),
+            vec![
+                Some((1_000, n(2.0))),
+                Some((0, n(10.0))),
+                Some((1_000, n(7.0)))
+            ],
+            "b is only in the oldest row; both rows of t0+1000 count"
+        );
+        assert_eq!(
+            get(t0 + 2_000, &all),
+            vec![
+                Some((2_000, n(3.0))),
+                Some((2_000, n(30.0))),
+                Some((1_000, n(7.0)))
+            ]
+        );
+        assert_eq!(get(t0 - 1, &all), vec![None, None, None]);
+        // With a 1 s TTL, b's value of t0 has expired at t0+1500 although it is the latest then.
+        assert_eq!(
+            get(t0 + 1_500, &[("b", Some(1_000)), ("a", Some(1_000))]),
+            vec![None, Some((1_000, n(2.0)))]
+        );
     }
 }

@@ -330,7 +330,9 @@ pub async fn echo_server() -> String {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(EchoServer::new(EchoService))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
     );
     format!("http://{addr}")
 }
