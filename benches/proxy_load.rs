@@ -468,7 +468,9 @@ fn haproxy(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
     spawn(Command::new("haproxy").arg("-f").arg(&cfg).arg("-db"))
 }
 
-/// Starts nginx with `grpc_pass` to `upstream`, two workers.
+/// Starts nginx with `grpc_pass` to `upstream`, two workers. `keepalive_requests` is raised on
+/// both sides: at its default (1,000) nginx closes busy HTTP/2 connections every 1,000 calls and
+/// the calls in flight on them fail.
 fn nginx(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
@@ -479,7 +481,8 @@ fn nginx(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
             "worker_processes 2;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n\
-               upstream model {{ server {upstream}; keepalive 16; }}\n\
+               keepalive_requests 10000000;\n\
+               upstream model {{ server {upstream}; keepalive 16; keepalive_requests 10000000; }}\n\
                server {{\n    listen {listen} http2;\n    location / {{ grpc_pass grpc://model; }}\n  }}\n}}\n",
             p = prefix.display()
         ),
@@ -676,10 +679,13 @@ fn main() {
             eprintln!("closed loop: {}", t.name);
             closed_runs.push(closed(t, concurrency, connections, seconds).await);
         }
-        let rate: f64 = env_or(
-            "BENCH_RATE",
-            closed_runs.first().map_or(10_000.0, |d| (d.rps() / 2.0).round()),
-        );
+        let (rate, why) = match std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()) {
+            Some(r) => (r, "BENCH_RATE"),
+            None => match closed_runs.first() {
+                Some(d) => ((d.rps() / 2.0).round(), "half of direct's closed-loop rate"),
+                None => (10_000.0, "default without a closed-loop run"),
+            },
+        };
         let mut open_runs = Vec::new();
         for t in targets.iter().filter(|_| modes.contains("open")) {
             eprintln!("open loop at {rate:.0} req/s: {}", t.name);
@@ -694,7 +700,7 @@ fn main() {
         }
         if let Some(direct) = open_runs.first() {
             print_table(
-                &format!("open loop at {rate:.0} req/s (half of direct's closed-loop rate), {open_workers} callers: added latency"),
+                &format!("open loop at {rate:.0} req/s ({why}), {open_workers} callers: added latency"),
                 &open_runs,
                 direct,
             );

@@ -131,7 +131,7 @@ pub struct ServeArgs {
 
     /// Bytes the waiting records may hold before new ones are dropped
     /// (env MODELGATE_RECORD_QUEUE_BYTES).
-    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20)]
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
     pub record_queue_bytes: usize,
 
     /// Shadow copies in flight at most; more are dropped and counted, never queued

@@ -92,7 +92,7 @@ impl Default for RecorderSettings {
         RecorderSettings {
             record_predictions: true,
             queue: 65_536,
-            queue_bytes: 32 << 20,
+            queue_bytes: 16 << 20,
             batch: 512,
             entity_key: "entity_id".into(),
             max_elements: crate::oip::DEFAULT_MAX_ELEMENTS,
