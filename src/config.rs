@@ -20,6 +20,9 @@ use crate::store::records::Retention;
 /// Prefix of every environment variable modelgate reads.
 pub const ENV_PREFIX: &str = "MODELGATE_";
 
+/// Shortest `--state-poll-interval`: polling is a `stat` per tick, but a zero interval would spin.
+const MIN_STATE_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -187,6 +190,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
 
+    /// Declarative state: a TOML file of models, versions, experiments and shadows applied at
+    /// start (before the data port serves) and again whenever it changes, so that every replica
+    /// converges to the same state; see docs/declarative-state.md (env MODELGATE_STATE_FILE).
+    #[arg(long, value_name = "FILE")]
+    pub state_file: Option<PathBuf>,
+
+    /// How often the --state-file is checked for changes (env MODELGATE_STATE_POLL_INTERVAL).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub state_poll_interval: Duration,
+
     /// Log format (env MODELGATE_LOG_FORMAT).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -293,6 +306,10 @@ pub struct Config {
     pub drift: crate::monitor::DriftSettings,
     /// Webhooks.
     pub webhooks: Vec<crate::webhook::Webhook>,
+    /// Declarative state file, applied at start and on change.
+    pub state_file: Option<PathBuf>,
+    /// How often the state file is checked for changes.
+    pub state_poll_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -328,6 +345,8 @@ impl std::fmt::Debug for Config {
             .field("max_shadow_in_flight", &self.max_shadow_in_flight)
             .field("drift", &self.drift)
             .field("webhooks", &self.webhooks)
+            .field("state_file", &self.state_file)
+            .field("state_poll_interval", &self.state_poll_interval)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish()
@@ -470,6 +489,22 @@ impl Config {
             .map_err(|e| bad("webhook", e))?;
         tracing_subscriber::EnvFilter::try_new(&a.log_level)
             .map_err(|e| bad("log_level", format!("'{}': {e}", a.log_level)))?;
+        if a.state_poll_interval < MIN_STATE_POLL_INTERVAL {
+            return Err(bad(
+                "state_poll_interval",
+                format!(
+                    "{:?} is shorter than {MIN_STATE_POLL_INTERVAL:?}",
+                    a.state_poll_interval
+                ),
+            ));
+        }
+        // Last: the only check that reads a file.
+        if let Some(path) = &a.state_file {
+            // Read and checked here, like every other setting, so that a bad file stops start-up
+            // (status 2) before any port is bound or the database is opened. The server reads it
+            // again when it starts: the file is the source of truth, not this copy.
+            crate::declare::load(path).map_err(|e| bad("state_file", e.to_string()))?;
+        }
         Ok(Config {
             listen: a.listen,
             control_listen: a.control_listen,
@@ -516,6 +551,8 @@ impl Config {
                 shadow_agreement_alert: a.shadow_agreement_alert,
             },
             webhooks,
+            state_file: a.state_file,
+            state_poll_interval: a.state_poll_interval,
             log_format: a.log_format,
             log_level: a.log_level,
         })
@@ -906,6 +943,55 @@ mod tests {
         .unwrap();
         assert!(c.warnings().is_empty());
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_state_file_is_checked_with_the_other_settings() {
+        let c = load(&[], &[], None).unwrap();
+        assert_eq!(c.state_file, None);
+        assert_eq!(c.state_poll_interval, Duration::from_secs(5));
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("state.toml");
+        std::fs::write(
+            &good,
+            "[[models]]\nname = \"m\"\n[[models.versions]]\nkey = \"v1\"\nendpoint = \"h:1\"\n",
+        )
+        .unwrap();
+        let good = good.to_str().unwrap();
+        let c = load(
+            &["--state-poll-interval", "100ms"],
+            &[("MODELGATE_STATE_FILE", good)],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.state_file.as_deref(), Some(Path::new(good)));
+        assert_eq!(c.state_poll_interval, Duration::from_millis(100));
+        let c = load(
+            &["--config", "f"],
+            &[],
+            Some(&format!("state_file = \"{good}\"\n")),
+        )
+        .unwrap();
+        assert!(c.state_file.is_some());
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[[models]]\nname = \"m\"\n[[models.versions]]\nkey = \"v1\"\nendpoint = \"h\"\n",
+        )
+        .unwrap();
+        let err = load(&["--state-file", bad.to_str().unwrap()], &[], None).unwrap_err();
+        assert!(err.contains("--state-file (MODELGATE_STATE_FILE)"), "{err}");
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains("models[0].versions[0].endpoint"), "{err}");
+        let missing = dir.path().join("missing.toml");
+        let err = load(&["--state-file", missing.to_str().unwrap()], &[], None).unwrap_err();
+        assert!(
+            err.contains("missing.toml") && err.contains("cannot read"),
+            "{err}"
+        );
+        let err = load(&["--state-poll-interval", "0s"], &[], None).unwrap_err();
+        assert!(err.contains("--state-poll-interval"), "{err}");
     }
 
     #[test]

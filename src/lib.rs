@@ -9,6 +9,8 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod ctl;
+pub mod declare;
 pub mod demo;
 pub mod drift;
 pub mod events;

@@ -67,6 +67,13 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 
 /// Starts modelgate with `config` and returns once every port is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    // The state file before anything else: a bad one fails start-up before a port is bound.
+    let declared = match &config.state_file {
+        Some(path) => Some(
+            crate::declare::load(path).map_err(|e| anyhow::anyhow!("invalid --state-file {e}"))?,
+        ),
+        None => None,
+    };
     // Ports first: a port in use fails before the database is opened or any thread started.
     let data = bind(config.listen, "listen").await?;
     let ctl = bind(config.control_listen, "control-listen").await?;
@@ -97,6 +104,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("cannot load the registry from RocksDB")?
             .with_events(events.clone()),
     );
+    // Declared state is applied before anything reads the registry and before the data port
+    // serves, so the first request is routed by it. The data port is bound already, but nothing
+    // accepts from it yet: early connections wait in the backlog.
+    if let (Some(path), Some(loaded)) = (&config.state_file, &declared) {
+        crate::declare::apply(&plane, path, loaded)
+            .await
+            .with_context(|| format!("cannot apply --state-file {}", path.display()))?;
+    }
     let monitor = Monitor::start(
         config.drift.clone(),
         store.clone(),
@@ -286,6 +301,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         }
     }));
+
+    // Declared state: re-applied whenever the file changes.
+    if let (Some(path), Some(loaded)) = (config.state_file.clone(), declared) {
+        tasks.push(tokio::spawn(crate::declare::watch(
+            plane.clone(),
+            path,
+            config.state_poll_interval,
+            loaded.sha256,
+            stopped(stop_rx.clone()),
+        )));
+    }
 
     // Admin port.
     let ready: crate::admin::ReadyCheck = {
