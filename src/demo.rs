@@ -1,10 +1,20 @@
-//! `modelgate demo`: two built-in model servers, modelgate in front of them, and traffic through it
-//! — everything real, over gRPC on 127.0.0.1, cleaned up at the end.
+//! `modelgate demo`: everything modelgate does, for real, in one process that cleans up after
+//! itself. Two built-in model servers (two versions of an `iris` classifier with different
+//! weights) and modelgate on free 127.0.0.1 ports with RocksDB in a temporary directory; the
+//! versions are registered and one promoted; an A/B experiment and a shadow are set up, a drift
+//! reference uploaded and a retraining policy set; simulated users send traffic (with a progress
+//! bar), outcomes come back with the treatment known to be better, and half-way through one
+//! feature shifts. Then a summary: the experiment's tests, shadow agreement, the drift report,
+//! performance per version, the events — and how to look further with `modelgate ctl`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 
 use crate::config::Config;
@@ -14,7 +24,6 @@ use crate::pb::inference::{
     model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
 };
 use crate::pb::modelgate::v1 as pb;
-use crate::pb::modelgate::v1::registry_client::RegistryClient;
 
 /// Options of the demo.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,38 +31,72 @@ pub struct DemoArgs {
     /// Keep modelgate's RocksDB here instead of a temporary directory.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Requests to send before and after the promotion.
-    #[arg(long, default_value_t = 200)]
+    /// Requests to send in all (half before the feature shift, half after).
+    #[arg(long, default_value_t = 4000)]
     pub requests: usize,
-    /// Keep modelgate and the model servers running after the demo (until Ctrl-C).
+    /// Simulated users (units of the experiment).
+    #[arg(long, default_value_t = 600)]
+    pub users: usize,
+    /// Keep modelgate and the model servers running after the summary (until Ctrl-C).
     #[arg(long)]
     pub keep_running: bool,
 }
 
+const MODEL: &str = "iris";
+const EXPERIMENT: &str = "iris-ab";
 const FEATURES: [&str; 4] = ["sepal_length", "sepal_width", "petal_length", "petal_width"];
+/// Means and standard deviations of the simulated features.
+const MEAN: [f64; 4] = [5.8, 3.0, 3.8, 1.2];
+const SD: [f64; 4] = [0.8, 0.4, 1.7, 0.7];
+/// The feature that shifts half-way, and by how much.
+const SHIFTED: usize = 2;
+const SHIFT: f64 = 2.0;
+/// The world's true rule (with noise): version 2 learned it, version 1 did not quite.
+const TRUTH: ([f64; 4], f64) = ([1.0, -1.0, 0.8, 0.5], -6.44);
+const V1: &str = "name=iris;kind=logistic;weights=0.6,-1.4,0.5,1.2;bias=-2.62;version=1";
+const V2: &str = "name=iris;kind=logistic;weights=1.0,-1.0,0.8,0.5;bias=-6.44;version=2";
+/// Concurrent callers.
+const CALLERS: usize = 16;
 
-/// Simulated samples: four features in plausible ranges, deterministic.
-fn sample(i: usize) -> [f32; 4] {
-    let t = i as f32;
-    [
-        5.0 + (t * 0.37).sin(),
-        3.0 + (t * 0.23).cos() * 0.5,
-        3.5 + (t * 0.11).sin() * 2.0,
-        1.2 + (t * 0.07).cos() * 0.8,
-    ]
+/// One simulated sample.
+fn sample(rng: &mut impl Rng, shifted: bool) -> [f32; 4] {
+    let mut x = [0f32; 4];
+    for (i, v) in x.iter_mut().enumerate() {
+        // Box–Muller: a normal deviate from two uniforms.
+        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let shift = if shifted && i == SHIFTED { SHIFT } else { 0.0 };
+        *v = (MEAN[i] + SD[i] * z + shift) as f32;
+    }
+    x
 }
 
-fn infer_request(i: usize) -> ModelInferRequest {
+/// The true label of a sample: the true rule plus noise, so even version 2 is not always right.
+fn truth(x: &[f32; 4], noise: f64) -> &'static str {
+    let score: f64 = TRUTH
+        .0
+        .iter()
+        .zip(x)
+        .map(|(w, v)| w * *v as f64)
+        .sum::<f64>()
+        + TRUTH.1;
+    if score + noise > 0.0 {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+fn infer_request(x: [f32; 4]) -> ModelInferRequest {
     ModelInferRequest {
-        model_name: "iris".into(),
-        id: format!("demo-{i}"),
+        model_name: MODEL.into(),
         inputs: vec![InferInputTensor {
             name: "input".into(),
             datatype: "FP32".into(),
             shape: vec![1, 4],
             parameters: Default::default(),
             contents: Some(InferTensorContents {
-                fp32_contents: sample(i).to_vec(),
+                fp32_contents: x.to_vec(),
                 ..Default::default()
             }),
         }],
@@ -61,94 +104,114 @@ fn infer_request(i: usize) -> ModelInferRequest {
     }
 }
 
-struct Traffic {
-    by_version: std::collections::BTreeMap<String, usize>,
-    positive: usize,
-    errors: usize,
-    latencies: Vec<Duration>,
+/// What one call came back with.
+struct Served {
+    request_id: String,
+    version: String,
+    truth: &'static str,
 }
 
-async fn send_traffic(
-    client: &mut GrpcInferenceServiceClient<Channel>,
+/// Sends `n` calls from `users` simulated users with `CALLERS` concurrent callers; the progress
+/// bar advances per answer.
+async fn traffic(
+    data: Channel,
     n: usize,
-    offset: usize,
-) -> Traffic {
-    let mut t = Traffic {
-        by_version: Default::default(),
-        positive: 0,
-        errors: 0,
-        latencies: Vec::with_capacity(n),
-    };
-    for i in 0..n {
-        let started = Instant::now();
-        match client.model_infer(infer_request(offset + i)).await {
-            Ok(resp) => {
-                t.latencies.push(started.elapsed());
-                let version = resp
-                    .metadata()
-                    .get(crate::proxy::VERSION_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("?")
-                    .to_string();
-                *t.by_version.entry(version).or_default() += 1;
-                let r = resp.into_inner();
-                let label = r
-                    .outputs
-                    .iter()
-                    .position(|o| o.name == "label")
-                    .and_then(|i| r.outputs[i].contents.as_ref())
-                    .and_then(|c| c.int64_contents.first().copied());
-                if label == Some(1) {
-                    t.positive += 1;
+    users: usize,
+    seed: u64,
+    shifted: bool,
+    bar: &indicatif::ProgressBar,
+) -> (Vec<Served>, usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        let (next, bar, data) = (next.clone(), bar.clone(), data.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = GrpcInferenceServiceClient::new(data);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + c as u64);
+            let (mut served, mut errors) = (Vec::new(), 0usize);
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let x = sample(&mut rng, shifted);
+                let noise = (rng.random::<f64>() - 0.5) * 1.2;
+                let mut req = tonic::Request::new(infer_request(x));
+                let user = format!("user-{:04}", rng.random_range(0..users));
+                req.metadata_mut()
+                    .insert("x-user-id", user.parse().expect("ASCII"));
+                match client.model_infer(req).await {
+                    Ok(resp) => {
+                        let header = |name: &str| {
+                            resp.metadata()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        served.push(Served {
+                            request_id: header(crate::proxy::REQUEST_ID_HEADER),
+                            version: header(crate::proxy::VERSION_HEADER),
+                            truth: truth(&x, noise),
+                        });
+                    }
+                    Err(_) => errors += 1,
                 }
+                bar.inc(1);
             }
-            Err(_) => t.errors += 1,
+            (served, errors)
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        if let Ok((s, e)) = t.await {
+            all.extend(s);
+            errors += e;
         }
     }
-    t.latencies.sort();
-    t
+    (all, errors)
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+/// Reports the true label of every call, as a labelling pipeline would, in one client stream.
+async fn report_outcomes(control: Channel, served: &[Served]) -> anyhow::Result<u32> {
+    let batches: Vec<pb::RecordOutcomesRequest> = served
+        .chunks(500)
+        .map(|chunk| pb::RecordOutcomesRequest {
+            outcomes: chunk
+                .iter()
+                .map(|s| pb::RecordOutcomeRequest {
+                    request_id: s.request_id.clone(),
+                    actual: Some(pb::Actual {
+                        kind: Some(pb::actual::Kind::Label(s.truth.into())),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .collect();
+    let answer = pb::outcomes_client::OutcomesClient::new(control)
+        .record_outcomes(tokio_stream::iter(batches))
+        .await?
+        .into_inner();
+    Ok(answer.accepted)
 }
 
-fn report(title: &str, t: &Traffic) {
-    println!("  {title}");
-    for (v, n) in &t.by_version {
-        println!("    served by version {v}: {n} requests");
+fn fmt_opt(x: Option<f64>, digits: usize) -> String {
+    x.map_or("–".to_string(), |v| format!("{v:.digits$}"))
+}
+
+fn fmt_p(p: Option<f64>) -> String {
+    match p {
+        None => "–".into(),
+        Some(p) if p < 1e-4 => format!("{p:.1e}"),
+        Some(p) => format!("{p:.4}"),
     }
-    println!(
-        "    predicted label 1: {} of {}; errors: {}; latency p50 {:?}, p99 {:?}",
-        t.positive,
-        t.latencies.len(),
-        t.errors,
-        pct(&t.latencies, 0.5),
-        pct(&t.latencies, 0.99)
-    );
 }
 
 /// Runs the demo and prints what happens.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
     let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let v1: ModelSpec = "name=iris;kind=logistic;weights=0.9,-1.2,0.8,0.6;bias=-2.5;version=v1"
-        .parse()
-        .map_err(anyhow::Error::msg)?;
-    let v2: ModelSpec = "name=iris;kind=logistic;weights=-0.4,0.7,1.1,-0.3;bias=-1.0;version=v2"
-        .parse()
-        .map_err(anyhow::Error::msg)?;
-    let server_a = model_server::spawn(any, vec![v1]).await?;
-    let server_b = model_server::spawn(any, vec![v2]).await?;
-    println!("model servers (built-in, Open Inference Protocol v2):");
-    println!(
-        "  iris v1 at {}   iris v2 at {}",
-        server_a.endpoint(),
-        server_b.endpoint()
-    );
+    let v1: ModelSpec = V1.parse().map_err(anyhow::Error::msg)?;
+    let v2: ModelSpec = V2.parse().map_err(anyhow::Error::msg)?;
+    let server_1 = model_server::spawn(any, vec![v1]).await?;
+    let server_2 = model_server::spawn(any, vec![v2]).await?;
 
     let tmp = tempfile::tempdir()?;
     let data_dir = args
@@ -158,126 +221,363 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut config = Config::for_tests(&data_dir);
     config.shutdown_grace = Duration::from_secs(5);
     let mg = crate::server::start(config).await?;
+    println!("modelgate demo — everything below is real gRPC on 127.0.0.1\n");
     println!(
-        "modelgate: data port {}, control port {}, admin port {}, RocksDB in {}",
-        mg.data_addr,
-        mg.control_addr,
-        mg.admin_addr,
-        data_dir.display()
+        "  model server, iris version 1 (production)   {}",
+        server_1.endpoint()
     );
+    println!(
+        "  model server, iris version 2 (challenger)   {}",
+        server_2.endpoint()
+    );
+    println!(
+        "  modelgate: data {}  control {}  admin http://{}",
+        mg.data_addr, mg.control_addr, mg.admin_addr
+    );
+    println!("  RocksDB: {}\n", data_dir.display());
 
-    let mut registry = RegistryClient::connect(format!("http://{}", mg.control_addr))
+    let control = Channel::from_shared(format!("http://{}", mg.control_addr))?
+        .connect()
         .await
         .context("connecting to the control port")?;
-    let prediction = pb::PredictionSpec {
-        kind: Some(pb::prediction_spec::Kind::Threshold(
-            pb::ThresholdPrediction {
-                output: "probabilities".into(),
-                threshold: 0.5,
-                positive_label: "1".into(),
-                negative_label: "0".into(),
-            },
-        )),
-    };
-    let mut versions = Vec::new();
+    let data = Channel::from_shared(format!("http://{}", mg.data_addr))?
+        .connect()
+        .await
+        .context("connecting to the data port")?;
+    let mut registry = pb::registry_client::RegistryClient::new(control.clone());
+
+    // 1. Registry: two versions with their offline metrics; promote version 1.
     for (server, accuracy, what) in [
-        (&server_a, 0.91, "first model"),
-        (&server_b, 0.94, "retrained"),
+        (&server_1, 0.91, "first model"),
+        (&server_2, 0.94, "retrained on fresh data"),
     ] {
-        let v = registry
+        registry
             .register_model_version(pb::RegisterModelVersionRequest {
-                model: "iris".into(),
+                model: MODEL.into(),
                 endpoint: server.endpoint(),
                 metrics: [("accuracy".to_string(), accuracy)].into(),
-                tags: [("features".to_string(), FEATURES.join(","))].into(),
                 description: what.into(),
-                prediction: Some(prediction.clone()),
+                prediction: Some(pb::PredictionSpec {
+                    kind: Some(pb::prediction_spec::Kind::Label(pb::LabelPrediction {
+                        output: "label".into(),
+                    })),
+                }),
+                feature_names: vec![pb::InputFeatureNames {
+                    input: "input".into(),
+                    names: FEATURES.iter().map(|f| f.to_string()).collect(),
+                }],
                 ..Default::default()
             })
-            .await?
-            .into_inner()
-            .version
-            .context("registration answered no version")?;
-        versions.push(v.version);
+            .await?;
     }
-    println!("\nregistered iris versions {versions:?} (stage staging)");
     registry
-        .set_promotion_policy(pb::SetPromotionPolicyRequest {
-            model: "iris".into(),
-            minimum_metrics: [("accuracy".to_string(), 0.9)].into(),
+        .transition_stage(pb::TransitionStageRequest {
+            model: MODEL.into(),
+            version: "1".into(),
+            stage: pb::Stage::Production as i32,
+            force: false,
+        })
+        .await?;
+    println!("1. registered iris versions 1 and 2; version 1 promoted to production");
+
+    // 2. An A/B experiment over 60% of users, and version 2 shadowing the rest.
+    pb::experiments_client::ExperimentsClient::new(control.clone())
+        .create_experiment(pb::CreateExperimentRequest {
+            name: EXPERIMENT.into(),
+            model: MODEL.into(),
+            variants: vec![
+                pb::VariantSpec {
+                    name: "control".into(),
+                    version: "1".into(),
+                    weight: 1.0,
+                },
+                pb::VariantSpec {
+                    name: "treatment".into(),
+                    version: "2".into(),
+                    weight: 1.0,
+                },
+            ],
+            coverage: 0.6,
             ..Default::default()
         })
         .await?;
-    println!("promotion policy: accuracy >= 0.9");
-    let promote = |v: u32| pb::TransitionStageRequest {
-        model: "iris".into(),
-        version: v.to_string(),
-        stage: pb::Stage::Production as i32,
-        force: false,
-    };
-    registry.transition_stage(promote(versions[0])).await?;
-    registry
-        .set_alias(pb::SetAliasRequest {
-            model: "iris".into(),
-            alias: "challenger".into(),
-            version: versions[1].to_string(),
+    pb::shadows_client::ShadowsClient::new(control.clone())
+        .set_shadow(pb::SetShadowRequest {
+            model: MODEL.into(),
+            version: "2".into(),
+            sample_fraction: 1.0,
+            ..Default::default()
         })
         .await?;
     println!(
-        "promoted version {} to production; alias challenger -> {}",
-        versions[0], versions[1]
+        "2. experiment '{EXPERIMENT}': 60% of users split 50/50 between version 1 (control) and 2 (treatment);\n   \
+         the other 40% are served by production, and every such call is mirrored to version 2 (shadow)"
     );
 
-    let mut client =
-        GrpcInferenceServiceClient::connect(format!("http://{}", mg.data_addr)).await?;
+    // 3. Drift: a reference sample of the training distribution; retrain when drift starts.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let rows = (0..2000)
+        .map(|_| pb::ReferenceRow {
+            values: sample(&mut rng, false)
+                .iter()
+                .map(|v| pb::FeatureValue {
+                    kind: Some(pb::feature_value::Kind::Number(*v as f64)),
+                })
+                .collect(),
+        })
+        .collect();
+    let mut drift = pb::drift_client::DriftClient::new(control.clone());
+    drift
+        .set_reference(pb::SetReferenceRequest {
+            model: MODEL.into(),
+            feature_names: FEATURES.iter().map(|f| f.to_string()).collect(),
+            rows,
+            categorical_features: vec![],
+        })
+        .await?;
+    drift
+        .set_retrain_policy(pb::RetrainPolicy {
+            model: MODEL.into(),
+            on_data_drift: true,
+            on_performance_drift: true,
+            ..Default::default()
+        })
+        .await?;
+    println!("3. drift reference: 2,000 rows of the training distribution; retrain on data or performance drift\n");
+
+    // 4. Traffic, outcomes, the shift, more traffic and outcomes.
+    let half = args.requests / 2;
+    let bar = indicatif::ProgressBar::new((half * 2) as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "4. traffic  {bar:40.cyan/blue} {pos:>5}/{len} calls  {per_sec}  {msg}",
+        )
+        .expect("a valid template"),
+    );
+    let users = args.users.max(1);
+    bar.set_message("before the shift");
+    let (first, e1) = traffic(data.clone(), half, users, 1, false, &bar).await;
+    let accepted_1 = report_outcomes(control.clone(), &first).await?;
+    bar.set_message(format!("{} shifted by +{SHIFT}", FEATURES[SHIFTED]));
+    let (second, e2) = traffic(data.clone(), half, users, 2, true, &bar).await;
+    let accepted_2 = report_outcomes(control.clone(), &second).await?;
+    bar.finish_with_message("done");
+    let served = first.len() + second.len();
+    let mut by_version: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in first.iter().chain(&second) {
+        *by_version.entry(s.version.as_str()).or_default() += 1;
+    }
     println!(
-        "\nsending {} ModelInfer requests through modelgate…",
-        args.requests
+        "   {served} calls answered ({} failed) from {users} users: {}; {} outcomes recorded\n   \
+         half-way, '{}' shifted by +{SHIFT} (a data drift the model never saw)\n",
+        e1 + e2,
+        by_version
+            .iter()
+            .map(|(v, n)| format!("version {v} served {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        accepted_1 + accepted_2,
+        FEATURES[SHIFTED]
     );
-    let before = send_traffic(&mut client, args.requests, 0).await;
-    report("before the promotion:", &before);
 
-    let moved = registry
-        .transition_stage(pb::TransitionStageRequest {
-            version: "challenger".into(),
-            ..promote(0)
+    // Let the record writer, shadow copies and the drift evaluator catch up.
+    mg.recorder.flush().await;
+    let mut shadows = pb::shadows_client::ShadowsClient::new(control.clone());
+    let shadow_request = pb::GetShadowReportRequest {
+        model: MODEL.into(),
+        version: "2".into(),
+        disagreements: 3,
+    };
+    let mut shadow = shadows
+        .get_shadow_report(shadow_request.clone())
+        .await?
+        .into_inner();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        mg.recorder.flush().await;
+        let now = shadows
+            .get_shadow_report(shadow_request.clone())
+            .await?
+            .into_inner();
+        let settled = now.compared == shadow.compared && now.compared > 0;
+        shadow = now;
+        if settled {
+            break;
+        }
+    }
+
+    // 5. The summary.
+    let results = pb::experiments_client::ExperimentsClient::new(control.clone())
+        .get_experiment_results(pb::ExperimentRef {
+            name: EXPERIMENT.into(),
+        })
+        .await?
+        .into_inner();
+    println!("5. experiment '{EXPERIMENT}' (outcomes say which variant is right more often)");
+    println!(
+        "   {:<10} {:>7} {:>6} {:>9} {:>9} {:>16}",
+        "variant", "version", "units", "requests", "outcomes", "success [95% CI]"
+    );
+    for v in &results.variants {
+        println!(
+            "   {:<10} {:>7} {:>6} {:>9} {:>9} {:>6} [{}, {}]",
+            v.name,
+            v.version,
+            v.units,
+            v.requests,
+            v.outcomes,
+            fmt_opt(v.success_rate, 3),
+            fmt_opt(v.ci_low, 3),
+            fmt_opt(v.ci_high, 3),
+        );
+    }
+    if let Some(t) = &results.significance {
+        println!(
+            "   {}: statistic {}, p = {} → {}",
+            t.test,
+            fmt_opt(t.statistic, 2),
+            fmt_p(t.p_value),
+            if t.significant {
+                "the difference is significant".to_string()
+            } else if t.unavailable_reason.is_empty() {
+                "no significant difference yet".to_string()
+            } else {
+                t.unavailable_reason.clone()
+            }
+        );
+    }
+    if let Some(t) = &results.sample_ratio_mismatch {
+        println!(
+            "   sample ratio check ({}): p = {} → {}",
+            t.test,
+            fmt_p(t.p_value),
+            if t.significant {
+                "MISMATCH: the split is not what was configured"
+            } else {
+                "the split matches the 50/50 weights"
+            }
+        );
+    }
+
+    println!(
+        "\n6. shadow: version 2 answered copies of production's calls (production = version 1)"
+    );
+    println!(
+        "   mirrored {}, compared {}, agreed {}: agreement {} [95% CI {}, {}]; dropped {}, timeouts {}",
+        shadow.mirrored,
+        shadow.compared,
+        shadow.agreed,
+        fmt_opt(shadow.agreement_rate, 3),
+        fmt_opt(shadow.ci_low, 3),
+        fmt_opt(shadow.ci_high, 3),
+        shadow.dropped,
+        shadow.timeouts
+    );
+
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: MODEL.into(),
+            evaluate: true,
         })
         .await?
         .into_inner();
     println!(
-        "\npromoted the challenger (version {}); archived: {:?}",
-        moved.version.map(|v| v.version).unwrap_or_default(),
-        moved.archived.iter().map(|v| v.version).collect::<Vec<_>>()
+        "\n7. data drift (last {} live rows per feature vs. the reference; Benjamini–Hochberg at {})",
+        report.features.first().map_or(0, |f| f.window_size),
+        report.false_discovery_rate
     );
-    let after = send_traffic(&mut client, args.requests, args.requests).await;
-    report("after the promotion (same inputs, new weights):", &after);
-
-    let err = client
-        .model_infer(ModelInferRequest {
-            model_name: "unknown-model".into(),
-            ..infer_request(0)
-        })
-        .await
-        .expect_err("unknown models are refused");
     println!(
-        "\nan unknown model is refused: {:?}: {}",
-        err.code(),
-        err.message()
+        "   {:<14} {:<10} {:>9} {:>10} {:>7}  drifted",
+        "feature", "test", "statistic", "adjusted p", "PSI"
     );
+    for f in &report.features {
+        println!(
+            "   {:<14} {:<10} {:>9} {:>10} {:>7}  {}",
+            f.name,
+            f.test,
+            fmt_opt(f.statistic, 3),
+            fmt_p(f.adjusted_p_value),
+            fmt_opt(f.psi, 2),
+            if f.drifted { "YES" } else { "no" }
+        );
+    }
+    let drifted: Vec<&str> = report
+        .features
+        .iter()
+        .filter(|f| f.drifted)
+        .map(|f| f.name.as_str())
+        .collect();
+    println!(
+        "   → {}",
+        if drifted.is_empty() {
+            "no feature drifted".to_string()
+        } else {
+            format!("drifted: {}", drifted.join(", "))
+        }
+    );
+
+    println!("\n8. performance per version (from outcomes)");
+    let mut outcomes = pb::outcomes_client::OutcomesClient::new(control.clone());
+    for v in ["1", "2"] {
+        let p = outcomes
+            .get_model_performance(pb::GetModelPerformanceRequest {
+                model: MODEL.into(),
+                version: v.into(),
+                window: 0,
+            })
+            .await?
+            .into_inner();
+        let (judged, acc) = p
+            .all_time
+            .as_ref()
+            .map_or((0, None), |o| (o.judged, o.accuracy));
+        println!(
+            "   version {v}: accuracy {} over {judged} judged outcomes (registered offline: {})",
+            fmt_opt(acc, 3),
+            if v == "1" { "0.91" } else { "0.94" }
+        );
+    }
+
+    println!("\n9. events");
+    let mut events = pb::events_client::EventsClient::new(control.clone())
+        .watch(pb::WatchRequest::default())
+        .await?
+        .into_inner();
+    while let Ok(Ok(Some(e))) =
+        tokio::time::timeout(Duration::from_millis(300), events.message()).await
+    {
+        let marker = if e.r#type == "retrain_triggered" {
+            "  ◀ retrain"
+        } else {
+            ""
+        };
+        println!("   #{:<3} {:<24} {}{marker}", e.cursor, e.r#type, e.message);
+    }
+
+    let ctl = format!("modelgate ctl --addr {}", mg.control_addr);
+    println!("\nexplore (while it runs with --keep-running):");
+    println!("  {ctl} models versions {MODEL}");
+    println!("  {ctl} experiments results {EXPERIMENT}");
+    println!("  {ctl} shadows report {MODEL} 2");
+    println!("  {ctl} drift report {MODEL}");
+    println!("  {ctl} predictions list {MODEL} --limit 5");
+    println!("  {ctl} events watch --follow");
+    println!(
+        "  grpcurl -plaintext -d '{{\"name\":\"{EXPERIMENT}\"}}' {} modelgate.v1.Experiments/GetExperimentResults",
+        mg.control_addr
+    );
+    println!(
+        "  curl -s http://{}/metrics | grep modelgate_",
+        mg.admin_addr
+    );
+    println!("\nfinished in {:.1} s", started.elapsed().as_secs_f64());
 
     if args.keep_running {
-        println!("\nstill running; try (Ctrl-C to stop):");
-        println!("  grpcurl -plaintext {} list", mg.control_addr);
-        println!(
-            "  grpcurl -plaintext -d '{{\"model\":\"iris\"}}' {} modelgate.v1.Registry/ListModelVersions",
-            mg.control_addr
-        );
-        println!("  curl -s http://{}/metrics", mg.admin_addr);
+        println!("still running; Ctrl-C stops everything");
         tokio::signal::ctrl_c().await?;
     }
     mg.shutdown().await;
-    server_a.stop().await;
-    server_b.stop().await;
-    println!("\ndemo finished: everything stopped and cleaned up");
+    server_1.stop().await;
+    server_2.stop().await;
+    println!("stopped modelgate and both model servers; temporary files removed");
     Ok(())
 }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod drift;
 pub mod events;

@@ -28,6 +28,10 @@ enum Command {
     ModelServer(ModelServerArgs),
     /// Start two model servers and modelgate in front of them, and send traffic through it.
     Demo(DemoArgs),
+    /// Call the control API: models, experiments, shadows, predictions, outcomes, features,
+    /// drift, events (exit codes: 0 ok, 1 server error, 2 usage, 3 unreachable, 4 not found,
+    /// 5 invalid argument, 6 failed precondition, 7 unauthenticated).
+    Ctl(modelgate::ctl::CtlArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,6 +125,13 @@ fn main() -> ExitCode {
                 .await?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Ctl(args) => match modelgate::ctl::run(args).await {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::from(e.exit_code()))
+                }
+            },
             Command::Demo(args) => {
                 modelgate::telemetry::init_logging(config::LogFormat::Text, "warn");
                 modelgate::demo::run(args).await?;

@@ -1,0 +1,313 @@
+//! A gRPC client for any control method, driven by the descriptors modelgate is built with:
+//! requests are built as proto JSON, sent as protobuf, and answers turned back into proto JSON.
+//! One code path serves every subcommand (and `ctl call`), so the CLI cannot drift from the
+//! protos.
+
+use std::time::Duration;
+
+use bytes::Buf;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
+use serde_json::Value;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Why a control call failed, with the exit code scripts can rely on.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// modelgate could not be reached.
+    #[error("cannot reach modelgate's control port at {addr}: {reason}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// modelgate answered with an error status; the message is the server's own.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(Status),
+    /// The command line or a file it names is wrong (detected before calling).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CtlError {
+    /// The process exit code: 0 is success; see `docs` / `modelgate ctl --help`.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Usage(_) => 2,
+            CtlError::Connect { .. } => 3,
+            CtlError::Status(s) => match s.code() {
+                Code::Unavailable | Code::DeadlineExceeded => 3,
+                Code::NotFound => 4,
+                Code::InvalidArgument | Code::OutOfRange => 5,
+                Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => 6,
+                Code::Unauthenticated | Code::PermissionDenied => 7,
+                _ => 1,
+            },
+        }
+    }
+}
+
+/// The canonical upper-case name of a status code, as grpcurl and the gRPC docs spell it.
+pub fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A connection to modelgate's control port.
+pub struct Client {
+    channel: Channel,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    pool: DescriptorPool,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to `addr` (`http://host:port`, or `host:port`).
+    pub async fn connect(
+        addr: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Client, CtlError> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let connect_err = |reason: String| CtlError::Connect {
+            addr: url.clone(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| CtlError::Usage(format!("--addr {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| connect_err(crate::proxy::upstream::describe(&e)))?;
+        let token = match token.filter(|t| !t.is_empty()) {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| CtlError::Usage("--token: not a valid header value".into()))?,
+            ),
+            None => None,
+        };
+        let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptors decode");
+        Ok(Client {
+            channel,
+            token,
+            pool,
+            timeout,
+        })
+    }
+
+    /// The descriptor of `Service/Method` (`modelgate.v1.` may be left out).
+    pub fn method(&self, name: &str) -> Result<MethodDescriptor, CtlError> {
+        let name = name.trim_start_matches('/');
+        let (service, method) = name
+            .rsplit_once(['/', '.'])
+            .filter(|(s, _)| !s.is_empty())
+            .ok_or_else(|| CtlError::Usage(format!("{name:?}: expected Service/Method")))?;
+        let full = if service.contains('.') {
+            service.to_string()
+        } else {
+            format!("modelgate.v1.{service}")
+        };
+        let svc = self
+            .pool
+            .get_service_by_name(&full)
+            .ok_or_else(|| CtlError::Usage(format!("no service {full:?}")))?;
+        let found = svc.methods().find(|m| m.name() == method);
+        found.ok_or_else(|| {
+            let names: Vec<String> = svc.methods().map(|m| m.name().to_string()).collect();
+            CtlError::Usage(format!(
+                "{full} has no method {method:?}; it has {}",
+                names.join(", ")
+            ))
+        })
+    }
+
+    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        req
+    }
+
+    async fn ready(&self) -> Result<tonic::client::Grpc<Channel>, CtlError> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|e| CtlError::Connect {
+            addr: "control port".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(grpc)
+    }
+
+    fn path(m: &MethodDescriptor) -> http::uri::PathAndQuery {
+        format!("/{}/{}", m.parent_service().full_name(), m.name())
+            .parse()
+            .expect("method paths are valid")
+    }
+
+    /// Calls a unary method with a proto-JSON request and returns the proto-JSON answer.
+    pub async fn unary(&self, method: &str, body: Value) -> Result<Value, CtlError> {
+        let m = self.method(method)?;
+        let msg = to_message(m.input(), body)?;
+        let mut grpc = self.ready().await?;
+        let resp = grpc
+            .unary(
+                self.request(msg, Some(self.timeout)),
+                Self::path(&m),
+                DynCodec(m.output()),
+            )
+            .await
+            .map_err(CtlError::Status)?;
+        Ok(to_json(&resp.into_inner()))
+    }
+
+    /// Calls a client-streaming method with every message of `bodies`.
+    pub async fn client_stream(&self, method: &str, bodies: Vec<Value>) -> Result<Value, CtlError> {
+        let m = self.method(method)?;
+        let msgs = bodies
+            .into_iter()
+            .map(|b| to_message(m.input(), b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut grpc = self.ready().await?;
+        let resp = grpc
+            .client_streaming(
+                self.request(tokio_stream::iter(msgs), Some(self.timeout)),
+                Self::path(&m),
+                DynCodec(m.output()),
+            )
+            .await
+            .map_err(CtlError::Status)?;
+        Ok(to_json(&resp.into_inner()))
+    }
+
+    /// Calls a server-streaming method and hands each answer to `each` until the stream ends,
+    /// `each` returns false, or no message arrives for `idle` (when given).
+    pub async fn server_stream(
+        &self,
+        method: &str,
+        body: Value,
+        idle: Option<Duration>,
+        mut each: impl FnMut(Value) -> bool,
+    ) -> Result<(), CtlError> {
+        let m = self.method(method)?;
+        let msg = to_message(m.input(), body)?;
+        let mut grpc = self.ready().await?;
+        let mut stream = grpc
+            .server_streaming(
+                self.request(msg, None),
+                Self::path(&m),
+                DynCodec(m.output()),
+            )
+            .await
+            .map_err(CtlError::Status)?
+            .into_inner();
+        loop {
+            let next = match idle {
+                Some(d) => match tokio::time::timeout(d, stream.message()).await {
+                    Ok(r) => r,
+                    Err(_) => return Ok(()),
+                },
+                None => stream.message().await,
+            };
+            match next.map_err(CtlError::Status)? {
+                Some(msg) => {
+                    if !each(to_json(&msg)) {
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Builds a message from proto JSON; unknown fields are errors that name them.
+pub fn to_message(desc: MessageDescriptor, body: Value) -> Result<DynamicMessage, CtlError> {
+    let opts = prost_reflect::DeserializeOptions::new().deny_unknown_fields(true);
+    DynamicMessage::deserialize_with_options(desc.clone(), body, &opts)
+        .map_err(|e| CtlError::Usage(format!("not a valid {}: {e}", desc.full_name())))
+}
+
+/// Proto JSON of a message with every field present (defaults included), 64-bit integers as
+/// numbers: a stable shape for scripts.
+pub fn to_json(msg: &DynamicMessage) -> Value {
+    let opts = prost_reflect::SerializeOptions::new()
+        .skip_default_fields(false)
+        .stringify_64_bit_integers(false);
+    msg.serialize_with_options(serde_json::value::Serializer, &opts)
+        .expect("messages serialise to JSON")
+}
+
+/// Protobuf encoding of dynamic messages, with the answer's descriptor to decode.
+struct DynCodec(MessageDescriptor);
+
+impl Codec for DynCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynEncoder;
+    type Decoder = DynDecoder;
+
+    fn encoder(&mut self) -> DynEncoder {
+        DynEncoder
+    }
+
+    fn decoder(&mut self) -> DynDecoder {
+        DynDecoder(self.0.clone())
+    }
+}
+
+struct DynEncoder;
+
+impl Encoder for DynEncoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding the request: {e}")))
+    }
+}
+
+struct DynDecoder(MessageDescriptor);
+
+impl Decoder for DynDecoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        DynamicMessage::decode(self.0.clone(), bytes)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding the answer: {e}")))
+    }
+}

@@ -1,0 +1,185 @@
+//! How `modelgate ctl` shows answers: proto JSON as is (`--output json`), or for people, scalar
+//! fields as `key: value` lines and lists of messages as tables.
+
+use comfy_table::{presets::NOTHING, ContentArrangement, Table};
+use serde_json::{Map, Value};
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Human-readable: key/value lines and tables.
+    Table,
+    /// Proto JSON (lowerCamelCase names, defaults included), one document per answer.
+    Json,
+}
+
+/// Enum values lose their type prefix for people: `STAGE_PRODUCTION` → `production`.
+const ENUM_PREFIXES: [&str; 3] = ["STAGE_", "EXPERIMENT_STATE_", "FEATURE_TYPE_"];
+
+/// A cell: strings bare, enum names shortened, numbers trimmed, nested values as compact JSON.
+pub fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => ENUM_PREFIXES
+            .iter()
+            .find_map(|p| s.strip_prefix(p))
+            .map(|rest| {
+                if rest == "UNSPECIFIED" {
+                    "none".to_string()
+                } else {
+                    rest.to_lowercase()
+                }
+            })
+            .unwrap_or_else(|| s.clone()),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => {
+                let s = format!("{f:.6}");
+                s.trim_end_matches('0').trim_end_matches('.').to_string()
+            }
+            _ => n.to_string(),
+        },
+        Value::Bool(b) => b.to_string(),
+        Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
+            a.iter().map(cell).collect::<Vec<_>>().join(", ")
+        }
+        Value::Object(o) if o.values().all(|x| !x.is_object() && !x.is_array()) => o
+            .iter()
+            .map(|(k, x)| format!("{k}={}", cell(x)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    }
+}
+
+/// A table of `rows` (objects), like `kubectl get`: `columns` picks and orders them (empty: every
+/// key that has a value in some row, in order of first appearance).
+pub fn table(rows: &[Value], columns: &[&str]) -> String {
+    let mut keys: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    if keys.is_empty() {
+        for r in rows {
+            if let Some(o) = r.as_object() {
+                for k in o.keys() {
+                    if !keys.contains(k) {
+                        keys.push(k.clone());
+                    }
+                }
+            }
+        }
+        keys.retain(|k| {
+            rows.iter()
+                .any(|r| r.get(k).is_some_and(|v| !cell(v).is_empty()))
+        });
+    }
+    let mut t = Table::new();
+    t.load_preset(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(keys.iter().map(|k| k.as_str()));
+    for r in rows {
+        t.add_row(
+            keys.iter()
+                .map(|k| r.get(k).map(cell).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        );
+    }
+    t.to_string()
+}
+
+/// A whole answer for people: scalar fields (nested messages flattened as `a.b`) as aligned
+/// `key: value` lines, then each list of messages as a titled table.
+pub fn human(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return cell(v);
+    };
+    let mut lines = Vec::new();
+    let mut tables = Vec::new();
+    flatten("", obj, &mut lines, &mut tables);
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in &lines {
+        out.push_str(&format!("{k:width$}  {v}\n"));
+    }
+    for (title, rows) in tables {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        if rows.is_empty() {
+            out.push_str(&format!("{title}: none\n"));
+        } else {
+            out.push_str(&format!("{title}:\n{}\n", table(&rows, &[])));
+        }
+    }
+    out
+}
+
+fn flatten(
+    prefix: &str,
+    obj: &Map<String, Value>,
+    lines: &mut Vec<(String, String)>,
+    tables: &mut Vec<(String, Vec<Value>)>,
+) {
+    for (k, v) in obj {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Array(a) if a.iter().any(Value::is_object) => tables.push((key, a.clone())),
+            Value::Object(o) if o.values().any(|x| x.is_object() || x.is_array()) => {
+                flatten(&key, o, lines, tables)
+            }
+            // Unset fields say nothing to a reader (`--output json` shows them).
+            _ if cell(v).is_empty() => {}
+            _ => lines.push((key, cell(v))),
+        }
+    }
+}
+
+/// Prints an answer in the chosen format.
+pub fn print(v: &Value, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("JSON values print")
+        ),
+        Output::Table => print!("{}", human(v)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cells_read_like_people_write() {
+        assert_eq!(cell(&json!("STAGE_PRODUCTION")), "production");
+        assert_eq!(cell(&json!("STAGE_UNSPECIFIED")), "none");
+        assert_eq!(cell(&json!(0.25)), "0.25");
+        assert_eq!(cell(&json!(3)), "3");
+        assert_eq!(cell(&json!(["a", "b"])), "a, b");
+        assert_eq!(cell(&json!({"team": "risk"})), "team=risk");
+    }
+
+    #[test]
+    fn answers_become_lines_and_tables() {
+        let v = json!({
+            "model": "iris",
+            "significance": {"test": "chi2", "pValue": 0.01},
+            "variants": [{"name": "a", "requests": 3}, {"name": "b", "requests": 4}]
+        });
+        let s = human(&v);
+        assert!(s.contains("model"), "{s}");
+        assert!(s.contains("significance  pValue=0.01, test=chi2"), "{s}");
+        assert!(s.contains("variants:"), "{s}");
+        let rows: Vec<&str> = s.lines().skip_while(|l| *l != "variants:").collect();
+        assert_eq!(
+            rows[1].split_whitespace().collect::<Vec<_>>(),
+            ["name", "requests"]
+        );
+        assert_eq!(rows[3].split_whitespace().collect::<Vec<_>>(), ["b", "4"]);
+        // Columns without a value anywhere are left out.
+        let t = table(&[json!({"a": "x", "b": ""})], &[]);
+        assert_eq!(t.split_whitespace().collect::<Vec<_>>(), ["a", "x"]);
+    }
+}
