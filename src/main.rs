@@ -31,7 +31,7 @@ enum Command {
     /// Call the control API: models, experiments, shadows, predictions, outcomes, features,
     /// drift, events (exit codes: 0 ok, 1 server error, 2 usage, 3 unreachable, 4 not found,
     /// 5 invalid argument, 6 failed precondition, 7 unauthenticated).
-    Ctl(modelgate::ctl::CtlArgs),
+    Ctl(Box<modelgate::ctl::CtlArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
                 .await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Ctl(args) => match modelgate::ctl::run(args).await {
+            Command::Ctl(args) => match modelgate::ctl::run(*args).await {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("error: {e}");
