@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the other scripts: installs what building and testing modelgate needs, when missing.
 # Needs root (or sudo) only when something must be installed.
 
