@@ -750,7 +750,9 @@ pub fn apply_sources(
 }
 
 /// `MODELGATE_*` variables read by other subcommands, not unknown to `serve`.
-const OTHER_ENV: &[&str] = &["ADDR", "TOKEN"];
+/// `modelgate ctl` reads `MODELGATE_CTL_ADDR` (and `MODELGATE_CONTROL_TOKEN`, a setting too);
+/// `deploy/ghz/run.sh` reads `MODELGATE_ADDR`.
+const OTHER_ENV: &[&str] = &["ADDR", "CTL_ADDR"];
 
 #[cfg(test)]
 mod tests {
