@@ -511,3 +511,43 @@ async fn the_control_api_refuses_bad_shadows() {
     .unwrap();
     mg.shutdown().await;
 }
+
+#[tokio::test]
+async fn deleting_a_version_removes_its_shadow_in_the_same_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mg = start(dir.path()).await;
+    register_all(&mg, &["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()]).await;
+    let mut sc = shadows(&mg).await;
+    sc.set_shadow(set("2", 1.0, 100)).await.unwrap();
+    let list = |sc: &mut ShadowsClient<Channel>| {
+        let mut sc = sc.clone();
+        async move {
+            sc.list_shadows(pb::ListShadowsRequest { model: "m".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .shadows
+                .len()
+        }
+    };
+    assert_eq!(list(&mut sc).await, 1);
+    registry(mg.control_addr)
+        .await
+        .delete_model_version(pb::DeleteModelVersionRequest {
+            model: "m".into(),
+            version: "2".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        list(&mut sc).await,
+        0,
+        "the shadow of a deleted version is gone"
+    );
+    // …and stays gone after a restart (it was deleted from RocksDB too).
+    mg.shutdown().await;
+    let mg = start(dir.path()).await;
+    let mut sc = shadows(&mg).await;
+    assert_eq!(list(&mut sc).await, 0);
+    mg.shutdown().await;
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use super::{now_ms, registry_status, ControlPlane};
+use super::{now_ms, registry_status, ControlPlane, Update};
 use crate::experiment::ExperimentError;
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::registry_server::Registry as RegistryApi;
@@ -482,8 +482,15 @@ impl RegistryApi for RegistryService {
                     }
                     .into());
                 }
+                // A shadow of the deleted version would mirror to nothing: it goes in the same
+                // write.
+                let shadow = s.shadows.remove(&s.registry, &r.model, &n.to_string()).ok();
                 let (out, u) = s.registry.delete_version(&r.model, &r.version)?;
-                Ok((out, u.into()))
+                let mut update: Update = u.into();
+                update
+                    .delete_shadows
+                    .extend(shadow.map(|sh| (sh.model, sh.version)));
+                Ok((out, update))
             })
             .await?;
         tracing::info!(model = %v.model, version = v.version, "deleted model version");
