@@ -68,8 +68,12 @@ struct DriftState {
     changed_ms: u64,
 }
 
-/// A model's retraining policy, with what it has already triggered.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The cooldown of a retraining policy that names none.
+pub const DEFAULT_RETRAIN_COOLDOWN_MS: u64 = 3_600_000;
+
+/// A model's retraining policy, with what it has already triggered. The default (no policy
+/// set) triggers nothing and shows the cooldown a new policy would get.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RetrainPolicy {
     /// Trigger when data drift starts.
     pub on_data_drift: bool,
@@ -85,6 +89,19 @@ pub struct RetrainPolicy {
     /// The production version a scheduled trigger already fired for.
     #[serde(default)]
     pub scheduled_version: Option<u32>,
+}
+
+impl Default for RetrainPolicy {
+    fn default() -> Self {
+        RetrainPolicy {
+            on_data_drift: false,
+            on_performance_drift: false,
+            max_age_ms: None,
+            cooldown_ms: DEFAULT_RETRAIN_COOLDOWN_MS,
+            last_trigger_ms: None,
+            scheduled_version: None,
+        }
+    }
 }
 
 /// The persisted concept-drift state of a version.

@@ -207,6 +207,12 @@ async fn every_control_service_from_the_shell() {
             ctl.ok(&["drift", "set-reference", "iris", "--csv", &csv]);
             let r = ctl.json(&["drift", "reference", "iris"]);
             assert_eq!(r["rows"], 200);
+            // No policy yet: nothing triggers, and the cooldown shown is the one a policy gets.
+            let none = ctl.json(&["drift", "policy", "iris"]);
+            assert_eq!(
+                (none["onDataDrift"].clone(), none["cooldown"].clone()),
+                (false.into(), "3600s".into())
+            );
             let policy = ctl.json(&[
                 "drift",
                 "policy",

@@ -1,7 +1,6 @@
 //! `modelgate.v1.Drift`: references, drift reports and retraining policies, over the monitor.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -331,7 +330,7 @@ impl Drift for DriftService {
         }
         let cooldown_ms = match &r.cooldown {
             Some(d) => duration_ms(d, "cooldown")?,
-            None => Duration::from_secs(3600).as_millis() as u64,
+            None => crate::monitor::DEFAULT_RETRAIN_COOLDOWN_MS,
         };
         let policy = RetrainPolicy {
             on_data_drift: r.on_data_drift,
