@@ -25,8 +25,11 @@ use crate::store::keys;
 /// than large allocations.
 pub const MAX_ELEMENTS: usize = 4096;
 
+/// A fuzz target.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (the directory names under `fuzz/corpus/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("oip_request", oip_request),
     ("oip_response", oip_response),
     ("grpc_frame", grpc_frame),

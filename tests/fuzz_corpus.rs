@@ -317,6 +317,17 @@ fn control_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .string("iris")
         .string("1");
 
+    // Two finite weights whose sum is not (the experiment rule this exercises was fixed).
+    let mut huge_weights = Writer::default();
+    register(&mut huge_weights, "iris", "h:1", 0.5);
+    register(&mut huge_weights, "iris", "h:2", 0.5);
+    huge_weights.u32(1).byte(op::EXPERIMENT);
+    huge_weights.string("big").string("iris").byte(2);
+    huge_weights.string("a").string("1").f64(f64::MAX);
+    huge_weights.string("b").string("2").f64(f64::MAX);
+    huge_weights.string("").string("").f64(0.0).f64(0.0);
+    huge_weights.opt_u64(None).opt_u64(None).string("carol");
+
     let mut validators = Writer::default();
     for s in [
         "iris",
@@ -337,6 +348,7 @@ fn control_seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("seed-register-promote-experiment-shadow", lifecycle.data),
         ("seed-validators", validators.data),
+        ("seed-experiment-huge-weights", huge_weights.data),
     ]
 }
 
