@@ -363,6 +363,14 @@ impl Experiments {
                 weight: v.weight,
             });
         }
+        // Shares are weight / total: a total that overflows would give every variant but the
+        // last a share of 0.
+        if !variants.iter().map(|v| v.weight).sum::<f64>().is_finite() {
+            return Err(invalid(
+                "variants",
+                "the weights must add up to a finite number",
+            ));
+        }
         let unit_key = if new.unit_key.is_empty() {
             DEFAULT_UNIT_KEY.to_string()
         } else {
@@ -802,6 +810,31 @@ mod tests {
             Err(ExperimentError::Registry(RegistryError::ModelNotFound(_)))
         ));
         assert_eq!(ex2, ex, "failed creations change nothing");
+    }
+
+    #[test]
+    fn weights_must_add_up_to_a_finite_number() {
+        // Found while writing the control_args fuzz invariant (each variant gets its weight's
+        // share): two weights of f64::MAX are each finite, but their sum overflows to infinity,
+        // every share becomes 0 and the last variant (forced to 1) took all the units.
+        let reg = registry();
+        let mut ex = Experiments::default();
+        let huge = new("big", &[("x", "1", f64::MAX), ("y", "2", f64::MAX)]);
+        match ex.create(huge, &reg, 0) {
+            Err(ExperimentError::InvalidArgument { field, .. }) => assert_eq!(field, "variants"),
+            other => panic!("{other:?}"),
+        }
+        let e = ex
+            .create(
+                new(
+                    "fine",
+                    &[("x", "1", f64::MAX / 4.0), ("y", "2", f64::MAX / 4.0)],
+                ),
+                &reg,
+                0,
+            )
+            .unwrap();
+        assert_eq!(e.cumulative(), vec![0.5, 1.0]);
     }
 
     #[test]

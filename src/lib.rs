@@ -16,6 +16,8 @@ pub mod drift;
 pub mod events;
 pub mod experiment;
 pub mod feature_store;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model_server;
 pub mod monitor;
 pub mod oip;

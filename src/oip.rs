@@ -244,9 +244,11 @@ fn element_count(name: &str, shape: &[i64], limit: usize) -> Result<Vec<usize>, 
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| bad()))
         .collect::<Result<_, _>>()?;
+    // A zero dimension empties the tensor but its other dimensions still count rows (a
+    // [1e9, 0] batch has 1e9 empty rows), so they are held to the limit as if it were 1.
     let n = dims
         .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1)))
         .ok_or_else(bad)?;
     if n > limit {
         return Err(OipError::TooLarge {
@@ -773,6 +775,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("24 raw bytes") && err.contains("20"), "{err}");
+    }
+
+    #[test]
+    fn empty_tensors_keep_every_dimension_within_the_limit() {
+        // Found by fuzzing (oip_request): a zero dimension made any other dimension pass, and
+        // the feature table then allocated one row per declared row ([i64::MAX, 0] panicked
+        // with a capacity overflow; [1e9, 0] asked for 24 GB).
+        assert!(matches!(
+            dec("FP32", &[1_000_000_000, 0], None, None),
+            Err(OipError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            dec("FP32", &[0, i64::MAX, i64::MAX], None, None),
+            Err(OipError::BadShape { .. })
+        ));
+        let t = dec("FP32", &[1000, 0], None, None).unwrap();
+        assert_eq!((t.rows(), t.values.len()), (1000, 0));
+        assert!(dec("FP32", &[1001, 0], None, None).is_err());
     }
 
     #[test]

@@ -215,6 +215,12 @@ pub fn extract_predictions(
             }
         })?;
     let (rows, cols) = output_rows_cols(&t);
+    if rows > 0 && cols == 0 {
+        return Err(format!(
+            "output '{}' has shape {:?}: rows with no values",
+            t.name, t.shape
+        ));
+    }
     let numeric = |what: &str| {
         t.numeric()
             .ok_or_else(|| format!("output '{}' is BYTES; {what} needs numbers", t.name))
@@ -499,6 +505,39 @@ mod tests {
         )
         .unwrap_err()
         .contains("3 columns"));
+    }
+
+    #[test]
+    fn empty_rows_are_errors_not_panics() {
+        // Found by fuzzing (oip_response): an output of shape [2, 0] has rows but no values;
+        // reading a label or a value from it indexed an empty tensor.
+        let empty = response("p", &[2, 0], &[]);
+        for spec in [
+            PredictionSpec::Label {
+                output: String::new(),
+            },
+            PredictionSpec::Value {
+                output: String::new(),
+            },
+            PredictionSpec::Argmax {
+                output: String::new(),
+                labels: vec![],
+            },
+        ] {
+            let err = extract_predictions(&empty, &spec, 100).unwrap_err();
+            assert!(err.contains("no values"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_batch_of_empty_rows_is_bounded() {
+        // Found by fuzzing (oip_request): a batch of i64::MAX empty rows panicked with a
+        // capacity overflow while allocating the rows.
+        let req = ModelInferRequest {
+            inputs: vec![input("x", "FP32", &[i64::MAX, 0], fp32(&[]))],
+            ..Default::default()
+        };
+        assert!(extract_features(&req, &BTreeMap::new(), "", None, 1000).is_err());
     }
 
     #[test]

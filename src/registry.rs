@@ -374,13 +374,25 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, RegistryError> {
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') {
         return Err(invalid(FIELD, format!("'{e}' has no valid host")));
     }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(format!("http://{host}:{p}")),
-        _ => Err(invalid(
-            FIELD,
-            format!("'{e}' has port '{port}', expected 1-65535"),
-        )),
+    let normalized = match port.parse::<u16>() {
+        Ok(p) if p > 0 => format!("http://{host}:{p}"),
+        _ => {
+            return Err(invalid(
+                FIELD,
+                format!("'{e}' has port '{port}', expected 1-65535"),
+            ))
+        }
+    };
+    // What the upstream pool will dial: refuse now what it could never parse.
+    let dialable = normalized
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.authority().and_then(|a| a.port_u16()))
+        .is_some();
+    if !dialable {
+        return Err(invalid(FIELD, format!("'{e}' has no valid host")));
     }
+    Ok(normalized)
 }
 
 /// Checks a lower-case or upper-case hex SHA-256 and returns it lower-cased.
@@ -938,6 +950,30 @@ mod tests {
         assert_eq!(aliases, vec!["challenger".to_string()]);
         assert_eq!(update.delete_versions, vec![("iris".to_string(), 2)]);
         assert!(r.model("iris").unwrap().meta.aliases.is_empty());
+    }
+
+    #[test]
+    fn endpoints_are_accepted_only_when_the_upstream_pool_can_dial_them() {
+        // Found by fuzzing (control_args): hosts with characters a URI cannot hold were
+        // registered, and every request routed to them failed with "invalid endpoint".
+        for bad in [
+            "h\u{e9}:1",
+            "::1:9000",
+            "a b:1",
+            "a|b:1",
+            "a\"b:80",
+            "h\u{7f}:80",
+        ] {
+            let err = normalize_endpoint(bad).unwrap_err().to_string();
+            assert!(err.starts_with("endpoint: "), "{bad:?}: {err}");
+        }
+        for (good, normalized) in [
+            ("[::1]:9000", "http://[::1]:9000"),
+            ("http://127.0.0.1:8001/", "http://127.0.0.1:8001"),
+            ("model-server.svc:80", "http://model-server.svc:80"),
+        ] {
+            assert_eq!(normalize_endpoint(good).unwrap(), normalized);
+        }
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::registry::{Registry, RegistryError};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest deadline a shadow call may have.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shortest deadline a shadow call may have (deadlines are kept in milliseconds).
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// When a shadow's answer agrees with production's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -166,10 +168,11 @@ impl Shadows {
             }
         }
         let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
-        if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        // Stored in whole milliseconds: anything shorter would become a deadline of 0.
+        if timeout < MIN_TIMEOUT || timeout > MAX_TIMEOUT {
             return Err(invalid(
                 "timeout",
-                format!("{timeout:?} is outside (0, {MAX_TIMEOUT:?}]"),
+                format!("{timeout:?} is outside [{MIN_TIMEOUT:?}, {MAX_TIMEOUT:?}]"),
             ));
         }
         let s = Shadow {
@@ -370,6 +373,40 @@ mod tests {
             .unwrap();
         }
         r
+    }
+
+    #[test]
+    fn sub_millisecond_timeouts_are_refused() {
+        // Found by fuzzing (control_args): a 500 µs timeout passed the "not zero" check and
+        // was stored as timeout_ms = 0, a deadline every shadow call misses.
+        let reg = registry();
+        let mut s = Shadows::default();
+        let spec = |t: Duration| ShadowSpec {
+            sample_fraction: 1.0,
+            comparison: None,
+            timeout: Some(t),
+        };
+        for t in [
+            Duration::ZERO,
+            Duration::from_micros(500),
+            Duration::from_nanos(999_999),
+        ] {
+            let err = s.set(&reg, "m", "2", spec(t), 0).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ShadowError::InvalidArgument {
+                        field: "timeout",
+                        ..
+                    }
+                ),
+                "{t:?}: {err}"
+            );
+        }
+        let ok = s
+            .set(&reg, "m", "2", spec(Duration::from_millis(1)), 0)
+            .unwrap();
+        assert_eq!(ok.timeout_ms, 1);
     }
 
     #[test]
