@@ -194,6 +194,10 @@ pub struct Monitor {
     eval_tx: SyncSender<EvalRequest>,
     /// Alerts already raised (experiment significance / SRM, shadow agreement), by key.
     raised: Mutex<std::collections::HashSet<String>>,
+    /// The evaluator thread, joined by [`Monitor::stop_blocking`].
+    evaluator: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set at shutdown: the evaluator skips what is still queued.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Monitor {
@@ -215,6 +219,8 @@ impl Monitor {
             retrain: Mutex::new(HashMap::new()),
             eval_tx,
             raised: Mutex::new(Default::default()),
+            evaluator: Mutex::new(None),
+            stopping: Default::default(),
         });
         for model in store.reference_models()? {
             if let Some(r) = store.load_reference(&model)? {
@@ -230,10 +236,14 @@ impl Monitor {
         }
         // The evaluator holds only a weak handle, so the monitor can be dropped at shutdown.
         let weak = Arc::downgrade(&monitor);
-        std::thread::Builder::new()
+        let stopping = monitor.stopping.clone();
+        let evaluator = std::thread::Builder::new()
             .name("modelgate-drift".into())
             .spawn(move || {
                 while let Ok((model, ack)) = eval_rx.recv() {
+                    if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
                     let Some(m) = weak.upgrade() else { break };
                     m.evaluate(&model);
                     if let Some(ack) = ack {
@@ -242,7 +252,26 @@ impl Monitor {
                 }
             })
             .expect("spawning the drift evaluator");
+        *monitor.evaluator.lock() = Some(evaluator);
         Ok(monitor)
+    }
+
+    /// Stops the evaluator thread once the evaluation under way (if any) ends; what is still
+    /// queued is skipped. An evaluation holds the monitor, and with it the store: without this,
+    /// RocksDB could stay open for a moment after shutdown returned, and a restart in the same
+    /// process found its LOCK taken (tests/drift.rs, now and then under load). Blocking.
+    pub fn stop_blocking(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        // Wakes an idle evaluator (a full queue wakes it anyway).
+        let _ = self.eval_tx.try_send((String::new(), None));
+        let handle = self.evaluator.lock().take();
+        if let Some(h) = handle {
+            // Never join from the evaluator itself (it may drop the last handle to the monitor).
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 
     fn fresh(&self, reference: Arc<Reference>, state: DriftState) -> ModelDrift {

@@ -707,23 +707,31 @@ impl Writer {
         let due = sketches
             .last_persist
             .is_none_or(|t| t.elapsed() >= SKETCH_PERSIST);
+        // What this batch stores of the sketches; marked dirty again if the batch fails, so a
+        // failed write (a full disk) delays them instead of losing them.
+        let mut persisted_units = Vec::new();
+        let mut persisted_latency = Vec::new();
         if persist_sketches || due {
             for ((e, v), (sketch, dirty)) in sketches.by_variant.iter_mut() {
                 if *dirty {
                     batch.put_experiment_units(e, v, sketch.get_registers());
                     *dirty = false;
+                    persisted_units.push((e.clone(), v.clone()));
                 }
             }
             for ((model, version), (h, dirty)) in sketches.shadow_latency.iter_mut() {
                 if *dirty {
                     batch.put_shadow_latency(model, *version, h);
                     *dirty = false;
+                    persisted_latency.push((model.clone(), *version));
                 }
             }
             sketches.last_persist = Some(std::time::Instant::now());
         }
         drop(sketches);
         let n = records.len() as u64;
+        // Records and the experiment request counters that count them are in this one batch:
+        // after a crash or a failed write, counters and surviving records agree exactly.
         match batch.commit(false) {
             Ok(()) => {
                 self.metrics.records_written.inc_by(n);
@@ -733,7 +741,20 @@ impl Writer {
             }
             Err(e) => {
                 self.metrics.record_write_errors.inc_by(n);
-                tracing::warn!(error = %e, records = n, "writing records failed; they are dropped");
+                // One line per failing batch would flood the log while the disk is full; the
+                // store logs the first failure and the recovery, the metric counts every record.
+                tracing::debug!(error = %e, records = n, "writing records failed; they are dropped");
+                let mut sketches = self.sketches.lock();
+                for key in persisted_units {
+                    if let Some((_, dirty)) = sketches.by_variant.get_mut(&key) {
+                        *dirty = true;
+                    }
+                }
+                for key in persisted_latency {
+                    if let Some((_, dirty)) = sketches.shadow_latency.get_mut(&key) {
+                        *dirty = true;
+                    }
+                }
             }
         }
         for raw in records {

@@ -52,7 +52,11 @@ pub struct Running {
     traces: Option<Arc<crate::traces::Traces>>,
     writer: Option<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    /// The data-plane threads' tasks: each ends when its thread has drained (within the grace).
+    data_tasks: Vec<JoinHandle<()>>,
+    /// Control and admin ports and periodic work.
     tasks: Vec<JoinHandle<()>>,
+    shutdown_grace: std::time::Duration,
 }
 
 async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
@@ -142,6 +146,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (data_addr, control_addr, admin_addr) =
         (data.local_addr()?, ctl.local_addr()?, admin.local_addr()?);
     let (stop, stop_rx) = watch::channel(false);
+    let mut data_tasks = Vec::new();
     let mut tasks = Vec::new();
 
     // Data port: the proxy, with health and reflection for the OIP service.
@@ -198,6 +203,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // tasks run after the request tasks that fed them, so their frames leave in fewer writes.
     let data = data.into_std()?;
     let serving = Arc::new(AtomicUsize::new(0));
+    let mut started = Vec::new();
     for i in 0..config.data_threads {
         let listener = data.try_clone()?;
         let proxy = if i == 0 {
@@ -208,6 +214,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let (settings, shutdown) = (settings.clone(), stopped(stop_rx.clone()));
         let serving = serving.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        started.push(started_rx);
         std::thread::Builder::new()
             .name(format!("modelgate-data-{i}"))
             .spawn(move || {
@@ -219,17 +227,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => {
                             serving.fetch_add(1, Ordering::AcqRel);
+                            let _ = started_tx.send(());
                             proxy::serve(l, proxy, settings, shutdown).await
                         }
                         Err(e) => tracing::error!(error = %e, "data port listener failed"),
                     }
                 });
+                // The runtime's remaining tasks (connections cut at the end of the grace, shadow
+                // copies) hold the proxy and, through it, the store: drop them before saying
+                // done, so that nothing of the data plane outlives shutdown.
+                drop(rt);
                 let _ = done_tx.send(());
             })
             .context("cannot start a data-plane thread")?;
-        tasks.push(tokio::spawn(async move {
+        data_tasks.push(tokio::spawn(async move {
             let _ = done_rx.await;
         }));
+    }
+    // Return only once every data thread serves: /ready said "the data port is not serving yet"
+    // for the first moments after start (tests/ports.rs failed now and then on a busy machine).
+    // A thread whose listener failed has logged why; /ready keeps reporting it.
+    for s in started {
+        let _ = s.await;
     }
 
     // Control port: modelgate.v1 behind the bearer token; health and reflection open.
@@ -329,6 +348,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             if serving.load(Ordering::Acquire) < threads {
                 return Err("the data port is not serving yet".into());
             }
+            // A property read, unless writes have been failing (a full disk): then one small
+            // synced write, so that /ready turns 200 again as soon as RocksDB takes writes.
             store.check().map_err(|e| format!("RocksDB: {e}"))?;
             // Routing is loaded from RocksDB before any port opens; a snapshot is always there.
             let _ = routing.load();
@@ -370,7 +391,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         traces,
         writer: Some(writer),
         stop,
+        data_tasks,
         tasks,
+        shutdown_grace: config.shutdown_grace,
     })
 }
 
@@ -423,16 +446,32 @@ impl Running {
     pub async fn shutdown(self) {
         let Running {
             stop,
+            data_tasks,
             tasks,
             plane,
             recorder,
             writer,
             traces,
+            shutdown_grace,
+            monitor,
             ..
         } = self;
+        let deadline = tokio::time::Instant::now() + shutdown_grace;
         let _ = stop.send(true);
-        for t in tasks {
+        // The data plane bounds its own drain by the grace period.
+        for t in data_tasks {
             let _ = t.await;
+        }
+        // The control port's server waits for every connection to close, with no bound of its
+        // own: a client that keeps a stream open (an outcome import it never ends) held the
+        // process forever after SIGTERM (tests/faults.rs). What is still open at the end of the
+        // grace period is cut (its connection tasks live on until the process exits).
+        for t in tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                tracing::warn!(grace = ?shutdown_grace, "control connections still open at the end of the shutdown grace period; closing them");
+                abort.abort();
+            }
         }
         // Everything queued is written, then the writer stops (shadow copies still in flight
         // hold handles; what they submit later is dropped and counted).
@@ -446,6 +485,13 @@ impl Running {
             )
             .await;
         }
+        // The writer queued its last drift evaluations; the evaluator ends with the one under way.
+        let m = monitor.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::task::spawn_blocking(move || m.stop_blocking()),
+        )
+        .await;
         if let Some(t) = traces {
             // Spans still buffered go out now (bounded by the exporter's timeout).
             let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;

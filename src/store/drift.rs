@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
+use rocksdb::{IteratorMode, WriteBatch};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{cf, Store, StoreError};
@@ -41,12 +41,6 @@ fn sub_key(model: &str, kind: u8, name: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(name.as_bytes());
     k
-}
-
-fn synced() -> WriteOptions {
-    let mut wo = WriteOptions::default();
-    wo.set_sync(true);
-    wo
 }
 
 impl Store {
@@ -90,8 +84,7 @@ impl Store {
                 batch.put_cf(fam, sub_key(model, b'n', &f.name), bytes);
             }
         }
-        self.db.write_opt(batch, &synced())?;
-        Ok(())
+        self.write(batch, true)
     }
 
     /// A model's reference.
@@ -160,13 +153,13 @@ impl Store {
         name: &str,
         v: &T,
     ) -> Result<(), StoreError> {
-        self.db.put_cf_opt(
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
             self.cf(cf::REFERENCES),
             sub_key(model, b's', name),
             serde_json::to_vec(v).expect("state records serialise"),
-            &synced(),
-        )?;
-        Ok(())
+        );
+        self.write(batch, true)
     }
 
     /// Reads a model's state record `name`.

@@ -105,6 +105,9 @@ pub enum StoreError {
     /// A blocking task did not finish (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
+    /// A write refused by [`Store::inject_write_failures`] (tests only).
+    #[error("rocksdb: IO error: write failure injected for a test (as if the disk were full)")]
+    Injected,
 }
 
 /// Sizes of one column family.
@@ -140,6 +143,31 @@ pub struct Store {
     retention: records::Retention,
     /// Tells apart feature rows of one entity written in the same millisecond.
     row_seq: Arc<std::sync::atomic::AtomicU32>,
+    /// Whether writes are failing, and why: see [`Store::check`].
+    health: Arc<WriteHealth>,
+}
+
+/// What the store knows about its writes, for `/ready`.
+///
+/// RocksDB has no "are writes failing?" property: a write that fails with an I/O error (ENOSPC,
+/// EIO) puts the database into a background-error state in which every later write fails too,
+/// until RocksDB recovers. For ENOSPC its SstFileManager checks the free space every 5 s and,
+/// once at least the largest write buffer (4 MiB here) is free, flushes the memtables and clears
+/// the error by itself; retryable I/O errors are resumed every second. Other hard errors need
+/// `DB::Resume()`, which rust-rocksdb does not expose, or a reopen — a restart, which a `/ready`
+/// that stays 503 asks the orchestrator for. So the store remembers the last write's failure,
+/// and `/ready` retries a tiny synced write while it is set: the first one that succeeds clears
+/// it.
+#[derive(Default)]
+struct WriteHealth {
+    /// Set by a failed write, cleared by a successful one.
+    failing: std::sync::atomic::AtomicBool,
+    /// The failure, for `/ready` and logs.
+    error: parking_lot::Mutex<Option<String>>,
+    /// RocksDB's count of background errors (flushes, compactions) when last looked at.
+    background_errors: std::sync::atomic::AtomicU64,
+    /// Test hook: every write fails while set.
+    inject: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -181,9 +209,17 @@ impl Store {
     pub fn open_with(dir: &Path, retention: records::Retention) -> Result<Self, StoreError> {
         let opts = db_options();
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let families = cf::ALL.iter().map(|name| {
-            ColumnFamilyDescriptor::new(*name, family_options(name, &cache, retention))
-        });
+        // The default family (only /ready's write probe uses it) is opened with the others'
+        // options too: rust-rocksdb would open it with RocksDB's defaults, a 64 MiB write buffer,
+        // and RocksDB reserves the largest write buffer of any family as the free space it waits
+        // for before it recovers from a full disk — after ENOSPC, writes stayed stopped until
+        // 64 MiB were free again, where 4 MiB now suffice (tests/faults.rs, the full-disk test).
+        let families = cf::ALL
+            .iter()
+            .chain([&rocksdb::DEFAULT_COLUMN_FAMILY_NAME])
+            .map(|name| {
+                ColumnFamilyDescriptor::new(*name, family_options(name, &cache, retention))
+            });
         let legacy = DB::list_cf(&opts, dir)
             .map(|names| names.iter().any(|n| n == cf::LEGACY_FEATURES))
             .unwrap_or(false);
@@ -207,6 +243,7 @@ impl Store {
             db: Arc::new(db),
             row_seq: Arc::new(std::sync::atomic::AtomicU32::new(seed)),
             retention,
+            health: Arc::default(),
         })
     }
 
@@ -215,10 +252,77 @@ impl Store {
         self.retention
     }
 
-    /// Whether RocksDB answers (a property read; no I/O).
-    pub fn check(&self) -> Result<(), StoreError> {
-        self.db.property_int_value("rocksdb.num-running-flushes")?;
-        Ok(())
+    /// Whether RocksDB answers and takes writes; the error says why not. Normally a property
+    /// read (no I/O). After a write failed, or when RocksDB counts a new background error (a
+    /// failed flush or compaction, which may have stopped writes), it tries one small synced
+    /// write — the only way to learn whether writes work again — and reports the failure while
+    /// that fails too.
+    pub fn check(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let bg = self
+            .db
+            .property_int_value("rocksdb.background-errors")
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0);
+        let new_bg = self.health.background_errors.swap(bg, Ordering::AcqRel) != bg;
+        if !(self.health.failing.load(Ordering::Acquire) || new_bg) {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(b"modelgate/ready-probe", records::now_ms().to_be_bytes());
+        self.write(batch, true)
+            .map_err(|e| format!("writes are failing: {e}"))
+    }
+
+    /// Test hook (fault injection): while `on`, every write fails with [`StoreError::Injected`]
+    /// before reaching RocksDB, as writes do when the disk is full — control-plane writes,
+    /// record batches, outcomes, references, events and `/ready`'s probe alike.
+    #[doc(hidden)]
+    pub fn inject_write_failures(&self, on: bool) {
+        self.health
+            .inject
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The one way anything is written: commits `batch` (synced when `sync`), and remembers
+    /// whether writes are failing for [`Store::check`].
+    pub(crate) fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        self.write_opt(batch, &{
+            let mut wo = WriteOptions::default();
+            wo.set_sync(sync);
+            wo
+        })
+    }
+
+    /// [`Store::write`] with explicit write options.
+    pub(crate) fn write_opt(&self, batch: WriteBatch, wo: &WriteOptions) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let result = if self.health.inject.load(Ordering::Acquire) {
+            Err(StoreError::Injected)
+        } else {
+            self.db.write_opt(batch, wo).map_err(StoreError::from)
+        };
+        match &result {
+            Ok(()) => {
+                if self.health.failing.load(Ordering::Acquire) {
+                    let mut error = self.health.error.lock();
+                    self.health.failing.store(false, Ordering::Release);
+                    if let Some(e) = error.take() {
+                        tracing::info!(previous_error = %e, "RocksDB writes work again");
+                    }
+                }
+            }
+            // A stall refused because the caller asked not to wait is not a failure of the disk.
+            Err(StoreError::Rocks(e)) if e.kind() == rocksdb::ErrorKind::Incomplete => {}
+            Err(e) => {
+                let mut error = self.health.error.lock();
+                if !self.health.failing.swap(true, Ordering::AcqRel) {
+                    tracing::error!(error = %e, "RocksDB writes are failing");
+                }
+                *error = Some(e.to_string());
+            }
+        }
+        result
     }
 
     /// Sizes and write-stall state, for the metrics.
@@ -398,23 +502,18 @@ impl Store {
 
     /// Commits a batch with `sync = true`: durable on return, even across power loss.
     fn write_sync(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.write(batch, true)
     }
 
     /// Appends an event under its cursor, synced.
     pub fn append_event(&self, e: &crate::pb::modelgate::v1::Event) -> Result<(), StoreError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.put_cf_opt(
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
             self.cf(cf::EVENTS),
             e.cursor.to_be_bytes(),
             prost::Message::encode_to_vec(e),
-            &wo,
-        )?;
-        Ok(())
+        );
+        self.write_sync(batch)
     }
 
     /// The cursor of the last stored event (0 when none).

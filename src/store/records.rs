@@ -378,8 +378,7 @@ impl RecordBatch<'_> {
     pub fn commit(self, no_slowdown: bool) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
         wo.set_no_slowdown(no_slowdown);
-        self.store.db.write_opt(self.batch, &wo)?;
-        Ok(())
+        self.store.write_opt(self.batch, &wo)
     }
 }
 
@@ -608,8 +607,7 @@ impl Store {
                 }
             }
         }
-        self.db.write(batch)?;
-        Ok(())
+        self.write(batch, false)
     }
 
     /// The counters of an experiment's variants, in the order given.
@@ -765,10 +763,7 @@ impl Store {
         for d in defs {
             b.add_feature_def(d);
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(b.batch, &wo)?;
-        Ok(())
+        self.write(b.batch, true)
     }
 
     /// Point-in-time feature reads: for each entity, for each `(feature, ttl)`, the latest value at
