@@ -180,7 +180,11 @@ pub struct ModelReport {
     pub concept: Vec<ConceptStatus>,
 }
 
-type EvalRequest = (String, Option<SyncSender<()>>);
+/// The windows of a model as they were when K new rows had arrived.
+type Snapshot = (Arc<Reference>, Vec<LiveWindow>);
+/// A model to evaluate: on a snapshot taken when it was asked for (so that what is tested does
+/// not depend on how far behind the evaluator is), or on its current windows; and whom to tell.
+type EvalRequest = (String, Option<Snapshot>, Option<SyncSender<()>>);
 
 /// The monitor.
 pub struct Monitor {
@@ -240,12 +244,12 @@ impl Monitor {
         let evaluator = std::thread::Builder::new()
             .name("modelgate-drift".into())
             .spawn(move || {
-                while let Ok((model, ack)) = eval_rx.recv() {
+                while let Ok((model, snapshot, ack)) = eval_rx.recv() {
                     if stopping.load(std::sync::atomic::Ordering::Acquire) {
                         break;
                     }
                     let Some(m) = weak.upgrade() else { break };
-                    m.evaluate(&model);
+                    m.evaluate(&model, snapshot);
                     if let Some(ack) = ack {
                         let _ = ack.send(());
                     }
@@ -264,7 +268,7 @@ impl Monitor {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Release);
         // Wakes an idle evaluator (a full queue wakes it anyway).
-        let _ = self.eval_tx.try_send((String::new(), None));
+        let _ = self.eval_tx.try_send((String::new(), None, None));
         let handle = self.evaluator.lock().take();
         if let Some(h) = handle {
             // Never join from the evaluator itself (it may drop the last handle to the monitor).
@@ -355,9 +359,10 @@ impl Monitor {
         {
             md.since_eval = 0;
             md.asked = Some(std::time::Instant::now());
+            let snapshot = md.reference.clone().map(|r| (r, md.windows.clone()));
             drop(md);
             // The evaluator is busy or far behind: the next K rows will ask again.
-            let _ = self.eval_tx.try_send((model.to_string(), None));
+            let _ = self.eval_tx.try_send((model.to_string(), snapshot, None));
         }
     }
 
@@ -408,21 +413,28 @@ impl Monitor {
     /// Evaluates `model` now on the evaluator thread and waits for it.
     pub fn evaluate_now(&self, model: &str) {
         let (ack, done) = sync_channel(1);
-        if self.eval_tx.send((model.to_string(), Some(ack))).is_ok() {
+        if self
+            .eval_tx
+            .send((model.to_string(), None, Some(ack)))
+            .is_ok()
+        {
             let _ = done.recv_timeout(Duration::from_secs(60));
         }
     }
 
-    fn evaluate(&self, model: &str) {
+    fn evaluate(&self, model: &str, snapshot: Option<Snapshot>) {
         let Some(md) = self.models.get(model).map(|m| m.clone()) else {
             return;
         };
-        let (reference, windows) = {
-            let md = md.lock();
-            let Some(r) = md.reference.clone() else {
-                return;
-            };
-            (r, md.windows.clone())
+        let (reference, windows) = match snapshot {
+            Some(s) => s,
+            None => {
+                let md = md.lock();
+                let Some(r) = md.reference.clone() else {
+                    return;
+                };
+                (r, md.windows.clone())
+            }
         };
         let features = drift::evaluate(&reference, &windows, self.settings.fdr);
         let drifted: Vec<String> = features
@@ -710,7 +722,8 @@ impl Monitor {
             {
                 md.since_eval = 0;
                 md.asked = Some(std::time::Instant::now());
-                let _ = self.eval_tx.try_send((entry.key().clone(), None));
+                let snapshot = md.reference.clone().map(|r| (r, md.windows.clone()));
+                let _ = self.eval_tx.try_send((entry.key().clone(), snapshot, None));
             }
         }
         let state = self.plane.state();
