@@ -29,10 +29,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: not a valid PEM certificate file: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
-            path.display()
-        ));
+        return Err(format!("{}: no PEM certificate in it", path.display()));
     }
     Ok(certs)
 }
@@ -42,10 +39,9 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     // The parser's error could quote part of the file: only its kind is reported.
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => format!(
-            "{}: no PEM private key (-----BEGIN PRIVATE KEY-----) in it",
-            path.display()
-        ),
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            format!("{}: no PEM private key in it", path.display())
+        }
         _ => format!("{}: not a valid PEM private key file", path.display()),
     })
 }
