@@ -55,3 +55,13 @@ ensure_peers() {
     fi
     command -v grpcurl >/dev/null && command -v curl >/dev/null && python3 -c 'import tritonclient.grpc'
 }
+
+# cargo-deny, for the supply-chain checks of deny.toml (licences, bans, sources). Built from
+# crates.io: about 3 minutes on 2 cores, once per machine.
+ensure_cargo_deny() {
+    command -v cargo-deny >/dev/null && return 0
+    echo "installing cargo-deny (supply-chain checks)…"
+    cargo install --locked --quiet cargo-deny || return 1
+    hash -r
+    command -v cargo-deny >/dev/null
+}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what is missing, then runs every check: formatting, clippy, and all tests.
+# Installs what is missing, then runs every check: formatting, supply chain (cargo-deny), clippy,
+# and all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -11,5 +12,13 @@ else
     echo "warning: grpcurl / tritonclient could not be installed; their compatibility tests will be skipped" >&2
 fi
 cargo fmt --all -- --check
+# Supply chain (deny.toml): licences, banned crates, sources. The advisories check needs the RustSec
+# database from GitHub, which this project's machines cannot reach: run `cargo deny check
+# advisories` where GitHub is reachable (see docs/security.md).
+if ensure_cargo_deny; then
+    cargo deny --log-level error check licenses bans sources
+else
+    echo "warning: cargo-deny could not be installed; supply-chain checks skipped" >&2
+fi
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked

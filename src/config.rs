@@ -200,6 +200,48 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub state_poll_interval: Duration,
 
+    /// Serve the data port over TLS with this certificate chain, PEM, leaf first (with
+    /// --tls-key; env MODELGATE_TLS_CERT).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert, PEM (env MODELGATE_TLS_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require data-port clients to present a certificate issued by a CA in this PEM bundle
+    /// (mTLS; env MODELGATE_TLS_CLIENT_CA).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Verify https:// upstreams against the CAs in this PEM bundle instead of the system's
+    /// trusted roots (env MODELGATE_UPSTREAM_CA).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Client certificate chain, PEM, presented to https:// upstreams (with --upstream-key;
+    /// env MODELGATE_UPSTREAM_CERT).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_cert: Option<PathBuf>,
+
+    /// Private key of --upstream-cert, PEM (env MODELGATE_UPSTREAM_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_key: Option<PathBuf>,
+
+    /// Serve the control port over TLS with this certificate chain, PEM (with
+    /// --control-tls-key; env MODELGATE_CONTROL_TLS_CERT).
+    #[arg(long, value_name = "FILE")]
+    pub control_tls_cert: Option<PathBuf>,
+
+    /// Private key of --control-tls-cert, PEM (env MODELGATE_CONTROL_TLS_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub control_tls_key: Option<PathBuf>,
+
+    /// Require control-port clients to present a certificate issued by a CA in this PEM bundle
+    /// (mTLS, in addition to --control-token; env MODELGATE_CONTROL_CLIENT_CA).
+    #[arg(long, value_name = "FILE")]
+    pub control_client_ca: Option<PathBuf>,
+
     /// Log format (env MODELGATE_LOG_FORMAT).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -310,6 +352,13 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// How often the state file is checked for changes.
     pub state_poll_interval: Duration,
+    /// TLS on the data port (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    pub tls: Option<crate::tls::ServerTlsFiles>,
+    /// TLS towards `https://` upstreams (`--upstream-ca`, `--upstream-cert`, `--upstream-key`).
+    pub upstream_tls: crate::tls::UpstreamTlsFiles,
+    /// TLS on the control port (`--control-tls-cert`, `--control-tls-key`,
+    /// `--control-client-ca`).
+    pub control_tls: Option<crate::tls::ServerTlsFiles>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -347,6 +396,10 @@ impl std::fmt::Debug for Config {
             .field("webhooks", &self.webhooks)
             .field("state_file", &self.state_file)
             .field("state_poll_interval", &self.state_poll_interval)
+            // Paths only: key material is never loaded into the configuration.
+            .field("tls", &self.tls)
+            .field("upstream_tls", &self.upstream_tls)
+            .field("control_tls", &self.control_tls)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .finish()
@@ -505,6 +558,24 @@ impl Config {
             // again when it starts: the file is the source of truth, not this copy.
             crate::declare::load(path).map_err(|e| bad("state_file", e.to_string()))?;
         }
+        let tls = server_tls(
+            [a.tls_cert, a.tls_key, a.tls_client_ca],
+            ["tls_cert", "tls_key", "tls_client_ca"],
+        )?;
+        let control_tls = server_tls(
+            [a.control_tls_cert, a.control_tls_key, a.control_client_ca],
+            ["control_tls_cert", "control_tls_key", "control_client_ca"],
+        )?;
+        let upstream_tls = crate::tls::UpstreamTlsFiles {
+            ca: a.upstream_ca,
+            cert: a.upstream_cert,
+            key: a.upstream_key,
+        };
+        // Read and checked now; the system roots are only loaded when an upstream needs them.
+        upstream_tls.check().map_err(|e| ConfigError::Invalid {
+            setting: e.setting,
+            message: e.message,
+        })?;
         Ok(Config {
             listen: a.listen,
             control_listen: a.control_listen,
@@ -555,6 +626,9 @@ impl Config {
             state_poll_interval: a.state_poll_interval,
             log_format: a.log_format,
             log_level: a.log_level,
+            tls,
+            upstream_tls,
+            control_tls,
         })
     }
 
@@ -569,6 +643,49 @@ impl Config {
         }
         w
     }
+}
+
+/// Checks a server's TLS settings (certificate, key, client CA) and builds its configuration
+/// once, so that unreadable files, bad PEM and a key that does not match the certificate stop
+/// start-up with the flag named.
+fn server_tls(
+    files: [Option<PathBuf>; 3],
+    settings: [&'static str; 3],
+) -> Result<Option<crate::tls::ServerTlsFiles>, ConfigError> {
+    let [cert, key, client_ca] = files;
+    let requires = |setting: &'static str, other: &str| ConfigError::Invalid {
+        setting,
+        message: format!("is required with --{}", other.replace('_', "-")),
+    };
+    let files = match (cert, key) {
+        (Some(cert), Some(key)) => crate::tls::ServerTlsFiles {
+            cert,
+            key,
+            client_ca,
+        },
+        (Some(_), None) => return Err(requires(settings[1], settings[0])),
+        (None, Some(_)) => return Err(requires(settings[0], settings[1])),
+        (None, None) => {
+            if client_ca.is_some() {
+                return Err(ConfigError::Invalid {
+                    setting: settings[2],
+                    message: format!(
+                        "needs TLS: set --{} and --{} too",
+                        settings[0].replace('_', "-"),
+                        settings[1].replace('_', "-")
+                    ),
+                });
+            }
+            return Ok(None);
+        }
+    };
+    files
+        .server_config(settings)
+        .map_err(|e| ConfigError::Invalid {
+            setting: e.setting,
+            message: e.message,
+        })?;
+    Ok(Some(files))
 }
 
 impl ServeArgs {
@@ -994,6 +1111,108 @@ mod tests {
         );
         let err = load(&["--state-poll-interval", "0s"], &[], None).unwrap_err();
         assert!(err.contains("--state-poll-interval"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let (cert, key, other_key) = (
+            write("cert.pem", &cert.pem()),
+            write("key.pem", &key.serialize_pem()),
+            write("other.pem", &other_key.serialize_pem()),
+        );
+        let c = load(&["--tls-cert", &cert, "--tls-key", &key], &[], None).unwrap();
+        let files = c.tls.as_ref().unwrap();
+        assert_eq!(files.client_ca, None);
+        let c = load(
+            &[],
+            &[
+                ("MODELGATE_CONTROL_TLS_CERT", &cert),
+                ("MODELGATE_CONTROL_TLS_KEY", &key),
+                ("MODELGATE_CONTROL_CLIENT_CA", &cert),
+                ("MODELGATE_UPSTREAM_CA", &cert),
+                ("MODELGATE_CONTROL_TOKEN", "s3cret"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert!(c.control_tls.as_ref().unwrap().client_ca.is_some());
+        assert!(c.tls.is_none());
+        // Paths are printed, never what the files hold, nor the token.
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("cert.pem") && !debug.contains("BEGIN"),
+            "{debug}"
+        );
+        assert!(!debug.contains("s3cret"), "{debug}");
+
+        let err = load(&["--tls-cert", &cert], &[], None).unwrap_err();
+        assert!(err.contains("--tls-key (MODELGATE_TLS_KEY)"), "{err}");
+        let err = load(&["--tls-client-ca", &cert], &[], None).unwrap_err();
+        assert!(err.contains("--tls-client-ca"), "{err}");
+        let err = load(
+            &["--tls-cert", "/nonexistent.pem", "--tls-key", &key],
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("--tls-cert") && err.contains("/nonexistent.pem"),
+            "{err}"
+        );
+        let err = load(&["--tls-cert", &key, "--tls-key", &key], &[], None).unwrap_err();
+        assert!(
+            err.contains("--tls-cert") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let err = load(&["--tls-cert", &cert, "--tls-key", &cert], &[], None).unwrap_err();
+        assert!(
+            err.contains("--tls-key") && err.contains("no PEM private key"),
+            "{err}"
+        );
+        let err = load(&["--tls-cert", &cert, "--tls-key", &other_key], &[], None).unwrap_err();
+        assert!(
+            err.contains("--tls-key") && err.contains("does not match"),
+            "{err}"
+        );
+        let err = load(
+            &["--control-tls-cert", &cert, "--control-tls-key", &other_key],
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("--control-tls-key"), "{err}");
+        let err = load(&["--upstream-ca", &key], &[], None).unwrap_err();
+        assert!(err.contains("--upstream-ca"), "{err}");
+        let err = load(&["--upstream-cert", &cert], &[], None).unwrap_err();
+        assert!(err.contains("--upstream-key"), "{err}");
+        let err = load(
+            &["--upstream-cert", &cert, "--upstream-key", &other_key],
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("--upstream-key") && err.contains("does not match"),
+            "{err}"
+        );
+        load(
+            &["--upstream-cert", &cert, "--upstream-key", &key],
+            &[],
+            None,
+        )
+        .unwrap();
     }
 
     #[test]

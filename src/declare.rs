@@ -95,7 +95,7 @@ pub struct VersionDecl {
     /// The file's name for this version; it becomes a registry alias, which is how a version is
     /// found again on the next apply.
     pub key: String,
-    /// Upstream, `http://host:port`.
+    /// Upstream, `http://host:port` (or `https://host:port` over TLS).
     pub endpoint: String,
     /// Model name written into forwarded OIP requests (empty: keep the caller's).
     #[serde(default)]

@@ -33,5 +33,6 @@ pub mod shadow;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod traces;
 pub mod webhook;

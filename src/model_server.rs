@@ -404,12 +404,27 @@ pub async fn serve(
     server: ModelServer,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_tls(listener, server, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (tonic's TLS, ALPN `h2`; with a client CA in it,
+/// clients must present a certificate): an `https://` upstream for tests.
+pub async fn serve_tls(
+    listener: TcpListener,
+    server: ModelServer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<GrpcInferenceServiceServer<ModelServer>>()
         .await;
     let (reflect_v1, reflect_v1alpha) = crate::control::reflection_services(&["inference"]);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflect_v1)
@@ -428,14 +443,16 @@ pub async fn serve(
 pub struct RunningModelServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl RunningModelServer {
-    /// `http://addr`, as registered in modelgate.
+    /// `http://addr` (`https://addr` over TLS), as registered in modelgate.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting and waits for the server to finish.
@@ -455,14 +472,25 @@ impl Drop for RunningModelServer {
 
 /// Starts a model server on `addr` (port 0 picks a free port) in the background.
 pub async fn spawn(addr: SocketAddr, specs: Vec<ModelSpec>) -> std::io::Result<RunningModelServer> {
+    spawn_tls(addr, specs, None).await
+}
+
+/// [`spawn`] over TLS when `tls` is given.
+pub async fn spawn_tls(
+    addr: SocketAddr,
+    specs: Vec<ModelSpec>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> std::io::Result<RunningModelServer> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, ModelServer::new(specs), async {
+    let is_tls = tls.is_some();
+    let task = tokio::spawn(serve_tls(listener, ModelServer::new(specs), tls, async {
         let _ = rx.await;
     }));
     Ok(RunningModelServer {
         addr,
+        tls: is_tls,
         stop: Some(tx),
         task,
     })

@@ -87,7 +87,7 @@ pub struct ModelVersion {
     pub version: u32,
     /// Current stage.
     pub stage: Stage,
-    /// Normalised upstream endpoint, `http://host:port`.
+    /// Normalised upstream endpoint, `http://host:port` or `https://host:port` (TLS).
     pub endpoint: String,
     /// Model name written into forwarded OIP requests.
     #[serde(default)]
@@ -343,39 +343,36 @@ pub fn validate_alias(alias: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// Normalises an upstream endpoint to `http://host:port`. Accepts `host:port` and
-/// `http://host:port[/]`; TLS upstreams are not supported yet.
+/// Normalises an upstream endpoint to `http://host:port`, or `https://host:port` for a model
+/// server reached over TLS. Accepts `host:port` (plaintext) and `http[s]://host:port[/]`.
 pub fn normalize_endpoint(endpoint: &str) -> Result<String, RegistryError> {
     const FIELD: &str = "endpoint";
     let e = endpoint.trim();
     if e.is_empty() {
         return Err(invalid(FIELD, "required, e.g. http://127.0.0.1:8001"));
     }
-    if e.starts_with("https://") {
-        return Err(invalid(
-            FIELD,
-            format!("'{e}': TLS to upstreams is not supported; use http://"),
-        ));
-    }
-    let rest = e.strip_prefix("http://").unwrap_or(e);
+    let (scheme, rest) = match e.strip_prefix("https://") {
+        Some(rest) => ("https", rest),
+        None => ("http", e.strip_prefix("http://").unwrap_or(e)),
+    };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains("://") || rest.contains('/') || rest.contains('?') {
         return Err(invalid(
             FIELD,
-            format!("'{e}' must be http://host:port with no path"),
+            format!("'{e}' must be http://host:port or https://host:port with no path"),
         ));
     }
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
         invalid(
             FIELD,
-            format!("'{e}' has no port; expected http://host:port"),
+            format!("'{e}' has no port; expected http://host:port or https://host:port"),
         )
     })?;
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') {
         return Err(invalid(FIELD, format!("'{e}' has no valid host")));
     }
     let normalized = match port.parse::<u16>() {
-        Ok(p) if p > 0 => format!("http://{host}:{p}"),
+        Ok(p) if p > 0 => format!("{scheme}://{host}:{p}"),
         _ => {
             return Err(invalid(
                 FIELD,
@@ -841,6 +838,10 @@ mod tests {
             r.get("iris", "1").unwrap().endpoint,
             "http://127.0.0.1:8001"
         );
+        assert_eq!(
+            normalize_endpoint(" https://models.internal:8443/ ").unwrap(),
+            "https://models.internal:8443"
+        );
     }
 
     #[test]
@@ -988,7 +989,8 @@ mod tests {
             (new("m", "h:0"), "endpoint"),
             (new("m", "h:99999"), "endpoint"),
             (new("m", "http://h:1/path"), "endpoint"),
-            (new("m", "https://h:1"), "endpoint"),
+            (new("m", "https://h:1/x"), "endpoint"),
+            (new("m", "ftp://h:1"), "endpoint"),
         ];
         for (n, field) in cases {
             match r.register(n.clone(), 0) {

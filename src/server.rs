@@ -26,7 +26,8 @@ use crate::pb::modelgate::v1::{
     features_server::FeaturesServer, outcomes_server::OutcomesServer,
     predictions_server::PredictionsServer, shadows_server::ShadowsServer,
 };
-use crate::proxy::{self, upstream::UpstreamSettings, Limits, Proxy, ServerSettings};
+use crate::proxy::upstream::{UpstreamSettings, UpstreamTls};
+use crate::proxy::{self, Limits, Proxy, ServerSettings};
 use crate::recorder::{Recorder, RecorderSettings};
 use crate::store::{self, Store};
 use crate::telemetry::Metrics;
@@ -69,6 +70,26 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// The control port's TLS: tonic's own (rustls with ring), from the same files the settings
+/// check read. The configuration is also built with [`crate::tls`] first, so that a key that does
+/// not match its certificate is reported as such.
+fn control_tls_config(
+    files: &crate::tls::ServerTlsFiles,
+) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    files.server_config(["control_tls_cert", "control_tls_key", "control_client_ca"])?;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
+}
+
 /// Starts modelgate with `config` and returns once every port is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     // The state file before anything else: a bad one fails start-up before a port is bound.
@@ -76,6 +97,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(path) => Some(
             crate::declare::load(path).map_err(|e| anyhow::anyhow!("invalid --state-file {e}"))?,
         ),
+        None => None,
+    };
+    // TLS material next (checked at validation already; read again, as the files are the
+    // source of truth): a file that went bad since fails start-up before a port is bound.
+    let data_tls = match &config.tls {
+        Some(files) => Some(
+            files
+                .server_config(["tls_cert", "tls_key", "tls_client_ca"])
+                .context("cannot set up TLS on the data port")?,
+        ),
+        None => None,
+    };
+    let control_tls = match &config.control_tls {
+        Some(files) => {
+            Some(control_tls_config(files).context("cannot set up TLS on the control port")?)
+        }
         None => None,
     };
     // Ports first: a port in use fails before the database is opened or any thread started.
@@ -178,6 +215,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 connect_timeout: config.connect_timeout,
                 keepalive_interval: config.keepalive_interval,
                 connections: config.upstream_connections,
+                tls: Arc::new(UpstreamTls::new(config.upstream_tls.clone())),
             },
             local,
             Limits {
@@ -196,6 +234,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         max_concurrent_streams: config.max_concurrent_streams,
         keepalive_interval: config.keepalive_interval,
         shutdown_grace: config.shutdown_grace,
+        tls: data_tls,
     };
     // The data plane runs on its own threads, each a single-threaded runtime accepting from the
     // shared listener with its own upstream connections: a request, its upstream stream and both
@@ -262,7 +301,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
     let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone())
         .with_monitor(monitor.clone());
-    let ctl_server = tonic::transport::Server::builder()
+    let mut ctl_builder = tonic::transport::Server::builder();
+    if let Some(tls) = control_tls {
+        ctl_builder = ctl_builder
+            .tls_config(tls)
+            .context("cannot set up TLS on the control port")?;
+    }
+    let ctl_server = ctl_builder
         .add_service(ctl_health)
         .add_service(ctl_refl_v1)
         .add_service(ctl_refl_v1alpha)
@@ -375,6 +420,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     tracing::info!(
         data = %data_addr, control = %control_addr, admin = %admin_addr,
+        data_tls = config.tls.as_ref().map_or("off", |t| if t.client_ca.is_some() { "mtls" } else { "on" }),
+        control_tls = config.control_tls.as_ref().map_or("off", |t| if t.client_ca.is_some() { "mtls" } else { "on" }),
         data_dir = %config.data_dir.display(),
         models = plane.state().registry.models().count(),
         "modelgate listening"

@@ -176,7 +176,7 @@ pub enum Models {
 pub struct Register {
     /// Model name.
     pub model: String,
-    /// The model server of this version: http://host:port.
+    /// The model server of this version: http://host:port, or https://host:port over TLS.
     #[arg(long)]
     pub endpoint: String,
     /// Model name to send to the model server, when it differs.

@@ -986,7 +986,13 @@ pub struct ServerSettings {
     pub keepalive_interval: Duration,
     /// How long shutdown waits for open requests.
     pub shutdown_grace: Duration,
+    /// TLS (`--tls-cert`…): connections are served over TLS with ALPN `h2`, and must present a
+    /// client certificate when the configuration asks for one. None: HTTP/2 cleartext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// Time a client has to complete the TLS handshake before its connection is closed.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the data port on `listener` until `shutdown` resolves, then drains open connections for
 /// up to the grace period.
@@ -1007,6 +1013,7 @@ pub async fn serve(
         // every frame, which costs more than it gains for small inference messages.
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20);
+    let acceptor = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -1027,12 +1034,39 @@ pub async fn serve(
             let p = p.clone();
             async move { Ok::<_, Infallible>(p.handle(req).await) }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "data connection ended with an error");
+        match &acceptor {
+            None => {
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "data connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                // The handshake runs in the connection's own task, so a slow or silent client
+                // never holds up the accept loop.
+                let (accept, builder, watcher) =
+                    (acceptor.accept(stream), builder.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %crate::tls::describe_io_error(&e), "TLS handshake failed on the data port");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out on the data port");
+                            return;
+                        }
+                    };
+                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "data connection ended with an error");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {

@@ -14,6 +14,10 @@
 //! slot empties and the next request reconnects. A request that could not even start on a
 //! connection that turned out to be dead is retried once on a fresh one: nothing of it reached
 //! the upstream.
+//!
+//! `https://` endpoints are reached over TLS (rustls, ALPN `h2`), verified against the system
+//! roots or `--upstream-ca`; the handshake shares the connect timeout, and a failed one names
+//! its reason (`certificate verify failed: UnknownIssuer`).
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -39,12 +43,41 @@ pub struct UpstreamSettings {
     pub keepalive_interval: Duration,
     /// HTTP/2 connections per endpoint.
     pub connections: usize,
+    /// TLS towards `https://` endpoints.
+    pub tls: Arc<UpstreamTls>,
+}
+
+/// TLS towards `https://` upstreams: the files, and the client configuration built from them
+/// when the first `https://` endpoint is connected to (so that the system roots are only read
+/// when needed). Shared by every data thread.
+#[derive(Debug, Default)]
+pub struct UpstreamTls {
+    files: crate::tls::UpstreamTlsFiles,
+    config: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
+}
+
+impl UpstreamTls {
+    /// TLS settings from `--upstream-ca`, `--upstream-cert`, `--upstream-key`.
+    pub fn new(files: crate::tls::UpstreamTlsFiles) -> Self {
+        UpstreamTls {
+            files,
+            config: Default::default(),
+        }
+    }
+
+    fn connector(&self) -> Result<tokio_rustls::TlsConnector, UpstreamError> {
+        self.config
+            .get_or_init(|| self.files.client_config().map_err(|e| e.to_string()))
+            .clone()
+            .map(tokio_rustls::TlsConnector::from)
+            .map_err(UpstreamError::Connect)
+    }
 }
 
 /// Why an upstream call failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The endpoint is not an `http://host:port` URL.
+    /// The endpoint is not an `http://host:port` or `https://host:port` URL.
     #[error("invalid endpoint: {0}")]
     Endpoint(String),
     /// No connection could be opened.
@@ -81,6 +114,8 @@ struct Slot {
 struct Endpoint {
     /// `host:port`, for connecting and for the `:authority` of requests.
     authority: http::uri::Authority,
+    /// The name the server's certificate must carry, for `https://` endpoints.
+    tls: Option<rustls_pki_types::ServerName<'static>>,
     slots: Vec<Arc<Slot>>,
     next: AtomicUsize,
 }
@@ -114,18 +149,37 @@ impl Upstreams {
         let uri: Uri = endpoint
             .parse()
             .map_err(|e| UpstreamError::Endpoint(format!("'{endpoint}': {e}")))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(UpstreamError::Endpoint(format!(
-                "'{endpoint}': only http:// (plaintext HTTP/2) upstreams are supported"
-            )));
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(UpstreamError::Endpoint(format!(
+                    "'{endpoint}': only http:// and https:// upstreams are supported"
+                )))
+            }
+        };
         let authority = uri
             .authority()
             .filter(|a| a.port_u16().is_some())
             .cloned()
             .ok_or_else(|| UpstreamError::Endpoint(format!("'{endpoint}': no host:port")))?;
+        let tls = if https {
+            // `[::1]` is written with brackets in a URL, not in a certificate.
+            let host = authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            Some(
+                rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+                    UpstreamError::Endpoint(format!("'{endpoint}': not a TLS server name: {e}"))
+                })?,
+            )
+        } else {
+            None
+        };
         let e = Arc::new(Endpoint {
             authority,
+            tls,
             slots: (0..self.settings.connections.max(1))
                 .map(|_| Arc::default())
                 .collect(),
@@ -138,9 +192,9 @@ impl Upstreams {
             .clone())
     }
 
-    /// Sends a request to `endpoint` (`http://host:port`; the request's path is kept) and returns
-    /// the response head with its body streaming. Dropping the response (or its body) before
-    /// the end resets the upstream stream.
+    /// Sends a request to `endpoint` (`http://host:port` or `https://host:port`; the request's
+    /// path is kept) and returns the response head with its body streaming. Dropping the
+    /// response (or its body) before the end resets the upstream stream.
     pub async fn send(
         &self,
         endpoint: &str,
@@ -156,7 +210,7 @@ impl Upstreams {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         parts.uri = Uri::builder()
-            .scheme("http")
+            .scheme(if ep.tls.is_some() { "https" } else { "http" })
             .authority(ep.authority.clone())
             .path_and_query(path)
             .build()
@@ -222,24 +276,49 @@ impl Upstreams {
             return Ok(c);
         }
         let addr = ep.authority.as_str();
-        let tcp = tokio::time::timeout(
-            self.settings.connect_timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| {
-            UpstreamError::Connect(format!(
-                "timed out after {:?} connecting to {addr}",
-                self.settings.connect_timeout
-            ))
-        })?
-        .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
+        let timeout = self.settings.connect_timeout;
+        let timed_out =
+            || UpstreamError::Connect(format!("timed out after {timeout:?} connecting to {addr}"));
+        let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
+        match &ep.tls {
+            None => self.start(ep, slot, tcp).await,
+            Some(name) => {
+                let connector = self.settings.tls.connector()?;
+                // The handshake shares the connect timeout.
+                let tls = tokio::time::timeout(timeout, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| {
+                        UpstreamError::Connect(format!(
+                            "{addr}: TLS handshake failed: {}",
+                            crate::tls::describe_io_error(&e)
+                        ))
+                    })?;
+                self.start(ep, slot, tls).await
+            }
+        }
+    }
+
+    /// Starts HTTP/2 on an open connection (TCP or TLS) and puts it in the slot.
+    async fn start<T>(
+        &self,
+        ep: &Endpoint,
+        slot: &Arc<Slot>,
+        io: T,
+    ) -> Result<Arc<Conn>, UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let addr = ep.authority.as_str();
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .max_frame_size(1 << 20)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| UpstreamError::Connect(format!("{addr}: HTTP/2 handshake: {e}")))?;
         let conn = Arc::new(Conn {
