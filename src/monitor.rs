@@ -142,6 +142,13 @@ struct ModelDrift {
     state: DriftState,
 }
 
+impl ModelDrift {
+    /// The reference and a copy of the windows, when there is a reference to test against.
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.reference.clone().map(|r| (r, self.windows.clone()))
+    }
+}
+
 struct Concept {
     window: ConceptWindow,
     record: ConceptRecord,
@@ -359,7 +366,7 @@ impl Monitor {
         {
             md.since_eval = 0;
             md.asked = Some(std::time::Instant::now());
-            let snapshot = md.reference.clone().map(|r| (r, md.windows.clone()));
+            let snapshot = md.snapshot();
             drop(md);
             // The evaluator is busy or far behind: the next K rows will ask again.
             let _ = self.eval_tx.try_send((model.to_string(), snapshot, None));
@@ -426,15 +433,8 @@ impl Monitor {
         let Some(md) = self.models.get(model).map(|m| m.clone()) else {
             return;
         };
-        let (reference, windows) = match snapshot {
-            Some(s) => s,
-            None => {
-                let md = md.lock();
-                let Some(r) = md.reference.clone() else {
-                    return;
-                };
-                (r, md.windows.clone())
-            }
+        let Some((reference, windows)) = snapshot.or_else(|| md.lock().snapshot()) else {
+            return;
         };
         let features = drift::evaluate(&reference, &windows, self.settings.fdr);
         let drifted: Vec<String> = features
@@ -722,7 +722,7 @@ impl Monitor {
             {
                 md.since_eval = 0;
                 md.asked = Some(std::time::Instant::now());
-                let snapshot = md.reference.clone().map(|r| (r, md.windows.clone()));
+                let snapshot = md.snapshot();
                 let _ = self.eval_tx.try_send((entry.key().clone(), snapshot, None));
             }
         }

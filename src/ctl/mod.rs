@@ -1142,14 +1142,7 @@ fn plan(cmd: &CtlCommand) -> Result<Plan, CtlError> {
                 values,
                 time,
             } => {
-                let mut m = Map::new();
-                for v in &values {
-                    let (k, x) = v
-                        .split_once('=')
-                        .filter(|(k, _)| !k.is_empty())
-                        .ok_or_else(|| usage(format!("{v:?}: expected NAME=VALUE")))?;
-                    m.insert(k.to_string(), feature_value(x));
-                }
+                let m = pairs("feature value", &values, |x| Some(feature_value(x)))?;
                 let mut row = json!({"entityId": entity, "values": m});
                 if let Some(t) = time {
                     row["eventTime"] = json!(t);
