@@ -79,6 +79,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
 
+    /// Largest request header block (metadata), in bytes as HTTP/2 counts them; larger calls get
+    /// RESOURCE_EXHAUSTED, and blocks over twice the limit are refused by HTTP/2 itself
+    /// (env MODELGATE_MAX_HEADER_BYTES).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
     /// Threads serving the data port, each with its own connections; 0 means one per CPU core
     /// (env MODELGATE_DATA_THREADS).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -101,6 +107,11 @@ pub struct ServeArgs {
     /// (env MODELGATE_KEEPALIVE_INTERVAL).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub keepalive_interval: Duration,
+
+    /// Time a new data-port connection has to finish its TLS handshake, and then to send the
+    /// HTTP/2 preface, before it is closed (env MODELGATE_HANDSHAKE_TIMEOUT).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
 
     /// How long shutdown waits for in-flight requests (env MODELGATE_SHUTDOWN_GRACE).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -316,6 +327,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Largest request header block.
+    pub max_header_bytes: usize,
     /// Data-plane threads (at least 1).
     pub data_threads: usize,
     /// HTTP/2 connections per upstream endpoint.
@@ -326,6 +339,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// HTTP/2 keepalive interval.
     pub keepalive_interval: Duration,
+    /// Data-port TLS handshake and HTTP/2 preface deadline.
+    pub handshake_timeout: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Unit id metadata key / parameter.
@@ -381,8 +396,10 @@ impl std::fmt::Debug for Config {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field("max_header_bytes", &self.max_header_bytes)
             .field("upstream_connections", &self.upstream_connections)
             .field("connect_timeout", &self.connect_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("shutdown_grace", &self.shutdown_grace)
@@ -476,10 +493,17 @@ impl Config {
         if a.max_concurrent_streams == 0 {
             return Err(bad("max_concurrent_streams", "must be at least 1".into()));
         }
+        if !(1024..=1 << 20).contains(&a.max_header_bytes) {
+            return Err(bad(
+                "max_header_bytes",
+                format!("{} is outside 1024..=1048576", a.max_header_bytes),
+            ));
+        }
         for (name, d) in [
             ("connect_timeout", a.connect_timeout),
             ("request_timeout", a.request_timeout),
             ("keepalive_interval", a.keepalive_interval),
+            ("handshake_timeout", a.handshake_timeout),
         ] {
             if d.is_zero() {
                 return Err(bad(name, "must be greater than zero".into()));
@@ -586,6 +610,7 @@ impl Config {
             max_in_flight: a.max_in_flight,
             max_message_bytes: a.max_message_bytes,
             max_concurrent_streams: a.max_concurrent_streams,
+            max_header_bytes: a.max_header_bytes,
             data_threads: match a.data_threads {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
@@ -594,6 +619,7 @@ impl Config {
             connect_timeout: a.connect_timeout,
             request_timeout: a.request_timeout,
             keepalive_interval: a.keepalive_interval,
+            handshake_timeout: a.handshake_timeout,
             shutdown_grace: a.shutdown_grace,
             unit_key: a.unit_key,
             entity_key: a.entity_key,

@@ -221,6 +221,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Limits {
                 max_in_flight: config.max_in_flight,
                 max_message_bytes: config.max_message_bytes,
+                max_header_bytes: config.max_header_bytes,
                 request_timeout: config.request_timeout,
                 unit_key: config.unit_key.clone(),
                 max_shadow_in_flight: config.max_shadow_in_flight,
@@ -232,7 +233,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let settings = ServerSettings {
         max_concurrent_streams: config.max_concurrent_streams,
+        max_header_bytes: config.max_header_bytes,
         keepalive_interval: config.keepalive_interval,
+        handshake_timeout: config.handshake_timeout,
         shutdown_grace: config.shutdown_grace,
         tls: data_tls,
     };
@@ -301,7 +304,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
     let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone())
         .with_monitor(monitor.clone());
-    let mut ctl_builder = tonic::transport::Server::builder();
+    // Control calls get the same default deadline and header limit as data calls (a stream such
+    // as WatchEvents is bounded by the deadline only until its first message is ready).
+    let mut ctl_builder = tonic::transport::Server::builder()
+        .timeout(config.request_timeout)
+        .http2_max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
     if let Some(tls) = control_tls {
         ctl_builder = ctl_builder
             .tls_config(tls)

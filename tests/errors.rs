@@ -424,3 +424,57 @@ async fn the_control_token_is_required_when_set() {
     assert_ne!(code, 0);
     mg.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_never_accepts_fails_at_the_connect_timeout() {
+    // A listener whose accept queue is full and never drained: the kernel drops further SYNs,
+    // so a connect neither succeeds nor is refused — a model server hung in accept, or a
+    // firewall that drops packets, seen from the client.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let probe = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match probe {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("connect to the full listener: {e}"),
+            Err(_) => break, // the queue is full: connects now hang
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.connect_timeout = Duration::from_millis(300);
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "stuck", &format!("http://{addr}")).await;
+    promote(&mut reg, "stuck", "1").await;
+    let mut client = infer_client(mg.data_addr).await;
+    let started = std::time::Instant::now();
+    let err = client
+        .model_infer(infer_request("stuck", &[&[1.0]]))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("timed out after 300ms connecting to"),
+        "{}",
+        err.message()
+    );
+    // At the connect timeout, not at the 30 s request deadline.
+    assert!(
+        (Duration::from_millis(300)..Duration::from_secs(2)).contains(&took),
+        "{took:?}"
+    );
+    drop(listener);
+    mg.shutdown().await;
+}

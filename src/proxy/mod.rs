@@ -6,6 +6,7 @@
 //! model name in the message, and their answers are read whole within the deadline; every other
 //! call is streamed through untouched.
 
+pub mod accept;
 pub mod body;
 pub mod classify;
 pub mod mirror;
@@ -14,8 +15,6 @@ pub mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +24,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
-use tokio::net::TcpListener;
 use tonic::{body::Body, Code, Status};
 use tower::ServiceExt;
 
@@ -38,6 +35,7 @@ use crate::pb::inference::{
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::{LiveShadow, Lookup, Route, RoutingTable};
 use crate::telemetry::{EndpointLabels, Metrics};
+pub use accept::{serve, ServerSettings};
 use body::{Ending, FrameError, Observed};
 use classify::{Call, ServerCall};
 
@@ -61,6 +59,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Largest OIP message read, each way.
     pub max_message_bytes: usize,
+    /// Largest request header block, counted as HTTP/2 counts it (RFC 9113 §6.5.2).
+    pub max_header_bytes: usize,
     /// Deadline for OIP unary calls without grpc-timeout.
     pub request_timeout: Duration,
     /// Metadata key (and OIP parameter) carrying the unit id.
@@ -93,6 +93,10 @@ enum ProxyError {
     MissingModel(&'static str),
     #[error("request message larger than the limit of {0} bytes (--max-message-bytes)")]
     RequestTooLarge(usize),
+    #[error(
+        "request metadata of {size} bytes exceeds the limit of {limit} bytes (--max-header-bytes)"
+    )]
+    HeadersTooLarge { size: usize, limit: usize },
     #[error("reading the request failed: {0}")]
     ReadRequest(String),
     #[error("upstream {endpoint} (model '{model}' version {version}) is unreachable: {reason}")]
@@ -133,7 +137,9 @@ impl ProxyError {
             | ProxyError::MissingModel(_) => Status::invalid_argument(msg),
             ProxyError::Frame(FrameError::Compressed) => Status::unimplemented(msg),
             ProxyError::Frame(_) => Status::invalid_argument(msg),
-            ProxyError::RequestTooLarge(_) => Status::resource_exhausted(msg),
+            ProxyError::RequestTooLarge(_) | ProxyError::HeadersTooLarge { .. } => {
+                Status::resource_exhausted(msg)
+            }
             ProxyError::ReadRequest(_) => Status::cancelled(msg),
             ProxyError::Unreachable { .. } | ProxyError::UpstreamBody { .. } => {
                 Status::unavailable(msg)
@@ -317,7 +323,12 @@ impl Proxy {
             return resp;
         };
 
+        let header_bytes = header_list_size(&req);
         let result = match call {
+            _ if header_bytes > self.limits.max_header_bytes => Err(ProxyError::HeadersTooLarge {
+                size: header_bytes,
+                limit: self.limits.max_header_bytes,
+            }),
             Call::Local => Ok(self
                 .local
                 .clone()
@@ -977,104 +988,29 @@ fn request_id(headers: &HeaderMap) -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// HTTP/2 server settings of the data port.
-#[derive(Clone, Debug)]
-pub struct ServerSettings {
-    /// Streams per connection.
-    pub max_concurrent_streams: u32,
-    /// PING interval.
-    pub keepalive_interval: Duration,
-    /// How long shutdown waits for open requests.
-    pub shutdown_grace: Duration,
-    /// TLS (`--tls-cert`…): connections are served over TLS with ALPN `h2`, and must present a
-    /// client certificate when the configuration asks for one. None: HTTP/2 cleartext.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-/// Time a client has to complete the TLS handshake before its connection is closed.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves the data port on `listener` until `shutdown` resolves, then drains open connections for
-/// up to the grace period.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    settings: ServerSettings,
-    shutdown: impl Future<Output = ()>,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_interval.min(Duration::from_secs(20)))
-        // Fixed, generous windows: BDP probing (adaptive windows) sends PINGs and timestamps
-        // every frame, which costs more than it gains for small inference messages.
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20);
-    let acceptor = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed on the data port");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let p = proxy.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let p = p.clone();
-            async move { Ok::<_, Infallible>(p.handle(req).await) }
-        });
-        match &acceptor {
-            None => {
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "data connection ended with an error");
-                    }
-                });
-            }
-            Some(acceptor) => {
-                // The handshake runs in the connection's own task, so a slow or silent client
-                // never holds up the accept loop.
-                let (accept, builder, watcher) =
-                    (acceptor.accept(stream), builder.clone(), graceful.watcher());
-                tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %crate::tls::describe_io_error(&e), "TLS handshake failed on the data port");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out on the data port");
-                            return;
-                        }
-                    };
-                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc));
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "data connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(settings.shutdown_grace) => {
-            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ended with requests still open");
-        }
-    }
+/// The size of a request's header block as HTTP/2 counts it for SETTINGS_MAX_HEADER_LIST_SIZE
+/// (RFC 9113 §6.5.2): name and value lengths plus 32 per field, pseudo-header fields included.
+fn header_list_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let pseudo = [
+        (":method", req.method().as_str().len()),
+        (":scheme", uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority",
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path",
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let pseudo: usize = pseudo.iter().map(|(n, v)| n.len() + v + 32).sum();
+    pseudo
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
 }
 
 #[cfg(test)]

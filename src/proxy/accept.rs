@@ -1,0 +1,225 @@
+//! Accepting data-port connections: TLS, the HTTP/2 settings that bound what one client may ask
+//! for, the deadline for a connection's first bytes, and draining at shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+
+use super::Proxy;
+
+/// HTTP/2 server settings of the data port.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Streams per connection; a client that opens more gets REFUSED_STREAM for the extra ones.
+    pub max_concurrent_streams: u32,
+    /// The `--max-header-bytes` limit: blocks up to twice its size are read and answered with
+    /// RESOURCE_EXHAUSTED by the proxy; larger ones are refused by HTTP/2 (431 and
+    /// REFUSED_STREAM) without being buffered. The same soft/hard split gRPC's C core uses.
+    pub max_header_bytes: usize,
+    /// PING interval.
+    pub keepalive_interval: Duration,
+    /// Time a new connection has to complete the TLS handshake (when TLS is on), and then again
+    /// to send the HTTP/2 connection preface. A client that connects and stays silent would
+    /// otherwise hold a socket forever: HTTP/2 keepalive PINGs only start after the handshake.
+    pub handshake_timeout: Duration,
+    /// How long shutdown waits for open requests.
+    pub shutdown_grace: Duration,
+    /// TLS (`--tls-cert`…): connections are served over TLS with ALPN `h2`, and must present a
+    /// client certificate when the configuration asks for one. None: HTTP/2 cleartext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, the bytes every HTTP/2 client sends first.
+const PREFACE_LEN: usize = 24;
+
+type Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+/// Serves the data port on `listener` until `shutdown` resolves, then drains open connections for
+/// up to the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes * 2).unwrap_or(u32::MAX))
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_interval.min(Duration::from_secs(20)))
+        // Fixed, generous windows: BDP probing (adaptive windows) sends PINGs and timestamps
+        // every frame, which costs more than it gains for small inference messages.
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let acceptor = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed on the data port");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            proxy: proxy.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            peer,
+            handshake_timeout: settings.handshake_timeout,
+        };
+        match &acceptor {
+            None => {
+                tokio::spawn(conn.serve(stream));
+            }
+            Some(acceptor) => {
+                // The handshake runs in the connection's own task, so a slow or silent client
+                // never holds up the accept loop.
+                let accept = acceptor.accept(stream);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(settings.handshake_timeout, accept).await {
+                        Ok(Ok(stream)) => conn.serve(stream).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %crate::tls::describe_io_error(&e), "TLS handshake failed on the data port");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out on the data port");
+                        }
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ended with requests still open");
+        }
+    }
+}
+
+/// One accepted connection, before it is served.
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: Builder,
+    watcher: Watcher,
+    peer: SocketAddr,
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves HTTP/2 on `io` until the client leaves, an HTTP/2 connection error ends it, or
+    /// the client has not sent the preface within the handshake timeout.
+    async fn serve<S>(self, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            proxy,
+            builder,
+            watcher,
+            peer,
+            handshake_timeout,
+        } = self;
+        let svc = hyper::service::service_fn(move |req| {
+            let p = proxy.clone();
+            async move { Ok::<_, Infallible>(p.handle(req).await) }
+        });
+        let read = Arc::new(AtomicUsize::new(0));
+        let io = CountReads {
+            inner: io,
+            read: read.clone(),
+        };
+        let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = &mut conn => r,
+            _ = tokio::time::sleep(handshake_timeout) => {
+                if read.load(Ordering::Relaxed) < PREFACE_LEN {
+                    // Dropping the connection closes the socket.
+                    tracing::debug!(%peer, "client sent no HTTP/2 preface in time; closing");
+                    return;
+                }
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "data connection ended with an error");
+        }
+    }
+}
+
+/// A stream that counts the bytes read from it, so the preface deadline can tell a silent
+/// client from a busy one without reaching into hyper.
+struct CountReads<S> {
+    inner: S,
+    read: Arc<AtomicUsize>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountReads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        // Only the first bytes matter; stop touching the counter once past the preface.
+        if n > 0 && self.read.load(Ordering::Relaxed) < PREFACE_LEN {
+            self.read.fetch_add(n, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

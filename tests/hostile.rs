@@ -1,0 +1,528 @@
+//! Hostile and malformed HTTP/2 from a raw client: frames written byte by byte on a TCP socket,
+//! the way a broken or malicious peer would send them. Each test checks that the damage stays on
+//! the offending stream or connection while a well-behaved client keeps being served, and that
+//! the limits answer with the status a user can act on.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use modelgate::config::Config;
+use modelgate::server::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tonic::Code;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+// Frame types and flags (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+// Error codes (RFC 9113 §7).
+const PROTOCOL_ERROR: u32 = 0x1;
+const REFUSED_STREAM: u32 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+#[derive(Debug)]
+struct Frame {
+    ty: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The error code of a RST_STREAM or GOAWAY frame.
+    fn error_code(&self) -> u32 {
+        let at = if self.ty == GOAWAY { 4 } else { 0 };
+        u32::from_be_bytes(self.payload[at..at + 4].try_into().unwrap())
+    }
+}
+
+/// A client that writes HTTP/2 frames by hand.
+struct Raw {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+}
+
+impl Raw {
+    /// Connects and sends nothing.
+    async fn tcp(addr: SocketAddr) -> Raw {
+        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+        Raw { rd, wr }
+    }
+
+    /// Connects and completes the HTTP/2 handshake: preface, SETTINGS both ways, both ACKed, so
+    /// the server's limits are in force for every frame that follows.
+    async fn handshake(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::tcp(addr).await;
+        raw.write(PREFACE).await;
+        raw.send(SETTINGS, 0, 0, &[]).await;
+        let (mut got_settings, mut got_ack) = (false, false);
+        while !(got_settings && got_ack) {
+            let f = raw.read().await.expect("server answers the handshake");
+            if f.ty == SETTINGS && f.flags & ACK == 0 {
+                got_settings = true;
+                raw.send(SETTINGS, ACK, 0, &[]).await;
+            } else if f.ty == SETTINGS {
+                got_ack = true;
+            }
+        }
+        raw
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.wr.write_all(bytes).await.unwrap();
+    }
+
+    async fn send(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        self.write(&frame(ty, flags, stream, payload)).await;
+    }
+
+    async fn read(&mut self) -> Option<Frame> {
+        read_frame(&mut self.rd).await
+    }
+
+    async fn read_to_close(&mut self) -> Vec<Frame> {
+        read_to_close(&mut self.rd).await
+    }
+
+    /// Opens a gRPC call on `stream` and sends `message` as its only message.
+    async fn call(&mut self, stream: u32, path: &str, message: &[u8]) {
+        self.send(HEADERS, END_HEADERS, stream, &grpc_headers(path, &[]))
+            .await;
+        self.send(DATA, END_STREAM, stream, &grpc_frame(message))
+            .await;
+    }
+}
+
+/// The bytes of one frame.
+fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(9 + payload.len());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    b.extend_from_slice(&[ty, flags]);
+    b.extend_from_slice(&stream.to_be_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// The next frame; None when the server closed the connection (or reset it).
+async fn read_frame(rd: &mut OwnedReadHalf) -> Option<Frame> {
+    let mut head = [0u8; 9];
+    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_exact(&mut head))
+        .await
+        .expect("the server neither sent a frame nor closed within 10 s");
+    read.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    rd.read_exact(&mut payload).await.ok()?;
+    Some(Frame {
+        ty: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
+        payload,
+    })
+}
+
+/// Reads until the connection closes, returning every frame the server sent.
+async fn read_to_close(rd: &mut OwnedReadHalf) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some(f) = read_frame(rd).await {
+        frames.push(f);
+    }
+    frames
+}
+
+/// Writes `frames` while reading what the server sends, until it closes the connection; returns
+/// what it sent.
+async fn flood(raw: &mut Raw, frames: impl Iterator<Item = Vec<u8>>) -> Vec<Frame> {
+    let Raw { rd, wr } = raw;
+    let write = async {
+        for f in frames {
+            if wr.write_all(&f).await.is_err() {
+                return; // the server hung up
+            }
+        }
+        // Half-close: a server that took everything now sees the end of the connection.
+        let _ = wr.shutdown().await;
+    };
+    tokio::join!(write, read_to_close(rd)).1
+}
+
+/// The GOAWAY a server sends when a peer abuses the protocol, with h2's reason.
+fn assert_calm_down(frames: &[Frame], reason: &str) {
+    let goaway = frames.iter().find(|f| f.ty == GOAWAY).expect("a GOAWAY");
+    assert_eq!(goaway.error_code(), ENHANCE_YOUR_CALM, "{frames:?}");
+    assert_eq!(&goaway.payload[8..], reason.as_bytes(), "{frames:?}");
+}
+
+/// An HPACK integer with an N-bit prefix (RFC 7541 §5.1); the prefix bits above N are zero.
+fn hpack_int(out: &mut Vec<u8>, mut v: usize, prefix_bits: u32) {
+    let max = (1usize << prefix_bits) - 1;
+    if v < max {
+        out.push(v as u8);
+        return;
+    }
+    out.push(max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A header field as "literal without indexing, new name" (RFC 7541 §6.2.2), no Huffman coding.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.push(0x00);
+    hpack_int(out, name.len(), 7);
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(out, value.len(), 7);
+    out.extend_from_slice(value);
+}
+
+/// The header block of a gRPC request to `path`.
+fn grpc_headers(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (n, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        hpack_literal(&mut b, n, v.as_bytes());
+    }
+    b
+}
+
+/// One length-prefixed, uncompressed gRPC message.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut b = vec![0];
+    b.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    b.extend_from_slice(message);
+    b
+}
+
+fn infer_message(model: &str) -> Vec<u8> {
+    use prost::Message;
+    infer_request(model, &[&[1.0, 2.0]]).encode_to_vec()
+}
+
+/// modelgate with model `iris` served by a model server answering after `latency`.
+async fn gateway(
+    config: Config,
+    latency: &str,
+) -> (Running, modelgate::model_server::RunningModelServer) {
+    let ms = model_server(&format!(
+        "name=iris;kind=linear;weights=1,1;latency={latency}"
+    ))
+    .await;
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "iris", &ms.endpoint()).await;
+    promote(&mut reg, "iris", "1").await;
+    (mg, ms)
+}
+
+/// A call from a well-behaved client, started now and awaited later: it must succeed whatever
+/// the raw client does meanwhile.
+fn bystander(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut client = infer_client(addr).await;
+        for _ in 0..3 {
+            client
+                .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+                .await
+                .expect("a well-behaved client is served");
+        }
+    })
+}
+
+/// Whether the server ended a connection because of a protocol violation: a GOAWAY carrying an
+/// error, or (when the violation came before the handshake) a bare close.
+fn ended_with_error(frames: &[Frame]) -> bool {
+    frames
+        .iter()
+        .filter(|f| f.ty == GOAWAY)
+        .all(|f| f.error_code() != 0)
+}
+
+#[tokio::test]
+async fn garbage_instead_of_http2_closes_only_that_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "200ms").await;
+    let calls = bystander(mg.data_addr);
+
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0xff; 64][..],
+        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
+    ] {
+        let mut raw = Raw::tcp(mg.data_addr).await;
+        raw.write(junk).await;
+        let frames = raw.read_to_close().await;
+        assert!(ended_with_error(&frames), "{junk:?}: {frames:?}");
+    }
+    calls.await.unwrap();
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_errors_end_that_connection_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "200ms").await;
+    let calls = bystander(mg.data_addr);
+
+    // DATA on stream 0, which only carries connection frames.
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    raw.send(DATA, 0, 0, b"hello").await;
+    let frames = raw.read_to_close().await;
+    let goaway = frames.iter().find(|f| f.ty == GOAWAY).expect("a GOAWAY");
+    assert_eq!(goaway.error_code(), PROTOCOL_ERROR, "{frames:?}");
+
+    // An upper-case header name: h2 rejects the whole header block, which also breaks the
+    // connection's HPACK state, so the connection ends.
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    let block = grpc_headers(INFER, &[("X-Upper", "1")]);
+    raw.send(HEADERS, END_HEADERS | END_STREAM, 1, &block).await;
+    let frames = raw.read_to_close().await;
+    let goaway = frames.iter().find(|f| f.ty == GOAWAY).expect("a GOAWAY");
+    assert_eq!(goaway.error_code(), PROTOCOL_ERROR, "{frames:?}");
+
+    // A frame length over the 16 KiB SETTINGS_MAX_FRAME_SIZE the server advertised.
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    raw.send(DATA, 0, 1, &vec![0; 20_000]).await;
+    let frames = raw.read_to_close().await;
+    assert!(frames.iter().any(|f| f.ty == GOAWAY), "{frames:?}");
+    assert!(ended_with_error(&frames), "{frames:?}");
+
+    // A header block that never ends (CVE-2024-27316): CONTINUATION frames past the header
+    // limit, 4 MiB if the server let them all in.
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    let started = Instant::now();
+    let mut pad = Vec::new();
+    hpack_literal(&mut pad, "x-pad", &[b'a'; 8000]);
+    let first = frame(
+        HEADERS,
+        0,
+        1,
+        &[grpc_headers(INFER, &[]), pad.clone()].concat(),
+    );
+    let more = (0..512).map(|_| frame(CONTINUATION, 0, 1, &pad));
+    let frames = flood(&mut raw, std::iter::once(first).chain(more)).await;
+    assert_calm_down(&frames, "too_many_continuations");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    calls.await.unwrap();
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn stream_errors_reset_that_stream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "1ms").await;
+    let mut raw = Raw::handshake(mg.data_addr).await;
+
+    // Malformed requests (RFC 9113 §8.1.1), each on its own stream of one connection.
+    let mut block = Vec::new();
+    hpack_literal(&mut block, ":method", b"POST");
+    hpack_literal(&mut block, ":scheme", b"http");
+    hpack_literal(&mut block, ":authority", b"localhost");
+    raw.send(HEADERS, END_HEADERS | END_STREAM, 1, &block).await; // no :path
+    for (stream, (name, value)) in [
+        (3, ("te", "gzip")),          // TE other than "trailers"
+        (5, ("connection", "close")), // a connection-specific field
+        (7, (":status", "200")),      // a response pseudo-header in a request
+    ] {
+        let block = grpc_headers(INFER, &[(name, value)]);
+        raw.send(HEADERS, END_HEADERS | END_STREAM, stream, &block)
+            .await;
+    }
+    // Stream 9: a good call on the same connection.
+    raw.call(9, INFER, &infer_message("iris")).await;
+
+    let mut reset = Vec::new();
+    let mut answered = false;
+    while !(answered && reset.len() == 4) {
+        let f = raw.read().await.expect("the connection stays open");
+        assert_ne!(f.ty, GOAWAY, "{f:?}");
+        match (f.ty, f.stream) {
+            (RST_STREAM, s) => {
+                assert_eq!(f.error_code(), PROTOCOL_ERROR, "{f:?}");
+                reset.push(s);
+            }
+            // The trailers that end the good call.
+            (HEADERS, 9) if f.flags & END_STREAM != 0 => answered = true,
+            _ => {}
+        }
+    }
+    reset.sort();
+    assert_eq!(reset, [1, 3, 5, 7]);
+    let metrics = http_get(mg.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains(r#"model="iris",version="1",experiment="",variant="",code="OK"} 1"#),
+        "{metrics}"
+    );
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_over_the_per_connection_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.max_concurrent_streams = 2;
+    let (mg, _ms) = gateway(config, "300ms").await;
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    for stream in [1, 3, 5] {
+        raw.call(stream, INFER, &infer_message("iris")).await;
+    }
+    // Stream 5 is refused when its HEADERS arrive; its DATA, already on the wire, then meets a
+    // closed stream (STREAM_CLOSED). Streams 1 and 3 are served.
+    let (mut refused, mut answered) = (Vec::new(), Vec::new());
+    while refused.is_empty() || answered.len() < 2 {
+        let f = raw.read().await.expect("the connection stays open");
+        assert_ne!(f.ty, GOAWAY, "{f:?}");
+        if f.ty == RST_STREAM {
+            assert_eq!(f.stream, 5, "{f:?}");
+            if f.error_code() == REFUSED_STREAM {
+                refused.push(f.stream);
+            }
+        } else if f.ty == HEADERS && f.flags & END_STREAM != 0 {
+            answered.push(f.stream);
+        }
+    }
+    answered.sort();
+    assert_eq!(answered, [1, 3]);
+    // REFUSED_STREAM tells the client nothing was processed: the call may be retried as is.
+    raw.call(7, INFER, &infer_message("iris")).await;
+    loop {
+        let f = raw.read().await.expect("the connection stays open");
+        if f.ty == HEADERS && f.stream == 7 && f.flags & END_STREAM != 0 {
+            break;
+        }
+        assert_ne!(f.ty, RST_STREAM, "{f:?}");
+    }
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_metadata_is_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "1ms").await;
+    let mut client = infer_client(mg.data_addr).await;
+    let with_metadata = |bytes: usize| {
+        let mut req = tonic::Request::new(infer_request("iris", &[&[1.0, 2.0]]));
+        req.metadata_mut()
+            .insert("x-pad", "a".repeat(bytes).parse().unwrap());
+        req
+    };
+    client.model_infer(with_metadata(8_000)).await.unwrap();
+    // Over the 16 KiB --max-header-bytes default, under twice it: modelgate reads the block and
+    // says which limit it hit.
+    let err = client.model_infer(with_metadata(20_000)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("exceeds the limit of 16384 bytes (--max-header-bytes)"),
+        "{}",
+        err.message()
+    );
+    // Over twice the limit: HTTP/2 refuses the block without buffering it.
+    let err = client.model_infer(with_metadata(40_000)).await.unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    // The connection is still good.
+    client.model_infer(with_metadata(10)).await.unwrap();
+
+    // The limit is a setting.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.max_header_bytes = 4 * 1024;
+    let (mg2, _ms2) = gateway(config, "1ms").await;
+    let mut client = infer_client(mg2.data_addr).await;
+    let err = client.model_infer(with_metadata(5_000)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("limit of 4096 bytes"),
+        "{}",
+        err.message()
+    );
+    mg2.shutdown().await;
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_at_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.handshake_timeout = Duration::from_millis(300);
+    let (mg, _ms) = gateway(config, "1ms").await;
+
+    // Connected, sends nothing.
+    let started = Instant::now();
+    let mut silent = Raw::tcp(mg.data_addr).await;
+    let frames = silent.read_to_close().await;
+    assert!(frames.iter().all(|f| f.ty == SETTINGS), "{frames:?}");
+    let closed_after = started.elapsed();
+    assert!(
+        (Duration::from_millis(250)..Duration::from_secs(3)).contains(&closed_after),
+        "{closed_after:?}"
+    );
+    // Half a preface is not a preface.
+    let mut partial = Raw::tcp(mg.data_addr).await;
+    partial.write(&PREFACE[..10]).await;
+    let frames = partial.read_to_close().await;
+    assert!(frames.iter().all(|f| f.ty == SETTINGS), "{frames:?}");
+
+    // A client that completed the handshake may stay idle: its connection is kept.
+    let mut idle = Raw::handshake(mg.data_addr).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    idle.call(1, INFER, &infer_message("iris")).await;
+    loop {
+        let f = idle.read().await.expect("the idle connection was kept");
+        if f.ty == HEADERS && f.stream == 1 && f.flags & END_STREAM != 0 {
+            break;
+        }
+    }
+    mg.shutdown().await;
+}
+
+#[tokio::test]
+async fn rapid_resets_do_not_starve_other_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "20ms").await;
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    let calls = bystander(mg.data_addr);
+    // CVE-2023-44487: open a stream and cancel it at once, thousands of times.
+    let headers = grpc_headers(INFER, &[]);
+    let burst = (0..20_000u32).map(|i| {
+        let stream = 1 + 2 * i;
+        [
+            frame(HEADERS, END_HEADERS, stream, &headers),
+            frame(RST_STREAM, 0, stream, &0x8u32.to_be_bytes()),
+        ]
+        .concat()
+    });
+    let frames = flood(&mut raw, burst).await;
+    assert_calm_down(&frames, "too_many_resets");
+    calls.await.unwrap();
+    let ready = http_get(mg.admin_addr, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    mg.shutdown().await;
+}
