@@ -75,6 +75,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Most elements an OIP input tensor may declare (the product of its shape); larger calls get
+    /// RESOURCE_EXHAUSTED, and records decode no more from a tensor
+    /// (env MODELGATE_MAX_TENSOR_ELEMENTS).
+    #[arg(long, value_name = "N", default_value_t = crate::oip::DEFAULT_MAX_ELEMENTS)]
+    pub max_tensor_elements: usize,
+
     /// Concurrent HTTP/2 streams allowed per client connection (env MODELGATE_MAX_CONCURRENT_STREAMS).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -325,6 +331,8 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Largest OIP request read.
     pub max_message_bytes: usize,
+    /// Most elements per OIP input tensor.
+    pub max_tensor_elements: usize,
     /// HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
     /// Largest request header block.
@@ -395,6 +403,7 @@ impl std::fmt::Debug for Config {
             )
             .field("max_in_flight", &self.max_in_flight)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_tensor_elements", &self.max_tensor_elements)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("upstream_connections", &self.upstream_connections)
@@ -482,6 +491,12 @@ impl Config {
             return Err(bad(
                 "max_message_bytes",
                 format!("{} is outside 1024..=1073741824", a.max_message_bytes),
+            ));
+        }
+        if !(1..=1 << 32).contains(&a.max_tensor_elements) {
+            return Err(bad(
+                "max_tensor_elements",
+                format!("{} is outside 1..=4294967296", a.max_tensor_elements),
             ));
         }
         if !(1..=64).contains(&a.upstream_connections) {
@@ -609,6 +624,7 @@ impl Config {
             control_token: a.control_token,
             max_in_flight: a.max_in_flight,
             max_message_bytes: a.max_message_bytes,
+            max_tensor_elements: a.max_tensor_elements,
             max_concurrent_streams: a.max_concurrent_streams,
             max_header_bytes: a.max_header_bytes,
             data_threads: match a.data_threads {

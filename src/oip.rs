@@ -235,6 +235,12 @@ pub enum OipError {
     },
 }
 
+/// Checks a tensor's declared shape: every dimension non-negative, and at most `limit` elements
+/// (a zero dimension counted as 1). Cheap: nothing is decoded.
+pub fn check_shape(name: &str, shape: &[i64], limit: usize) -> Result<(), OipError> {
+    element_count(name, shape, limit).map(drop)
+}
+
 fn element_count(name: &str, shape: &[i64], limit: usize) -> Result<Vec<usize>, OipError> {
     let bad = || OipError::BadShape {
         tensor: name.to_string(),

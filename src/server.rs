@@ -172,6 +172,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             queue: config.record_queue,
             queue_bytes: config.record_queue_bytes,
             entity_key: config.entity_key.clone(),
+            max_elements: config.max_tensor_elements,
             ..Default::default()
         },
         metrics.clone(),
@@ -221,6 +222,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Limits {
                 max_in_flight: config.max_in_flight,
                 max_message_bytes: config.max_message_bytes,
+                max_tensor_elements: config.max_tensor_elements,
                 max_header_bytes: config.max_header_bytes,
                 request_timeout: config.request_timeout,
                 unit_key: config.unit_key.clone(),

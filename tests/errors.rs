@@ -478,3 +478,54 @@ async fn an_upstream_that_never_accepts_fails_at_the_connect_timeout() {
     drop(listener);
     mg.shutdown().await;
 }
+
+#[tokio::test]
+async fn tensors_over_the_element_limit_are_refused_before_the_model_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ms = model_server("name=iris;kind=linear;weights=1,1").await;
+    let mut config = Config::for_tests(dir.path());
+    config.max_tensor_elements = 100;
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "iris", &ms.endpoint()).await;
+    promote(&mut reg, "iris", "1").await;
+    let mut client = infer_client(mg.data_addr).await;
+
+    let rows: Vec<[f32; 2]> = vec![[1.0, 2.0]; 50];
+    let rows: Vec<&[f32]> = rows.iter().map(|r| &r[..]).collect();
+    client
+        .model_infer(infer_request("iris", &rows))
+        .await
+        .unwrap();
+
+    let rows: Vec<[f32; 2]> = vec![[1.0, 2.0]; 51];
+    let rows: Vec<&[f32]> = rows.iter().map(|r| &r[..]).collect();
+    let err = client
+        .model_infer(infer_request("iris", &rows))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "tensor 'input': 102 elements exceed the limit of 100 (--max-tensor-elements)"
+    );
+    // A shape that claims what the contents do not hold is judged by the shape alone.
+    let mut req = infer_request("iris", &[&[1.0, 2.0]]);
+    req.inputs[0].shape = vec![1_000_000_000, 0];
+    let err = client.model_infer(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let mut req = infer_request("iris", &[&[1.0, 2.0]]);
+    req.inputs[0].shape = vec![-1, 2];
+    let err = client.model_infer(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.message(), "tensor 'input': invalid shape [-1, 2]");
+    // None of them reached the model server: the refused calls count under their status only.
+    let metrics = http_get(mg.admin_addr, "/metrics").await;
+    let upstream_calls: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("modelgate_upstream_request_duration_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(upstream_calls, 1.0, "{metrics}");
+    mg.shutdown().await;
+}

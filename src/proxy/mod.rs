@@ -59,6 +59,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Largest OIP message read, each way.
     pub max_message_bytes: usize,
+    /// Most elements an OIP input tensor may declare.
+    pub max_tensor_elements: usize,
     /// Largest request header block, counted as HTTP/2 counts it (RFC 9113 §6.5.2).
     pub max_header_bytes: usize,
     /// Deadline for OIP unary calls without grpc-timeout.
@@ -93,6 +95,8 @@ enum ProxyError {
     MissingModel(&'static str),
     #[error("request message larger than the limit of {0} bytes (--max-message-bytes)")]
     RequestTooLarge(usize),
+    #[error("{0}")]
+    Tensor(crate::oip::OipError),
     #[error(
         "request metadata of {size} bytes exceeds the limit of {limit} bytes (--max-header-bytes)"
     )]
@@ -140,6 +144,10 @@ impl ProxyError {
             ProxyError::RequestTooLarge(_) | ProxyError::HeadersTooLarge { .. } => {
                 Status::resource_exhausted(msg)
             }
+            ProxyError::Tensor(crate::oip::OipError::TooLarge { .. }) => {
+                Status::resource_exhausted(format!("{msg} (--max-tensor-elements)"))
+            }
+            ProxyError::Tensor(_) => Status::invalid_argument(msg),
             ProxyError::ReadRequest(_) => Status::cancelled(msg),
             ProxyError::Unreachable { .. } | ProxyError::UpstreamBody { .. } => {
                 Status::unavailable(msg)
@@ -622,6 +630,10 @@ impl Proxy {
             let (route, forward) = if call == Call::OipInfer {
                 let (req, route, forward) =
                     self.route_message::<ModelInferRequest>(bytes, &parts.headers, request_id, ex)?;
+                for t in &req.inputs {
+                    crate::oip::check_shape(&t.name, &t.shape, self.limits.max_tensor_elements)
+                        .map_err(ProxyError::Tensor)?;
+                }
                 ex.infer = Some(req);
                 (route, forward)
             } else {
