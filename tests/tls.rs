@@ -346,16 +346,20 @@ async fn untrusted_upstream_certificate_is_unavailable_naming_the_verification_e
     mg.shutdown().await;
 }
 
-#[tokio::test]
-async fn control_port_mtls_requires_a_client_certificate_and_the_token() {
-    let pki = Pki::new("control");
+/// modelgate whose control port requires a certificate from `pki` and the token
+/// `t0ken-for-tests`, and an operator's certificate.
+async fn mtls_control_port(pki: &Pki, db: &Path) -> (modelgate::server::Running, Issued) {
     let server = pki.issue("modelgate-control");
-    let operator = pki.issue("operator");
-    let db = tempfile::tempdir().unwrap();
-    let mut config = Config::for_tests(db.path());
+    let mut config = Config::for_tests(db);
     config.control_tls = Some(pki.server_files(&server, true));
     config.control_token = Some("t0ken-for-tests".into());
-    let mg = start_with(config).await;
+    (start_with(config).await, pki.issue("operator"))
+}
+
+#[tokio::test]
+async fn control_port_mtls_requires_a_client_certificate_and_the_token() {
+    let (pki, db) = (Pki::new("control"), tempfile::tempdir().unwrap());
+    let (mg, operator) = mtls_control_port(&pki, db.path()).await;
     let list = |channel: Channel, token: Option<&'static str>| async move {
         let mut reg = RegistryClient::new(channel);
         let mut req = tonic::Request::new(pb::ListModelsRequest::default());
@@ -713,4 +717,125 @@ async fn secrets_never_reach_the_logs() {
     for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
         assert!(!logs.contains(line), "key material was logged");
     }
+}
+
+/// `modelgate ctl ARGS` with the control token in its environment: (exit code, stdout + stderr).
+async fn ctl(args: Vec<String>) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .arg("ctl")
+        .args(&args)
+        .env("MODELGATE_CONTROL_TOKEN", "t0ken-for-tests")
+        .env_remove("MODELGATE_CTL_ADDR")
+        .env_remove("MODELGATE_CTL_CA")
+        .env_remove("MODELGATE_CTL_CERT")
+        .env_remove("MODELGATE_CTL_KEY")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn ctl_speaks_tls_and_mtls_to_the_control_port() {
+    let (pki, db) = (Pki::new("control"), tempfile::tempdir().unwrap());
+    let (mg, operator) = mtls_control_port(&pki, db.path()).await;
+    let https = format!("https://{}", mg.control_addr);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = vec!["--addr".into(), https.clone()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let (ca, cert, key) = (
+        path(&pki.ca_path()),
+        path(&operator.cert),
+        path(&operator.key),
+    );
+
+    // CA, certificate and key: served.
+    let (code, out) = ctl(args(&[
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "models",
+        "register",
+        "iris",
+        "--endpoint",
+        "http://127.0.0.1:9",
+    ]))
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ctl(args(&[
+        "--ca", &ca, "--cert", &cert, "--key", &key, "models", "list",
+    ]))
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("iris"), "{out}");
+
+    // No client certificate: the port requires one.
+    let (code, out) = ctl(args(&["--ca", &ca, "models", "list"])).await;
+    assert_eq!(code, 3, "{out}");
+    // The reason is the server's alert (CertificateRequired) or, when the server hangs up
+    // before the alert is read, a broken pipe.
+    assert!(
+        out.contains("cannot reach modelgate's control port"),
+        "{out}"
+    );
+    // The system roots do not know the test CA.
+    let (code, out) = ctl(args(&["--cert", &cert, "--key", &key, "models", "list"])).await;
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("invalid peer certificate: UnknownIssuer"),
+        "{out}"
+    );
+    // A certificate for another name.
+    let (code, out) = ctl(args(&[
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--server-name",
+        "elsewhere.example",
+        "models",
+        "list",
+    ]))
+    .await;
+    assert_eq!(code, 3, "{out}");
+
+    // Usage errors name the flag and exit 2 before anything is sent.
+    let (code, out) = ctl(args(&["--ca", "/nonexistent/ca.pem", "models", "list"])).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--ca /nonexistent/ca.pem"), "{out}");
+    let (code, out) = ctl(args(&[
+        "--ca", &key, "--cert", &cert, "--key", &ca, "models", "list",
+    ]))
+    .await;
+    assert_ne!(code, 0, "{out}");
+    let (code, out) = ctl(args(&["--cert", &cert, "models", "list"])).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--key"), "{out}");
+    let (code, out) = ctl(vec![
+        "--addr".into(),
+        format!("http://{}", mg.control_addr),
+        "--ca".into(),
+        ca.clone(),
+        "models".into(),
+        "list".into(),
+    ])
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("need an https:// --addr"), "{out}");
+    mg.shutdown().await;
 }

@@ -3,6 +3,7 @@
 //! One code path serves every subcommand (and `ctl call`), so the CLI cannot drift from the
 //! protos.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Buf;
@@ -10,9 +11,10 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use serde_json::Value;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
+use crate::proxy::upstream::describe;
 use crate::telemetry::code_name;
 
 /// Why a control call failed, with the exit code scripts can rely on.
@@ -52,8 +54,57 @@ impl CtlError {
     }
 }
 
+/// TLS settings of `ctl` (`--ca`, `--cert`, `--key`, `--server-name`); used for `https://`
+/// addresses.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// CA certificate to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate.
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
+    /// Name the server's certificate must carry, when not the address's host.
+    pub server_name: Option<String>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.server_name.is_some()
+    }
+
+    /// tonic's TLS configuration from the files, each read now so that a missing or unreadable
+    /// file is a usage error naming its flag.
+    fn config(&self) -> Result<ClientTlsConfig, CtlError> {
+        let read = |flag: &str, path: &Path| {
+            let pem = std::fs::read(path)
+                .map_err(|e| CtlError::Usage(format!("--{flag} {}: {e}", path.display())))?;
+            if !pem.starts_with(b"-----BEGIN") && !pem.windows(10).any(|w| w == b"-----BEGIN") {
+                return Err(CtlError::Usage(format!(
+                    "--{flag} {}: not a PEM file",
+                    path.display()
+                )));
+            }
+            Ok(pem)
+        };
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read("ca", ca)?)),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(tls)
+    }
+}
+
 /// A connection to modelgate's control port.
 pub struct Client {
+    url: String,
     channel: Channel,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     pool: DescriptorPool,
@@ -61,10 +112,11 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `addr` (`http://host:port`, or `host:port`).
+    /// Connects to `addr` (`http://host:port`, `https://host:port`, or `host:port`).
     pub async fn connect(
         addr: &str,
         token: Option<&str>,
+        tls: &TlsFiles,
         timeout: Duration,
     ) -> Result<Client, CtlError> {
         let url = if addr.contains("://") {
@@ -76,13 +128,22 @@ impl Client {
             addr: url.clone(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| CtlError::Usage(format!("--addr {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5));
+        if url.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tls.config()?)
+                .map_err(|e| CtlError::Usage(format!("TLS settings: {}", describe(&e))))?;
+        } else if tls.any() {
+            return Err(CtlError::Usage(format!(
+                "--ca, --cert, --key and --server-name need an https:// --addr, not {url}"
+            )));
+        }
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| connect_err(crate::proxy::upstream::describe(&e)))?;
+            .map_err(|e| connect_err(describe(&e)))?;
         let token = match token.filter(|t| !t.is_empty()) {
             Some(t) => Some(
                 format!("Bearer {t}")
@@ -94,6 +155,7 @@ impl Client {
         let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)
             .expect("the built-in descriptors decode");
         Ok(Client {
+            url,
             channel,
             token,
             pool,
@@ -141,10 +203,22 @@ impl Client {
     async fn ready(&self) -> Result<tonic::client::Grpc<Channel>, CtlError> {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         grpc.ready().await.map_err(|e| CtlError::Connect {
-            addr: "control port".into(),
-            reason: e.to_string(),
+            addr: self.url.clone(),
+            reason: describe(&e),
         })?;
         Ok(grpc)
+    }
+
+    /// A failed call: a status the server sent, or — when the status carries a source error —
+    /// a transport failure (a refused TLS client certificate shows up only at the first call).
+    fn failed(&self, status: Status) -> CtlError {
+        match std::error::Error::source(&status) {
+            Some(source) => CtlError::Connect {
+                addr: self.url.clone(),
+                reason: describe(source),
+            },
+            None => CtlError::Status(status),
+        }
     }
 
     fn path(m: &MethodDescriptor) -> http::uri::PathAndQuery {
@@ -165,7 +239,7 @@ impl Client {
                 DynCodec(m.output()),
             )
             .await
-            .map_err(CtlError::Status)?;
+            .map_err(|s| self.failed(s))?;
         Ok(to_json(&resp.into_inner()))
     }
 
@@ -184,7 +258,7 @@ impl Client {
                 DynCodec(m.output()),
             )
             .await
-            .map_err(CtlError::Status)?;
+            .map_err(|s| self.failed(s))?;
         Ok(to_json(&resp.into_inner()))
     }
 
@@ -207,7 +281,7 @@ impl Client {
                 DynCodec(m.output()),
             )
             .await
-            .map_err(CtlError::Status)?
+            .map_err(|s| self.failed(s))?
             .into_inner();
         loop {
             let next = match idle {
@@ -217,7 +291,7 @@ impl Client {
                 },
                 None => stream.message().await,
             };
-            match next.map_err(CtlError::Status)? {
+            match next.map_err(|s| self.failed(s))? {
                 Some(msg) => {
                     if !each(to_json(&msg)) {
                         return Ok(());

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod render;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -37,6 +38,36 @@ pub struct CtlArgs {
         global = true
     )]
     pub token: Option<String>,
+    /// CA certificate (PEM) to verify a TLS control port against, instead of the system roots;
+    /// TLS is used when --addr starts with https://.
+    #[arg(long, value_name = "FILE", env = "MODELGATE_CTL_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a control port that requires one (--control-client-ca).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MODELGATE_CTL_CERT",
+        requires = "key",
+        global = true
+    )]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MODELGATE_CTL_KEY",
+        requires = "cert",
+        global = true
+    )]
+    pub key: Option<PathBuf>,
+    /// Name to verify the control port's certificate against, when it is not --addr's host.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "MODELGATE_CTL_SERVER_NAME",
+        global = true
+    )]
+    pub server_name: Option<String>,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table", global = true)]
     pub output: Output,
@@ -521,7 +552,13 @@ pub enum Events {
 pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
     // Check what can be checked before connecting.
     let plan = plan(&args.command)?;
-    let client = Client::connect(&args.addr, args.token.as_deref(), args.timeout).await?;
+    let tls = client::TlsFiles {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        server_name: args.server_name.clone(),
+    };
+    let client = Client::connect(&args.addr, args.token.as_deref(), &tls, args.timeout).await?;
     match plan {
         Plan::Unary { method, body, view } => {
             let answer = client.unary(method, body).await?;
