@@ -20,6 +20,16 @@
 //!    (`BENCH_RATE` overrides), latency measured from when each request was *due*, so queueing
 //!    is not hidden (no coordinated omission): the latency a proxy adds at moderate load.
 //!
+//! 3. **overload** (`BENCH_MODES=overload`, or `closed,open,overload`): a third modelgate, routing
+//!    only, with `--max-in-flight` `BENCH_OVERLOAD_CAP` (64), in front of its own model server
+//!    that takes `BENCH_OVERLOAD_MODEL_LATENCY` (5ms) per call, so that the model's capacity is
+//!    what saturates (`0ms` makes it modelgate's CPU). Its maximum is measured closed loop
+//!    with as many callers as the cap; then requests are offered open loop at twice that rate
+//!    (`BENCH_OVERLOAD_FACTOR`) by `BENCH_OVERLOAD_CALLERS` (2048) callers, so more calls arrive
+//!    than it can serve. It prints the goodput (answered OK per second) against the maximum, the
+//!    share refused with RESOURCE_EXHAUSTED and how fast (latency from sending), the latency of
+//!    the calls served, and the proxy's peak memory: shedding must keep the served calls flowing.
+//!
 //! For every target it prints throughput, the ratio to direct, latency p50 / p99 / p99.9, and —
 //! for the proxy processes — CPU seconds per 1,000 requests and peak resident memory (VmHWM,
 //! reset before each run). `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
@@ -314,11 +324,47 @@ async fn closed(target: &Target, concurrency: usize, connections: usize, seconds
 
 /// Open loop: request `n` is due at `n / rate` seconds whether or not earlier ones answered;
 /// each latency counts from when its request was due, so a proxy that falls behind shows it.
-/// `workers` callers take the next due request in turn (no task per request, so the load
-/// generator stays cheap); a caller that is early sleeps until the request is due.
 async fn open(target: &Target, rate: f64, workers: usize, connections: usize, seconds: f64) -> Run {
+    let o = overload(target, rate, workers, connections, seconds).await;
+    Run {
+        target: target.name,
+        mode: "open",
+        requests: o.ok,
+        errors: o.shed + o.other_errors,
+        seconds: o.seconds,
+        hist: o.ok_hist,
+        proxy: o.proxy,
+    }
+}
+
+/// What an overload run saw.
+struct Overload {
+    offered: f64,
+    sent: u64,
+    ok: u64,
+    shed: u64,
+    other_errors: u64,
+    seconds: f64,
+    /// Latency of the calls served, from when each was due.
+    ok_hist: Histogram<u64>,
+    /// Time from sending to RESOURCE_EXHAUSTED.
+    shed_hist: Histogram<u64>,
+    proxy: Option<Usage>,
+}
+
+/// The open-loop driver: request `n` is due at `n / rate` seconds whether or not earlier ones
+/// answered. `workers` callers take the next due request in turn (no task per request, so the
+/// load generator stays cheap); a caller that is early sleeps until the request is due. Calls
+/// served count from when they were due; calls shed (RESOURCE_EXHAUSTED) from when they were
+/// sent, to show how fast a refusal comes back.
+async fn overload(
+    target: &Target,
+    rate: f64,
+    workers: usize,
+    connections: usize,
+    seconds: f64,
+) -> Overload {
     let channels = connect(target.addr, connections).await;
-    let errors = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
     if let Some(pid) = target.pid {
         reset_peak(pid);
@@ -329,9 +375,9 @@ async fn open(target: &Target, rate: f64, workers: usize, connections: usize, se
     let mut tasks = Vec::new();
     for w in 0..workers {
         let mut client = GrpcInferenceServiceClient::new(channels[w % connections].clone());
-        let (errors, next) = (errors.clone(), next.clone());
+        let next = next.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist = new_hist();
+            let (mut ok, mut shed, mut other) = (new_hist(), new_hist(), 0u64);
             let req = request();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -340,31 +386,93 @@ async fn open(target: &Target, rate: f64, workers: usize, connections: usize, se
                 }
                 let due = started + Duration::from_secs_f64(n as f64 / rate);
                 tokio::time::sleep_until(due).await;
+                let sent = tokio::time::Instant::now();
                 match client.model_infer(call(n, &req)).await {
                     Ok(_) => {
-                        let _ = hist.record(due.elapsed().as_micros().max(1) as u64);
+                        let _ = ok.record(due.elapsed().as_micros().max(1) as u64);
                     }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                        let _ = shed.record(sent.elapsed().as_micros().max(1) as u64);
                     }
+                    Err(_) => other += 1,
                 }
             }
-            hist
+            (ok, shed, other)
         }));
     }
-    let mut hist = new_hist();
+    let (mut ok_hist, mut shed_hist, mut other_errors) = (new_hist(), new_hist(), 0);
     for t in tasks {
-        hist.add(t.await.unwrap()).unwrap();
+        let (ok, shed, other) = t.await.unwrap();
+        ok_hist.add(ok).unwrap();
+        shed_hist.add(shed).unwrap();
+        other_errors += other;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    finish(
-        target,
-        "open",
-        hist,
-        errors.load(Ordering::Relaxed),
-        elapsed,
-        before,
-    )
+    let run = finish(target, "open", new_hist(), 0, elapsed, before);
+    Overload {
+        offered: rate,
+        sent: total,
+        ok: ok_hist.len(),
+        shed: shed_hist.len(),
+        other_errors,
+        seconds: elapsed,
+        ok_hist,
+        shed_hist,
+        proxy: run.proxy,
+    }
+}
+
+impl Overload {
+    fn goodput(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+
+    fn print(&self, max: &Run, cap: usize, callers: usize, model_latency: &str) {
+        let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "\noverload: modelgate routing only, --max-in-flight {cap}, model latency {model_latency}; maximum (closed loop, {cap} callers) {:.0} req/s",
+            max.rps()
+        );
+        println!(
+            "offered {:.0} req/s ({:.2}x) by {callers} callers for {:.1}s: sent {}, served {} ({:.0} req/s = {:.3} of the maximum), shed {} ({:.1}%), other errors {}",
+            self.offered,
+            self.offered / max.rps(),
+            self.seconds,
+            self.sent,
+            self.ok,
+            self.goodput(),
+            self.goodput() / max.rps(),
+            self.shed,
+            100.0 * self.shed as f64 / self.sent.max(1) as f64,
+            self.other_errors,
+        );
+        println!(
+            "served latency from due p50/p99/p99.9 {:.3}/{:.3}/{:.3} ms; RESOURCE_EXHAUSTED after p50/p99/p99.9 {:.3}/{:.3}/{:.3} ms; proxy CPU {} s, peak RSS {} MiB",
+            q(&self.ok_hist, 0.5),
+            q(&self.ok_hist, 0.99),
+            q(&self.ok_hist, 0.999),
+            q(&self.shed_hist, 0.5),
+            q(&self.shed_hist, 0.99),
+            q(&self.shed_hist, 0.999),
+            self.proxy.map_or("-".into(), |u| format!("{:.1}", u.cpu_seconds)),
+            self.proxy
+                .map_or("-".into(), |u| format!("{:.1}", u.peak_rss_bytes as f64 / (1 << 20) as f64)),
+        );
+    }
+
+    fn json(&self, max: &Run, cap: usize) -> serde_json::Value {
+        let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        serde_json::json!({
+            "max_in_flight": cap, "max_rps": max.rps(),
+            "proxy_cpu_seconds": self.proxy.map(|u| u.cpu_seconds), "offered_rps": self.offered,
+            "sent": self.sent, "ok": self.ok, "shed": self.shed, "other_errors": self.other_errors,
+            "seconds": self.seconds, "goodput_rps": self.goodput(),
+            "goodput_ratio_to_max": self.goodput() / max.rps(),
+            "ok_p50_ms": q(&self.ok_hist, 0.5), "ok_p99_ms": q(&self.ok_hist, 0.99),
+            "shed_p50_ms": q(&self.shed_hist, 0.5), "shed_p99_ms": q(&self.shed_hist, 0.99),
+            "proxy_peak_rss_mib": self.proxy.map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
+        })
+    }
 }
 
 fn finish(
@@ -628,6 +736,34 @@ fn main() {
         register(all_control, model_addr, 3).await;
         everything(all_control).await;
 
+        let overload_cap: usize = env_or("BENCH_OVERLOAD_CAP", 64);
+        let overload_latency =
+            std::env::var("BENCH_OVERLOAD_MODEL_LATENCY").unwrap_or_else(|_| "5ms".into());
+        let overload_gate = if modes.contains("overload") {
+            // Its own model server, as slow as a real model: the model's capacity, guarded by
+            // --max-in-flight, is what saturates, as in a pod where the model server uses most
+            // of the CPU. BENCH_OVERLOAD_MODEL_LATENCY=0ms makes modelgate's CPU the limit.
+            let slow_model = free_addr();
+            let model = spawn_modelgate(&[
+                "model-server",
+                "--listen",
+                &slow_model.to_string(),
+                "--model",
+                &format!("name=bench;kind=logistic;features=16;seed=1;latency={overload_latency}"),
+            ]);
+            wait_for(slow_model).await;
+            let cap = overload_cap.to_string();
+            let (p, data, control) = modelgate(
+                &dir.path().join("overload"),
+                &["--record-predictions", "false", "--max-in-flight", &cap],
+            )
+            .await;
+            register(control, slow_model, 1).await;
+            Some((p, data, model))
+        } else {
+            None
+        };
+
         let mut targets = vec![Target {
             name: "direct",
             addr: model_addr,
@@ -716,8 +852,27 @@ fn main() {
                 e.rps() / r.rps()
             );
         }
+        let mut overload_json = serde_json::Value::Null;
+        if let Some((p, data, _model)) = &overload_gate {
+            let target = Target {
+                name: "modelgate overload",
+                addr: *data,
+                pid: Some(p.0.id()),
+            };
+            let factor: f64 = env_or("BENCH_OVERLOAD_FACTOR", 2.0);
+            let callers: usize = env_or("BENCH_OVERLOAD_CALLERS", 2048);
+            eprintln!("overload: maximum, closed loop with {overload_cap} callers");
+            let max = closed(&target, overload_cap, connections, seconds).await;
+            let rate = (max.rps() * factor).round();
+            eprintln!("overload: open loop at {rate:.0} req/s");
+            let o = overload(&target, rate, callers, connections, seconds).await;
+            o.print(&max, overload_cap, callers, &overload_latency);
+            overload_json = o.json(&max, overload_cap);
+            overload_json["model_latency"] = overload_latency.clone().into();
+        }
         if let Some(path) = json_path {
             let doc = serde_json::json!({
+                "overload": overload_json,
                 "machine": machine(), "concurrency": concurrency, "connections": connections,
                 "seconds": seconds, "open_loop_rate": rate,
                 "closed": closed_runs.iter().map(|r| r.json(&closed_runs[0])).collect::<Vec<_>>(),

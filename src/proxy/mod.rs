@@ -319,6 +319,7 @@ impl Proxy {
             ex.model = header_str(req.headers(), MODEL_HEADER)
                 .unwrap_or_default()
                 .to_string();
+            drain(req.into_body(), self.limits.max_message_bytes);
             self.finish(
                 ex,
                 request_id.clone(),
@@ -333,10 +334,13 @@ impl Proxy {
 
         let header_bytes = header_list_size(&req);
         let result = match call {
-            _ if header_bytes > self.limits.max_header_bytes => Err(ProxyError::HeadersTooLarge {
-                size: header_bytes,
-                limit: self.limits.max_header_bytes,
-            }),
+            _ if header_bytes > self.limits.max_header_bytes => {
+                drain(req.into_body(), self.limits.max_message_bytes);
+                Err(ProxyError::HeadersTooLarge {
+                    size: header_bytes,
+                    limit: self.limits.max_header_bytes,
+                })
+            }
             Call::Local => Ok(self
                 .local
                 .clone()
@@ -939,6 +943,31 @@ async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadError> 
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
         Err(e) => Err(ReadError::Body(upstream::describe(&*e))),
     }
+}
+
+/// How long the rest of a refused call's request body is read for, at most.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads and discards, in the background, the rest of the request body of a call modelgate
+/// answers early (shed, refused) — the answer itself leaves at once. Dropping the body unread
+/// would make HTTP/2 reset the stream, and the client's DATA frames still on the way would then
+/// meet a closed stream: h2 counts each of those as a protocol-error reset and, after 1,024 on a
+/// connection, sends GOAWAY ENHANCE_YOUR_CALM. Under overload, shedding would tear down the
+/// clients' connections and every call on them. A unary request's body is normally here
+/// already; one that is slow or huge is given up on after [`DRAIN_TIMEOUT`] or `limit` bytes.
+fn drain(mut body: Incoming, limit: usize) {
+    tokio::spawn(async move {
+        let read = async {
+            let mut n = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                n += frame.data_ref().map_or(0, Bytes::len);
+                if n > limit {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
+    });
 }
 
 /// A successful unary gRPC response that modelgate answers itself.
