@@ -526,3 +526,56 @@ async fn rapid_resets_do_not_starve_other_clients() {
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     mg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_thousands_of_calls_keeps_the_connection() {
+    // Each shed call is answered before its request body is read. If modelgate reset those
+    // streams, the client's DATA frames arriving after would count as protocol errors, and h2
+    // ends the connection after 1,024 of them (GOAWAY ENHANCE_YOUR_CALM): overload would kill
+    // every call sharing the connection.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.max_in_flight = 1;
+    let (mg, _ms) = gateway(config, "3s").await;
+    let channel = common::channel(mg.data_addr).await;
+    let mut held =
+        modelgate::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+            channel.clone(),
+        );
+    let held = tokio::spawn(async move {
+        held.model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let callers: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client = modelgate::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel.clone());
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 3000 {
+                    let code = match client.model_infer(infer_request("iris", &[&[1.0, 2.0]])).await {
+                        Ok(_) => Code::Ok,
+                        Err(e) => e.code(),
+                    };
+                    codes.push(code);
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut shed = 0;
+    for c in callers {
+        for code in c.await.unwrap() {
+            assert_eq!(code, Code::ResourceExhausted);
+            shed += 1;
+        }
+    }
+    assert_eq!(shed, 3000);
+    held.await
+        .unwrap()
+        .expect("the call holding the slot completes on the same connection");
+    mg.shutdown().await;
+}
