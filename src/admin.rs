@@ -14,8 +14,17 @@ use tokio::net::TcpListener;
 
 use crate::telemetry::Metrics;
 
-/// Answers whether modelgate can serve traffic: `Err(reason)` when not.
-pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// A probe's answer: `Err(reason)` when the answer is no.
+pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The two probes.
+#[derive(Clone)]
+pub struct Probes {
+    /// `/ready`: whether modelgate can serve traffic now.
+    pub ready: Check,
+    /// `/live`: whether it can still get there without a restart.
+    pub live: Check,
+}
 
 /// Brings sampled metrics (RocksDB sizes, drift statistics) up to date before a scrape.
 pub type Refresh = Arc<dyn Fn() + Send + Sync>;
@@ -32,7 +41,7 @@ fn route(
     req: &Request<Incoming>,
     metrics: &Metrics,
     refresh: &Refresh,
-    ready: &ReadyCheck,
+    probes: &Probes,
 ) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -47,8 +56,15 @@ fn route(
                 metrics.encode(),
             )
         }
-        "/live" => text(StatusCode::OK, PLAIN, "live\n".into()),
-        "/ready" => match ready() {
+        "/live" => match (probes.live)() {
+            Ok(()) => text(StatusCode::OK, PLAIN, "live\n".into()),
+            Err(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not live: {reason}\n"),
+            ),
+        },
+        "/ready" => match (probes.ready)() {
             Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
             Err(reason) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -69,7 +85,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     refresh: Refresh,
-    ready: ReadyCheck,
+    probes: Probes,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -85,9 +101,9 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
-        let (metrics, refresh, ready) = (metrics.clone(), refresh.clone(), ready.clone());
+        let (metrics, refresh, probes) = (metrics.clone(), refresh.clone(), probes.clone());
         let svc = hyper::service::service_fn(move |req| {
-            let resp = route(&req, &metrics, &refresh, &ready);
+            let resp = route(&req, &metrics, &refresh, &probes);
             async move { Ok::<_, Infallible>(resp) }
         });
         tokio::spawn(async move {

@@ -119,6 +119,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// How long RocksDB writes may fail with an error it does not recover from by itself
+    /// (anything but a full disk) before `/live` answers 503, asking for a restart
+    /// (env MODELGATE_WRITE_FAILURE_DEADLINE).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub write_failure_deadline: Duration,
+
     /// How long shutdown waits for in-flight requests (env MODELGATE_SHUTDOWN_GRACE).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -349,6 +355,8 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// Data-port TLS handshake and HTTP/2 preface deadline.
     pub handshake_timeout: Duration,
+    /// Unrecoverable write failures before `/live` fails.
+    pub write_failure_deadline: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Unit id metadata key / parameter.
@@ -409,6 +417,7 @@ impl std::fmt::Debug for Config {
             .field("upstream_connections", &self.upstream_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("write_failure_deadline", &self.write_failure_deadline)
             .field("request_timeout", &self.request_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("shutdown_grace", &self.shutdown_grace)
@@ -519,6 +528,7 @@ impl Config {
             ("request_timeout", a.request_timeout),
             ("keepalive_interval", a.keepalive_interval),
             ("handshake_timeout", a.handshake_timeout),
+            ("write_failure_deadline", a.write_failure_deadline),
         ] {
             if d.is_zero() {
                 return Err(bad(name, "must be greater than zero".into()));
@@ -636,6 +646,7 @@ impl Config {
             request_timeout: a.request_timeout,
             keepalive_interval: a.keepalive_interval,
             handshake_timeout: a.handshake_timeout,
+            write_failure_deadline: a.write_failure_deadline,
             shutdown_grace: a.shutdown_grace,
             unit_key: a.unit_key,
             entity_key: a.entity_key,

@@ -387,7 +387,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     // Admin port.
-    let ready: crate::admin::ReadyCheck = {
+    let ready: crate::admin::Check = {
         let (store, routing, serving, stop_rx) = (
             store.clone(),
             plane.routing(),
@@ -419,11 +419,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
         Arc::new(move || refresh_metrics(&m, &store, &monitor, &plane))
     };
+    // Live unless RocksDB writes have failed, for longer than the deadline, in a way RocksDB
+    // does not recover from by itself: then only a restart (a reopen) brings writes back.
+    let live: crate::admin::Check = {
+        let (store, deadline) = (store.clone(), config.write_failure_deadline);
+        Arc::new(move || {
+            // One small synced write while writes fail, so that a recovery is noticed.
+            let _ = store.check();
+            match store.unrecoverable_write_failure() {
+                Some((failed_for, error)) if failed_for >= deadline => Err(format!(
+                    "RocksDB writes have failed for {}s (--write-failure-deadline {}s) with an error RocksDB does not recover from by itself; restart modelgate: {error}",
+                    failed_for.as_secs(),
+                    deadline.as_secs()
+                )),
+                _ => Ok(()),
+            }
+        })
+    };
     tasks.push(tokio::spawn(crate::admin::serve(
         admin,
         metrics.clone(),
         refresh,
-        ready,
+        crate::admin::Probes { ready, live },
         stopped(stop_rx.clone()),
     )));
 

@@ -237,7 +237,12 @@ async fn try_metrics(admin: SocketAddr) -> Option<String> {
 
 /// `/ready`: the status code and the body.
 async fn ready(admin: SocketAddr) -> (u16, String) {
-    let r = http_get(admin, "/ready").await;
+    probe(admin, "/ready").await
+}
+
+/// An admin-port probe (`/ready`, `/live`): the status code and the body.
+async fn probe(admin: SocketAddr, path: &str) -> (u16, String) {
+    let r = http_get(admin, path).await;
     let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     (code, body)
@@ -911,7 +916,9 @@ async fn versions_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_write_failures_keep_the_data_plane_up_and_the_control_plane_honest() {
     let dir = tempfile::tempdir().unwrap();
-    let mg = start(dir.path()).await;
+    let mut config = Config::for_tests(dir.path());
+    config.write_failure_deadline = Duration::from_millis(1500);
+    let mg = start_with(config).await;
     let (a, _b) = iris_with_experiment(mg.control_addr).await;
     let mut client = infer_client(mg.data_addr).await;
     let mut reg = registry(mg.control_addr).await;
@@ -991,8 +998,21 @@ async fn injected_write_failures_keep_the_data_plane_up_and_the_control_plane_ho
         "{body}"
     );
 
+    // The injected failure is not a full disk, which RocksDB recovers from by itself: once it
+    // has lasted --write-failure-deadline, /live asks for a restart.
+    let (code, body) = probe(mg.admin_addr, "/live").await;
+    assert_eq!(code, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (code, body) = probe(mg.admin_addr, "/live").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("restart modelgate") && body.contains("injected"),
+        "{body}"
+    );
+
     // Writes work again: everything recovers, with nothing left over from the failures.
     mg.plane.store().inject_write_failures(false);
+    assert_eq!(probe(mg.admin_addr, "/live").await.0, 200);
     assert_eq!(ready(mg.admin_addr).await.0, 200);
     assert_eq!(register(&mut reg, "iris", &a.endpoint()).await, 3);
     outcomes.record_outcome(outcome("before")).await.unwrap();
@@ -1009,8 +1029,8 @@ async fn injected_write_failures_keep_the_data_plane_up_and_the_control_plane_ho
     eprintln!(
         "injected write failures: 51 calls served OK while every write failed, their 51 records \
          dropped and counted; register, alias, promote, pause, outcome refused with UNAVAILABLE, \
-         registry and experiment unchanged; /ready 503 naming RocksDB; all back at the first \
-         /ready after the fault cleared (next version number 3, records written again)"
+         registry and experiment unchanged; /ready 503 naming RocksDB; /live 503 after the 1.5 s \
+         --write-failure-deadline; all back at the first probe after the fault cleared (next version number 3, records written again)"
     );
     mg.shutdown().await;
 }
@@ -1086,7 +1106,10 @@ async fn a_full_disk_fails_writes_not_calls_and_recovers_when_space_returns() {
         .arg(r#"mount -t tmpfs -o size=32m tmpfs "$0" && exec "$@""#)
         .arg(mnt.path())
         .arg(bin())
-        .args(serve_args(&mnt.path().join("db"), &[]));
+        .args(serve_args(
+            &mnt.path().join("db"),
+            &["--write-failure-deadline", "100ms"],
+        ));
     let gate = spawn_gate(cmd).await;
     // The tmpfs as the test sees it: through the process's own root.
     let inside = Path::new(&format!("/proc/{}/root", gate.pid()))
@@ -1133,6 +1156,10 @@ async fn a_full_disk_fails_writes_not_calls_and_recovers_when_space_returns() {
         "{body}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // A full disk is something RocksDB recovers from by itself: however long it lasts (here
+    // past the 100 ms --write-failure-deadline), /live does not ask for a restart.
+    let (code, body) = probe(gate.admin, "/live").await;
+    assert_eq!(code, 200, "{body}");
 
     // Room again: RocksDB's SstFileManager notices within its 5 s poll and clears the error.
     std::fs::remove_file(inside.join("filler")).unwrap();

@@ -106,8 +106,17 @@ pub enum StoreError {
     #[error("storage task failed: {0}")]
     Task(String),
     /// A write refused by [`Store::inject_write_failures`] (tests only).
-    #[error("rocksdb: IO error: write failure injected for a test (as if the disk were full)")]
+    #[error("rocksdb: IO error: write failure injected for a test (as if the disk had failed)")]
     Injected,
+}
+
+impl StoreError {
+    /// Whether this is RocksDB's "no space" I/O error, which it recovers from by itself once
+    /// space returns.
+    fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Rocks(e) if e.kind() == rocksdb::ErrorKind::IOError
+            && e.as_ref().contains("No space left on device"))
+    }
 }
 
 /// Sizes of one column family.
@@ -154,20 +163,31 @@ pub struct Store {
 /// until RocksDB recovers. For ENOSPC its SstFileManager checks the free space every 5 s and,
 /// once at least the largest write buffer (4 MiB here) is free, flushes the memtables and clears
 /// the error by itself; retryable I/O errors are resumed every second. Other hard errors need
-/// `DB::Resume()`, which rust-rocksdb does not expose, or a reopen — a restart, which a `/ready`
-/// that stays 503 asks the orchestrator for. So the store remembers the last write's failure,
-/// and `/ready` retries a tiny synced write while it is set: the first one that succeeds clears
-/// it.
+/// `DB::Resume()`, which neither rust-rocksdb nor RocksDB's C API exposes, or a reopen — a
+/// restart. So the store remembers the last write's failure and since when writes fail; `/ready`
+/// retries a tiny synced write while it is set (the first one that succeeds clears it), and
+/// `/live` fails once writes have failed for `--write-failure-deadline` with an error other than
+/// a full disk, so that the orchestrator restarts the process.
 #[derive(Default)]
 struct WriteHealth {
     /// Set by a failed write, cleared by a successful one.
     failing: std::sync::atomic::AtomicBool,
-    /// The failure, for `/ready` and logs.
-    error: parking_lot::Mutex<Option<String>>,
+    /// The failure, for `/ready`, `/live` and logs.
+    error: parking_lot::Mutex<Option<WriteFailure>>,
     /// RocksDB's count of background errors (flushes, compactions) when last looked at.
     background_errors: std::sync::atomic::AtomicU64,
     /// Test hook: every write fails while set.
     inject: std::sync::atomic::AtomicBool,
+}
+
+/// Writes failing, as [`WriteHealth`] remembers it.
+struct WriteFailure {
+    /// The last write's error.
+    message: String,
+    /// When the first write of this run of failures failed.
+    since: std::time::Instant,
+    /// Whether RocksDB recovers from the last error by itself (a full disk).
+    recovers: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -274,9 +294,20 @@ impl Store {
             .map_err(|e| format!("writes are failing: {e}"))
     }
 
+    /// How long writes have been failing with an error RocksDB does not recover from by itself
+    /// (anything but a full disk), and the error; None while writes work or the disk is full.
+    pub fn unrecoverable_write_failure(&self) -> Option<(std::time::Duration, String)> {
+        let error = self.health.error.lock();
+        error
+            .as_ref()
+            .filter(|f| !f.recovers)
+            .map(|f| (f.since.elapsed(), f.message.clone()))
+    }
+
     /// Test hook (fault injection): while `on`, every write fails with [`StoreError::Injected`]
-    /// before reaching RocksDB, as writes do when the disk is full — control-plane writes,
-    /// record batches, outcomes, references, events and `/ready`'s probe alike.
+    /// before reaching RocksDB, as writes do when the disk fails — control-plane writes, record
+    /// batches, outcomes, references, events and `/ready`'s probe alike. The failure counts as
+    /// one RocksDB does not recover from by itself (see `/live`).
     #[doc(hidden)]
     pub fn inject_write_failures(&self, on: bool) {
         self.health
@@ -308,7 +339,7 @@ impl Store {
                     let mut error = self.health.error.lock();
                     self.health.failing.store(false, Ordering::Release);
                     if let Some(e) = error.take() {
-                        tracing::info!(previous_error = %e, "RocksDB writes work again");
+                        tracing::info!(previous_error = %e.message, failed_for = ?e.since.elapsed(), "RocksDB writes work again");
                     }
                 }
             }
@@ -319,7 +350,14 @@ impl Store {
                 if !self.health.failing.swap(true, Ordering::AcqRel) {
                     tracing::error!(error = %e, "RocksDB writes are failing");
                 }
-                *error = Some(e.to_string());
+                let since = error
+                    .as_ref()
+                    .map_or_else(std::time::Instant::now, |f| f.since);
+                *error = Some(WriteFailure {
+                    message: e.to_string(),
+                    since,
+                    recovers: e.is_no_space(),
+                });
             }
         }
         result
