@@ -306,10 +306,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
     let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone())
         .with_monitor(monitor.clone());
-    // Control calls get the same default deadline and header limit as data calls (a stream such
-    // as WatchEvents is bounded by the deadline only until its first message is ready).
+    // The header limit of the data port. No server-side deadline: tonic would cap every caller's
+    // grpc-timeout with it (a long `ctl outcomes import` or artifact hash would be cut, and
+    // answered CANCELLED); control calls keep the deadline their caller sets (`ctl --timeout`).
     let mut ctl_builder = tonic::transport::Server::builder()
-        .timeout(config.request_timeout)
         .http2_max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
     if let Some(tls) = control_tls {
         ctl_builder = ctl_builder

@@ -489,6 +489,17 @@ async fn tensors_over_the_element_limit_are_refused_before_the_model_server() {
     let mut reg = registry(mg.control_addr).await;
     register(&mut reg, "iris", &ms.endpoint()).await;
     promote(&mut reg, "iris", "1").await;
+    // A shadow taking every call: a refused call must not reach it either.
+    register(&mut reg, "iris", &ms.endpoint()).await;
+    pb::shadows_client::ShadowsClient::new(channel(mg.control_addr).await)
+        .set_shadow(pb::SetShadowRequest {
+            model: "iris".into(),
+            version: "2".into(),
+            sample_fraction: 1.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let mut client = infer_client(mg.data_addr).await;
 
     let rows: Vec<[f32; 2]> = vec![[1.0, 2.0]; 50];
@@ -519,13 +530,29 @@ async fn tensors_over_the_element_limit_are_refused_before_the_model_server() {
     let err = client.model_infer(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(err.message(), "tensor 'input': invalid shape [-1, 2]");
-    // None of them reached the model server: the refused calls count under their status only.
+    // None of them reached a model server, the shadow included: only the first call did.
+    mg.recorder.flush().await;
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    let upstream_calls: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("modelgate_upstream_request_duration_seconds_count"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(upstream_calls, 1.0, "{metrics}");
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        sum("modelgate_upstream_request_duration_seconds_count"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(sum("modelgate_shadow_requests_total"), 1.0, "{metrics}");
+    // Refused before routing, like a body that does not decode: no version, model or variant.
+    assert_eq!(
+        sum(
+            r#"modelgate_requests_total{model="",version="",experiment="",variant="",code="RESOURCE_EXHAUSTED"}"#
+        ),
+        2.0,
+        "{metrics}"
+    );
     mg.shutdown().await;
 }

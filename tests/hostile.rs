@@ -276,9 +276,12 @@ async fn garbage_instead_of_http2_closes_only_that_connection() {
         b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
     ] {
         let mut raw = Raw::tcp(mg.data_addr).await;
+        let started = Instant::now();
         raw.write(junk).await;
         let frames = raw.read_to_close().await;
         assert!(ended_with_error(&frames), "{junk:?}: {frames:?}");
+        // At once, not at the 10 s handshake timeout a server ignoring the bytes would reach.
+        assert!(started.elapsed() < Duration::from_secs(3), "{junk:?}");
     }
     calls.await.unwrap();
     mg.shutdown().await;
@@ -533,39 +536,61 @@ async fn shedding_thousands_of_calls_keeps_the_connection() {
     // streams, the client's DATA frames arriving after would count as protocol errors, and h2
     // ends the connection after 1,024 of them (GOAWAY ENHANCE_YOUR_CALM): overload would kill
     // every call sharing the connection.
+    use modelgate::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(dir.path());
     config.max_in_flight = 1;
-    let (mg, _ms) = gateway(config, "3s").await;
+    let (mg, _ms) = gateway(config, "4s").await;
     let channel = common::channel(mg.data_addr).await;
-    let mut held =
-        modelgate::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
-            channel.clone(),
-        );
+    let mut holder = GrpcInferenceServiceClient::new(channel.clone());
     let held = tokio::spawn(async move {
-        held.model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+        holder
+            .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The slot is taken once the in-flight gauge says so.
+    let started = Instant::now();
+    while !http_get(mg.admin_addr, "/metrics")
+        .await
+        .contains("modelgate_in_flight_requests 1")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the held call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Callers stop at 3,000 calls or when the held call ends (after which calls are admitted).
+    let (next, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let callers: Vec<_> = (0..64)
         .map(|_| {
-            let mut client = modelgate::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel.clone());
-            let next = next.clone();
+            let mut client = GrpcInferenceServiceClient::new(channel.clone());
+            let (next, done) = (next.clone(), done.clone());
             tokio::spawn(async move {
                 let mut codes = Vec::new();
-                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 3000 {
-                    let code = match client.model_infer(infer_request("iris", &[&[1.0, 2.0]])).await {
-                        Ok(_) => Code::Ok,
-                        Err(e) => e.code(),
-                    };
-                    codes.push(code);
+                while !done.load(Ordering::Acquire) && next.fetch_add(1, Ordering::Relaxed) < 3000 {
+                    let result = client
+                        .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+                        .await;
+                    if !done.load(Ordering::Acquire) {
+                        codes.push(result.map_or_else(|e| e.code(), |_| Code::Ok));
+                    }
                 }
                 codes
             })
         })
         .collect();
+    let held = tokio::spawn(async move {
+        let r = held.await.unwrap();
+        done.store(true, Ordering::Release);
+        r
+    });
     let mut shed = 0;
     for c in callers {
         for code in c.await.unwrap() {
@@ -573,7 +598,10 @@ async fn shedding_thousands_of_calls_keeps_the_connection() {
             shed += 1;
         }
     }
-    assert_eq!(shed, 3000);
+    assert!(
+        shed > 1024,
+        "only {shed} calls were shed before the held call ended"
+    );
     held.await
         .unwrap()
         .expect("the call holding the slot completes on the same connection");

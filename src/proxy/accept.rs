@@ -23,9 +23,10 @@ use super::Proxy;
 pub struct ServerSettings {
     /// Streams per connection; a client that opens more gets REFUSED_STREAM for the extra ones.
     pub max_concurrent_streams: u32,
-    /// The `--max-header-bytes` limit: blocks up to twice its size are read and answered with
-    /// RESOURCE_EXHAUSTED by the proxy; larger ones are refused by HTTP/2 (431 and
-    /// REFUSED_STREAM) without being buffered. The same soft/hard split gRPC's C core uses.
+    /// The `--max-header-bytes` limit: blocks up to twice its size are answered with
+    /// RESOURCE_EXHAUSTED by the proxy (the same soft/hard split gRPC's C core uses); larger
+    /// ones h2 decodes and refuses itself (HTTP 431, then RST_STREAM PROTOCOL_ERROR), and a
+    /// block over four times what it advertises (eight times the limit) ends the connection.
     pub max_header_bytes: usize,
     /// PING interval.
     pub keepalive_interval: Duration,

@@ -230,6 +230,8 @@ pub struct Proxy {
     local: tonic::service::Routes,
     limits: Limits,
     in_flight: Arc<AtomicUsize>,
+    /// Request bodies of refused calls being drained (see [`Proxy::drain`]).
+    draining: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     recorder: Arc<Recorder>,
     mirror: mirror::Mirror,
@@ -259,6 +261,7 @@ impl Proxy {
             local,
             limits,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            draining: Arc::new(AtomicUsize::new(0)),
             metrics,
             recorder,
             mirror,
@@ -272,7 +275,7 @@ impl Proxy {
         self
     }
 
-    /// A proxy sharing everything with this one (routes, limits and the in-flight count,
+    /// A proxy sharing everything with this one (routes, limits, the in-flight and draining counts,
     /// metrics, recorder, the shadow cap) except its upstream connections: one per data-plane
     /// thread, so that a request and the connection it travels on are driven by the same thread.
     pub fn sibling(&self) -> Self {
@@ -284,6 +287,7 @@ impl Proxy {
             local: self.local.clone(),
             limits: self.limits.clone(),
             in_flight: self.in_flight.clone(),
+            draining: self.draining.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             traces: self.traces.clone(),
@@ -319,7 +323,7 @@ impl Proxy {
             ex.model = header_str(req.headers(), MODEL_HEADER)
                 .unwrap_or_default()
                 .to_string();
-            drain(req.into_body(), self.limits.max_message_bytes);
+            self.drain(req.into_body());
             self.finish(
                 ex,
                 request_id.clone(),
@@ -335,7 +339,7 @@ impl Proxy {
         let header_bytes = header_list_size(&req);
         let result = match call {
             _ if header_bytes > self.limits.max_header_bytes => {
-                drain(req.into_body(), self.limits.max_message_bytes);
+                self.drain(req.into_body());
                 Err(ProxyError::HeadersTooLarge {
                     size: header_bytes,
                     limit: self.limits.max_header_bytes,
@@ -634,10 +638,6 @@ impl Proxy {
             let (route, forward) = if call == Call::OipInfer {
                 let (req, route, forward) =
                     self.route_message::<ModelInferRequest>(bytes, &parts.headers, request_id, ex)?;
-                for t in &req.inputs {
-                    crate::oip::check_shape(&t.name, &t.shape, self.limits.max_tensor_elements)
-                        .map_err(ProxyError::Tensor)?;
-                }
                 ex.infer = Some(req);
                 (route, forward)
             } else {
@@ -714,6 +714,12 @@ impl Proxy {
         if model.is_empty() {
             return Err(ProxyError::MissingModel(M::MODEL_FIELD));
         }
+        // Before routing, so that a refused call is neither counted by an experiment nor copied
+        // to a shadow.
+        m.check(&self.limits).map_err(|e| {
+            ex.model = model.clone();
+            ProxyError::Tensor(e)
+        })?;
         let route = self.decide(&model, headers, m.parameters(), request_id, ex)?;
         if !M::MIRRORED {
             // Metadata and readiness calls are not traffic worth comparing.
@@ -760,13 +766,48 @@ impl Proxy {
     }
 
     /// Any other call: streamed both ways, routed by `x-model-name` or the default model.
-    async fn pass_through(
+    /// Reads and discards, in the background, the rest of the request body of a call modelgate
+    /// answers early (shed, refused) — the answer itself leaves at once. Dropping the body unread
+    /// would make HTTP/2 reset the stream, and the client's DATA frames still on the way would
+    /// then meet a closed stream: h2 counts each of those as a protocol-error reset and, after
+    /// 1,024 on a connection, sends GOAWAY ENHANCE_YOUR_CALM. Under overload, shedding would tear
+    /// down the clients' connections and every call on them. A unary request's body has normally
+    /// arrived already; one that is slow or huge is given up on after [`DRAIN_TIMEOUT`] or
+    /// `--max-message-bytes`, and at most `--max-in-flight` bodies are drained at once (beyond
+    /// that the body is dropped, as before).
+    fn drain(&self, mut body: Incoming) {
+        if http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let draining = self.draining.clone();
+        if draining.fetch_add(1, Ordering::AcqRel) >= self.limits.max_in_flight {
+            draining.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let limit = self.limits.max_message_bytes;
+        tokio::spawn(async move {
+            let read = async {
+                let mut n = 0;
+                while let Some(Ok(frame)) = body.frame().await {
+                    n += frame.data_ref().map_or(0, Bytes::len);
+                    if n > limit {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
+            draining.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// The route of a pass-through call, from `x-model-name` or the default model.
+    fn pass_through_route(
         &self,
-        req: Request<Incoming>,
+        headers: &HeaderMap,
         ex: &mut Exchange,
         request_id: &str,
-    ) -> Result<Response<Body>, ProxyError> {
-        let model = match req.headers().get(MODEL_HEADER) {
+    ) -> Result<Arc<Route>, ProxyError> {
+        let model = match headers.get(MODEL_HEADER) {
             Some(v) => v
                 .to_str()
                 .map_err(|_| ProxyError::BadModelHeader)?
@@ -778,7 +819,22 @@ impl Proxy {
                 .ok_or(ProxyError::NoModel)?
                 .to_string(),
         };
-        let route = self.decide(&model, req.headers(), None, request_id, ex)?;
+        self.decide(&model, headers, None, request_id, ex)
+    }
+
+    async fn pass_through(
+        &self,
+        req: Request<Incoming>,
+        ex: &mut Exchange,
+        request_id: &str,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = match self.pass_through_route(req.headers(), ex, request_id) {
+            Ok(route) => route,
+            Err(e) => {
+                self.drain(req.into_body());
+                return Err(e);
+            }
+        };
         let deadline = Self::caller_deadline(req.headers());
         let (parts, body) = req.into_parts();
         let body = if ex
@@ -890,6 +946,10 @@ trait RoutedMessage: Message + Default {
     fn parameters(&self) -> Option<&HashMap<String, InferParameter>> {
         None
     }
+    /// The data-plane limits the message must keep.
+    fn check(&self, _limits: &Limits) -> Result<(), crate::oip::OipError> {
+        Ok(())
+    }
 }
 
 impl RoutedMessage for ModelInferRequest {
@@ -901,6 +961,12 @@ impl RoutedMessage for ModelInferRequest {
     }
     fn parameters(&self) -> Option<&HashMap<String, InferParameter>> {
         Some(&self.parameters)
+    }
+    /// Every input's declared shape, against `--max-tensor-elements` (nothing is decoded).
+    fn check(&self, limits: &Limits) -> Result<(), crate::oip::OipError> {
+        self.inputs.iter().try_for_each(|t| {
+            crate::oip::check_shape(&t.name, &t.shape, limits.max_tensor_elements)
+        })
     }
 }
 
@@ -947,28 +1013,6 @@ async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadError> 
 
 /// How long the rest of a refused call's request body is read for, at most.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Reads and discards, in the background, the rest of the request body of a call modelgate
-/// answers early (shed, refused) — the answer itself leaves at once. Dropping the body unread
-/// would make HTTP/2 reset the stream, and the client's DATA frames still on the way would then
-/// meet a closed stream: h2 counts each of those as a protocol-error reset and, after 1,024 on a
-/// connection, sends GOAWAY ENHANCE_YOUR_CALM. Under overload, shedding would tear down the
-/// clients' connections and every call on them. A unary request's body is normally here
-/// already; one that is slow or huge is given up on after [`DRAIN_TIMEOUT`] or `limit` bytes.
-fn drain(mut body: Incoming, limit: usize) {
-    tokio::spawn(async move {
-        let read = async {
-            let mut n = 0;
-            while let Some(Ok(frame)) = body.frame().await {
-                n += frame.data_ref().map_or(0, Bytes::len);
-                if n > limit {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
-    });
-}
 
 /// A successful unary gRPC response that modelgate answers itself.
 fn local_unary<M: Message>(msg: &M) -> Response<Body> {

@@ -184,7 +184,7 @@ struct WriteHealth {
 struct WriteFailure {
     /// The last write's error.
     message: String,
-    /// When the first write of this run of failures failed.
+    /// When the first write of this run of failures of this kind (recoverable or not) failed.
     since: std::time::Instant,
     /// Whether RocksDB recovers from the last error by itself (a full disk).
     recovers: bool,
@@ -350,13 +350,17 @@ impl Store {
                 if !self.health.failing.swap(true, Ordering::AcqRel) {
                     tracing::error!(error = %e, "RocksDB writes are failing");
                 }
-                let since = error
-                    .as_ref()
-                    .map_or_else(std::time::Instant::now, |f| f.since);
+                // The clock runs per kind of failure: a full disk turning into an I/O error that
+                // RocksDB does not recover from starts the `/live` deadline afresh.
+                let recovers = e.is_no_space();
+                let since = match error.as_ref() {
+                    Some(f) if f.recovers == recovers => f.since,
+                    _ => std::time::Instant::now(),
+                };
                 *error = Some(WriteFailure {
                     message: e.to_string(),
                     since,
-                    recovers: e.is_no_space(),
+                    recovers,
                 });
             }
         }
