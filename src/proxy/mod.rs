@@ -773,14 +773,14 @@ impl Proxy {
     /// 1,024 on a connection, sends GOAWAY ENHANCE_YOUR_CALM. Under overload, shedding would tear
     /// down the clients' connections and every call on them. A unary request's body has normally
     /// arrived already; one that is slow or huge is given up on after [`DRAIN_TIMEOUT`] or
-    /// `--max-message-bytes`, and at most `--max-in-flight` bodies are drained at once (beyond
-    /// that the body is dropped, as before).
+    /// `--max-message-bytes`, and at most [`MAX_DRAINING`] bodies are drained at once (beyond
+    /// that the body is dropped, and the stream reset, as before).
     fn drain(&self, mut body: Incoming) {
         if http_body::Body::is_end_stream(&body) {
             return;
         }
         let draining = self.draining.clone();
-        if draining.fetch_add(1, Ordering::AcqRel) >= self.limits.max_in_flight {
+        if draining.fetch_add(1, Ordering::AcqRel) >= MAX_DRAINING {
             draining.fetch_sub(1, Ordering::AcqRel);
             return;
         }
@@ -1013,6 +1013,11 @@ async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadError> 
 
 /// How long the rest of a refused call's request body is read for, at most.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refused calls' bodies drained at once, at most: generous, because under overload refusals
+/// come by the tens of thousands per second and a drain that cannot start resets a stream; a
+/// drain task holds no more than a task's memory (the body is discarded as it is read).
+const MAX_DRAINING: usize = 16_384;
 
 /// A successful unary gRPC response that modelgate answers itself.
 fn local_unary<M: Message>(msg: &M) -> Response<Body> {
