@@ -1484,12 +1484,12 @@ async fn publish_change(plane: &ControlPlane, c: &Change) {
         } => publish_transition(plane, version, archived).await,
         Change::ExperimentCreated(e) => {
             plane
-                .publish(experiment_event("experiment_created", e))
+                .publish(crate::events::experiment_event("experiment_created", e))
                 .await
         }
         Change::ExperimentChanged(e) if e.state == ExperimentState::Stopped => {
             plane
-                .publish(experiment_event("experiment_stopped", e))
+                .publish(crate::events::experiment_event("experiment_stopped", e))
                 .await
         }
         // The services publish nothing for these either.
@@ -1498,21 +1498,6 @@ async fn publish_change(plane: &ControlPlane, c: &Change) {
         | Change::ShadowSet(_)
         | Change::ShadowRemoved(_) => {}
     }
-}
-
-fn experiment_event(kind: &str, e: &Experiment) -> crate::pb::modelgate::v1::Event {
-    let mut ev = crate::events::event(
-        kind,
-        &e.model,
-        format!(
-            "experiment '{}' on model '{}' is {}",
-            e.name,
-            e.model,
-            e.state.as_str()
-        ),
-    );
-    ev.experiment = e.name.clone();
-    ev
 }
 
 /// Re-reads the file's content at least this often even when its modification time and size

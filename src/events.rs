@@ -97,6 +97,23 @@ pub fn event(kind: &str, model: &str, message: impl Into<String>) -> pb::Event {
     }
 }
 
+/// An event of `kind` about experiment `e` ("experiment 'ab' on model 'iris' is running"), from
+/// the control API and from the state file alike.
+pub fn experiment_event(kind: &str, e: &crate::experiment::Experiment) -> pb::Event {
+    let mut ev = event(
+        kind,
+        &e.model,
+        format!(
+            "experiment '{}' on model '{}' is {}",
+            e.name,
+            e.model,
+            e.state.as_str()
+        ),
+    );
+    ev.experiment = e.name.clone();
+    ev
+}
+
 /// Whether `e` passes a watch filter.
 pub fn matches(e: &pb::Event, types: &[String], model: &str) -> bool {
     (types.is_empty() || types.contains(&e.r#type)) && (model.is_empty() || e.model == model)

@@ -28,18 +28,9 @@ impl ExperimentService {
     }
 
     async fn publish(&self, e: &Experiment, kind: &str) {
-        let mut ev = crate::events::event(
-            kind,
-            &e.model,
-            format!(
-                "experiment '{}' on model '{}' is {}",
-                e.name,
-                e.model,
-                e.state.as_str()
-            ),
-        );
-        ev.experiment = e.name.clone();
-        self.plane.publish(ev).await;
+        self.plane
+            .publish(crate::events::experiment_event(kind, e))
+            .await;
     }
 
     async fn change(
