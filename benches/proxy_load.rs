@@ -408,7 +408,6 @@ async fn overload(
         other_errors += other;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let run = finish(target, "open", new_hist(), 0, elapsed, before);
     Overload {
         offered: rate,
         sent: total,
@@ -418,7 +417,7 @@ async fn overload(
         seconds: elapsed,
         ok_hist,
         shed_hist,
-        proxy: run.proxy,
+        proxy: proxy_usage(target, before),
     }
 }
 
@@ -483,13 +482,6 @@ fn finish(
     seconds: f64,
     before: Option<Usage>,
 ) -> Run {
-    let proxy = target.pid.zip(before).map(|(pid, b)| {
-        let a = usage(pid);
-        Usage {
-            cpu_seconds: a.cpu_seconds - b.cpu_seconds,
-            peak_rss_bytes: a.peak_rss_bytes,
-        }
-    });
     Run {
         target: target.name,
         mode,
@@ -497,8 +489,19 @@ fn finish(
         errors,
         seconds,
         hist,
-        proxy,
+        proxy: proxy_usage(target, before),
     }
+}
+
+/// The proxy's CPU seconds since `before` and its peak RSS, when the target is a proxy.
+fn proxy_usage(target: &Target, before: Option<Usage>) -> Option<Usage> {
+    target.pid.zip(before).map(|(pid, b)| {
+        let a = usage(pid);
+        Usage {
+            cpu_seconds: a.cpu_seconds - b.cpu_seconds,
+            peak_rss_bytes: a.peak_rss_bytes,
+        }
+    })
 }
 
 fn machine() -> String {

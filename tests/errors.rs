@@ -533,23 +533,26 @@ async fn tensors_over_the_element_limit_are_refused_before_the_model_server() {
     // None of them reached a model server, the shadow included: only the first call did.
     mg.recorder.flush().await;
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    let sum = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     assert_eq!(
-        sum("modelgate_upstream_request_duration_seconds_count"),
+        metric_sum(
+            &metrics,
+            "modelgate_upstream_request_duration_seconds_count",
+            ""
+        ),
         1.0,
         "{metrics}"
     );
-    assert_eq!(sum("modelgate_shadow_requests_total"), 1.0, "{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "modelgate_shadow_requests_total", ""),
+        1.0,
+        "{metrics}"
+    );
     // Refused before routing, like a body that does not decode: no version, model or variant.
     assert_eq!(
-        sum(
-            r#"modelgate_requests_total{model="",version="",experiment="",variant="",code="RESOURCE_EXHAUSTED"}"#
+        metric_sum(
+            &metrics,
+            "modelgate_requests_total",
+            r#"{model="",version="",experiment="",variant="",code="RESOURCE_EXHAUSTED"}"#
         ),
         2.0,
         "{metrics}"

@@ -58,6 +58,27 @@ impl Gate {
         self.log.lock().join("\n")
     }
 
+    /// Waits for the process to exit after SIGTERM was sent at `term`: within the grace period
+    /// plus 3 s of slack for flushing and a busy machine, or the test fails with its log.
+    async fn exit_after_sigterm(
+        &mut self,
+        term: Instant,
+        grace: Duration,
+    ) -> std::process::ExitStatus {
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                term.elapsed() < grace + Duration::from_secs(3),
+                "still running {:?} after SIGTERM (grace {grace:?}):\n{}",
+                term.elapsed(),
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGKILL, and reap.
     fn kill_9(mut self) {
         self.child.kill().unwrap();
@@ -209,14 +230,6 @@ fn metric(page: &str, name: &str) -> f64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// The sum of a labelled metric over the series whose labels contain `filter`.
-fn metric_sum(page: &str, name: &str, filter: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(filter))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 async fn metrics(admin: SocketAddr) -> String {
@@ -1305,18 +1318,7 @@ async fn sigterm_drains_calls_in_flight_flushes_records_and_exits_0() {
 
     // The process exits 0, within the grace period (plus slack for flushing and a busy machine).
     let mut gate = gate;
-    let status = loop {
-        if let Some(s) = gate.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            term.elapsed() < grace + Duration::from_secs(3),
-            "still running {:?} after SIGTERM:\n{}",
-            term.elapsed(),
-            gate.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let status = gate.exit_after_sigterm(term, grace).await;
     let exited = term.elapsed();
     assert!(status.success(), "{status:?}\n{}", gate.log_text());
     drop(gate);
@@ -1381,18 +1383,7 @@ async fn sigterm_exits_within_the_grace_whatever_is_still_open() {
     let term = Instant::now();
     signal(gate.pid(), "-TERM");
     let mut gate = gate;
-    let status = loop {
-        if let Some(s) = gate.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            term.elapsed() < grace + Duration::from_secs(3),
-            "still running {:?} after SIGTERM (grace {grace:?}):\n{}",
-            term.elapsed(),
-            gate.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let status = gate.exit_after_sigterm(term, grace).await;
     let exited = term.elapsed();
     assert!(status.success(), "{status:?}\n{}", gate.log_text());
     assert!(

@@ -337,6 +337,15 @@ pub async fn echo_server() -> String {
     format!("http://{addr}")
 }
 
+/// The sum of a labelled metric on a `/metrics` page over the series whose labels contain
+/// `filter` (`""` for all of them).
+pub fn metric_sum(page: &str, name: &str, filter: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(filter))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
 /// GET over HTTP/1.1 and return the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
