@@ -104,11 +104,31 @@ pub enum Lookup {
     UnknownModel,
 }
 
+/// Why a call naming a version of a model cannot be routed to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionLookup {
+    /// No such model.
+    UnknownModel,
+    /// The model has no version by that number or alias.
+    UnknownVersion,
+    /// The version is archived: it serves no traffic.
+    Archived(u32),
+}
+
+/// The versions of one model a call can name: by number or alias.
+#[derive(Clone, Debug, Default)]
+struct Versions {
+    routes: HashMap<u32, Arc<Route>>,
+    archived: HashSet<u32>,
+    aliases: HashMap<String, u32>,
+}
+
 /// An immutable routing snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingTable {
     production: HashMap<String, Arc<Route>>,
     known: HashSet<String>,
+    versions: HashMap<String, Versions>,
     experiments: HashMap<String, Arc<LiveExperiment>>,
     shadows: HashMap<String, Arc<[LiveShadow]>>,
     default_model: Option<String>,
@@ -119,11 +139,25 @@ impl RoutingTable {
     pub fn build(state: &State, default_model: Option<&str>) -> Self {
         let mut production = HashMap::new();
         let mut known = HashSet::new();
+        let mut versions = HashMap::new();
         for m in state.registry.models() {
             known.insert(m.meta.name.clone());
-            if let Some(v) = m.production() {
-                production.insert(v.model.clone(), Arc::new(Route::to(v)));
+            let mut named = Versions {
+                aliases: m.meta.aliases.clone().into_iter().collect(),
+                ..Default::default()
+            };
+            for v in m.versions.values() {
+                if v.stage == crate::registry::Stage::Archived {
+                    named.archived.insert(v.version);
+                    continue;
+                }
+                let route = Arc::new(Route::to(v));
+                if v.stage == crate::registry::Stage::Production {
+                    production.insert(v.model.clone(), route.clone());
+                }
+                named.routes.insert(v.version, route);
             }
+            versions.insert(m.meta.name.clone(), named);
         }
         let experiments = state
             .experiments
@@ -154,6 +188,7 @@ impl RoutingTable {
         RoutingTable {
             production,
             known,
+            versions,
             experiments,
             shadows: shadows.into_iter().map(|(k, v)| (k, v.into())).collect(),
             default_model: default_model.map(str::to_string),
@@ -221,6 +256,28 @@ impl RoutingTable {
             Some(r) => Lookup::Found(r.clone()),
             None if self.known.contains(model) => Lookup::NoProduction,
             None => Lookup::UnknownModel,
+        }
+    }
+
+    /// The route of the version a call names (`model_version` in OIP): a version number or an
+    /// alias. Archived versions serve nothing.
+    pub fn version(&self, model: &str, version: &str) -> Result<Arc<Route>, VersionLookup> {
+        let m = self
+            .versions
+            .get(model)
+            .ok_or(VersionLookup::UnknownModel)?;
+        // As the registry resolves a version: a number, else an alias.
+        let number = match version.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => *m
+                .aliases
+                .get(version)
+                .ok_or(VersionLookup::UnknownVersion)?,
+        };
+        match m.routes.get(&number) {
+            Some(r) => Ok(r.clone()),
+            None if m.archived.contains(&number) => Err(VersionLookup::Archived(number)),
+            None => Err(VersionLookup::UnknownVersion),
         }
     }
 

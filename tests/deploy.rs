@@ -1274,3 +1274,31 @@ fn example_configs_commented_values_are_valid() {
         });
     }
 }
+
+/// What `cargo install` and the Docker image ship is a plain release build: debug info (line
+/// tables over RocksDB's C++ made the binary 458 MB) lives in the `profiling` profile only. And
+/// every dev-profile dependency is built without debug info, so that the host and target builds
+/// of crates shared by build scripts and modelgate agree in `cargo clippy` and `cargo test`, and
+/// RocksDB is compiled once per machine (see Cargo.toml).
+#[test]
+fn release_builds_ship_without_debug_info() {
+    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
+    let profiles = &manifest["profile"];
+    let release = profiles.get("release").and_then(|r| r.as_table());
+    assert!(
+        release.is_none_or(|r| r.get("debug").is_none_or(|d| d.as_bool() == Some(false))),
+        "[profile.release] must not carry debug info: {release:?}"
+    );
+    assert_eq!(profiles["profiling"]["inherits"].as_str(), Some("release"));
+    assert_eq!(
+        profiles["profiling"]["debug"].as_str(),
+        Some("line-tables-only")
+    );
+    for section in [
+        &profiles["dev"]["package"]["*"],
+        &profiles["dev"]["build-override"],
+    ] {
+        assert_eq!(section["debug"].as_bool(), Some(false), "{section:?}");
+        assert_eq!(section["opt-level"].as_integer(), Some(1), "{section:?}");
+    }
+}

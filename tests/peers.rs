@@ -4,37 +4,6 @@ mod common;
 
 use common::*;
 
-/// Runs a peer script with python3, or skips when its packages are missing — unless
-/// MODELGATE_REQUIRE_PEERS is set (scripts/test.sh installs them and sets it).
-async fn run_python(script: &str, args: &[&str], module: &str) -> Option<String> {
-    let probe = tokio::process::Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .output()
-        .await;
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        assert!(
-            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
-            "python3 with {module} is required but missing"
-        );
-        eprintln!("python3 module {module} not installed; skipping (scripts/test.sh installs it)");
-        return None;
-    }
-    let path = format!("{}/tests/peers/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new("python3")
-        .arg(path)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(String::from_utf8(out.stdout).unwrap())
-}
-
 #[tokio::test]
 async fn the_triton_client_talks_to_modelgate() {
     let dir = tempfile::tempdir().unwrap();
@@ -50,7 +19,7 @@ async fn the_triton_client_talks_to_modelgate() {
     .await
     .unwrap();
     promote(&mut reg, "iris", "1").await;
-    let Some(out) = run_python(
+    let Some(out) = python_peer(
         "triton_client.py",
         &[&mg.data_addr.to_string(), "iris"],
         "tritonclient.grpc",

@@ -163,37 +163,6 @@ async fn admin_port_answers_live_ready_and_metrics() {
     mg.shutdown().await;
 }
 
-/// grpcurl, when installed (scripts/test.sh installs it and sets MODELGATE_REQUIRE_PEERS=1).
-fn grpcurl() -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("grpcurl"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
-            "grpcurl is required but not on PATH"
-        );
-        eprintln!("grpcurl not installed; skipping (scripts/test.sh installs it)");
-    }
-    found
-}
-
-async fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[tokio::test]
 async fn grpcurl_works_without_proto_files() {
     let Some(g) = grpcurl() else { return };
@@ -202,13 +171,13 @@ async fn grpcurl_works_without_proto_files() {
     let mg = start(dir.path()).await;
     let ctl = mg.control_addr.to_string();
     let data = mg.data_addr.to_string();
-    let (ok, out) = run(&g, &["-plaintext", &ctl, "list"]).await;
+    let (ok, out) = run_tool(&g, &["-plaintext", &ctl, "list"]).await;
     assert!(ok && out.contains("modelgate.v1.Registry"), "{out}");
     let body = format!(
         r#"{{"model":"iris","endpoint":"{}","metrics":{{"accuracy":0.9}}}}"#,
         server.endpoint()
     );
-    let (ok, out) = run(
+    let (ok, out) = run_tool(
         &g,
         &[
             "-plaintext",
@@ -220,7 +189,7 @@ async fn grpcurl_works_without_proto_files() {
     )
     .await;
     assert!(ok && out.contains("\"STAGE_STAGING\""), "{out}");
-    let (ok, out) = run(
+    let (ok, out) = run_tool(
         &g,
         &[
             "-plaintext",
@@ -232,13 +201,13 @@ async fn grpcurl_works_without_proto_files() {
     )
     .await;
     assert!(ok && out.contains("STAGE_PRODUCTION"), "{out}");
-    let (ok, out) = run(&g, &["-plaintext", &data, "list"]).await;
+    let (ok, out) = run_tool(&g, &["-plaintext", &data, "list"]).await;
     assert!(
         ok && out.contains("inference.GRPCInferenceService"),
         "{out}"
     );
     let infer = r#"{"model_name":"iris","inputs":[{"name":"input","datatype":"FP32","shape":[1,2],"contents":{"fp32_contents":[1,1]}}]}"#;
-    let (ok, out) = run(
+    let (ok, out) = run_tool(
         &g,
         &[
             "-plaintext",
@@ -253,7 +222,7 @@ async fn grpcurl_works_without_proto_files() {
     assert!(ok, "{out}");
     assert!(out.contains("x-modelgate-model-version: 1"), "{out}");
     assert!(out.contains("6"), "2*1 + 3*1 + 1 = 6: {out}");
-    let (ok, out) = run(
+    let (ok, out) = run_tool(
         &g,
         &[
             "-plaintext",

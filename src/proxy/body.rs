@@ -53,6 +53,15 @@ pub fn frame<M: prost::Message>(msg: &M) -> Bytes {
     buf.freeze()
 }
 
+/// Frames an encoded message as one uncompressed gRPC message.
+pub fn frame_bytes(msg: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + msg.len());
+    buf.put_u8(0);
+    buf.put_u32(msg.len() as u32);
+    buf.extend_from_slice(msg);
+    buf.freeze()
+}
+
 /// How a response stream ended, as seen by the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
@@ -164,6 +173,78 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+type OnError = Box<dyn FnOnce(&(dyn std::error::Error + 'static)) -> http::HeaderMap + Send + Sync>;
+
+pin_project_lite::pin_project! {
+    /// Ends a streamed answer whose upstream fails midway (a reset, a GOAWAY, a broken connection)
+    /// with trailers carrying the status the failure stands for, so that the caller gets a gRPC
+    /// status with a message instead of a reset stream it would report as INTERNAL.
+    pub struct Rescue<B> {
+        #[pin]
+        inner: B,
+        on_error: Option<OnError>,
+        ended: bool,
+    }
+}
+
+impl<B> Rescue<B> {
+    /// Wraps `inner`; `on_error` turns its failure into the trailers to end with.
+    pub fn new(
+        inner: B,
+        on_error: impl FnOnce(&(dyn std::error::Error + 'static)) -> http::HeaderMap
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        Rescue {
+            inner,
+            on_error: Some(Box::new(on_error)),
+            ended: false,
+        }
+    }
+}
+
+impl<B> HttpBody for Rescue<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: std::error::Error + 'static,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Err(e)) => match this.on_error.take() {
+                Some(rescue) => {
+                    *this.ended = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(rescue(&e)))))
+                }
+                None => Poll::Ready(Some(Err(e))),
+            },
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.ended {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 

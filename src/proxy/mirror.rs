@@ -171,19 +171,18 @@ async fn call_shadow(
     limit: usize,
 ) -> Result<Bytes, Failure> {
     let started = Instant::now();
-    let body = match (&f.infer, rewrite_needed(route, f.infer.as_ref())) {
-        (Some(infer), true) => {
-            let mut m = infer.clone();
-            if let Some(b) = &route.backend_model {
-                m.model_name.clone_from(b);
-            }
-            if let Some(b) = &route.backend_version {
-                m.model_version.clone_from(b);
-            }
-            body::frame(&m)
-        }
-        // The caller's own bytes: no re-encode.
-        _ => f.request.clone(),
+    // The caller's own bytes, with the shadow's backend name and version written in when they
+    // differ (the same rule as for production: `super::backend_edits`).
+    let edits = f.infer.as_ref().map_or_else(Vec::new, |m| {
+        super::backend_edits(route, super::INFER_FIELDS, &m.model_name, &m.model_version)
+    });
+    let body = if edits.is_empty() {
+        f.request.clone()
+    } else {
+        body::unary_message(&f.request)
+            .ok()
+            .and_then(|m| super::wire::set_string_fields(&m, &edits).ok())
+            .map_or_else(|| f.request.clone(), |m| body::frame_bytes(&m))
     };
     let mut req = Request::post(f.path.as_str())
         .body(())
@@ -233,17 +232,4 @@ async fn call_shadow(
     } else {
         data
     })
-}
-
-/// Whether the shadow's backend name or version differs from what the caller sent.
-fn rewrite_needed(route: &Route, infer: Option<&ModelInferRequest>) -> bool {
-    let Some(m) = infer else { return false };
-    route
-        .backend_model
-        .as_ref()
-        .is_some_and(|b| *b != m.model_name)
-        || route
-            .backend_version
-            .as_ref()
-            .is_some_and(|b| *b != m.model_version)
 }

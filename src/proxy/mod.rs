@@ -11,7 +11,9 @@ pub mod body;
 pub mod classify;
 pub mod mirror;
 pub mod status;
+pub mod stream;
 pub mod upstream;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -29,15 +31,15 @@ use tonic::{body::Body, Code, Status};
 use tower::ServiceExt;
 
 use crate::pb::inference::{
-    InferParameter, ModelInferRequest, ModelReadyRequest, ServerLiveResponse,
-    ServerMetadataResponse, ServerReadyResponse,
+    InferParameter, ModelInferRequest, ServerLiveResponse, ServerMetadataResponse,
+    ServerReadyResponse,
 };
 use crate::recorder::{RawRecord, Recorder};
-use crate::routing::{LiveShadow, Lookup, Route, RoutingTable};
+use crate::routing::{LiveShadow, Lookup, Route, RoutingTable, VersionLookup};
 use crate::telemetry::{EndpointLabels, Metrics};
 pub use accept::{serve, ServerSettings};
 use body::{Ending, FrameError, Observed};
-use classify::{Call, ServerCall};
+use classify::{Call, ModelCall, ServerCall};
 
 /// Header carrying the request id back to the caller.
 pub const REQUEST_ID_HEADER: &str = "x-modelgate-request-id";
@@ -93,6 +95,17 @@ enum ProxyError {
     },
     #[error("{0}: required (the model to route to)")]
     MissingModel(&'static str),
+    #[error("request is not a valid {message}: {error}")]
+    Wire {
+        message: &'static str,
+        error: wire::WireError,
+    },
+    #[error("model '{model}' has no version '{version}' (model_version names a modelgate version: a number or an alias)")]
+    UnknownVersion { model: String, version: String },
+    #[error("version {version} of model '{model}' is archived and serves no calls")]
+    ArchivedVersion { model: String, version: u32 },
+    #[error("{} names no model: start modelgate with --default-model to send such calls to that model's server, or set the '{MODEL_HEADER}' header", .0.trim_start_matches('/'))]
+    OipNoModel(String),
     #[error("request message larger than the limit of {0} bytes (--max-message-bytes)")]
     RequestTooLarge(usize),
     #[error("{0}")]
@@ -103,6 +116,8 @@ enum ProxyError {
     HeadersTooLarge { size: usize, limit: usize },
     #[error("reading the request failed: {0}")]
     ReadRequest(String),
+    #[error("the stream ended before its first message, which names the model to route to")]
+    EmptyStream,
     #[error("upstream {endpoint} (model '{model}' version {version}) is unreachable: {reason}")]
     Unreachable {
         endpoint: String,
@@ -126,6 +141,13 @@ enum ProxyError {
         version: u32,
         reason: String,
     },
+    #[error("upstream {endpoint} (model '{model}' version {version}) {failure}")]
+    UpstreamFailed {
+        endpoint: String,
+        model: String,
+        version: u32,
+        failure: upstream::StreamFailure,
+    },
     #[error("deadline of {0:?} exceeded before the upstream answered")]
     Deadline(Duration),
 }
@@ -134,10 +156,17 @@ impl ProxyError {
     fn status(&self) -> Status {
         let msg = self.to_string();
         match self {
-            ProxyError::UnknownModel(_) | ProxyError::NoProduction(_) => Status::not_found(msg),
+            ProxyError::UnknownModel(_)
+            | ProxyError::NoProduction(_)
+            | ProxyError::UnknownVersion { .. } => Status::not_found(msg),
+            ProxyError::ArchivedVersion { .. } | ProxyError::OipNoModel(_) => {
+                Status::failed_precondition(msg)
+            }
             ProxyError::NoModel
             | ProxyError::BadModelHeader
             | ProxyError::Decode { .. }
+            | ProxyError::Wire { .. }
+            | ProxyError::EmptyStream
             | ProxyError::MissingModel(_) => Status::invalid_argument(msg),
             ProxyError::Frame(FrameError::Compressed) => Status::unimplemented(msg),
             ProxyError::Frame(_) => Status::invalid_argument(msg),
@@ -155,7 +184,36 @@ impl ProxyError {
             ProxyError::UpstreamHttp { status, .. } => {
                 Status::new(status::code_for_http_status(*status), msg)
             }
+            ProxyError::UpstreamFailed { failure, .. } => Status::new(failure.code(), msg),
             ProxyError::Deadline(_) => Status::deadline_exceeded(msg),
+        }
+    }
+
+    /// An upstream stream that failed after it started.
+    fn failed(route: &Route, failure: upstream::StreamFailure) -> Self {
+        ProxyError::UpstreamFailed {
+            endpoint: route.endpoint.clone(),
+            model: route.model.clone(),
+            version: route.version,
+            failure,
+        }
+    }
+
+    /// The status code this error answers with.
+    fn code(&self) -> Option<Code> {
+        Some(self.status().code())
+    }
+
+    /// Counts an upstream's failure in `modelgate_upstream_errors_total`.
+    fn count(&self, metrics: &Metrics) {
+        if let Some((endpoint, kind)) = self.endpoint_kind() {
+            metrics
+                .upstream_errors
+                .get_or_create(&EndpointLabels {
+                    endpoint: endpoint.to_string(),
+                    kind: kind.to_string(),
+                })
+                .inc();
         }
     }
 
@@ -164,6 +222,9 @@ impl ProxyError {
             ProxyError::Unreachable { endpoint, .. } => Some((endpoint, "connect")),
             ProxyError::UpstreamHttp { endpoint, .. } => Some((endpoint, "http_status")),
             ProxyError::UpstreamBody { endpoint, .. } => Some((endpoint, "body")),
+            ProxyError::UpstreamFailed {
+                endpoint, failure, ..
+            } => Some((endpoint, failure.kind())),
             _ => None,
         }
     }
@@ -221,6 +282,8 @@ struct Exchange {
     tee: Option<(body::TeeSlot, body::TeeSlot, HeaderMap)>,
     /// The request's trace span, when traces are exported.
     span: Option<crate::traces::RequestSpan>,
+    /// A stream whose inferences are recorded one by one (`ModelStreamInfer`), not as one call.
+    streamed: bool,
 }
 
 /// The data-plane request handler.
@@ -351,22 +414,19 @@ impl Proxy {
                 .oneshot(req)
                 .await
                 .unwrap_or_else(|e: Infallible| match e {})),
-            Call::OipInfer | Call::OipModel => {
+            Call::OipInfer | Call::OipModel(_) => {
                 self.oip_unary(req, call, &mut ex, &request_id).await
             }
+            Call::OipStream => self.oip_stream(req, &mut ex, &request_id).await,
             Call::OipServer(c) => self.oip_server(req, c, &mut ex, &request_id).await,
+            Call::OipUnnamed => match self.pass_through(req, &mut ex, &request_id).await {
+                Err(ProxyError::NoModel) => Err(ProxyError::OipNoModel(method.clone())),
+                other => other,
+            },
             Call::PassThrough => self.pass_through(req, &mut ex, &request_id).await,
         };
         let mut resp = result.unwrap_or_else(|e| {
-            if let Some((endpoint, kind)) = e.endpoint_kind() {
-                self.metrics
-                    .upstream_errors
-                    .get_or_create(&EndpointLabels {
-                        endpoint: endpoint.to_string(),
-                        kind: kind.to_string(),
-                    })
-                    .inc();
-            }
+            e.count(&self.metrics);
             status::error_response(e.status())
         });
 
@@ -441,6 +501,9 @@ impl Proxy {
         if let Some((request, response, headers)) = ex.tee.take() {
             ex.request_copy = request.lock().take().map(|r| (r, headers));
             ex.response = response.lock().take().filter(|_| code == Code::Ok);
+        }
+        if ex.streamed {
+            return;
         }
         let (shadow_skipped, shadow_dropped) = self.mirror_finished(
             &mut ex.shadows,
@@ -554,9 +617,13 @@ impl Proxy {
     /// Routes a request for `model`: to its experiment variant (by the unit id under the
     /// experiment's unit key, in the headers or the OIP parameters, or a forced variant) or to
     /// production. Records the decision in `ex`.
+    ///
+    /// A call that names a version (OIP's `model_version`: a modelgate version number or alias)
+    /// goes to that version, outside any experiment and shadow.
     fn decide(
         &self,
         model: &str,
+        version: &str,
         headers: &HeaderMap,
         params: Option<&HashMap<String, InferParameter>>,
         request_id: &str,
@@ -564,6 +631,21 @@ impl Proxy {
     ) -> Result<Arc<Route>, ProxyError> {
         ex.model = model.to_string();
         let table = self.routing.load();
+        if !version.is_empty() {
+            let route = table.version(model, version).map_err(|e| match e {
+                VersionLookup::UnknownModel => ProxyError::UnknownModel(model.to_string()),
+                VersionLookup::UnknownVersion => ProxyError::UnknownVersion {
+                    model: model.to_string(),
+                    version: version.to_string(),
+                },
+                VersionLookup::Archived(v) => ProxyError::ArchivedVersion {
+                    model: model.to_string(),
+                    version: v,
+                },
+            })?;
+            ex.route = Some(route.clone());
+            return Ok(route);
+        }
         let unit_key = table
             .experiment(model)
             .map(|e| e.unit_key.as_str())
@@ -635,15 +717,21 @@ impl Proxy {
                     ReadError::Body(e) => ProxyError::ReadRequest(e),
                 })?;
             ex.size = bytes.len();
-            let (route, forward) = if call == Call::OipInfer {
-                let (req, route, forward) =
-                    self.route_message::<ModelInferRequest>(bytes, &parts.headers, request_id, ex)?;
-                ex.infer = Some(req);
-                (route, forward)
-            } else {
-                let (_, route, forward) =
-                    self.route_message::<ModelReadyRequest>(bytes, &parts.headers, request_id, ex)?;
-                (route, forward)
+            let (route, forward) = match call {
+                Call::OipModel(m) => self.route_model_call(
+                    m,
+                    parts.uri.path(),
+                    bytes,
+                    &parts.headers,
+                    request_id,
+                    ex,
+                )?,
+                _ => {
+                    let (req, route, forward) =
+                        self.route_infer(bytes, &parts.headers, request_id, ex)?;
+                    ex.infer = Some(req);
+                    (route, forward)
+                }
             };
             let left = deadline.saturating_sub(started.elapsed());
             let sent = Instant::now();
@@ -666,12 +754,22 @@ impl Proxy {
             let collected = Limited::new(body, self.limits.max_message_bytes)
                 .collect()
                 .await
-                .map_err(|e| ProxyError::UpstreamBody {
-                    endpoint: route.endpoint.clone(),
-                    model: route.model.clone(),
-                    version: route.version,
-                    reason: upstream::describe(&*e),
-                })?;
+                .map_err(|e| match upstream::StreamFailure::of(&*e) {
+                    upstream::StreamFailure::Broken => ProxyError::UpstreamBody {
+                        endpoint: route.endpoint.clone(),
+                        model: route.model.clone(),
+                        version: route.version,
+                        reason: upstream::describe(&*e),
+                    },
+                    failure => ProxyError::failed(&route, failure),
+                });
+            let collected = match collected {
+                // An upstream that cancels the call at the deadline we passed on.
+                Err(e) if ran_out(e.code(), started, deadline) => {
+                    return Err(ProxyError::Deadline(deadline))
+                }
+                other => other?,
+            };
             ex.upstream_latency = Some(sent.elapsed());
             let trailers = collected.trailers().cloned();
             let data = collected.to_bytes();
@@ -687,8 +785,7 @@ impl Proxy {
                 ex.size += data.len();
                 ex.response = body::unary_message(&data).ok();
             }
-            let body = Full::new(data).with_trailers(async move { trailers.map(Ok) });
-            Ok(Response::from_parts(parts, Body::new(body)))
+            Ok(Response::from_parts(parts, unary_body(data, trailers)))
         };
         match tokio::time::timeout(deadline, work).await {
             Ok(r) => r,
@@ -696,48 +793,115 @@ impl Proxy {
         }
     }
 
-    /// Decodes an OIP request, finds the route for the model it names, and returns the bytes to
-    /// forward: the caller's own, unless the backend model name or version must be rewritten.
-    fn route_message<M: RoutedMessage>(
+    /// Decodes a `ModelInferRequest`, checks its tensors against the limits, finds the route for
+    /// the model (and version) it names, and returns the bytes to forward: the caller's own,
+    /// unless the backend model name or version must be written in.
+    fn route_infer(
         &self,
         framed: Bytes,
         headers: &HeaderMap,
         request_id: &str,
         ex: &mut Exchange,
-    ) -> Result<(M, Arc<Route>, Bytes), ProxyError> {
+    ) -> Result<(ModelInferRequest, Arc<Route>, Bytes), ProxyError> {
         let msg = body::unary_message(&framed)?;
-        let mut m = M::decode(msg).map_err(|error| ProxyError::Decode {
-            message: M::NAME,
-            error,
-        })?;
-        let model = m.model_and_version().0.clone();
-        if model.is_empty() {
-            return Err(ProxyError::MissingModel(M::MODEL_FIELD));
+        let m = decode_infer(msg.clone())?;
+        if m.model_name.is_empty() {
+            return Err(ProxyError::MissingModel("model_name"));
         }
         // Before routing, so that a refused call is neither counted by an experiment nor copied
         // to a shadow.
-        m.check(&self.limits).map_err(|e| {
-            ex.model = model.clone();
-            ProxyError::Tensor(e)
-        })?;
-        let route = self.decide(&model, headers, m.parameters(), request_id, ex)?;
-        if !M::MIRRORED {
-            // Metadata and readiness calls are not traffic worth comparing.
-            ex.shadows = None;
-        } else if ex
+        self.check_tensors(&m)
+            .inspect_err(|_| ex.model.clone_from(&m.model_name))?;
+        let route = self.decide(
+            &m.model_name,
+            &m.model_version,
+            headers,
+            Some(&m.parameters),
+            request_id,
+            ex,
+        )?;
+        if ex
             .shadows
             .as_ref()
             .is_some_and(|(_, taken)| !taken.is_empty())
         {
             ex.request_copy = Some((framed.clone(), headers.clone()));
         }
-        let (name, version) = m.model_and_version();
-        let forward = if rewrite(&route, name, version) {
-            body::frame(&m)
-        } else {
+        let edits = backend_edits(&route, INFER_FIELDS, &m.model_name, &m.model_version);
+        let forward = if edits.is_empty() {
             framed
+        } else {
+            body::frame_bytes(&rewrite_fields(
+                &msg,
+                &edits,
+                "inference.ModelInferRequest",
+            )?)
         };
         Ok((m, route, forward))
+    }
+
+    /// Every input's declared shape, against `--max-tensor-elements` (nothing is decoded).
+    fn check_tensors(&self, m: &ModelInferRequest) -> Result<(), ProxyError> {
+        m.inputs
+            .iter()
+            .try_for_each(|t| {
+                crate::oip::check_shape(&t.name, &t.shape, self.limits.max_tensor_elements)
+            })
+            .map_err(ProxyError::Tensor)
+    }
+
+    /// A unary OIP call that names a model in one of its fields (metadata, readiness, Triton's
+    /// config, statistics, repository and trace calls): routed by that name (and version), with
+    /// the backend's name and version written in. These calls are not traffic worth comparing:
+    /// no shadow takes them.
+    fn route_model_call(
+        &self,
+        call: ModelCall,
+        method: &str,
+        framed: Bytes,
+        headers: &HeaderMap,
+        request_id: &str,
+        ex: &mut Exchange,
+    ) -> Result<(Arc<Route>, Bytes), ProxyError> {
+        let msg = body::unary_message(&framed)?;
+        let invalid = |error| ProxyError::Wire {
+            message: call.message,
+            error,
+        };
+        let name = wire::string_field(&msg, call.name_field).map_err(invalid)?;
+        let version = match call.version_field {
+            Some(f) => wire::string_field(&msg, f).map_err(invalid)?,
+            None => String::new(),
+        };
+        let route = if name.is_empty() {
+            if !call.optional {
+                return Err(ProxyError::MissingModel(call.name));
+            }
+            // Naming no model is allowed (Triton's server-wide trace settings): the default
+            // model's server answers.
+            let model = self
+                .routing
+                .load()
+                .default_model()
+                .ok_or_else(|| ProxyError::OipNoModel(method.to_string()))?
+                .to_string();
+            self.decide(&model, "", headers, None, request_id, ex)?
+        } else {
+            self.decide(&name, &version, headers, None, request_id, ex)?
+        };
+        ex.shadows = None;
+        let fields = (call.name_field, call.version_field);
+        let edits = if name.is_empty() {
+            Vec::new()
+        } else {
+            backend_edits(&route, fields, &name, &version)
+        };
+        let forward = if edits.is_empty() {
+            framed
+        } else {
+            body::frame_bytes(&rewrite_fields(&msg, &edits, call.message)?)
+        };
+        Ok((route, forward))
     }
 
     /// ServerLive / ServerReady / ServerMetadata: the default model's upstream answers when there
@@ -819,7 +983,7 @@ impl Proxy {
                 .ok_or(ProxyError::NoModel)?
                 .to_string(),
         };
-        self.decide(&model, headers, None, request_id, ex)
+        self.decide(&model, "", headers, None, request_id, ex)
     }
 
     async fn pass_through(
@@ -865,7 +1029,28 @@ impl Proxy {
         };
         // For a stream, the time until the upstream's response headers.
         ex.upstream_latency = Some(sent.elapsed());
-        resp
+        Ok(self.rescued(&route, resp?))
+    }
+
+    /// A streamed answer that ends with a gRPC status when its upstream fails midway (see
+    /// [`body::Rescue`]), the failure counted as the upstream's.
+    fn rescued(&self, route: &Arc<Route>, resp: Response<Body>) -> Response<Body> {
+        let (metrics, route) = (self.metrics.clone(), route.clone());
+        resp.map(|b| {
+            Body::new(body::Rescue::new(b, move |e| {
+                let error = match upstream::StreamFailure::of(e) {
+                    upstream::StreamFailure::Broken => ProxyError::UpstreamBody {
+                        endpoint: route.endpoint.clone(),
+                        model: route.model.clone(),
+                        version: route.version,
+                        reason: upstream::describe(e),
+                    },
+                    failure => ProxyError::failed(&route, failure),
+                };
+                error.count(&metrics);
+                status::trailers(error.status())
+            }))
+        })
     }
 
     /// Sends a request to a route's upstream and returns its response head and streaming body.
@@ -896,11 +1081,21 @@ impl Proxy {
                 .upstreams
                 .send(&route.endpoint, head, payload)
                 .await
-                .map_err(|e| ProxyError::Unreachable {
-                    endpoint: route.endpoint.clone(),
-                    model: route.model.clone(),
-                    version: route.version,
-                    reason: upstream::describe(&e),
+                .map_err(|e| match e.failure() {
+                    None => ProxyError::Unreachable {
+                        endpoint: route.endpoint.clone(),
+                        model: route.model.clone(),
+                        version: route.version,
+                        reason: upstream::describe(&e),
+                    },
+                    // The call started; its connection broke before the answer.
+                    Some(upstream::StreamFailure::Broken) => ProxyError::UpstreamBody {
+                        endpoint: route.endpoint.clone(),
+                        model: route.model.clone(),
+                        version: route.version,
+                        reason: upstream::describe(&e),
+                    },
+                    Some(failure) => ProxyError::failed(route, failure),
                 })?;
             if resp.status() != http::StatusCode::OK {
                 return Err(ProxyError::UpstreamHttp {
@@ -917,7 +1112,12 @@ impl Proxy {
             }
             Ok(resp)
         }
-        .await;
+        .await
+        .map_err(|e| match deadline {
+            // An upstream that reset the call at the deadline we passed on.
+            Some(d) if ran_out(e.code(), sent, d) => ProxyError::Deadline(d),
+            _ => e,
+        });
         if let Some(c) = child {
             c.end(result.as_ref().err().map(ToString::to_string));
         }
@@ -932,70 +1132,47 @@ fn ran_out(code: Option<Code>, since: Instant, deadline: Duration) -> bool {
     matches!(code, Some(Code::DeadlineExceeded | Code::Cancelled)) && since.elapsed() >= deadline
 }
 
-/// An OIP request that names the model it is for.
-trait RoutedMessage: Message + Default {
-    /// The message, for error messages.
-    const NAME: &'static str;
-    /// The field naming the model.
-    const MODEL_FIELD: &'static str;
-    /// Whether shadows receive copies of these calls.
-    const MIRRORED: bool;
-    /// The model name and version fields.
-    fn model_and_version(&mut self) -> (&mut String, &mut String);
-    /// Request parameters, where the message has them.
-    fn parameters(&self) -> Option<&HashMap<String, InferParameter>> {
-        None
-    }
-    /// The data-plane limits the message must keep.
-    fn check(&self, _limits: &Limits) -> Result<(), crate::oip::OipError> {
-        Ok(())
-    }
-}
+/// Where `ModelInferRequest` names its model and version (`model_name` = 1, `model_version` = 2).
+const INFER_FIELDS: (u32, Option<u32>) = (1, Some(2));
 
-impl RoutedMessage for ModelInferRequest {
-    const NAME: &'static str = "inference.ModelInferRequest";
-    const MODEL_FIELD: &'static str = "model_name";
-    const MIRRORED: bool = true;
-    fn model_and_version(&mut self) -> (&mut String, &mut String) {
-        (&mut self.model_name, &mut self.model_version)
+/// The string fields to write into a request so that the backend understands it: the route's
+/// backend model name (when it has one and the caller named another), and the version — a
+/// caller's `model_version` names one of modelgate's versions, so the backend gets that version's
+/// backend version, or none when it has none registered. Empty when the request is right as it is.
+fn backend_edits<'r>(
+    route: &'r Route,
+    (name_field, version_field): (u32, Option<u32>),
+    name: &str,
+    version: &str,
+) -> Vec<(u32, &'r str)> {
+    let mut edits = Vec::new();
+    if let Some(b) = route.backend_model.as_deref().filter(|b| *b != name) {
+        edits.push((name_field, b));
     }
-    fn parameters(&self) -> Option<&HashMap<String, InferParameter>> {
-        Some(&self.parameters)
-    }
-    /// Every input's declared shape, against `--max-tensor-elements` (nothing is decoded).
-    fn check(&self, limits: &Limits) -> Result<(), crate::oip::OipError> {
-        self.inputs.iter().try_for_each(|t| {
-            crate::oip::check_shape(&t.name, &t.shape, limits.max_tensor_elements)
-        })
-    }
-}
-
-/// Also decodes `ModelMetadataRequest`, whose layout is the same (name = 1, version = 2).
-impl RoutedMessage for ModelReadyRequest {
-    const NAME: &'static str = "model metadata/ready request";
-    const MODEL_FIELD: &'static str = "name";
-    const MIRRORED: bool = false;
-    fn model_and_version(&mut self) -> (&mut String, &mut String) {
-        (&mut self.name, &mut self.version)
-    }
-}
-
-/// Writes the route's backend model name and version into a request; true when anything changed.
-fn rewrite(route: &Route, name: &mut String, version: &mut String) -> bool {
-    let mut changed = false;
-    if let Some(b) = &route.backend_model {
-        if name != b {
-            name.clone_from(b);
-            changed = true;
+    if let Some(field) = version_field {
+        let backend = route.backend_version.as_deref().unwrap_or("");
+        if backend != version {
+            edits.push((field, backend));
         }
     }
-    if let Some(b) = &route.backend_version {
-        if version != b {
-            version.clone_from(b);
-            changed = true;
-        }
-    }
-    changed
+    edits
+}
+
+/// `msg` with `edits` written in.
+fn rewrite_fields(
+    msg: &[u8],
+    edits: &[(u32, &str)],
+    message: &'static str,
+) -> Result<Bytes, ProxyError> {
+    wire::set_string_fields(msg, edits).map_err(|error| ProxyError::Wire { message, error })
+}
+
+/// Decodes a `ModelInferRequest`.
+fn decode_infer(msg: Bytes) -> Result<ModelInferRequest, ProxyError> {
+    ModelInferRequest::decode(msg).map_err(|error| ProxyError::Decode {
+        message: "inference.ModelInferRequest",
+        error,
+    })
 }
 
 enum ReadError {
@@ -1030,6 +1207,19 @@ fn local_unary<M: Message>(msg: &M) -> Response<Body> {
         HeaderValue::from_static("application/grpc"),
     );
     resp
+}
+
+/// The body of an upstream's unary answer read whole, to forward: the data and trailers as they
+/// came. An answer that ended with its headers (a trailers-only error: the status is in the
+/// headers) gets a body that has ended already, so that the response's HEADERS frame carries
+/// END_STREAM again — gRPC clients other than tonic (grpc-go, gRPC C core, so grpcurl and
+/// tritonclient) read a status from the headers only then, and otherwise report a stream closed
+/// without trailers.
+fn unary_body(data: Bytes, trailers: Option<HeaderMap>) -> Body {
+    match trailers {
+        None if data.is_empty() => Body::empty(),
+        trailers => Body::new(Full::new(data).with_trailers(async move { trailers.map(Ok) })),
+    }
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -1122,7 +1312,7 @@ mod tests {
     }
 
     #[test]
-    fn rewrite_only_when_the_route_says_so() {
+    fn backends_get_their_own_name_and_version() {
         let mut route = Route {
             model: "iris".into(),
             version: 1,
@@ -1134,11 +1324,23 @@ mod tests {
             feature_names: Default::default(),
             metrics: Default::default(),
         };
-        let (mut n, mut v) = ("iris".to_string(), String::new());
-        assert!(!rewrite(&route, &mut n, &mut v));
+        assert!(backend_edits(&route, INFER_FIELDS, "iris", "").is_empty());
+        // A version the caller named is modelgate's: without a backend version, none is sent.
+        assert_eq!(
+            backend_edits(&route, INFER_FIELDS, "iris", "1"),
+            vec![(2, "")]
+        );
         route.backend_model = Some("iris_onnx".into());
-        route.backend_version = Some("3".into());
-        assert!(rewrite(&route, &mut n, &mut v));
-        assert_eq!((n.as_str(), v.as_str()), ("iris_onnx", "3"));
+        route.backend_version = Some("v3".into());
+        assert_eq!(
+            backend_edits(&route, INFER_FIELDS, "iris", "1"),
+            vec![(1, "iris_onnx"), (2, "v3")]
+        );
+        assert!(backend_edits(&route, INFER_FIELDS, "iris_onnx", "v3").is_empty());
+        // Repository calls have no version field.
+        assert_eq!(
+            backend_edits(&route, (2, None), "iris", ""),
+            vec![(2, "iris_onnx")]
+        );
     }
 }

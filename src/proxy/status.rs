@@ -11,6 +11,19 @@ pub fn error_response(status: Status) -> http::Response<Body> {
     status.into_http()
 }
 
+/// `status` as a trailers block (grpc-status, grpc-message, grpc-status-details-bin).
+pub fn trailers(status: Status) -> HeaderMap {
+    // tonic encodes a status (the message percent-encoded, details in base64) only into a
+    // response's headers; those are the trailers, less the content type.
+    let mut h = status
+        .into_http::<tonic::body::Body>()
+        .into_parts()
+        .0
+        .headers;
+    h.remove(http::header::CONTENT_TYPE);
+    h
+}
+
 /// The gRPC status code in `headers` (a trailers block, or the headers of a trailers-only
 /// response), if any.
 pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
@@ -115,6 +128,19 @@ mod tests {
             Code::Unavailable
         );
         assert_eq!(code_for_http_status(StatusCode::IM_A_TEAPOT), Code::Unknown);
+    }
+
+    #[test]
+    fn statuses_become_trailers() {
+        let t = trailers(Status::with_details(
+            Code::InvalidArgument,
+            "bad; very",
+            bytes::Bytes::from_static(b"\x08\x03"),
+        ));
+        assert_eq!(code_from_headers(&t), Some(Code::InvalidArgument));
+        assert_eq!(t["grpc-message"], "bad%3B very");
+        assert!(t.get("grpc-status-details-bin").is_some());
+        assert!(t.get("content-type").is_none());
     }
 
     #[test]

@@ -83,9 +83,23 @@ pub enum UpstreamError {
     /// No connection could be opened.
     #[error("cannot connect: {0}")]
     Connect(String),
-    /// The connection failed or was reset while the call was under way.
+    /// The connection failed before the call could start on it.
     #[error("{0}")]
     Stream(#[from] h2::Error),
+    /// The call started, then its stream was reset or its connection failed before the answer's
+    /// head arrived.
+    #[error("{0}")]
+    Broken(h2::Error),
+}
+
+impl UpstreamError {
+    /// How the upstream's stream failed, for an error after the call started (`None` before).
+    pub fn failure(&self) -> Option<StreamFailure> {
+        match self {
+            UpstreamError::Broken(e) => Some(StreamFailure::of(e)),
+            _ => None,
+        }
+    }
 }
 
 /// What to send: a whole message (unary calls, shadow copies) or a stream to relay.
@@ -217,15 +231,56 @@ impl Upstreams {
             .map_err(|e| UpstreamError::Endpoint(e.to_string()))?;
         parts.version = http::Version::HTTP_2;
         strip_connection_headers(&mut parts.headers);
+        // The caller's content-length (gRPC clients rarely send one) describes the caller's
+        // body; a message with the backend's name written in may be longer or shorter, and an
+        // HTTP/2 server resets a stream whose length disagrees (PROTOCOL_ERROR). A relayed
+        // stream keeps it: its bytes are the caller's own.
+        if let Payload::Full(b) = &payload {
+            if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+                parts
+                    .headers
+                    .insert(http::header::CONTENT_LENGTH, b.len().into());
+            }
+        }
         let head = Request::from_parts(parts, ());
         let end = match &payload {
             Payload::Full(b) => b.is_empty(),
             Payload::Stream(b) => b.is_end_stream(),
         };
+        // A whole message can be sent again when the upstream refused it unprocessed
+        // (REFUSED_STREAM, or a graceful GOAWAY that left it out): gRPC clients retry those
+        // transparently, and a caller of modelgate should not see an error a direct caller would
+        // not. A relayed stream has been read from the caller; it is never sent twice.
+        let again = match &payload {
+            Payload::Full(b) => Some((head.clone(), b.clone())),
+            Payload::Stream(_) => None,
+        };
+        match self.send_once(&ep, &slot, head, payload, end).await {
+            Err(e) if e.failure().is_some_and(StreamFailure::unprocessed) => match again {
+                Some((head, b)) => {
+                    tracing::debug!(upstream = %ep.authority, error = %e, "upstream refused a call unprocessed; sending it once more");
+                    self.send_once(&ep, &slot, head, Payload::Full(b), end)
+                        .await
+                }
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    /// One attempt of [`Upstreams::send`] on the slot's connection.
+    async fn send_once(
+        &self,
+        ep: &Endpoint,
+        slot: &Arc<Slot>,
+        head: Request<()>,
+        payload: Payload,
+        end: bool,
+    ) -> Result<Response<Body>, UpstreamError> {
         // A connection found dead before the request started on it: one retry on a new one.
         let mut send = None;
         for attempt in 0..2 {
-            let conn = self.connection(&ep, &slot).await?;
+            let conn = self.connection(ep, slot).await?;
             match conn.send.clone().ready().await {
                 Ok(s) => {
                     send = Some(s);
@@ -245,7 +300,7 @@ impl Upstreams {
         match payload {
             Payload::Full(b) if !b.is_empty() => {
                 // h2 queues what the window does not admit yet; the message is bounded.
-                stream.send_data(b, true)?;
+                stream.send_data(b, true).map_err(UpstreamError::Broken)?;
             }
             Payload::Full(_) => {}
             Payload::Stream(body) if !end => {
@@ -253,7 +308,7 @@ impl Upstreams {
             }
             Payload::Stream(_) => {}
         }
-        let resp = response.await?;
+        let resp = response.await.map_err(UpstreamError::Broken)?;
         Ok(resp.map(|recv| {
             Body::new(Received {
                 recv,
@@ -462,6 +517,80 @@ impl HttpBody for Received {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+}
+
+/// How an upstream's HTTP/2 stream failed, in the terms gRPC maps to a status ("Errors" in gRPC's
+/// PROTOCOL-HTTP2.md), so that a caller of modelgate gets the status a direct caller would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamFailure {
+    /// The upstream reset the stream (RST_STREAM) with this reason.
+    Reset(h2::Reason),
+    /// The upstream closed the connection (GOAWAY) with this reason, leaving this stream out.
+    GoAway(h2::Reason),
+    /// The connection broke (reset, closed, an I/O or protocol error on our side).
+    Broken,
+}
+
+impl StreamFailure {
+    /// The failure somewhere in `err`'s cause chain (an `h2::Error`), else [`StreamFailure::Broken`].
+    pub fn of(err: &(dyn StdError + 'static)) -> Self {
+        let mut cause = Some(err);
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return match h2.reason() {
+                    Some(r) if h2.is_go_away() && h2.is_remote() => StreamFailure::GoAway(r),
+                    Some(r) if h2.is_reset() && h2.is_remote() => StreamFailure::Reset(r),
+                    _ => StreamFailure::Broken,
+                };
+            }
+            cause = e.source();
+        }
+        StreamFailure::Broken
+    }
+
+    /// The gRPC status code a client gives this failure: the RST_STREAM mapping of gRPC's HTTP/2
+    /// spec, and UNAVAILABLE for a connection that went away or broke.
+    pub fn code(self) -> tonic::Code {
+        use h2::Reason;
+        use tonic::Code;
+        match self {
+            StreamFailure::Reset(Reason::REFUSED_STREAM) => Code::Unavailable,
+            StreamFailure::Reset(Reason::CANCEL) => Code::Cancelled,
+            StreamFailure::Reset(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+            StreamFailure::Reset(Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+            StreamFailure::Reset(_) => Code::Internal,
+            StreamFailure::GoAway(_) | StreamFailure::Broken => Code::Unavailable,
+        }
+    }
+
+    /// The `kind` label of `modelgate_upstream_errors_total` for this failure.
+    pub fn kind(self) -> &'static str {
+        match self {
+            StreamFailure::Reset(_) => "reset",
+            StreamFailure::GoAway(_) => "goaway",
+            StreamFailure::Broken => "body",
+        }
+    }
+
+    /// Whether the upstream did not process the stream at all, so that sending it again is
+    /// safe: REFUSED_STREAM, or a GOAWAY whose last stream id left it out (h2 reports a GOAWAY
+    /// only on such streams; those the upstream accepted just see the connection end).
+    pub fn unprocessed(self) -> bool {
+        matches!(
+            self,
+            StreamFailure::Reset(h2::Reason::REFUSED_STREAM) | StreamFailure::GoAway(_)
+        )
+    }
+}
+
+impl std::fmt::Display for StreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamFailure::Reset(r) => write!(f, "reset the call (RST_STREAM {r:?})"),
+            StreamFailure::GoAway(r) => write!(f, "closed the connection (GOAWAY {r:?})"),
+            StreamFailure::Broken => f.write_str("connection broke"),
+        }
     }
 }
 

@@ -366,3 +366,67 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .await
         .expect("reachable")
 }
+
+/// grpcurl, when installed (scripts/test.sh installs it and sets MODELGATE_REQUIRE_PEERS=1).
+pub fn grpcurl() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("grpcurl"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
+            "grpcurl is required but not on PATH"
+        );
+        eprintln!("grpcurl not installed; skipping (scripts/test.sh installs it)");
+    }
+    found
+}
+
+/// Runs a command; returns whether it succeeded and its stdout and stderr together.
+pub async fn run_tool(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs a peer script of tests/peers with python3 and returns its stdout (it must succeed), or
+/// skips when `module` is missing — unless MODELGATE_REQUIRE_PEERS is set (scripts/test.sh
+/// installs the peers and sets it).
+pub async fn python_peer(script: &str, args: &[&str], module: &str) -> Option<String> {
+    let probe = tokio::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .await;
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        assert!(
+            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
+            "python3 with {module} is required but missing"
+        );
+        eprintln!("python3 module {module} not installed; skipping (scripts/test.sh installs it)");
+        return None;
+    }
+    let path = format!("{}/tests/peers/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new("python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}

@@ -1,0 +1,205 @@
+//! Top-level string fields of a protobuf message, read and rewritten at the wire level.
+//!
+//! The data plane names a model from requests whose full message types it need not know (Triton's
+//! `ModelConfigRequest`, `RepositoryModelLoadRequest`…), and writes the backend's model name and
+//! version into requests on their way upstream. Doing both on the wire format, field by field,
+//! keeps every other field byte for byte — including fields modelgate's protos do not declare,
+//! which decoding and re-encoding with prost would drop — and costs a scan, not a decode.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Why a message could not be scanned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A varint or a length runs past the end, or a wire type is invalid.
+    #[error("malformed protobuf message at byte {0}")]
+    Malformed(usize),
+    /// The field holds bytes that are not UTF-8.
+    #[error("field {0} is not a UTF-8 string")]
+    NotUtf8(u32),
+}
+
+fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    let start = *pos;
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos).ok_or(WireError::Malformed(start))?;
+        *pos += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(WireError::Malformed(start))
+}
+
+/// One top-level field: its number, and the byte range of the whole field (key included) and of
+/// a length-delimited payload.
+struct Field {
+    number: u32,
+    whole: std::ops::Range<usize>,
+    payload: Option<std::ops::Range<usize>>,
+}
+
+fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= msg.len() {
+            return None;
+        }
+        let start = pos;
+        let parsed = (|| {
+            let key = varint(msg, &mut pos)?;
+            let number = u32::try_from(key >> 3).map_err(|_| WireError::Malformed(start))?;
+            let mut payload = None;
+            match key & 7 {
+                0 => {
+                    varint(msg, &mut pos)?;
+                }
+                1 => pos += 8,
+                2 => {
+                    let len = usize::try_from(varint(msg, &mut pos)?)
+                        .map_err(|_| WireError::Malformed(start))?;
+                    let end = pos.checked_add(len).ok_or(WireError::Malformed(start))?;
+                    payload = Some(pos..end);
+                    pos = end;
+                }
+                5 => pos += 4,
+                // Groups (3, 4) are not proto3; 6 and 7 are not wire types.
+                _ => return Err(WireError::Malformed(start)),
+            }
+            if pos > msg.len() || number == 0 {
+                return Err(WireError::Malformed(start));
+            }
+            Ok(Field {
+                number,
+                whole: start..pos,
+                payload,
+            })
+        })();
+        if parsed.is_err() {
+            pos = msg.len();
+        }
+        Some(parsed)
+    })
+}
+
+/// The value of string field `number` (the last occurrence wins, as when decoding), or `""`
+/// when the message does not carry it.
+pub fn string_field(msg: &[u8], number: u32) -> Result<String, WireError> {
+    let mut found = None;
+    for f in fields(msg) {
+        let f = f?;
+        if f.number == number {
+            found = Some(f.payload.ok_or(WireError::Malformed(f.whole.start))?);
+        }
+    }
+    match found {
+        None => Ok(String::new()),
+        Some(r) => std::str::from_utf8(&msg[r])
+            .map(str::to_string)
+            .map_err(|_| WireError::NotUtf8(number)),
+    }
+}
+
+/// The bytes of embedded-message field `number` (the last occurrence), sharing `msg`'s buffer.
+pub fn message_field(msg: &Bytes, number: u32) -> Result<Option<Bytes>, WireError> {
+    let mut found = None;
+    for f in fields(msg) {
+        let f = f?;
+        if f.number == number {
+            found = Some(f.payload.ok_or(WireError::Malformed(f.whole.start))?);
+        }
+    }
+    Ok(found.map(|r| msg.slice(r)))
+}
+
+/// `msg` with each of `edits`' string fields set to its value: earlier occurrences removed, the
+/// new value appended (none for `""`, proto3's default). Every other field is kept as it was.
+pub fn set_string_fields(msg: &[u8], edits: &[(u32, &str)]) -> Result<Bytes, WireError> {
+    let mut out =
+        BytesMut::with_capacity(msg.len() + edits.iter().map(|e| e.1.len() + 6).sum::<usize>());
+    for f in fields(msg) {
+        let f = f?;
+        if !edits.iter().any(|(n, _)| *n == f.number) {
+            out.extend_from_slice(&msg[f.whole]);
+        }
+    }
+    for (number, value) in edits {
+        if value.is_empty() {
+            continue;
+        }
+        put_varint(&mut out, u64::from(*number) << 3 | 2);
+        put_varint(&mut out, value.len() as u64);
+        out.extend_from_slice(value.as_bytes());
+    }
+    Ok(out.freeze())
+}
+
+fn put_varint(out: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        out.put_u8((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn strings_are_read_and_rewritten_keeping_every_other_field() {
+        let req = crate::pb::inference::ModelInferRequest {
+            model_name: "iris".into(),
+            model_version: "1".into(),
+            id: "req-1".into(),
+            raw_input_contents: vec![Bytes::from_static(&[1, 2, 3, 4])],
+            ..Default::default()
+        };
+        let mut bytes = req.encode_to_vec();
+        // A field modelgate's proto does not declare (number 99, varint 7) must survive.
+        bytes.extend_from_slice(&[0x98, 0x06, 0x07]);
+        assert_eq!(string_field(&bytes, 1).unwrap(), "iris");
+        assert_eq!(string_field(&bytes, 2).unwrap(), "1");
+        assert_eq!(string_field(&bytes, 9).unwrap(), "");
+
+        let out = set_string_fields(&bytes, &[(1, "iris_onnx"), (2, "")]).unwrap();
+        let back = crate::pb::inference::ModelInferRequest::decode(out.clone()).unwrap();
+        assert_eq!(back.model_name, "iris_onnx");
+        assert_eq!(back.model_version, "");
+        assert_eq!(back.id, "req-1");
+        assert_eq!(back.raw_input_contents, req.raw_input_contents);
+        assert!(out.ends_with(b"iris_onnx"));
+        assert!(
+            out.windows(3).any(|w| w == [0x98, 0x06, 0x07]),
+            "the unknown field is kept"
+        );
+        // The last occurrence wins, as in a decoder.
+        let mut twice = bytes.clone();
+        twice.extend_from_slice(&[0x0a, 0x02, b'v', b'2']);
+        assert_eq!(string_field(&twice, 1).unwrap(), "v2");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [
+            &[0x0a, 0x05, b'a'][..], // length past the end
+            &[
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ][..],
+            &[0x0b][..],       // group start
+            &[0x00, 0x01][..], // field 0
+            &[0x09, 1, 2][..], // fixed64 cut short
+        ] {
+            assert!(string_field(bad, 1).is_err(), "{bad:?}");
+            assert!(set_string_fields(bad, &[(1, "x")]).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            string_field(&[0x0a, 0x02, 0xff, 0xfe], 1),
+            Err(WireError::NotUtf8(1))
+        );
+        assert_eq!(string_field(&[], 1).unwrap(), "");
+    }
+}
