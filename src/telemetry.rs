@@ -571,15 +571,21 @@ pub fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// Installs the global log subscriber. `RUST_LOG`, when set, overrides `filter`.
+/// Installs the global log subscriber. `RUST_LOG`, when set, overrides `filter`. Text logs are
+/// coloured only on a terminal (and without `NO_COLOR`): a file, a pipe or a log collector gets
+/// plain text, not escape codes.
 pub fn init_logging(format: LogFormat, filter: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(filter));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
