@@ -621,18 +621,24 @@ enum View {
     Whole,
     /// The list in this field, as a table with these columns.
     List(&'static str, &'static [&'static str]),
+    /// A prediction record: feature names beside their values.
+    Prediction,
 }
 
 fn show(answer: &Value, view: View, output: Output) {
     match (view, output) {
         (View::List(field, columns), Output::Table) => {
-            let rows = answer[field].as_array().cloned().unwrap_or_default();
+            let mut rows = answer[field].as_array().cloned().unwrap_or_default();
+            if columns == PREDICTION_COLUMNS {
+                rows.iter_mut().for_each(render::plain_predictions);
+            }
             if rows.is_empty() {
                 println!("no {field}");
             } else {
                 println!("{}", render::table(&rows, columns));
             }
         }
+        (View::Prediction, Output::Table) => print!("{}", render::prediction_record(answer)),
         _ => render::print(answer, output),
     }
 }
@@ -1086,10 +1092,11 @@ fn plan(cmd: &CtlCommand) -> Result<Plan, CtlError> {
             ),
         },
         CtlCommand::Predictions(p) => match p {
-            Predictions::Get { request_id } => unary(
-                "Predictions/GetPrediction",
-                json!({ "requestId": request_id }),
-            ),
+            Predictions::Get { request_id } => Plan::Unary {
+                method: "Predictions/GetPrediction",
+                body: json!({ "requestId": request_id }),
+                view: View::Prediction,
+            },
             Predictions::List {
                 model,
                 version,
@@ -1299,13 +1306,6 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(1500)), json!("1.500000000s"));
     }
 
-    #[test]
-    fn csv_references_need_a_header_and_even_rows() {
-        let (names, rows) = csv_reference("a, b\n1,x\n2,y\n").unwrap();
-        assert_eq!(names, vec!["a", "b"]);
-        assert_eq!(rows[1], json!({"values": [{"number": 2.0}, {"text": "y"}]}));
-        let err = csv_reference("a,b\n1\n").unwrap_err();
-        assert_eq!(err.to_string(), "CSV line 2: 1 values for 2 columns");
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -1380,5 +1380,12 @@ mod tests {
         );
     }
 
+    #[test]
+    fn csv_references_need_a_header_and_even_rows() {
+        let (names, rows) = csv_reference("a, b\n1,x\n2,y\n").unwrap();
+        assert_eq!(names, vec!["a", "b"]);
+        assert_eq!(rows[1], json!({"values": [{"number": 2.0}, {"text": "y"}]}));
+        let err = csv_reference("a,b\n1\n").unwrap_err();
+        assert_eq!(err.to_string(), "CSV line 2: 1 values for 2 columns");
     }
 }
