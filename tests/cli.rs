@@ -72,3 +72,78 @@ fn model_server_rejects_a_bad_spec() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("kind 'tree'"), "{err}");
 }
+
+/// Reads `child`'s stderr until a line contains `until` (or 30 s pass), then stops the child.
+fn stderr_until(mut child: std::process::Child, until: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(until) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["serve", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        // An unknown variable: a WARN line, which a terminal would show in colour.
+        .env("MODELGATE_NOT_A_SETTING", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = stderr_until(serve, "modelgate listening");
+    assert!(logs.contains("modelgate listening"), "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("MODELGATE_NOT_A_SETTING")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains('\x1b'),
+        "escape codes in logs to a pipe:\n{logs:?}"
+    );
+
+    let model_server = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["model-server", "--listen", "127.0.0.1:0"])
+        .args(["--model", "name=m;kind=linear;weights=1;bias=0"])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = stderr_until(model_server, "model server listening");
+    assert!(logs.contains("model server listening"), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "escape codes in logs to a pipe:\n{logs:?}"
+    );
+}

@@ -189,6 +189,12 @@ async fn every_control_service_from_the_shell() {
                 ctl.json(&["experiments", "resume", "ab"])["state"],
                 "EXPERIMENT_STATE_RUNNING"
             );
+            // Without --timeout a shadow's copies get the documented 1 s, whatever deadline the
+            // calls themselves have (--call-timeout).
+            let s = ctl.json(&["shadows", "set", "iris", "2"]);
+            assert_eq!(s["timeout"], "1s", "{s}");
+            let s = ctl.json(&["--call-timeout", "5s", "shadows", "set", "iris", "2"]);
+            assert_eq!(s["timeout"], "1s", "{s}");
             let s = ctl.json(&[
                 "shadows",
                 "set",
@@ -383,6 +389,26 @@ async fn exit_codes_and_messages_scripts_can_trust() {
         .run(&["models", "list"]);
         assert_eq!(o.code, 3, "{}", o.stderr);
         assert!(o.stderr.contains("cannot reach modelgate"), "{}", o.stderr);
+        // A port that accepts connections (the kernel does) but never answers: the call ends at
+        // --call-timeout, not at the default 30 s.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = std::time::Instant::now();
+        let o = Ctl {
+            addr: silent.local_addr().unwrap().to_string(),
+            token: None,
+        }
+        .run(&["--call-timeout", "300ms", "models", "list"]);
+        assert_eq!(o.code, 3, "{}", o.stderr);
+        assert!(
+            o.stderr.contains("DEADLINE_EXCEEDED") && o.stderr.contains("--call-timeout (300ms)"),
+            "{}",
+            o.stderr
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     })
     .await
     .unwrap();

@@ -37,4 +37,10 @@ fn the_demo_shows_the_experiment_shadow_drift_and_retrain_trigger() {
         .unwrap_or_else(|| panic!("no drift verdict in:\n{stdout}"));
     assert!(drift.contains("petal_length"), "{drift}");
     assert!(stdout.contains("(0 failed)"), "{stdout}");
+    // Its steps are numbered 1 to 9, in order, also when stdout is not a terminal (as here).
+    let steps: Vec<u32> = stdout
+        .lines()
+        .filter_map(|l| l.split_once(". ").and_then(|(n, _)| n.parse().ok()))
+        .collect();
+    assert_eq!(steps, (1..=9).collect::<Vec<u32>>(), "{stdout}");
 }

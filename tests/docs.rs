@@ -615,3 +615,116 @@ fn the_docs_index_links_every_page() {
         "docs/README.md does not link these pages: {unlisted:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS to model servers
+
+/// Sentences of a Markdown document's prose: paragraphs and list items joined across lines, each
+/// table row on its own, split at full stops.
+fn sentences(md: &str) -> Vec<String> {
+    let mut blocks: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in prose_lines(md) {
+        let line = line.trim();
+        let starts_block = line.is_empty()
+            || line.starts_with('|')
+            || line.starts_with('#')
+            || line.starts_with("- ")
+            || line
+                .split_once(". ")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+        if starts_block && !current.is_empty() {
+            blocks.push(std::mem::take(&mut current));
+        }
+        if line.starts_with('|') {
+            blocks.push(line.to_string());
+        } else if !line.is_empty() {
+            current.push_str(line);
+            current.push(' ');
+        }
+    }
+    blocks.push(current);
+    blocks
+        .iter()
+        .flat_map(|b| b.split(". ").map(str::to_string).collect::<Vec<_>>())
+        .filter(|s| !s.trim().is_empty())
+        .collect()
+}
+
+/// modelgate speaks TLS to `https://` model servers: no page of the user guide, the README or a
+/// proto comment may say such endpoints are refused, unsupported or not implemented (webhooks,
+/// which really are plain HTTP only, aside), and the two tables of what an endpoint may be name
+/// `https://host:port`.
+#[test]
+fn the_docs_say_https_upstreams_are_spoken_to_over_tls() {
+    assert_eq!(
+        modelgate::registry::normalize_endpoint("https://models.internal:8443/").unwrap(),
+        "https://models.internal:8443",
+        "the registry takes https:// endpoints"
+    );
+    let mut pages: Vec<(String, String)> = doc_pages()
+        .iter()
+        .map(|p| {
+            let name = format!("docs/{}", p.file_name().unwrap().to_string_lossy());
+            (name, read(p))
+        })
+        .collect();
+    pages.push(("README.md".into(), read(&root().join("README.md"))));
+    let proto_dir = root().join("proto/modelgate/v1");
+    for entry in std::fs::read_dir(&proto_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let comments: String = read(&path)
+            .lines()
+            .filter_map(|l| l.split_once("//").map(|(_, c)| c.trim().to_string()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let name = format!(
+            "proto/modelgate/v1/{}",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        pages.push((name, comments));
+    }
+    let mut wrong = Vec::new();
+    for (name, text) in &pages {
+        for s in sentences(text) {
+            let lower = s.to_lowercase();
+            let about_upstream_tls = (s.contains("https://") || s.contains("TLS"))
+                && ["upstream", "model server", "endpoint", "any port"]
+                    .iter()
+                    .any(|w| lower.contains(w))
+                && !lower.contains("webhook");
+            let denies = [
+                "refused",
+                "not supported",
+                "not implemented",
+                "no tls",
+                "cleartext only",
+            ]
+            .iter()
+            .any(|w| lower.contains(w));
+            if about_upstream_tls && denies {
+                wrong.push(format!("{name}: {}", s.trim()));
+            }
+        }
+    }
+    for (page, row_start) in [
+        ("api.md", "| `endpoint` |"),
+        ("declarative-state.md", "| `endpoint` |"),
+    ] {
+        let md = doc(page);
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(row_start))
+            .unwrap_or_else(|| panic!("docs/{page} has no {row_start} row"));
+        if !row.contains("https://host:port") {
+            wrong.push(format!(
+                "docs/{page}: the endpoint row does not name https://host:port: {row}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the docs contradict TLS to https:// model servers:\n  {}",
+        wrong.join("\n  ")
+    );
+}

@@ -240,7 +240,8 @@ async fn metrics(admin: SocketAddr) -> String {
 async fn try_metrics(admin: SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    // OpenMetrics ends with `# EOF`: a page cut short by the process dying is told apart.
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text\r\nConnection: close\r\n\r\n")
         .await
         .ok()?;
     let mut out = String::new();

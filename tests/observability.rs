@@ -52,8 +52,23 @@ async fn metrics(mg: &modelgate::server::Running) -> String {
     resp
 }
 
-#[tokio::test]
-async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
+/// A modelgate with everything `/metrics` reports on: traffic to model `m` inside and outside an
+/// A/B experiment (`ab`, control version 1, treatment 3), a shadow (version 2, every production
+/// call), prediction records, a drift reference evaluated against the traffic, and one call to an
+/// unknown model. Returns once every shadow copy is counted.
+struct Busy {
+    mg: modelgate::server::Running,
+    prod: modelgate::model_server::RunningModelServer,
+    other: modelgate::model_server::RunningModelServer,
+    /// Calls to `m`, and how many of them were in the experiment.
+    n: usize,
+    in_experiment: usize,
+    /// `/metrics` once every shadow copy was counted.
+    text: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn busy() -> Busy {
     let dir = tempfile::tempdir().unwrap();
     let prod = model_server("name=m;kind=logistic;weights=1,-1,0.5;version=prod").await;
     let other = model_server("name=m;kind=logistic;weights=1,-1,0.5;version=other").await;
@@ -158,12 +173,36 @@ async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Busy {
+        mg,
+        prod,
+        other,
+        n: N,
+        in_experiment,
+        text,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
+    let Busy {
+        mg,
+        prod,
+        other,
+        n,
+        in_experiment,
+        text,
+        _dir,
+    } = busy().await;
+    let production = (n - in_experiment) as f64;
+
     let ok = |labels: &[(&str, &str)]| {
         let mut l = vec![("model", "m"), ("code", "OK")];
         l.extend_from_slice(labels);
         sample(&text, "modelgate_requests_total", &l).unwrap_or(0.0)
     };
-    assert_eq!(ok(&[]), N as f64, "{text}");
+    assert_eq!(ok(&[]), n as f64, "{text}");
     assert_eq!(ok(&[("experiment", "ab")]), in_experiment as f64);
     assert_eq!(
         ok(&[("version", "1"), ("experiment", "")]),
@@ -192,7 +231,7 @@ async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
             "modelgate_request_duration_seconds_count",
             &[("model", "m")]
         ),
-        Some(N as f64)
+        Some(n as f64)
     );
     assert_eq!(
         sample(
@@ -207,7 +246,7 @@ async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
                 &[("endpoint", &other.endpoint())]
             )
             .unwrap_or(0.0),
-        N as f64
+        n as f64
     );
     assert_eq!(
         sample(
@@ -223,7 +262,7 @@ async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
     assert_eq!((compared, agreed), (production, production), "same weights");
     assert_eq!(
         sample(&text, "modelgate_records_written_total", &[]),
-        Some((N + 1) as f64)
+        Some((n + 1) as f64)
     );
     assert_eq!(
         sample(&text, "modelgate_in_flight_requests", &[]),
@@ -258,14 +297,213 @@ async fn metrics_cover_traffic_experiments_shadows_records_storage_and_drift() {
         .is_some());
     }
     // Conventions: counters end in _total, durations are seconds.
-    assert!(text.contains("# TYPE modelgate_requests counter"));
-    assert!(text.contains("# UNIT modelgate_request_duration_seconds seconds"));
+    assert!(text.contains("# TYPE modelgate_requests_total counter"));
+    assert!(text.contains("# TYPE modelgate_request_duration_seconds histogram"));
 
     let live = http_get(mg.admin_addr, "/live").await;
     assert!(live.starts_with("HTTP/1.1 200"), "{live}");
     let ready = http_get(mg.admin_addr, "/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     mg.shutdown().await;
+}
+
+/// `GET /metrics` with `accept` as the Accept header: the response's head and body.
+async fn scrape(admin: SocketAddr, accept: Option<&str>) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    (head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Runs `promtool` with `args` and `stdin`, or returns `None` when it is not installed — unless
+/// MODELGATE_REQUIRE_PEERS is set (scripts/test.sh installs it: Debian package `prometheus`).
+fn promtool(args: &[&str], stdin: &str) -> Option<std::process::Output> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let installed = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        assert!(
+            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
+            "promtool is required (MODELGATE_REQUIRE_PEERS) but not installed"
+        );
+        eprintln!("promtool not installed; skipping (scripts/test.sh installs it)");
+        return None;
+    }
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    Some(child.wait_with_output().unwrap())
+}
+
+fn output_of(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_in_the_format_the_scraper_asks_for() {
+    let busy = busy().await;
+    let mg = &busy.mg;
+    // Also an upstream failure, so that family has a series too.
+    let mut reg = registry(mg.control_addr).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    register(&mut reg, "gone", &format!("http://{closed}")).await;
+    promote(&mut reg, "gone", "1").await;
+    let err = infer_client(mg.data_addr)
+        .await
+        .model_infer(infer_request("gone", &[&[1.0]]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+
+    // No Accept header (curl, promtool's users): Prometheus text 0.0.4.
+    let (head, text) = scrape(mg.admin_addr, None).await;
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    assert!(head.contains("vary: accept"), "{head}");
+    for family in [
+        "requests_total",
+        "request_duration_seconds",
+        "upstream_request_duration_seconds",
+        "upstream_errors_total",
+        "shadow_requests_total",
+        "shadow_compared_total",
+        "experiment_requests_total",
+        "drift_p_value",
+        "records_written_total",
+        "rocksdb_sst_bytes",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("modelgate_{family}"))),
+            "no series of modelgate_{family}:\n{text}"
+        );
+    }
+    // Every family has help text, named as its samples are.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(
+                i > 0 && lines[i - 1].starts_with(&format!("# HELP {name} ")),
+                "no HELP for {name}:\n{text}"
+            );
+        }
+    }
+    assert!(
+        !text.contains("# EOF") && !text.contains("# UNIT"),
+        "{text}"
+    );
+    let Some(check) = promtool(&["check", "metrics"], &text) else {
+        busy.mg.shutdown().await;
+        return;
+    };
+    assert!(
+        check.status.success() && output_of(&check).trim().is_empty(),
+        "promtool check metrics:\n{}\n{text}",
+        output_of(&check)
+    );
+
+    // What Prometheus sends: OpenMetrics.
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (head, openmetrics) = scrape(mg.admin_addr, Some(prometheus_accept)).await;
+    assert!(
+        head.contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{head}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(openmetrics.contains("# TYPE modelgate_requests counter\n"));
+    assert!(openmetrics.contains("# UNIT modelgate_request_duration_seconds seconds\n"));
+    // `promtool check metrics` reads only the text format; its OpenMetrics parser is the one
+    // that backfills blocks, and that wants a timestamp on every sample: give each one, then
+    // let it parse the exposition into a throwaway block.
+    let stamped: String = openmetrics
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("{l}\n")
+            } else {
+                format!("{l} 1700000000\n")
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.om");
+    std::fs::write(&file, &stamped).unwrap();
+    let blocks = dir.path().join("blocks");
+    let parsed = promtool(
+        &[
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            file.to_str().unwrap(),
+            blocks.to_str().unwrap(),
+        ],
+        "",
+    )
+    .unwrap();
+    assert!(
+        parsed.status.success(),
+        "promtool's OpenMetrics parser refused /metrics:\n{}\n{openmetrics}",
+        output_of(&parsed)
+    );
+    // The same series either way (values may have moved between the two scrapes).
+    let series = |t: &str| -> Vec<String> {
+        let mut s: Vec<String> = t
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                l.rsplit_once(' ')
+                    .map_or(l, |(series, _)| series)
+                    .to_string()
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(series(&text), series(&openmetrics));
+
+    // An explicit text/plain, or a wildcard, gets text again.
+    for accept in ["text/plain", "*/*", "text/plain;version=0.0.4"] {
+        let (head, _) = scrape(mg.admin_addr, Some(accept)).await;
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4"),
+            "{accept}: {head}"
+        );
+    }
+    busy.mg.shutdown().await;
 }
 
 /// Collects what an OTLP exporter sends.

@@ -151,7 +151,7 @@ async fn admin_port_answers_live_ready_and_metrics() {
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     let metrics = http_get(mg.admin_addr, "/metrics").await;
     assert!(
-        metrics.contains("# TYPE modelgate_shed_requests counter"),
+        metrics.contains("# TYPE modelgate_shed_requests_total counter"),
         "{metrics}"
     );
     assert!(

@@ -65,6 +65,30 @@ fn wait_for(addr: SocketAddr) {
     }
 }
 
+/// The number on the `key  value` line of a `ctl` answer shown as a table.
+fn number_field(stdout: &str, key: &str) -> Option<f64> {
+    stdout.lines().find_map(|l| {
+        let (k, v) = l.split_once(char::is_whitespace)?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// The sum of `column` in the table titled `title:` of a `ctl` answer.
+fn column_sum(stdout: &str, title: &str, column: &str) -> Option<f64> {
+    let mut lines = stdout
+        .lines()
+        .skip_while(|l| *l != format!("{title}:"))
+        .skip(1);
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let at = header.iter().position(|h| *h == column)?;
+    Some(
+        lines
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_whitespace().nth(at)?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 struct Background(Vec<Child>);
 
 impl Drop for Background {
@@ -134,8 +158,12 @@ fn the_readme_tutorial_runs_as_written() {
         for addr in waiting.drain(..) {
             wait_for(addr);
         }
-        let tool = cmd.split_whitespace().next().unwrap_or_default();
-        if (tool == "grpcurl" || tool == "curl") && !on_path(tool) {
+        // A peer tool anywhere in the line (a loop of grpcurl calls too).
+        let tool = ["grpcurl", "curl"]
+            .into_iter()
+            .find(|t| cmd.split_whitespace().any(|w| w == *t))
+            .unwrap_or_default();
+        if !tool.is_empty() && !on_path(tool) {
             assert!(
                 std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
                 "{tool} is required (MODELGATE_REQUIRE_PEERS) but not installed"
@@ -166,6 +194,43 @@ fn the_readme_tutorial_runs_as_written() {
                 stdout.contains("requestId") && stdout.contains("tutorial-1"),
                 "{stdout}"
             );
+            // The features under their names, beside the prediction; no JSON.
+            let rows: Vec<Vec<&str>> = stdout
+                .lines()
+                .skip_while(|l| *l != "rows:")
+                .skip(1)
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            assert_eq!(
+                rows.first().map(Vec::as_slice),
+                Some(
+                    &[
+                        "row",
+                        "input[0]",
+                        "input[1]",
+                        "input[2]",
+                        "input[3]",
+                        "prediction",
+                        "entity"
+                    ][..]
+                ),
+                "{stdout}"
+            );
+            assert_eq!(
+                rows[1],
+                ["0", "6.1", "2.8", "4.7", "1.2", "1", "alice"],
+                "{stdout}"
+            );
+            assert!(!stdout.contains('{'), "{stdout}");
+        }
+        // After the calls from more users, the experiment and the shadow have something to show.
+        if original.contains("experiments results iris-ab") && !skipped_call {
+            let requests = column_sum(&stdout, "variants", "requests");
+            assert!(requests.is_some_and(|n| n > 0.0), "{stdout}");
+        }
+        if original.contains("shadows report iris 2") && !skipped_call {
+            let mirrored = number_field(&stdout, "mirrored");
+            assert!(mirrored.is_some_and(|n| n > 0.0), "{stdout}");
         }
         if original.contains("events watch") {
             assert!(stdout.contains("experiment_created"), "{stdout}");

@@ -212,6 +212,19 @@ impl Client {
     /// A failed call: a status the server sent, or — when the status carries a source error —
     /// a transport failure (a refused TLS client certificate shows up only at the first call).
     fn failed(&self, status: Status) -> CtlError {
+        // The call's own deadline passing shows up as a transport error too; say which flag
+        // sets it rather than that modelgate is unreachable.
+        let mut cause = std::error::Error::source(&status);
+        while let Some(e) = cause {
+            if e.is::<tonic::TimeoutExpired>() {
+                return CtlError::Status(Status::deadline_exceeded(format!(
+                    "no answer from {} within --call-timeout ({})",
+                    self.url,
+                    humantime::format_duration(self.timeout)
+                )));
+            }
+            cause = e.source();
+        }
         match std::error::Error::source(&status) {
             Some(source) => CtlError::Connect {
                 addr: self.url.clone(),

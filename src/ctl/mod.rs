@@ -71,9 +71,17 @@ pub struct CtlArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table", global = true)]
     pub output: Output,
-    /// Deadline of each call.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
-    pub timeout: Duration,
+    /// Deadline of each control call (`--timeout` is a setting of `shadows set`, not this).
+    // Not `--timeout`: a global flag shares its name and value with a subcommand's flag of the
+    // same id, so `shadows set` without `--timeout` stored this deadline as the shadow's.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    pub call_timeout: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -332,8 +340,8 @@ pub enum Shadows {
         /// Share of requests mirrored, (0, 1].
         #[arg(long, default_value_t = 1.0)]
         fraction: f64,
-        /// Deadline of each copy (default 1s).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Deadline of each copy, at most 60s (default 1s).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
         /// When answers agree: label (default), bytes, or tolerance:ABS[:REL].
         #[arg(long)]
@@ -558,7 +566,8 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
         key: args.key.clone(),
         server_name: args.server_name.clone(),
     };
-    let client = Client::connect(&args.addr, args.token.as_deref(), &tls, args.timeout).await?;
+    let client =
+        Client::connect(&args.addr, args.token.as_deref(), &tls, args.call_timeout).await?;
     match plan {
         Plan::Unary { method, body, view } => {
             let answer = client.unary(method, body).await?;
@@ -612,18 +621,24 @@ enum View {
     Whole,
     /// The list in this field, as a table with these columns.
     List(&'static str, &'static [&'static str]),
+    /// A prediction record: feature names beside their values.
+    Prediction,
 }
 
 fn show(answer: &Value, view: View, output: Output) {
     match (view, output) {
         (View::List(field, columns), Output::Table) => {
-            let rows = answer[field].as_array().cloned().unwrap_or_default();
+            let mut rows = answer[field].as_array().cloned().unwrap_or_default();
+            if columns == PREDICTION_COLUMNS {
+                rows.iter_mut().for_each(render::plain_predictions);
+            }
             if rows.is_empty() {
                 println!("no {field}");
             } else {
                 println!("{}", render::table(&rows, columns));
             }
         }
+        (View::Prediction, Output::Table) => print!("{}", render::prediction_record(answer)),
         _ => render::print(answer, output),
     }
 }
@@ -1077,10 +1092,11 @@ fn plan(cmd: &CtlCommand) -> Result<Plan, CtlError> {
             ),
         },
         CtlCommand::Predictions(p) => match p {
-            Predictions::Get { request_id } => unary(
-                "Predictions/GetPrediction",
-                json!({ "requestId": request_id }),
-            ),
+            Predictions::Get { request_id } => Plan::Unary {
+                method: "Predictions/GetPrediction",
+                body: json!({ "requestId": request_id }),
+                view: View::Prediction,
+            },
             Predictions::List {
                 model,
                 version,
@@ -1288,6 +1304,80 @@ mod tests {
         let err = pairs("--metric", &["acc".into()], number).unwrap_err();
         assert_eq!(err.to_string(), "--metric \"acc\": expected KEY=VALUE");
         assert_eq!(duration(Duration::from_millis(1500)), json!("1.500000000s"));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    fn parse(args: &[&str]) -> CtlArgs {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("ctl").chain(args.iter().copied()))
+            .unwrap()
+            .ctl
+    }
+
+    fn body(args: &CtlArgs) -> Value {
+        match plan(&args.command).unwrap() {
+            Plan::Unary { body, .. } => body,
+            _ => panic!("a unary call"),
+        }
+    }
+
+    #[test]
+    fn the_call_deadline_and_the_shadow_timeout_are_separate_flags() {
+        let a = parse(&["shadows", "set", "iris", "2"]);
+        assert_eq!(a.call_timeout, Duration::from_secs(30));
+        assert_eq!(body(&a).get("timeout"), None, "the server's default");
+        let a = parse(&["--call-timeout", "5s", "shadows", "set", "iris", "2"]);
+        assert_eq!(a.call_timeout, Duration::from_secs(5));
+        assert_eq!(body(&a).get("timeout"), None);
+        let a = parse(&["shadows", "set", "iris", "2", "--timeout", "2s"]);
+        assert_eq!(a.call_timeout, Duration::from_secs(30));
+        assert_eq!(body(&a)["timeout"], "2.000000000s");
+    }
+
+    /// A global flag and a subcommand's flag with the same id or name share one value in clap:
+    /// whatever one is given (or defaults to) the other gets.
+    #[test]
+    fn no_subcommand_flag_shadows_a_global_one() {
+        use clap::Args;
+        let cmd = CtlArgs::augment_args(clap::Command::new("ctl"));
+        let globals: Vec<(String, Option<String>)> = cmd
+            .get_arguments()
+            .filter(|a| a.is_global_set())
+            .map(|a| (a.get_id().to_string(), a.get_long().map(str::to_string)))
+            .collect();
+        assert!(globals.iter().any(|(id, _)| id == "call_timeout"));
+        fn walk(
+            cmd: &clap::Command,
+            path: &str,
+            globals: &[(String, Option<String>)],
+            bad: &mut Vec<String>,
+        ) {
+            for a in cmd.get_arguments() {
+                for (id, long) in globals {
+                    if a.get_id() == id.as_str()
+                        || (long.is_some() && a.get_long() == long.as_deref())
+                    {
+                        bad.push(format!("{path}: --{}", a.get_long().unwrap_or_default()));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), globals, bad);
+            }
+        }
+        let mut bad = Vec::new();
+        for sub in cmd.get_subcommands() {
+            walk(sub, sub.get_name(), &globals, &mut bad);
+        }
+        assert!(
+            bad.is_empty(),
+            "flags that collide with global ones: {bad:?}"
+        );
     }
 
     #[test]

@@ -135,6 +135,103 @@ fn flatten(
     }
 }
 
+/// The value inside a proto `oneof` wrapper such as `FeatureValue` (`{"number": 6.1}`) or
+/// `PredictionValue` (`{"label": "1"}`): people want the 6.1, not the JSON around it.
+fn unwrap_oneof(v: &Value) -> Value {
+    match v.as_object() {
+        Some(o) if o.len() == 1 => o.values().next().cloned().unwrap_or_default(),
+        Some(o) if o.is_empty() => Value::Null,
+        _ => v.clone(),
+    }
+}
+
+/// A `PredictionRecord` with its predictions as plain values (`1`, not `{"label":"1"}`), for the
+/// rows of `predictions list`.
+pub fn plain_predictions(record: &mut Value) {
+    if let Some(p) = record.get_mut("predictions").and_then(Value::as_array_mut) {
+        for v in p.iter_mut() {
+            *v = unwrap_oneof(v);
+        }
+    }
+}
+
+fn take_array(obj: &mut Map<String, Value>, key: &str) -> Vec<Value> {
+    match obj.remove(key) {
+        Some(Value::Array(a)) => a,
+        _ => Vec::new(),
+    }
+}
+
+/// A `PredictionRecord` for people: its fields as `key: value` lines, then a table with one line
+/// per row of the request: each feature's value under the feature's name, then the prediction
+/// (and the feature-store entity, when there is one); then the outcomes.
+pub fn prediction_record(record: &Value) -> String {
+    let mut rest = record.clone();
+    let Some(obj) = rest.as_object_mut() else {
+        return human(record);
+    };
+    let names: Vec<String> = take_array(obj, "featureNames").iter().map(cell).collect();
+    let rows = take_array(obj, "rows");
+    let predictions = take_array(obj, "predictions");
+    let entities = take_array(obj, "entityIds");
+    let outcomes = obj.remove("outcomes");
+    let mut out = human(&rest);
+    let lines = rows.len().max(predictions.len());
+    if lines > 0 {
+        let values = |i: usize| -> Vec<Value> {
+            rows.get(i)
+                .and_then(|r| r.get("values"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let width = (0..lines).map(|i| values(i).len()).max().unwrap_or(0);
+        let with_entity = entities.iter().any(|e| !cell(e).is_empty());
+        let mut header = vec!["row".to_string()];
+        // A feature without a name (more values than names) is shown by its position.
+        header.extend(
+            (0..width.max(names.len()))
+                .map(|j| names.get(j).cloned().unwrap_or_else(|| format!("[{j}]"))),
+        );
+        header.push("prediction".into());
+        if with_entity {
+            header.push("entity".into());
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING)
+            .set_content_arrangement(ContentArrangement::Disabled)
+            .set_header(header.clone());
+        for i in 0..lines {
+            let vals = values(i);
+            let mut line = vec![i.to_string()];
+            line.extend((0..header.len() - 2 - usize::from(with_entity)).map(|j| {
+                vals.get(j)
+                    .map(|v| cell(&unwrap_oneof(v)))
+                    .unwrap_or_default()
+            }));
+            line.push(
+                predictions
+                    .get(i)
+                    .map(|p| cell(&unwrap_oneof(p)))
+                    .unwrap_or_default(),
+            );
+            if with_entity {
+                line.push(entities.get(i).map(cell).unwrap_or_default());
+            }
+            t.add_row(line);
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&format!("rows:\n{t}\n"));
+    }
+    if let Some(outcomes) = outcomes.filter(|o| o.as_array().is_some_and(|a| !a.is_empty())) {
+        out.push('\n');
+        out.push_str(&human(&serde_json::json!({ "outcomes": outcomes })));
+    }
+    out
+}
+
 /// Prints an answer in the chosen format.
 pub fn print(v: &Value, output: Output) {
     match output {
@@ -159,6 +256,42 @@ mod tests {
         assert_eq!(cell(&json!(3)), "3");
         assert_eq!(cell(&json!(["a", "b"])), "a, b");
         assert_eq!(cell(&json!({"team": "risk"})), "team=risk");
+    }
+
+    #[test]
+    fn a_prediction_shows_feature_names_beside_values() {
+        let record = json!({
+            "requestId": "r1",
+            "model": "iris",
+            "version": 1,
+            "featureNames": ["sepal_length", "sepal_width", "colour"],
+            "rows": [
+                {"values": [{"number": 6.099999904632568}, {"number": 2.8}, {"text": "red"}]},
+                {"values": [{"number": 5.0}, {}, {"text": "blue"}]}
+            ],
+            "predictions": [{"label": "1"}, {"value": 0.25}],
+            "entityIds": [],
+            "outcomes": []
+        });
+        let s = prediction_record(&record);
+        assert!(s.contains("requestId  r1"), "{s}");
+        assert!(!s.contains('{'), "no raw JSON: {s}");
+        let table: Vec<Vec<&str>> = s
+            .lines()
+            .skip_while(|l| *l != "rows:")
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            table[0],
+            ["row", "sepal_length", "sepal_width", "colour", "prediction"],
+            "{s}"
+        );
+        assert_eq!(table[1], ["0", "6.1", "2.8", "red", "1"], "{s}");
+        assert_eq!(table[2], ["1", "5", "blue", "0.25"], "{s}");
+        let mut listed = record.clone();
+        plain_predictions(&mut listed);
+        assert_eq!(cell(&listed["predictions"]), "1, 0.25");
     }
 
     #[test]
