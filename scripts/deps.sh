@@ -67,3 +67,32 @@ ensure_cargo_deny() {
     hash -r
     command -v cargo-deny >/dev/null
 }
+
+# `cargo deny check advisories` without fetching, against a snapshot of the RustSec advisory
+# database: $MODELGATE_ADVISORY_BUNDLE, else ../shared/data/ beside the repository, else the copy
+# in .ci/data/. The bundle is cloned where deny.toml's db-path points ($MODELGATE_ADVISORY_DBS),
+# under the directory name cargo-deny derives from the database's URL. Says how old it is.
+advisories_offline() {
+    local bundle="" candidate
+    for candidate in "${MODELGATE_ADVISORY_BUNDLE:-}" ../shared/data/rustsec-advisory-db.bundle \
+        .ci/data/rustsec-advisory-db.bundle; do
+        if [ -n "$candidate" ] && [ -f "$candidate" ]; then bundle=$candidate; break; fi
+    done
+    if [ -z "$bundle" ]; then
+        echo "warning: no RustSec advisory snapshot found; cargo deny check advisories skipped" >&2
+        return 0
+    fi
+    local dbs
+    dbs=$(mktemp -d)
+    # cargo-deny's directory for https://github.com/rustsec/advisory-db (url_to_db_path: the
+    # last path segment and an XXH64 of the URL).
+    git -c init.defaultBranch=main clone --quiet "$bundle" "$dbs/advisory-db-3157b0e258782691"
+    echo "note: checking advisories offline against a snapshot, not the live feed: $(git -C "$dbs/advisory-db-3157b0e258782691" log -1 --format=%s) ($bundle)" >&2
+    # --offline keeps cargo-deny from fetching the database; its `cargo metadata` then needs every
+    # crate of every platform already downloaded, which `cargo fetch` does (crates.io is reachable).
+    cargo fetch --locked --quiet
+    local status=0
+    MODELGATE_ADVISORY_DBS="$dbs" cargo deny --offline --log-level error check advisories || status=$?
+    rm -rf "$dbs"
+    return $status
+}

@@ -12,16 +12,12 @@ else
     echo "warning: grpcurl / tritonclient could not be installed; their compatibility tests will be skipped" >&2
 fi
 cargo fmt --all -- --check
-# Supply chain (deny.toml): licences, banned crates, sources; and known vulnerabilities when the
-# RustSec database (on GitHub) is reachable — this project's machines reach package registries
-# only, so there it is skipped, and says so (see docs/security.md).
+# Supply chain (deny.toml): licences, banned crates, sources, and known vulnerabilities — the
+# last offline, against a snapshot of the RustSec advisory database (.ci/data/README.md): this
+# project's machines reach package registries only, not GitHub (see docs/security.md).
 if ensure_cargo_deny; then
     cargo deny --log-level error check licenses bans sources
-    if timeout 20 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
-        cargo deny --log-level error check advisories
-    else
-        echo "note: github.com is unreachable: cargo deny check advisories skipped (docs/security.md)" >&2
-    fi
+    advisories_offline
 else
     echo "warning: cargo-deny could not be installed; supply-chain checks skipped" >&2
 fi

@@ -138,7 +138,7 @@ mod tests {
             bytes::Bytes::from_static(b"\x08\x03"),
         ));
         assert_eq!(code_from_headers(&t), Some(Code::InvalidArgument));
-        assert_eq!(t["grpc-message"], "bad%3B very");
+        assert_eq!(t["grpc-message"], "bad;%20very");
         assert!(t.get("grpc-status-details-bin").is_some());
         assert!(t.get("content-type").is_none());
     }
