@@ -1060,6 +1060,18 @@ mod tests {
         assert_eq!(sorted(&w.snapshot()), vec![2.0, 3.0, 4.0]);
     }
 
+    /// The numpy `psi` of docs/drift-and-events.md (reference deciles without interpolation,
+    /// `searchsorted(side="right")`, shares floored at 1e-4) gives these.
+    #[test]
+    fn psi_is_the_documented_one() {
+        let d = numeric_drift(&sorted(&SHIFTED_A), &SHIFTED_B).unwrap();
+        assert!(close(d.psi, 2.168681562259346, 1e-12), "{}", d.psi);
+        // Ties: repeated edges leave bins empty on both sides.
+        let r = sorted(&[1., 1., 1., 2., 2., 3., 4., 5., 5., 5.]);
+        let d = numeric_drift(&r, &[5., 5., 5., 5., 6.]).unwrap();
+        assert!(close(d.psi, 6.143480502969557, 1e-12), "{}", d.psi);
+    }
+
     #[test]
     fn psi_and_categorical_drift() {
         let r = sorted(&(0..1000).map(|i| i as f64).collect::<Vec<_>>());
