@@ -10,7 +10,7 @@ use modelgate::control::ControlPlane;
 use modelgate::drift::{self, LiveWindow};
 use modelgate::events::EventBus;
 use modelgate::monitor::{DriftSettings, Monitor};
-use modelgate::record::FeatureValue;
+use modelgate::record::{FeatureValue, Precision};
 use modelgate::store::Store;
 use modelgate::telemetry::Metrics;
 
@@ -54,11 +54,12 @@ fn drift_benches(c: &mut Criterion) {
                 .collect()
         })
         .collect();
+    let precisions = [Precision::F64; FEATURES];
     let mut i = 0usize;
     c.bench_function("observe one row of 16 features", |b| {
         b.iter(|| {
             i = (i + 1) & 1023;
-            monitor.observe("m", &names, std::slice::from_ref(&live[i]));
+            monitor.observe("m", &names, &precisions, std::slice::from_ref(&live[i]));
         })
     });
 
@@ -72,7 +73,10 @@ fn drift_benches(c: &mut Criterion) {
             .collect();
         for r in 0..w {
             for (f, win) in windows.iter_mut().enumerate() {
-                win.push(&FeatureValue::Number(sample(r + 31, f) + 0.05));
+                win.push(
+                    &FeatureValue::Number(sample(r + 31, f) + 0.05),
+                    Precision::F64,
+                );
             }
         }
         group.bench_function(format!("W = {w}"), |b| {

@@ -183,6 +183,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "RATE", default_value_t = 0.05)]
     pub drift_fdr: f64,
 
+    /// A feature stops drifting only after its adjusted p-value has been above this for
+    /// --drift-exit-evaluations evaluations in a row (env MODELGATE_DRIFT_EXIT_P_VALUE).
+    #[arg(long, value_name = "P", default_value_t = 0.2)]
+    pub drift_exit_p_value: f64,
+
+    /// Evaluations in a row above --drift-exit-p-value that end a feature's drift
+    /// (env MODELGATE_DRIFT_EXIT_EVALUATIONS).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub drift_exit_evaluations: u32,
+
     /// Largest reference sample; larger uploads are uniformly sampled
     /// (env MODELGATE_DRIFT_REFERENCE_MAX).
     #[arg(long, value_name = "ROWS", default_value_t = 10_000)]
@@ -196,6 +206,17 @@ pub struct ServeArgs {
     /// (env MODELGATE_CONCEPT_THRESHOLD).
     #[arg(long, value_name = "DELTA", default_value_t = 0.1)]
     pub concept_threshold: f64,
+
+    /// Performance drift ends only after the degradation has been at most this for
+    /// --concept-exit-outcomes outcomes in a row; default: half of --concept-threshold
+    /// (env MODELGATE_CONCEPT_EXIT_THRESHOLD).
+    #[arg(long, value_name = "DELTA")]
+    pub concept_exit_threshold: Option<f64>,
+
+    /// Outcomes in a row at most --concept-exit-threshold that end a version's performance drift
+    /// (env MODELGATE_CONCEPT_EXIT_OUTCOMES).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub concept_exit_outcomes: u32,
 
     /// Shadow agreement below which a shadow_agreement_low event fires
     /// (env MODELGATE_SHADOW_AGREEMENT_ALERT).
@@ -565,6 +586,23 @@ impl Config {
                 format!("{} is outside (0, 1)", a.drift_fdr),
             ));
         }
+        // A band between the two levels is what stops a p-value at the threshold from flapping;
+        // an exit level of 1 would never be exceeded (adjusted p-values reach 1).
+        if !(a.drift_exit_p_value >= a.drift_fdr && a.drift_exit_p_value < 1.0) {
+            return Err(bad(
+                "drift_exit_p_value",
+                format!(
+                    "{} is outside [--drift-fdr ({}), 1)",
+                    a.drift_exit_p_value, a.drift_fdr
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&a.drift_exit_evaluations) {
+            return Err(bad(
+                "drift_exit_evaluations",
+                format!("{} is outside 1..=1000", a.drift_exit_evaluations),
+            ));
+        }
         if !(10..=crate::drift::MAX_SAMPLE).contains(&a.drift_reference_max) {
             return Err(bad(
                 "drift_reference_max",
@@ -576,6 +614,21 @@ impl Config {
         }
         if !(a.concept_threshold > 0.0 && a.concept_threshold.is_finite()) {
             return Err(bad("concept_threshold", "must be a positive number".into()));
+        }
+        let concept_exit_threshold = a
+            .concept_exit_threshold
+            .unwrap_or(a.concept_threshold / 2.0);
+        if !(0.0..=a.concept_threshold).contains(&concept_exit_threshold) {
+            return Err(bad(
+                "concept_exit_threshold",
+                format!(
+                    "{concept_exit_threshold} is outside [0, --concept-threshold ({})]",
+                    a.concept_threshold
+                ),
+            ));
+        }
+        if a.concept_exit_outcomes == 0 {
+            return Err(bad("concept_exit_outcomes", "must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&a.shadow_agreement_alert) {
             return Err(bad(
@@ -669,9 +722,13 @@ impl Config {
                 every: a.drift_every,
                 min_interval: a.drift_min_interval,
                 fdr: a.drift_fdr,
+                exit_p_value: a.drift_exit_p_value,
+                exit_evaluations: a.drift_exit_evaluations,
                 reference_max: a.drift_reference_max,
                 concept_window: a.concept_window,
                 concept_threshold: a.concept_threshold,
+                concept_exit_threshold,
+                concept_exit_outcomes: a.concept_exit_outcomes,
                 shadow_agreement_alert: a.shadow_agreement_alert,
             },
             webhooks,
@@ -1084,6 +1141,59 @@ mod tests {
         assert!(err.contains("--webhook"), "{err}");
         let err = load(&["--drift-fdr", "2"], &[], None).unwrap_err();
         assert!(err.contains("--drift-fdr"), "{err}");
+    }
+
+    #[test]
+    fn drift_hysteresis_settings() {
+        let c = load(&[], &[], None).unwrap();
+        assert_eq!((c.drift.exit_p_value, c.drift.exit_evaluations), (0.2, 3));
+        assert_eq!(c.drift.concept_exit_outcomes, 100);
+        assert_eq!(c.drift.concept_exit_threshold, 0.05, "half the threshold");
+        let c = load(&["--concept-threshold", "0.02"], &[], None).unwrap();
+        assert_eq!(
+            c.drift.concept_exit_threshold, 0.01,
+            "follows the threshold"
+        );
+        let c = load(
+            &["--concept-exit-threshold", "0"],
+            &[("MODELGATE_DRIFT_EXIT_EVALUATIONS", "5")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.drift.concept_exit_threshold, c.drift.exit_evaluations),
+            (0.0, 5)
+        );
+        for (args, flag) in [
+            (
+                &["--drift-exit-p-value", "0.01"][..],
+                "--drift-exit-p-value",
+            ),
+            (&["--drift-exit-p-value", "1"][..], "--drift-exit-p-value"),
+            (
+                &["--drift-fdr", "0.3", "--drift-exit-p-value", "0.2"][..],
+                "--drift-exit-p-value",
+            ),
+            (
+                &["--drift-exit-evaluations", "0"][..],
+                "--drift-exit-evaluations",
+            ),
+            (
+                &["--concept-exit-threshold", "0.2"][..],
+                "--concept-exit-threshold",
+            ),
+            (
+                &["--concept-exit-threshold=-1"][..],
+                "--concept-exit-threshold",
+            ),
+            (
+                &["--concept-exit-outcomes", "0"][..],
+                "--concept-exit-outcomes",
+            ),
+        ] {
+            let err = load(args, &[], None).unwrap_err();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
     }
 
     #[test]

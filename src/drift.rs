@@ -6,9 +6,15 @@
 //! `ks_2samp` with `method="auto"` computes exact p-values when both samples have at most 10,000
 //! values; modelgate caps references and windows at 10,000 ([`MAX_SAMPLE`]), so the exact path
 //! is the one that always applies.
+//!
+//! Live values are compared with the reference at the precision they travel in (a window
+//! remembers its tensors' [`Precision`]; the reference is rounded to it at each evaluation), and
+//! drift comes in episodes with hysteresis ([`Episode`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use crate::record::Precision;
 use crate::stats::{self, Unavailable};
 
 /// Largest reference or window size (keeps every KS p-value on scipy's exact path).
@@ -24,6 +30,8 @@ pub struct Window {
     filled: usize,
     /// NaN and infinite values seen (and excluded).
     pub non_finite: u64,
+    /// The coarsest precision its values arrived in.
+    pub precision: Precision,
 }
 
 impl Window {
@@ -34,6 +42,7 @@ impl Window {
             next: 0,
             filled: 0,
             non_finite: 0,
+            precision: Precision::F64,
         }
     }
 
@@ -222,21 +231,25 @@ pub fn wasserstein(a: &[f64], b: &[f64]) -> Result<f64, Unavailable> {
     Ok(area)
 }
 
-/// Population stability index Σ (w − r) · ln(w / r) over bins, with shares floored at 1e-4 so that
-/// empty bins give a large finite value rather than infinity.
+/// The least share a PSI bin counts with, so that an empty bin gives a large finite value rather
+/// than infinity.
+pub const PSI_FLOOR: f64 = 1e-4;
+
+/// Population stability index Σ (w − r) · ln(w / r) over bins, with shares floored at
+/// [`PSI_FLOOR`].
 pub fn psi(reference_shares: &[f64], window_shares: &[f64]) -> f64 {
-    const FLOOR: f64 = 1e-4;
     reference_shares
         .iter()
         .zip(window_shares)
         .map(|(&r, &w)| {
-            let (r, w) = (r.max(FLOOR), w.max(FLOOR));
+            let (r, w) = (r.max(PSI_FLOOR), w.max(PSI_FLOOR));
             (w - r) * (w / r).ln()
         })
         .sum()
 }
 
-/// Decile edges of a sorted reference (the inner 9 cut points).
+/// Decile edges of a sorted reference (the inner 9 cut points): the values at positions
+/// ⌊k·n/10⌋, k = 1…9, without interpolation.
 pub fn decile_edges(sorted: &[f64]) -> Vec<f64> {
     if sorted.is_empty() {
         return Vec::new();
@@ -348,6 +361,8 @@ pub struct CategoryWindow {
     names: Vec<String>,
     ids: std::collections::HashMap<String, u32>,
     counts: Vec<u64>,
+    /// The coarsest precision its numbers arrived in.
+    pub precision: Precision,
 }
 
 impl CategoryWindow {
@@ -572,17 +587,67 @@ impl LiveWindow {
         }
     }
 
-    /// Adds a live value.
-    pub fn push(&mut self, v: &crate::record::FeatureValue) {
-        use crate::record::{format_number, FeatureValue};
+    /// Adds a live value that travelled at `precision`.
+    pub fn push(&mut self, v: &crate::record::FeatureValue, precision: Precision) {
+        use crate::record::FeatureValue;
         match (self, v) {
-            (LiveWindow::Numeric(w), FeatureValue::Number(x)) => w.push(*x),
+            (LiveWindow::Numeric(w), FeatureValue::Number(x)) => {
+                w.precision = w.precision.join(precision);
+                w.push(*x)
+            }
             // A string where numbers are expected cannot be compared: count it as non-finite.
             (LiveWindow::Numeric(w), FeatureValue::Text(_)) => w.non_finite += 1,
             (LiveWindow::Categorical(w), FeatureValue::Text(s)) => w.push(s),
-            (LiveWindow::Categorical(w), FeatureValue::Number(x)) => w.push(&format_number(*x)),
+            (LiveWindow::Categorical(w), FeatureValue::Number(x)) => {
+                w.precision = w.precision.join(precision);
+                w.push(&precision.category(*x))
+            }
         }
     }
+
+    /// The precision the window's values are compared at.
+    pub fn precision(&self) -> Precision {
+        match self {
+            LiveWindow::Numeric(w) => w.precision,
+            LiveWindow::Categorical(w) => w.precision,
+        }
+    }
+}
+
+/// `values` at `precision` (a copy only when rounding can change them). Rounding is monotone, so
+/// sorted values stay sorted.
+fn at_precision(values: &[f64], precision: Precision) -> Cow<'_, [f64]> {
+    if precision == Precision::F64 {
+        Cow::Borrowed(values)
+    } else {
+        Cow::Owned(values.iter().map(|&x| precision.round(x)).collect())
+    }
+}
+
+/// Category counts with every category written as a number ([`format_number`]'s form) renamed to
+/// that number at `precision`, merging those that become one: a reference's `0.123456789` meets
+/// the FP32 window's `0.12345679`. Text that merely looks like a number in another form (`0.10`,
+/// `1e5`) stays as it is.
+///
+/// [`format_number`]: crate::record::format_number
+fn categories_at(
+    counts: &BTreeMap<String, u64>,
+    precision: Precision,
+) -> Cow<'_, BTreeMap<String, u64>> {
+    if precision == Precision::F64 {
+        return Cow::Borrowed(counts);
+    }
+    let mut out = BTreeMap::new();
+    for (k, &c) in counts {
+        let key = match k.parse::<f64>() {
+            Ok(x) if x.is_finite() && crate::record::format_number(x) == *k => {
+                precision.category(x)
+            }
+            _ => k.clone(),
+        };
+        *out.entry(key).or_insert(0) += c;
+    }
+    Cow::Owned(out)
 }
 
 /// A feature's evaluation.
@@ -602,24 +667,35 @@ pub struct FeatureResult {
     pub result: Result<FeatureDrift, Unavailable>,
     /// Benjamini–Hochberg adjusted p-value.
     pub adjusted: Option<f64>,
-    /// Adjusted p-value below the false discovery rate.
+    /// Adjusted p-value below the false discovery rate, at this evaluation.
+    pub alarm: bool,
+    /// In a drift episode (set by [`update_episodes`]; false before).
     pub drifted: bool,
+    /// While drifted: evaluations in a row above the exit level (set by [`update_episodes`]).
+    pub quiet_evaluations: u32,
+    /// The precision the window and the reference were compared at.
+    pub precision: Precision,
 }
 
-/// Evaluates every feature's window against the reference, then adjusts the p-values across
-/// features (Benjamini–Hochberg) and marks those below `fdr` as drifted.
+/// Evaluates every feature's window against the reference, both at the window's precision, then
+/// adjusts the p-values across features (Benjamini–Hochberg) and raises the alarm for those below
+/// `fdr`.
 pub fn evaluate(reference: &Reference, windows: &[LiveWindow], fdr: f64) -> Vec<FeatureResult> {
     let mut out: Vec<FeatureResult> = reference
         .features
         .iter()
         .zip(windows)
         .map(|(f, w)| {
+            let precision = w.precision();
             let (result, window_size, non_finite) = match (&f.data, w) {
                 (ReferenceData::Numeric(r), LiveWindow::Numeric(w)) => (
                     if w.is_empty() {
                         Err(Unavailable("no live values yet".into()))
                     } else {
-                        numeric_drift(r, &w.snapshot())
+                        numeric_drift(
+                            &at_precision(r, precision),
+                            &at_precision(&w.snapshot(), precision),
+                        )
                     },
                     w.len(),
                     w.non_finite,
@@ -628,7 +704,10 @@ pub fn evaluate(reference: &Reference, windows: &[LiveWindow], fdr: f64) -> Vec<
                     if w.is_empty() {
                         Err(Unavailable("no live values yet".into()))
                     } else {
-                        categorical_drift(r, &w.counts())
+                        categorical_drift(
+                            &categories_at(r, precision),
+                            &categories_at(&w.counts(), precision),
+                        )
                     },
                     w.len(),
                     0,
@@ -647,7 +726,10 @@ pub fn evaluate(reference: &Reference, windows: &[LiveWindow], fdr: f64) -> Vec<
                 non_finite,
                 result,
                 adjusted: None,
+                alarm: false,
                 drifted: false,
+                quiet_evaluations: 0,
+                precision,
             }
         })
         .collect();
@@ -658,9 +740,113 @@ pub fn evaluate(reference: &Reference, windows: &[LiveWindow], fdr: f64) -> Vec<
         .collect();
     for (&i, adj) in tested.iter().zip(benjamini_hochberg(&p)) {
         out[i].adjusted = Some(adj);
-        out[i].drifted = adj < fdr;
+        out[i].alarm = adj < fdr;
     }
     out
+}
+
+/// Where one evaluation puts a feature (or a version's performance) against the two levels of
+/// its hysteresis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Beyond the alarm level (adjusted p below the false discovery rate; degradation above the
+    /// threshold): starts an episode.
+    Alarm,
+    /// Between the levels, or not testable: keeps an episode going and restarts its count.
+    Between,
+    /// Beyond the exit level (adjusted p above it; degradation at most it): counts towards the
+    /// end of an episode.
+    Quiet,
+}
+
+/// A drift episode with hysteresis: it starts at the first [`Level::Alarm`] and ends only after
+/// `exit_after` [`Level::Quiet`] evaluations in a row. A statistic that hovers at the alarm
+/// level therefore starts one episode, not one per crossing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Episode {
+    /// In an episode.
+    pub drifted: bool,
+    /// While drifted: quiet evaluations in a row.
+    pub quiet: u32,
+}
+
+impl Episode {
+    /// Moves the episode on by one evaluation. True when it started or ended.
+    pub fn step(&mut self, level: Level, exit_after: u32) -> bool {
+        match (self.drifted, level) {
+            (false, Level::Alarm) => {
+                *self = Episode {
+                    drifted: true,
+                    quiet: 0,
+                };
+                true
+            }
+            (false, _) => false,
+            (true, Level::Quiet) => {
+                self.quiet += 1;
+                if self.quiet >= exit_after.max(1) {
+                    *self = Episode::default();
+                    true
+                } else {
+                    false
+                }
+            }
+            (true, _) => {
+                self.quiet = 0;
+                false
+            }
+        }
+    }
+}
+
+/// The levels of data drift's hysteresis.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hysteresis {
+    /// Adjusted p-value below which a feature starts drifting (the false discovery rate).
+    pub fdr: f64,
+    /// Adjusted p-value above which an evaluation is quiet.
+    pub exit_p_value: f64,
+    /// Quiet evaluations in a row that end a feature's drift.
+    pub exit_evaluations: u32,
+}
+
+impl Hysteresis {
+    /// Where an adjusted p-value (none: the feature could not be tested) stands.
+    pub fn level(&self, adjusted: Option<f64>) -> Level {
+        match adjusted {
+            Some(p) if p < self.fdr => Level::Alarm,
+            Some(p) if p > self.exit_p_value => Level::Quiet,
+            _ => Level::Between,
+        }
+    }
+}
+
+/// Moves each feature's episode on by one evaluation. `episodes` holds the features in an
+/// episode with their quiet evaluations in a row, and is updated; features it names that the
+/// evaluation does not (no longer in the reference) are dropped from it. Sets `drifted` and
+/// `quiet_evaluations` on the results.
+pub fn update_episodes(
+    results: &mut [FeatureResult],
+    episodes: &mut BTreeMap<String, u32>,
+    h: &Hysteresis,
+) {
+    let mut next = BTreeMap::new();
+    for f in results.iter_mut() {
+        let mut e = match episodes.get(&f.name) {
+            Some(&quiet) => Episode {
+                drifted: true,
+                quiet,
+            },
+            None => Episode::default(),
+        };
+        e.step(h.level(f.adjusted), h.exit_evaluations);
+        f.drifted = e.drifted;
+        f.quiet_evaluations = e.quiet;
+        if e.drifted {
+            next.insert(f.name.clone(), e.quiet);
+        }
+    }
+    *episodes = next;
 }
 
 /// The metric of a version's concept-drift window.
@@ -874,6 +1060,18 @@ mod tests {
         assert_eq!(sorted(&w.snapshot()), vec![2.0, 3.0, 4.0]);
     }
 
+    /// The numpy `psi` of docs/drift-and-events.md (reference deciles without interpolation,
+    /// `searchsorted(side="right")`, shares floored at 1e-4) gives these.
+    #[test]
+    fn psi_is_the_documented_one() {
+        let d = numeric_drift(&sorted(&SHIFTED_A), &SHIFTED_B).unwrap();
+        assert!(close(d.psi, 2.168681562259346, 1e-12), "{}", d.psi);
+        // Ties: repeated edges leave bins empty on both sides.
+        let r = sorted(&[1., 1., 1., 2., 2., 3., 4., 5., 5., 5.]);
+        let d = numeric_drift(&r, &[5., 5., 5., 5., 6.]).unwrap();
+        assert!(close(d.psi, 6.143480502969557, 1e-12), "{}", d.psi);
+    }
+
     #[test]
     fn psi_and_categorical_drift() {
         let r = sorted(&(0..1000).map(|i| i as f64).collect::<Vec<_>>());
@@ -936,11 +1134,14 @@ mod tests {
             // 100 new rows between evaluations, like --drift-every.
             for _ in 0..100 {
                 for w in windows.iter_mut() {
-                    w.push(&crate::record::FeatureValue::Number(rng.normal()));
+                    w.push(
+                        &crate::record::FeatureValue::Number(rng.normal()),
+                        Precision::F64,
+                    );
                 }
             }
             let r = evaluate(&reference, &windows, 0.05);
-            alarms += usize::from(r.iter().any(|f| f.drifted));
+            alarms += usize::from(r.iter().any(|f| f.alarm));
             naive += usize::from(
                 r.iter()
                     .any(|f| f.result.as_ref().is_ok_and(|d| d.p_value < 0.05)),
@@ -951,6 +1152,140 @@ mod tests {
             naive >= 50,
             "uncorrected tests alarm most of the time: {naive}"
         );
+    }
+
+    /// A decimal grid uploaded as float64 and FP32 live values in the same shares: compared at
+    /// FP32 there is no difference at all, as scipy finds on the decimal values. Compared at
+    /// float64, 0.1f widened (0.10000000149…) is not 0.1, and scipy 1.17.1 on the widened values
+    /// agrees with what modelgate used to answer: `ks_2samp(ref, [float(np.float32(v)) …])` →
+    /// D = 0.1, p = 0.42832150746897646; the categories split in two, p = 2.4e-82.
+    #[test]
+    fn float32_traffic_is_compared_at_float32() {
+        use crate::record::FeatureValue::Number;
+        let names = vec!["x".to_string(), "c".to_string()];
+        let grid = |i: usize| ((i % 10) + 1) as f64 / 10.0;
+        let rows: Vec<_> = (0..300)
+            .map(|i| vec![Number(grid(i)), Number(((i % 4) + 1) as f64 / 10.0)])
+            .collect();
+        let reference = build_reference(&names, rows, &["c".into()], MAX_SAMPLE, "u", 0).unwrap();
+        let mut windows: Vec<LiveWindow> = reference
+            .features
+            .iter()
+            .map(|f| LiveWindow::for_feature(f, 100))
+            .collect();
+        for i in 0..100 {
+            let x = grid(i * 7) as f32;
+            let c = (((i * 3) % 4) + 1) as f32 / 10.0;
+            windows[0].push(&Number(f64::from(x)), Precision::F32);
+            windows[1].push(&Number(f64::from(c)), Precision::F32);
+        }
+        let r = evaluate(&reference, &windows, 0.05);
+        assert_eq!(r[0].precision, Precision::F32);
+        let ks = r[0].result.as_ref().unwrap();
+        // scipy: ks_2samp on the decimal values → 0.0, 1.0
+        assert_eq!((ks.statistic, ks.p_value), (0.0, 1.0), "{ks:?}");
+        let chi = r[1].result.as_ref().unwrap();
+        // scipy: chi2_contingency([[75, 75, 75, 75], [25, 25, 25, 25]]) → 0.0, 1.0
+        assert_eq!((chi.statistic, chi.p_value), (0.0, 1.0), "{chi:?}");
+        assert!(r.iter().all(|f| !f.alarm));
+        // The same windows taken as float64 (as before): every grid point splits in two.
+        let mut wide: Vec<LiveWindow> = reference
+            .features
+            .iter()
+            .map(|f| LiveWindow::for_feature(f, 100))
+            .collect();
+        for i in 0..100 {
+            let x = grid(i * 7) as f32;
+            let c = (((i * 3) % 4) + 1) as f32 / 10.0;
+            wide[0].push(&Number(f64::from(x)), Precision::F64);
+            wide[1].push(&Number(f64::from(c)), Precision::F64);
+        }
+        let r = evaluate(&reference, &wide, 0.05);
+        let ks = r[0].result.as_ref().unwrap();
+        assert!(close(ks.statistic, 0.1, 1e-12), "{ks:?}");
+        assert!(close(ks.p_value, 0.42832150746897646, 1e-6), "{ks:?}");
+        assert!(r[1].alarm, "{r:?}");
+    }
+
+    #[test]
+    fn categories_meet_at_the_coarser_precision() {
+        let counts = |v: &[(&str, u64)]| {
+            v.iter()
+                .map(|(k, c)| (k.to_string(), *c))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let reference = counts(&[("0.123456789", 3), ("0.1", 2), ("0.10", 1), ("red", 4)]);
+        let at32 = categories_at(&reference, Precision::F32);
+        assert_eq!(
+            *at32,
+            counts(&[("0.12345679", 3), ("0.1", 2), ("0.10", 1), ("red", 4)]),
+            "numbers in format_number's form are renamed; text stays"
+        );
+        assert!(matches!(
+            categories_at(&reference, Precision::F64),
+            Cow::Borrowed(_)
+        ));
+        // 1.0001 and 1.0002 are one number in FP16 (spacing 2^-10 near 1).
+        let close_by = counts(&[("1.0001", 1), ("1.0002", 2)]);
+        let merged = categories_at(&close_by, Precision::F16);
+        assert_eq!(*merged, counts(&[("1", 3)]));
+    }
+
+    #[test]
+    fn episodes_start_at_the_alarm_and_end_after_quiet_evaluations() {
+        let h = Hysteresis {
+            fdr: 0.05,
+            exit_p_value: 0.2,
+            exit_evaluations: 3,
+        };
+        let result = |adjusted: Option<f64>| FeatureResult {
+            name: "x".into(),
+            categorical: false,
+            reference_size: 1,
+            window_size: 1,
+            non_finite: 0,
+            result: Err(Unavailable(String::new())),
+            adjusted,
+            alarm: false,
+            drifted: false,
+            quiet_evaluations: 0,
+            precision: Precision::F64,
+        };
+        let mut episodes = BTreeMap::new();
+        let mut run = |p: Option<f64>| {
+            let mut r = [result(p)];
+            update_episodes(&mut r, &mut episodes, &h);
+            (r[0].drifted, r[0].quiet_evaluations)
+        };
+        assert_eq!(run(Some(0.1)), (false, 0), "between the levels: no episode");
+        assert_eq!(run(Some(0.04)), (true, 0), "below the rate: starts");
+        assert_eq!(run(Some(0.06)), (true, 0), "hovering: goes on");
+        assert_eq!(run(Some(0.5)), (true, 1));
+        assert_eq!(run(Some(0.9)), (true, 2));
+        assert_eq!(
+            run(Some(0.15)),
+            (true, 0),
+            "between: the count starts again"
+        );
+        assert_eq!(run(None), (true, 0), "untestable: likewise");
+        assert_eq!(run(Some(0.3)), (true, 1));
+        assert_eq!(run(Some(0.3)), (true, 2));
+        assert_eq!(
+            run(Some(0.2)),
+            (true, 0),
+            "at the exit level is not above it"
+        );
+        for _ in 0..2 {
+            assert!(run(Some(1.0)).0);
+        }
+        assert_eq!(run(Some(1.0)), (false, 0), "three in a row: ends");
+        let mut stale = BTreeMap::from([("gone".to_string(), 1)]);
+        update_episodes(&mut [result(Some(0.9))], &mut stale, &h);
+        assert!(stale.is_empty(), "features no longer tested leave");
+        let mut e = Episode::default();
+        assert!(!e.step(Level::Quiet, 0));
+        assert!(e.step(Level::Alarm, 0));
+        assert!(e.step(Level::Quiet, 0), "an exit count of 0 acts as 1");
     }
 
     #[test]

@@ -932,4 +932,27 @@ mod tests {
         let sig = skewed.significance.unwrap();
         assert_eq!(sig.dof, 1.0);
     }
+
+    /// The example of docs/routing-and-experiments.md: its numpy reference implementation gives
+    /// 0.004803221533602207 for 1,500 of 2,000 against 1,600 of 2,000 (scipy's
+    /// chi2_contingency: 0.00017786122545924846).
+    #[test]
+    fn always_valid_p_value_is_the_documented_one() {
+        let e = experiment(&[1.0, 1.0], 1.0);
+        let counts = |successes| VariantCounts {
+            requests: 2000,
+            judged: 2000,
+            successes,
+            outcomes: 2000,
+            ..Default::default()
+        };
+        let r = results(&e, &[counts(1500), counts(1600)]);
+        let p = *r.always_valid[0].1.as_ref().unwrap();
+        assert!((p - 0.004803221533602207).abs() <= 1e-12 * 0.0048, "{p}");
+        let chi2 = r.significance.unwrap().p_value;
+        assert!(
+            (chi2 - 0.00017786122545924846).abs() <= 1e-9 * chi2,
+            "{chi2}"
+        );
+    }
 }

@@ -3,11 +3,16 @@
 //! Live rows reach [`Monitor::observe`] from the record writer's thread (never the request
 //! path): each row updates every feature's window in O(features). Every `--drift-every` rows (or
 //! on demand) the model is queued for the evaluator thread, which compares windows with the
-//! reference and publishes `drift_started` / `drift_ended` when the drifted set changes. Outcomes
-//! update each version's concept window as they are recorded. A periodic task raises scheduled
-//! retraining triggers and the experiment and shadow alerts.
+//! reference, moves each feature's episode on (with hysteresis: [`drift::Episode`]) and
+//! publishes `drift_started` / `drift_ended` when the model's episode starts or ends. Outcomes
+//! update each version's concept window, and its episode, as they are recorded. A periodic task
+//! raises scheduled retraining triggers and the experiment and shadow alerts.
+//!
+//! Events of a model's episode are published while its lock is held, after the state they
+//! announce is stored: whatever else changes the model (a new reference, another evaluation)
+//! comes wholly before or after, so a watcher sees `drift_started` and `drift_ended` alternate.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +22,13 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::control::ControlPlane;
-use crate::drift::{self, ConceptMetric, ConceptWindow, FeatureResult, LiveWindow, Reference};
+use crate::drift::{
+    self, ConceptMetric, ConceptWindow, Episode, FeatureResult, Hysteresis, Level, LiveWindow,
+    Reference,
+};
 use crate::events::{event, EventBus};
 use crate::outcome::Judgement;
-use crate::record::FeatureValue;
+use crate::record::{FeatureValue, Precision};
 use crate::store::records::now_ms;
 use crate::store::{Store, StoreError};
 
@@ -34,14 +42,22 @@ pub struct DriftSettings {
     /// Least time between evaluations of a model: under heavy traffic K rows arrive every few
     /// milliseconds, and evaluating that often would spend a core on statistics.
     pub min_interval: std::time::Duration,
-    /// Benjamini–Hochberg false discovery rate.
+    /// Benjamini–Hochberg false discovery rate: a feature starts drifting below it.
     pub fdr: f64,
+    /// Adjusted p-value above which an evaluation counts towards the end of a feature's drift.
+    pub exit_p_value: f64,
+    /// Evaluations in a row above `exit_p_value` that end a feature's drift.
+    pub exit_evaluations: u32,
     /// Largest reference (rows).
     pub reference_max: usize,
     /// Outcomes per concept window (N).
     pub concept_window: usize,
-    /// Degradation beyond which a version's performance has drifted.
+    /// Degradation beyond which a version's performance starts drifting.
     pub concept_threshold: f64,
+    /// Degradation at most which an outcome counts towards the end of performance drift.
+    pub concept_exit_threshold: f64,
+    /// Outcomes in a row at most `concept_exit_threshold` that end performance drift.
+    pub concept_exit_outcomes: u32,
     /// Shadow agreement below which `shadow_agreement_low` fires (after 100 comparisons).
     pub shadow_agreement_alert: f64,
 }
@@ -53,15 +69,43 @@ impl Default for DriftSettings {
             every: 100,
             min_interval: std::time::Duration::ZERO,
             fdr: 0.05,
+            exit_p_value: 0.2,
+            exit_evaluations: 3,
             reference_max: drift::MAX_SAMPLE,
             concept_window: 1000,
             concept_threshold: 0.1,
+            concept_exit_threshold: 0.05,
+            concept_exit_outcomes: 100,
             shadow_agreement_alert: 0.9,
         }
     }
 }
 
-/// The persisted drift state of a model.
+impl DriftSettings {
+    /// The levels of data drift's hysteresis.
+    pub fn hysteresis(&self) -> Hysteresis {
+        Hysteresis {
+            fdr: self.fdr,
+            exit_p_value: self.exit_p_value,
+            exit_evaluations: self.exit_evaluations,
+        }
+    }
+
+    /// Where a version's degradation stands against the levels of performance drift.
+    pub fn concept_level(&self, degradation: f64) -> Level {
+        if degradation > self.concept_threshold {
+            Level::Alarm
+        } else if degradation <= self.concept_exit_threshold {
+            Level::Quiet
+        } else {
+            Level::Between
+        }
+    }
+}
+
+/// The persisted drift state of a model: the features in an episode. (Their counts of quiet
+/// evaluations are kept in memory only: a restart counts afresh, which can only make an episode
+/// last longer.)
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct DriftState {
     drifted: Vec<String>,
@@ -140,6 +184,8 @@ struct ModelDrift {
     capture: Option<Capture>,
     latest: Option<Arc<Evaluation>>,
     state: DriftState,
+    /// Quiet evaluations in a row of the features in `state.drifted`.
+    quiet: BTreeMap<String, u32>,
 }
 
 impl ModelDrift {
@@ -152,6 +198,8 @@ impl ModelDrift {
 struct Concept {
     window: ConceptWindow,
     record: ConceptRecord,
+    /// While drifted: outcomes in a row at most the exit level (in memory only).
+    quiet: u32,
 }
 
 /// What the report of a version's concept drift says.
@@ -167,8 +215,10 @@ pub struct ConceptStatus {
     pub current: Option<f64>,
     /// Window size and fill.
     pub window: (usize, usize),
-    /// Drifted.
+    /// In a performance-drift episode.
     pub drifted: bool,
+    /// While drifted: outcomes in a row at most the exit level.
+    pub quiet_outcomes: u32,
 }
 
 /// Everything [`Monitor::report`] returns.
@@ -309,8 +359,15 @@ impl Monitor {
         &self.settings
     }
 
-    /// Live rows of `model` (record writer thread).
-    pub fn observe(&self, model: &str, names: &[String], rows: &[Vec<FeatureValue>]) {
+    /// Live rows of `model` (record writer thread): `names` and `precisions` per column (a
+    /// missing precision is [`Precision::F64`]).
+    pub fn observe(
+        &self,
+        model: &str,
+        names: &[String],
+        precisions: &[Precision],
+        rows: &[Vec<FeatureValue>],
+    ) {
         if rows.is_empty() {
             return;
         }
@@ -336,6 +393,7 @@ impl Monitor {
                 {
                     Ok(mut r) => {
                         r.received = c.received;
+                        self.end_episode(model, &mut md, "reference_replaced");
                         if let Err(e) = self.store.put_reference(model, &r) {
                             tracing::error!(model, error = %e, "could not store the captured reference");
                         }
@@ -350,11 +408,18 @@ impl Monitor {
         if md.reference.is_none() {
             return;
         }
-        let map: Vec<Option<usize>> = names.iter().map(|n| md.index.get(n).copied()).collect();
+        let map: Vec<(Option<usize>, Precision)> = names
+            .iter()
+            .enumerate()
+            .map(|(c, n)| {
+                let p = precisions.get(c).copied().unwrap_or_default();
+                (md.index.get(n).copied(), p)
+            })
+            .collect();
         for r in rows {
-            for (v, slot) in r.iter().zip(&map) {
+            for (v, (slot, p)) in r.iter().zip(&map) {
                 if let Some(i) = slot {
-                    md.windows[*i].push(v);
+                    md.windows[*i].push(v, *p);
                 }
             }
         }
@@ -373,14 +438,49 @@ impl Monitor {
         }
     }
 
-    /// Installs an uploaded reference (synced first).
+    /// Installs an uploaded reference (synced first). An episode of the previous reference ends
+    /// first, with `drift_ended` (reason `reference_replaced`), under the model's lock: no event
+    /// about the new reference can come before it.
     pub fn set_reference(&self, model: &str, r: Reference) -> Result<Arc<Reference>, StoreError> {
+        let md = self.models.entry(model.to_string()).or_default().clone();
+        let mut md = md.lock();
+        // Ended (stored and announced) before the new reference is written: a crash in between
+        // leaves the old reference with no episode, which is what the watcher was told.
+        self.end_episode(model, &mut md, "reference_replaced");
         self.store.put_reference(model, &r)?;
         let r = Arc::new(r);
-        let md = self.fresh(r.clone(), DriftState::default());
-        self.models
-            .insert(model.to_string(), Arc::new(Mutex::new(md)));
+        // Replaced in place, not as a new entry: an evaluation of the old reference still under
+        // way finds another reference here and says nothing.
+        *md = self.fresh(r.clone(), DriftState::default());
         Ok(r)
+    }
+
+    /// Ends the model's drift episode, if any: stores the empty state, then publishes
+    /// `drift_ended` with `reason`. Called with the model's lock held.
+    fn end_episode(&self, model: &str, md: &mut ModelDrift, reason: &str) {
+        md.quiet.clear();
+        if md.state.drifted.is_empty() {
+            return;
+        }
+        md.state = DriftState {
+            drifted: Vec::new(),
+            changed_ms: now_ms(),
+        };
+        if let Err(e) = self.store.put_model_state(model, "drift", &md.state) {
+            tracing::error!(model, error = %e, "could not store the drift state");
+        }
+        let mut e = event(
+            "drift_ended",
+            model,
+            match reason {
+                "reference_replaced" => {
+                    format!("data drift in model '{model}' ended: its reference was replaced")
+                }
+                _ => format!("no data drift in model '{model}' any more"),
+            },
+        );
+        e.reason = reason.to_string();
+        self.publish(e);
     }
 
     /// Whether `model` has a reference or is capturing one: its rows are wanted.
@@ -436,36 +536,53 @@ impl Monitor {
         let Some((reference, windows)) = snapshot.or_else(|| md.lock().snapshot()) else {
             return;
         };
-        let features = drift::evaluate(&reference, &windows, self.settings.fdr);
+        let mut features = drift::evaluate(&reference, &windows, self.settings.fdr);
+        let now = now_ms();
+        let mut md = md.lock();
+        if !md
+            .reference
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, &reference))
+        {
+            // The reference was replaced while this one was tested: its episode has ended.
+            return;
+        }
+        let mut episodes: BTreeMap<String, u32> = md
+            .state
+            .drifted
+            .iter()
+            .map(|f| (f.clone(), md.quiet.get(f).copied().unwrap_or(0)))
+            .collect();
+        drift::update_episodes(&mut features, &mut episodes, &self.settings.hysteresis());
         let drifted: Vec<String> = features
             .iter()
             .filter(|f| f.drifted)
             .map(|f| f.name.clone())
             .collect();
-        let now = now_ms();
-        let (started, ended) = {
-            let mut md = md.lock();
-            md.evaluations += 1;
-            md.latest = Some(Arc::new(Evaluation {
-                features,
-                at_ms: now,
-            }));
-            if md.state.drifted == drifted {
-                return;
-            }
-            let was = !md.state.drifted.is_empty();
-            md.state = DriftState {
-                drifted: drifted.clone(),
-                changed_ms: now,
-            };
-            if let Err(e) = self.store.put_model_state(model, "drift", &md.state) {
-                tracing::error!(model, error = %e, "could not store the drift state");
-            }
-            (!was && !drifted.is_empty(), was && drifted.is_empty())
+        md.quiet = episodes;
+        md.evaluations += 1;
+        md.latest = Some(Arc::new(Evaluation {
+            features,
+            at_ms: now,
+        }));
+        if md.state.drifted == drifted {
+            return;
+        }
+        let was = !md.state.drifted.is_empty();
+        if was && drifted.is_empty() {
+            self.end_episode(model, &mut md, "recovered");
+            return;
+        }
+        md.state = DriftState {
+            drifted: drifted.clone(),
+            changed_ms: now,
         };
+        if let Err(e) = self.store.put_model_state(model, "drift", &md.state) {
+            tracing::error!(model, error = %e, "could not store the drift state");
+        }
         // Within an episode a changing set of features only updates the report; events mark
         // the start and the end.
-        if started {
+        if !was {
             let mut e = event(
                 "drift_started",
                 model,
@@ -474,12 +591,6 @@ impl Monitor {
             e.features = drifted;
             self.publish(e);
             self.trigger(model, "data_drift", None);
-        } else if ended {
-            self.publish(event(
-                "drift_ended",
-                model,
-                format!("no data drift in model '{model}' any more"),
-            ));
         }
     }
 
@@ -548,6 +659,7 @@ impl Monitor {
             current: c.window.current(),
             window: (c.window.size(), c.window.fill()),
             drifted: c.record.drifted,
+            quiet_outcomes: c.quiet,
         }
     }
 
@@ -592,13 +704,23 @@ impl Monitor {
         }
         let baseline = registered.or(c.record.baseline).expect("set above");
         let degradation = metric.degradation(baseline, current);
-        let drifted = degradation > self.settings.concept_threshold;
-        if drifted == c.record.drifted {
+        let mut episode = Episode {
+            drifted: c.record.drifted,
+            quiet: c.quiet,
+        };
+        let changed = episode.step(
+            self.settings.concept_level(degradation),
+            self.settings.concept_exit_outcomes,
+        );
+        c.quiet = episode.quiet;
+        if !changed {
             return;
         }
+        let drifted = episode.drifted;
         c.record.drifted = drifted;
         self.save_concept(model, version, &c.record);
-        drop(c);
+        // Published with the version's lock held, so that the next outcome's event cannot
+        // overtake this one.
         let mut e = event(
             if drifted {
                 "performance_drift_started"
@@ -642,7 +764,11 @@ impl Monitor {
                 }
             }
         }
-        Concept { window, record }
+        Concept {
+            window,
+            record,
+            quiet: 0,
+        }
     }
 
     fn save_concept(&self, model: &str, version: u32, r: &ConceptRecord) {

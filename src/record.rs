@@ -23,6 +23,94 @@ pub enum FeatureValue {
     Text(String),
 }
 
+/// The precision a feature's numbers travel in: what its tensor's datatype can represent. Live
+/// values are exact at it (an FP32 0.1 is the float32 nearest 0.1, widened exactly), so a
+/// float64 reference is compared with them only after rounding to it (see `drift`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Precision {
+    /// FP64, the integer types and BOOL (exact in f64), and values with no tensor (uploads).
+    #[default]
+    F64,
+    /// FP32.
+    F32,
+    /// FP16.
+    F16,
+    /// BF16.
+    BF16,
+}
+
+impl Precision {
+    /// The precision of an OIP datatype.
+    pub fn of(datatype: oip::DataType) -> Precision {
+        match datatype {
+            oip::DataType::F32 => Precision::F32,
+            oip::DataType::F16 => Precision::F16,
+            oip::DataType::BF16 => Precision::BF16,
+            _ => Precision::F64,
+        }
+    }
+
+    /// The coarser of two: a feature that arrives as FP32 and FP16 is compared at FP16. (FP16
+    /// and BF16 differ in range as well as in mantissa; BF16, with fewer mantissa bits, counts
+    /// as the coarser.)
+    pub fn join(self, other: Precision) -> Precision {
+        self.max(other)
+    }
+
+    /// The datatype name of the precision (`FP64` also stands for the integer types).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F64 => "FP64",
+            Precision::F32 => "FP32",
+            Precision::F16 => "FP16",
+            Precision::BF16 => "BF16",
+        }
+    }
+
+    /// `x` rounded to the nearest value of this precision (ties to even), as a client converting
+    /// a float64 would send it. Values beyond the type's range stay as they are, which keeps the
+    /// rounding monotone (they are larger than anything the type can carry) and finite.
+    pub fn round(self, x: f64) -> f64 {
+        let y = match self {
+            Precision::F64 => return x,
+            Precision::F32 => f64::from(x as f32),
+            Precision::F16 => half::f16::from_f64(x).to_f64(),
+            Precision::BF16 => half::bf16::from_f64(x).to_f64(),
+        };
+        if y.is_finite() || !x.is_finite() {
+            y
+        } else {
+            x
+        }
+    }
+
+    /// A number as a category at this precision: the shortest decimal that is the same number
+    /// once rounded to it, written as [`format_number`] writes it. The FP32 0.1 and the float64
+    /// 0.1 are both `0.1`; the float64 0.123456789 is `0.12345679` at FP32, like its FP32 value.
+    pub fn category(self, x: f64) -> String {
+        let y = self.round(x);
+        if self == Precision::F64 || !y.is_finite() {
+            return format_number(y);
+        }
+        let same = |z: f64| z.is_finite() && self.round(z) == y;
+        if self == Precision::F32 {
+            // Rust prints a float32 as the shortest decimal that reads back as it.
+            let z: f64 = (y as f32).to_string().parse().unwrap_or(f64::NAN);
+            if same(z) {
+                return format_number(z);
+            }
+        }
+        // FP16 and BF16 (Rust prints neither): the fewest significant digits that round back.
+        for digits in 0..17 {
+            let z: f64 = format!("{y:.digits$e}").parse().unwrap_or(f64::NAN);
+            if same(z) {
+                return format_number(z);
+            }
+        }
+        format_number(y)
+    }
+}
+
 /// What the model predicted for one row.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prediction {
@@ -39,6 +127,8 @@ pub struct FeatureTable {
     pub names: Vec<String>,
     /// Rows of values, each `names.len()` long.
     pub rows: Vec<Vec<FeatureValue>>,
+    /// The precision of each column's numbers (from its tensor's datatype).
+    pub precisions: Vec<Precision>,
     /// The feature-store entity of each row, when known.
     pub entities: Vec<Option<String>>,
 }
@@ -119,6 +209,7 @@ pub fn extract_features(
         let cols = columns(t, batch)?;
         let registered = names.get(&t.name);
         for c in 0..cols {
+            table.precisions.push(Precision::of(t.datatype));
             table.names.push(
                 registered
                     .and_then(|n| n.get(c))
@@ -538,6 +629,34 @@ mod tests {
             ..Default::default()
         };
         assert!(extract_features(&req, &BTreeMap::new(), "", None, 1000).is_err());
+    }
+
+    /// numpy 2: `float(np.float32(0.1))`, `float(np.float16(0.1))`; BF16 by hand (0x3DCD).
+    #[test]
+    fn precisions_round_like_the_clients_types() {
+        assert_eq!(Precision::F32.round(0.1), 0.10000000149011612);
+        assert_eq!(Precision::F16.round(0.1), 0.0999755859375);
+        assert_eq!(Precision::BF16.round(0.1), 0.10009765625);
+        assert_eq!(Precision::F64.round(0.1), 0.1);
+        // Beyond the range: kept, so the order of a sorted reference stays.
+        assert_eq!(Precision::F16.round(70_000.0), 70_000.0);
+        assert_eq!(Precision::F32.round(1e300), 1e300);
+        assert_eq!(Precision::F32.round(f64::INFINITY), f64::INFINITY);
+        assert!(Precision::F16.round(65_504.0) < Precision::F16.round(65_600.0));
+        for p in [Precision::F32, Precision::F16, Precision::BF16] {
+            assert_eq!(p.category(0.1), "0.1", "{p:?}");
+            assert_eq!(p.category(p.round(0.1)), "0.1", "{p:?}");
+            assert_eq!(p.category(3.0), "3", "{p:?}");
+        }
+        assert_eq!(Precision::F32.category(0.123456789), "0.12345679");
+        assert_eq!(Precision::F64.category(0.123456789), "0.123456789");
+        assert_eq!(Precision::F16.category(0.123456789), "0.1235");
+        assert_eq!(Precision::F16.category(1e6), "1000000");
+        assert_eq!(Precision::F32.category(f64::NAN), "NaN");
+        assert_eq!(Precision::F32.join(Precision::F16), Precision::F16);
+        assert_eq!(Precision::F64.join(Precision::F32), Precision::F32);
+        assert_eq!(Precision::of(oip::DataType::I64), Precision::F64);
+        assert_eq!(Precision::of(oip::DataType::BF16).as_str(), "BF16");
     }
 
     #[test]

@@ -394,6 +394,29 @@ impl Recorder {
         }
     }
 
+    /// Waits (blocking) until everything submitted before the call is written, for at most
+    /// `timeout` (the queue may be full and the writer stalled). True when it was.
+    pub fn flush_within_blocking(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let (ack, done) = sync_channel(1);
+        let mut msg = Msg::Flush(ack);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(m)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+    }
+
     /// Writes everything submitted before the call and stops the writer thread, even if other
     /// handles remain (e.g. shadow copies still in flight): later submissions are dropped.
     pub fn close_blocking(&self) {
@@ -630,7 +653,12 @@ impl Writer {
                 batch.add_prediction(&p.record, raw.time_ms);
             }
             if let Some(m) = &self.monitor {
-                m.observe(&p.record.model, &p.features.names, &p.features.rows);
+                m.observe(
+                    &p.record.model,
+                    &p.features.names,
+                    &p.features.precisions,
+                    &p.features.rows,
+                );
             }
             if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
                 *variant_requests

@@ -340,8 +340,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             // References can be large uploads.
-            DriftServer::new(DriftService::new(plane.clone(), monitor.clone()))
-                .max_decoding_message_size(256 << 20),
+            DriftServer::new(
+                DriftService::new(plane.clone(), monitor.clone()).with_recorder(recorder.clone()),
+            )
+            .max_decoding_message_size(256 << 20),
             auth.clone(),
         ))
         .add_service(EventsServer::with_interceptor(

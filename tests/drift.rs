@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use modelgate::config::Config;
+use modelgate::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use modelgate::pb::modelgate::v1 as pb;
 use modelgate::pb::modelgate::v1::{
     drift_client::DriftClient, events_client::EventsClient, outcomes_client::OutcomesClient,
@@ -590,5 +591,438 @@ async fn periodic_checks_raise_scheduled_retraining_shadow_and_experiment_alerts
             .is_err(),
         "each fires once: the second check raised nothing new"
     );
+    mg.shutdown().await;
+}
+
+/// A reproducible draw (a quadratic hash), the same in the Python that computed the expected
+/// values: `h(i) = (i*i*7919 + i*104729 + 17) % 1000003`.
+fn grid_row(i: u64) -> [f64; 3] {
+    let h = (i * i * 7919 + i * 104_729 + 17) % 1_000_003;
+    [
+        ((h % 10) + 1) as f64 / 10.0,
+        ((h / 10 % 4) + 1) as f64 / 10.0,
+        (h / 40 % 100) as f64 / 100.0,
+    ]
+}
+
+/// A reference on a decimal grid (float64, as uploaded) and FP32 traffic from the same
+/// distribution: the live values are 0.1f widened (0.10000000149…), and compared with the exact
+/// 0.1 of the reference they looked drifted (KS p = 0.00045 on `a`; the categorical `b` had
+/// twice the categories). Compared at FP32, the p-values are those of the intended values.
+#[tokio::test]
+async fn fp32_traffic_against_a_decimal_float64_reference_stays_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=0.5,-0.5,0.2").await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.window = 300;
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    drift
+        .set_reference(pb::SetReferenceRequest {
+            model: "m".into(),
+            feature_names: vec!["a".into(), "b".into(), "c".into()],
+            rows: (0..1000)
+                .map(|i| pb::ReferenceRow {
+                    values: grid_row(i).into_iter().map(num).collect(),
+                })
+                .collect(),
+            categorical_features: vec!["b".into()],
+        })
+        .await
+        .unwrap();
+    let mut i = 1000;
+    traffic(&mg, 300, || {
+        let r = grid_row(i);
+        i += 1;
+        r.map(|x| x as f32)
+    })
+    .await;
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!report.drifted, "{report:?}");
+    // scipy 1.17.1 on the intended (decimal) values: ks_2samp(ref_a, live_a),
+    // chi2_contingency([[240, 236, 248, 276], [85, 62, 73, 80]]), ks_2samp(ref_c, live_c).
+    let want = [
+        ("a", 0.044, 0.7463960713437322),
+        ("b", 2.693313875751028, 0.44136472721661346),
+        ("c", 0.06666666666666667, 0.2459357480156493),
+    ];
+    for (f, (name, statistic, p)) in report.features.iter().zip(want) {
+        assert_eq!(f.name, name);
+        assert_eq!(f.window_size, 300);
+        let (s, q) = (f.statistic.unwrap(), f.p_value.unwrap());
+        assert!(
+            (s - statistic).abs() <= 1e-9 * statistic,
+            "{name}: {s} vs {statistic}"
+        );
+        assert!((q - p).abs() <= 1e-6 * p, "{name}: p {q} vs {p}");
+        assert!(!f.drifted, "{name}");
+        assert_eq!(
+            f.precision, "FP32",
+            "compared at the precision the rows travel in"
+        );
+    }
+    mg.shutdown().await;
+}
+
+/// Rows of a 0…1 uniform reference on a 1/1024 grid (exact in FP32), and batches of 100 live
+/// values shifted by `s`: scipy 1.17.1 `ks_2samp(reference, batch)` gives p = 0.0216 at s = 0.15,
+/// 0.1035 at s = 0.12 and 1.0 at s = 0.
+fn uniform_reference() -> Vec<pb::ReferenceRow> {
+    (0..1024)
+        .map(|k| pb::ReferenceRow {
+            values: vec![num(k as f64 / 1024.0), num(0.0), num(0.0)],
+        })
+        .collect()
+}
+
+fn shifted_batch(s: f64) -> Vec<[f32; 3]> {
+    (0..100)
+        .map(|j| {
+            let x = ((((j as f64 + 0.5) / 100.0 + s) * 1024.0).round() / 1024.0) as f32;
+            [x, 0.0, 0.0]
+        })
+        .collect()
+}
+
+async fn evaluate(drift: &mut DriftClient<Channel>) -> pb::DriftReport {
+    drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Collects the events of `stream` until none arrives for 300 ms.
+async fn drain(stream: &mut tonic::Streaming<pb::Event>) -> Vec<pb::Event> {
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), stream.next()).await {
+        out.push(e.unwrap());
+    }
+    out
+}
+
+async fn drift_events(mg: &modelgate::server::Running) -> tonic::Streaming<pb::Event> {
+    EventsClient::new(channel(mg.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 0,
+            types: vec!["drift_started".into(), "drift_ended".into()],
+            model: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A p-value that hovers around α used to start and end an episode at every crossing. Now an
+/// episode starts below α and ends only after the adjusted p-value stayed above the exit level
+/// (default 0.2) for 3 evaluations (default).
+#[tokio::test]
+async fn data_drift_at_the_threshold_does_not_flap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=0.5,-0.5,0.2").await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.window = 100;
+    config.drift.every = u64::MAX; // evaluated on demand only, after each batch
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    drift
+        .set_reference(pb::SetReferenceRequest {
+            model: "m".into(),
+            feature_names: vec!["a".into()],
+            rows: uniform_reference()
+                .into_iter()
+                .map(|mut r| {
+                    r.values.truncate(1);
+                    r
+                })
+                .collect(),
+            categorical_features: vec![],
+        })
+        .await
+        .unwrap();
+    let mut events = drift_events(&mg).await;
+    let mut seen = Vec::new();
+    for s in [0.15, 0.12, 0.15, 0.12, 0.15, 0.0, 0.0, 0.0] {
+        let mut batch = shifted_batch(s).into_iter();
+        traffic(&mg, 100, || batch.next().unwrap()).await;
+        let report = evaluate(&mut drift).await;
+        assert_eq!(
+            (report.drift_exit_p_value, report.drift_exit_evaluations),
+            (0.2, 3)
+        );
+        let f = &report.features[0];
+        eprintln!("s = {s}: p = {:?}", f.p_value);
+        assert_eq!(f.drifted, report.drifted);
+        seen.push((report.drifted, f.quiet_evaluations));
+    }
+    assert_eq!(
+        seen,
+        [
+            (true, 0),
+            (true, 0),
+            (true, 0),
+            (true, 0),
+            (true, 0),
+            (true, 1),
+            (true, 2),
+            (false, 0)
+        ],
+        "starts below 0.05, ends after 3 evaluations above 0.2"
+    );
+    let got: Vec<(String, String)> = drain(&mut events)
+        .await
+        .into_iter()
+        .map(|e| (e.r#type, e.reason))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("drift_started".into(), String::new()),
+            ("drift_ended".into(), "recovered".into())
+        ]
+    );
+    mg.shutdown().await;
+}
+
+/// Replacing the reference during an episode ends it first: a watcher never sees two
+/// `drift_started` in a row.
+#[tokio::test]
+async fn replacing_a_reference_ends_the_episode_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=0.5,-0.5,0.2").await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.window = 100;
+    config.drift.every = u64::MAX;
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    let reference = pb::SetReferenceRequest {
+        model: "m".into(),
+        feature_names: vec!["a".into(), "b".into(), "c".into()],
+        rows: uniform_reference(),
+        categorical_features: vec![],
+    };
+    drift.set_reference(reference.clone()).await.unwrap();
+    let mut events = drift_events(&mg).await;
+    let shifted = |mg| async move {
+        let mut batch = shifted_batch(0.5).into_iter();
+        traffic(mg, 100, || batch.next().unwrap()).await;
+    };
+    shifted(&mg).await;
+    assert!(evaluate(&mut drift).await.drifted);
+    assert_eq!(next_event(&mut events).await.r#type, "drift_started");
+    // The same reference again: a new reference, a new episode.
+    drift.set_reference(reference).await.unwrap();
+    let e = next_event(&mut events).await;
+    assert_eq!(
+        (e.r#type.as_str(), e.reason.as_str()),
+        ("drift_ended", "reference_replaced"),
+        "{e:?}"
+    );
+    assert!(!evaluate(&mut drift).await.drifted, "a fresh start");
+    shifted(&mg).await;
+    assert!(evaluate(&mut drift).await.drifted);
+    assert_eq!(next_event(&mut events).await.r#type, "drift_started");
+    // A captured reference replaces it too.
+    drift
+        .capture_reference(pb::CaptureReferenceRequest {
+            model: "m".into(),
+            rows: 50,
+        })
+        .await
+        .unwrap();
+    shifted(&mg).await;
+    let e = next_event(&mut events).await;
+    assert_eq!(
+        (e.r#type.as_str(), e.reason.as_str()),
+        ("drift_ended", "reference_replaced"),
+        "{e:?}"
+    );
+    assert!(drain(&mut events).await.is_empty());
+    mg.shutdown().await;
+
+    // The replaced episode stays ended after a restart (the state went with the reference).
+    let mut config = Config::for_tests(dir.path());
+    config.drift.every = u64::MAX;
+    let mg = start_with(config).await;
+    let report = drift_client(&mg)
+        .await
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!report.drifted, "{report:?}");
+    mg.shutdown().await;
+}
+
+/// `evaluate: true` first waits for the rows already answered to reach the windows: the caller
+/// does not poll. (The writer is held back here, as under a RocksDB stall.)
+#[tokio::test]
+async fn an_on_demand_evaluation_sees_every_row_already_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=0.5,-0.5,0.2").await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.window = 100;
+    config.drift.every = u64::MAX;
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    drift
+        .set_reference(pb::SetReferenceRequest {
+            model: "m".into(),
+            feature_names: vec!["a".into(), "b".into(), "c".into()],
+            rows: uniform_reference(),
+            categorical_features: vec![],
+        })
+        .await
+        .unwrap();
+    let recorder = mg.recorder.clone();
+    let (held, is_held) = std::sync::mpsc::channel();
+    let (sent, all_sent) = std::sync::mpsc::channel::<()>();
+    let pause = std::thread::spawn(move || {
+        let _guard = recorder.pause_writer();
+        held.send(()).unwrap();
+        // Held until 300 ms after the last answer: the evaluation below is asked for meanwhile.
+        all_sent.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    is_held.recv().unwrap();
+    let mut infer = infer_client(mg.data_addr).await;
+    for row in shifted_batch(0.0).iter().take(40) {
+        infer.model_infer(infer_request("m", &[row])).await.unwrap();
+    }
+    sent.send(()).unwrap();
+    let report = evaluate(&mut drift).await;
+    assert_eq!(report.features[0].window_size, 40, "{report:?}");
+    pause.join().unwrap();
+    mg.shutdown().await;
+}
+
+/// One call (x = 2 → label 1) and its outcome, right or wrong.
+async fn judged(
+    infer: &mut GrpcInferenceServiceClient<Channel>,
+    outcomes: &mut OutcomesClient<Channel>,
+    right: bool,
+) {
+    let resp = infer
+        .model_infer(infer_request("m", &[&[2.0, 0.0, 0.0]]))
+        .await
+        .unwrap();
+    outcomes
+        .record_outcome(pb::RecordOutcomeRequest {
+            request_id: request_id_of(&resp),
+            actual: Some(pb::Actual {
+                kind: Some(pb::actual::Kind::Label(
+                    if right { "1" } else { "0" }.into(),
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// Accuracy hovering at the threshold (0.75 / 0.8 against a registered 0.9, threshold 0.1) used
+/// to start and end performance drift at every crossing. Now it ends only once the degradation
+/// is at most the exit level (half the threshold: accuracy 0.85) for `--concept-exit-outcomes`
+/// outcomes in a row; and the one episode fires one retraining trigger.
+#[tokio::test]
+async fn performance_drift_at_the_threshold_does_not_flap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=1,0,0").await;
+    let mut config = Config::for_tests(dir.path());
+    config.drift.concept_window = 20;
+    let mg = setup(config, &server).await;
+    let mut drift = drift_client(&mg).await;
+    drift
+        .set_retrain_policy(pb::RetrainPolicy {
+            model: "m".into(),
+            on_performance_drift: true,
+            cooldown: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut events = EventsClient::new(channel(mg.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 0,
+            types: vec![
+                "performance_drift_started".into(),
+                "performance_drift_ended".into(),
+                "retrain_triggered".into(),
+            ],
+            model: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut infer = infer_client(mg.data_addr).await;
+    let mut outcomes = OutcomesClient::new(channel(mg.control_addr).await);
+    // The last 20 verdicts, as the version's window holds them.
+    let mut ring = std::collections::VecDeque::new();
+    // 0.8 (degradation 0.1, not above the threshold), then 0.75 and 0.8 in turn.
+    let mut seen = Vec::new();
+    for i in 0..100 {
+        let right = if i < 20 {
+            i % 5 != 0
+        } else {
+            // What leaves the window comes back, except to move between 0.75 and 0.8.
+            let leaving: bool = *ring.front().unwrap();
+            match (leaving, ring.iter().filter(|&&r| r).count()) {
+                (true, 16) => false,
+                (false, 15) => true,
+                (l, _) => l,
+            }
+        };
+        ring.push_back(right);
+        if ring.len() > 20 {
+            ring.pop_front();
+        }
+        seen.push(ring.iter().filter(|&&r| r).count());
+        judged(&mut infer, &mut outcomes, right).await;
+    }
+    let crossings = seen.windows(2).filter(|w| w[0] == 16 && w[1] == 15).count();
+    assert_eq!(crossings, 16, "0.8 → 0.75 again and again: {seen:?}");
+    let kinds: Vec<String> = drain(&mut events)
+        .await
+        .into_iter()
+        .map(|e| e.r#type)
+        .collect();
+    assert_eq!(kinds, ["performance_drift_started", "retrain_triggered"]);
+    // Recovery: every verdict right.
+    for _ in 0..150 {
+        judged(&mut infer, &mut outcomes, true).await;
+    }
+    let kinds: Vec<String> = drain(&mut events)
+        .await
+        .into_iter()
+        .map(|e| e.r#type)
+        .collect();
+    assert_eq!(kinds, ["performance_drift_ended"]);
+    let report = drift
+        .get_drift_report(pb::GetDriftReportRequest {
+            model: "m".into(),
+            evaluate: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &report.concept[0];
+    assert!(!c.drifted && c.quiet_outcomes == 0, "{c:?}");
+    assert_eq!(c.exit_degradation, 0.05, "half the threshold by default");
     mg.shutdown().await;
 }

@@ -10,20 +10,38 @@ use crate::drift::{self, Reference, ReferenceData};
 use crate::monitor::{Monitor, RetrainPolicy};
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::drift_server::Drift;
+use crate::recorder::Recorder;
 use crate::stats::Moments;
 use crate::store::records::{feature_value_from_pb, now_ms};
+
+/// How long an on-demand evaluation waits for the rows already answered to reach the windows
+/// (they are with the record writer, which a RocksDB stall can hold up); then it evaluates what
+/// has arrived.
+pub const EVALUATE_ROWS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The Drift service.
 #[derive(Clone)]
 pub struct DriftService {
     plane: Arc<ControlPlane>,
     monitor: Arc<Monitor>,
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl DriftService {
     /// A service over `monitor`.
     pub fn new(plane: Arc<ControlPlane>, monitor: Arc<Monitor>) -> Self {
-        DriftService { plane, monitor }
+        DriftService {
+            plane,
+            monitor,
+            recorder: None,
+        }
+    }
+
+    /// The record writer that feeds the monitor: an on-demand evaluation waits for it to write
+    /// what it was handed before.
+    pub fn with_recorder(mut self, recorder: Arc<Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 
     fn known_model(&self, model: &str) -> Result<(), Status> {
@@ -210,10 +228,20 @@ impl Drift for DriftService {
         self.known_model(&r.model)?;
         if r.evaluate {
             let monitor = self.monitor.clone();
+            let recorder = self.recorder.clone();
             let model = r.model.clone();
-            tokio::task::spawn_blocking(move || monitor.evaluate_now(&model))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+            tokio::task::spawn_blocking(move || {
+                // Every row answered before this call was handed to the writer before its caller
+                // saw the answer: once the writer has written it, the windows hold it.
+                if let Some(recorder) = recorder {
+                    if !recorder.flush_within_blocking(EVALUATE_ROWS_WAIT) {
+                        tracing::warn!(model = %model, "evaluating before the record writer caught up");
+                    }
+                }
+                monitor.evaluate_now(&model)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         }
         let rep = self.monitor.report(&r.model);
         let status = if !rep.has_reference {
@@ -266,17 +294,22 @@ impl Drift for DriftService {
                             wasserstein,
                             drifted: f.drifted,
                             unavailable_reason: reason,
+                            quiet_evaluations: f.quiet_evaluations,
+                            precision: f.precision.as_str().to_string(),
                         }
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let threshold = self.monitor.settings().concept_threshold;
+        let settings = self.monitor.settings();
+        let (threshold, exit) = (settings.concept_threshold, settings.concept_exit_threshold);
         Ok(Response::new(pb::DriftReport {
             model: r.model,
             features,
             drifted: !rep.drifted.is_empty(),
-            false_discovery_rate: self.monitor.settings().fdr,
+            false_discovery_rate: settings.fdr,
+            drift_exit_p_value: settings.exit_p_value,
+            drift_exit_evaluations: settings.exit_evaluations,
             evaluations: rep.evaluations,
             evaluated_at: rep.evaluation.as_ref().map(|e| timestamp(e.at_ms)),
             state_changed_at: (rep.changed_ms > 0).then(|| timestamp(rep.changed_ms)),
@@ -298,10 +331,15 @@ impl Drift for DriftService {
                         window: c.window.0 as u32,
                         window_fill: c.window.1 as u32,
                         drifted: c.drifted,
+                        quiet_outcomes: c.quiet_outcomes,
+                        exit_degradation: exit,
                         status: if c.current.is_none() {
                             "insufficient data".into()
                         } else if c.drifted {
-                            format!("degraded by more than {threshold}")
+                            format!(
+                                "drifting: degraded by more than {threshold}, until at most {exit} for {} outcomes in a row",
+                                settings.concept_exit_outcomes
+                            )
                         } else {
                             "ok".into()
                         },

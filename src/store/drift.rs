@@ -44,10 +44,12 @@ fn sub_key(model: &str, kind: u8, name: &str) -> Vec<u8> {
 }
 
 impl Store {
-    /// Replaces a model's reference (synced).
+    /// Replaces a model's reference (synced), and with it the model's drift state: a new
+    /// reference starts with no episode, in the same write.
     pub fn put_reference(&self, model: &str, r: &Reference) -> Result<(), StoreError> {
         let fam = self.cf(cf::REFERENCES);
         let mut batch = WriteBatch::default();
+        batch.delete_cf(fam, sub_key(model, b's', "drift"));
         // Drop the previous numeric arrays: model ∅ n ∅ …
         let mut from = model.as_bytes().to_vec();
         from.extend_from_slice(&[0, b'n', 0]);
@@ -215,6 +217,18 @@ mod tests {
         assert_eq!(
             store.get_model_state::<Vec<i32>>("m", "drift").unwrap(),
             Some(vec![1, 2])
+        );
+        store.put_model_state("m", "retrain", &vec![3]).unwrap();
+        store.put_reference("m", &r).unwrap();
+        assert_eq!(
+            store.get_model_state::<Vec<i32>>("m", "drift").unwrap(),
+            None,
+            "a new reference starts without the old drift state"
+        );
+        assert_eq!(
+            store.get_model_state::<Vec<i32>>("m", "retrain").unwrap(),
+            Some(vec![3]),
+            "and keeps the retraining policy"
         );
         assert_eq!(
             store.reference_models().unwrap(),
