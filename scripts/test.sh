@@ -9,7 +9,7 @@ if ensure_peers; then
     # The tests that talk to real peers must run, not skip.
     export MODELGATE_REQUIRE_PEERS=1
 else
-    echo "warning: grpcurl / tritonclient could not be installed; their compatibility tests will be skipped" >&2
+    echo "warning: grpcurl / tritonclient / promtool could not be installed; their compatibility tests will be skipped" >&2
 fi
 cargo fmt --all -- --check
 # Supply chain (deny.toml): licences, banned crates, sources, and known vulnerabilities — the
