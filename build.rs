@@ -24,11 +24,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("modelgate_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // Every message knows its proto name (`prost::Name`), so `modelgate ctl` can print any typed
+    // answer as proto JSON through the descriptors.
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         // Tensor payloads decode as `Bytes` slices of the request buffer: no copy.
         .bytes(".inference")
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }

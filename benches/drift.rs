@@ -37,15 +37,24 @@ fn drift_benches(c: &mut Criterion) {
 
     // The per-row update, through the monitor as the record writer calls it.
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let storage = modelgate::store::storage(Store::open(dir.path()).unwrap());
+    let clock = modelgate::clock::system();
     let metrics = Arc::new(Metrics::new());
-    let events = Arc::new(EventBus::open(store.clone(), None, metrics).unwrap());
-    let plane = Arc::new(ControlPlane::load(store.clone(), None).unwrap());
+    let events = Arc::new(
+        EventBus::open(
+            storage.events.clone(),
+            clock.clone(),
+            None,
+            metrics.webhook_dropped.clone(),
+        )
+        .unwrap(),
+    );
+    let plane = Arc::new(ControlPlane::load(storage.clone(), clock.clone(), None).unwrap());
     let settings = DriftSettings {
         every: u64::MAX, // measure the update alone, not the evaluation it would queue
         ..Default::default()
     };
-    let monitor = Monitor::start(settings, store, events, plane).unwrap();
+    let monitor = Monitor::start(settings, storage, clock, events, plane).unwrap();
     monitor.set_reference("m", reference.clone()).unwrap();
     let live: Vec<Vec<FeatureValue>> = (0..1024)
         .map(|i| {

@@ -34,7 +34,8 @@
 //! for the proxy processes — CPU seconds per 1,000 requests and peak resident memory (VmHWM,
 //! reset before each run). `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
 //! (HTTP/2 both sides) and nginx (`grpc_pass`) appear when `haproxy` / `nginx` are on PATH
-//! (`BENCH_COMPARE=0` skips them).
+//! (`BENCH_COMPARE=0` skips them). `BENCH_BASELINE=path/to/modelgate` adds routing-only and
+//! everything-on rows for another build of the binary, measured in the same run (before/after).
 //!
 //! Everything runs on one machine: the load generator, the proxy and the model server share its
 //! cores, so the figures measure the cost a proxy adds under contention, not a NIC.
@@ -612,6 +613,11 @@ fn nginx(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
 /// Starts a modelgate in front of the model server at `model` with `extra` flags; returns it and
 /// its data and control addresses.
 async fn modelgate(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    modelgate_from(Path::new(env!("CARGO_BIN_EXE_modelgate")), dir, extra).await
+}
+
+/// [`modelgate`] from another build of the binary (`BENCH_BASELINE`).
+async fn modelgate_from(bin: &Path, dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
     let (data, control, admin) = (free_addr(), free_addr(), free_addr());
     let mut args = vec![
         "serve".to_string(),
@@ -627,8 +633,7 @@ async fn modelgate(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr)
         "warn".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let p = spawn_modelgate(&args);
+    let p = spawn(Command::new(bin).args(&args));
     wait_for(control).await;
     wait_for(data).await;
     (p, data, control)
@@ -806,6 +811,34 @@ fn main() {
             pid: Some(all.0.id()),
         });
 
+        // Another build (BENCH_BASELINE=path/to/modelgate, e.g. the last release) measured in the
+        // same run, for before/after comparisons on a noisy machine.
+        if let Ok(bin) = std::env::var("BENCH_BASELINE") {
+            let bin = Path::new(&bin);
+            let (p, data, control) = modelgate_from(
+                bin,
+                &dir.path().join("baseline-routing"),
+                &["--record-predictions", "false"],
+            )
+            .await;
+            register(control, model_addr, 1).await;
+            targets.push(Target {
+                name: "baseline routing only",
+                addr: data,
+                pid: Some(p.0.id()),
+            });
+            _others.push(p);
+            let (p, data, control) =
+                modelgate_from(bin, &dir.path().join("baseline-everything"), &[]).await;
+            register(control, model_addr, 3).await;
+            everything(control).await;
+            targets.push(Target {
+                name: "baseline everything on",
+                addr: data,
+                pid: Some(p.0.id()),
+            });
+            _others.push(p);
+        }
         targets.retain(|t| {
             t.name == "direct" || only.is_empty() || only.iter().any(|o| t.name.contains(o.as_str()))
         });

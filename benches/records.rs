@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use modelgate::clock::{Clock, SystemClock};
 use modelgate::feature_store::FeatureCatalog;
 use modelgate::pb::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
@@ -21,7 +22,7 @@ use modelgate::record::FeatureValue;
 use modelgate::recorder::{RawRecord, Recorder, RecorderSettings};
 use modelgate::registry::PredictionSpec;
 use modelgate::routing::Route;
-use modelgate::store::records::now_ms;
+use modelgate::storage::{RecordLog, RecordWrites};
 use modelgate::store::Store;
 use modelgate::telemetry::Metrics;
 use prost::Message;
@@ -62,7 +63,7 @@ fn raw(i: usize, entity: bool, response: &bytes::Bytes) -> RawRecord {
     };
     RawRecord {
         request_id: uuid::Uuid::now_v7().to_string(),
-        time_ms: now_ms(),
+        time_ms: SystemClock.now_ms(),
         method: "/inference.GRPCInferenceService/ModelInfer".into(),
         model: "bench".into(),
         route: Some(route()),
@@ -79,10 +80,11 @@ fn raw(i: usize, entity: bool, response: &bytes::Bytes) -> RawRecord {
 
 fn writer_rate(n: usize, entity: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let storage = modelgate::store::storage(Store::open(dir.path()).unwrap());
     let metrics = Arc::new(Metrics::new());
     let (recorder, writer) = Recorder::start(
-        store,
+        storage.records,
+        storage.tallies,
         RecorderSettings {
             queue: n + 1,
             queue_bytes: usize::MAX / 2,
@@ -130,9 +132,9 @@ fn feature_lookups() -> Vec<(String, f64, f64, f64)> {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let features: Vec<String> = (0..10).map(|f| format!("f{f}")).collect();
-    let now = now_ms();
+    let now = SystemClock.now_ms();
     for chunk in (0..10_000).collect::<Vec<usize>>().chunks(500) {
-        let mut batch = store.record_batch();
+        let mut batch = RecordWrites::default();
         for &e in chunk {
             for v in 0..3u64 {
                 let t = now - 3_600_000 + v * 600_000;
@@ -146,7 +148,7 @@ fn feature_lookups() -> Vec<(String, f64, f64, f64)> {
                 );
             }
         }
-        batch.commit(false).unwrap();
+        store.commit(batch, false).unwrap();
     }
     let with_ttl: Vec<(String, Option<u64>)> = features.iter().map(|f| (f.clone(), None)).collect();
     let mut out = Vec::new();

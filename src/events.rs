@@ -8,36 +8,41 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::clock::SharedClock;
 use crate::pb::modelgate::v1 as pb;
-use crate::store::{Store, StoreError};
+use crate::storage::{EventLog, StoreError};
 
 /// Live events buffered for watchers before they fall back to reading RocksDB.
 const BROADCAST: usize = 1024;
 
 /// Publishes and replays events.
 pub struct EventBus {
-    store: Store,
+    store: Arc<dyn EventLog>,
+    clock: SharedClock,
     next: Mutex<u64>,
     tx: broadcast::Sender<Arc<pb::Event>>,
     hooks: Option<mpsc::Sender<Arc<pb::Event>>>,
-    metrics: Arc<crate::telemetry::Metrics>,
+    /// Counts events the webhook queue had no room for.
+    hooks_dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl EventBus {
     /// An event bus continuing after the last stored event. `hooks` receives every event for the
     /// webhook sender (a full queue drops and counts).
     pub fn open(
-        store: Store,
+        store: Arc<dyn EventLog>,
+        clock: SharedClock,
         hooks: Option<mpsc::Sender<Arc<pb::Event>>>,
-        metrics: Arc<crate::telemetry::Metrics>,
+        hooks_dropped: prometheus_client::metrics::counter::Counter,
     ) -> Result<Self, StoreError> {
         let last = store.last_event_cursor()?;
         Ok(EventBus {
             store,
+            clock,
             next: Mutex::new(last + 1),
             tx: broadcast::channel(BROADCAST).0,
             hooks,
-            metrics,
+            hooks_dropped,
         })
     }
 
@@ -46,9 +51,7 @@ impl EventBus {
         let mut next = self.next.lock();
         event.cursor = *next;
         if event.time.is_none() {
-            event.time = Some(crate::control::registry::timestamp(
-                crate::store::records::now_ms(),
-            ));
+            event.time = Some(crate::pb::timestamp(self.clock.now_ms()));
         }
         self.store.append_event(&event)?;
         *next += 1;
@@ -57,7 +60,7 @@ impl EventBus {
         let _ = self.tx.send(event.clone());
         if let Some(h) = &self.hooks {
             if h.try_send(event.clone()).is_err() {
-                self.metrics.webhook_dropped.inc();
+                self.hooks_dropped.inc();
             }
         }
         drop(next);
@@ -81,8 +84,8 @@ impl EventBus {
         self.tx.subscribe()
     }
 
-    /// The store (for replays).
-    pub fn store(&self) -> &Store {
+    /// The event log (for replays).
+    pub fn store(&self) -> &Arc<dyn EventLog> {
         &self.store
     }
 }

@@ -614,6 +614,20 @@ pub fn results(e: &Experiment, counts: &[VariantCounts]) -> Results {
     }
 }
 
+/// Precision of the distinct-unit sketches: 2^12 registers, about 1.6% standard error.
+pub const UNIT_SKETCH_PRECISION: usize = 12;
+
+/// The distinct-unit sketch of an experiment variant (HyperLogLog).
+pub type UnitSketch = simple_hll::HyperLogLog<UNIT_SKETCH_PRECISION>;
+
+/// The distinct units a sketch's registers count (0 for registers of another size).
+pub fn unit_estimate_registers(registers: &[u8]) -> u64 {
+    if registers.len() != 1 << UNIT_SKETCH_PRECISION {
+        return 0;
+    }
+    UnitSketch::with_registers(registers.to_vec()).count() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

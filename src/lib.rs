@@ -7,8 +7,11 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod app;
+pub mod clock;
 pub mod config;
 pub mod control;
+pub mod convert;
 pub mod ctl;
 pub mod declare;
 pub mod demo;
@@ -18,6 +21,7 @@ pub mod experiment;
 pub mod feature_store;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod ids;
 pub mod model_server;
 pub mod monitor;
 pub mod oip;
@@ -30,7 +34,10 @@ pub mod registry;
 pub mod routing;
 pub mod server;
 pub mod shadow;
+pub mod spec;
+pub mod state;
 pub mod stats;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -91,7 +91,9 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => {
-                let config = match Config::from_args(*args) {
+                let config = match Config::from_args(*args)
+                    .and_then(|c| modelgate::declare::check_setting(&c).map(|()| c))
+                {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("modelgate: {e}");

@@ -113,7 +113,9 @@ impl FromStr for ModelSpec {
                         .filter(|b| b.is_finite())
                         .ok_or_else(|| format!("bias '{v}': expected a finite number"))?
                 }
-                "latency" => latency = crate::config::parse_duration(v)?,
+                "latency" => {
+                    latency = crate::spec::parse_duration(v).map_err(|e| e.to_string())?
+                }
                 _ => return Err(format!("unknown key '{k}' (expected name, version, kind, weights, features, seed, bias, latency)")),
             }
         }

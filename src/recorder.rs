@@ -16,15 +16,16 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use prost::Message;
 
+use crate::experiment::UnitSketch;
 use crate::feature_store::{FeatureCatalog, FeatureDef, FeatureKind};
 use crate::pb::inference::{ModelInferRequest, ModelInferResponse};
 use crate::pb::modelgate::v1 as pb;
 use crate::record::{self, FeatureTable, Prediction};
 use crate::routing::Route;
 use crate::shadow::{self, Answer, Comparison};
-use crate::store::records::{feature_value_to_pb, UnitSketch};
-use crate::store::shadows::ShadowLatency;
-use crate::store::Store;
+use crate::shadow::{Disagreement, ShadowCounter, ShadowLatency};
+use crate::storage::{RecordLog, RecordWrites, Tallies};
+use crate::store::records::feature_value_to_pb;
 use crate::telemetry::Metrics;
 
 /// Everything the data plane knows about one finished request.
@@ -146,7 +147,6 @@ enum Msg {
 /// The handle the data plane and the control services use.
 pub struct Recorder {
     tx: SyncSender<Msg>,
-    pause: Arc<parking_lot::Mutex<()>>,
     pending: Arc<DashMap<String, Arc<RawRecord>>>,
     queued_bytes: Arc<AtomicUsize>,
     settings: RecorderSettings,
@@ -165,23 +165,7 @@ pub struct Prepared {
     pub predictions: Vec<Prediction>,
 }
 
-/// Converts a prediction.
-pub fn prediction_to_pb(p: &Prediction) -> pb::PredictionValue {
-    pb::PredictionValue {
-        kind: Some(match p {
-            Prediction::Label(l) => pb::prediction_value::Kind::Label(l.clone()),
-            Prediction::Value(v) => pb::prediction_value::Kind::Value(*v),
-        }),
-    }
-}
-
-/// Converts a stored prediction back.
-pub fn prediction_from_pb(p: &pb::PredictionValue) -> Option<Prediction> {
-    match p.kind.as_ref()? {
-        pb::prediction_value::Kind::Label(l) => Some(Prediction::Label(l.clone())),
-        pb::prediction_value::Kind::Value(v) => Some(Prediction::Value(*v)),
-    }
-}
+pub use crate::convert::{prediction_from_pb, prediction_to_pb};
 
 /// Turns what the data plane saw into the stored record: features, predictions, notes.
 pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
@@ -227,7 +211,7 @@ pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
     };
     let record = pb::PredictionRecord {
         request_id: raw.request_id.clone(),
-        time: Some(crate::control::registry::timestamp(raw.time_ms)),
+        time: Some(crate::pb::timestamp(raw.time_ms)),
         model: raw
             .route
             .as_ref()
@@ -272,7 +256,8 @@ pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
 impl Recorder {
     /// Starts the writer thread.
     pub fn start(
-        store: Store,
+        records: Arc<dyn RecordLog>,
+        tallies: Arc<dyn Tallies>,
         settings: RecorderSettings,
         metrics: Arc<Metrics>,
         catalog: Arc<FeatureCatalog>,
@@ -281,12 +266,11 @@ impl Recorder {
         let (tx, rx) = sync_channel(settings.queue.max(1));
         let pending = Arc::new(DashMap::new());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let pause = Arc::new(parking_lot::Mutex::new(()));
         let writer = Writer {
             monitor: monitor.clone(),
             sketches: Default::default(),
-            pause: pause.clone(),
-            store,
+            records,
+            tallies,
             rx,
             pending: pending.clone(),
             queued_bytes: queued_bytes.clone(),
@@ -301,7 +285,6 @@ impl Recorder {
         (
             Recorder {
                 tx,
-                pause,
                 pending,
                 queued_bytes,
                 settings,
@@ -379,13 +362,6 @@ impl Recorder {
         &self.catalog
     }
 
-    /// Test hook (fault injection): while the guard lives, the writer stops right after taking
-    /// one message off the queue, as it would during a long RocksDB stall.
-    #[doc(hidden)]
-    pub fn pause_writer(&self) -> parking_lot::MutexGuard<'_, ()> {
-        self.pause.lock()
-    }
-
     /// Waits (blocking) until everything submitted before the call is written.
     pub fn flush_blocking(&self) {
         let (ack, done) = sync_channel(1);
@@ -430,6 +406,12 @@ impl Recorder {
     }
 }
 
+impl crate::app::outcomes::PendingPredictions for Recorder {
+    fn pending(&self, request_id: &crate::ids::RequestId) -> Option<pb::PredictionRecord> {
+        Recorder::pending(self, request_id.as_str()).map(|raw| prepare(&raw, &self.settings).record)
+    }
+}
+
 /// Distinct-unit sketches of experiment variants, kept by the writer and stored every
 /// [`SKETCH_PERSIST`] (and at flushes and exit) when they changed.
 #[derive(Default)]
@@ -464,35 +446,38 @@ impl Writer {
     /// Adds to a shadow counter, in the batch (for reports) and in the metrics.
     fn count_shadow(
         &self,
-        batch: &mut crate::store::records::RecordBatch<'_>,
+        batch: &mut RecordWrites,
         model: &str,
         version: u32,
-        kind: &str,
+        counter: ShadowCounter,
         n: i64,
     ) {
-        batch.add_shadow_count(model, version, kind, n);
+        batch.add_shadow_count(model, version, counter, n);
         let labels = || crate::telemetry::VersionLabels {
             model: model.to_string(),
             version: version.to_string(),
         };
-        let outcome = match kind {
-            "compared" => {
+        let outcome = match counter {
+            ShadowCounter::Compared => {
                 self.metrics
                     .shadow_compared
                     .get_or_create(&labels())
                     .inc_by(n as u64);
                 return;
             }
-            "agreed" => {
+            ShadowCounter::Agreed => {
                 self.metrics
                     .shadow_agreed
                     .get_or_create(&labels())
                     .inc_by(n as u64);
                 return;
             }
-            "timeouts" => "timeout",
-            k if k.starts_with("error.") => "error",
-            k => k,
+            ShadowCounter::Timeouts => "timeout",
+            ShadowCounter::Error(_) => "error",
+            ShadowCounter::Mirrored => "mirrored",
+            ShadowCounter::Skipped => "skipped",
+            ShadowCounter::Dropped => "dropped",
+            ShadowCounter::Suppressed => "suppressed",
         };
         self.metrics
             .shadow_requests
@@ -507,19 +492,19 @@ impl Writer {
     /// Counts one shadow copy, compares its answer with production's, logs a disagreement.
     fn observe_shadow(
         &self,
-        batch: &mut crate::store::records::RecordBatch<'_>,
+        batch: &mut RecordWrites,
         sketches: &mut Sketches,
         o: &ShadowObservation,
     ) {
-        self.count_shadow(batch, &o.model, o.version, "mirrored", 1);
+        self.count_shadow(batch, &o.model, o.version, ShadowCounter::Mirrored, 1);
         let (answer_bytes, latency) = match &o.result {
             ShadowCall::Timeout => {
-                self.count_shadow(batch, &o.model, o.version, "timeouts", 1);
+                self.count_shadow(batch, &o.model, o.version, ShadowCounter::Timeouts, 1);
                 return;
             }
             ShadowCall::Failed(code) => {
                 let name = crate::telemetry::code_name(tonic::Code::from_i32(*code));
-                self.count_shadow(batch, &o.model, o.version, &format!("error.{name}"), 1);
+                self.count_shadow(batch, &o.model, o.version, ShadowCounter::Error(name), 1);
                 return;
             }
             ShadowCall::Answered(bytes, latency) => (bytes, *latency),
@@ -550,25 +535,33 @@ impl Writer {
             batch,
             &o.model,
             o.version,
-            "compared",
+            ShadowCounter::Compared,
             verdict.compared as i64,
         );
-        self.count_shadow(batch, &o.model, o.version, "agreed", verdict.agreed as i64);
+        self.count_shadow(
+            batch,
+            &o.model,
+            o.version,
+            ShadowCounter::Agreed,
+            verdict.agreed as i64,
+        );
         if let Some((row, production, shadow)) = verdict.first_disagreement {
             batch.add_disagreement(
                 &o.model,
                 o.version,
-                o.time_ms,
-                &o.request_id,
-                row,
-                &production,
-                &shadow,
+                Disagreement {
+                    request_id: o.request_id.clone(),
+                    time_ms: o.time_ms,
+                    row,
+                    production,
+                    shadow,
+                },
             );
         }
     }
 
     fn load_latency(&self, model: &str, version: u32) -> ShadowLatency {
-        self.store
+        self.tallies
             .shadow_latency(model, version)
             .ok()
             .flatten()
@@ -576,7 +569,7 @@ impl Writer {
     }
 
     fn load_sketch(&self, experiment: &str, variant: &str) -> UnitSketch {
-        match self.store.experiment_units(experiment, variant) {
+        match self.tallies.experiment_units(experiment, variant) {
             Ok(Some(registers)) if registers.len() == UnitSketch::number_registers() => {
                 UnitSketch::with_registers(registers)
             }
@@ -590,8 +583,8 @@ struct Writer {
     // Only the writer thread touches it; the lock (never contended) lets `write` take `&self`
     // while it also loads sketches from the store.
     sketches: parking_lot::Mutex<Sketches>,
-    pause: Arc<parking_lot::Mutex<()>>,
-    store: Store,
+    records: Arc<dyn RecordLog>,
+    tallies: Arc<dyn Tallies>,
     rx: Receiver<Msg>,
     pending: Arc<DashMap<String, Arc<RawRecord>>>,
     queued_bytes: Arc<AtomicUsize>,
@@ -604,8 +597,6 @@ impl Writer {
     /// Runs until every `Recorder` (sender) is gone, writing everything queued before that.
     fn run(self) {
         while let Ok(first) = self.rx.recv() {
-            // Fault-injection point for tests: hold here, with one message taken.
-            drop(self.pause.lock());
             let mut records = Vec::new();
             let mut shadows = Vec::new();
             let mut acks = Vec::new();
@@ -642,16 +633,13 @@ impl Writer {
         shadows: &[Box<ShadowObservation>],
         persist_sketches: bool,
     ) {
-        let mut batch = self.store.record_batch();
+        let mut batch = RecordWrites::default();
         let mut new_defs: Vec<FeatureDef> = Vec::new();
         let mut sketches = self.sketches.lock();
         let mut variant_requests: std::collections::HashMap<(&str, &str), u64> =
             std::collections::HashMap::new();
         for raw in records {
             let p = prepare(raw, &self.settings);
-            if self.settings.record_predictions {
-                batch.add_prediction(&p.record, raw.time_ms);
-            }
             if let Some(m) = &self.monitor {
                 m.observe(
                     &p.record.model,
@@ -659,6 +647,9 @@ impl Writer {
                     &p.features.precisions,
                     &p.features.rows,
                 );
+            }
+            if self.settings.record_predictions {
+                batch.add_prediction(p.record, raw.time_ms);
             }
             if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
                 *variant_requests
@@ -713,13 +704,13 @@ impl Writer {
                 .inc_by(n);
         }
         // Shadow counters are summed per batch: one merge per counter, not one per request.
-        let mut shadow_counts: std::collections::HashMap<(&str, u32, &str), i64> =
+        let mut shadow_counts: std::collections::HashMap<(&str, u32, ShadowCounter), i64> =
             std::collections::HashMap::new();
         for raw in records {
             for (kind, versions) in [
-                ("skipped", &raw.shadow_skipped),
-                ("dropped", &raw.shadow_dropped),
-                ("suppressed", &raw.shadow_suppressed),
+                (ShadowCounter::Skipped, &raw.shadow_skipped),
+                (ShadowCounter::Dropped, &raw.shadow_dropped),
+                (ShadowCounter::Suppressed, &raw.shadow_suppressed),
             ] {
                 for v in versions {
                     *shadow_counts.entry((&raw.model, *v, kind)).or_default() += 1;
@@ -760,7 +751,7 @@ impl Writer {
         let n = records.len() as u64;
         // Records and the experiment request counters that count them are in this one batch:
         // after a crash or a failed write, counters and surviving records agree exactly.
-        match batch.commit(false) {
+        match self.records.commit(batch, false) {
             Ok(()) => {
                 self.metrics.records_written.inc_by(n);
                 for d in new_defs {

@@ -36,47 +36,7 @@ impl Stage {
     }
 }
 
-/// How a prediction is read from a model's response. An empty `output` means the first output.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum PredictionSpec {
-    /// Index of the largest value per row, mapped through `labels` when given.
-    Argmax {
-        /// Output tensor name.
-        output: String,
-        /// Label per class index.
-        labels: Vec<String>,
-    },
-    /// Positive when the row's score exceeds `threshold`.
-    Threshold {
-        /// Output tensor name.
-        output: String,
-        /// Decision threshold.
-        threshold: f64,
-        /// Label reported above the threshold.
-        positive_label: String,
-        /// Label reported at or below the threshold.
-        negative_label: String,
-    },
-    /// The output holds the label itself.
-    Label {
-        /// Output tensor name.
-        output: String,
-    },
-    /// Regression: the row's value.
-    Value {
-        /// Output tensor name.
-        output: String,
-    },
-}
-
-impl Default for PredictionSpec {
-    fn default() -> Self {
-        PredictionSpec::Value {
-            output: String::new(),
-        }
-    }
-}
+pub use crate::spec::PredictionSpec;
 
 /// One registered version of a model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

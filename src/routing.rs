@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::control::State;
 use crate::experiment::{self, Experiment, ExperimentState};
 use crate::registry::{ModelVersion, PredictionSpec};
+use crate::state::State;
 
 /// Where one model's traffic goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,8 +30,9 @@ pub struct Route {
     pub prediction: PredictionSpec,
     /// Feature names per input tensor.
     pub feature_names: BTreeMap<String, Vec<String>>,
-    /// Metric handles of this route, resolved on first use (a cache, not part of its identity).
-    pub metrics: crate::telemetry::RouteMetrics,
+    /// What the data plane caches per route (its metric handles), resolved on first use: a
+    /// cache, not part of the route's identity.
+    pub metrics: Extension,
 }
 
 impl Route {
@@ -48,6 +49,40 @@ impl Route {
             feature_names: v.feature_names.clone(),
             metrics: Default::default(),
         }
+    }
+}
+
+/// A value an adapter caches on a route the first time it needs it — the data plane's metric
+/// handles, so that a request never looks them up by label — opaque to routing. Never part of a
+/// route's identity: every two compare equal, a clone starts empty.
+#[derive(Default)]
+pub struct Extension(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl Extension {
+    /// The cached value, made by `init` on first use. One slot holds one type: the data plane's.
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> &T {
+        self.0
+            .get_or_init(|| Box::new(init()))
+            .downcast_ref::<T>()
+            .expect("a route's extension holds one type")
+    }
+}
+
+impl Clone for Extension {
+    fn clone(&self) -> Self {
+        Extension::default()
+    }
+}
+
+impl PartialEq for Extension {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Extension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Extension")
     }
 }
 

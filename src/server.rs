@@ -29,7 +29,9 @@ use crate::pb::modelgate::v1::{
 use crate::proxy::upstream::{UpstreamSettings, UpstreamTls};
 use crate::proxy::{self, Limits, Proxy, ServerSettings};
 use crate::recorder::{Recorder, RecorderSettings};
-use crate::store::{self, Store};
+use crate::storage::faults::Faults;
+use crate::storage::{self, Storage, StoreHealth};
+use crate::store::Store;
 use crate::telemetry::Metrics;
 
 /// A running modelgate.
@@ -50,6 +52,10 @@ pub struct Running {
     pub monitor: Arc<Monitor>,
     /// The event stream.
     pub events: Arc<EventBus>,
+    /// The fault switches, when started by [`start_with_storage`] with a faulty storage.
+    pub faults: Option<Arc<Faults>>,
+    /// The RocksDB store itself, for tests of what is on disk (compaction, retention).
+    pub store: Store,
     traces: Option<Arc<crate::traces::Traces>>,
     writer: Option<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
@@ -92,15 +98,94 @@ fn control_tls_config(
 
 /// Starts modelgate with `config` and returns once every port is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    // The state file before anything else: a bad one fails start-up before a port is bound.
-    let declared = match &config.state_file {
-        Some(path) => Some(
-            crate::declare::load(path).map_err(|e| anyhow::anyhow!("invalid --state-file {e}"))?,
-        ),
-        None => None,
-    };
-    // TLS material next (checked at validation already; read again, as the files are the
-    // source of truth): a file that went bad since fails start-up before a port is bound.
+    start_with_storage(config, |s| (s, None)).await
+}
+
+/// [`start`], with the storage wrapped by `wrap` once it is open: tests wrap it in
+/// [`crate::storage::faults::Faulty`] to inject failures and stalls (returned in
+/// [`Running::faults`]).
+///
+/// The steps, in order: everything that can be wrong with the settings' files fails before a
+/// port is bound; a port in use fails before the database is opened; the declared state is
+/// applied before any port serves; the data plane serves before the control and admin ports.
+pub async fn start_with_storage(
+    config: Config,
+    wrap: impl FnOnce(Storage) -> (Storage, Option<Arc<Faults>>),
+) -> anyhow::Result<Running> {
+    let declared = read_state_file(&config)?;
+    let tls = read_tls(&config)?;
+    let ports = bind_ports(&config).await?;
+    let (data_addr, control_addr, admin_addr) = (
+        ports.data.local_addr()?,
+        ports.control.local_addr()?,
+        ports.admin.local_addr()?,
+    );
+    let store = open_store(&config).await?;
+    let (storage, faults) = wrap(crate::store::storage(store.clone()));
+    let (core, writer) = build_core(&config, storage, declared.as_ref()).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let data = start_data_plane(&config, &core, ports.data, tls.data, &stop_rx).await?;
+    let mut tasks = vec![
+        start_control_port(&config, &core, ports.control, tls.control, &stop_rx).await?,
+        start_periodic_checks(&core, &stop_rx),
+    ];
+    tasks.extend(watch_state_file(&config, &core, declared, &stop_rx));
+    tasks.push(start_admin_port(
+        &config,
+        &core,
+        ports.admin,
+        data.serving,
+        &stop_rx,
+    ));
+    tracing::info!(
+        data = %data_addr, control = %control_addr, admin = %admin_addr,
+        data_tls = config.tls.as_ref().map_or("off", |t| if t.client_ca.is_some() { "mtls" } else { "on" }),
+        control_tls = config.control_tls.as_ref().map_or("off", |t| if t.client_ca.is_some() { "mtls" } else { "on" }),
+        data_dir = %config.data_dir.display(),
+        models = core.plane.state().registry.models().count(),
+        "modelgate listening"
+    );
+    Ok(Running {
+        data_addr,
+        control_addr,
+        admin_addr,
+        plane: core.plane,
+        metrics: core.metrics,
+        recorder: core.recorder,
+        monitor: core.monitor,
+        events: core.events,
+        traces: data.traces,
+        writer: Some(writer),
+        faults,
+        store,
+        stop,
+        data_tasks: data.tasks,
+        tasks,
+        shutdown_grace: config.shutdown_grace,
+    })
+}
+
+/// The state file, read and checked before anything else: a bad one fails start-up before a
+/// port is bound.
+fn read_state_file(config: &Config) -> anyhow::Result<Option<crate::declare::Loaded>> {
+    config
+        .state_file
+        .as_ref()
+        .map(|path| {
+            crate::declare::load(path).map_err(|e| anyhow::anyhow!("invalid --state-file {e}"))
+        })
+        .transpose()
+}
+
+/// TLS of the data and control ports.
+struct Tls {
+    data: Option<Arc<rustls::ServerConfig>>,
+    control: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// TLS material, read again (checked at validation already: the files are the source of truth),
+/// so that a file that went bad since fails start-up before a port is bound.
+fn read_tls(config: &Config) -> anyhow::Result<Tls> {
     let data_tls = match &config.tls {
         Some(files) => Some(
             files
@@ -115,58 +200,103 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    // Ports first: a port in use fails before the database is opened or any thread started.
-    let data = bind(config.listen, "listen").await?;
-    let ctl = bind(config.control_listen, "control-listen").await?;
-    let admin = bind(config.admin_listen, "admin-listen").await?;
+    Ok(Tls {
+        data: data_tls,
+        control: control_tls,
+    })
+}
+
+/// The three listening sockets.
+struct Ports {
+    data: TcpListener,
+    control: TcpListener,
+    admin: TcpListener,
+}
+
+/// Binds every port: a port in use fails before the database is opened or any thread started.
+async fn bind_ports(config: &Config) -> anyhow::Result<Ports> {
+    Ok(Ports {
+        data: bind(config.listen, "listen").await?,
+        control: bind(config.control_listen, "control-listen").await?,
+        admin: bind(config.admin_listen, "admin-listen").await?,
+    })
+}
+
+/// Opens RocksDB in `--data-dir`, creating the directory.
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
-    let retention = config.retention;
-    let store = store::blocking(move || Store::open_with(&dir, retention))
+    let (retention, clock) = (config.retention, config.clock.clone());
+    storage::blocking(move || Store::open_with(&dir, retention, clock))
         .await
         .with_context(|| {
             format!(
                 "cannot open RocksDB in --data-dir {}",
                 config.data_dir.display()
             )
-        })?;
+        })
+}
+
+/// What the ports serve from: the control plane, the record pipeline, drift monitoring, events.
+struct Core {
+    clock: crate::clock::SharedClock,
+    storage: Storage,
+    metrics: Arc<Metrics>,
+    events: Arc<EventBus>,
+    plane: Arc<ControlPlane>,
+    monitor: Arc<Monitor>,
+    recorder: Arc<Recorder>,
+}
+
+/// Loads the control plane and starts the event bus, the drift monitor and the record writer
+/// over `storage`; applies the declared state before anything reads the registry.
+async fn build_core(
+    config: &Config,
+    storage: Storage,
+    declared: Option<&crate::declare::Loaded>,
+) -> anyhow::Result<(Core, std::thread::JoinHandle<()>)> {
+    let clock = config.clock.clone();
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(
         EventBus::open(
-            store.clone(),
+            storage.events.clone(),
+            clock.clone(),
             crate::webhook::spawn(config.webhooks.clone(), metrics.clone()),
-            metrics.clone(),
+            metrics.webhook_dropped.clone(),
         )
         .context("cannot open the event log in RocksDB")?,
     );
     let plane = Arc::new(
-        ControlPlane::load(store.clone(), config.default_model.clone())
+        ControlPlane::load(storage.clone(), clock.clone(), config.default_model.clone())
             .context("cannot load the registry from RocksDB")?
             .with_events(events.clone()),
     );
     // Declared state is applied before anything reads the registry and before the data port
     // serves, so the first request is routed by it. The data port is bound already, but nothing
     // accepts from it yet: early connections wait in the backlog.
-    if let (Some(path), Some(loaded)) = (&config.state_file, &declared) {
+    if let (Some(path), Some(loaded)) = (&config.state_file, declared) {
         crate::declare::apply(&plane, path, loaded)
             .await
             .with_context(|| format!("cannot apply --state-file {}", path.display()))?;
     }
     let monitor = Monitor::start(
         config.drift.clone(),
-        store.clone(),
+        storage.clone(),
+        clock.clone(),
         events.clone(),
         plane.clone(),
     )
     .context("cannot load drift references from RocksDB")?;
     let catalog = Arc::new(FeatureCatalog::new(
-        store
+        storage
+            .features
             .load_feature_defs()
             .context("cannot load feature definitions from RocksDB")?,
     ));
     let (recorder, writer) = Recorder::start(
-        store.clone(),
+        storage.records.clone(),
+        storage.tallies.clone(),
         RecorderSettings {
             record_predictions: config.record_predictions,
             queue: config.record_queue,
@@ -180,14 +310,46 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(monitor.clone()),
     );
     let recorder = Arc::new(recorder);
+    Ok((
+        Core {
+            clock,
+            storage,
+            metrics,
+            events,
+            plane,
+            monitor,
+            recorder,
+        },
+        writer,
+    ))
+}
 
-    let (data_addr, control_addr, admin_addr) =
-        (data.local_addr()?, ctl.local_addr()?, admin.local_addr()?);
-    let (stop, stop_rx) = watch::channel(false);
+/// The running data plane.
+struct DataPlane {
+    /// One per data thread: ends when the thread has drained.
+    tasks: Vec<JoinHandle<()>>,
+    /// Data threads serving.
+    serving: Arc<AtomicUsize>,
+    traces: Option<Arc<crate::traces::Traces>>,
+}
+
+/// Starts the data port: the proxy, with health and reflection for the OIP service, on
+/// `--data-threads` threads. Returns once every thread serves.
+async fn start_data_plane(
+    config: &Config,
+    core: &Core,
+    data: TcpListener,
+    data_tls: Option<Arc<rustls::ServerConfig>>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<DataPlane> {
+    let Core {
+        clock,
+        metrics,
+        plane,
+        recorder,
+        ..
+    } = core;
     let mut data_tasks = Vec::new();
-    let mut tasks = Vec::new();
-
-    // Data port: the proxy, with health and reflection for the OIP service.
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(
@@ -231,7 +393,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             metrics.clone(),
             recorder.clone(),
         )
-        .with_traces(traces.clone()),
+        .with_traces(traces.clone())
+        .with_clock(clock.clone()),
     );
     let settings = ServerSettings {
         max_concurrent_streams: config.max_concurrent_streams,
@@ -294,8 +457,30 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for s in started {
         let _ = s.await;
     }
+    Ok(DataPlane {
+        tasks: data_tasks,
+        serving,
+        traces,
+    })
+}
 
-    // Control port: modelgate.v1 behind the bearer token; health and reflection open.
+/// Starts the control port: modelgate.v1 behind the bearer token; health and reflection open.
+async fn start_control_port(
+    config: &Config,
+    core: &Core,
+    ctl: TcpListener,
+    control_tls: Option<tonic::transport::ServerTlsConfig>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let Core {
+        clock,
+        storage,
+        events,
+        plane,
+        monitor,
+        recorder,
+        ..
+    } = core;
     let (ctl_health_reporter, ctl_health) = tonic_health::server::health_reporter();
     ctl_health_reporter
         .set_serving::<RegistryServer<RegistryService>>()
@@ -304,8 +489,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let auth = BearerAuth::new(config.control_token.as_deref());
     let registry =
         RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
-    let records = RecordServices::new(store.clone(), recorder.clone(), plane.clone())
-        .with_monitor(monitor.clone());
+    let outcomes =
+        crate::app::outcomes::Outcomes::new(storage.clone(), clock.clone(), recorder.clone())
+            .with_observer(monitor.clone());
+    let records = RecordServices::new(outcomes, recorder.catalog().clone(), plane.clone());
     // The header limit of the data port. No server-side deadline: tonic would cap every caller's
     // grpc-timeout with it (a long `ctl outcomes import` or artifact hash would be cut, and
     // answered CANCELLED); control calls keep the deadline their caller sets (`ctl --timeout`).
@@ -354,16 +541,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             TcpIncoming::from(ctl).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
-    tasks.push(tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         if let Err(e) = ctl_server.await {
             tracing::error!(error = %e, "control server failed");
         }
-    }));
+    }))
+}
 
-    // Periodic checks: scheduled retraining, experiment and shadow alerts.
-    let periodic = monitor.clone();
+/// Periodic checks: scheduled retraining, experiment and shadow alerts.
+fn start_periodic_checks(core: &Core, stop_rx: &watch::Receiver<bool>) -> JoinHandle<()> {
+    let periodic = core.monitor.clone();
     let stop_periodic = stopped(stop_rx.clone());
-    tasks.push(tokio::spawn(async move {
+    tokio::spawn(async move {
         tokio::pin!(stop_periodic);
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
@@ -375,23 +564,45 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 _ = &mut stop_periodic => break,
             }
         }
-    }));
+    })
+}
 
-    // Declared state: re-applied whenever the file changes.
-    if let (Some(path), Some(loaded)) = (config.state_file.clone(), declared) {
-        tasks.push(tokio::spawn(crate::declare::watch(
-            plane.clone(),
-            path,
-            config.state_poll_interval,
-            loaded.sha256,
-            stopped(stop_rx.clone()),
-        )));
-    }
+/// Declared state: re-applied whenever the file changes.
+fn watch_state_file(
+    config: &Config,
+    core: &Core,
+    declared: Option<crate::declare::Loaded>,
+    stop_rx: &watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    let (path, loaded) = (config.state_file.clone()?, declared?);
+    Some(tokio::spawn(crate::declare::watch(
+        core.plane.clone(),
+        path,
+        config.state_poll_interval,
+        loaded.sha256,
+        stopped(stop_rx.clone()),
+    )))
+}
 
-    // Admin port.
+/// The admin port: `/metrics`, `/ready` (serving, storage writable) and `/live` (no write failure
+/// only a restart cures).
+fn start_admin_port(
+    config: &Config,
+    core: &Core,
+    admin: TcpListener,
+    serving: Arc<AtomicUsize>,
+    stop_rx: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let Core {
+        storage,
+        metrics,
+        plane,
+        monitor,
+        ..
+    } = core;
     let ready: crate::admin::Check = {
         let (store, routing, serving, stop_rx) = (
-            store.clone(),
+            storage.health.clone(),
             plane.routing(),
             serving.clone(),
             stop_rx.clone(),
@@ -415,16 +626,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let refresh: crate::admin::Refresh = {
         let (m, store, monitor, plane) = (
             metrics.clone(),
-            store.clone(),
+            storage.health.clone(),
             monitor.clone(),
             plane.clone(),
         );
-        Arc::new(move || refresh_metrics(&m, &store, &monitor, &plane))
+        Arc::new(move || refresh_metrics(&m, &*store, &monitor, &plane))
     };
     // Live unless RocksDB writes have failed, for longer than the deadline, in a way RocksDB
     // does not recover from by itself: then only a restart (a reopen) brings writes back.
     let live: crate::admin::Check = {
-        let (store, deadline) = (store.clone(), config.write_failure_deadline);
+        let (store, deadline) = (storage.health.clone(), config.write_failure_deadline);
         Arc::new(move || {
             // One small synced write while writes fail, so that a recovery is noticed.
             let _ = store.check();
@@ -438,42 +649,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         })
     };
-    tasks.push(tokio::spawn(crate::admin::serve(
+    tokio::spawn(crate::admin::serve(
         admin,
         metrics.clone(),
         refresh,
         crate::admin::Probes { ready, live },
         stopped(stop_rx.clone()),
-    )));
-
-    tracing::info!(
-        data = %data_addr, control = %control_addr, admin = %admin_addr,
-        data_tls = config.tls.as_ref().map_or("off", |t| if t.client_ca.is_some() { "mtls" } else { "on" }),
-        control_tls = config.control_tls.as_ref().map_or("off", |t| if t.client_ca.is_some() { "mtls" } else { "on" }),
-        data_dir = %config.data_dir.display(),
-        models = plane.state().registry.models().count(),
-        "modelgate listening"
-    );
-    Ok(Running {
-        data_addr,
-        control_addr,
-        admin_addr,
-        plane,
-        metrics,
-        recorder,
-        monitor,
-        events,
-        traces,
-        writer: Some(writer),
-        stop,
-        data_tasks,
-        tasks,
-        shutdown_grace: config.shutdown_grace,
-    })
+    ))
 }
 
 /// Brings the sampled metrics up to date: RocksDB sizes and stalls, drift per feature.
-fn refresh_metrics(m: &Metrics, store: &Store, monitor: &Monitor, plane: &ControlPlane) {
+fn refresh_metrics(m: &Metrics, store: &dyn StoreHealth, monitor: &Monitor, plane: &ControlPlane) {
     use crate::telemetry::{FamilyLabels, FeatureLabels};
     let stats = store.stats();
     for f in &stats.families {

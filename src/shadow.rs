@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::record::{format_number, Prediction};
@@ -21,33 +22,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Shortest deadline a shadow call may have (deadlines are kept in milliseconds).
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
-/// When a shadow's answer agrees with production's.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Comparison {
-    /// Same predicted label per row (each version read as its registration says).
-    Label,
-    /// Every output value of a row within `absolute + relative × |production|`.
-    Tolerance {
-        /// Absolute tolerance.
-        absolute: f64,
-        /// Relative tolerance.
-        relative: f64,
-    },
-    /// Byte-identical response messages (any method, parsed or not).
-    Bytes,
-}
-
-impl Comparison {
-    /// Lower-case name.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Comparison::Label => "label",
-            Comparison::Tolerance { .. } => "tolerance",
-            Comparison::Bytes => "bytes",
-        }
-    }
-}
+pub use crate::spec::Comparison;
 
 /// A shadow of one model version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -352,6 +327,152 @@ pub fn compare(c: &Comparison, production: &Answer, shadow: &Answer) -> Verdict 
         }
     }
     v
+}
+
+/// Production and shadow latencies of one shadow, in microseconds.
+#[derive(Clone, Debug)]
+pub struct ShadowLatency {
+    /// Production's upstream latency for the mirrored requests.
+    pub production: Histogram<u64>,
+    /// The shadow's latency.
+    pub shadow: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs … 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+impl Default for ShadowLatency {
+    fn default() -> Self {
+        ShadowLatency {
+            production: histogram(),
+            shadow: histogram(),
+        }
+    }
+}
+
+impl ShadowLatency {
+    /// Records one pair.
+    pub fn record(&mut self, production: Duration, shadow: Duration) {
+        let us = |d: Duration| (d.as_micros() as u64).clamp(1, 600_000_000);
+        let _ = self.production.record(us(production));
+        let _ = self.shadow.record(us(shadow));
+    }
+}
+
+/// A logged disagreement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Disagreement {
+    /// Request id.
+    pub request_id: String,
+    /// Time of the original request.
+    pub time_ms: u64,
+    /// First row that disagreed.
+    pub row: u32,
+    /// Production's answer for it.
+    pub production: String,
+    /// The shadow's answer for it.
+    pub shadow: String,
+}
+
+/// The counters of one shadow.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShadowCounts {
+    /// Copies sent.
+    pub mirrored: u64,
+    /// Requests not sampled.
+    pub skipped: u64,
+    /// Copies dropped at the in-flight cap.
+    pub dropped: u64,
+    /// Copies past their deadline.
+    pub timeouts: u64,
+    /// Copies not sent because the shadow was down (breaker open).
+    pub suppressed: u64,
+    /// Failed copies by gRPC status name.
+    pub errors: BTreeMap<String, u64>,
+    /// Rows (or messages) compared.
+    pub compared: u64,
+    /// Of which agreed.
+    pub agreed: u64,
+}
+
+/// A counter of a shadow: what happened to the copies of production's requests. Stored under
+/// [`ShadowCounter::key`] (the names are on-disk keys and must not change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShadowCounter {
+    /// Copies sent.
+    Mirrored,
+    /// Requests the shadow's sample left out.
+    Skipped,
+    /// Copies dropped at the in-flight cap.
+    Dropped,
+    /// Copies not sent because the shadow was down (breaker open).
+    Suppressed,
+    /// Copies past their deadline.
+    Timeouts,
+    /// Copies that failed, by the canonical name of their gRPC status (`UNAVAILABLE`…).
+    Error(&'static str),
+    /// Rows (or messages) compared.
+    Compared,
+    /// Of which agreed.
+    Agreed,
+}
+
+impl ShadowCounter {
+    /// The counter's stored name: `mirrored`, `error.UNAVAILABLE`….
+    pub fn key(self) -> std::borrow::Cow<'static, str> {
+        use std::borrow::Cow;
+        match self {
+            ShadowCounter::Mirrored => Cow::Borrowed("mirrored"),
+            ShadowCounter::Skipped => Cow::Borrowed("skipped"),
+            ShadowCounter::Dropped => Cow::Borrowed("dropped"),
+            ShadowCounter::Suppressed => Cow::Borrowed("suppressed"),
+            ShadowCounter::Timeouts => Cow::Borrowed("timeouts"),
+            ShadowCounter::Error(code) => Cow::Owned(format!("error.{code}")),
+            ShadowCounter::Compared => Cow::Borrowed("compared"),
+            ShadowCounter::Agreed => Cow::Borrowed("agreed"),
+        }
+    }
+}
+
+impl ShadowCounts {
+    /// Adds `n` to `counter` (a stored name that is not a counter's is ignored: see
+    /// [`ShadowCounts::add_stored`]).
+    pub fn add(&mut self, counter: ShadowCounter, n: u64) {
+        match counter {
+            ShadowCounter::Mirrored => self.mirrored += n,
+            ShadowCounter::Skipped => self.skipped += n,
+            ShadowCounter::Dropped => self.dropped += n,
+            ShadowCounter::Suppressed => self.suppressed += n,
+            ShadowCounter::Timeouts => self.timeouts += n,
+            ShadowCounter::Error(code) => *self.errors.entry(code.to_string()).or_default() += n,
+            ShadowCounter::Compared => self.compared += n,
+            ShadowCounter::Agreed => self.agreed += n,
+        }
+    }
+
+    /// Adds `n` to the counter stored under `key` ([`ShadowCounter::key`]); other keys are not
+    /// counters and are ignored.
+    pub fn add_stored(&mut self, key: &str, n: u64) {
+        let counter = match key {
+            "mirrored" => ShadowCounter::Mirrored,
+            "skipped" => ShadowCounter::Skipped,
+            "dropped" => ShadowCounter::Dropped,
+            "timeouts" => ShadowCounter::Timeouts,
+            "suppressed" => ShadowCounter::Suppressed,
+            "compared" => ShadowCounter::Compared,
+            "agreed" => ShadowCounter::Agreed,
+            other => match other.strip_prefix("error.") {
+                Some(code) => {
+                    *self.errors.entry(code.to_string()).or_default() += n;
+                    return;
+                }
+                None => return,
+            },
+        };
+        self.add(counter, n);
+    }
 }
 
 #[cfg(test)]

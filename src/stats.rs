@@ -222,6 +222,22 @@ pub fn msprt_p_value(a: &Moments, b: &Moments, tau_fraction: f64) -> Result<f64,
     Ok((-log_lambda).exp().min(1.0))
 }
 
+/// Chan et al.'s combination of (n, mean, M2) as stored tallies keep them: with a negative n it
+/// removes observations (an outcome replaced), so n is signed.
+pub fn combine_signed_moments(a: (i64, f64, f64), b: (i64, f64, f64)) -> (i64, f64, f64) {
+    let n = a.0 + b.0;
+    if n == 0 {
+        return (0, 0.0, 0.0);
+    }
+    if a.0 == 0 {
+        return b;
+    }
+    let delta = b.1 - a.1;
+    let mean = a.1 + delta * b.0 as f64 / n as f64;
+    let m2 = a.2 + b.2 + delta * delta * a.0 as f64 * b.0 as f64 / n as f64;
+    (n, mean, m2.max(0.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tonic::Code;
 
-use crate::config::LogFormat;
-
 /// Labels of a data-plane request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -516,8 +514,8 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
     out
 }
 
-/// The metric handles of one route, resolved on first use. A cache: it is never part of a
-/// route's identity (every two caches compare equal) and a clone starts empty.
+/// The metric handles of one route, resolved on first use and cached on the route
+/// (`routing::Extension`).
 #[derive(Default)]
 pub struct RouteMetrics {
     entries: parking_lot::RwLock<Vec<Arc<RouteEntry>>>,
@@ -528,24 +526,6 @@ struct RouteEntry {
     experiment: Option<(Arc<str>, Arc<str>)>,
     duration: Histogram,
     codes: [OnceLock<Counter>; 17],
-}
-
-impl Clone for RouteMetrics {
-    fn clone(&self) -> Self {
-        RouteMetrics::default()
-    }
-}
-
-impl PartialEq for RouteMetrics {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for RouteMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RouteMetrics")
-    }
 }
 
 /// The canonical upper-case name of a gRPC code, as Prometheus labels and logs use it.
@@ -569,6 +549,15 @@ pub fn code_name(c: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Installs the global log subscriber. `RUST_LOG`, when set, overrides `filter`. Text logs are

@@ -98,7 +98,8 @@ async fn setup(
     config: Config,
     server: &modelgate::model_server::RunningModelServer,
 ) -> modelgate::server::Running {
-    let mg = start_with(config).await;
+    // Storage faults are at hand for the test that stalls the record writer.
+    let mg = start_faulty(config).await;
     let mut reg = registry(mg.control_addr).await;
     reg.register_model_version(pb::RegisterModelVersionRequest {
         model: "m".into(),
@@ -887,11 +888,11 @@ async fn an_on_demand_evaluation_sees_every_row_already_answered() {
         })
         .await
         .unwrap();
-    let recorder = mg.recorder.clone();
+    let faults = mg.faults.clone().unwrap();
     let (held, is_held) = std::sync::mpsc::channel();
     let (sent, all_sent) = std::sync::mpsc::channel::<()>();
     let pause = std::thread::spawn(move || {
-        let _guard = recorder.pause_writer();
+        let _guard = faults.stall_records();
         held.send(()).unwrap();
         // Held until 300 ms after the last answer: the evaluation below is asked for meanwhile.
         all_sent.recv().unwrap();

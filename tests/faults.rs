@@ -924,7 +924,7 @@ async fn versions_of(
     .collect()
 }
 
-/// The fault injected inside modelgate (`Store::inject_write_failures`): every RocksDB write
+/// The fault injected at the storage seam (`storage::faults::Faulty`): every storage write
 /// fails, as with a full disk, and then works again. Runs everywhere; the test below does the
 /// same with a really full disk where a tmpfs can be mounted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -932,7 +932,8 @@ async fn injected_write_failures_keep_the_data_plane_up_and_the_control_plane_ho
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(dir.path());
     config.write_failure_deadline = Duration::from_secs(3);
-    let mg = start_with(config).await;
+    let mg = start_faulty(config).await;
+    let faults = mg.faults.clone().unwrap();
     let (a, _b) = iris_with_experiment(mg.control_addr).await;
     let mut client = infer_client(mg.data_addr).await;
     let mut reg = registry(mg.control_addr).await;
@@ -946,7 +947,7 @@ async fn injected_write_failures_keep_the_data_plane_up_and_the_control_plane_ho
     assert_eq!(ready(mg.admin_addr).await.0, 200);
     let versions = versions_of(&mut reg).await;
 
-    mg.plane.store().inject_write_failures(true);
+    faults.fail_writes(true);
     let injected = Instant::now();
     // The data plane does not notice.
     for i in 0..50 {
@@ -1038,7 +1039,7 @@ async fn injected_write_failures_keep_the_data_plane_up_and_the_control_plane_ho
     );
 
     // Writes work again: everything recovers, with nothing left over from the failures.
-    mg.plane.store().inject_write_failures(false);
+    faults.fail_writes(false);
     assert_eq!(probe(mg.admin_addr, "/live").await.0, 200);
     assert_eq!(ready(mg.admin_addr).await.0, 200);
     assert_eq!(register(&mut reg, "iris", &a.endpoint()).await, 3);

@@ -450,12 +450,12 @@ async fn a_full_queue_drops_and_counts_while_every_request_succeeds() {
     let server = model_server(CLASSIFIER).await;
     let mut config = Config::for_tests(dir.path());
     config.record_queue = 4;
-    let mg = start_with(config).await;
+    let mg = start_faulty(config).await;
     setup_classifier(&mg, &server.endpoint()).await;
     let mut infer = infer_client(mg.data_addr).await;
     {
         // The writer stalls (as in a long RocksDB write stall) holding one record.
-        let _stalled = mg.recorder.pause_writer();
+        let _stalled = mg.faults.as_ref().unwrap().stall_records();
         for _ in 0..20 {
             let started = std::time::Instant::now();
             infer
@@ -554,7 +554,7 @@ async fn point_in_time_reads_ttl_and_unknown_entities() {
         .await
         .unwrap();
     // A day ago: inside the 7-day retention.
-    let t0 = modelgate::store::records::now_ms() - 86_400_000;
+    let t0 = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock) - 86_400_000;
     let resp = c
         .features
         .put_features(pb::PutFeaturesRequest {
@@ -859,6 +859,9 @@ async fn retention_expires_records() {
     let server = model_server(CLASSIFIER).await;
     let mut config = Config::for_tests(dir.path());
     config.retention = modelgate::config::parse_retention("predictions=1s").unwrap();
+    // Time is the injected clock's: it moves when the test says, no sleeping.
+    let clock = modelgate::clock::ManualClock::now();
+    config.clock = clock.clone();
     let mg = start_with(config).await;
     setup_classifier(&mg, &server.endpoint()).await;
     let mut infer = infer_client(mg.data_addr).await;
@@ -877,7 +880,7 @@ async fn retention_expires_records() {
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    clock.advance(1300);
     let err = c
         .predictions
         .get_prediction(pb::GetPredictionRequest {
@@ -898,7 +901,7 @@ async fn retention_expires_records() {
         "an expired request takes no outcome"
     );
     // The compaction filter removes it physically.
-    let store = mg.plane.store().clone();
+    let store = mg.store.clone();
     assert!(
         store.get_prediction("short-lived", 0).unwrap().is_some(),
         "still on disk before compaction"

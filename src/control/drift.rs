@@ -1,18 +1,20 @@
 //! `modelgate.v1.Drift`: references, drift reports and retraining policies, over the monitor.
 
+use crate::convert::drift::summary;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::registry::timestamp;
 use super::{registry_status, ControlPlane};
-use crate::drift::{self, Reference, ReferenceData};
+use crate::convert::spec::{duration_from_pb, duration_to_pb};
+use crate::drift::{self};
 use crate::monitor::{Monitor, RetrainPolicy};
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::drift_server::Drift;
 use crate::recorder::Recorder;
-use crate::stats::Moments;
-use crate::store::records::{feature_value_from_pb, now_ms};
+use crate::store::records::feature_value_from_pb;
 
 /// How long an on-demand evaluation waits for the rows already answered to reach the windows
 /// (they are with the record writer, which a RocksDB stall can hold up); then it evaluates what
@@ -77,67 +79,18 @@ impl DriftService {
     }
 }
 
-fn summary(model: &str, r: &Reference) -> pb::ReferenceSummary {
-    pb::ReferenceSummary {
-        model: model.to_string(),
-        source: r.source.clone(),
-        rows: r.rows,
-        received: r.received,
-        sampled: r.sampled,
-        created_at: Some(timestamp(r.created_at_ms)),
-        capture_remaining: 0,
-        features: r
-            .features
-            .iter()
-            .map(|f| match &f.data {
-                ReferenceData::Numeric(v) => {
-                    let mut m = Moments::default();
-                    for &x in v {
-                        m.push(x);
-                    }
-                    pb::ReferenceFeature {
-                        name: f.name.clone(),
-                        categorical: false,
-                        count: v.len() as u64,
-                        mean: (m.n > 0).then_some(m.mean),
-                        stddev: m.variance().map(f64::sqrt),
-                        min: v.first().copied(),
-                        max: v.last().copied(),
-                        categories: Default::default(),
-                        non_finite: f.non_finite,
-                    }
-                }
-                ReferenceData::Categorical(c) => pb::ReferenceFeature {
-                    name: f.name.clone(),
-                    categorical: true,
-                    count: c.values().sum(),
-                    categories: c.clone().into_iter().collect(),
-                    non_finite: f.non_finite,
-                    ..Default::default()
-                },
-            })
-            .collect(),
-    }
-}
-
 fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
 
 fn duration_ms(d: &prost_types::Duration, field: &str) -> Result<u64, Status> {
-    if d.seconds < 0 || d.nanos < 0 {
-        return Err(Status::invalid_argument(format!(
-            "{field}: must not be negative"
-        )));
-    }
-    Ok(d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000)
+    duration_from_pb(d)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
 fn duration_pb(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
+    duration_to_pb(Duration::from_millis(ms))
 }
 
 fn policy_to_pb(model: &str, p: &RetrainPolicy) -> pb::RetrainPolicy {
@@ -180,7 +133,7 @@ impl Drift for DriftService {
             &r.categorical_features,
             max,
             "uploaded",
-            now_ms(),
+            self.plane.now_ms(),
         )
         .map_err(Status::invalid_argument)?;
         let monitor = self.monitor.clone();

@@ -1,19 +1,20 @@
 //! `modelgate.v1.Experiments`: parses requests, applies the experiment rules through the control
 //! plane, and turns counters into results. No rules live here.
 
+use crate::convert::experiments::{experiment_to_pb, p_value_only, state_to_pb, statistic};
+use crate::convert::registry::version_to_pb;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::records::timestamp_ms;
-use super::registry::{timestamp, version_to_pb};
-use super::{experiment_status, now_ms, ControlError, ControlPlane, Update};
+use super::registry::timestamp;
+use super::{experiment_status, ControlError, ControlPlane, Update};
+use crate::app::reports;
 use crate::experiment::{self, Experiment, ExperimentState, NewExperiment, NewVariant};
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::experiments_server::Experiments as ExperimentsApi;
 use crate::registry::Stage;
-use crate::stats::{TestResult, Unavailable};
-use crate::store;
 
 /// The Experiments service.
 #[derive(Clone)]
@@ -45,7 +46,7 @@ impl ExperimentService {
         let e = self
             .plane
             .update_state(|s| {
-                let e = op(&mut s.experiments, &name, now_ms())?;
+                let e = op(&mut s.experiments, &name, self.plane.now_ms())?;
                 Ok((
                     e.clone(),
                     Update {
@@ -60,93 +61,6 @@ impl ExperimentService {
             self.publish(&e, "experiment_stopped").await;
         }
         Ok(Response::new(experiment_to_pb(&e)))
-    }
-}
-
-fn state_to_pb(s: &ExperimentState) -> pb::ExperimentState {
-    match s {
-        ExperimentState::Running => pb::ExperimentState::Running,
-        ExperimentState::Paused => pb::ExperimentState::Paused,
-        ExperimentState::Stopped => pb::ExperimentState::Stopped,
-        ExperimentState::Concluded { .. } => pb::ExperimentState::Concluded,
-    }
-}
-
-/// Converts an experiment.
-pub fn experiment_to_pb(e: &Experiment) -> pb::Experiment {
-    let total: f64 = e.variants.iter().map(|v| v.weight).sum();
-    pb::Experiment {
-        name: e.name.clone(),
-        model: e.model.clone(),
-        variants: e
-            .variants
-            .iter()
-            .map(|v| pb::ExperimentVariant {
-                name: v.name.clone(),
-                version: v.version,
-                weight: v.weight,
-                share: v.weight / total,
-            })
-            .collect(),
-        unit_key: e.unit_key.clone(),
-        salt: e.salt.clone(),
-        coverage: e.coverage,
-        alpha: e.alpha,
-        start: e.start_ms.map(timestamp),
-        end: e.end_ms.map(timestamp),
-        state: state_to_pb(&e.state) as i32,
-        winner: match &e.state {
-            ExperimentState::Concluded { winner } => winner.clone(),
-            _ => String::new(),
-        },
-        created_at: Some(timestamp(e.created_at_ms)),
-        updated_at: Some(timestamp(e.updated_at_ms)),
-    }
-}
-
-/// A test result for the API: numbers, or the reason they are absent — never NaN.
-fn statistic(test: &str, r: &Result<TestResult, Unavailable>, alpha: f64) -> pb::TestStatistic {
-    match r {
-        Ok(t) if t.statistic.is_finite() && t.p_value.is_finite() => pb::TestStatistic {
-            test: test.into(),
-            statistic: Some(t.statistic),
-            dof: Some(t.dof),
-            p_value: Some(t.p_value),
-            significant: t.p_value < alpha,
-            unavailable_reason: String::new(),
-        },
-        Ok(_) => pb::TestStatistic {
-            test: test.into(),
-            unavailable_reason: "not a finite number for this data".into(),
-            ..Default::default()
-        },
-        Err(e) => pb::TestStatistic {
-            test: test.into(),
-            unavailable_reason: e.0.clone(),
-            ..Default::default()
-        },
-    }
-}
-
-/// A test that yields only a p-value (the always-valid one).
-fn p_value_only(test: &str, r: &Result<f64, Unavailable>, alpha: f64) -> pb::TestStatistic {
-    match r {
-        Ok(p) if p.is_finite() => pb::TestStatistic {
-            test: test.into(),
-            p_value: Some(*p),
-            significant: *p < alpha,
-            ..Default::default()
-        },
-        Ok(_) => pb::TestStatistic {
-            test: test.into(),
-            unavailable_reason: "not a finite number for this data".into(),
-            ..Default::default()
-        },
-        Err(e) => pb::TestStatistic {
-            test: test.into(),
-            unavailable_reason: e.0.clone(),
-            ..Default::default()
-        },
     }
 }
 
@@ -187,7 +101,9 @@ impl ExperimentsApi for ExperimentService {
         let e = self
             .plane
             .update_state(|s| {
-                let e = s.experiments.create(new, &s.registry, now_ms())?;
+                let e = s
+                    .experiments
+                    .create(new, &s.registry, self.plane.now_ms())?;
                 Ok((
                     e.clone(),
                     Update {
@@ -265,7 +181,9 @@ impl ExperimentsApi for ExperimentService {
         let (e, promoted, archived) = self
             .plane
             .update_state(|s| {
-                let (e, version) = s.experiments.conclude(&r.name, &r.winner, now_ms())?;
+                let (e, version) =
+                    s.experiments
+                        .conclude(&r.name, &r.winner, self.plane.now_ms())?;
                 // The promotion goes through the registry and its gate, in the same write.
                 let ((v, archived), registry) = s
                     .registry
@@ -274,7 +192,7 @@ impl ExperimentsApi for ExperimentService {
                         &version.to_string(),
                         Stage::Production,
                         r.force,
-                        now_ms(),
+                        self.plane.now_ms(),
                     )
                     .map_err(ControlError::from)?;
                 Ok((
@@ -313,23 +231,13 @@ impl ExperimentsApi for ExperimentService {
         request: Request<pb::ExperimentRef>,
     ) -> Result<Response<pb::ExperimentResults>, Status> {
         let name = request.into_inner().name;
-        let e = self
-            .plane
-            .state()
-            .experiments
-            .get(&name)
-            .map_err(experiment_status)?
-            .clone();
-        let store = self.plane.store().clone();
-        let names: Vec<String> = e.variants.iter().map(|v| v.name.clone()).collect();
-        let exp_name = e.name.clone();
-        let counts = store::blocking(move || {
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            store.experiment_counts(&exp_name, &refs)
+        let (state, tallies) = (self.plane.state(), self.plane.storage().tallies.clone());
+        let (e, res) = tokio::task::spawn_blocking(move || {
+            reports::experiment_results(&state, &*tallies, &name)
         })
         .await
-        .map_err(|e| Status::unavailable(format!("storage: {e}")))?;
-        let res = experiment::results(&e, &counts);
+        .map_err(|e| Status::unavailable(format!("storage: {e}")))?
+        .map_err(super::records::report_status)?;
         let control = e.variants[0].name.clone();
         let compare = |list: Vec<(String, pb::TestStatistic)>| {
             list.into_iter()
@@ -383,7 +291,7 @@ impl ExperimentsApi for ExperimentService {
                     .map(|(v, r)| (v.clone(), p_value_only("msprt", r, e.alpha)))
                     .collect(),
             ),
-            computed_at: Some(timestamp(now_ms())),
+            computed_at: Some(timestamp(self.plane.now_ms())),
         }))
     }
 }

@@ -1,5 +1,6 @@
-//! The control plane: the registry in memory, persisted in RocksDB, published as the routing
-//! snapshot; and the tonic services of the `modelgate.v1` control API (thin adapters).
+//! The tonic services of the `modelgate.v1` control API: thin adapters that parse a request, call
+//! the use case (`crate::app`) and map its typed errors to gRPC statuses; plus server reflection
+//! and the bearer-token check.
 
 pub mod drift;
 pub mod events;
@@ -10,40 +11,14 @@ pub mod shadows;
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
-use crate::experiment::{Experiment, ExperimentError, Experiments};
-use crate::registry::{Registry, RegistryError, RegistryUpdate};
-use crate::routing::RoutingTable;
-use crate::shadow::{Shadow, ShadowError, Shadows};
-use crate::store::{self, Store, StoreError};
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Why a control operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The registry's rules refused it.
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The experiment rules refused it.
-    #[error(transparent)]
-    Experiment(#[from] ExperimentError),
-    /// The shadow rules refused it.
-    #[error(transparent)]
-    Shadow(#[from] ShadowError),
-    /// It could not be made durable; nothing changed.
-    #[error("the change could not be made durable, nothing was changed: {0}")]
-    Store(#[from] StoreError),
-}
+pub use crate::app::control::{ControlError, ControlPlane};
+use crate::experiment::ExperimentError;
+use crate::registry::RegistryError;
+use crate::shadow::ShadowError;
+pub use crate::state::{State, StateSource, Update};
 
 impl From<ControlError> for Status {
     fn from(e: ControlError) -> Status {
@@ -92,142 +67,6 @@ pub fn shadow_status(e: ShadowError) -> Status {
         ShadowError::InvalidArgument { .. } => Status::invalid_argument(msg),
         ShadowError::NotFound { .. } => Status::not_found(msg),
         ShadowError::Registry(e) => registry_status(e),
-    }
-}
-
-/// Everything the control plane configures: the registry, experiments and shadows.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct State {
-    /// Models and versions.
-    pub registry: Registry,
-    /// Experiments.
-    pub experiments: Experiments,
-    /// Shadows.
-    pub shadows: Shadows,
-}
-
-/// The writes one control operation needs made durable, as one atomic batch.
-#[derive(Clone, Debug, Default)]
-pub struct Update {
-    /// Registry records.
-    pub registry: RegistryUpdate,
-    /// Experiment records to write.
-    pub experiments: Vec<Experiment>,
-    /// Shadow records to write.
-    pub put_shadows: Vec<Shadow>,
-    /// Shadow records to delete (model, version).
-    pub delete_shadows: Vec<(String, u32)>,
-}
-
-impl Update {
-    /// True when nothing needs writing.
-    pub fn is_empty(&self) -> bool {
-        self.registry.is_empty()
-            && self.experiments.is_empty()
-            && self.put_shadows.is_empty()
-            && self.delete_shadows.is_empty()
-    }
-}
-
-impl From<RegistryUpdate> for Update {
-    fn from(registry: RegistryUpdate) -> Self {
-        Update {
-            registry,
-            ..Default::default()
-        }
-    }
-}
-
-/// The registry and routing state shared by the control services and the data plane.
-///
-/// Reads are lock-free snapshots. Writes are serialised: each applies an operation to a copy of
-/// the registry, writes the resulting update to RocksDB with `sync`, and only then publishes the
-/// copy and a rebuilt routing table. A failed write leaves both untouched.
-pub struct ControlPlane {
-    store: Store,
-    state: ArcSwap<State>,
-    routing: Arc<ArcSwap<RoutingTable>>,
-    default_model: Option<String>,
-    write_lock: tokio::sync::Mutex<()>,
-    events: Option<Arc<crate::events::EventBus>>,
-}
-
-impl ControlPlane {
-    /// Loads the registry and experiments from `store` and builds the first routing snapshot.
-    pub fn load(store: Store, default_model: Option<String>) -> Result<Self, StoreError> {
-        let state = State {
-            registry: store.load_registry()?,
-            experiments: Experiments::from_records(store.load_experiments()?),
-            shadows: Shadows::from_records(store.load_shadows()?),
-        };
-        let routing = RoutingTable::build(&state, default_model.as_deref());
-        Ok(ControlPlane {
-            store,
-            state: ArcSwap::from_pointee(state),
-            routing: Arc::new(ArcSwap::from_pointee(routing)),
-            default_model,
-            write_lock: tokio::sync::Mutex::new(()),
-            events: None,
-        })
-    }
-
-    /// Publishes control-plane events (versions, experiments) on `events`.
-    pub fn with_events(mut self, events: Arc<crate::events::EventBus>) -> Self {
-        self.events = Some(events);
-        self
-    }
-
-    /// Publishes an event, when an event bus is attached. Never fails the caller.
-    pub async fn publish(&self, e: crate::pb::modelgate::v1::Event) {
-        if let Some(bus) = &self.events {
-            bus.publish(e).await;
-        }
-    }
-
-    /// The current registry and experiments.
-    pub fn state(&self) -> Arc<State> {
-        self.state.load_full()
-    }
-
-    /// The routing snapshot handle the data plane reads.
-    pub fn routing(&self) -> Arc<ArcSwap<RoutingTable>> {
-        self.routing.clone()
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// Applies a registry operation durably and publishes the result.
-    pub async fn update<R>(
-        &self,
-        op: impl FnOnce(&mut Registry) -> Result<(R, RegistryUpdate), RegistryError>,
-    ) -> Result<R, ControlError> {
-        self.update_state(|s| {
-            let (r, u) = op(&mut s.registry)?;
-            Ok((r, u.into()))
-        })
-        .await
-    }
-
-    /// Applies `op` to a copy of the whole state, makes its update durable in one synced batch,
-    /// and only then publishes the copy and a rebuilt routing table.
-    pub async fn update_state<R>(
-        &self,
-        op: impl FnOnce(&mut State) -> Result<(R, Update), ControlError>,
-    ) -> Result<R, ControlError> {
-        let _guard = self.write_lock.lock().await;
-        let mut next = State::clone(&self.state.load());
-        let (out, update) = op(&mut next)?;
-        if !update.is_empty() {
-            let store = self.store.clone();
-            store::blocking(move || store.write_control(&update)).await?;
-            let routing = RoutingTable::build(&next, self.default_model.as_deref());
-            self.state.store(Arc::new(next));
-            self.routing.store(Arc::new(routing));
-        }
-        Ok(out)
     }
 }
 

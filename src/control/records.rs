@@ -1,24 +1,27 @@
 //! `modelgate.v1.Predictions`, `modelgate.v1.Outcomes` and `modelgate.v1.Features`: thin adapters
 //! over the store, the recorder and the domain rules in `record`, `outcome` and `feature_store`.
 
+use crate::convert::records::{def_to_pb, figures};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::registry::timestamp;
 use super::{registry_status, ControlPlane};
+use crate::app::outcomes::{self, NewOutcome, OutcomeError};
+use crate::app::reports;
+use crate::convert::actual_from_pb;
+use crate::convert::spec::duration_from_pb;
 use crate::feature_store::{self, FeatureCatalog, FeatureDef, FeatureKind};
-use crate::outcome::{self, Actual, JudgeError, Judgement, Tally};
+use crate::ids::{ModelName, RequestId, Version};
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::{
     features_server::Features, outcomes_server::Outcomes, predictions_server::Predictions,
 };
-use crate::record::{self, FeatureValue, Prediction};
-use crate::recorder::{self, prediction_from_pb, Recorder};
-use crate::store::records::{cutoff, feature_value_from_pb, feature_value_to_pb, now_ms};
-use crate::store::{self, Store, StoreError};
+use crate::record::FeatureValue;
+use crate::storage::{self, RecordWrites, Storage, StoreError};
+use crate::store::records::{feature_value_from_pb, feature_value_to_pb};
 
 /// Default page size of ListPredictions.
 pub const DEFAULT_PAGE: u32 = 100;
@@ -35,75 +38,60 @@ fn unavailable(e: StoreError) -> Status {
     Status::unavailable(format!("storage: {e}"))
 }
 
-fn check_request_id(id: &str) -> Result<(), Status> {
-    record::validate_request_id(id).map_err(|e| invalid("request_id", e))
+fn request_id(id: &str) -> Result<RequestId, Status> {
+    RequestId::parse(id, "request_id").map_err(|e| invalid(e.field, e.reason))
 }
 
 /// Unix milliseconds of a protobuf timestamp.
-pub fn timestamp_ms(t: &prost_types::Timestamp, field: &str) -> Result<u64, Status> {
-    if t.seconds < 0 || !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(invalid(field, "must be a valid time after 1970"));
-    }
-    Ok(t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+pub fn timestamp_ms(t: &prost_types::Timestamp, field: &'static str) -> Result<u64, Status> {
+    crate::convert::timestamp_ms(t, field).map_err(|(f, e)| invalid(f, e))
 }
 
 /// Everything the record services share.
 #[derive(Clone)]
 pub struct RecordServices {
-    store: Store,
-    recorder: Arc<Recorder>,
+    storage: Storage,
+    outcomes: outcomes::Outcomes,
     plane: Arc<ControlPlane>,
     catalog: Arc<FeatureCatalog>,
-    /// Outcome writes for one request are serialised (duplicate checks, counter deltas).
-    stripes: Arc<[Mutex<()>; 64]>,
-    monitor: Option<Arc<crate::monitor::Monitor>>,
 }
 
 impl RecordServices {
-    /// Services over the given state.
-    pub fn new(store: Store, recorder: Arc<Recorder>, plane: Arc<ControlPlane>) -> Self {
-        let catalog = recorder.catalog().clone();
+    /// Services over the outcome use case (and its storage) and the control plane.
+    pub fn new(
+        outcomes: outcomes::Outcomes,
+        catalog: Arc<FeatureCatalog>,
+        plane: Arc<ControlPlane>,
+    ) -> Self {
         RecordServices {
-            store,
-            recorder,
+            storage: outcomes.storage().clone(),
+            outcomes,
             plane,
             catalog,
-            stripes: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
-            monitor: None,
         }
     }
 
-    /// Feeds recorded outcomes to the concept-drift monitor.
-    pub fn with_monitor(mut self, monitor: Arc<crate::monitor::Monitor>) -> Self {
-        self.monitor = Some(monitor);
-        self
+    /// The oldest time `keep` retains, now.
+    fn cutoff(&self, keep: std::time::Duration) -> u64 {
+        storage::cutoff(self.plane.now_ms(), keep)
     }
 
     /// A request's record: still queued (pending), or stored and not expired.
-    fn find_prediction(&self, request_id: &str) -> Result<Option<pb::PredictionRecord>, Status> {
-        if let Some(raw) = self.recorder.pending(request_id) {
-            return Ok(Some(
-                recorder::prepare(&raw, self.recorder.settings()).record,
-            ));
-        }
-        let not_before = cutoff(self.store.retention().predictions);
-        Ok(self
-            .store
-            .get_prediction(request_id, not_before)
-            .map_err(unavailable)?
-            .map(|(_, r)| r))
+    fn find_prediction(
+        &self,
+        request_id: &RequestId,
+    ) -> Result<Option<pb::PredictionRecord>, Status> {
+        self.outcomes.prediction(request_id).map_err(unavailable)
     }
 
-    fn not_found(&self, request_id: &str) -> Status {
-        Status::not_found(format!(
-            "no prediction record for request id '{request_id}': unknown, older than the {} retention, or dropped under load",
-            humantime::format_duration(self.store.retention().predictions)
-        ))
+    fn not_found(&self, request_id: &RequestId) -> Status {
+        outcome_status(self.outcomes.unknown(request_id))
     }
 
     fn with_outcomes(&self, mut rec: pb::PredictionRecord) -> Result<pb::PredictionRecord, Status> {
         rec.outcomes = self
-            .store
+            .storage
+            .records
             .outcomes_of(&rec.request_id)
             .map_err(unavailable)?;
         Ok(rec)
@@ -111,100 +99,45 @@ impl RecordServices {
 
     /// Records one outcome (blocking: runs on a blocking thread).
     fn record_outcome(&self, r: pb::RecordOutcomeRequest) -> Result<pb::OutcomeRecord, Status> {
-        check_request_id(&r.request_id)?;
-        let actual = actual_from_pb(r.actual.as_ref())?;
-        let time_ms = match &r.time {
-            Some(t) => timestamp_ms(t, "time")?,
-            None => now_ms(),
-        };
-        let stripe = &self.stripes[stripe_of(&r.request_id)];
-        let _serialised = stripe.lock();
-        let rec = self
-            .find_prediction(&r.request_id)?
-            .ok_or_else(|| self.not_found(&r.request_id))?;
-        let rows = rec.predictions.len().max(rec.rows.len()).max(1);
-        if r.row as usize >= rows {
-            return Err(invalid(
-                "row",
-                format!(
-                    "{} is out of range: request '{}' had {rows} row(s)",
-                    r.row, r.request_id
-                ),
-            ));
-        }
-        let previous = self
-            .store
-            .get_outcome(&r.request_id, r.row)
-            .map_err(unavailable)?;
-        if previous.is_some() && !r.overwrite {
-            return Err(Status::already_exists(format!(
-                "request '{}' row {} already has an outcome; set overwrite to replace it",
-                r.request_id, r.row
-            )));
-        }
-        let prediction: Option<Prediction> = rec
-            .predictions
-            .get(r.row as usize)
-            .and_then(prediction_from_pb);
-        let judgement = outcome::judge(prediction.as_ref(), &actual).map_err(|e| match e {
-            JudgeError::Mismatch(_) => Status::invalid_argument(e.to_string()),
-            JudgeError::NoPrediction => Status::failed_precondition(e.to_string()),
-        })?;
-        let out = pb::OutcomeRecord {
-            request_id: r.request_id.clone(),
-            row: r.row,
-            model: rec.model.clone(),
-            version: rec.version,
-            actual: r.actual.clone(),
-            prediction: prediction.as_ref().map(recorder::prediction_to_pb),
-            success: judgement.success,
-            error: judgement.error,
-            time: Some(timestamp(time_ms)),
-            experiment: rec.experiment.clone(),
-            variant: rec.variant.clone(),
-        };
-        let replaced = previous.as_ref().map(|(t, old)| {
-            (
-                *t,
-                old,
-                Judgement {
-                    success: old.success,
-                    error: old.error,
-                },
-            )
-        });
-        self.store
-            .write_outcome(&out, time_ms, &judgement, replaced, !rec.variant_forced)
-            .map_err(unavailable)?;
-        if let Some(m) = &self.monitor {
-            m.observe_outcome(&out.model, out.version, &judgement);
-        }
-        Ok(out)
+        let request_id = request_id(&r.request_id)?;
+        let actual = actual_from_pb(r.actual.as_ref()).map_err(|(f, e)| invalid(f, e))?;
+        let time_ms = r
+            .time
+            .as_ref()
+            .map(|t| timestamp_ms(t, "time"))
+            .transpose()?;
+        self.outcomes
+            .record(NewOutcome {
+                request_id,
+                row: r.row,
+                actual,
+                time_ms,
+                overwrite: r.overwrite,
+            })
+            .map_err(outcome_status)
     }
 }
 
-fn stripe_of(request_id: &str) -> usize {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-        .hash_one(request_id);
-    (h % 64) as usize
+/// The status of a report that could not be made.
+pub fn report_status(e: reports::ReportError) -> Status {
+    match e {
+        reports::ReportError::Registry(e) => registry_status(e),
+        reports::ReportError::Experiment(e) => super::experiment_status(e),
+        reports::ReportError::Storage(e) => unavailable(e),
+    }
 }
 
-fn actual_from_pb(a: Option<&pb::Actual>) -> Result<Actual, Status> {
-    use pb::actual::Kind;
-    match a.and_then(|a| a.kind.as_ref()) {
-        Some(Kind::Label(s)) => Ok(Actual::Label(s.clone())),
-        Some(Kind::IntLabel(i)) => Ok(Actual::IntLabel(*i)),
-        Some(Kind::Number(x)) if x.is_finite() => Ok(Actual::Number(*x)),
-        Some(Kind::Number(x)) => Err(invalid(
-            "actual.number",
-            format!("{x} is not a finite number"),
-        )),
-        Some(Kind::Success(b)) => Ok(Actual::Success(*b)),
-        None => Err(invalid(
-            "actual",
-            "required: one of label, int_label, number or success",
-        )),
+/// The status of an outcome the use case refused.
+fn outcome_status(e: OutcomeError) -> Status {
+    let msg = e.to_string();
+    match e {
+        OutcomeError::UnknownRequest { .. } => Status::not_found(msg),
+        OutcomeError::RowOutOfRange { .. } | OutcomeError::Mismatch(_) => {
+            Status::invalid_argument(msg)
+        }
+        OutcomeError::AlreadyRecorded { .. } => Status::already_exists(msg),
+        OutcomeError::NoPrediction(_) => Status::failed_precondition(msg),
+        OutcomeError::Storage(e) => unavailable(e),
     }
 }
 
@@ -222,8 +155,7 @@ impl Predictions for RecordServices {
         &self,
         request: Request<pb::GetPredictionRequest>,
     ) -> Result<Response<pb::PredictionRecord>, Status> {
-        let id = request.into_inner().request_id;
-        check_request_id(&id)?;
+        let id = request_id(&request.into_inner().request_id)?;
         let me = self.clone();
         let rec = blocking(move || {
             let rec = me.find_prediction(&id)?.ok_or_else(|| me.not_found(&id))?;
@@ -248,7 +180,7 @@ impl Predictions for RecordServices {
             Some(t) => timestamp_ms(t, "start_time")?,
             None => 0,
         }
-        .max(cutoff(self.store.retention().predictions));
+        .max(self.cutoff(self.storage.retention.predictions));
         let end = match &r.end_time {
             Some(t) => timestamp_ms(t, "end_time")?,
             None => u64::MAX,
@@ -268,7 +200,8 @@ impl Predictions for RecordServices {
         let me = self.clone();
         let page = blocking(move || {
             let page = me
-                .store
+                .storage
+                .records
                 .list_predictions(&r.model, r.version, start, end, limit, after)
                 .map_err(unavailable)?;
             let records = page
@@ -286,18 +219,6 @@ impl Predictions for RecordServices {
                 .map(|(t, id)| format!("{t}.{id}"))
                 .unwrap_or_default(),
         }))
-    }
-}
-
-fn figures(t: &Tally) -> pb::PerformanceFigures {
-    pb::PerformanceFigures {
-        outcomes: t.outcomes,
-        judged: t.judged,
-        successes: t.successes,
-        accuracy: t.accuracy(),
-        regression_outcomes: t.regression,
-        mae: t.mae(),
-        rmse: t.rmse(),
     }
 }
 
@@ -384,49 +305,22 @@ impl Outcomes for RecordServices {
             n if n > 1_000_000 => return Err(invalid("window", format!("{n} is above 1000000"))),
             n => n,
         };
-        let version = self
-            .plane
-            .state()
-            .registry
-            .resolve(&r.model, &r.version)
-            .map_err(registry_status)?;
-        let store = self.store.clone();
-        let model = r.model.clone();
-        let (all, recent) = blocking(move || {
-            let all = store.tally(&model, version).map_err(unavailable)?;
-            let recent = store
-                .recent_tally(&model, version, window as usize)
-                .map_err(unavailable)?;
-            Ok((all, recent))
+        let model = ModelName::parse(&r.model, "model").map_err(|e| invalid(e.field, e.reason))?;
+        let version =
+            Version::parse(&r.version, "version").map_err(|e| invalid(e.field, e.reason))?;
+        let (state, tallies) = (self.plane.state(), self.storage.tallies.clone());
+        let perf = blocking(move || {
+            reports::model_performance(&state, &*tallies, &model, &version, window as usize)
+                .map_err(report_status)
         })
         .await?;
         Ok(Response::new(pb::ModelPerformance {
             model: r.model,
-            version,
-            all_time: Some(figures(&all)),
-            recent: Some(figures(&recent)),
+            version: perf.version,
+            all_time: Some(figures(&perf.all_time)),
+            recent: Some(figures(&perf.recent)),
             window,
         }))
-    }
-}
-
-fn kind_to_pb(k: FeatureKind) -> pb::FeatureType {
-    match k {
-        FeatureKind::Number => pb::FeatureType::Number,
-        FeatureKind::Text => pb::FeatureType::String,
-    }
-}
-
-fn def_to_pb(d: &FeatureDef) -> pb::FeatureDefinition {
-    pb::FeatureDefinition {
-        name: d.name.clone(),
-        description: d.description.clone(),
-        r#type: kind_to_pb(d.kind) as i32,
-        ttl: d.ttl_ms.map(|ms| prost_types::Duration {
-            seconds: (ms / 1000) as i64,
-            nanos: ((ms % 1000) * 1_000_000) as i32,
-        }),
-        from_traffic: d.from_traffic,
     }
 }
 
@@ -498,13 +392,12 @@ impl Features for RecordServices {
                 ))
             }
         };
-        let ttl_ms = match r.ttl {
+        let ttl_ms = match &r.ttl {
             None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(invalid("ttl", "must not be negative"))
-            }
             Some(d) => {
-                let ms = d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000;
+                let ms = duration_from_pb(d)
+                    .map_err(|e| invalid("ttl", e))?
+                    .as_millis() as u64;
                 (ms > 0).then_some(ms)
             }
         };
@@ -515,9 +408,9 @@ impl Features for RecordServices {
             ttl_ms,
             from_traffic: false,
         };
-        let store = self.store.clone();
+        let store = self.storage.features.clone();
         let d = def.clone();
-        store::blocking(move || store.put_feature_defs(&[d]))
+        storage::blocking(move || store.put_feature_defs(&[d]))
             .await
             .map_err(unavailable)?;
         self.catalog.upsert(def.clone());
@@ -541,7 +434,7 @@ impl Features for RecordServices {
         if rows.is_empty() {
             return Err(invalid("rows", "required: at least one row"));
         }
-        let now = now_ms();
+        let now = self.plane.now_ms();
         let mut results = Vec::with_capacity(rows.len());
         let mut accepted = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
@@ -566,13 +459,13 @@ impl Features for RecordServices {
         }
         let n = accepted.len() as u32;
         if !accepted.is_empty() {
-            let store = self.store.clone();
-            store::blocking(move || {
-                let mut batch = store.record_batch();
+            let records = self.storage.records.clone();
+            storage::blocking(move || {
+                let mut batch = RecordWrites::default();
                 for (entity, time, values) in &accepted {
                     batch.add_features(entity, *time, values.iter().map(|(n, v)| (n.as_str(), v)));
                 }
-                batch.commit(false)
+                records.commit(batch, false)
             })
             .await
             .map_err(unavailable)?;
@@ -622,11 +515,11 @@ impl Features for RecordServices {
             .collect();
         let as_of = match &r.as_of {
             Some(t) => timestamp_ms(t, "as_of")?,
-            None => now_ms(),
+            None => self.plane.now_ms(),
         };
-        let store = self.store.clone();
+        let store = self.storage.features.clone();
         let entities = r.entity_ids.clone();
-        let cells = store::blocking(move || store.get_features(&entities, &features, as_of))
+        let cells = storage::blocking(move || store.get_features(&entities, &features, as_of))
             .await
             .map_err(unavailable)?;
         Ok(Response::new(pb::GetFeaturesResponse {

@@ -1,13 +1,15 @@
 //! `modelgate.v1.Registry`: parses requests, calls the registry through the control plane and
 //! maps answers and errors. No rules live here.
 
+use crate::convert::registry::policy_to_pb;
+pub use crate::convert::registry::{stage_to_pb, version_to_pb};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use super::{now_ms, registry_status, ControlPlane, Update};
+use super::{registry_status, ControlPlane, Update};
 use crate::experiment::ExperimentError;
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::registry_server::Registry as RegistryApi;
@@ -38,95 +40,14 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
-/// Converts a domain stage.
-pub fn stage_to_pb(s: Stage) -> pb::Stage {
-    match s {
-        Stage::Staging => pb::Stage::Staging,
-        Stage::Production => pb::Stage::Production,
-        Stage::Archived => pb::Stage::Archived,
-    }
-}
-
-fn stage_from_pb(raw: i32, field: &str) -> Result<Option<Stage>, Status> {
-    match pb::Stage::try_from(raw) {
-        Ok(pb::Stage::Unspecified) => Ok(None),
-        Ok(pb::Stage::Staging) => Ok(Some(Stage::Staging)),
-        Ok(pb::Stage::Production) => Ok(Some(Stage::Production)),
-        Ok(pb::Stage::Archived) => Ok(Some(Stage::Archived)),
-        Err(_) => Err(invalid(field, format!("unknown stage {raw}"))),
-    }
-}
-
-fn prediction_from_pb(p: Option<pb::PredictionSpec>) -> Result<Option<PredictionSpec>, Status> {
-    use pb::prediction_spec::Kind;
-    let Some(p) = p else { return Ok(None) };
-    Ok(Some(match p.kind {
-        None => {
-            return Err(invalid(
-                "prediction",
-                "set one of argmax, threshold, label, value",
-            ))
-        }
-        Some(Kind::Argmax(a)) => PredictionSpec::Argmax {
-            output: a.output,
-            labels: a.labels,
-        },
-        Some(Kind::Threshold(t)) => PredictionSpec::Threshold {
-            output: t.output,
-            threshold: t.threshold,
-            positive_label: if t.positive_label.is_empty() {
-                "1".into()
-            } else {
-                t.positive_label
-            },
-            negative_label: if t.negative_label.is_empty() {
-                "0".into()
-            } else {
-                t.negative_label
-            },
-        },
-        Some(Kind::Label(l)) => PredictionSpec::Label { output: l.output },
-        Some(Kind::Value(v)) => PredictionSpec::Value { output: v.output },
-    }))
-}
-
-fn prediction_to_pb(p: &PredictionSpec) -> pb::PredictionSpec {
-    use pb::prediction_spec::Kind;
-    let kind = match p.clone() {
-        PredictionSpec::Argmax { output, labels } => {
-            Kind::Argmax(pb::ArgmaxPrediction { output, labels })
-        }
-        PredictionSpec::Threshold {
-            output,
-            threshold,
-            positive_label,
-            negative_label,
-        } => Kind::Threshold(pb::ThresholdPrediction {
-            output,
-            threshold,
-            positive_label,
-            negative_label,
-        }),
-        PredictionSpec::Label { output } => Kind::Label(pb::LabelPrediction { output }),
-        PredictionSpec::Value { output } => Kind::Value(pb::ValuePrediction { output }),
-    };
-    pb::PredictionSpec { kind: Some(kind) }
+fn stage_from_pb(raw: i32, field: &'static str) -> Result<Option<Stage>, Status> {
+    crate::convert::registry::stage_from_pb(raw, field).map_err(|(f, e)| invalid(f, e))
 }
 
 fn feature_names_from_pb(
     list: Vec<pb::InputFeatureNames>,
 ) -> Result<std::collections::BTreeMap<String, Vec<String>>, Status> {
-    let mut out = std::collections::BTreeMap::new();
-    for f in list {
-        let input = f.input.clone();
-        if out.insert(f.input, f.names).is_some() {
-            return Err(invalid(
-                "feature_names.input",
-                format!("input '{input}' is listed twice"),
-            ));
-        }
-    }
-    Ok(out)
+    crate::convert::registry::feature_names_from_pb(list).map_err(|(f, e)| invalid(f, e))
 }
 
 /// An event about a version.
@@ -177,50 +98,7 @@ pub async fn publish_transition(
 }
 
 /// Converts Unix milliseconds to a protobuf timestamp.
-pub fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-/// Converts a version, with the aliases that point at it.
-pub fn version_to_pb(v: &reg::ModelVersion, aliases: Vec<String>) -> pb::ModelVersion {
-    pb::ModelVersion {
-        model: v.model.clone(),
-        version: v.version,
-        stage: stage_to_pb(v.stage) as i32,
-        endpoint: v.endpoint.clone(),
-        backend_model: v.backend_model.clone().unwrap_or_default(),
-        backend_version: v.backend_version.clone().unwrap_or_default(),
-        artifact_uri: v.artifact_uri.clone(),
-        artifact_sha256: v.artifact_sha256.clone().unwrap_or_default(),
-        artifact_sha256_verified: v.artifact_sha256_verified,
-        metrics: v.metrics.clone().into_iter().collect(),
-        tags: v.tags.clone().into_iter().collect(),
-        description: v.description.clone(),
-        prediction: Some(prediction_to_pb(&v.prediction)),
-        aliases,
-        feature_names: v
-            .feature_names
-            .iter()
-            .map(|(input, names)| pb::InputFeatureNames {
-                input: input.clone(),
-                names: names.clone(),
-            })
-            .collect(),
-        created_at: Some(timestamp(v.created_at_ms)),
-        updated_at: Some(timestamp(v.updated_at_ms)),
-    }
-}
-
-fn policy_to_pb(model: &str, p: &PromotionPolicy) -> pb::PromotionPolicy {
-    pb::PromotionPolicy {
-        model: model.to_string(),
-        minimum_metrics: p.minimum.clone().into_iter().collect(),
-        maximum_metrics: p.maximum.clone().into_iter().collect(),
-    }
-}
+pub use crate::pb::timestamp;
 
 /// The local file an artifact URI names, if it is a local path or `file://` URI.
 fn local_artifact_path(uri: &str) -> Option<PathBuf> {
@@ -266,7 +144,11 @@ impl RegistryApi for RegistryService {
     ) -> Result<Response<pb::RegisterModelVersionResponse>, Status> {
         let r = request.into_inner();
         reg::validate_model_name(&r.model, "model").map_err(registry_status)?;
-        let prediction = prediction_from_pb(r.prediction)?;
+        let prediction = r
+            .prediction
+            .map(PredictionSpec::try_from)
+            .transpose()
+            .map_err(|e| invalid("prediction", e))?;
         let mut sha = r.artifact_sha256.trim().to_string();
         if !sha.is_empty() {
             sha = reg::normalize_sha256(&sha).map_err(registry_status)?;
@@ -302,7 +184,10 @@ impl RegistryApi for RegistryService {
             prediction,
             feature_names: feature_names_from_pb(r.feature_names)?,
         };
-        let v = self.plane.update(|reg| reg.register(new, now_ms())).await?;
+        let v = self
+            .plane
+            .update(|reg| reg.register(new, self.plane.now_ms()))
+            .await?;
         tracing::info!(model = %v.model, version = v.version, endpoint = %v.endpoint, "registered model version");
         self.plane
             .publish(version_event(
@@ -397,7 +282,7 @@ impl RegistryApi for RegistryService {
         })?;
         let (v, archived) = self
             .plane
-            .update(|reg| reg.transition(&r.model, &r.version, stage, r.force, now_ms()))
+            .update(|reg| reg.transition(&r.model, &r.version, stage, r.force, self.plane.now_ms()))
             .await?;
         tracing::info!(model = %v.model, version = v.version, stage = stage.as_str(), force = r.force, "stage transition");
         publish_transition(&self.plane, &v, &archived).await;

@@ -1,18 +1,20 @@
 //! `modelgate.v1.Shadows`: parses requests, applies the shadow rules through the control plane,
 //! and turns stored counters into reports.
 
+use crate::convert::shadows::latency;
+pub use crate::convert::shadows::shadow_to_pb;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::registry::timestamp;
-use super::{now_ms, registry_status, ControlPlane, Update};
+use super::{ControlPlane, Update};
+use crate::app::reports;
+use crate::convert::spec::duration_from_pb;
+use crate::ids::{ModelName, Version};
 use crate::pb::modelgate::v1 as pb;
 use crate::pb::modelgate::v1::shadows_server::Shadows as ShadowsApi;
-use crate::shadow::{Comparison, Shadow, ShadowSpec};
-use crate::stats;
-use crate::store;
+use crate::shadow::{Comparison, ShadowSpec};
 
 /// The Shadows service.
 #[derive(Clone)]
@@ -27,67 +29,11 @@ impl ShadowService {
     }
 }
 
-fn comparison_from_pb(c: Option<pb::ShadowComparison>) -> Option<Comparison> {
-    use pb::shadow_comparison::Kind;
-    match c?.kind? {
-        Kind::Label(_) => Some(Comparison::Label),
-        Kind::Tolerance(t) => Some(Comparison::Tolerance {
-            absolute: t.absolute,
-            relative: t.relative,
-        }),
-        Kind::Bytes(_) => Some(Comparison::Bytes),
-    }
-}
-
-fn comparison_to_pb(c: &Comparison) -> pb::ShadowComparison {
-    use pb::shadow_comparison::Kind;
-    pb::ShadowComparison {
-        kind: Some(match c {
-            Comparison::Label => Kind::Label(pb::SameLabel {}),
-            Comparison::Tolerance { absolute, relative } => Kind::Tolerance(pb::WithinTolerance {
-                absolute: *absolute,
-                relative: *relative,
-            }),
-            Comparison::Bytes => Kind::Bytes(pb::SameBytes {}),
-        }),
-    }
-}
-
-fn duration_pb(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-/// Converts a shadow.
-pub fn shadow_to_pb(s: &Shadow) -> pb::Shadow {
-    pb::Shadow {
-        model: s.model.clone(),
-        version: s.version,
-        sample_fraction: s.sample_fraction,
-        comparison: Some(comparison_to_pb(&s.comparison)),
-        timeout: Some(duration_pb(s.timeout_ms)),
-        created_at: Some(timestamp(s.created_at_ms)),
-    }
-}
-
 fn required(field: &str, v: &str) -> Result<(), Status> {
     if v.is_empty() {
         Err(Status::invalid_argument(format!("{field}: required")))
     } else {
         Ok(())
-    }
-}
-
-fn latency(h: Option<&hdrhistogram::Histogram<u64>>) -> pb::LatencySummary {
-    match h.filter(|h| !h.is_empty()) {
-        Some(h) => pb::LatencySummary {
-            count: h.len(),
-            p50_ms: Some(h.value_at_quantile(0.5) as f64 / 1000.0),
-            p99_ms: Some(h.value_at_quantile(0.99) as f64 / 1000.0),
-        },
-        None => pb::LatencySummary::default(),
     }
 }
 
@@ -100,19 +46,17 @@ impl ShadowsApi for ShadowService {
         let r = request.into_inner();
         required("model", &r.model)?;
         required("version", &r.version)?;
-        if r.comparison.as_ref().is_some_and(|c| c.kind.is_none()) {
-            return Err(Status::invalid_argument(
-                "comparison: set one of label, tolerance, bytes (or leave it unset for label)",
-            ));
-        }
-        let timeout = match r.timeout {
-            None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(Status::invalid_argument("timeout: must not be negative"))
-            }
-            Some(d) => Some(Duration::new(d.seconds as u64, d.nanos as u32)),
-        };
-        let comparison = comparison_from_pb(r.comparison);
+        let comparison = r
+            .comparison
+            .map(Comparison::try_from)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("comparison: {e}")))?;
+        let timeout = r
+            .timeout
+            .as_ref()
+            .map(duration_from_pb)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("timeout: {e}")))?;
         let s = self
             .plane
             .update_state(|st| {
@@ -125,7 +69,7 @@ impl ShadowsApi for ShadowService {
                         comparison,
                         timeout,
                     },
-                    now_ms(),
+                    self.plane.now_ms(),
                 )?;
                 Ok((
                     s.clone(),
@@ -196,24 +140,24 @@ impl ShadowsApi for ShadowService {
             }
             n => n as usize,
         };
-        let version = self
-            .plane
-            .state()
-            .registry
-            .resolve(&r.model, &r.version)
-            .map_err(registry_status)?;
-        let store = self.plane.store().clone();
-        let model = r.model.clone();
-        let (counts, lat, recent) = store::blocking(move || {
-            Ok((
-                store.shadow_counts(&model, version)?,
-                store.shadow_latency(&model, version)?,
-                store.recent_disagreements(&model, version, n)?,
-            ))
+        let model = ModelName::parse(&r.model, "model")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let version = Version::parse(&r.version, "version")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (state, tallies) = (self.plane.state(), self.plane.storage().tallies.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            reports::shadow_report(&state, &*tallies, &model, &version, n)
         })
         .await
-        .map_err(|e| Status::unavailable(format!("storage: {e}")))?;
-        let wilson = stats::wilson_95(counts.agreed, counts.compared).ok();
+        .map_err(|e| Status::unavailable(format!("storage: {e}")))?
+        .map_err(super::records::report_status)?;
+        let (version, counts, lat, recent) = (
+            report.version,
+            report.counts,
+            report.latency,
+            report.disagreements,
+        );
+        let wilson = report.agreement_interval;
         Ok(Response::new(pb::ShadowReport {
             model: r.model,
             version,
@@ -225,8 +169,7 @@ impl ShadowsApi for ShadowService {
             suppressed: counts.suppressed,
             compared: counts.compared,
             agreed: counts.agreed,
-            agreement_rate: (counts.compared > 0)
-                .then(|| counts.agreed as f64 / counts.compared as f64),
+            agreement_rate: report.agreement_rate,
             ci_low: wilson.map(|w| w.0),
             ci_high: wilson.map(|w| w.1),
             production_latency: Some(latency(lat.as_ref().map(|l| &l.production))),

@@ -1,13 +1,14 @@
-//! A gRPC client for any control method, driven by the descriptors modelgate is built with:
-//! requests are built as proto JSON, sent as protobuf, and answers turned back into proto JSON.
-//! One code path serves every subcommand (and `ctl call`), so the CLI cannot drift from the
-//! protos.
+//! The connection to modelgate's control port: TLS, the token, the call deadline, and what a
+//! failed call means for the exit code. Subcommands call the generated clients with prost types
+//! ([`Client::channel`], [`Client::request`], [`Client::answer`]); `ctl call` reaches any method
+//! with proto JSON through the descriptors modelgate is built with ([`Client::call`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Buf;
-use prost::Message;
+use prost::{Message, Name};
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use serde_json::Value;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -102,12 +103,20 @@ impl TlsFiles {
     }
 }
 
+/// The descriptors of every proto modelgate is built with.
+pub fn descriptors() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptors decode")
+    })
+}
+
 /// A connection to modelgate's control port.
 pub struct Client {
     url: String,
     channel: Channel,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
-    pool: DescriptorPool,
     timeout: Duration,
 }
 
@@ -152,13 +161,10 @@ impl Client {
             ),
             None => None,
         };
-        let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)
-            .expect("the built-in descriptors decode");
         Ok(Client {
             url,
             channel,
             token,
-            pool,
             timeout,
         })
     }
@@ -175,8 +181,7 @@ impl Client {
         } else {
             format!("modelgate.v1.{service}")
         };
-        let svc = self
-            .pool
+        let svc = descriptors()
             .get_service_by_name(&full)
             .ok_or_else(|| CtlError::Usage(format!("no service {full:?}")))?;
         let found = svc.methods().find(|m| m.name() == method);
@@ -189,13 +194,18 @@ impl Client {
         })
     }
 
-    fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+    /// A request carrying the token, due within `--call-timeout`.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = self.open_request(msg);
+        req.set_timeout(self.timeout);
+        req
+    }
+
+    /// A request carrying the token, without a deadline (a stream watched until stopped).
+    pub fn open_request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Some(t) = &self.token {
             req.metadata_mut().insert("authorization", t.clone());
-        }
-        if let Some(t) = timeout {
-            req.set_timeout(t);
         }
         req
     }
@@ -209,9 +219,23 @@ impl Client {
         Ok(grpc)
     }
 
+    /// The channel for a generated client, once it is ready to call (else modelgate is
+    /// unreachable).
+    pub async fn channel(&self) -> Result<Channel, CtlError> {
+        self.ready().await?;
+        Ok(self.channel.clone())
+    }
+
+    /// The answer of a call, or why it failed.
+    pub fn answer<T>(&self, result: Result<tonic::Response<T>, Status>) -> Result<T, CtlError> {
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.failed(s))
+    }
+
     /// A failed call: a status the server sent, or — when the status carries a source error —
     /// a transport failure (a refused TLS client certificate shows up only at the first call).
-    fn failed(&self, status: Status) -> CtlError {
+    pub fn failed(&self, status: Status) -> CtlError {
         // The call's own deadline passing shows up as a transport error too; say which flag
         // sets it rather than that modelgate is unreachable.
         let mut cause = std::error::Error::source(&status);
@@ -220,7 +244,7 @@ impl Client {
                 return CtlError::Status(Status::deadline_exceeded(format!(
                     "no answer from {} within --call-timeout ({})",
                     self.url,
-                    humantime::format_duration(self.timeout)
+                    crate::spec::format_duration(self.timeout)
                 )));
             }
             cause = e.source();
@@ -240,79 +264,17 @@ impl Client {
             .expect("method paths are valid")
     }
 
-    /// Calls a unary method with a proto-JSON request and returns the proto-JSON answer.
-    pub async fn unary(&self, method: &str, body: Value) -> Result<Value, CtlError> {
+    /// Calls a unary method named `Service/Method` with a proto-JSON request and returns the
+    /// proto-JSON answer (`ctl call`).
+    pub async fn call(&self, method: &str, body: Value) -> Result<Value, CtlError> {
         let m = self.method(method)?;
         let msg = to_message(m.input(), body)?;
         let mut grpc = self.ready().await?;
         let resp = grpc
-            .unary(
-                self.request(msg, Some(self.timeout)),
-                Self::path(&m),
-                DynCodec(m.output()),
-            )
+            .unary(self.request(msg), Self::path(&m), DynCodec(m.output()))
             .await
             .map_err(|s| self.failed(s))?;
         Ok(to_json(&resp.into_inner()))
-    }
-
-    /// Calls a client-streaming method with every message of `bodies`.
-    pub async fn client_stream(&self, method: &str, bodies: Vec<Value>) -> Result<Value, CtlError> {
-        let m = self.method(method)?;
-        let msgs = bodies
-            .into_iter()
-            .map(|b| to_message(m.input(), b))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut grpc = self.ready().await?;
-        let resp = grpc
-            .client_streaming(
-                self.request(tokio_stream::iter(msgs), Some(self.timeout)),
-                Self::path(&m),
-                DynCodec(m.output()),
-            )
-            .await
-            .map_err(|s| self.failed(s))?;
-        Ok(to_json(&resp.into_inner()))
-    }
-
-    /// Calls a server-streaming method and hands each answer to `each` until the stream ends,
-    /// `each` returns false, or no message arrives for `idle` (when given).
-    pub async fn server_stream(
-        &self,
-        method: &str,
-        body: Value,
-        idle: Option<Duration>,
-        mut each: impl FnMut(Value) -> bool,
-    ) -> Result<(), CtlError> {
-        let m = self.method(method)?;
-        let msg = to_message(m.input(), body)?;
-        let mut grpc = self.ready().await?;
-        let mut stream = grpc
-            .server_streaming(
-                self.request(msg, None),
-                Self::path(&m),
-                DynCodec(m.output()),
-            )
-            .await
-            .map_err(|s| self.failed(s))?
-            .into_inner();
-        loop {
-            let next = match idle {
-                Some(d) => match tokio::time::timeout(d, stream.message()).await {
-                    Ok(r) => r,
-                    Err(_) => return Ok(()),
-                },
-                None => stream.message().await,
-            };
-            match next.map_err(|s| self.failed(s))? {
-                Some(msg) => {
-                    if !each(to_json(&msg)) {
-                        return Ok(());
-                    }
-                }
-                None => return Ok(()),
-            }
-        }
     }
 }
 
@@ -321,6 +283,40 @@ pub fn to_message(desc: MessageDescriptor, body: Value) -> Result<DynamicMessage
     let opts = prost_reflect::DeserializeOptions::new().deny_unknown_fields(true);
     DynamicMessage::deserialize_with_options(desc.clone(), body, &opts)
         .map_err(|e| CtlError::Usage(format!("not a valid {}: {e}", desc.full_name())))
+}
+
+/// A typed message from proto JSON, refused as [`to_message`] refuses it.
+pub fn from_json<M: Message + Name + Default>(body: Value) -> Result<M, CtlError> {
+    let msg = to_message(descriptor::<M>(), body)?;
+    Ok(msg
+        .transcode_to()
+        .expect("a message decodes as its own type"))
+}
+
+/// A `google.protobuf.Timestamp` from its proto-JSON form (RFC 3339), checked exactly as a
+/// timestamp field of a proto-JSON request is; the error is the one such a request gets.
+pub fn timestamp_from_json(text: &str) -> Result<prost_types::Timestamp, String> {
+    let msg = DynamicMessage::deserialize(
+        descriptor::<prost_types::Timestamp>(),
+        Value::String(text.to_string()),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(msg
+        .transcode_to()
+        .expect("a timestamp decodes as a timestamp"))
+}
+
+/// Proto JSON of a typed message, as [`to_json`] writes it.
+pub fn json<M: Message + Name>(msg: &M) -> Value {
+    let dynamic = DynamicMessage::decode(descriptor::<M>(), msg.encode_to_vec().as_slice())
+        .expect("a message decodes as its own type");
+    to_json(&dynamic)
+}
+
+fn descriptor<M: Name>() -> MessageDescriptor {
+    descriptors()
+        .get_message_by_name(&M::full_name())
+        .expect("every generated message has a descriptor")
 }
 
 /// Proto JSON of a message with every field present (defaults included), 64-bit integers as

@@ -2,7 +2,11 @@
 //! fields as `key: value` lines and lists of messages as tables.
 
 use comfy_table::{presets::NOTHING, ContentArrangement, Table};
+use prost::{Message, Name};
 use serde_json::{Map, Value};
+
+use super::client::json;
+use crate::spec;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,11 +46,9 @@ pub fn cell(v: &Value) -> String {
         Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
             a.iter().map(cell).collect::<Vec<_>>().join(", ")
         }
-        Value::Object(o) if o.values().all(|x| !x.is_object() && !x.is_array()) => o
-            .iter()
-            .map(|(k, x)| format!("{k}={}", cell(x)))
-            .collect::<Vec<_>>()
-            .join(", "),
+        Value::Object(o) if o.values().all(|x| !x.is_object() && !x.is_array()) => {
+            spec::format_pairs(o.iter().map(|(k, x)| (k, cell(x))))
+        }
         other => other.to_string(),
     }
 }
@@ -230,6 +232,32 @@ pub fn prediction_record(record: &Value) -> String {
         out.push_str(&human(&serde_json::json!({ "outcomes": outcomes })));
     }
     out
+}
+
+/// Prints a typed answer in the chosen format.
+pub fn whole<M: Message + Name>(answer: &M, output: Output) {
+    print(&json(answer), output);
+}
+
+/// Prints an answer that is a list: in table mode its `rows` under `columns` (`no {what}` when
+/// there are none), as JSON the whole answer.
+pub fn list<M: Message + Name>(
+    answer: &M,
+    rows: Vec<Value>,
+    what: &str,
+    columns: &[&str],
+    output: Output,
+) {
+    match output {
+        Output::Json => whole(answer, output),
+        Output::Table if rows.is_empty() => println!("no {what}"),
+        Output::Table => println!("{}", table(&rows, columns)),
+    }
+}
+
+/// The rows of a list answer, as proto JSON.
+pub fn rows<R: Message + Name>(items: &[R]) -> Vec<Value> {
+    items.iter().map(json).collect()
 }
 
 /// Prints an answer in the chosen format.

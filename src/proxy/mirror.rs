@@ -32,6 +32,8 @@ pub struct Mirror {
     upstreams: Arc<Upstreams>,
     recorder: Arc<Recorder>,
     max_message_bytes: usize,
+    /// Times the breakers.
+    pub(super) clock: crate::clock::SharedClock,
 }
 
 /// A finished production exchange, as the copies need it.
@@ -74,6 +76,7 @@ impl Mirror {
             upstreams,
             recorder,
             max_message_bytes,
+            clock: crate::clock::system(),
         }
     }
 
@@ -84,6 +87,7 @@ impl Mirror {
             upstreams,
             recorder: self.recorder.clone(),
             max_message_bytes: self.max_message_bytes,
+            clock: self.clock.clone(),
         }
     }
 
@@ -107,6 +111,7 @@ impl Mirror {
             let shadows = all.clone();
             let upstreams = self.upstreams.clone();
             let recorder = self.recorder.clone();
+            let clock = self.clock.clone();
             let limit = self.max_message_bytes;
             let f = f.clone();
             tokio::spawn(async move {
@@ -127,9 +132,9 @@ impl Mirror {
                 // a while, so that a dead shadow costs nothing on the request path.
                 let breaker = &shadows[i].breaker;
                 match &result {
-                    ShadowCall::Timeout => breaker.failed(crate::store::records::now_ms()),
+                    ShadowCall::Timeout => breaker.failed(clock.now_ms()),
                     ShadowCall::Failed(c) if *c == tonic::Code::Unavailable as i32 => {
-                        breaker.failed(crate::store::records::now_ms())
+                        breaker.failed(clock.now_ms())
                     }
                     _ => breaker.succeeded(),
                 }

@@ -299,6 +299,8 @@ pub struct Proxy {
     recorder: Arc<Recorder>,
     mirror: mirror::Mirror,
     traces: Option<Arc<crate::traces::Traces>>,
+    /// Arrival times, experiment time windows, shadow breakers.
+    clock: crate::clock::SharedClock,
 }
 
 impl Proxy {
@@ -329,7 +331,15 @@ impl Proxy {
             recorder,
             mirror,
             traces: None,
+            clock: crate::clock::system(),
         }
+    }
+
+    /// Times calls (arrival, experiment windows, shadow breakers) by `clock`.
+    pub fn with_clock(mut self, clock: crate::clock::SharedClock) -> Self {
+        self.mirror.clock = clock.clone();
+        self.clock = clock;
+        self
     }
 
     /// Records a trace span per request (and per upstream call) with `traces`.
@@ -354,13 +364,14 @@ impl Proxy {
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
             traces: self.traces.clone(),
+            clock: self.clock.clone(),
         }
     }
 
     /// Serves one request. Never fails: every error is a gRPC status.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
-        let arrival_ms = crate::store::records::now_ms();
+        let arrival_ms = self.clock.now_ms();
         let request_id = request_id(req.headers());
         let method = req.uri().path().to_string();
         let call = classify::classify(&method);
@@ -477,7 +488,7 @@ impl Proxy {
 
         if let (Some(r), Some(latency)) = (&ex.route, ex.upstream_latency) {
             self.metrics
-                .upstream_histogram(&r.metrics, &r.endpoint)
+                .upstream_histogram(route_metrics(r), &r.endpoint)
                 .observe(latency.as_secs_f64());
         }
         let unit_id = ex.unit_id.or_else(|| {
@@ -606,7 +617,7 @@ impl Proxy {
         start: Instant,
     ) {
         self.metrics.observe_request(
-            route.map(|r| &r.metrics),
+            route.map(route_metrics),
             route.map(|r| (r.model.as_str(), r.version_label.as_str())),
             experiment,
             code,
@@ -657,7 +668,7 @@ impl Proxy {
             ex.unit_id = Some(u);
         }
         let forced = header_str(headers, VARIANT_HEADER);
-        let now = crate::store::records::now_ms();
+        let now = self.clock.now_ms();
         match table.decide(model, ex.unit_id.as_deref(), forced, now) {
             Ok(d) => {
                 // Shadows mirror production's traffic (not experiment variants), sampled by unit
@@ -1123,6 +1134,12 @@ impl Proxy {
         }
         result
     }
+}
+
+/// The route's metric handles, cached on it.
+fn route_metrics(r: &Route) -> &crate::telemetry::RouteMetrics {
+    r.metrics
+        .get_or_init(crate::telemetry::RouteMetrics::default)
 }
 
 /// Whether an upstream's status means the caller's deadline ran out: the upstream enforces the

@@ -117,6 +117,7 @@ impl Proxy {
                 experiment: ex.experiment.clone(),
                 counted: ex.counted,
                 unit_id: ex.unit_id.clone(),
+                clock: self.clock.clone(),
                 state: Default::default(),
             });
             let first = log.request(first, Some(infer));
@@ -240,6 +241,7 @@ struct StreamLog {
     experiment: Option<(Arc<str>, Arc<str>)>,
     counted: bool,
     unit_id: Option<String>,
+    clock: crate::clock::SharedClock,
     state: parking_lot::Mutex<LogState>,
 }
 
@@ -272,7 +274,7 @@ impl StreamLog {
             record_id,
             id: infer.id.clone(),
             infer,
-            time_ms: crate::store::records::now_ms(),
+            time_ms: self.clock.now_ms(),
             sent: Instant::now(),
             size: msg.len(),
         });

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use rocksdb::{IteratorMode, WriteBatch};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 use super::{cf, Store, StoreError};
 use crate::drift::{Reference, ReferenceData, ReferenceFeature};
@@ -147,42 +147,31 @@ impl Store {
         }
         Ok(out)
     }
+}
 
-    /// Writes a model's state record `name` (synced).
-    pub fn put_model_state<T: Serialize>(
-        &self,
-        model: &str,
-        name: &str,
-        v: &T,
-    ) -> Result<(), StoreError> {
+impl crate::storage::DriftStore for Store {
+    fn put_reference(&self, model: &str, r: &Reference) -> Result<(), StoreError> {
+        Store::put_reference(self, model, r)
+    }
+
+    fn load_reference(&self, model: &str) -> Result<Option<Reference>, StoreError> {
+        Store::load_reference(self, model)
+    }
+
+    fn reference_models(&self) -> Result<Vec<String>, StoreError> {
+        Store::reference_models(self)
+    }
+
+    fn put_model_state(&self, model: &str, name: &str, json: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.cf(cf::REFERENCES),
-            sub_key(model, b's', name),
-            serde_json::to_vec(v).expect("state records serialise"),
-        );
+        batch.put_cf(self.cf(cf::REFERENCES), sub_key(model, b's', name), json);
         self.write(batch, true)
     }
 
-    /// Reads a model's state record `name`.
-    pub fn get_model_state<T: DeserializeOwned>(
-        &self,
-        model: &str,
-        name: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let Some(v) = self
+    fn get_model_state(&self, model: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
             .db
-            .get_cf(self.cf(cf::REFERENCES), sub_key(model, b's', name))?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|source| StoreError::Value {
-                family: cf::REFERENCES,
-                key: format!("{model}/{name}"),
-                source,
-            })
+            .get_cf(self.cf(cf::REFERENCES), sub_key(model, b's', name))?)
     }
 }
 
@@ -190,6 +179,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::record::FeatureValue;
+    use crate::storage::DriftStateExt;
 
     #[test]
     fn references_round_trip_and_replace() {
@@ -213,20 +203,20 @@ mod tests {
         store.put_reference("m", &r2).unwrap();
         assert_eq!(store.load_reference("m").unwrap().unwrap(), r2);
         assert_eq!(store.reference_models().unwrap(), vec!["m".to_string()]);
-        store.put_model_state("m", "drift", &vec![1, 2]).unwrap();
+        store.put_state("m", "drift", &vec![1, 2]).unwrap();
         assert_eq!(
-            store.get_model_state::<Vec<i32>>("m", "drift").unwrap(),
+            store.get_state::<Vec<i32>>("m", "drift").unwrap(),
             Some(vec![1, 2])
         );
-        store.put_model_state("m", "retrain", &vec![3]).unwrap();
+        store.put_state("m", "retrain", &vec![3]).unwrap();
         store.put_reference("m", &r).unwrap();
         assert_eq!(
-            store.get_model_state::<Vec<i32>>("m", "drift").unwrap(),
+            store.get_state::<Vec<i32>>("m", "drift").unwrap(),
             None,
             "a new reference starts without the old drift state"
         );
         assert_eq!(
-            store.get_model_state::<Vec<i32>>("m", "retrain").unwrap(),
+            store.get_state::<Vec<i32>>("m", "retrain").unwrap(),
             Some(vec![3]),
             "and keeps the retraining policy"
         );

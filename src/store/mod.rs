@@ -3,9 +3,15 @@
 //! Every call here blocks; callers on the async runtime go through `spawn_blocking` (control
 //! plane) or the record writer thread (data plane), never a request task.
 
+mod counters;
 pub mod drift;
+mod experiments;
+mod features;
 pub mod keys;
+mod outcomes;
+mod predictions;
 pub mod records;
+mod retention;
 pub mod shadows;
 
 use std::path::Path;
@@ -13,9 +19,11 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
+use crate::clock::SharedClock;
 use crate::experiment::Experiment;
 use crate::registry::{ModelMeta, ModelVersion, PromotionPolicy, Registry, RegistryUpdate};
 use crate::shadow::Shadow;
+use crate::storage::FailureKind;
 
 /// Column family names; [`cf::ALL`] lists every one, all created when the database is opened.
 pub mod cf {
@@ -73,76 +81,31 @@ pub mod cf {
     ];
 }
 
-/// A storage failure.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// RocksDB refused.
-    #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
-    /// A stored key does not parse.
-    #[error(transparent)]
-    Key(#[from] keys::KeyError),
-    /// A stored value does not parse.
-    #[error("corrupt {family} record for {key}: {source}")]
-    Value {
-        /// Column family.
-        family: &'static str,
-        /// Readable key.
-        key: String,
-        /// Parse error.
-        source: serde_json::Error,
-    },
-    /// A stored protobuf does not decode.
-    #[error("corrupt {family} record for {key}: {reason}")]
-    Decode {
-        /// Column family.
-        family: &'static str,
-        /// Readable key.
-        key: String,
-        /// Decode error.
-        reason: String,
-    },
-    /// A blocking task did not finish (panicked or was cancelled).
-    #[error("storage task failed: {0}")]
-    Task(String),
-    /// A write refused by [`Store::inject_write_failures`] (tests only).
-    #[error("rocksdb: IO error: write failure injected for a test (as if the disk had failed)")]
-    Injected,
-}
+pub use crate::storage::{FamilyStats, Retention, StoreError, StoreStats};
 
-impl StoreError {
-    /// Whether this is RocksDB's "no space" I/O error, which it recovers from by itself once
-    /// space returns.
-    fn is_no_space(&self) -> bool {
-        matches!(self, StoreError::Rocks(e) if e.kind() == rocksdb::ErrorKind::IOError
-            && e.as_ref().contains("No space left on device"))
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        let kind = if e.kind() == rocksdb::ErrorKind::Incomplete {
+            FailureKind::WouldStall
+        } else if e.kind() == rocksdb::ErrorKind::IOError
+            && e.as_ref().contains("No space left on device")
+        {
+            FailureKind::NoSpace
+        } else {
+            FailureKind::Other
+        };
+        StoreError::Backend {
+            backend: "rocksdb",
+            message: e.into_string(),
+            kind,
+        }
     }
 }
 
-/// Sizes of one column family.
-#[derive(Debug, Clone)]
-pub struct FamilyStats {
-    /// Column family.
-    pub name: &'static str,
-    /// SST files.
-    pub sst_bytes: u64,
-    /// Memtables.
-    pub memtable_bytes: u64,
-    /// RocksDB's estimate of live data.
-    pub live_data_bytes: u64,
-}
-
-/// What the metrics report about the database.
-#[derive(Debug, Clone)]
-pub struct StoreStats {
-    /// Per column family.
-    pub families: Vec<FamilyStats>,
-    /// Writes are stopped right now (a stall).
-    pub write_stopped: bool,
-    /// The rate writes are slowed to, bytes/s; 0 when not delayed.
-    pub delayed_write_rate: u64,
-    /// Time writes have been stalled since the database opened.
-    pub stall_seconds: f64,
+impl From<keys::KeyError> for StoreError {
+    fn from(e: keys::KeyError) -> Self {
+        StoreError::Key(e.to_string())
+    }
 }
 
 /// The open database. Cheap to clone.
@@ -150,6 +113,8 @@ pub struct StoreStats {
 pub struct Store {
     db: Arc<DB>,
     retention: records::Retention,
+    /// "Now", for retention.
+    clock: SharedClock,
     /// Tells apart feature rows of one entity written in the same millisecond.
     row_seq: Arc<std::sync::atomic::AtomicU32>,
     /// Whether writes are failing, and why: see [`Store::check`].
@@ -176,8 +141,6 @@ struct WriteHealth {
     error: parking_lot::Mutex<Option<WriteFailure>>,
     /// RocksDB's count of background errors (flushes, compactions) when last looked at.
     background_errors: std::sync::atomic::AtomicU64,
-    /// Test hook: every write fails while set.
-    inject: std::sync::atomic::AtomicBool,
 }
 
 /// Writes failing, as [`WriteHealth`] remembers it.
@@ -219,14 +182,19 @@ fn db_options() -> Options {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir` with every column family and the default
-    /// retention.
+    /// Opens (or creates) the database in `dir` with every column family, the default
+    /// retention and the system clock.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, records::Retention::default())
+        Self::open_with(dir, records::Retention::default(), crate::clock::system())
     }
 
-    /// Opens (or creates) the database in `dir`, dropping records older than `retention`.
-    pub fn open_with(dir: &Path, retention: records::Retention) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database in `dir`, dropping records older than `retention` by
+    /// `clock`.
+    pub fn open_with(
+        dir: &Path,
+        retention: records::Retention,
+        clock: SharedClock,
+    ) -> Result<Self, StoreError> {
         let opts = db_options();
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         // The default family (only /ready's write probe uses it) is opened with the others'
@@ -238,7 +206,10 @@ impl Store {
             .iter()
             .chain([&rocksdb::DEFAULT_COLUMN_FAMILY_NAME])
             .map(|name| {
-                ColumnFamilyDescriptor::new(*name, family_options(name, &cache, retention))
+                ColumnFamilyDescriptor::new(
+                    *name,
+                    family_options(name, &cache, retention, clock.clone()),
+                )
             });
         let legacy = DB::list_cf(&opts, dir)
             .map(|names| names.iter().any(|n| n == cf::LEGACY_FEATURES))
@@ -263,6 +234,7 @@ impl Store {
             db: Arc::new(db),
             row_seq: Arc::new(std::sync::atomic::AtomicU32::new(seed)),
             retention,
+            clock,
             health: Arc::default(),
         })
     }
@@ -289,7 +261,7 @@ impl Store {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        batch.put(b"modelgate/ready-probe", records::now_ms().to_be_bytes());
+        batch.put(b"modelgate/ready-probe", self.clock.now_ms().to_be_bytes());
         self.write(batch, true)
             .map_err(|e| format!("writes are failing: {e}"))
     }
@@ -302,17 +274,6 @@ impl Store {
             .as_ref()
             .filter(|f| !f.recovers)
             .map(|f| (f.since.elapsed(), f.message.clone()))
-    }
-
-    /// Test hook (fault injection): while `on`, every write fails with [`StoreError::Injected`]
-    /// before reaching RocksDB, as writes do when the disk fails — control-plane writes, record
-    /// batches, outcomes, references, events and `/ready`'s probe alike. The failure counts as
-    /// one RocksDB does not recover from by itself (see `/live`).
-    #[doc(hidden)]
-    pub fn inject_write_failures(&self, on: bool) {
-        self.health
-            .inject
-            .store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// The one way anything is written: commits `batch` (synced when `sync`), and remembers
@@ -328,11 +289,7 @@ impl Store {
     /// [`Store::write`] with explicit write options.
     pub(crate) fn write_opt(&self, batch: WriteBatch, wo: &WriteOptions) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
-        let result = if self.health.inject.load(Ordering::Acquire) {
-            Err(StoreError::Injected)
-        } else {
-            self.db.write_opt(batch, wo).map_err(StoreError::from)
-        };
+        let result = self.db.write_opt(batch, wo).map_err(StoreError::from);
         match &result {
             Ok(()) => {
                 if self.health.failing.load(Ordering::Acquire) {
@@ -344,7 +301,7 @@ impl Store {
                 }
             }
             // A stall refused because the caller asked not to wait is not a failure of the disk.
-            Err(StoreError::Rocks(e)) if e.kind() == rocksdb::ErrorKind::Incomplete => {}
+            Err(e) if e.would_stall() => {}
             Err(e) => {
                 let mut error = self.health.error.lock();
                 if !self.health.failing.swap(true, Ordering::AcqRel) {
@@ -352,7 +309,7 @@ impl Store {
                 }
                 // The clock runs per kind of failure: a full disk turning into an I/O error that
                 // RocksDB does not recover from starts the `/live` deadline afresh.
-                let recovers = e.is_no_space();
+                let recovers = e.recovers();
                 let since = match error.as_ref() {
                     Some(f) if f.recovers == recovers => f.since,
                     _ => std::time::Instant::now(),
@@ -496,7 +453,7 @@ impl Store {
 
     /// Writes one registry update as one batch, synced to disk before returning.
     pub fn write_registry(&self, update: &RegistryUpdate) -> Result<(), StoreError> {
-        self.write_control(&crate::control::Update {
+        self.write_control(&crate::state::Update {
             registry: update.clone(),
             ..Default::default()
         })
@@ -504,7 +461,7 @@ impl Store {
 
     /// Writes one control-plane update (registry, experiments, shadows) as one batch, synced
     /// before returning.
-    pub fn write_control(&self, control: &crate::control::Update) -> Result<(), StoreError> {
+    pub fn write_control(&self, control: &crate::state::Update) -> Result<(), StoreError> {
         let update = &control.registry;
         let experiments = &control.experiments;
         let reg = self.cf(cf::REGISTRY);
@@ -609,7 +566,12 @@ impl Store {
 /// the merge operators of `counters` and `features_latest`, and — for families with a retention —
 /// a compaction filter that drops expired entries, with periodic compaction so that files are
 /// revisited even when nothing else triggers a compaction.
-fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Retention) -> Options {
+fn family_options(
+    family: &str,
+    cache: &rocksdb::Cache,
+    retention: records::Retention,
+    clock: SharedClock,
+) -> Options {
     let mut o = Options::default();
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
     o.set_write_buffer_size(FAMILY_MEMTABLE_BYTES);
@@ -621,9 +583,9 @@ fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Rete
     table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
     o.set_block_based_table_factory(&table);
     match family {
-        cf::COUNTERS => o.set_merge_operator_associative("add", records::add_counters),
+        cf::COUNTERS => o.set_merge_operator_associative("add", counters::add_counters),
         cf::FEATURES_LATEST => {
-            o.set_merge_operator_associative("newest", records::keep_newest);
+            o.set_merge_operator_associative("newest", features::keep_newest);
             // Resolve merge chains at write time (on the writer thread) once they grow, so
             // point reads see few operands.
             o.set_max_successive_merges(2);
@@ -643,8 +605,8 @@ fn family_options(family: &str, cache: &rocksdb::Cache, retention: records::Rete
             .expect("a known family");
         let keep_ms = keep.as_millis() as u64;
         o.set_compaction_filter("retention", move |_level: u32, key: &[u8], value: &[u8]| {
-            match records::record_time(family, key, value) {
-                Some(t) if t < records::now_ms().saturating_sub(keep_ms) => {
+            match retention::record_time(family, key, value) {
+                Some(t) if t < clock.now_ms().saturating_sub(keep_ms) => {
                     rocksdb::CompactionDecision::Remove
                 }
                 _ => rocksdb::CompactionDecision::Keep,
@@ -661,15 +623,58 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("registry records always serialise")
 }
 
-/// Runs a blocking store call off the async runtime.
-pub async fn blocking<T, F>(f: F) -> Result<T, StoreError>
-where
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+pub use crate::storage::blocking;
+
+impl crate::storage::ControlStore for Store {
+    fn load_state(&self) -> Result<crate::state::State, StoreError> {
+        Ok(crate::state::State {
+            registry: self.load_registry()?,
+            experiments: crate::experiment::Experiments::from_records(self.load_experiments()?),
+            shadows: crate::shadow::Shadows::from_records(self.load_shadows()?),
+        })
+    }
+
+    fn write_control(&self, update: &crate::state::Update) -> Result<(), StoreError> {
+        Store::write_control(self, update)
+    }
+}
+
+impl crate::storage::EventLog for Store {
+    fn append_event(&self, e: &crate::pb::modelgate::v1::Event) -> Result<(), StoreError> {
+        Store::append_event(self, e)
+    }
+
+    fn last_event_cursor(&self) -> Result<u64, StoreError> {
+        Store::last_event_cursor(self)
+    }
+
+    fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::pb::modelgate::v1::Event>, StoreError> {
+        Store::events_after(self, after, limit)
+    }
+}
+
+impl crate::storage::StoreHealth for Store {
+    fn check(&self) -> Result<(), String> {
+        Store::check(self)
+    }
+
+    fn unrecoverable_write_failure(&self) -> Option<(std::time::Duration, String)> {
+        Store::unrecoverable_write_failure(self)
+    }
+
+    fn stats(&self) -> StoreStats {
+        Store::stats(self)
+    }
+}
+
+/// The RocksDB store as a [`crate::storage::Storage`]: every part of it.
+pub fn storage(store: Store) -> crate::storage::Storage {
+    let retention = store.retention;
+    crate::storage::Storage::of(Arc::new(store), retention)
 }
 
 #[cfg(test)]

@@ -36,6 +36,16 @@ pub async fn start_with(config: Config) -> Running {
         .expect("modelgate starts")
 }
 
+/// modelgate whose storage can be made to fail or stall (`mg.faults`), through the storage seam.
+pub async fn start_faulty(config: Config) -> Running {
+    modelgate::server::start_with_storage(config, |storage| {
+        let (storage, faults) = modelgate::storage::faults::Faulty::wrap(storage);
+        (storage, Some(faults))
+    })
+    .await
+    .expect("modelgate starts")
+}
+
 /// A built-in model server with one model.
 pub async fn model_server(spec: &str) -> RunningModelServer {
     let spec: ModelSpec = spec.parse().expect("valid spec");

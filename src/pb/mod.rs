@@ -1,4 +1,5 @@
-//! Generated protobuf and gRPC code, in one place.
+//! Generated protobuf and gRPC code, in one place. Conversions between the domain's values and
+//! these messages are in `crate::convert`.
 
 /// The Open Inference Protocol v2 (`inference` package).
 #[allow(missing_docs, clippy::all)]
@@ -25,3 +26,11 @@ pub mod testing {
 /// Encoded `FileDescriptorSet` of every proto modelgate knows, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/modelgate_descriptor.bin"));
+
+/// A Unix time in milliseconds as a protobuf `Timestamp`.
+pub fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
