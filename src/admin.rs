@@ -25,6 +25,9 @@ pub struct Probes {
     pub ready: Check,
     /// `/live`: whether it can still get there without a restart.
     pub live: Check,
+    /// What `/ready` adds to a yes: a degraded but serving state (fleet mode with its Redis
+    /// away).
+    pub detail: Arc<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 /// Brings sampled metrics (RocksDB sizes, drift statistics) up to date before a scrape.
@@ -75,7 +78,10 @@ fn route(
             ),
         },
         "/ready" => match (probes.ready)() {
-            Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
+            Ok(()) => match (probes.detail)() {
+                None => text(StatusCode::OK, PLAIN, "ready\n".into()),
+                Some(detail) => text(StatusCode::OK, PLAIN, format!("ready; {detail}\n")),
+            },
             Err(reason) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 PLAIN,

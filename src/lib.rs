@@ -19,6 +19,7 @@ pub mod drift;
 pub mod events;
 pub mod experiment;
 pub mod feature_store;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ids;

@@ -494,6 +494,11 @@ impl Registry {
             .collect())
     }
 
+    /// Every promotion policy set, by model.
+    pub fn policies(&self) -> impl Iterator<Item = (&String, &PromotionPolicy)> {
+        self.policies.iter()
+    }
+
     /// The promotion policy of a model (empty when none was set).
     pub fn policy(&self, model: &str) -> PromotionPolicy {
         self.policies.get(model).cloned().unwrap_or_default()

@@ -56,6 +56,8 @@ pub struct Running {
     pub faults: Option<Arc<Faults>>,
     /// The RocksDB store itself, for tests of what is on disk (compaction, retention).
     pub store: Store,
+    /// Fleet mode's view of the shared Redis, when `--fleet-store` is set.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
     traces: Option<Arc<crate::traces::Traces>>,
     writer: Option<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
@@ -122,6 +124,7 @@ pub async fn start_with_storage(
     );
     let store = open_store(&config).await?;
     let (storage, faults) = wrap(crate::store::storage(store.clone()));
+    let (storage, fleet) = join_fleet(&config, storage)?;
     let (core, writer) = build_core(&config, storage, declared.as_ref()).await?;
     let (stop, stop_rx) = watch::channel(false);
     let data = start_data_plane(&config, &core, ports.data, tls.data, &stop_rx).await?;
@@ -130,11 +133,13 @@ pub async fn start_with_storage(
         start_periodic_checks(&core, &stop_rx),
     ];
     tasks.extend(watch_state_file(&config, &core, declared, &stop_rx));
+    tasks.extend(watch_fleet(fleet.as_ref(), &core, &stop_rx));
     tasks.push(start_admin_port(
         &config,
         &core,
         ports.admin,
         data.serving,
+        fleet.as_ref().map(|f| f.status.clone()),
         &stop_rx,
     ));
     tracing::info!(
@@ -158,6 +163,7 @@ pub async fn start_with_storage(
         writer: Some(writer),
         faults,
         store,
+        fleet,
         stop,
         data_tasks: data.tasks,
         tasks,
@@ -236,6 +242,59 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
                 config.data_dir.display()
             )
         })
+}
+
+/// Fleet mode: the configuration moves to the fleet's Redis (the replica's own store keeps a
+/// copy). Nothing is connected yet: a Redis that is away at start is a degraded start (the local
+/// copy serves), not a failure; only a malformed setting fails.
+fn join_fleet(
+    config: &Config,
+    storage: Storage,
+) -> anyhow::Result<(Storage, Option<Arc<crate::fleet::Fleet>>)> {
+    match &config.fleet {
+        None => Ok((storage, None)),
+        Some(settings) => {
+            let (storage, fleet) =
+                crate::fleet::storage(settings, storage).map_err(anyhow::Error::msg)?;
+            Ok((storage, Some(Arc::new(fleet))))
+        }
+    }
+}
+
+/// Fleet mode: keeps the control plane at the fleet's configuration, and tells the event stream
+/// when Redis stops or starts answering.
+fn watch_fleet(
+    fleet: Option<&Arc<crate::fleet::Fleet>>,
+    core: &Core,
+    stop_rx: &watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    let fleet = fleet?;
+    let (events, runtime) = (core.events.clone(), tokio::runtime::Handle::current());
+    fleet.status.on_change(Box::new(move |up, error| {
+        let e = if up {
+            crate::events::event(
+                "fleet_store_reachable",
+                "",
+                "the fleet store answers again; control writes work",
+            )
+        } else {
+            crate::events::event(
+                "fleet_store_unreachable",
+                "",
+                format!("the fleet store does not answer; this replica serves the configuration last seen and control writes fail until it returns: {error}"),
+            )
+        };
+        let events = events.clone();
+        runtime.spawn(async move { events.publish(e).await });
+    }));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = fleet.watch(core.plane.clone(), stop.clone());
+    let stopping = stopped(stop_rx.clone());
+    Some(tokio::spawn(async move {
+        stopping.await;
+        stop.store(true, Ordering::Release);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }))
 }
 
 /// What the ports serve from: the control plane, the record pipeline, drift monitoring, events.
@@ -591,6 +650,7 @@ fn start_admin_port(
     core: &Core,
     admin: TcpListener,
     serving: Arc<AtomicUsize>,
+    fleet: Option<Arc<crate::fleet::FleetStatus>>,
     stop_rx: &watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let Core {
@@ -630,8 +690,18 @@ fn start_admin_port(
             monitor.clone(),
             plane.clone(),
         );
-        Arc::new(move || refresh_metrics(&m, &*store, &monitor, &plane))
+        let fleet = fleet.clone();
+        Arc::new(move || {
+            refresh_metrics(&m, &*store, &monitor, &plane);
+            if let Some(f) = &fleet {
+                m.fleet_store_up.set(f.is_up() as i64);
+                m.fleet_config_version.set(f.version() as i64);
+            }
+        })
     };
+    // Still ready while the fleet's Redis is away (the last configuration serves), but saying so.
+    let detail: Arc<dyn Fn() -> Option<String> + Send + Sync> =
+        Arc::new(move || fleet.as_ref().and_then(|f| f.detail()));
     // Live unless RocksDB writes have failed, for longer than the deadline, in a way RocksDB
     // does not recover from by itself: then only a restart (a reopen) brings writes back.
     let live: crate::admin::Check = {
@@ -653,7 +723,11 @@ fn start_admin_port(
         admin,
         metrics.clone(),
         refresh,
-        crate::admin::Probes { ready, live },
+        crate::admin::Probes {
+            ready,
+            live,
+            detail,
+        },
         stopped(stop_rx.clone()),
     ))
 }

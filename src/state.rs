@@ -43,6 +43,41 @@ impl Update {
     }
 }
 
+impl Update {
+    /// The writes that turn a store holding `old` into one holding `new`: every record of `new`,
+    /// and the deletion of the versions and shadows only `old` has. (Models, policies and
+    /// experiments are never deleted, so none is missing from a later state.)
+    pub fn replacing(old: &State, new: &State) -> Update {
+        let mut u = Update::default();
+        for m in new.registry.models() {
+            u.registry.put_models.push(m.meta.clone());
+            u.registry.put_versions.extend(m.versions.values().cloned());
+        }
+        for m in old.registry.models() {
+            let kept = new.registry.model(&m.meta.name).ok();
+            for v in m.versions.keys() {
+                if !kept.is_some_and(|k| k.versions.contains_key(v)) {
+                    u.registry.delete_versions.push((m.meta.name.clone(), *v));
+                }
+            }
+        }
+        u.registry.put_policies = new
+            .registry
+            .policies()
+            .map(|(m, p)| (m.clone(), p.clone()))
+            .collect();
+        u.experiments = new.experiments.all().cloned().collect();
+        u.put_shadows = new.shadows.all().cloned().collect();
+        u.delete_shadows = old
+            .shadows
+            .all()
+            .filter(|s| !new.shadows.all().any(|n| n.model == s.model && n.version == s.version))
+            .map(|s| (s.model.clone(), s.version))
+            .collect();
+        u
+    }
+}
+
 impl From<RegistryUpdate> for Update {
     fn from(registry: RegistryUpdate) -> Self {
         Update {

@@ -155,6 +155,10 @@ pub struct Metrics {
     pub rocksdb_live_data_bytes: Family<FamilyLabels, Gauge>,
     /// 1 while RocksDB stops writes (a write stall).
     pub rocksdb_write_stopped: Gauge,
+    /// 1 while the fleet's Redis answers (0 while it does not, and without a fleet).
+    pub fleet_store_up: Gauge,
+    /// The version of the fleet's configuration this replica serves.
+    pub fleet_config_version: Gauge,
     /// The rate RocksDB slows writes to, in bytes per second; 0 when it does not.
     pub rocksdb_delayed_write_rate: Gauge,
     /// Time writes have been stalled since the database opened.
@@ -296,6 +300,16 @@ impl Metrics {
                 "Estimated live data per column family",
                 bytes(),
                 Family::default()
+            ),
+            fleet_store_up: metric!(
+                "fleet_store_up",
+                "1 while the fleet's Redis (--fleet-store) answers; 0 while it does not, and without --fleet-store",
+                Gauge::default()
+            ),
+            fleet_config_version: metric!(
+                "fleet_config_version",
+                "The version of the fleet's shared configuration this replica serves (0 without --fleet-store)",
+                Gauge::default()
             ),
             rocksdb_write_stopped: metric!(
                 "rocksdb_write_stopped",

@@ -37,6 +37,7 @@ const ADAPTERS: &[&str] = &[
     "ctl",
     "declare",
     "demo",
+    "fleet",
     "fuzzing",
     "model_server",
     "oip",

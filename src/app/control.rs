@@ -2,6 +2,7 @@
 //! durable through the storage seam before it is published, with the routing snapshot rebuilt
 //! from it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -44,7 +45,13 @@ pub struct ControlPlane {
     default_model: Option<String>,
     write_lock: tokio::sync::Mutex<()>,
     events: Option<Arc<crate::events::EventBus>>,
+    /// The version of a shared store's configuration the state was read at (0 otherwise).
+    version: AtomicU64,
 }
+
+/// Attempts at a version-checked change before giving up: each failed attempt means another
+/// replica changed the configuration in between, and this one reloaded it.
+const SHARED_WRITE_ATTEMPTS: usize = 16;
 
 impl ControlPlane {
     /// Loads the registry, experiments and shadows from `storage` and builds the first routing
@@ -54,7 +61,16 @@ impl ControlPlane {
         clock: SharedClock,
         default_model: Option<String>,
     ) -> Result<Self, StoreError> {
-        let state = storage.control.load_state()?;
+        let (version, state) = match storage.control.shared() {
+            Some(shared) => match shared.load_versioned() {
+                Ok(v) => v,
+                // The shared store is away: serve from the local copy (the store's `load_state`
+                // falls back to it); the fleet watcher catches up once it returns.
+                Err(StoreError::Unavailable(_)) => (0, storage.control.load_state()?),
+                Err(e) => return Err(e),
+            },
+            None => (0, storage.control.load_state()?),
+        };
         let routing = RoutingTable::build(&state, default_model.as_deref());
         Ok(ControlPlane {
             storage,
@@ -64,6 +80,7 @@ impl ControlPlane {
             default_model,
             write_lock: tokio::sync::Mutex::new(()),
             events: None,
+            version: AtomicU64::new(version),
         })
     }
 
@@ -119,21 +136,91 @@ impl ControlPlane {
 
     /// Applies `op` to a copy of the whole state, makes its update durable in one synced batch,
     /// and only then publishes the copy and a rebuilt routing table.
+    ///
+    /// With a shared store (fleet mode) the write is checked against the version the state was
+    /// read at; when another replica changed the configuration in between, the state is
+    /// reloaded and `op` applied again to it — which is why `op` may run more than once.
     pub async fn update_state<R>(
         &self,
-        op: impl FnOnce(&mut State) -> Result<(R, Update), ControlError>,
+        mut op: impl FnMut(&mut State) -> Result<(R, Update), ControlError>,
     ) -> Result<R, ControlError> {
         let _guard = self.write_lock.lock().await;
-        let mut next = State::clone(&self.state.load());
-        let (out, update) = op(&mut next)?;
-        if !update.is_empty() {
-            let control = self.storage.control.clone();
-            storage::blocking(move || control.write_control(&update)).await?;
-            let routing = RoutingTable::build(&next, self.default_model.as_deref());
-            self.state.store(Arc::new(next));
-            self.routing.store(Arc::new(routing));
+        if self.storage.control.shared().is_none() {
+            let mut next = State::clone(&self.state.load());
+            let (out, update) = op(&mut next)?;
+            if !update.is_empty() {
+                let control = self.storage.control.clone();
+                storage::blocking(move || control.write_control(&update)).await?;
+                self.publish_state(next);
+            }
+            return Ok(out);
         }
-        Ok(out)
+        for _ in 0..SHARED_WRITE_ATTEMPTS {
+            let base = self.version.load(Ordering::Acquire);
+            let mut next = State::clone(&self.state.load());
+            let (out, update) = op(&mut next)?;
+            if update.is_empty() {
+                return Ok(out);
+            }
+            let control = self.storage.control.clone();
+            let written = storage::blocking(move || {
+                let shared = control.shared().expect("checked above");
+                shared.write_if(base, &update)
+            })
+            .await?;
+            match written {
+                Some(version) => {
+                    self.version.store(version, Ordering::Release);
+                    self.publish_state(next);
+                    return Ok(out);
+                }
+                None => {
+                    let control = self.storage.control.clone();
+                    let (version, state) = storage::blocking(move || {
+                        control.shared().expect("checked above").load_versioned()
+                    })
+                    .await?;
+                    self.version.store(version, Ordering::Release);
+                    self.publish_state(state);
+                }
+            }
+        }
+        Err(ControlError::Store(StoreError::Unavailable(format!(
+            "the shared configuration changed under {SHARED_WRITE_ATTEMPTS} attempts in a row; retry"
+        ))))
+    }
+
+    /// Publishes `next` and a routing table built from it.
+    fn publish_state(&self, next: State) {
+        let routing = RoutingTable::build(&next, self.default_model.as_deref());
+        self.state.store(Arc::new(next));
+        self.routing.store(Arc::new(routing));
+    }
+
+    /// The version of the shared configuration this replica serves (0 without a shared store,
+    /// or before it was first reached).
+    pub fn shared_version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Catches up with a shared store (blocking; the fleet watcher's thread calls it): when its
+    /// configuration is at another version than the one served, loads and publishes it. Returns
+    /// the version now served. Without a shared store, does nothing.
+    pub fn refresh_blocking(&self) -> Result<u64, StoreError> {
+        let Some(shared) = self.storage.control.shared() else {
+            return Ok(0);
+        };
+        let stored = shared.version()?;
+        if stored == self.shared_version() {
+            return Ok(stored);
+        }
+        let _guard = self.write_lock.blocking_lock();
+        let (version, state) = shared.load_versioned()?;
+        self.version.store(version, Ordering::Release);
+        if *self.state.load_full() != state {
+            self.publish_state(state);
+        }
+        Ok(version)
     }
 }
 

@@ -226,6 +226,28 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub state_poll_interval: Duration,
 
+    /// Fleet mode: the Redis several replicas share, `redis://[user:password@]host:port[/db]`
+    /// (`rediss://` for TLS); a comma-separated list of seeds for a Redis Cluster. Without it a
+    /// replica keeps everything in its own RocksDB. See docs/fleet.md (env
+    /// MODELGATE_FLEET_STORE; keep the password in the environment or a Secret).
+    #[arg(long, value_name = "URL[,URL…]")]
+    pub fleet_store: Option<String>,
+
+    /// The fleet's name: every Redis key starts with `modelgate:<name>:`, so several fleets
+    /// share one Redis (env MODELGATE_FLEET_NAME).
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub fleet_name: String,
+
+    /// The --fleet-store is a Redis Cluster even though it is given one seed (env
+    /// MODELGATE_FLEET_CLUSTER).
+    #[arg(long)]
+    pub fleet_cluster: bool,
+
+    /// Timeout of each call to the fleet's Redis, connecting included (env
+    /// MODELGATE_FLEET_TIMEOUT).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub fleet_timeout: Duration,
+
     /// Serve the data port over TLS with this certificate chain, PEM, leaf first (with
     /// --tls-key; env MODELGATE_TLS_CERT).
     #[arg(long, value_name = "FILE")]

@@ -79,6 +79,8 @@ pub struct Config {
     pub webhooks: Vec<crate::webhook::Webhook>,
     /// Declarative state file, applied at start and on change.
     pub state_file: Option<PathBuf>,
+    /// Fleet mode: the Redis shared with the other replicas.
+    pub fleet: Option<crate::fleet::FleetSettings>,
     /// How often the state file is checked for changes.
     pub state_poll_interval: Duration,
     /// TLS on the data port (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
@@ -132,6 +134,20 @@ impl std::fmt::Debug for Config {
             .field("webhooks", &self.webhooks)
             .field("state_file", &self.state_file)
             .field("state_poll_interval", &self.state_poll_interval)
+            // Addresses without their passwords.
+            .field(
+                "fleet",
+                &self.fleet.as_ref().map(|f| {
+                    (
+                        f.redis
+                            .urls
+                            .iter()
+                            .map(|u| crate::fleet::redis::redact(u))
+                            .collect::<Vec<_>>(),
+                        &f.name,
+                    )
+                }),
+            )
             // Paths only: key material is never loaded into the configuration.
             .field("tls", &self.tls)
             .field("upstream_tls", &self.upstream_tls)
@@ -333,6 +349,44 @@ impl Config {
                 ),
             ));
         }
+        let fleet = match &a.fleet_store {
+            None => None,
+            Some(list) => {
+                crate::fleet::validate_name(&a.fleet_name).map_err(|e| bad("fleet_name", e))?;
+                if a.fleet_timeout.is_zero() {
+                    return Err(bad("fleet_timeout", "must be more than 0".into()));
+                }
+                let urls: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if urls.is_empty() {
+                    return Err(bad("fleet_store", "no Redis URL".into()));
+                }
+                for u in &urls {
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                        return Err(bad(
+                            "fleet_store",
+                            format!(
+                                "'{}' is not a redis:// or rediss:// URL",
+                                crate::fleet::redis::redact(u)
+                            ),
+                        ));
+                    }
+                }
+                Some(crate::fleet::FleetSettings {
+                    redis: crate::fleet::RedisSettings {
+                        urls,
+                        cluster: a.fleet_cluster,
+                        timeout: a.fleet_timeout,
+                    },
+                    name: a.fleet_name.clone(),
+                    poll: Duration::from_millis(500),
+                })
+            }
+        };
         // The state file's contents are checked by `declare::check_setting` (it reads the file;
         // this stays free of I/O), still before any port is bound or the database is opened.
         let tls = server_tls(
@@ -409,6 +463,7 @@ impl Config {
             webhooks,
             state_file: a.state_file,
             state_poll_interval: a.state_poll_interval,
+            fleet,
             log_format: a.log_format,
             log_level: a.log_level,
             tls,

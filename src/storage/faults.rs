@@ -76,6 +76,11 @@ impl ControlStore for Faulty {
         self.faults.write()?;
         self.inner.control.write_control(update)
     }
+
+    // A shared store's version-checked writes are not faulted: fleet tests stop Redis instead.
+    fn shared(&self) -> Option<&dyn crate::storage::SharedControl> {
+        self.inner.control.shared()
+    }
 }
 
 impl RecordLog for Faulty {

@@ -72,6 +72,10 @@ pub enum StoreError {
     /// A blocking task did not finish (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
+    /// A shared store (fleet mode's Redis) cannot be reached: nothing was changed, and the
+    /// caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// A write refused by the fault injector ([`faults::Faulty`], tests only).
     #[error("rocksdb: IO error: write failure injected for a test (as if the disk had failed)")]
     Injected,
@@ -157,6 +161,24 @@ pub trait ControlStore: Send + Sync {
     fn load_state(&self) -> StoreResult<State>;
     /// Makes one control change durable, atomically and synced, before it returns.
     fn write_control(&self, update: &Update) -> StoreResult<()>;
+    /// The store as one that several writers share (fleet mode), whose changes must be
+    /// version-checked; `None` (the default) for a store this process alone writes.
+    fn shared(&self) -> Option<&dyn SharedControl> {
+        None
+    }
+}
+
+/// A configuration several replicas write: every change is checked against the version it was
+/// made from, so that two writers at once cannot lose an update (the loser reloads and applies
+/// its change again).
+pub trait SharedControl: Send + Sync {
+    /// The stored configuration and its version, read at once.
+    fn load_versioned(&self) -> StoreResult<(u64, State)>;
+    /// The version of the stored configuration (0 when there is none).
+    fn version(&self) -> StoreResult<u64>;
+    /// Writes `update` if the stored configuration is still at version `base`: the new version,
+    /// or `None` when another writer got there first (nothing was written).
+    fn write_if(&self, base: u64, update: &Update) -> StoreResult<Option<u64>>;
 }
 
 /// One write of a record batch.

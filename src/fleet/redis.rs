@@ -1,0 +1,183 @@
+//! The connection to the fleet's Redis: standalone (`redis://`, `rediss://` for TLS) or a
+//! Cluster (a seed list, or `--fleet-cluster`), one blocking connection shared under a mutex and
+//! re-made after a failure.
+//!
+//! Blocking on purpose: the storage seam's calls run on blocking threads (the record writer, the
+//! control plane's `storage::blocking`), never on the request path, and a blocking client keeps
+//! Cluster, TLS and Lua scripts to one code path. Every call has a timeout, so an unreachable
+//! Redis costs a caller at most that long, and answers [`StoreError::Unavailable`].
+
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::{ConnectionLike, RedisError, RedisResult};
+
+use crate::storage::{StoreError, StoreResult};
+
+/// Where the fleet's Redis is and how to reach it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…`; several for a Cluster's seeds.
+    pub urls: Vec<String>,
+    /// Talk to a Redis Cluster (implied by several URLs).
+    pub cluster: bool,
+    /// Connect, read and write timeout of each call.
+    pub timeout: Duration,
+}
+
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+enum Conn {
+    Single(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl Conn {
+    fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c,
+        }
+    }
+}
+
+/// The fleet's Redis.
+pub struct Redis {
+    client: Client,
+    /// A plain client of the first node, for subscriptions (a Cluster broadcasts PUBLISH to
+    /// every node, so any node's subscribers see every message).
+    first: redis::Client,
+    conn: Mutex<Option<Conn>>,
+    timeout: Duration,
+    /// The addresses, without credentials, for messages.
+    pub display: String,
+}
+
+/// An address without its credentials, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Redis {
+    /// Parses the settings (no connection is made yet: a Redis that is away at start is a
+    /// degraded start, not a failure). A malformed URL is an error naming it.
+    pub fn open(settings: &RedisSettings) -> Result<Redis, String> {
+        if settings.urls.is_empty() {
+            return Err("--fleet-store: no Redis URL".into());
+        }
+        let display = settings
+            .urls
+            .iter()
+            .map(|u| redact(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let bad = |u: &str, e: RedisError| format!("--fleet-store {}: {e}", redact(u));
+        for u in &settings.urls {
+            redis::Client::open(u.as_str()).map_err(|e| bad(u, e))?;
+        }
+        let first = redis::Client::open(settings.urls[0].as_str())
+            .map_err(|e| bad(&settings.urls[0], e))?;
+        let client = if settings.cluster || settings.urls.len() > 1 {
+            Client::Cluster(
+                redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
+                    .connection_timeout(settings.timeout)
+                    .response_timeout(settings.timeout)
+                    .retries(1)
+                    .build()
+                    .map_err(|e| format!("--fleet-store {display}: {e}"))?,
+            )
+        } else {
+            Client::Single(first.clone())
+        };
+        Ok(Redis {
+            client,
+            first,
+            conn: Mutex::new(None),
+            timeout: settings.timeout,
+            display,
+        })
+    }
+
+    fn connect(&self) -> RedisResult<Conn> {
+        Ok(match &self.client {
+            Client::Single(c) => {
+                let conn = c.get_connection_with_timeout(self.timeout)?;
+                conn.set_read_timeout(Some(self.timeout))?;
+                conn.set_write_timeout(Some(self.timeout))?;
+                Conn::Single(conn)
+            }
+            Client::Cluster(c) => Conn::Cluster(c.get_connection()?),
+        })
+    }
+
+    /// Runs `f` on the connection, connecting first when there is none. A failure drops the
+    /// connection (the next call connects again) and is [`StoreError::Unavailable`].
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut dyn ConnectionLike) -> RedisResult<T>,
+    ) -> StoreResult<T> {
+        let mut guard = self.conn.lock();
+        if guard.is_none() {
+            *guard = Some(self.connect().map_err(|e| self.unavailable(e))?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        f(conn.as_dyn()).map_err(|e| {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_unrecoverable_error()
+            {
+                *guard = None;
+            }
+            self.unavailable(e)
+        })
+    }
+
+    /// A connection for SUBSCRIBE, whose reads time out after `poll` (so its reader can also
+    /// check for changes it missed, and notice when it should stop).
+    pub fn subscriber(&self, poll: Duration) -> RedisResult<redis::Connection> {
+        let conn = self.first.get_connection_with_timeout(self.timeout)?;
+        conn.set_read_timeout(Some(poll))?;
+        conn.set_write_timeout(Some(self.timeout))?;
+        Ok(conn)
+    }
+
+    fn unavailable(&self, e: RedisError) -> StoreError {
+        StoreError::Unavailable(format!("fleet store (Redis at {}): {e}", self.display))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_reach_messages() {
+        assert_eq!(
+            redact("rediss://fleet:s3cret@redis.internal:6380/0"),
+            "rediss://redis.internal:6380/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn a_malformed_url_is_named() {
+        let e = Redis::open(&RedisSettings {
+            urls: vec!["http://x:1".into()],
+            cluster: false,
+            timeout: Duration::from_secs(1),
+        })
+        .err()
+        .unwrap();
+        assert!(e.starts_with("--fleet-store http://x:1"), "{e}");
+    }
+}
