@@ -503,7 +503,7 @@ impl Experiments {
 }
 
 /// The counters of one variant.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct VariantCounts {
     /// Counted requests.
     pub requests: u64,
@@ -619,6 +619,33 @@ pub const UNIT_SKETCH_PRECISION: usize = 12;
 
 /// The distinct-unit sketch of an experiment variant (HyperLogLog).
 pub type UnitSketch = simple_hll::HyperLogLog<UNIT_SKETCH_PRECISION>;
+
+impl VariantCounts {
+    /// Adds another replica's counters of the same variant; `units` is left alone (distinct
+    /// units do not add up: merge the sketches with [`merge_unit_registers`]).
+    pub fn merge(&mut self, o: &VariantCounts) {
+        self.requests += o.requests;
+        self.outcomes += o.outcomes;
+        self.judged += o.judged;
+        self.successes += o.successes;
+        self.numeric = self.numeric.merge(&o.numeric);
+    }
+}
+
+/// Merges a sketch's registers into `into` (the register-wise maximum: the sketch of the union
+/// of both sets of units). Registers of another size are ignored.
+pub fn merge_unit_registers(into: &mut Vec<u8>, registers: &[u8]) {
+    if registers.len() != 1 << UNIT_SKETCH_PRECISION {
+        return;
+    }
+    if into.len() != registers.len() {
+        *into = registers.to_vec();
+        return;
+    }
+    for (a, b) in into.iter_mut().zip(registers) {
+        *a = (*a).max(*b);
+    }
+}
 
 /// The distinct units a sketch's registers count (0 for registers of another size).
 pub fn unit_estimate_registers(registers: &[u8]) -> u64 {

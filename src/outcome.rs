@@ -84,7 +84,7 @@ pub fn judge(prediction: Option<&Prediction>, actual: &Actual) -> Result<Judgeme
 }
 
 /// Running sums over judgements; exact, and reversible (an overwritten outcome is subtracted).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tally {
     /// Outcomes recorded.
     pub outcomes: u64,
@@ -165,6 +165,16 @@ impl Tally {
         self.regression += d.regression as u64;
         self.abs_error += d.abs_error;
         self.sq_error += d.sq_error;
+    }
+
+    /// Adds another tally (another replica's share of the same version's outcomes).
+    pub fn merge(&mut self, o: &Tally) {
+        self.outcomes += o.outcomes;
+        self.judged += o.judged;
+        self.successes += o.successes;
+        self.regression += o.regression;
+        self.abs_error += o.abs_error;
+        self.sq_error += o.sq_error;
     }
 
     /// Share of judged outcomes that were right.

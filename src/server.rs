@@ -125,7 +125,9 @@ pub async fn start_with_storage(
     let store = open_store(&config).await?;
     let (storage, faults) = wrap(crate::store::storage(store.clone()));
     let (storage, fleet) = join_fleet(&config, storage)?;
-    let (core, writer) = build_core(&config, storage, declared.as_ref()).await?;
+    // The record writer adds to the replica's own tallies (a fleet publishes them).
+    let own_tallies = fleet.as_ref().map(|f| f.local_tallies.clone());
+    let (core, writer) = build_core(&config, storage, own_tallies, declared.as_ref()).await?;
     let (stop, stop_rx) = watch::channel(false);
     let data = start_data_plane(&config, &core, ports.data, tls.data, &stop_rx).await?;
     let mut tasks = vec![
@@ -254,8 +256,8 @@ fn join_fleet(
     match &config.fleet {
         None => Ok((storage, None)),
         Some(settings) => {
-            let (storage, fleet) =
-                crate::fleet::storage(settings, storage).map_err(anyhow::Error::msg)?;
+            let (storage, fleet) = crate::fleet::storage(settings, storage, &config.data_dir)
+                .map_err(anyhow::Error::msg)?;
             Ok((storage, Some(Arc::new(fleet))))
         }
     }
@@ -288,12 +290,17 @@ fn watch_fleet(
         runtime.spawn(async move { events.publish(e).await });
     }));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let thread = fleet.watch(core.plane.clone(), stop.clone());
+    let threads = fleet.start(core.plane.clone(), stop.clone());
     let stopping = stopped(stop_rx.clone());
     Some(tokio::spawn(async move {
         stopping.await;
         stop.store(true, Ordering::Release);
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }))
 }
 
@@ -313,6 +320,7 @@ struct Core {
 async fn build_core(
     config: &Config,
     storage: Storage,
+    own_tallies: Option<Arc<dyn crate::storage::Tallies>>,
     declared: Option<&crate::declare::Loaded>,
 ) -> anyhow::Result<(Core, std::thread::JoinHandle<()>)> {
     let clock = config.clock.clone();
@@ -355,7 +363,7 @@ async fn build_core(
     ));
     let (recorder, writer) = Recorder::start(
         storage.records.clone(),
-        storage.tallies.clone(),
+        own_tallies.unwrap_or_else(|| storage.tallies.clone()),
         RecorderSettings {
             record_predictions: config.record_predictions,
             queue: config.record_queue,
@@ -538,6 +546,7 @@ async fn start_control_port(
         plane,
         monitor,
         recorder,
+        metrics,
         ..
     } = core;
     let (ctl_health_reporter, ctl_health) = tonic_health::server::health_reporter();
@@ -550,7 +559,8 @@ async fn start_control_port(
         RegistryServer::with_interceptor(RegistryService::new(plane.clone()), auth.clone());
     let outcomes =
         crate::app::outcomes::Outcomes::new(storage.clone(), clock.clone(), recorder.clone())
-            .with_observer(monitor.clone());
+            .with_observer(monitor.clone())
+            .with_observer(metrics.clone());
     let records = RecordServices::new(outcomes, recorder.catalog().clone(), plane.clone());
     // The header limit of the data port. No server-side deadline: tonic would cap every caller's
     // grpc-timeout with it (a long `ctl outcomes import` or artifact hash would be cut, and

@@ -377,7 +377,7 @@ pub struct Disagreement {
 }
 
 /// The counters of one shadow.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShadowCounts {
     /// Copies sent.
     pub mirrored: u64,
@@ -437,6 +437,20 @@ impl ShadowCounter {
 }
 
 impl ShadowCounts {
+    /// Adds another shadow's counters (another replica's share of the same shadow).
+    pub fn merge(&mut self, o: &ShadowCounts) {
+        self.mirrored += o.mirrored;
+        self.skipped += o.skipped;
+        self.dropped += o.dropped;
+        self.timeouts += o.timeouts;
+        self.suppressed += o.suppressed;
+        for (code, n) in &o.errors {
+            *self.errors.entry(code.clone()).or_default() += n;
+        }
+        self.compared += o.compared;
+        self.agreed += o.agreed;
+    }
+
     /// Adds `n` to `counter` (a stored name that is not a counter's is ignored: see
     /// [`ShadowCounts::add_stored`]).
     pub fn add(&mut self, counter: ShadowCounter, n: u64) {

@@ -127,7 +127,7 @@ pub fn wilson_95(successes: u64, n: u64) -> Result<(f64, f64), Unavailable> {
 
 /// Count, mean and M2 (sum of squared deviations) of a sample: mergeable (Chan et al.) and
 /// numerically stable (Welford), so it can live in a RocksDB merge operator.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Moments {
     /// Observations.
     pub n: u64,

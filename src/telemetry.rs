@@ -85,6 +85,52 @@ pub struct VariantLabels {
     pub variant: String,
 }
 
+/// Labels of an experiment variant's outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Experiment name.
+    pub experiment: String,
+    /// Variant name.
+    pub variant: String,
+    /// `success`, `failure` or `unjudged`.
+    pub result: String,
+}
+
+/// Per-variant outcome counters, for Prometheus-based rollout analysis (Flagger, Argo
+/// Rollouts): summed over a fleet's pods they are the fleet's figures.
+impl crate::app::outcomes::OutcomeObserver for Metrics {
+    fn observe_outcome(&self, _: &str, _: u32, _: &crate::outcome::Judgement) {}
+
+    fn observe_variant_outcome(
+        &self,
+        experiment: &str,
+        variant: &str,
+        judgement: &crate::outcome::Judgement,
+        value: Option<f64>,
+    ) {
+        let result = match judgement.success {
+            Some(true) => "success",
+            Some(false) => "failure",
+            None => "unjudged",
+        };
+        self.experiment_outcomes
+            .get_or_create(&OutcomeLabels {
+                experiment: experiment.to_string(),
+                variant: variant.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+        if let Some(x) = value {
+            let l = VariantLabels {
+                experiment: experiment.to_string(),
+                variant: variant.to_string(),
+            };
+            self.experiment_outcome_value_sum.get_or_create(&l).inc_by(x);
+            self.experiment_outcome_value_count.get_or_create(&l).inc();
+        }
+    }
+}
+
 /// Labels of a monitored feature.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FeatureLabels {
@@ -133,6 +179,12 @@ pub struct Metrics {
     pub shadow_agreed: Family<VersionLabels, Counter>,
     /// Requests counted in an experiment, per variant.
     pub experiment_requests: Family<VariantLabels, Counter>,
+    /// Outcomes counted in an experiment, per variant and result.
+    pub experiment_outcomes: Family<OutcomeLabels, Counter>,
+    /// Sum of the numeric outcomes counted in an experiment, per variant.
+    pub experiment_outcome_value_sum: Family<VariantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Numeric outcomes counted in an experiment, per variant.
+    pub experiment_outcome_value_count: Family<VariantLabels, Counter>,
     /// Latest drift test statistic per feature (KS D or chi-square).
     pub drift_statistic: Family<FeatureLabels, FloatGauge>,
     /// Its p-value (Benjamini–Hochberg adjusted).
@@ -246,6 +298,21 @@ impl Metrics {
             experiment_requests: metric!(
                 "experiment_requests",
                 "Requests counted in an experiment, per variant",
+                Family::default()
+            ),
+            experiment_outcomes: metric!(
+                "experiment_outcomes",
+                "Outcomes counted in an experiment, per variant and result (success, failure, or unjudged for numeric outcomes without a verdict); an overwritten outcome counts again",
+                Family::default()
+            ),
+            experiment_outcome_value_sum: metric!(
+                "experiment_outcome_value_sum",
+                "Sum of the numeric outcomes counted in an experiment, per variant",
+                Family::default()
+            ),
+            experiment_outcome_value_count: metric!(
+                "experiment_outcome_value_count",
+                "Numeric outcomes counted in an experiment, per variant",
                 Family::default()
             ),
             drift_statistic: metric!(

@@ -26,6 +26,7 @@ fn fleet_config(dir: &std::path::Path, urls: &str) -> Config {
         },
         name: "test".into(),
         poll: Duration::from_millis(200),
+        outcome_window: Duration::from_secs(3600),
     });
     c
 }

@@ -23,10 +23,21 @@ pub trait PendingPredictions: Send + Sync {
     fn pending(&self, request_id: &RequestId) -> Option<pb::PredictionRecord>;
 }
 
-/// Whoever watches judged outcomes (concept drift).
+/// Whoever watches judged outcomes (concept drift, the per-variant metrics).
 pub trait OutcomeObserver: Send + Sync {
     /// One more judgement of `model` `version`.
     fn observe_outcome(&self, model: &str, version: u32, judgement: &Judgement);
+
+    /// One more outcome counted in an experiment's variant (outcomes of forced variants are
+    /// not counted), with its numeric value when it has one.
+    fn observe_variant_outcome(
+        &self,
+        _experiment: &str,
+        _variant: &str,
+        _judgement: &Judgement,
+        _value: Option<f64>,
+    ) {
+    }
 }
 
 /// An outcome as it arrives.
@@ -92,7 +103,7 @@ pub struct Outcomes {
     storage: Storage,
     clock: SharedClock,
     pending: Arc<dyn PendingPredictions>,
-    observer: Option<Arc<dyn OutcomeObserver>>,
+    observers: Vec<Arc<dyn OutcomeObserver>>,
     /// Outcome writes for one request are serialised (duplicate checks, tally deltas).
     stripes: Arc<[Mutex<()>; 64]>,
 }
@@ -104,14 +115,14 @@ impl Outcomes {
             storage,
             clock,
             pending,
-            observer: None,
+            observers: Vec::new(),
             stripes: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
         }
     }
 
-    /// Tells `observer` of every judged outcome.
+    /// Tells `observer` (too) of every judged outcome.
     pub fn with_observer(mut self, observer: Arc<dyn OutcomeObserver>) -> Self {
-        self.observer = Some(observer);
+        self.observers.push(observer);
         self
     }
 
@@ -196,15 +207,29 @@ impl Outcomes {
                 },
             )
         });
-        self.storage.records.write_outcome(OutcomeWrite {
-            outcome: &out,
-            time_ms,
-            judgement: &judgement,
-            replaced,
-            counted: !rec.variant_forced,
-        })?;
-        if let Some(m) = &self.observer {
+        self.storage
+            .records
+            .write_outcome(OutcomeWrite {
+                outcome: &out,
+                time_ms,
+                judgement: &judgement,
+                replaced,
+                counted: !rec.variant_forced,
+            })
+            .map_err(|e| match e {
+                // Another replica of the fleet recorded this row's outcome in between.
+                StoreError::AlreadyExists => OutcomeError::AlreadyRecorded {
+                    request_id: id.clone(),
+                    row: o.row,
+                },
+                e => OutcomeError::Storage(e),
+            })?;
+        let value = crate::storage::actual_number(&out);
+        for m in &self.observers {
             m.observe_outcome(&out.model, out.version, &judgement);
+            if !out.experiment.is_empty() && !rec.variant_forced {
+                m.observe_variant_outcome(&out.experiment, &out.variant, &judgement, value);
+            }
         }
         Ok(out)
     }

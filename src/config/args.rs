@@ -243,6 +243,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub fleet_cluster: bool,
 
+    /// Fleet mode: how long a prediction can be joined by an outcome sent to any replica (its
+    /// stub's TTL in Redis; env MODELGATE_OUTCOME_WINDOW).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub outcome_window: Duration,
+
     /// Timeout of each call to the fleet's Redis, connecting included (env
     /// MODELGATE_FLEET_TIMEOUT).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]

@@ -353,6 +353,9 @@ impl Config {
             None => None,
             Some(list) => {
                 crate::fleet::validate_name(&a.fleet_name).map_err(|e| bad("fleet_name", e))?;
+                if a.outcome_window < Duration::from_secs(1) {
+                    return Err(bad("outcome_window", "must be at least 1s".into()));
+                }
                 if a.fleet_timeout.is_zero() {
                     return Err(bad("fleet_timeout", "must be more than 0".into()));
                 }
@@ -384,6 +387,7 @@ impl Config {
                     },
                     name: a.fleet_name.clone(),
                     poll: Duration::from_millis(500),
+                    outcome_window: a.outcome_window,
                 })
             }
         };

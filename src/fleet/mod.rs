@@ -2,12 +2,16 @@
 //! share (docs/fleet.md). An adapter behind the storage seam: the control plane and the use
 //! cases do not know whether they run alone or in a fleet.
 //!
-//! What is shared so far: the configuration ([`control`]). Each replica keeps everything else in
+//! What is shared: the configuration ([`control`]), the tallies ([`tallies`]), and what joins an
+//! outcome to its prediction on any replica ([`outcomes`]). Each replica keeps everything else in
 //! its own RocksDB, as without a fleet.
 
 pub mod control;
+pub mod outcomes;
 pub mod redis;
+pub mod tallies;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +34,8 @@ pub struct FleetSettings {
     /// How often a replica checks the configuration's version besides listening for changes
     /// (a lost notification only delays a change by this much).
     pub poll: Duration,
+    /// How long a prediction's stub stays in Redis for its outcome to join on any replica.
+    pub outcome_window: Duration,
 }
 
 /// Longest fleet name.
@@ -134,22 +140,72 @@ impl FleetStatus {
     }
 }
 
+/// This replica's id in the fleet: made once (a UUIDv7) and kept in `data_dir`, so that a
+/// restarted replica publishes its tallies under the same name (replacing, not adding to, what
+/// it published before).
+pub fn replica_id(data_dir: &Path) -> Result<String, String> {
+    let path = data_dir.join("fleet-replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        Ok(_) | Err(_) => {
+            let id = uuid::Uuid::now_v7().to_string();
+            // Written whole, then renamed: a crash leaves the old file or the new one.
+            let tmp = data_dir.join("fleet-replica-id.tmp");
+            std::fs::write(&tmp, &id)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
 /// The fleet's shared parts over a replica's own `local` storage.
-pub fn storage(settings: &FleetSettings, local: Storage) -> Result<(Storage, Fleet), String> {
+pub fn storage(
+    settings: &FleetSettings,
+    local: Storage,
+    data_dir: &Path,
+) -> Result<(Storage, Fleet), String> {
     let redis = Arc::new(redis::Redis::open(&settings.redis)?);
+    let replica = replica_id(data_dir)?;
     let status = Arc::new(FleetStatus::default());
+    let prefix = settings.prefix();
     let control = Arc::new(control::FleetControl::new(
         redis.clone(),
-        &settings.prefix(),
+        &prefix,
         local.control.clone(),
         status.clone(),
     ));
+    let tallies = Arc::new(tallies::FleetTallies::new(
+        redis.clone(),
+        &prefix,
+        replica.clone(),
+        local.tallies.clone(),
+        status.clone(),
+    ));
+    let (records, flusher) = outcomes::FleetRecords::new(
+        redis.clone(),
+        &prefix,
+        settings.outcome_window,
+        local.records.clone(),
+        status.clone(),
+    );
+    let stubs_dropped = records.dropped.clone();
+    let local_tallies = local.tallies.clone();
     Ok((
-        Storage { control, ..local },
+        Storage {
+            control,
+            tallies,
+            records: Arc::new(records),
+            ..local
+        },
         Fleet {
             redis,
             status,
             settings: settings.clone(),
+            replica,
+            local_tallies,
+            flusher: Mutex::new(Some(flusher)),
+            stubs_dropped,
         },
     ))
 }
@@ -160,9 +216,61 @@ pub struct Fleet {
     /// Whether Redis answers.
     pub status: Arc<FleetStatus>,
     settings: FleetSettings,
+    /// This replica's id.
+    pub replica: String,
+    /// This replica's own tallies (what the record writer adds to, and what it publishes).
+    pub local_tallies: Arc<dyn crate::storage::Tallies>,
+    flusher: Mutex<Option<outcomes::StubFlusher>>,
+    /// Prediction stubs dropped because Redis was away too long.
+    pub stubs_dropped: Arc<AtomicU64>,
 }
 
+/// How often a replica publishes its tallies.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
 impl Fleet {
+    /// Starts the fleet's threads — the configuration watcher, the tally publisher, the stub
+    /// flusher — until `stop`; `plane` is the configuration they follow.
+    pub fn start(
+        &self,
+        plane: Arc<ControlPlane>,
+        stop: Arc<AtomicBool>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let mut threads = vec![
+            self.watch(plane.clone(), stop.clone()),
+            self.publish(plane, stop.clone()),
+        ];
+        if let Some(flusher) = self.flusher.lock().take() {
+            threads.push(
+                std::thread::Builder::new()
+                    .name("modelgate-fleet-stubs".into())
+                    .spawn(move || flusher.run(stop))
+                    .expect("spawning the stub flusher"),
+            );
+        }
+        threads
+    }
+
+    /// Publishes this replica's tallies every [`PUBLISH_EVERY`] until `stop`.
+    pub fn publish(
+        &self,
+        state: Arc<dyn crate::state::StateSource>,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let publisher = tallies::Publisher {
+            redis: self.redis.clone(),
+            keys: tallies::Publisher::keys(&self.settings.prefix()),
+            replica: self.replica.clone(),
+            local: self.local_tallies.clone(),
+            state,
+            status: self.status.clone(),
+        };
+        std::thread::Builder::new()
+            .name("modelgate-fleet-tallies".into())
+            .spawn(move || publisher.run(PUBLISH_EVERY, 20, stop))
+            .expect("spawning the tally publisher")
+    }
+
     /// Keeps `plane` at the fleet's configuration: a thread listens for change notifications
     /// and, every `poll` besides, compares versions and reloads on a difference. Stops when
     /// `stop` turns true.

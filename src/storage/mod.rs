@@ -72,6 +72,10 @@ pub enum StoreError {
     /// A blocking task did not finish (panicked or was cancelled).
     #[error("storage task failed: {0}")]
     Task(String),
+    /// The record exists already and may not be replaced (an outcome another replica of the
+    /// fleet recorded first).
+    #[error("already recorded")]
+    AlreadyExists,
     /// A shared store (fleet mode's Redis) cannot be reached: nothing was changed, and the
     /// caller may retry.
     #[error("{0}")]
