@@ -256,8 +256,9 @@ fn join_fleet(
     match &config.fleet {
         None => Ok((storage, None)),
         Some(settings) => {
-            let (storage, fleet) = crate::fleet::storage(settings, storage, &config.data_dir)
-                .map_err(anyhow::Error::msg)?;
+            let (storage, fleet) =
+                crate::fleet::storage(settings, storage, &config.data_dir, config.clock.clone())
+                    .map_err(anyhow::Error::msg)?;
             Ok((storage, Some(Arc::new(fleet))))
         }
     }

@@ -260,3 +260,284 @@ async fn redis_auth_is_used_and_a_wrong_password_is_a_clear_refusal() {
     assert!(ready.contains("fleet store unreachable"), "{ready}");
     mg.shutdown().await;
 }
+
+mod equality {
+    //! Three replicas fed round robin, with every outcome sent to another replica than the one
+    //! that served its prediction, measure exactly what one modelgate fed the same calls
+    //! measures.
+
+    use super::*;
+    use modelgate::pb::modelgate::v1::{
+        experiments_client::ExperimentsClient, outcomes_client::OutcomesClient,
+        shadows_client::ShadowsClient,
+    };
+
+    const CONTROL: &str = "name=m;kind=logistic;weights=1,-1;bias=0;version=a";
+    const TREATMENT: &str = "name=m;kind=logistic;weights=-1,1;bias=0;version=b";
+
+    /// Versions 1 (production) and 2, an experiment on half the users, a shadow of 2 on the
+    /// other half — set up through `mg`.
+    async fn configure(mg: &Running, a: &str, b: &str) {
+        let mut reg = registry(mg.control_addr).await;
+        for endpoint in [a, b] {
+            reg.register_model_version(pb::RegisterModelVersionRequest {
+                model: "m".into(),
+                endpoint: endpoint.into(),
+                prediction: Some(pb::PredictionSpec {
+                    kind: Some(pb::prediction_spec::Kind::Threshold(
+                        pb::ThresholdPrediction {
+                            output: "probabilities".into(),
+                            threshold: 0.5,
+                            positive_label: "1".into(),
+                            negative_label: "0".into(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        promote(&mut reg, "m", "1").await;
+        ExperimentsClient::new(channel(mg.control_addr).await)
+            .create_experiment(pb::CreateExperimentRequest {
+                name: "homepage".into(),
+                model: "m".into(),
+                variants: vec![
+                    pb::VariantSpec {
+                        name: "control".into(),
+                        version: "1".into(),
+                        weight: 1.0,
+                    },
+                    pb::VariantSpec {
+                        name: "treatment".into(),
+                        version: "2".into(),
+                        weight: 1.0,
+                    },
+                ],
+                salt: "2026-12".into(),
+                coverage: 0.5,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ShadowsClient::new(channel(mg.control_addr).await)
+            .set_shadow(pb::SetShadowRequest {
+                model: "m".into(),
+                version: "2".into(),
+                sample_fraction: 1.0,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    struct Figures {
+        results: pb::ExperimentResults,
+        performance: Vec<Option<pb::PerformanceFigures>>,
+        shadow: pb::ShadowReport,
+    }
+
+    async fn figures(mg: &Running) -> Figures {
+        let ch = channel(mg.control_addr).await;
+        let mut results = ExperimentsClient::new(ch.clone())
+            .get_experiment_results(pb::ExperimentRef {
+                name: "homepage".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        results.computed_at = None;
+        let mut performance = Vec::new();
+        for v in ["1", "2"] {
+            let p = OutcomesClient::new(ch.clone())
+                .get_model_performance(pb::GetModelPerformanceRequest {
+                    model: "m".into(),
+                    version: v.into(),
+                    window: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            // `recent` is per replica (the last outcomes have no order across replicas).
+            performance.push(p.all_time);
+        }
+        let mut shadow = ShadowsClient::new(ch)
+            .get_shadow_report(pb::GetShadowReportRequest {
+                model: "m".into(),
+                version: "2".into(),
+                disagreements: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Latencies and the recent disagreements are timings and per-replica windows.
+        shadow.production_latency = None;
+        shadow.shadow_latency = None;
+        shadow.disagreements.clear();
+        Figures {
+            results,
+            performance,
+            shadow,
+        }
+    }
+
+    /// Waits until the whole configuration reached `mg` (the shadow is set last), without
+    /// sending it traffic that would count.
+    async fn until_served_m(mg: &Running, limit: Duration) {
+        let start = Instant::now();
+        let mut c = ShadowsClient::new(channel(mg.control_addr).await);
+        loop {
+            let shadows = c
+                .list_shadows(pb::ListShadowsRequest { model: "m".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .shadows;
+            if !shadows.is_empty() {
+                return;
+            }
+            assert!(start.elapsed() < limit, "the configuration did not arrive");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn as_user<T>(msg: T, user: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("x-user-id", user.parse().unwrap());
+        r
+    }
+
+    fn outcome(request_id: String, i: usize) -> pb::RecordOutcomeRequest {
+        pb::RecordOutcomeRequest {
+            request_id,
+            actual: Some(pb::Actual {
+                kind: Some(pb::actual::Kind::Label(
+                    if i % 3 == 0 { "1" } else { "0" }.into(),
+                )),
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub async fn three_replicas_measure_what_one_measures(urls: &str) {
+        let (a, b) = (model_server(CONTROL).await, model_server(TREATMENT).await);
+        let single_dir = tempfile::tempdir().unwrap();
+        let single = start(single_dir.path()).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut fleet = Vec::new();
+        for d in &dirs {
+            fleet.push(replica(d, urls).await);
+        }
+        configure(&single, &a.endpoint(), &b.endpoint()).await;
+        configure(&fleet[0], &a.endpoint(), &b.endpoint()).await;
+        for mg in &fleet {
+            until_served_m(mg, Duration::from_secs(2)).await;
+        }
+
+        let mut one = infer_client(single.data_addr).await;
+        let mut many = Vec::new();
+        for mg in &fleet {
+            many.push(infer_client(mg.data_addr).await);
+        }
+        let mut one_out = OutcomesClient::new(channel(single.control_addr).await);
+        let mut many_out = Vec::new();
+        for mg in &fleet {
+            many_out.push(OutcomesClient::new(channel(mg.control_addr).await));
+        }
+        const CALLS: usize = 240;
+        let mut pending = Vec::new();
+        for i in 0..CALLS {
+            let user = format!("user-{}", i % 80);
+            let x = (i % 7) as f32 / 7.0;
+            let req = infer_request("m", &[&[x, 1.0 - x]]);
+            let r1 = one.model_infer(as_user(req.clone(), &user)).await.unwrap();
+            let r3 = many[i % 3].model_infer(as_user(req, &user)).await.unwrap();
+            assert_eq!(
+                r1.metadata().get("x-modelgate-variant").map(|v| v.to_str().unwrap()),
+                r3.metadata().get("x-modelgate-variant").map(|v| v.to_str().unwrap()),
+                "the same user gets the same variant from the fleet"
+            );
+            pending.push((request_id_of(&r1), request_id_of(&r3), i));
+        }
+        // Outcomes once their records are written; each to another replica than the one that
+        // served the prediction.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (id1, id3, i) in pending {
+            one_out.record_outcome(outcome(id1, i)).await.unwrap();
+            let mut tries = 0;
+            loop {
+                match many_out[(i + 1) % 3].record_outcome(outcome(id3.clone(), i)).await {
+                    Ok(_) => {
+                        if i == 0 {
+                            // The same outcome again, on the third replica: counted once.
+                            let again = many_out[(i + 2) % 3]
+                                .record_outcome(outcome(id3.clone(), i))
+                                .await
+                                .unwrap_err();
+                            assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+                        }
+                        break;
+                    }
+                    // The stub may still be on its way to Redis.
+                    Err(s) if s.code() == Code::NotFound && tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(s) => panic!("outcome {i} refused: {s:?}"),
+                }
+            }
+        }
+
+        let expected = figures(&single).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (n, mg) in fleet.iter().enumerate() {
+            loop {
+                let got = figures(mg).await;
+                let same = got.results.variants == expected.results.variants
+                    && got.performance == expected.performance
+                    && got.shadow == expected.shadow;
+                if same {
+                    assert_eq!(got.results.significance, expected.results.significance);
+                    assert_eq!(
+                        got.results.sample_ratio_mismatch,
+                        expected.results.sample_ratio_mismatch
+                    );
+                    assert_eq!(got.results.always_valid, expected.results.always_valid);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    assert_eq!(got.results.variants, expected.results.variants, "replica {n}");
+                    assert_eq!(got.performance, expected.performance, "replica {n}");
+                    assert_eq!(got.shadow, expected.shadow, "replica {n}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let v = &expected.results.variants;
+        assert!(v.iter().all(|v| v.requests > 20 && v.outcomes > 10), "{v:?}");
+        assert!(expected.shadow.compared > 20, "{:?}", expected.shadow);
+        for mg in fleet {
+            mg.shutdown().await;
+        }
+        single.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_measure_exactly_what_one_measures() {
+    if !r::available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    equality::three_replicas_measure_what_one_measures(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_fleet_measures_exactly_what_one_measures() {
+    if !r::available() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    equality::three_replicas_measure_what_one_measures(&cluster.urls()).await;
+}

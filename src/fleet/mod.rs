@@ -2,11 +2,12 @@
 //! share (docs/fleet.md). An adapter behind the storage seam: the control plane and the use
 //! cases do not know whether they run alone or in a fleet.
 //!
-//! What is shared: the configuration ([`control`]), the tallies ([`tallies`]), and what joins an
-//! outcome to its prediction on any replica ([`outcomes`]). Each replica keeps everything else in
-//! its own RocksDB, as without a fleet.
+//! What is shared: the configuration ([`control`]), the tallies ([`tallies`]), what joins an
+//! outcome to its prediction on any replica ([`outcomes`]) and the latest online features
+//! ([`features`]). Each replica keeps everything else in its own RocksDB, as without a fleet.
 
 pub mod control;
+pub mod features;
 pub mod outcomes;
 pub mod redis;
 pub mod tallies;
@@ -164,6 +165,7 @@ pub fn storage(
     settings: &FleetSettings,
     local: Storage,
     data_dir: &Path,
+    clock: crate::clock::SharedClock,
 ) -> Result<(Storage, Fleet), String> {
     let redis = Arc::new(redis::Redis::open(&settings.redis)?);
     let replica = replica_id(data_dir)?;
@@ -186,9 +188,18 @@ pub fn storage(
         redis.clone(),
         &prefix,
         settings.outcome_window,
+        local.retention.features,
         local.records.clone(),
         status.clone(),
     );
+    let features = Arc::new(features::FleetFeatures::new(
+        redis.clone(),
+        &prefix,
+        local.features.clone(),
+        status.clone(),
+        local.retention.features,
+        clock,
+    ));
     let stubs_dropped = records.dropped.clone();
     let local_tallies = local.tallies.clone();
     Ok((
@@ -196,6 +207,7 @@ pub fn storage(
             control,
             tallies,
             records: Arc::new(records),
+            features,
             ..local
         },
         Fleet {

@@ -44,9 +44,22 @@ pub struct FleetRecords {
     prefix: String,
     window: Duration,
     status: Arc<FleetStatus>,
-    stubs: SyncSender<(String, Vec<u8>)>,
+    stubs: SyncSender<Outgoing>,
+    /// How long an entity's shared features are kept after their last write.
+    feature_ttl: Duration,
     /// Stubs dropped because the flusher's queue was full.
     pub dropped: Arc<AtomicU64>,
+}
+
+/// What the flusher sends to Redis.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A prediction's stub (key, value).
+    Stub(String, Vec<u8>),
+    /// An entity's newest feature values (key, [(feature, encoded value)]).
+    Features(String, Vec<(String, Vec<u8>)>),
+    /// Feature definitions first seen in traffic (name, JSON).
+    FeatureDef(String, Vec<u8>),
 }
 
 /// The stub of a prediction record: what judging an outcome needs, and nothing else.
@@ -81,6 +94,7 @@ impl FleetRecords {
         redis: Arc<Redis>,
         prefix: &str,
         window: Duration,
+        feature_ttl: Duration,
         local: Arc<dyn RecordLog>,
         status: Arc<FleetStatus>,
     ) -> (Self, StubFlusher) {
@@ -92,12 +106,15 @@ impl FleetRecords {
             window,
             status: status.clone(),
             stubs: tx,
+            feature_ttl,
             dropped: Arc::new(AtomicU64::new(0)),
         };
         let flusher = StubFlusher {
             redis,
             rx,
             window,
+            feature_ttl,
+            defs_key: format!("{prefix}:feature-defs"),
             status,
         };
         (records, flusher)
@@ -123,17 +140,39 @@ impl FleetRecords {
     fn window_ms(&self) -> u64 {
         self.window.as_millis() as u64
     }
+
+    /// How long shared features stay after their last write.
+    pub fn feature_ttl(&self) -> Duration {
+        self.feature_ttl
+    }
 }
 
 impl RecordLog for FleetRecords {
     fn commit(&self, writes: RecordWrites, no_slowdown: bool) -> StoreResult<()> {
-        let stubs: Vec<(String, Vec<u8>)> = writes
+        let stubs: Vec<Outgoing> = writes
             .writes
             .iter()
             .filter_map(|w| match w {
-                RecordWrite::Prediction { record, .. } if record.version > 0 => Some((
-                    self.stub_key(&record.request_id),
-                    stub_of(record).encode_to_vec(),
+                RecordWrite::Prediction { record, .. } if record.version > 0 => Some(
+                    Outgoing::Stub(
+                        self.stub_key(&record.request_id),
+                        stub_of(record).encode_to_vec(),
+                    ),
+                ),
+                RecordWrite::Features {
+                    entity,
+                    time_ms,
+                    values,
+                } => Some(Outgoing::Features(
+                    super::features::entity_key(&self.prefix, entity),
+                    values
+                        .iter()
+                        .map(|(f, v)| (f.clone(), super::features::encode_value(*time_ms, v)))
+                        .collect(),
+                )),
+                RecordWrite::FeatureDef(d) => Some(Outgoing::FeatureDef(
+                    d.name.clone(),
+                    serde_json::to_vec(d).expect("definitions serialise"),
                 )),
                 _ => None,
             })
@@ -270,15 +309,17 @@ impl RecordLog for FleetRecords {
 /// Sends stubs to Redis in pipelines; holds them (bounded) while Redis is away.
 pub struct StubFlusher {
     redis: Arc<Redis>,
-    rx: Receiver<(String, Vec<u8>)>,
+    rx: Receiver<Outgoing>,
     window: Duration,
+    feature_ttl: Duration,
+    defs_key: String,
     status: Arc<FleetStatus>,
 }
 
 impl StubFlusher {
     /// Runs until `stop` and the queue is empty (or every sender is gone).
     pub fn run(self, stop: Arc<AtomicBool>) {
-        let mut held: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut held: Vec<Outgoing> = Vec::new();
         let ttl = self.window.as_millis().max(1) as u64;
         let mut last = Instant::now();
         loop {
@@ -318,14 +359,39 @@ impl StubFlusher {
         }
     }
 
-    fn send(&self, held: &mut Vec<(String, Vec<u8>)>, ttl: u64) {
+    fn send(&self, held: &mut Vec<Outgoing>, ttl: u64) {
         if held.is_empty() {
             return;
         }
+        let feature_ttl = self.feature_ttl.as_millis().max(1) as u64;
         let r = self.redis.with(|c| {
             let mut p = redis::pipe();
-            for (k, v) in held.iter() {
-                p.cmd("SET").arg(k).arg(v.as_slice()).arg("PX").arg(ttl).ignore();
+            for o in held.iter() {
+                match o {
+                    Outgoing::Stub(k, v) => {
+                        p.cmd("SET").arg(k).arg(v.as_slice()).arg("PX").arg(ttl).ignore();
+                    }
+                    Outgoing::Features(k, values) => {
+                        let cmd = p
+                            .cmd("EVAL")
+                            .arg(super::features::NEWEST_WINS)
+                            .arg(1)
+                            .arg(k)
+                            .arg(feature_ttl);
+                        for (f, v) in values {
+                            cmd.arg(f).arg(v.as_slice());
+                        }
+                        cmd.ignore();
+                    }
+                    Outgoing::FeatureDef(name, json) => {
+                        // A definition first seen in traffic never replaces a declared one.
+                        p.cmd("HSETNX")
+                            .arg(&self.defs_key)
+                            .arg(name)
+                            .arg(json.as_slice())
+                            .ignore();
+                    }
+                }
             }
             p.query::<()>(c)
         });
