@@ -49,15 +49,17 @@ impl EventBus {
     /// Numbers, stores (synced) and broadcasts an event; returns its cursor. Blocking.
     pub fn publish_blocking(&self, mut event: pb::Event) -> Result<u64, StoreError> {
         let mut next = self.next.lock();
-        event.cursor = *next;
         if event.time.is_none() {
             event.time = Some(crate::pb::timestamp(self.clock.now_ms()));
         }
-        self.store.append_event(&event)?;
-        *next += 1;
+        let cursor = self.store.append_next(&mut event, *next)?;
+        *next = cursor + 1;
         let event = Arc::new(event);
-        // No watcher is fine; a lagging one re-reads from RocksDB.
-        let _ = self.tx.send(event.clone());
+        // No watcher is fine; a lagging one re-reads from RocksDB. A shared log's events (this
+        // replica's too) reach the watchers through `relay`, in the log's order.
+        if !self.store.shared() {
+            let _ = self.tx.send(event.clone());
+        }
         if let Some(h) = &self.hooks {
             if h.try_send(event.clone()).is_err() {
                 self.hooks_dropped.inc();
@@ -74,9 +76,16 @@ impl EventBus {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || me.publish_blocking(event)).await {
             Ok(Ok(_)) => {}
+            // A fleet-wide event another replica published already.
+            Ok(Err(StoreError::AlreadyExists)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "could not store an event"),
             Err(e) => tracing::error!(error = %e, "event task failed"),
         }
+    }
+
+    /// Hands an event read from a shared log (fleet mode) to this replica's watchers.
+    pub fn relay(&self, event: pb::Event) {
+        let _ = self.tx.send(Arc::new(event));
     }
 
     /// New events from now on.

@@ -291,7 +291,7 @@ fn watch_fleet(
         runtime.spawn(async move { events.publish(e).await });
     }));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let threads = fleet.start(core.plane.clone(), stop.clone());
+    let threads = fleet.start(core.plane.clone(), core.events.clone(), stop.clone());
     let stopping = stopped(stop_rx.clone());
     Some(tokio::spawn(async move {
         stopping.await;

@@ -541,3 +541,65 @@ async fn a_cluster_fleet_measures_exactly_what_one_measures() {
     let cluster = RedisCluster::start();
     equality::three_replicas_measure_what_one_measures(&cluster.urls()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_event_stream_with_the_same_cursors_on_every_replica() {
+    use modelgate::pb::modelgate::v1::events_client::EventsClient;
+    use tokio_stream::StreamExt;
+    if !r::available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let ms = model_server(MODEL).await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        replica(&da, &redis.url()).await,
+        replica(&db, &redis.url()).await,
+    );
+    // A watcher on B, from the start.
+    let mut watch = EventsClient::new(channel(b.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut reg_a = registry(a.control_addr).await;
+    register(&mut reg_a, "iris", &ms.endpoint()).await;
+    let mut reg_b = registry(b.control_addr).await;
+    register(&mut reg_b, "iris", &ms.endpoint()).await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(2), watch.next())
+            .await
+            .expect("B's watcher sees both replicas' events")
+            .unwrap()
+            .unwrap();
+        seen.push((e.cursor, e.r#type, e.version));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (1, "version_registered".to_string(), 1),
+            (2, "version_registered".to_string(), 2)
+        ]
+    );
+    // A watcher on A resuming after cursor 1 gets the same second event.
+    let mut resumed = EventsClient::new(channel(a.control_addr).await)
+        .watch(pb::WatchRequest {
+            from_cursor: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = tokio::time::timeout(Duration::from_secs(2), resumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((e.cursor, e.version), (2, 2));
+    a.shutdown().await;
+    b.shutdown().await;
+}

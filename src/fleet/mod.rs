@@ -7,6 +7,7 @@
 //! ([`features`]). Each replica keeps everything else in its own RocksDB, as without a fleet.
 
 pub mod control;
+pub mod events;
 pub mod features;
 pub mod outcomes;
 pub mod redis;
@@ -201,6 +202,13 @@ pub fn storage(
         clock,
     ));
     let stubs_dropped = records.dropped.clone();
+    let events = Arc::new(events::FleetEvents::new(
+        redis.clone(),
+        &prefix,
+        status.clone(),
+    ));
+    // A connection of its own for following the event stream (blocking reads).
+    let follower = Arc::new(redis::Redis::open(&settings.redis)?);
     let local_tallies = local.tallies.clone();
     Ok((
         Storage {
@@ -208,6 +216,7 @@ pub fn storage(
             tallies,
             records: Arc::new(records),
             features,
+            events: events.clone(),
             ..local
         },
         Fleet {
@@ -218,6 +227,8 @@ pub fn storage(
             local_tallies,
             flusher: Mutex::new(Some(flusher)),
             stubs_dropped,
+            events,
+            follower,
         },
     ))
 }
@@ -235,6 +246,8 @@ pub struct Fleet {
     flusher: Mutex<Option<outcomes::StubFlusher>>,
     /// Prediction stubs dropped because Redis was away too long.
     pub stubs_dropped: Arc<AtomicU64>,
+    events: Arc<events::FleetEvents>,
+    follower: Arc<redis::Redis>,
 }
 
 /// How often a replica publishes its tallies.
@@ -246,12 +259,27 @@ impl Fleet {
     pub fn start(
         &self,
         plane: Arc<ControlPlane>,
+        bus: Arc<crate::events::EventBus>,
         stop: Arc<AtomicBool>,
     ) -> Vec<std::thread::JoinHandle<()>> {
         let mut threads = vec![
             self.watch(plane.clone(), stop.clone()),
             self.publish(plane, stop.clone()),
         ];
+        // Every event of the stream, from now on, to this replica's watchers (they replay what
+        // came before from the stream itself).
+        let (events, follower, from) = (
+            self.events.clone(),
+            self.follower.clone(),
+            bus.store().last_event_cursor().unwrap_or(0),
+        );
+        let stop_follow = stop.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("modelgate-fleet-events".into())
+                .spawn(move || events.follow(&follower, from, |e| bus.relay(e), stop_follow))
+                .expect("spawning the event follower"),
+        );
         if let Some(flusher) = self.flusher.lock().take() {
             threads.push(
                 std::thread::Builder::new()

@@ -94,8 +94,10 @@ impl Monitor {
 
     /// Stores and broadcasts an event (blocking); a failure is logged.
     fn publish(&self, e: crate::pb::modelgate::v1::Event) {
-        if let Err(err) = self.events.publish_blocking(e) {
-            tracing::error!(error = %err, "could not store an event");
+        match self.events.publish_blocking(e) {
+            // A fleet-wide event another replica published already.
+            Ok(_) | Err(crate::storage::StoreError::AlreadyExists) => {}
+            Err(err) => tracing::error!(error = %err, "could not store an event"),
         }
     }
 

@@ -191,6 +191,15 @@ impl EventLog for Faulty {
     fn events_after(&self, after: u64, limit: usize) -> StoreResult<Vec<pb::Event>> {
         self.inner.events.events_after(after, limit)
     }
+
+    fn append_next(&self, e: &mut pb::Event, next: u64) -> StoreResult<u64> {
+        self.faults.write()?;
+        self.inner.events.append_next(e, next)
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.events.shared()
+    }
 }
 
 impl FeatureStore for Faulty {

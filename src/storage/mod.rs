@@ -453,6 +453,19 @@ pub trait EventLog: Send + Sync {
     fn last_event_cursor(&self) -> StoreResult<u64>;
     /// Events after `after`, oldest first, at most `limit`.
     fn events_after(&self, after: u64, limit: usize) -> StoreResult<Vec<pb::Event>>;
+    /// Stores `e` numbered right after the last stored event, sets its cursor and returns it.
+    /// `next` is the number the caller expects: a log only this process writes uses it as is; a
+    /// shared one (fleet mode) numbers the event itself.
+    fn append_next(&self, e: &mut pb::Event, next: u64) -> StoreResult<u64> {
+        e.cursor = next;
+        self.append_event(e)?;
+        Ok(next)
+    }
+    /// Whether other replicas append to this log too: their events then reach this replica's
+    /// watchers by [`crate::events::EventBus::relay`], and so do this replica's own, in order.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Feature definitions and values.
