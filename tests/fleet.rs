@@ -11,7 +11,6 @@ use modelgate::config::Config;
 use modelgate::fleet::{FleetSettings, RedisSettings};
 use modelgate::pb::modelgate::v1 as pb;
 use modelgate::server::Running;
-use modelgate::storage::EventLog;
 use tonic::Code;
 
 const MODEL: &str = "name=iris;kind=linear;weights=1,2";
@@ -602,4 +601,71 @@ async fn one_event_stream_with_the_same_cursors_on_every_replica() {
     assert_eq!((e.cursor, e.version), (2, 2));
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_stub_memory() {
+    if !r::available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let ms = model_server("name=iris;kind=logistic;weights=1,2;bias=0").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mg = replica(&dir, &redis.url()).await;
+    let mut reg = registry(mg.control_addr).await;
+    reg.register_model_version(pb::RegisterModelVersionRequest {
+        model: "iris".into(),
+        endpoint: ms.endpoint(),
+        prediction: Some(pb::PredictionSpec {
+            kind: Some(pb::prediction_spec::Kind::Threshold(pb::ThresholdPrediction {
+                output: "probabilities".into(),
+                threshold: 0.5,
+                positive_label: "fraud".into(),
+                negative_label: "legit".into(),
+            })),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    promote(&mut reg, "iris", "1").await;
+    let mut c = infer_client(mg.data_addr).await;
+    const CALLS: usize = 200;
+    for _ in 0..CALLS {
+        c.model_infer(infer_request("iris", &[&[0.5, 0.25]]))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let keys = loop {
+        let keys: Vec<String> = redis
+            .cli(&["--scan", "--pattern", "modelgate:test:p:*"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if keys.len() == CALLS || Instant::now() > deadline {
+            break keys;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(keys.len(), CALLS, "every prediction left a stub");
+    let total: usize = keys
+        .iter()
+        .map(|k| {
+            redis.cli(&["memory", "usage", k, "samples", "0"])
+                .trim()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    let per_stub = total as f64 / CALLS as f64;
+    let ttl_ms: i64 = redis.cli(&["pttl", &keys[0]]).trim().parse().unwrap();
+    eprintln!(
+        "MEMORY USAGE per stub: {per_stub:.1} bytes (key {} bytes); 1,000 req/s over a 24 h window: {:.1} GiB",
+        keys[0].len(),
+        per_stub * 1000.0 * 86_400.0 / (1u64 << 30) as f64
+    );
+    assert!(ttl_ms > 3_500_000 && ttl_ms <= 3_600_000, "TTL {ttl_ms} ms");
+    assert!(per_stub <= 128.0, "{per_stub} bytes per stub");
+    mg.shutdown().await;
 }

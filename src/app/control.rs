@@ -125,7 +125,7 @@ impl ControlPlane {
     /// Applies a registry operation durably and publishes the result.
     pub async fn update<R>(
         &self,
-        op: impl FnOnce(&mut Registry) -> Result<(R, RegistryUpdate), RegistryError>,
+        mut op: impl FnMut(&mut Registry) -> Result<(R, RegistryUpdate), RegistryError>,
     ) -> Result<R, ControlError> {
         self.update_state(|s| {
             let (r, u) = op(&mut s.registry)?;

@@ -103,7 +103,7 @@ impl ExperimentsApi for ExperimentService {
             .update_state(|s| {
                 let e = s
                     .experiments
-                    .create(new, &s.registry, self.plane.now_ms())?;
+                    .create(new.clone(), &s.registry, self.plane.now_ms())?;
                 Ok((
                     e.clone(),
                     Update {

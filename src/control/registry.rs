@@ -186,7 +186,7 @@ impl RegistryApi for RegistryService {
         };
         let v = self
             .plane
-            .update(|reg| reg.register(new, self.plane.now_ms()))
+            .update(|reg| reg.register(new.clone(), self.plane.now_ms()))
             .await?;
         tracing::info!(model = %v.model, version = v.version, endpoint = %v.endpoint, "registered model version");
         self.plane
@@ -333,7 +333,7 @@ impl RegistryApi for RegistryService {
         };
         let p = self
             .plane
-            .update(|reg| reg.set_policy(&r.model, policy))
+            .update(|reg| reg.set_policy(&r.model, policy.clone()))
             .await?;
         Ok(Response::new(policy_to_pb(&r.model, &p)))
     }

@@ -66,7 +66,7 @@ impl ShadowsApi for ShadowService {
                     &r.version,
                     ShadowSpec {
                         sample_fraction: r.sample_fraction,
-                        comparison,
+                        comparison: comparison.clone(),
                         timeout,
                     },
                     self.plane.now_ms(),
