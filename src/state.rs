@@ -71,7 +71,11 @@ impl Update {
         u.delete_shadows = old
             .shadows
             .all()
-            .filter(|s| !new.shadows.all().any(|n| n.model == s.model && n.version == s.version))
+            .filter(|s| {
+                !new.shadows
+                    .all()
+                    .any(|n| n.model == s.model && n.version == s.version)
+            })
             .map(|s| (s.model.clone(), s.version))
             .collect();
         u

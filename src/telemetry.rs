@@ -125,7 +125,9 @@ impl crate::app::outcomes::OutcomeObserver for Metrics {
                 experiment: experiment.to_string(),
                 variant: variant.to_string(),
             };
-            self.experiment_outcome_value_sum.get_or_create(&l).inc_by(x);
+            self.experiment_outcome_value_sum
+                .get_or_create(&l)
+                .inc_by(x);
             self.experiment_outcome_value_count.get_or_create(&l).inc();
         }
     }
@@ -182,7 +184,8 @@ pub struct Metrics {
     /// Outcomes counted in an experiment, per variant and result.
     pub experiment_outcomes: Family<OutcomeLabels, Counter>,
     /// Sum of the numeric outcomes counted in an experiment, per variant.
-    pub experiment_outcome_value_sum: Family<VariantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub experiment_outcome_value_sum:
+        Family<VariantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Numeric outcomes counted in an experiment, per variant.
     pub experiment_outcome_value_count: Family<VariantLabels, Counter>,
     /// Latest drift test statistic per feature (KS D or chi-square).

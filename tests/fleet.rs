@@ -59,6 +59,16 @@ async fn until_served(mg: &Running, version: &str, limit: Duration) -> Duration 
     }
 }
 
+/// The value of an unlabelled gauge on a /metrics page.
+fn gauge(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 async fn versions(mg: &Running) -> Vec<u32> {
     let mut reg = registry(mg.control_addr).await;
     reg.list_model_versions(pb::ListModelVersionsRequest {
@@ -133,7 +143,11 @@ async fn two_replicas_writing_at_once_lose_no_update() {
     let (from_a, from_b) = tokio::join!(write(a.control_addr, 10), write(b.control_addr, 10));
     let mut all: Vec<u32> = from_a.iter().chain(&from_b).copied().collect();
     all.sort();
-    assert_eq!(all, (1..=20).collect::<Vec<_>>(), "a number handed out twice");
+    assert_eq!(
+        all,
+        (1..=20).collect::<Vec<_>>(),
+        "a number handed out twice"
+    );
     // Both replicas, and a third that joins later, see all twenty.
     let dc = tempfile::tempdir().unwrap();
     let c = replica(&dc, &redis.url()).await;
@@ -177,7 +191,7 @@ async fn without_redis_a_replica_serves_its_last_state_and_refuses_writes() {
     assert!(ready.contains("200"), "{ready}");
     assert!(ready.contains("fleet store unreachable"), "{ready}");
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    assert_eq!(metric_sum(&metrics, "modelgate_fleet_store_up", ""), 0.0);
+    assert_eq!(gauge(&metrics, "modelgate_fleet_store_up"), 0.0);
 
     // A restart while Redis is away serves from the local copy.
     mg.shutdown().await;
@@ -187,8 +201,14 @@ async fn without_redis_a_replica_serves_its_last_state_and_refuses_writes() {
     // Redis returns empty: the replica seeds it with its last state, and a new replica reads it.
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !redis.cli(&["hexists", "modelgate:test:config", "#version"]).starts_with('1') {
-        assert!(Instant::now() < deadline, "the replica did not re-seed Redis");
+    while !redis
+        .cli(&["hexists", "mg:test:config", "#version"])
+        .starts_with('1')
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not re-seed Redis"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let other = tempfile::tempdir().unwrap();
@@ -197,7 +217,12 @@ async fn without_redis_a_replica_serves_its_last_state_and_refuses_writes() {
     let mut reg = registry(mg.control_addr).await;
     assert_eq!(register(&mut reg, "iris", &ms.endpoint()).await, 2);
     let metrics = http_get(mg.admin_addr, "/metrics").await;
-    assert_eq!(metric_sum(&metrics, "modelgate_fleet_store_up", ""), 1.0);
+    assert_eq!(gauge(&metrics, "modelgate_fleet_store_up"), 1.0);
+    assert_eq!(
+        gauge(&metrics, "modelgate_fleet_config_version"),
+        2.0,
+        "seeded, then one change"
+    );
     // The outage and the return are events.
     let events = mg.events.store().events_after(0, 100).unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.r#type.as_str()).collect();
@@ -453,8 +478,12 @@ mod equality {
             let r1 = one.model_infer(as_user(req.clone(), &user)).await.unwrap();
             let r3 = many[i % 3].model_infer(as_user(req, &user)).await.unwrap();
             assert_eq!(
-                r1.metadata().get("x-modelgate-variant").map(|v| v.to_str().unwrap()),
-                r3.metadata().get("x-modelgate-variant").map(|v| v.to_str().unwrap()),
+                r1.metadata()
+                    .get("x-modelgate-variant")
+                    .map(|v| v.to_str().unwrap()),
+                r3.metadata()
+                    .get("x-modelgate-variant")
+                    .map(|v| v.to_str().unwrap()),
                 "the same user gets the same variant from the fleet"
             );
             pending.push((request_id_of(&r1), request_id_of(&r3), i));
@@ -466,7 +495,10 @@ mod equality {
             one_out.record_outcome(outcome(id1, i)).await.unwrap();
             let mut tries = 0;
             loop {
-                match many_out[(i + 1) % 3].record_outcome(outcome(id3.clone(), i)).await {
+                match many_out[(i + 1) % 3]
+                    .record_outcome(outcome(id3.clone(), i))
+                    .await
+                {
                     Ok(_) => {
                         if i == 0 {
                             // The same outcome again, on the third replica: counted once.
@@ -506,7 +538,10 @@ mod equality {
                     break;
                 }
                 if Instant::now() > deadline {
-                    assert_eq!(got.results.variants, expected.results.variants, "replica {n}");
+                    assert_eq!(
+                        got.results.variants, expected.results.variants,
+                        "replica {n}"
+                    );
                     assert_eq!(got.performance, expected.performance, "replica {n}");
                     assert_eq!(got.shadow, expected.shadow, "replica {n}");
                 }
@@ -514,7 +549,10 @@ mod equality {
             }
         }
         let v = &expected.results.variants;
-        assert!(v.iter().all(|v| v.requests > 20 && v.outcomes > 10), "{v:?}");
+        assert!(
+            v.iter().all(|v| v.requests > 20 && v.outcomes > 10),
+            "{v:?}"
+        );
         assert!(expected.shadow.compared > 20, "{:?}", expected.shadow);
         for mg in fleet {
             mg.shutdown().await;
@@ -617,49 +655,72 @@ async fn fleet_stub_memory() {
         model: "iris".into(),
         endpoint: ms.endpoint(),
         prediction: Some(pb::PredictionSpec {
-            kind: Some(pb::prediction_spec::Kind::Threshold(pb::ThresholdPrediction {
-                output: "probabilities".into(),
-                threshold: 0.5,
-                positive_label: "fraud".into(),
-                negative_label: "legit".into(),
-            })),
+            kind: Some(pb::prediction_spec::Kind::Threshold(
+                pb::ThresholdPrediction {
+                    output: "probabilities".into(),
+                    threshold: 0.5,
+                    positive_label: "fraud".into(),
+                    negative_label: "legit".into(),
+                },
+            )),
         }),
         ..Default::default()
     })
     .await
     .unwrap();
     promote(&mut reg, "iris", "1").await;
+    let used_memory = |redis: &RedisServer| -> f64 {
+        redis
+            .cli(&["info", "memory"])
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = used_memory(&redis);
     let mut c = infer_client(mg.data_addr).await;
-    const CALLS: usize = 200;
+    const CALLS: usize = 2000;
     for _ in 0..CALLS {
         c.model_infer(infer_request("iris", &[&[0.5, 0.25]]))
             .await
             .unwrap();
     }
+    // Stub keys hold binary request ids: read them with a real client, not redis-cli's text.
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     let keys = loop {
-        let keys: Vec<String> = redis
-            .cli(&["--scan", "--pattern", "modelgate:test:p:*"])
-            .lines()
-            .map(str::to_string)
-            .collect();
+        let keys: Vec<Vec<u8>> = ::redis::cmd("KEYS")
+            .arg("mg:test:p:*")
+            .query(&mut conn)
+            .unwrap();
         if keys.len() == CALLS || Instant::now() > deadline {
             break keys;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(keys.len(), CALLS, "every prediction left a stub");
-    let total: usize = keys
-        .iter()
-        .map(|k| {
-            redis.cli(&["memory", "usage", k, "samples", "0"])
-                .trim()
-                .parse::<usize>()
-                .unwrap()
-        })
-        .sum();
+    let mut total = 0usize;
+    for k in &keys {
+        let n: usize = ::redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(k)
+            .arg("SAMPLES")
+            .arg(0)
+            .query(&mut conn)
+            .unwrap();
+        total += n;
+    }
     let per_stub = total as f64 / CALLS as f64;
-    let ttl_ms: i64 = redis.cli(&["pttl", &keys[0]]).trim().parse().unwrap();
+    // What the server holds in all (the expiry table's entries and allocator rounding included),
+    // less the other keys' share, which does not grow with traffic.
+    let grown = (used_memory(&redis) - before) / CALLS as f64;
+    eprintln!("used_memory grew by {grown:.1} bytes per prediction");
+    let ttl_ms: i64 = ::redis::cmd("PTTL").arg(&keys[0]).query(&mut conn).unwrap();
     eprintln!(
         "MEMORY USAGE per stub: {per_stub:.1} bytes (key {} bytes); 1,000 req/s over a 24 h window: {:.1} GiB",
         keys[0].len(),

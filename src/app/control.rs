@@ -53,6 +53,10 @@ pub struct ControlPlane {
 /// replica changed the configuration in between, and this one reloaded it.
 const SHARED_WRITE_ATTEMPTS: usize = 16;
 
+/// The version served before the shared store was ever read: unequal to any stored version, so
+/// the first check reads the store (and re-seeds it, if it is empty).
+const NOT_READ: u64 = u64::MAX;
+
 impl ControlPlane {
     /// Loads the registry, experiments and shadows from `storage` and builds the first routing
     /// snapshot. Every time the control plane records comes from `clock`.
@@ -66,7 +70,7 @@ impl ControlPlane {
                 Ok(v) => v,
                 // The shared store is away: serve from the local copy (the store's `load_state`
                 // falls back to it); the fleet watcher catches up once it returns.
-                Err(StoreError::Unavailable(_)) => (0, storage.control.load_state()?),
+                Err(StoreError::Unavailable(_)) => (NOT_READ, storage.control.load_state()?),
                 Err(e) => return Err(e),
             },
             None => (0, storage.control.load_state()?),
@@ -200,7 +204,10 @@ impl ControlPlane {
     /// The version of the shared configuration this replica serves (0 without a shared store,
     /// or before it was first reached).
     pub fn shared_version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+        match self.version.load(Ordering::Acquire) {
+            NOT_READ => 0,
+            v => v,
+        }
     }
 
     /// Catches up with a shared store (blocking; the fleet watcher's thread calls it): when its
@@ -211,7 +218,7 @@ impl ControlPlane {
             return Ok(0);
         };
         let stored = shared.version()?;
-        if stored == self.shared_version() {
+        if stored == self.version.load(Ordering::Acquire) {
             return Ok(stored);
         }
         let _guard = self.write_lock.blocking_lock();

@@ -233,7 +233,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL[,URL…]")]
     pub fleet_store: Option<String>,
 
-    /// The fleet's name: every Redis key starts with `modelgate:<name>:`, so several fleets
+    /// The fleet's name: every Redis key starts with `mg:<name>:`, so several fleets
     /// share one Redis (env MODELGATE_FLEET_NAME).
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub fleet_name: String,

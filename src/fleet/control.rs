@@ -169,8 +169,12 @@ impl SharedControl for FleetControl {
 
     fn version(&self) -> StoreResult<u64> {
         let v: Option<u64> = self.tracked(|| {
-            self.redis
-                .with(|c| redis::cmd("HGET").arg(&self.key).arg(VERSION_FIELD).query(c))
+            self.redis.with(|c| {
+                redis::cmd("HGET")
+                    .arg(&self.key)
+                    .arg(VERSION_FIELD)
+                    .query(c)
+            })
         })?;
         Ok(v.unwrap_or(0))
     }

@@ -47,7 +47,9 @@ pub fn entity_key(prefix: &str, entity: &str) -> String {
 /// A value as kept in the entity's hash: its time first.
 pub fn encode_value(time_ms: u64, v: &FeatureValue) -> Vec<u8> {
     let mut out = format!("{time_ms:015}").into_bytes();
-    crate::convert::feature_value_to_pb(v).encode(&mut out).expect("a Vec grows");
+    crate::convert::feature_value_to_pb(v)
+        .encode(&mut out)
+        .expect("a Vec grows");
     out
 }
 
@@ -151,18 +153,21 @@ impl FeatureStore for FleetFeatures {
         if features.is_empty() || entities.is_empty() {
             return Ok(rows);
         }
-        let shared = self.tracked(self.redis.with(|c| {
-            let mut p = redis::pipe();
-            for e in entities {
-                let mut cmd = redis::cmd("HMGET");
-                cmd.arg(entity_key(&self.prefix, e));
-                for (f, _) in features {
-                    cmd.arg(f);
-                }
-                p.add_command(cmd);
-            }
-            p.query::<Vec<Vec<Option<Vec<u8>>>>>(c)
-        }));
+        let shared = self.tracked(
+            self.redis.pipeline::<Vec<Vec<Option<Vec<u8>>>>>(
+                entities
+                    .iter()
+                    .map(|e| {
+                        let mut cmd = redis::cmd("HMGET");
+                        cmd.arg(entity_key(&self.prefix, e));
+                        for (f, _) in features {
+                            cmd.arg(f);
+                        }
+                        cmd
+                    })
+                    .collect(),
+            ),
+        );
         let shared = match shared {
             Ok(s) => s,
             // Redis away: this replica's own values.
@@ -198,7 +203,10 @@ mod tests {
         let b = encode_value(1_000, &FeatureValue::Text("x".into()));
         assert!(a[..15] < b[..15]);
         assert_eq!(decode_value(&a), Some((999, FeatureValue::Number(0.25))));
-        assert_eq!(decode_value(&b), Some((1_000, FeatureValue::Text("x".into()))));
+        assert_eq!(
+            decode_value(&b),
+            Some((1_000, FeatureValue::Text("x".into())))
+        );
         assert_eq!(decode_value(b"short"), None);
     }
 }

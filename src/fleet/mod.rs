@@ -30,7 +30,7 @@ pub use self::redis::RedisSettings;
 pub struct FleetSettings {
     /// The Redis the fleet shares.
     pub redis: RedisSettings,
-    /// The fleet's name: every key starts with `modelgate:<name>:`, so several fleets share one
+    /// The fleet's name: every key starts with `mg:<name>:`, so several fleets share one
     /// Redis.
     pub name: String,
     /// How often a replica checks the configuration's version besides listening for changes
@@ -62,7 +62,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 impl FleetSettings {
     /// The prefix of every key of this fleet.
     pub fn prefix(&self) -> String {
-        format!("modelgate:{}", self.name)
+        format!("mg:{}", self.name)
     }
 }
 

@@ -55,30 +55,112 @@ pub struct FleetRecords {
 #[derive(Debug)]
 pub enum Outgoing {
     /// A prediction's stub (key, value).
-    Stub(String, Vec<u8>),
+    Stub(Vec<u8>, Vec<u8>),
     /// An entity's newest feature values (key, [(feature, encoded value)]).
     Features(String, Vec<(String, Vec<u8>)>),
     /// Feature definitions first seen in traffic (name, JSON).
     FeatureDef(String, Vec<u8>),
 }
 
-/// The stub of a prediction record: what judging an outcome needs, and nothing else.
-pub fn stub_of(r: &pb::PredictionRecord) -> pb::PredictionRecord {
-    pb::PredictionRecord {
-        time: r.time,
-        model: r.model.clone(),
-        version: r.version,
-        experiment: r.experiment.clone(),
-        variant: r.variant.clone(),
-        predictions: r.predictions.clone(),
-        // The number of rows, when no prediction could be read (`rows` is only counted).
-        rows: if r.predictions.is_empty() {
-            vec![pb::FeatureRow::default(); r.rows.len()]
+/// The stub of a prediction record: what judging an outcome needs — time, model, version,
+/// experiment, variant, whether the variant was forced, the rows and their predictions — in a
+/// compact binary form, because a stub per prediction is what fleet mode keeps most of in Redis
+/// (docs/fleet.md, "Memory per stub"): a format byte, then varints and length-prefixed strings.
+pub fn encode_stub(r: &pb::PredictionRecord) -> Vec<u8> {
+    use prost::encoding::encode_varint;
+    let mut out = Vec::with_capacity(48);
+    out.push(STUB_FORMAT);
+    encode_varint(time_ms(r.time.as_ref()), &mut out);
+    encode_varint(u64::from(r.version), &mut out);
+    out.push(u8::from(r.variant_forced));
+    for s in [&r.model, &r.experiment, &r.variant] {
+        encode_varint(s.len() as u64, &mut out);
+        out.extend_from_slice(s.as_bytes());
+    }
+    encode_varint(r.rows.len().max(r.predictions.len()) as u64, &mut out);
+    encode_varint(r.predictions.len() as u64, &mut out);
+    for p in &r.predictions {
+        match &p.kind {
+            Some(pb::prediction_value::Kind::Label(l)) => {
+                out.push(0);
+                encode_varint(l.len() as u64, &mut out);
+                out.extend_from_slice(l.as_bytes());
+            }
+            Some(pb::prediction_value::Kind::Value(x)) => {
+                out.push(1);
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            None => out.push(2),
+        }
+    }
+    out
+}
+
+const STUB_FORMAT: u8 = 1;
+
+/// The prediction record a stub stands for (without its request id); `None` when the bytes are
+/// not a stub.
+pub fn decode_stub(mut b: &[u8]) -> Option<pb::PredictionRecord> {
+    use prost::encoding::decode_varint;
+    fn string(b: &mut &[u8]) -> Option<String> {
+        let n = decode_varint(b).ok()? as usize;
+        let s = std::str::from_utf8(b.get(..n)?).ok()?.to_string();
+        *b = &b[n..];
+        Some(s)
+    }
+    fn byte(b: &mut &[u8]) -> Option<u8> {
+        let (first, rest) = b.split_first()?;
+        *b = rest;
+        Some(*first)
+    }
+    if byte(&mut b)? != STUB_FORMAT {
+        return None;
+    }
+    let time = decode_varint(&mut b).ok()?;
+    let version = u32::try_from(decode_varint(&mut b).ok()?).ok()?;
+    let forced = byte(&mut b)? != 0;
+    let (model, experiment, variant) = (string(&mut b)?, string(&mut b)?, string(&mut b)?);
+    let rows = decode_varint(&mut b).ok()? as usize;
+    let n = decode_varint(&mut b).ok()? as usize;
+    if rows > 1 << 24 || n > rows {
+        return None;
+    }
+    let mut predictions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let kind = match byte(&mut b)? {
+            0 => Some(pb::prediction_value::Kind::Label(string(&mut b)?)),
+            1 => {
+                let x = f64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+                b = &b[8..];
+                Some(pb::prediction_value::Kind::Value(x))
+            }
+            _ => None,
+        };
+        predictions.push(pb::PredictionValue { kind });
+    }
+    Some(pb::PredictionRecord {
+        time: Some(crate::pb::timestamp(time)),
+        model,
+        version,
+        experiment,
+        variant,
+        rows: if predictions.is_empty() {
+            vec![pb::FeatureRow::default(); rows]
         } else {
             Vec::new()
         },
-        variant_forced: r.variant_forced,
+        predictions,
+        variant_forced: forced,
         ..Default::default()
+    })
+}
+
+/// A request id as it appears in a key: its 16 bytes when it is a UUID (as modelgate's own ids
+/// are), else as given. Shorter keys are most of what a stub costs in Redis.
+fn id_bytes(request_id: &str) -> Vec<u8> {
+    match uuid::Uuid::try_parse(request_id) {
+        Ok(u) if u.hyphenated().to_string() == request_id => u.as_bytes().to_vec(),
+        _ => request_id.as_bytes().to_vec(),
     }
 }
 
@@ -120,12 +202,16 @@ impl FleetRecords {
         (records, flusher)
     }
 
-    fn stub_key(&self, request_id: &str) -> String {
-        format!("{}:p:{request_id}", self.prefix)
+    fn stub_key(&self, request_id: &str) -> Vec<u8> {
+        let mut k = format!("{}:p:", self.prefix).into_bytes();
+        k.extend(id_bytes(request_id));
+        k
     }
 
-    fn claim_key(&self, request_id: &str, row: u32) -> String {
-        format!("{}:o:{request_id}:{row}", self.prefix)
+    fn claim_key(&self, request_id: &str, row: u32) -> Vec<u8> {
+        let mut k = format!("{}:o:{row}:", self.prefix).into_bytes();
+        k.extend(id_bytes(request_id));
+        k
     }
 
     fn tracked<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
@@ -154,10 +240,7 @@ impl RecordLog for FleetRecords {
             .iter()
             .filter_map(|w| match w {
                 RecordWrite::Prediction { record, .. } if record.version > 0 => Some(
-                    Outgoing::Stub(
-                        self.stub_key(&record.request_id),
-                        stub_of(record).encode_to_vec(),
-                    ),
+                    Outgoing::Stub(self.stub_key(&record.request_id), encode_stub(record)),
                 ),
                 RecordWrite::Features {
                     entity,
@@ -198,12 +281,11 @@ impl RecordLog for FleetRecords {
         let stub: Option<Vec<u8>> =
             self.tracked(self.redis.with(|c| redis::cmd("GET").arg(&key).query(c)))?;
         let Some(bytes) = stub else { return Ok(None) };
-        let mut r =
-            pb::PredictionRecord::decode(bytes.as_slice()).map_err(|e| StoreError::Decode {
-                family: "fleet prediction stubs",
-                key,
-                reason: e.to_string(),
-            })?;
+        let mut r = decode_stub(&bytes).ok_or_else(|| StoreError::Decode {
+            family: "fleet prediction stubs",
+            key: request_id.to_string(),
+            reason: "not a prediction stub".into(),
+        })?;
         r.request_id = request_id.to_string();
         let t = time_ms(r.time.as_ref());
         Ok((t >= not_before_ms).then_some((t, r)))
@@ -245,7 +327,7 @@ impl RecordLog for FleetRecords {
         let Some(bytes) = claim else { return Ok(None) };
         let o = pb::OutcomeRecord::decode(bytes.as_slice()).map_err(|e| StoreError::Decode {
             family: "fleet outcome claims",
-            key,
+            key: format!("{request_id}/{row}"),
             reason: e.to_string(),
         })?;
         Ok(Some((time_ms(o.time.as_ref()), o)))
@@ -339,8 +421,7 @@ impl StubFlusher {
                     return;
                 }
             }
-            if held.len() >= 1024 || last.elapsed() >= STUB_FLUSH || stop.load(Ordering::Acquire)
-            {
+            if held.len() >= 1024 || last.elapsed() >= STUB_FLUSH || stop.load(Ordering::Acquire) {
                 self.send(&mut held, ttl);
                 last = Instant::now();
             }
@@ -364,44 +445,42 @@ impl StubFlusher {
             return;
         }
         let feature_ttl = self.feature_ttl.as_millis().max(1) as u64;
-        let r = self.redis.with(|c| {
-            let mut p = redis::pipe();
-            for o in held.iter() {
+        let cmds = held
+            .iter()
+            .map(|o| {
+                let mut cmd;
                 match o {
                     Outgoing::Stub(k, v) => {
-                        p.cmd("SET").arg(k).arg(v.as_slice()).arg("PX").arg(ttl).ignore();
+                        cmd = redis::cmd("SET");
+                        cmd.arg(k).arg(v.as_slice()).arg("PX").arg(ttl);
                     }
                     Outgoing::Features(k, values) => {
-                        let cmd = p
-                            .cmd("EVAL")
-                            .arg(super::features::NEWEST_WINS)
+                        cmd = redis::cmd("EVAL");
+                        cmd.arg(super::features::NEWEST_WINS)
                             .arg(1)
                             .arg(k)
                             .arg(feature_ttl);
                         for (f, v) in values {
                             cmd.arg(f).arg(v.as_slice());
                         }
-                        cmd.ignore();
                     }
                     Outgoing::FeatureDef(name, json) => {
                         // A definition first seen in traffic never replaces a declared one.
-                        p.cmd("HSETNX")
-                            .arg(&self.defs_key)
-                            .arg(name)
-                            .arg(json.as_slice())
-                            .ignore();
+                        cmd = redis::cmd("HSETNX");
+                        cmd.arg(&self.defs_key).arg(name).arg(json.as_slice());
                     }
                 }
-            }
-            p.query::<()>(c)
-        });
+                cmd
+            })
+            .collect();
+        let r = self.redis.pipeline::<redis::Value>(cmds);
         match r {
-            Ok(()) => {
+            Ok(_) => {
                 self.status.reached();
                 held.clear();
             }
             Err(StoreError::Unavailable(e)) => self.status.lost(&e),
-            Err(e) => tracing::warn!(error = %e, "cannot store prediction stubs"),
+            Err(e) => tracing::warn!(error = %e, "cannot send prediction stubs and features"),
         }
     }
 }
@@ -426,12 +505,58 @@ mod tests {
             predictions: vec![crate::convert::prediction_to_pb(
                 &crate::record::Prediction::Label("fraud".into()),
             )],
+            variant_forced: true,
             ..Default::default()
         };
-        let stub = stub_of(&record);
+        let bytes = encode_stub(&record);
+        let stub = decode_stub(&bytes).unwrap();
         assert_eq!(stub.predictions, record.predictions);
         assert_eq!((stub.model.as_str(), stub.version), ("fraud", 3));
+        assert_eq!(
+            (stub.experiment.as_str(), stub.variant.as_str()),
+            ("fraud-v3", "treatment")
+        );
+        assert!(stub.variant_forced);
         assert_eq!(time_ms(stub.time.as_ref()), 1_764_000_000_123);
-        assert!(stub.encoded_len() <= 48, "{}", stub.encoded_len());
+        // Small enough for Redis to keep it inline with its object header (≤ 44 bytes).
+        assert!(bytes.len() <= 44, "{}", bytes.len());
+        // Rows without a readable prediction still count.
+        let none = pb::PredictionRecord {
+            rows: vec![pb::FeatureRow::default(); 3],
+            ..record.clone()
+        };
+        let none = decode_stub(&encode_stub(&pb::PredictionRecord {
+            predictions: vec![],
+            ..none
+        }))
+        .unwrap();
+        assert_eq!(none.rows.len(), 3);
+        let value = pb::PredictionRecord {
+            predictions: vec![crate::convert::prediction_to_pb(
+                &crate::record::Prediction::Value(-1.5),
+            )],
+            ..record
+        };
+        assert_eq!(
+            decode_stub(&encode_stub(&value)).unwrap().predictions,
+            value.predictions
+        );
+        // Hostile bytes are refused, not trusted.
+        for junk in [
+            &b""[..],
+            b"\x01",
+            b"\x02abc",
+            b"\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        ] {
+            assert!(decode_stub(junk).is_none());
+        }
+    }
+
+    #[test]
+    fn uuid_request_ids_are_keyed_by_their_bytes() {
+        assert_eq!(id_bytes("0193a1b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b").len(), 16);
+        // Not in canonical form: kept as given, so two spellings never meet by accident.
+        assert_eq!(id_bytes("0193A1B2-7C4D-7E8F-9A0B-1C2D3E4F5A6B").len(), 36);
+        assert_eq!(id_bytes("order-17"), b"order-17");
     }
 }

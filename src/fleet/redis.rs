@@ -32,14 +32,14 @@ enum Client {
 
 enum Conn {
     Single(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl Conn {
     fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
         match self {
             Conn::Single(c) => c,
-            Conn::Cluster(c) => c,
+            Conn::Cluster(c) => c.as_mut(),
         }
     }
 }
@@ -54,6 +54,15 @@ pub struct Redis {
     timeout: Duration,
     /// The addresses, without credentials, for messages.
     pub display: String,
+}
+
+/// Whether an error leaves the connection unusable (the next call connects again).
+fn drops_connection(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
 }
 
 /// An address without its credentials, for messages and logs.
@@ -114,7 +123,7 @@ impl Redis {
                 conn.set_write_timeout(Some(self.timeout))?;
                 Conn::Single(conn)
             }
-            Client::Cluster(c) => Conn::Cluster(c.get_connection()?),
+            Client::Cluster(c) => Conn::Cluster(Box::new(c.get_connection()?)),
         })
     }
 
@@ -130,12 +139,38 @@ impl Redis {
         }
         let conn = guard.as_mut().expect("connected above");
         f(conn.as_dyn()).map_err(|e| {
-            if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_unrecoverable_error()
-            {
+            if drops_connection(&e) {
+                *guard = None;
+            }
+            self.unavailable(e)
+        })
+    }
+
+    /// Sends `cmds` in one pipeline (a Cluster's pipeline splits them by node) and returns their
+    /// replies, like [`Redis::with`].
+    pub fn pipeline<T: redis::FromRedisValue>(&self, cmds: Vec<redis::Cmd>) -> StoreResult<T> {
+        let mut guard = self.conn.lock();
+        if guard.is_none() {
+            *guard = Some(self.connect().map_err(|e| self.unavailable(e))?);
+        }
+        let r = match guard.as_mut().expect("connected above") {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+            Conn::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c.as_mut())
+            }
+        };
+        r.map_err(|e| {
+            if drops_connection(&e) {
                 *guard = None;
             }
             self.unavailable(e)

@@ -29,6 +29,9 @@ use crate::shadow::{Disagreement, ShadowCounts, ShadowLatency};
 use crate::state::StateSource;
 use crate::storage::{StoreError, StoreResult, Tallies};
 
+/// A hash's fields: (replica, value).
+type Fields = Vec<(String, Vec<u8>)>;
+
 /// The fleet's tallies, as a [`Tallies`].
 pub struct FleetTallies {
     redis: Arc<Redis>,
@@ -120,14 +123,16 @@ impl FleetTallies {
     }
 
     /// The other replicas' fields of each key, read in one round trip.
-    fn others(&self, keys: &[String]) -> StoreResult<Vec<Vec<(String, Vec<u8>)>>> {
-        let r = self.redis.with(|c| {
-            let mut p = redis::pipe();
-            for k in keys {
-                p.cmd("HGETALL").arg(k);
-            }
-            p.query::<Vec<Vec<(String, Vec<u8>)>>>(c)
-        });
+    fn others(&self, keys: &[String]) -> StoreResult<Vec<Fields>> {
+        let r = self.redis.pipeline::<Vec<Fields>>(
+            keys.iter()
+                .map(|k| {
+                    let mut c = redis::cmd("HGETALL");
+                    c.arg(k);
+                    c
+                })
+                .collect(),
+        );
         match &r {
             Ok(_) => self.status.reached(),
             Err(StoreError::Unavailable(e)) => self.status.lost(e),
@@ -309,15 +314,18 @@ impl Publisher {
         if changed.is_empty() {
             return Ok(0);
         }
-        let r = self.redis.with(|c| {
-            let mut p = redis::pipe();
-            for (k, v) in &changed {
-                p.cmd("HSET").arg(k).arg(&self.replica).arg(v.as_slice()).ignore();
-            }
-            p.query::<()>(c)
-        });
+        let r = self.redis.pipeline::<redis::Value>(
+            changed
+                .iter()
+                .map(|(k, v)| {
+                    let mut c = redis::cmd("HSET");
+                    c.arg(k).arg(&self.replica).arg(v.as_slice());
+                    c
+                })
+                .collect(),
+        );
         match r {
-            Ok(()) => {
+            Ok(_) => {
                 self.status.reached();
                 for (k, v) in changed.iter() {
                     published.insert(k.clone(), v.clone());
