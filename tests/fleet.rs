@@ -730,3 +730,220 @@ async fn fleet_stub_memory() {
     assert!(per_stub <= 128.0, "{per_stub} bytes per stub");
     mg.shutdown().await;
 }
+
+mod outages {
+    //! A replica killed with SIGKILL, and Redis frozen, under load: nothing acknowledged is lost
+    //! or counted twice.
+
+    use super::*;
+    use modelgate::pb::modelgate::v1::outcomes_client::OutcomesClient;
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::process::{Child, Command, Stdio};
+
+    pub const SCORED: &str = "name=iris;kind=logistic;weights=1,-1;bias=0";
+
+    pub async fn register_scored(mg_control: SocketAddr, endpoint: &str) {
+        let mut reg = registry(mg_control).await;
+        reg.register_model_version(pb::RegisterModelVersionRequest {
+            model: "iris".into(),
+            endpoint: endpoint.into(),
+            prediction: Some(pb::PredictionSpec {
+                kind: Some(pb::prediction_spec::Kind::Threshold(
+                    pb::ThresholdPrediction {
+                        output: "probabilities".into(),
+                        threshold: 0.5,
+                        positive_label: "1".into(),
+                        negative_label: "0".into(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        promote(&mut reg, "iris", "1").await;
+    }
+
+    /// The real binary in fleet mode; its data and control addresses.
+    fn spawn(dir: &std::path::Path, url: &str) -> (Child, SocketAddr, SocketAddr) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--control-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--fleet-store", url, "--fleet-name", "test"])
+            .arg("--data-dir")
+            .arg(dir)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("binary starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("modelgate listens").unwrap();
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "modelgate listening" {
+                let data = v["data"].as_str().unwrap().parse().unwrap();
+                let control = v["control"].as_str().unwrap().parse().unwrap();
+                std::thread::spawn(move || for _ in lines {});
+                return (child, data, control);
+            }
+        }
+    }
+
+    pub async fn all_time_outcomes(control: SocketAddr) -> u64 {
+        OutcomesClient::new(channel(control).await)
+            .get_model_performance(pb::GetModelPerformanceRequest {
+                model: "iris".into(),
+                version: "1".into(),
+                window: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .all_time
+            .map_or(0, |f| f.outcomes)
+    }
+
+    pub fn success(request_id: String) -> pb::RecordOutcomeRequest {
+        pb::RecordOutcomeRequest {
+            request_id,
+            actual: Some(pb::Actual {
+                kind: Some(pb::actual::Kind::Label("1".into())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Waits until `control` reports `want` outcomes of iris v1 fleet-wide.
+    pub async fn until_outcomes(control: SocketAddr, want: u64, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let got = all_time_outcomes(control).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the fleet counts {got} outcomes, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_replica_killed_under_load_loses_and_doubles_nothing() {
+        if !r::available() {
+            return;
+        }
+        let redis = RedisServer::start();
+        let ms = model_server(SCORED).await;
+        let (db, da) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let b = replica(&db, &redis.url()).await;
+        register_scored(b.control_addr, &ms.endpoint()).await;
+        let (mut a, data, control) = spawn(da.path(), &redis.url());
+        let mut infer = infer_client(data).await;
+        let mut out = OutcomesClient::new(channel(control).await);
+        let mut acknowledged = 0u64;
+        for _ in 0..150 {
+            let r = infer
+                .model_infer(infer_request("iris", &[&[1.0, 0.0]]))
+                .await
+                .unwrap();
+            // Straight after the call: the record may still be in the writer's queue.
+            if out.record_outcome(success(request_id_of(&r))).await.is_ok() {
+                acknowledged += 1;
+            }
+        }
+        // SIGKILL right after the last acknowledgement: no flush, no last publication.
+        a.kill().unwrap();
+        a.wait().unwrap();
+        assert_eq!(acknowledged, 150);
+        // Restarted on its data directory: same replica id, its tallies published again, not
+        // added again.
+        let (mut a, _, control) = spawn(da.path(), &redis.url());
+        until_outcomes(b.control_addr, acknowledged, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(all_time_outcomes(b.control_addr).await, acknowledged);
+        assert_eq!(all_time_outcomes(control).await, acknowledged);
+        a.kill().unwrap();
+        a.wait().unwrap();
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis_frozen_for_ten_seconds_under_load() {
+        if !r::available() {
+            return;
+        }
+        let redis = RedisServer::start();
+        let ms = model_server(SCORED).await;
+        let (db, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let b = replica(&db, &redis.url()).await;
+        let c = replica(&dc, &redis.url()).await;
+        register_scored(b.control_addr, &ms.endpoint()).await;
+        until_served(&c, "1", Duration::from_secs(2)).await;
+
+        let load = |mg_data: SocketAddr, mg_control: SocketAddr, seconds: u64| async move {
+            let mut infer = infer_client(mg_data).await;
+            let mut out = OutcomesClient::new(channel(mg_control).await);
+            let (mut calls, mut acknowledged) = (0u64, 0u64);
+            let until = Instant::now() + Duration::from_secs(seconds);
+            while Instant::now() < until {
+                let r = infer
+                    .model_infer(infer_request("iris", &[&[1.0, 0.0]]))
+                    .await
+                    .expect("no caller error while Redis is away");
+                calls += 1;
+                match out.record_outcome(success(request_id_of(&r))).await {
+                    Ok(_) => acknowledged += 1,
+                    Err(e) => eprintln!("outcome refused: {e:?}"),
+                }
+            }
+            (calls, acknowledged)
+        };
+        let before = tokio::spawn(load(b.data_addr, b.control_addr, 1));
+        let (c1, a1) = before.await.unwrap();
+        redis.pause();
+        let during = tokio::spawn(load(b.data_addr, b.control_addr, 10));
+        // Control writes are refused while Redis is away, in about --fleet-timeout.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let refused = registry(b.control_addr)
+            .await
+            .register_model_version(pb::RegisterModelVersionRequest {
+                model: "iris".into(),
+                endpoint: ms.endpoint(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        let (c2, a2) = during.await.unwrap();
+        redis.resume();
+        let (c3, a3) = load(b.data_addr, b.control_addr, 1).await;
+        eprintln!(
+            "calls before/during/after the freeze: {c1}/{c2}/{c3}; outcomes acknowledged: {a1}/{a2}/{a3}"
+        );
+        assert!(
+            c2 > 0 && a2 == c2,
+            "outcomes of B's own predictions join while Redis is away"
+        );
+        let total = a1 + a2 + a3;
+        until_outcomes(c.control_addr, total, Duration::from_secs(10)).await;
+        b.shutdown().await;
+        c.shutdown().await;
+    }
+}

@@ -7,7 +7,7 @@
 //! Cluster, TLS and Lua scripts to one code path. Every call has a timeout, so an unreachable
 //! Redis costs a caller at most that long, and answers [`StoreError::Unavailable`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{ConnectionLike, RedisError, RedisResult};
@@ -44,13 +44,22 @@ impl Conn {
     }
 }
 
+/// After a failure, how long calls fail at once before one tries again.
+pub const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// The connection, and since when and why Redis has been unreachable.
+struct Link {
+    conn: Option<Conn>,
+    down: Option<(String, Instant)>,
+}
+
 /// The fleet's Redis.
 pub struct Redis {
     client: Client,
     /// A plain client of the first node, for subscriptions (a Cluster broadcasts PUBLISH to
     /// every node, so any node's subscribers see every message).
     first: redis::Client,
-    conn: Mutex<Option<Conn>>,
+    conn: Mutex<Link>,
     timeout: Duration,
     /// The addresses, without credentials, for messages.
     pub display: String,
@@ -109,7 +118,10 @@ impl Redis {
         Ok(Redis {
             client,
             first,
-            conn: Mutex::new(None),
+            conn: Mutex::new(Link {
+                conn: None,
+                down: None,
+            }),
             timeout: settings.timeout,
             display,
         })
@@ -129,31 +141,24 @@ impl Redis {
 
     /// Runs `f` on the connection, connecting first when there is none. A failure drops the
     /// connection (the next call connects again) and is [`StoreError::Unavailable`].
+    ///
+    /// While Redis is away, calls fail at once, except one every [`RETRY_EVERY`] that tries
+    /// again: callers queue behind at most one timeout, not one each.
     pub fn with<T>(
         &self,
         f: impl FnOnce(&mut dyn ConnectionLike) -> RedisResult<T>,
     ) -> StoreResult<T> {
         let mut guard = self.conn.lock();
-        if guard.is_none() {
-            *guard = Some(self.connect().map_err(|e| self.unavailable(e))?);
-        }
-        let conn = guard.as_mut().expect("connected above");
-        f(conn.as_dyn()).map_err(|e| {
-            if drops_connection(&e) {
-                *guard = None;
-            }
-            self.unavailable(e)
-        })
+        let conn = self.ready(&mut guard)?;
+        let r = f(conn.as_dyn());
+        self.settle(&mut guard, r)
     }
 
     /// Sends `cmds` in one pipeline (a Cluster's pipeline splits them by node) and returns their
     /// replies, like [`Redis::with`].
     pub fn pipeline<T: redis::FromRedisValue>(&self, cmds: Vec<redis::Cmd>) -> StoreResult<T> {
         let mut guard = self.conn.lock();
-        if guard.is_none() {
-            *guard = Some(self.connect().map_err(|e| self.unavailable(e))?);
-        }
-        let r = match guard.as_mut().expect("connected above") {
+        let r = match self.ready(&mut guard)? {
             Conn::Single(c) => {
                 let mut p = redis::pipe();
                 for cmd in cmds {
@@ -169,12 +174,46 @@ impl Redis {
                 p.query(c.as_mut())
             }
         };
-        r.map_err(|e| {
-            if drops_connection(&e) {
-                *guard = None;
+        self.settle(&mut guard, r)
+    }
+
+    /// The connection to use, or why there is none.
+    fn ready<'a>(&self, link: &'a mut Link) -> StoreResult<&'a mut Conn> {
+        if let Some((error, since)) = &link.down {
+            if since.elapsed() < RETRY_EVERY {
+                return Err(StoreError::Unavailable(error.clone()));
             }
-            self.unavailable(e)
-        })
+        }
+        if link.conn.is_none() {
+            match self.connect() {
+                Ok(c) => link.conn = Some(c),
+                Err(e) => {
+                    let e = self.unavailable(e);
+                    link.down = Some((e.to_string(), Instant::now()));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(link.conn.as_mut().expect("connected above"))
+    }
+
+    /// Records how a call went.
+    fn settle<T>(&self, link: &mut Link, r: RedisResult<T>) -> StoreResult<T> {
+        match r {
+            Ok(v) => {
+                link.down = None;
+                Ok(v)
+            }
+            Err(e) => {
+                let dropped = drops_connection(&e);
+                let e = self.unavailable(e);
+                if dropped {
+                    link.conn = None;
+                    link.down = Some((e.to_string(), Instant::now()));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A connection for SUBSCRIBE, whose reads time out after `poll` (so its reader can also
