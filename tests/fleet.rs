@@ -785,7 +785,11 @@ mod outages {
             .expect("binary starts");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         loop {
-            let line = lines.next().expect("modelgate listens").unwrap();
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("modelgate exited before listening: {status:?}");
+            };
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
