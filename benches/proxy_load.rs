@@ -505,6 +505,19 @@ fn proxy_usage(target: &Target, before: Option<Usage>) -> Option<Usage> {
     })
 }
 
+/// Commands a Redis has processed so far (`INFO stats`).
+fn redis_commands(port: u16) -> u64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "stats"])
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -811,6 +824,37 @@ fn main() {
             pid: Some(all.0.id()),
         });
 
+        // Fleet mode (docs/fleet.md): everything on, sharing a Redis (started here when
+        // redis-server is installed; BENCH_FLEET=0 skips it).
+        let mut redis_port = None;
+        if std::env::var("BENCH_FLEET").map_or(true, |v| v != "0") && on_path("redis-server") {
+            let addr = free_addr();
+            let p = spawn(
+                Command::new("redis-server")
+                    .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(dir.path()),
+            );
+            wait_for(addr).await;
+            _others.push(p);
+            let url = format!("redis://{addr}");
+            let (p, data, control) = modelgate(
+                &dir.path().join("fleet"),
+                &["--fleet-store", &url, "--fleet-name", "bench"],
+            )
+            .await;
+            register(control, model_addr, 3).await;
+            everything(control).await;
+            targets.push(Target {
+                name: "modelgate everything on + fleet",
+                addr: data,
+                pid: Some(p.0.id()),
+            });
+            _others.push(p);
+            redis_port = Some(addr.port());
+        }
+
         // Another build (BENCH_BASELINE=path/to/modelgate, e.g. the last release) measured in the
         // same run, for before/after comparisons on a noisy machine.
         if let Ok(bin) = std::env::var("BENCH_BASELINE") {
@@ -847,9 +891,19 @@ fn main() {
             machine()
         );
         let mut closed_runs = Vec::new();
+        let mut redis_per_call = None;
         for t in targets.iter().filter(|_| modes.contains("closed")) {
             eprintln!("closed loop: {}", t.name);
-            closed_runs.push(closed(t, concurrency, connections, seconds).await);
+            let fleet = t.name.ends_with("+ fleet");
+            let before = redis_port.filter(|_| fleet).map(redis_commands);
+            let run = closed(t, concurrency, connections, seconds).await;
+            if let (Some(port), Some(before)) = (redis_port, before) {
+                // The writer and publisher run behind the calls: let them catch up first.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let commands = redis_commands(port) - before;
+                redis_per_call = Some(commands as f64 / run.requests.max(1) as f64);
+            }
+            closed_runs.push(run);
         }
         let (rate, why) = match std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()) {
             Some(r) => (r, "BENCH_RATE"),
@@ -886,6 +940,20 @@ fn main() {
             println!(
                 "everything on / routing only: {:.3}",
                 e.rps() / r.rps()
+            );
+        }
+        if let (Some(e), Some(f)) = (
+            by_name.get("modelgate everything on"),
+            by_name.get("modelgate everything on + fleet"),
+        ) {
+            println!(
+                "everything on + fleet / everything on: {:.3} throughput, {} CPU per call; Redis commands per call: {}",
+                f.rps() / e.rps(),
+                match (f.cpu_per_1000(), e.cpu_per_1000()) {
+                    (Some(a), Some(b)) => format!("{:.3}", a / b),
+                    _ => "-".into(),
+                },
+                redis_per_call.map_or("-".into(), |c| format!("{c:.3}")),
             );
         }
         let mut overload_json = serde_json::Value::Null;
