@@ -40,6 +40,43 @@ pub struct DemoArgs {
     /// Keep modelgate and the model servers running after the summary (until Ctrl-C).
     #[arg(long)]
     pub keep_running: bool,
+    /// Run a fleet of this many modelgate replicas sharing a Redis (started by the demo; needs
+    /// `redis-server` installed): traffic is spread round robin, outcomes go to another replica,
+    /// and the summary is read from the last one (docs/fleet.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub replicas: u16,
+}
+
+/// A redis-server the demo started, stopped when dropped.
+struct DemoRedis(std::process::Child, String);
+
+impl DemoRedis {
+    fn start(dir: &std::path::Path) -> anyhow::Result<DemoRedis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("--replicas needs redis-server (e.g. apt-get install redis-server)")?;
+        let redis = DemoRedis(child, format!("redis://127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+}
+
+impl Drop for DemoRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 const MODEL: &str = "iris";
@@ -114,7 +151,7 @@ struct Served {
 /// Sends `n` calls from `users` simulated users with `CALLERS` concurrent callers; the progress
 /// bar advances per answer.
 async fn traffic(
-    data: Channel,
+    data: Vec<Channel>,
     n: usize,
     users: usize,
     seed: u64,
@@ -124,7 +161,9 @@ async fn traffic(
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..CALLERS {
-        let (next, bar, data) = (next.clone(), bar.clone(), data.clone());
+        // Callers spread over the replicas, as a load balancer would.
+        let (next, bar) = (next.clone(), bar.clone());
+        let data = data[c % data.len()].clone();
         tasks.push(tokio::spawn(async move {
             let mut client = GrpcInferenceServiceClient::new(data);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + c as u64);
@@ -166,6 +205,17 @@ async fn traffic(
         }
     }
     (all, errors)
+}
+
+/// Waits for every replica's records to be written — and, in a fleet, for their prediction stubs
+/// to reach Redis, so that outcomes sent to another replica join.
+async fn settle(fleet: &[crate::server::Running]) {
+    for r in fleet {
+        r.recorder.flush().await;
+    }
+    if fleet.len() > 1 {
+        tokio::time::sleep(crate::fleet::outcomes::STUB_FLUSH * 3).await;
+    }
 }
 
 /// Reports the true label of every call, as a labelling pipeline would, in one client stream.
@@ -218,9 +268,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| tmp.path().join("modelgate-data"));
-    let mut config = Config::for_tests(&data_dir);
-    config.shutdown_grace = Duration::from_secs(5);
-    let mg = crate::server::start(config).await?;
+    let replicas = usize::from(args.replicas.max(1));
+    let redis = if replicas > 1 {
+        Some(DemoRedis::start(tmp.path())?)
+    } else {
+        None
+    };
+    let mut fleet = Vec::new();
+    for i in 0..replicas {
+        let dir = if replicas == 1 {
+            data_dir.clone()
+        } else {
+            data_dir.join(format!("replica-{}", i + 1))
+        };
+        let mut config = Config::for_tests(&dir);
+        config.shutdown_grace = Duration::from_secs(5);
+        if let Some(r) = &redis {
+            config.fleet = Some(crate::fleet::FleetSettings {
+                redis: crate::fleet::RedisSettings {
+                    urls: vec![r.1.clone()],
+                    cluster: false,
+                    timeout: Duration::from_secs(1),
+                },
+                name: "demo".into(),
+                poll: Duration::from_millis(500),
+                outcome_window: Duration::from_secs(3600),
+            });
+        }
+        fleet.push(crate::server::start(config).await?);
+    }
+    let mg = &fleet[0];
+    let last = &fleet[replicas - 1];
     println!("modelgate demo — everything below is real gRPC on 127.0.0.1\n");
     println!(
         "  model server, iris version 1 (production)   {}",
@@ -230,20 +308,43 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  model server, iris version 2 (challenger)   {}",
         server_2.endpoint()
     );
-    println!(
-        "  modelgate: data {}  control {}  admin http://{}",
-        mg.data_addr, mg.control_addr, mg.admin_addr
-    );
+    for (i, r) in fleet.iter().enumerate() {
+        println!(
+            "  modelgate{}: data {}  control {}  admin http://{}",
+            if replicas > 1 {
+                format!(" replica {}", i + 1)
+            } else {
+                String::new()
+            },
+            r.data_addr,
+            r.control_addr,
+            r.admin_addr
+        );
+    }
+    if let Some(r) = &redis {
+        println!("  fleet store: {} (fleet 'demo')", r.1);
+    }
     println!("  RocksDB: {}\n", data_dir.display());
 
     let control = Channel::from_shared(format!("http://{}", mg.control_addr))?
         .connect()
         .await
         .context("connecting to the control port")?;
-    let data = Channel::from_shared(format!("http://{}", mg.data_addr))?
+    let mut data = Vec::new();
+    for r in &fleet {
+        data.push(
+            Channel::from_shared(format!("http://{}", r.data_addr))?
+                .connect()
+                .await
+                .context("connecting to the data port")?,
+        );
+    }
+    // In a fleet, outcomes go to, and the summary is read from, the last replica: not the one
+    // configured, and (for most calls) not the one that served.
+    let summary = Channel::from_shared(format!("http://{}", last.control_addr))?
         .connect()
         .await
-        .context("connecting to the data port")?;
+        .context("connecting to the control port")?;
     let mut registry = pb::registry_client::RegistryClient::new(control.clone());
 
     // 1. Registry: two versions with their offline metrics; promote version 1.
@@ -326,23 +427,32 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .collect(),
         })
         .collect();
-    let mut drift = pb::drift_client::DriftClient::new(control.clone());
-    drift
-        .set_reference(pb::SetReferenceRequest {
-            model: MODEL.into(),
-            feature_names: FEATURES.iter().map(|f| f.to_string()).collect(),
-            rows,
-            categorical_features: vec![],
-        })
-        .await?;
-    drift
-        .set_retrain_policy(pb::RetrainPolicy {
-            model: MODEL.into(),
-            on_data_drift: true,
-            on_performance_drift: true,
-            ..Default::default()
-        })
-        .await?;
+    // Drift is evaluated per replica (docs/fleet.md): each gets the reference and the policy.
+    let rows: Vec<pb::ReferenceRow> = rows;
+    for r in &fleet {
+        let mut drift = pb::drift_client::DriftClient::new(
+            Channel::from_shared(format!("http://{}", r.control_addr))?
+                .connect()
+                .await?,
+        );
+        drift
+            .set_reference(pb::SetReferenceRequest {
+                model: MODEL.into(),
+                feature_names: FEATURES.iter().map(|f| f.to_string()).collect(),
+                rows: rows.clone(),
+                categorical_features: vec![],
+            })
+            .await?;
+        drift
+            .set_retrain_policy(pb::RetrainPolicy {
+                model: MODEL.into(),
+                on_data_drift: true,
+                on_performance_drift: true,
+                ..Default::default()
+            })
+            .await?;
+    }
+    let mut drift = pb::drift_client::DriftClient::new(summary.clone());
     println!("3. drift reference: 2,000 rows of the training distribution; retrain on data or performance drift\n");
 
     // 4. Traffic, outcomes, the shift, more traffic and outcomes. The heading goes to stdout: the
@@ -358,10 +468,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let users = args.users.max(1);
     bar.set_message("before the shift");
     let (first, e1) = traffic(data.clone(), half, users, 1, false, &bar).await;
-    let accepted_1 = report_outcomes(control.clone(), &first).await?;
+    settle(&fleet).await;
+    let accepted_1 = report_outcomes(summary.clone(), &first).await?;
     bar.set_message(format!("{} shifted by +{SHIFT}", FEATURES[SHIFTED]));
     let (second, e2) = traffic(data.clone(), half, users, 2, true, &bar).await;
-    let accepted_2 = report_outcomes(control.clone(), &second).await?;
+    settle(&fleet).await;
+    let accepted_2 = report_outcomes(summary.clone(), &second).await?;
     bar.finish_with_message("done");
     let served = first.len() + second.len();
     let mut by_version: BTreeMap<&str, usize> = BTreeMap::new();
@@ -381,9 +493,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         FEATURES[SHIFTED]
     );
 
-    // Let the record writer, shadow copies and the drift evaluator catch up.
-    mg.recorder.flush().await;
-    let mut shadows = pb::shadows_client::ShadowsClient::new(control.clone());
+    // Let the record writer, shadow copies and the drift evaluator catch up (and, in a fleet,
+    // every replica publish its tallies).
+    for r in &fleet {
+        r.recorder.flush().await;
+    }
+    if replicas > 1 {
+        tokio::time::sleep(crate::fleet::PUBLISH_EVERY * 3).await;
+    }
+    let mut shadows = pb::shadows_client::ShadowsClient::new(summary.clone());
     let shadow_request = pb::GetShadowReportRequest {
         model: MODEL.into(),
         version: "2".into(),
@@ -395,7 +513,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .into_inner();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        mg.recorder.flush().await;
+        for r in &fleet {
+            r.recorder.flush().await;
+        }
+        if replicas > 1 {
+            tokio::time::sleep(crate::fleet::PUBLISH_EVERY * 2).await;
+        }
         let now = shadows
             .get_shadow_report(shadow_request.clone())
             .await?
@@ -408,7 +531,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     // 5. The summary.
-    let results = pb::experiments_client::ExperimentsClient::new(control.clone())
+    let results = pb::experiments_client::ExperimentsClient::new(summary.clone())
         .get_experiment_results(pb::ExperimentRef {
             name: EXPERIMENT.into(),
         })
@@ -483,9 +606,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?
         .into_inner();
     println!(
-        "\n7. data drift (last {} live rows per feature vs. the reference; Benjamini–Hochberg at {})",
+        "\n7. data drift (last {} live rows per feature vs. the reference; Benjamini–Hochberg at {}){}",
         report.features.first().map_or(0, |f| f.window_size),
-        report.false_discovery_rate
+        report.false_discovery_rate,
+        if replicas > 1 {
+            format!("; replica {replicas}'s own traffic: drift is evaluated per replica")
+        } else {
+            String::new()
+        }
     );
     println!(
         "   {:<14} {:<10} {:>9} {:>10} {:>7}  drifted",
@@ -518,7 +646,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     println!("\n8. performance per version (from outcomes)");
-    let mut outcomes = pb::outcomes_client::OutcomesClient::new(control.clone());
+    let mut outcomes = pb::outcomes_client::OutcomesClient::new(summary.clone());
     for v in ["1", "2"] {
         let p = outcomes
             .get_model_performance(pb::GetModelPerformanceRequest {
@@ -540,7 +668,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     println!("\n9. events");
-    let mut events = pb::events_client::EventsClient::new(control.clone())
+    let mut events = pb::events_client::EventsClient::new(summary.clone())
         .watch(pb::WatchRequest::default())
         .await?
         .into_inner();
@@ -577,7 +705,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("still running; Ctrl-C stops everything");
         tokio::signal::ctrl_c().await?;
     }
-    mg.shutdown().await;
+    for r in fleet {
+        r.shutdown().await;
+    }
+    drop(redis);
     server_1.stop().await;
     server_2.stop().await;
     println!("stopped modelgate and both model servers; temporary files removed");

@@ -44,3 +44,59 @@ fn the_demo_shows_the_experiment_shadow_drift_and_retrain_trigger() {
         .collect();
     assert_eq!(steps, (1..=9).collect::<Vec<u32>>(), "{stdout}");
 }
+
+#[test]
+fn the_fleet_demo_spreads_traffic_over_three_replicas_and_reads_one_fleet() {
+    let redis = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !redis {
+        assert!(
+            std::env::var_os("MODELGATE_REQUIRE_PEERS").is_none(),
+            "redis-server is not installed"
+        );
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["demo", "--replicas", "3", "--requests", "1200"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "modelgate replica 1:",
+        "modelgate replica 3:",
+        "fleet store: redis://127.0.0.1:",
+        // Every outcome, sent to the last replica, joined whichever replica served it.
+        "1200 calls answered (0 failed)",
+        "1200 outcomes recorded",
+        "drift is evaluated per replica",
+        "temporary files removed",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+    // The experiment's requests and the shadow's copies, read from replica 3, cover the whole
+    // fleet's traffic: with production's calls they add up to every call.
+    let number = |line: &str, i: usize| -> u64 {
+        line.split_whitespace().nth(i).unwrap().parse().unwrap()
+    };
+    let requests: u64 = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("control ") || l.trim_start().starts_with("treatment "))
+        .map(|l| number(l, 3))
+        .sum();
+    let mirrored: u64 = stdout
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("mirrored "))
+        .map(|rest| rest.split(',').next().unwrap().trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no shadow line in:\n{stdout}"));
+    assert_eq!(requests + mirrored, 1200, "{stdout}");
+}
