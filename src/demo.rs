@@ -52,7 +52,9 @@ struct DemoRedis(std::process::Child, String);
 
 impl DemoRedis {
     fn start(dir: &std::path::Path) -> anyhow::Result<DemoRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])

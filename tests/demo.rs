@@ -85,12 +85,13 @@ fn the_fleet_demo_spreads_traffic_over_three_replicas_and_reads_one_fleet() {
     }
     // The experiment's requests and the shadow's copies, read from replica 3, cover the whole
     // fleet's traffic: with production's calls they add up to every call.
-    let number = |line: &str, i: usize| -> u64 {
-        line.split_whitespace().nth(i).unwrap().parse().unwrap()
-    };
+    let number =
+        |line: &str, i: usize| -> u64 { line.split_whitespace().nth(i).unwrap().parse().unwrap() };
     let requests: u64 = stdout
         .lines()
-        .filter(|l| l.trim_start().starts_with("control ") || l.trim_start().starts_with("treatment "))
+        .filter(|l| {
+            l.trim_start().starts_with("control ") || l.trim_start().starts_with("treatment ")
+        })
         .map(|l| number(l, 3))
         .sum();
     let mirrored: u64 = stdout

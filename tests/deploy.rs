@@ -1302,3 +1302,89 @@ fn release_builds_ship_without_debug_info() {
         assert_eq!(section["opt-level"].as_integer(), Some(1), "{section:?}");
     }
 }
+
+// ---- the fleet overlay ------------------------------------------------------------------------
+
+const FLEET: &str = "deploy/k8s-fleet";
+
+#[test]
+fn the_fleet_overlay_sets_real_settings_and_queries_real_metrics() {
+    let kustomization: Value =
+        serde_norway::from_str(&read(&format!("{FLEET}/kustomization.yaml")))
+            .expect("kustomization parses");
+    // Every resource and patch it names exists; it builds on the sidecar deployment.
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(resources.contains(&"../k8s"), "{resources:?}");
+    let patches: Vec<&str> = kustomization["patches"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    for f in resources.iter().chain(&patches) {
+        assert!(
+            repo().join(FLEET).join(f).exists(),
+            "{FLEET}/{f} is missing"
+        );
+    }
+    // The patch targets the sidecar deployment's modelgate container with real settings, the
+    // Redis URL from a Secret the overlay ships.
+    let patch: Value = serde_norway::from_str(&read(&format!("{FLEET}/fleet-patch.yaml"))).unwrap();
+    let base = k8s_docs();
+    assert_eq!(name(&patch), name(deployment(&base)));
+    assert!(patch["spec"]["replicas"].as_u64().unwrap() > 1);
+    let container = &patch["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["name"].as_str(), Some("modelgate"));
+    let known = setting_env_names();
+    let env = seq(&container["env"]);
+    for e in env {
+        let n = e["name"].as_str().unwrap();
+        assert!(known.contains(n), "{n} is not a modelgate setting");
+    }
+    let store = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some("MODELGATE_FLEET_STORE"))
+        .expect("the patch sets MODELGATE_FLEET_STORE");
+    let secret: Value =
+        serde_norway::from_str(&read(&format!("{FLEET}/fleet-secret.yaml"))).unwrap();
+    let key = &store["valueFrom"]["secretKeyRef"];
+    assert_eq!(key["name"].as_str(), Some(name(&secret)));
+    let url = secret["stringData"][key["key"].as_str().unwrap()]
+        .as_str()
+        .unwrap();
+    // The shipped URL loads as a setting.
+    let env: Env = [("MODELGATE_FLEET_STORE".to_string(), url.to_string())].into();
+    let (config, _, _) = load(&env, no_file).expect("the overlay's settings load");
+    assert!(config.fleet.is_some());
+
+    // The analysis queries metrics modelgate exposes.
+    use modelgate::app::outcomes::OutcomeObserver;
+    let metrics = modelgate::telemetry::Metrics::new();
+    // A family is exposed once it has a sample: one outcome of each kind.
+    for success in [Some(true), Some(false)] {
+        let j = modelgate::outcome::Judgement {
+            success,
+            error: None,
+        };
+        metrics.observe_variant_outcome("e", "v", &j, Some(1.0));
+    }
+    let page = metrics.encode(modelgate::telemetry::Exposition::Prometheus);
+    let template = read(&format!("{FLEET}/analysis-template.yaml"));
+    let used: BTreeSet<&str> = template
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("modelgate_"))
+        .collect();
+    assert!(!used.is_empty());
+    for m in used {
+        let family = m.strip_suffix("_total").unwrap_or(m);
+        assert!(
+            page.contains(&format!("# TYPE {m} ")) || page.contains(&format!("# TYPE {family} ")),
+            "{m} is not a modelgate metric"
+        );
+    }
+}
