@@ -951,3 +951,87 @@ mod outages {
         c.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn online_features_written_on_one_replica_are_read_on_another() {
+    use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
+    if !r::available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        replica(&da, &redis.url()).await,
+        replica(&db, &redis.url()).await,
+    );
+    let mut fa = FeaturesClient::new(channel(a.control_addr).await);
+    let mut fb = FeaturesClient::new(channel(b.control_addr).await);
+    // Registered on A, after B started: B learns it from the fleet.
+    fa.register_feature(pb::RegisterFeatureRequest {
+        name: "balance".into(),
+        r#type: pb::FeatureType::Number as i32,
+        ttl: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
+    let row = |x: f64, t: u64| pb::FeatureRowInput {
+        entity_id: "acct-1".into(),
+        values: [(
+            "balance".to_string(),
+            pb::FeatureValue {
+                kind: Some(pb::feature_value::Kind::Number(x)),
+            },
+        )]
+        .into(),
+        event_time: Some(modelgate::pb::timestamp(t)),
+    };
+    let put = fa
+        .put_features(pb::PutFeaturesRequest {
+            rows: vec![row(30.0, now - 1_000)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(put.accepted, 1);
+    // An older value written on B afterwards does not win "latest" anywhere.
+    let put = fb
+        .put_features(pb::PutFeaturesRequest {
+            rows: vec![row(20.0, now - 5_000)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(put.accepted, 1, "{put:?}");
+    let latest = |mut c: FeaturesClient<tonic::transport::Channel>| async move {
+        c.get_features(pb::GetFeaturesRequest {
+            entity_ids: vec!["acct-1".into()],
+            feature_names: vec!["balance".into()],
+            as_of: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entities[0]
+            .cells[0]
+            .value
+            .clone()
+            .and_then(|v| v.kind)
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (on_a, on_b) = (latest(fa.clone()).await, latest(fb.clone()).await);
+        let want = Some(pb::feature_value::Kind::Number(30.0));
+        if on_a == want && on_b == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A: {on_a:?}, B: {on_b:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -57,6 +57,23 @@ pub struct RecordServices {
 }
 
 impl RecordServices {
+    /// Reads the feature definitions again when `names` holds one this replica does not know
+    /// (or, for `None`, always): in a fleet another replica may have registered it. Without a
+    /// fleet the store holds nothing the catalog lacks, and this is only a local read.
+    async fn learn_features(&self, names: Option<&[&String]>) {
+        if names.is_some_and(|n| n.iter().all(|n| self.catalog.contains(n))) {
+            return;
+        }
+        let (store, catalog) = (self.storage.features.clone(), self.catalog.clone());
+        let _ = storage::blocking(move || {
+            for d in store.load_feature_defs()? {
+                catalog.upsert(d);
+            }
+            Ok(())
+        })
+        .await;
+    }
+
     /// Services over the outcome use case (and its storage) and the control plane.
     pub fn new(
         outcomes: outcomes::Outcomes,
@@ -421,6 +438,7 @@ impl Features for RecordServices {
         &self,
         _: Request<pb::ListFeaturesRequest>,
     ) -> Result<Response<pb::ListFeaturesResponse>, Status> {
+        self.learn_features(None).await;
         Ok(Response::new(pb::ListFeaturesResponse {
             features: self.catalog.list().iter().map(def_to_pb).collect(),
         }))
@@ -434,6 +452,8 @@ impl Features for RecordServices {
         if rows.is_empty() {
             return Err(invalid("rows", "required: at least one row"));
         }
+        let names: Vec<&String> = rows.iter().flat_map(|r| r.values.keys()).collect();
+        self.learn_features(Some(&names)).await;
         let now = self.plane.now_ms();
         let mut results = Vec::with_capacity(rows.len());
         let mut accepted = Vec::new();
@@ -496,6 +516,8 @@ impl Features for RecordServices {
         for e in &r.entity_ids {
             feature_store::validate_entity_id(e).map_err(|m| invalid("entity_ids", m))?;
         }
+        let names: Vec<&String> = r.feature_names.iter().collect();
+        self.learn_features(Some(&names)).await;
         let unknown: Vec<String> = r
             .feature_names
             .iter()

@@ -27,13 +27,25 @@ use crate::record::FeatureValue;
 use crate::storage::{FeatureStore, StoreError, StoreResult};
 
 /// Keeps the newer value of each field. KEYS[1]: the entity's hash. ARGV[1]: the hash's TTL in
-/// ms; then (field, value) pairs whose values start with their time.
+/// ms; then (field, value) pairs whose values start with their time. Three commands inside Redis
+/// whatever the number of features (one read, one write, the expiry).
 pub const NEWEST_WINS: &str = r#"
-for i = 2, #ARGV, 2 do
-  local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  if (not cur) or string.sub(cur, 1, 15) <= string.sub(ARGV[i + 1], 1, 15) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+local n = (#ARGV - 1) / 2
+local fields = {}
+for i = 1, n do
+  fields[i] = ARGV[2 * i]
+end
+local current = redis.call('HMGET', KEYS[1], unpack(fields))
+local newer = {}
+for i = 1, n do
+  local value = ARGV[2 * i + 1]
+  if (not current[i]) or string.sub(current[i], 1, 15) <= string.sub(value, 1, 15) then
+    newer[#newer + 1] = fields[i]
+    newer[#newer + 1] = value
   end
+end
+if #newer > 0 then
+  redis.call('HSET', KEYS[1], unpack(newer))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 0
