@@ -291,6 +291,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     urls: vec![r.1.clone()],
                     cluster: false,
                     timeout: Duration::from_secs(1),
+                    ca: None,
                 },
                 name: "demo".into(),
                 poll: Duration::from_millis(500),

@@ -22,6 +22,7 @@ fn fleet_config(dir: &std::path::Path, urls: &str) -> Config {
             urls: urls.split(',').map(str::to_string).collect(),
             cluster: false,
             timeout: Duration::from_millis(500),
+            ca: None,
         },
         name: "test".into(),
         poll: Duration::from_millis(200),
@@ -1034,4 +1035,73 @@ async fn online_features_written_on_one_replica_are_read_on_another() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rediss_with_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    if !r::available() {
+        return;
+    }
+    // A CA and a certificate for 127.0.0.1, made here: no key is checked in.
+    let pki = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fleet test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let path = |f: &str| pki.path().join(f).to_str().unwrap().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("server.pem"), server.pem()).unwrap();
+    std::fs::write(path("server-key.pem"), server_key.serialize_pem()).unwrap();
+    let tls_port = r::free_port();
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &path("server.pem"),
+        "--tls-key-file",
+        &path("server-key.pem"),
+        "--tls-ca-cert-file",
+        &path("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let ms = model_server(MODEL).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fleet_config(dir.path(), &format!("rediss://127.0.0.1:{tls_port}"));
+    config.fleet.as_mut().unwrap().redis.ca = Some(path("ca.pem").into());
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    assert_eq!(register(&mut reg, "iris", &ms.endpoint()).await, 1);
+    // It went to Redis, over TLS.
+    assert!(redis
+        .cli(&["hexists", "mg:test:config", "version/iris/1"])
+        .starts_with('1'));
+    mg.shutdown().await;
+
+    // Without the CA, the server's certificate is not trusted: a clear refusal, nothing written.
+    let dir = tempfile::tempdir().unwrap();
+    let mg = start_with(fleet_config(
+        dir.path(),
+        &format!("rediss://127.0.0.1:{tls_port}"),
+    ))
+    .await;
+    let refused = registry(mg.control_addr)
+        .await
+        .register_model_version(pb::RegisterModelVersionRequest {
+            model: "iris".into(),
+            endpoint: ms.endpoint(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    mg.shutdown().await;
 }

@@ -248,6 +248,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub outcome_window: Duration,
 
+    /// Trust the certificates in this PEM file (a private CA) for a `rediss://` --fleet-store,
+    /// instead of the system's roots (env MODELGATE_FLEET_CA).
+    #[arg(long, value_name = "FILE")]
+    pub fleet_ca: Option<PathBuf>,
+
     /// Timeout of each call to the fleet's Redis, connecting included (env
     /// MODELGATE_FLEET_TIMEOUT).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]

@@ -368,6 +368,14 @@ impl Config {
                 if urls.is_empty() {
                     return Err(bad("fleet_store", "no Redis URL".into()));
                 }
+                if let Some(ca) = &a.fleet_ca {
+                    if !ca.is_file() {
+                        return Err(bad(
+                            "fleet_ca",
+                            format!("{} is not a readable file", ca.display()),
+                        ));
+                    }
+                }
                 for u in &urls {
                     if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
                         return Err(bad(
@@ -384,6 +392,7 @@ impl Config {
                         urls,
                         cluster: a.fleet_cluster,
                         timeout: a.fleet_timeout,
+                        ca: a.fleet_ca.clone(),
                     },
                     name: a.fleet_name.clone(),
                     poll: Duration::from_millis(500),

@@ -23,6 +23,8 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// Connect, read and write timeout of each call.
     pub timeout: Duration,
+    /// PEM certificates to trust for `rediss://` instead of the system's roots (a private CA).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 enum Client {
@@ -98,17 +100,34 @@ impl Redis {
             .collect::<Vec<_>>()
             .join(",");
         let bad = |u: &str, e: RedisError| format!("--fleet-store {}: {e}", redact(u));
+        let ca = match &settings.ca {
+            None => None,
+            Some(path) => Some(
+                std::fs::read(path).map_err(|e| format!("--fleet-ca {}: {e}", path.display()))?,
+            ),
+        };
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca.clone(),
+        };
+        let open = |u: &str| match &ca {
+            None => redis::Client::open(u),
+            Some(_) => redis::Client::build_with_tls(u, certs()),
+        };
         for u in &settings.urls {
-            redis::Client::open(u.as_str()).map_err(|e| bad(u, e))?;
+            open(u).map_err(|e| bad(u, e))?;
         }
-        let first = redis::Client::open(settings.urls[0].as_str())
-            .map_err(|e| bad(&settings.urls[0], e))?;
+        let first = open(&settings.urls[0]).map_err(|e| bad(&settings.urls[0], e))?;
         let client = if settings.cluster || settings.urls.len() > 1 {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
+                .connection_timeout(settings.timeout)
+                .response_timeout(settings.timeout)
+                .retries(1);
+            if ca.is_some() {
+                builder = builder.certs(certs());
+            }
             Client::Cluster(
-                redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
-                    .connection_timeout(settings.timeout)
-                    .response_timeout(settings.timeout)
-                    .retries(1)
+                builder
                     .build()
                     .map_err(|e| format!("--fleet-store {display}: {e}"))?,
             )
@@ -249,6 +268,7 @@ mod tests {
             urls: vec!["http://x:1".into()],
             cluster: false,
             timeout: Duration::from_secs(1),
+            ca: None,
         })
         .err()
         .unwrap();
