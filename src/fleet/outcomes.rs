@@ -193,6 +193,8 @@ impl FleetRecords {
         };
         let flusher = StubFlusher {
             redis,
+            script_sha: redis::Script::new(super::features::NEWEST_WINS).get_hash().to_string(),
+            script_loaded: AtomicBool::new(false),
             rx,
             window,
             feature_ttl,
@@ -388,6 +390,8 @@ impl RecordLog for FleetRecords {
 /// Sends stubs to Redis in pipelines; holds them (bounded) while Redis is away.
 pub struct StubFlusher {
     redis: Arc<Redis>,
+    script_sha: String,
+    script_loaded: AtomicBool,
     rx: Receiver<Outgoing>,
     window: Duration,
     feature_ttl: Duration,
@@ -441,6 +445,28 @@ impl StubFlusher {
         if held.is_empty() {
             return;
         }
+        // The feature script is called by its hash (EVALSHA), not sent with every entity: loaded
+        // once per connection to Redis, again after any failure (a restarted Redis has none).
+        if !self.script_loaded.load(Ordering::Relaxed) {
+            let loaded = self.redis.with(|c| {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(super::features::NEWEST_WINS)
+                    .query::<redis::Value>(c)
+            });
+            match loaded {
+                Ok(_) => self.script_loaded.store(true, Ordering::Relaxed),
+                Err(StoreError::Unavailable(e)) => {
+                    self.status.lost(&e);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot load the feature script");
+                    return;
+                }
+            }
+        }
+        let sha = &self.script_sha;
         let feature_ttl = self.feature_ttl.as_millis().max(1) as u64;
         let cmds = held
             .iter()
@@ -452,8 +478,8 @@ impl StubFlusher {
                         cmd.arg(k).arg(v.as_slice()).arg("PX").arg(ttl);
                     }
                     Outgoing::Features(k, values) => {
-                        cmd = redis::cmd("EVAL");
-                        cmd.arg(super::features::NEWEST_WINS)
+                        cmd = redis::cmd("EVALSHA");
+                        cmd.arg(sha)
                             .arg(1)
                             .arg(k)
                             .arg(feature_ttl);
@@ -476,8 +502,18 @@ impl StubFlusher {
                 self.status.reached();
                 held.clear();
             }
-            Err(StoreError::Unavailable(e)) => self.status.lost(&e),
-            Err(e) => tracing::warn!(error = %e, "cannot send prediction stubs and features"),
+            Err(e) => {
+                // Sent again next time, with the script loaded again first.
+                self.script_loaded.store(false, Ordering::Relaxed);
+                match e {
+                    StoreError::Unavailable(e)
+                        if !(e.contains("NOSCRIPT") || e.contains("no script")) =>
+                    {
+                        self.status.lost(&e)
+                    }
+                    e => tracing::debug!(error = %e, "stubs and features will be sent again"),
+                }
+            }
         }
     }
 }
