@@ -8,14 +8,11 @@
 
 pub mod accept;
 pub mod body;
-pub mod classify;
 pub mod mirror;
 pub mod status;
 pub mod stream;
 pub mod upstream;
-pub mod wire;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,20 +23,15 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use prost::Message;
 use tonic::{body::Body, Code, Status};
 use tower::ServiceExt;
 
-use crate::pb::inference::{
-    InferParameter, ModelInferRequest, ServerLiveResponse, ServerMetadataResponse,
-    ServerReadyResponse,
-};
+use crate::protocol::{self, Call, InferRequest, ModelCall, Protocol, ProtocolError, ServerCall};
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::{LiveShadow, Lookup, Route, RoutingTable, VersionLookup};
 use crate::telemetry::{EndpointLabels, Metrics};
 pub use accept::{serve, ServerSettings};
-use body::{Ending, FrameError, Observed};
-use classify::{Call, ModelCall, ServerCall};
+use body::{Ending, Observed};
 
 /// Header carrying the request id back to the caller.
 pub const REQUEST_ID_HEADER: &str = "x-modelgate-request-id";
@@ -86,20 +78,8 @@ enum ProxyError {
     NoModel,
     #[error("invalid '{MODEL_HEADER}' header: not visible ASCII")]
     BadModelHeader,
-    #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("request is not a valid {message}: {error}")]
-    Decode {
-        message: &'static str,
-        error: prost::DecodeError,
-    },
-    #[error("{0}: required (the model to route to)")]
-    MissingModel(&'static str),
-    #[error("request is not a valid {message}: {error}")]
-    Wire {
-        message: &'static str,
-        error: wire::WireError,
-    },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     #[error("model '{model}' has no version '{version}' (model_version names a modelgate version: a number or an alias)")]
     UnknownVersion { model: String, version: String },
     #[error("version {version} of model '{model}' is archived and serves no calls")]
@@ -108,8 +88,6 @@ enum ProxyError {
     OipNoModel(String),
     #[error("request message larger than the limit of {0} bytes (--max-message-bytes)")]
     RequestTooLarge(usize),
-    #[error("{0}")]
-    Tensor(crate::oip::OipError),
     #[error(
         "request metadata of {size} bytes exceeds the limit of {limit} bytes (--max-header-bytes)"
     )]
@@ -162,21 +140,13 @@ impl ProxyError {
             ProxyError::ArchivedVersion { .. } | ProxyError::OipNoModel(_) => {
                 Status::failed_precondition(msg)
             }
-            ProxyError::NoModel
-            | ProxyError::BadModelHeader
-            | ProxyError::Decode { .. }
-            | ProxyError::Wire { .. }
-            | ProxyError::EmptyStream
-            | ProxyError::MissingModel(_) => Status::invalid_argument(msg),
-            ProxyError::Frame(FrameError::Compressed) => Status::unimplemented(msg),
-            ProxyError::Frame(_) => Status::invalid_argument(msg),
+            ProxyError::NoModel | ProxyError::BadModelHeader | ProxyError::EmptyStream => {
+                Status::invalid_argument(msg)
+            }
+            ProxyError::Protocol(e) => e.status(),
             ProxyError::RequestTooLarge(_) | ProxyError::HeadersTooLarge { .. } => {
                 Status::resource_exhausted(msg)
             }
-            ProxyError::Tensor(crate::oip::OipError::TooLarge { .. }) => {
-                Status::resource_exhausted(format!("{msg} (--max-tensor-elements)"))
-            }
-            ProxyError::Tensor(_) => Status::invalid_argument(msg),
             ProxyError::ReadRequest(_) => Status::cancelled(msg),
             ProxyError::Unreachable { .. } | ProxyError::UpstreamBody { .. } => {
                 Status::unavailable(msg)
@@ -267,8 +237,9 @@ struct Exchange {
     counted: bool,
     unit_id: Option<String>,
     upstream_latency: Option<Duration>,
-    infer: Option<ModelInferRequest>,
-    /// The answer's message when it succeeded (ModelInfer only).
+    /// The inference request, decoded by its protocol.
+    request: Option<Arc<dyn InferRequest>>,
+    /// The answer's message when it succeeded (inferences only).
     response: Option<Bytes>,
     size: usize,
     /// The model's shadows and which of them take this request.
@@ -374,7 +345,7 @@ impl Proxy {
         let arrival_ms = self.clock.now_ms();
         let request_id = request_id(req.headers());
         let method = req.uri().path().to_string();
-        let call = classify::classify(&method);
+        let (protocol, call) = protocol::classify(&method);
         let mut ex = Exchange {
             unit_id: header_str(req.headers(), &self.limits.unit_key).map(str::to_string),
             span: (call != Call::Local)
@@ -390,7 +361,7 @@ impl Proxy {
             InFlight::acquire(&self.in_flight, self.limits.max_in_flight, &self.metrics)
         else {
             self.metrics.shed.inc();
-            let mut resp = status::error_response(Status::resource_exhausted(format!(
+            let mut resp = protocol.error_response(Status::resource_exhausted(format!(
                 "modelgate is serving its limit of {} requests (--max-in-flight); retry with backoff",
                 self.limits.max_in_flight
             )));
@@ -425,12 +396,12 @@ impl Proxy {
                 .oneshot(req)
                 .await
                 .unwrap_or_else(|e: Infallible| match e {})),
-            Call::OipInfer | Call::OipModel(_) => {
-                self.oip_unary(req, call, &mut ex, &request_id).await
+            Call::Infer | Call::Model(_) => {
+                self.unary(req, protocol, call, &mut ex, &request_id).await
             }
-            Call::OipStream => self.oip_stream(req, &mut ex, &request_id).await,
-            Call::OipServer(c) => self.oip_server(req, c, &mut ex, &request_id).await,
-            Call::OipUnnamed => match self.pass_through(req, &mut ex, &request_id).await {
+            Call::Stream => self.stream(req, protocol, &mut ex, &request_id).await,
+            Call::Server(c) => self.server(req, protocol, c, &mut ex, &request_id).await,
+            Call::Unnamed => match self.pass_through(req, &mut ex, &request_id).await {
                 Err(ProxyError::NoModel) => Err(ProxyError::OipNoModel(method.clone())),
                 other => other,
             },
@@ -438,7 +409,7 @@ impl Proxy {
         };
         let mut resp = result.unwrap_or_else(|e| {
             e.count(&self.metrics);
-            status::error_response(e.status())
+            protocol.error_response(e.status())
         });
 
         set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
@@ -492,9 +463,9 @@ impl Proxy {
                 .observe(latency.as_secs_f64());
         }
         let unit_id = ex.unit_id.or_else(|| {
-            ex.infer
+            ex.request
                 .as_ref()
-                .and_then(|r| crate::record::parameter(&r.parameters, &self.limits.unit_key))
+                .and_then(|r| r.parameter(&self.limits.unit_key))
         });
         let traceparent = match (&self.traces, &ex.span) {
             (Some(t), Some(s)) => t.traceparent(s),
@@ -520,7 +491,7 @@ impl Proxy {
             &mut ex.shadows,
             &ex.shadow_suppressed,
             &mut ex.request_copy,
-            &ex.infer,
+            &ex.request,
             &ex.response,
             &ex.route,
             &ex.model,
@@ -552,7 +523,7 @@ impl Proxy {
             status: code as i32,
             upstream_latency: ex.upstream_latency,
             latency: start.elapsed(),
-            infer: ex.infer,
+            request: ex.request,
             response: ex.response,
             size: ex.size,
             shadow_skipped,
@@ -569,7 +540,7 @@ impl Proxy {
         shadows: &mut Option<(Arc<[LiveShadow]>, Vec<usize>)>,
         suppressed: &[u32],
         copy: &mut Option<(Bytes, HeaderMap)>,
-        infer: &Option<ModelInferRequest>,
+        decoded: &Option<Arc<dyn InferRequest>>,
         response: &Option<Bytes>,
         route: &Option<Arc<Route>>,
         model: &str,
@@ -599,8 +570,8 @@ impl Proxy {
             time_ms,
             path: method.to_string(),
             headers,
-            request,
-            infer: infer.clone(),
+            body: request,
+            request: decoded.clone(),
             answer: response.clone(),
             latency: latency.unwrap_or_default(),
             traceparent,
@@ -626,7 +597,7 @@ impl Proxy {
     }
 
     /// Routes a request for `model`: to its experiment variant (by the unit id under the
-    /// experiment's unit key, in the headers or the OIP parameters, or a forced variant) or to
+    /// experiment's unit key, in the headers or the request's parameters, or a forced variant) or to
     /// production. Records the decision in `ex`.
     ///
     /// A call that names a version (OIP's `model_version`: a modelgate version number or alias)
@@ -636,7 +607,7 @@ impl Proxy {
         model: &str,
         version: &str,
         headers: &HeaderMap,
-        params: Option<&HashMap<String, InferParameter>>,
+        params: Option<&dyn InferRequest>,
         request_id: &str,
         ex: &mut Exchange,
     ) -> Result<Arc<Route>, ProxyError> {
@@ -663,7 +634,7 @@ impl Proxy {
             .unwrap_or(&self.limits.unit_key);
         if let Some(u) = header_str(headers, unit_key)
             .map(str::to_string)
-            .or_else(|| params.and_then(|p| crate::record::parameter(p, unit_key)))
+            .or_else(|| params.and_then(|p| p.parameter(unit_key)))
         {
             ex.unit_id = Some(u);
         }
@@ -708,9 +679,10 @@ impl Proxy {
 
     /// ModelInfer, ModelMetadata, ModelReady: read the message, route by its model name,
     /// rewrite the backend name and version if the route says so, and read the answer whole.
-    async fn oip_unary(
+    async fn unary(
         &self,
         req: Request<Incoming>,
+        protocol: &'static dyn Protocol,
         call: Call,
         ex: &mut Exchange,
         request_id: &str,
@@ -729,7 +701,8 @@ impl Proxy {
                 })?;
             ex.size = bytes.len();
             let (route, forward) = match call {
-                Call::OipModel(m) => self.route_model_call(
+                Call::Model(m) => self.route_model_call(
+                    protocol,
                     m,
                     parts.uri.path(),
                     bytes,
@@ -739,8 +712,8 @@ impl Proxy {
                 )?,
                 _ => {
                     let (req, route, forward) =
-                        self.route_infer(bytes, &parts.headers, request_id, ex)?;
-                    ex.infer = Some(req);
+                        self.route_infer(protocol, bytes, &parts.headers, request_id, ex)?;
+                    ex.request = Some(req);
                     (route, forward)
                 }
             };
@@ -792,9 +765,9 @@ impl Proxy {
                 return Err(ProxyError::Deadline(deadline));
             }
             let ok = code == Some(Code::Ok);
-            if ok && call == Call::OipInfer {
+            if ok && call == Call::Infer {
                 ex.size += data.len();
-                ex.response = body::unary_message(&data).ok();
+                ex.response = protocol.message(&data).ok();
             }
             Ok(Response::from_parts(parts, unary_body(data, trailers)))
         };
@@ -804,30 +777,28 @@ impl Proxy {
         }
     }
 
-    /// Decodes a `ModelInferRequest`, checks its tensors against the limits, finds the route for
+    /// Decodes an inference request, checks its tensors against the limits, finds the route for
     /// the model (and version) it names, and returns the bytes to forward: the caller's own,
     /// unless the backend model name or version must be written in.
     fn route_infer(
         &self,
+        protocol: &'static dyn Protocol,
         framed: Bytes,
         headers: &HeaderMap,
         request_id: &str,
         ex: &mut Exchange,
-    ) -> Result<(ModelInferRequest, Arc<Route>, Bytes), ProxyError> {
-        let msg = body::unary_message(&framed)?;
-        let m = decode_infer(msg.clone())?;
-        if m.model_name.is_empty() {
-            return Err(ProxyError::MissingModel("model_name"));
-        }
+    ) -> Result<(Arc<dyn InferRequest>, Arc<Route>, Bytes), ProxyError> {
+        let msg = protocol.message(&framed)?;
+        let m = protocol.decode_infer(msg.clone())?;
         // Before routing, so that a refused call is neither counted by an experiment nor copied
         // to a shadow.
-        self.check_tensors(&m)
-            .inspect_err(|_| ex.model.clone_from(&m.model_name))?;
+        m.check(self.limits.max_tensor_elements)
+            .inspect_err(|_| ex.model = m.model().to_string())?;
         let route = self.decide(
-            &m.model_name,
-            &m.model_version,
+            m.model(),
+            m.version(),
             headers,
-            Some(&m.parameters),
+            Some(&*m),
             request_id,
             ex,
         )?;
@@ -838,35 +809,21 @@ impl Proxy {
         {
             ex.request_copy = Some((framed.clone(), headers.clone()));
         }
-        let edits = backend_edits(&route, INFER_FIELDS, &m.model_name, &m.model_version);
-        let forward = if edits.is_empty() {
-            framed
-        } else {
-            body::frame_bytes(&rewrite_fields(
-                &msg,
-                &edits,
-                "inference.ModelInferRequest",
-            )?)
+        let forward = match protocol.rewrite(&Call::Infer, &msg, (m.model(), m.version()), &route)? {
+            Some(rewritten) => protocol.body(&rewritten),
+            None => framed,
         };
         Ok((m, route, forward))
     }
 
-    /// Every input's declared shape, against `--max-tensor-elements` (nothing is decoded).
-    fn check_tensors(&self, m: &ModelInferRequest) -> Result<(), ProxyError> {
-        m.inputs
-            .iter()
-            .try_for_each(|t| {
-                crate::oip::check_shape(&t.name, &t.shape, self.limits.max_tensor_elements)
-            })
-            .map_err(ProxyError::Tensor)
-    }
-
-    /// A unary OIP call that names a model in one of its fields (metadata, readiness, Triton's
-    /// config, statistics, repository and trace calls): routed by that name (and version), with
-    /// the backend's name and version written in. These calls are not traffic worth comparing:
-    /// no shadow takes them.
+    /// A unary call that names a model in its message (metadata, readiness, Triton's config,
+    /// statistics, repository and trace calls): routed by that name (and version), with the
+    /// backend's name and version written in. These calls are not traffic worth comparing: no
+    /// shadow takes them.
+    #[allow(clippy::too_many_arguments)]
     fn route_model_call(
         &self,
+        protocol: &'static dyn Protocol,
         call: ModelCall,
         method: &str,
         framed: Bytes,
@@ -874,19 +831,11 @@ impl Proxy {
         request_id: &str,
         ex: &mut Exchange,
     ) -> Result<(Arc<Route>, Bytes), ProxyError> {
-        let msg = body::unary_message(&framed)?;
-        let invalid = |error| ProxyError::Wire {
-            message: call.message,
-            error,
-        };
-        let name = wire::string_field(&msg, call.name_field).map_err(invalid)?;
-        let version = match call.version_field {
-            Some(f) => wire::string_field(&msg, f).map_err(invalid)?,
-            None => String::new(),
-        };
-        let route = if name.is_empty() {
+        let msg = protocol.message(&framed)?;
+        let named = protocol.named(&call, &msg)?;
+        let route = if named.model.is_empty() {
             if !call.optional {
-                return Err(ProxyError::MissingModel(call.name));
+                return Err(ProtocolError::MissingModel(call.name).into());
             }
             // Naming no model is allowed (Triton's server-wide trace settings): the default
             // model's server answers.
@@ -898,28 +847,27 @@ impl Proxy {
                 .to_string();
             self.decide(&model, "", headers, None, request_id, ex)?
         } else {
-            self.decide(&name, &version, headers, None, request_id, ex)?
+            self.decide(&named.model, &named.version, headers, None, request_id, ex)?
         };
         ex.shadows = None;
-        let fields = (call.name_field, call.version_field);
-        let edits = if name.is_empty() {
-            Vec::new()
-        } else {
-            backend_edits(&route, fields, &name, &version)
-        };
-        let forward = if edits.is_empty() {
-            framed
-        } else {
-            body::frame_bytes(&rewrite_fields(&msg, &edits, call.message)?)
+        let forward = match protocol.rewrite(
+            &Call::Model(call),
+            &msg,
+            (&named.model, &named.version),
+            &route,
+        )? {
+            Some(rewritten) => protocol.body(&rewritten),
+            None => framed,
         };
         Ok((route, forward))
     }
 
     /// ServerLive / ServerReady / ServerMetadata: the default model's upstream answers when there
     /// is one; otherwise modelgate answers for itself.
-    async fn oip_server(
+    async fn server(
         &self,
         req: Request<Incoming>,
+        protocol: &'static dyn Protocol,
         call: ServerCall,
         ex: &mut Exchange,
         request_id: &str,
@@ -927,17 +875,8 @@ impl Proxy {
         if self.routing.load().default_model().is_some() {
             return self.pass_through(req, ex, request_id).await;
         }
-        Ok(match call {
-            ServerCall::Live => local_unary(&ServerLiveResponse { live: true }),
-            ServerCall::Ready => local_unary(&ServerReadyResponse {
-                ready: self.routing.load().routed_models() > 0,
-            }),
-            ServerCall::Metadata => local_unary(&ServerMetadataResponse {
-                name: "modelgate".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                extensions: vec![],
-            }),
-        })
+        let ready = call == ServerCall::Ready && self.routing.load().routed_models() > 0;
+        Ok(protocol.server_response(call, ready))
     }
 
     /// Any other call: streamed both ways, routed by `x-model-name` or the default model.
@@ -1149,49 +1088,6 @@ fn ran_out(code: Option<Code>, since: Instant, deadline: Duration) -> bool {
     matches!(code, Some(Code::DeadlineExceeded | Code::Cancelled)) && since.elapsed() >= deadline
 }
 
-/// Where `ModelInferRequest` names its model and version (`model_name` = 1, `model_version` = 2).
-const INFER_FIELDS: (u32, Option<u32>) = (1, Some(2));
-
-/// The string fields to write into a request so that the backend understands it: the route's
-/// backend model name (when it has one and the caller named another), and the version — a
-/// caller's `model_version` names one of modelgate's versions, so the backend gets that version's
-/// backend version, or none when it has none registered. Empty when the request is right as it is.
-fn backend_edits<'r>(
-    route: &'r Route,
-    (name_field, version_field): (u32, Option<u32>),
-    name: &str,
-    version: &str,
-) -> Vec<(u32, &'r str)> {
-    let mut edits = Vec::new();
-    if let Some(b) = route.backend_model.as_deref().filter(|b| *b != name) {
-        edits.push((name_field, b));
-    }
-    if let Some(field) = version_field {
-        let backend = route.backend_version.as_deref().unwrap_or("");
-        if backend != version {
-            edits.push((field, backend));
-        }
-    }
-    edits
-}
-
-/// `msg` with `edits` written in.
-fn rewrite_fields(
-    msg: &[u8],
-    edits: &[(u32, &str)],
-    message: &'static str,
-) -> Result<Bytes, ProxyError> {
-    wire::set_string_fields(msg, edits).map_err(|error| ProxyError::Wire { message, error })
-}
-
-/// Decodes a `ModelInferRequest`.
-fn decode_infer(msg: Bytes) -> Result<ModelInferRequest, ProxyError> {
-    ModelInferRequest::decode(msg).map_err(|error| ProxyError::Decode {
-        message: "inference.ModelInferRequest",
-        error,
-    })
-}
-
 enum ReadError {
     TooLarge,
     Body(String),
@@ -1212,19 +1108,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// come by the tens of thousands per second and a drain that cannot start resets a stream; a
 /// drain task holds no more than a task's memory (the body is discarded as it is read).
 const MAX_DRAINING: usize = 16_384;
-
-/// A successful unary gRPC response that modelgate answers itself.
-fn local_unary<M: Message>(msg: &M) -> Response<Body> {
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    let body = Full::new(body::frame(msg)).with_trailers(async move { Some(Ok(trailers)) });
-    let mut resp = Response::new(Body::new(body));
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    resp
-}
 
 /// The body of an upstream's unary answer read whole, to forward: the data and trailers as they
 /// came. An answer that ended with its headers (a trailers-only error: the status is in the
@@ -1326,38 +1209,5 @@ mod tests {
         let generated = request_id(&h);
         let id = uuid::Uuid::parse_str(&generated).unwrap();
         assert_eq!(id.get_version_num(), 7);
-    }
-
-    #[test]
-    fn backends_get_their_own_name_and_version() {
-        let mut route = Route {
-            model: "iris".into(),
-            version: 1,
-            version_label: "1".into(),
-            endpoint: "http://h:1".into(),
-            backend_model: None,
-            backend_version: None,
-            prediction: Default::default(),
-            feature_names: Default::default(),
-            metrics: Default::default(),
-        };
-        assert!(backend_edits(&route, INFER_FIELDS, "iris", "").is_empty());
-        // A version the caller named is modelgate's: without a backend version, none is sent.
-        assert_eq!(
-            backend_edits(&route, INFER_FIELDS, "iris", "1"),
-            vec![(2, "")]
-        );
-        route.backend_model = Some("iris_onnx".into());
-        route.backend_version = Some("v3".into());
-        assert_eq!(
-            backend_edits(&route, INFER_FIELDS, "iris", "1"),
-            vec![(1, "iris_onnx"), (2, "v3")]
-        );
-        assert!(backend_edits(&route, INFER_FIELDS, "iris_onnx", "v3").is_empty());
-        // Repository calls have no version field.
-        assert_eq!(
-            backend_edits(&route, (2, None), "iris", ""),
-            vec![(2, "iris_onnx")]
-        );
     }
 }

@@ -26,11 +26,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tonic::{body::Body, Code};
 
-use super::{
-    backend_edits, body, decode_infer, status, upstream, wire, Exchange, Proxy, ProxyError,
-    INFER_FIELDS,
-};
-use crate::pb::inference::ModelInferRequest;
+use super::{body, status, upstream, Exchange, Proxy, ProxyError};
+use crate::protocol::{Call, InferRequest, Protocol, ProtocolError};
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::Route;
 
@@ -40,9 +37,10 @@ const METHOD: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 impl Proxy {
     /// `ModelStreamInfer`: waits for the first message, routes the stream by the model it names,
     /// then relays both ways, recording every inference.
-    pub(super) async fn oip_stream(
+    pub(super) async fn stream(
         &self,
         req: Request<Incoming>,
+        protocol: &'static dyn Protocol,
         ex: &mut Exchange,
         request_id: &str,
     ) -> Result<Response<Body>, ProxyError> {
@@ -60,7 +58,7 @@ impl Proxy {
                     Next::Message(m) => break m,
                     Next::Compressed(_) => {
                         self.drain(incoming);
-                        return Err(ProxyError::Frame(body::FrameError::Compressed));
+                        return Err(ProtocolError::Frame(body::FrameError::Compressed).into());
                     }
                     Next::TooLarge => {
                         self.drain(incoming);
@@ -78,20 +76,17 @@ impl Proxy {
                     None => return Err(ProxyError::EmptyStream),
                 }
             };
-            let infer = match decode_infer(first.clone()) {
-                Ok(m) if m.model_name.is_empty() => Err(ProxyError::MissingModel("model_name")),
-                Ok(m) => self
-                    .check_tensors(&m)
-                    .inspect_err(|_| ex.model.clone_from(&m.model_name))
-                    .map(|()| m),
-                Err(e) => Err(e),
-            };
-            let routed = infer.and_then(|m| {
+            let infer = protocol.decode_infer(first.clone()).and_then(|m| {
+                m.check(self.limits.max_tensor_elements)
+                    .inspect_err(|_| ex.model = m.model().to_string())
+                    .map(|()| m)
+            });
+            let routed = infer.map_err(ProxyError::from).and_then(|m| {
                 let route = self.decide(
-                    &m.model_name,
-                    &m.model_version,
+                    m.model(),
+                    m.version(),
                     &parts.headers,
-                    Some(&m.parameters),
+                    Some(&*m),
                     request_id,
                     ex,
                 )?;
@@ -109,10 +104,11 @@ impl Proxy {
             ex.shadows = None;
             ex.streamed = true;
             let log = Arc::new(StreamLog {
+                protocol,
                 recorder: self.recorder.clone(),
                 unit_key: self.limits.unit_key.clone(),
                 request_id: request_id.to_string(),
-                model: infer.model_name.clone(),
+                model: infer.model().to_string(),
                 route: route.clone(),
                 experiment: ex.experiment.clone(),
                 counted: ex.counted,
@@ -217,7 +213,7 @@ struct Pending {
     record_id: String,
     /// The request's own `id` (what a response names).
     id: String,
-    infer: ModelInferRequest,
+    infer: Arc<dyn InferRequest>,
     time_ms: u64,
     sent: Instant,
     size: usize,
@@ -233,6 +229,8 @@ struct LogState {
 
 /// What a stream's inferences are recorded with, and the ones waiting for an answer.
 struct StreamLog {
+    /// Decodes the requests and reads the answers.
+    protocol: &'static dyn Protocol,
     recorder: Arc<Recorder>,
     unit_key: String,
     request_id: String,
@@ -248,47 +246,38 @@ struct StreamLog {
 impl StreamLog {
     /// A request message on its way: remembered for its record when it names the stream's model
     /// (`infer`, if already decoded), and returned framed with the backend's name and version.
-    fn request(&self, msg: Bytes, infer: Option<ModelInferRequest>) -> Bytes {
-        let infer = infer.or_else(|| decode_infer(msg.clone()).ok());
-        let Some(infer) = infer.filter(|m| m.model_name == self.model) else {
+    fn request(&self, msg: Bytes, infer: Option<Arc<dyn InferRequest>>) -> Bytes {
+        let infer = infer.or_else(|| self.protocol.decode_infer(msg.clone()).ok());
+        let Some(infer) = infer.filter(|m| m.model() == self.model) else {
             // Another model, or not readable: forwarded as it came, not recorded.
-            return body::frame_bytes(&msg);
+            return self.protocol.body(&msg);
         };
-        let edits = backend_edits(
-            &self.route,
-            INFER_FIELDS,
-            &infer.model_name,
-            &infer.model_version,
-        );
-        let forward = match edits.is_empty() {
-            true => None,
-            false => wire::set_string_fields(&msg, &edits).ok(),
-        };
+        let forward = self
+            .protocol
+            .rewrite(&Call::Stream, &msg, (infer.model(), infer.version()), &self.route)
+            .ok()
+            .flatten();
         let mut st = self.state.lock();
         st.count += 1;
-        let record_id = match crate::record::validate_request_id(&infer.id) {
-            Ok(()) => infer.id.clone(),
+        let record_id = match crate::record::validate_request_id(infer.id()) {
+            Ok(()) => infer.id().to_string(),
             Err(_) => format!("{}-{}", self.request_id, st.count),
         };
         st.pending.push_back(Pending {
             record_id,
-            id: infer.id.clone(),
+            id: infer.id().to_string(),
             infer,
             time_ms: self.clock.now_ms(),
             sent: Instant::now(),
             size: msg.len(),
         });
-        body::frame_bytes(forward.as_deref().unwrap_or(&msg))
+        self.protocol.body(forward.as_deref().unwrap_or(&msg))
     }
 
     /// An answer (`ModelStreamInferResponse`): records the inference it answers.
     fn answer(&self, msg: &Bytes) {
-        let error = wire::string_field(msg, 1).unwrap_or_default();
-        let response = wire::message_field(msg, 2).ok().flatten();
-        let id = response
-            .as_ref()
-            .and_then(|r| wire::string_field(r, 3).ok())
-            .unwrap_or_default();
+        let answer = self.protocol.stream_answer(msg);
+        let id = answer.id;
         let pending = {
             let mut st = self.state.lock();
             let at = match id.is_empty() {
@@ -302,9 +291,9 @@ impl StreamLog {
         };
         if let Some(p) = pending {
             // Triton reports a failed inference in the message, not as a status: UNKNOWN.
-            match error.is_empty() {
-                true => self.record(p, Code::Ok, response),
-                false => self.record(p, Code::Unknown, None),
+            match answer.failed {
+                false => self.record(p, Code::Ok, answer.response),
+                true => self.record(p, Code::Unknown, None),
             }
         }
     }
@@ -334,7 +323,7 @@ impl StreamLog {
         let unit_id = self
             .unit_id
             .clone()
-            .or_else(|| crate::record::parameter(&p.infer.parameters, &self.unit_key));
+            .or_else(|| p.infer.parameter(&self.unit_key));
         let latency = p.sent.elapsed();
         self.recorder.submit(RawRecord {
             request_id: p.record_id,
@@ -352,7 +341,7 @@ impl StreamLog {
             status: code as i32,
             upstream_latency: Some(latency),
             latency,
-            infer: Some(p.infer),
+            request: Some(p.infer),
             size: p.size + response.as_ref().map_or(0, Bytes::len),
             response,
         });
