@@ -18,8 +18,8 @@ use modelgate::pb::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
     InferTensorContents, ModelInferRequest, ModelInferResponse,
 };
-use modelgate::record::FeatureValue;
 use modelgate::protocol::oip_grpc::OipRequest;
+use modelgate::record::FeatureValue;
 use modelgate::recorder::{RawRecord, Recorder, RecorderSettings};
 use modelgate::registry::PredictionSpec;
 use modelgate::routing::Route;

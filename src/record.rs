@@ -294,12 +294,12 @@ pub fn extract_predictions(
 ) -> Result<Vec<Prediction>, String> {
     let output = prediction_output(spec);
     let t = outputs.get(output).ok_or_else(|| {
-            if output.is_empty() {
-                "the response has no outputs".to_string()
-            } else {
-                format!("the response has no output '{output}'")
-            }
-        })?;
+        if output.is_empty() {
+            "the response has no outputs".to_string()
+        } else {
+            format!("the response has no output '{output}'")
+        }
+    })?;
     let (rows, cols) = output_rows_cols(t);
     if rows > 0 && cols == 0 {
         return Err(format!(

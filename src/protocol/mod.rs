@@ -29,8 +29,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tonic::{body::Body, Status};
 
-pub use crate::tensor::{Inputs, Outputs, Wanted};
 use crate::routing::Route;
+pub use crate::tensor::{Inputs, Outputs, Wanted};
 use grpc::FrameError;
 
 /// What the data plane does with a call.

@@ -71,7 +71,9 @@ impl Protocol for OipGrpc {
             "ModelReady" => Call::Model(named("inference.ModelReadyRequest", true)),
             "ModelConfig" => Call::Model(named("inference.ModelConfigRequest", true)),
             "ModelStatistics" => Call::Model(named("inference.ModelStatisticsRequest", true)),
-            "RepositoryModelLoad" => Call::Model(repository("inference.RepositoryModelLoadRequest")),
+            "RepositoryModelLoad" => {
+                Call::Model(repository("inference.RepositoryModelLoadRequest"))
+            }
             "RepositoryModelUnload" => {
                 Call::Model(repository("inference.RepositoryModelUnloadRequest"))
             }

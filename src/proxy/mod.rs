@@ -780,6 +780,7 @@ impl Proxy {
     /// Decodes an inference request, checks its tensors against the limits, finds the route for
     /// the model (and version) it names, and returns the bytes to forward: the caller's own,
     /// unless the backend model name or version must be written in.
+    #[allow(clippy::type_complexity)]
     fn route_infer(
         &self,
         protocol: &'static dyn Protocol,
@@ -794,14 +795,7 @@ impl Proxy {
         // to a shadow.
         m.check(self.limits.max_tensor_elements)
             .inspect_err(|_| ex.model = m.model().to_string())?;
-        let route = self.decide(
-            m.model(),
-            m.version(),
-            headers,
-            Some(&*m),
-            request_id,
-            ex,
-        )?;
+        let route = self.decide(m.model(), m.version(), headers, Some(&*m), request_id, ex)?;
         if ex
             .shadows
             .as_ref()
@@ -809,10 +803,11 @@ impl Proxy {
         {
             ex.request_copy = Some((framed.clone(), headers.clone()));
         }
-        let forward = match protocol.rewrite(&Call::Infer, &msg, (m.model(), m.version()), &route)? {
-            Some(rewritten) => protocol.body(&rewritten),
-            None => framed,
-        };
+        let forward =
+            match protocol.rewrite(&Call::Infer, &msg, (m.model(), m.version()), &route)? {
+                Some(rewritten) => protocol.body(&rewritten),
+                None => framed,
+            };
         Ok((m, route, forward))
     }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tonic::{body::Body, Code, Status};
+use tonic::{Code, Status};
 
 pub use crate::protocol::grpc::error_response;
 

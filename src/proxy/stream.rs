@@ -254,7 +254,12 @@ impl StreamLog {
         };
         let forward = self
             .protocol
-            .rewrite(&Call::Stream, &msg, (infer.model(), infer.version()), &self.route)
+            .rewrite(
+                &Call::Stream,
+                &msg,
+                (infer.model(), infer.version()),
+                &self.route,
+            )
             .ok()
             .flatten();
         let mut st = self.state.lock();
