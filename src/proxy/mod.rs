@@ -1031,36 +1031,36 @@ impl Proxy {
         routed: &Routed,
         call: UnaryCall,
     ) -> (Forwarded, Result<Response<Body>, ProxyError>) {
-        let UnaryCall {
-            parts,
-            framed,
-            msg,
-            request,
-            named,
-            deadline,
-            started,
-        } = call;
         let mut forwarded = Forwarded {
-            size: framed.len(),
+            size: call.framed.len(),
             copy: routed
                 .copied()
-                .then(|| Copy::Unary(framed.clone(), parts.headers.clone())),
+                .then(|| Copy::Unary(call.framed.clone(), call.parts.headers.clone())),
             ..Default::default()
         };
+        let (request, named, deadline, started) =
+            (call.request, call.named, call.deadline, call.started);
         let names = match (&request, &named) {
             (Some(r), _) => (r.model(), r.version()),
             (None, Some(n)) => (n.model.as_str(), n.version.as_str()),
             (None, None) => ("", ""),
         };
-        let forward = match a.protocol.rewrite(&a.call, &msg, names, &routed.route) {
+        let forward = match a.protocol.rewrite(&a.call, &call.msg, names, &routed.route) {
             Ok(Some(rewritten)) => a.protocol.body(&rewritten),
-            Ok(None) => framed,
+            Ok(None) => call.framed,
             Err(e) => return (forwarded, Err(e.into())),
         };
         forwarded.request = request;
         let left = deadline.saturating_sub(started.elapsed());
-        let exchange =
-            self.unary_exchange(a, routed, parts, forward, deadline, started, &mut forwarded);
+        let exchange = self.unary_exchange(
+            a,
+            routed,
+            call.parts,
+            forward,
+            deadline,
+            started,
+            &mut forwarded,
+        );
         let result = match tokio::time::timeout(left, exchange).await {
             Ok(r) => r,
             Err(_) => Err(ProxyError::Deadline(deadline)),
