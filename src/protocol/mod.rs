@@ -109,14 +109,20 @@ pub trait Protocol: Send + Sync + Debug + 'static {
     fn body(&self, msg: &[u8]) -> Bytes;
 
     /// Decodes an inference request's message ([`Call::Infer`], and each message of a
-    /// [`Call::Stream`]). A request that names no model is an error. (Only protocols that
-    /// classify calls as inferences implement it.)
-    fn decode_infer(&self, _msg: Bytes) -> Result<Arc<dyn InferRequest>, ProtocolError> {
+    /// [`Call::Stream`]) sent to `path` (where a REST protocol names the model). A request that
+    /// names no model is an error. (Only protocols that classify calls as inferences implement
+    /// it.)
+    fn decode_infer(
+        &self,
+        _path: &str,
+        _msg: Bytes,
+    ) -> Result<Arc<dyn InferRequest>, ProtocolError> {
         Err(ProtocolError::Opaque(self.name()))
     }
 
-    /// The model and version a [`Call::Model`] names in its message `msg`.
-    fn named(&self, _call: &ModelCall, _msg: &[u8]) -> Result<Named, ProtocolError> {
+    /// The model and version a [`Call::Model`] to `path` names (in its message `msg`, or in the
+    /// path).
+    fn named(&self, _call: &ModelCall, _path: &str, _msg: &[u8]) -> Result<Named, ProtocolError> {
         Err(ProtocolError::Opaque(self.name()))
     }
 
@@ -147,8 +153,7 @@ pub trait Protocol: Send + Sync + Debug + 'static {
 
     /// modelgate's answer to a [`Call::Server`] when no default model's server can answer it:
     /// live, ready when `ready` (some model is routed), and modelgate's name and version.
-    fn server_response(&self, call: ServerCall, ready: bool) -> http::Response<Body> {
-        let _ = ready;
+    fn server_response(&self, call: ServerCall, _ready: bool) -> http::Response<Body> {
         self.error_response(Status::unimplemented(format!(
             "{call:?} is not a {} call",
             self.name()

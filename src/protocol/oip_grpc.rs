@@ -99,7 +99,11 @@ impl Protocol for OipGrpc {
         frame_bytes(msg)
     }
 
-    fn decode_infer(&self, msg: Bytes) -> Result<Arc<dyn InferRequest>, ProtocolError> {
+    fn decode_infer(
+        &self,
+        _path: &str,
+        msg: Bytes,
+    ) -> Result<Arc<dyn InferRequest>, ProtocolError> {
         let m = ModelInferRequest::decode(msg).map_err(|error| ProtocolError::Decode {
             message: INFER_MESSAGE,
             error,
@@ -110,7 +114,7 @@ impl Protocol for OipGrpc {
         Ok(Arc::new(OipRequest(m)))
     }
 
-    fn named(&self, call: &ModelCall, msg: &[u8]) -> Result<Named, ProtocolError> {
+    fn named(&self, call: &ModelCall, _path: &str, msg: &[u8]) -> Result<Named, ProtocolError> {
         let invalid = |error| ProtocolError::Wire {
             message: call.message,
             error,

@@ -953,7 +953,7 @@ impl Proxy {
             _ => {
                 let m = a
                     .protocol
-                    .decode_infer(msg.clone())
+                    .decode_infer(&a.method, msg.clone())
                     .map_err(|e| Unrouted::new(Subject::default(), size, e))?;
                 // Before routing, so that a refused call is neither counted by an experiment
                 // nor copied to a shadow.
@@ -997,7 +997,7 @@ impl Proxy {
     ) -> Result<(Subject, Routed, protocol::Named), Box<Unrouted>> {
         let named = a
             .protocol
-            .named(&call, msg)
+            .named(&call, &a.method, msg)
             .map_err(|e| Unrouted::new(Subject::default(), size, e))?;
         let (subject, routed) = if named.model.is_empty() {
             if !call.optional {

@@ -117,7 +117,7 @@ impl Proxy {
                 None => return Err(refused(ProxyError::EmptyStream)),
             }
         };
-        let request = match a.protocol.decode_infer(first.clone()) {
+        let request = match a.protocol.decode_infer(&a.method, first.clone()) {
             Ok(m) => match m.check(self.limits.max_tensor_elements) {
                 Ok(()) => Ok(m),
                 Err(e) => Err(Unrouted::new(
@@ -328,7 +328,7 @@ impl StreamLog {
     /// A request message on its way: remembered for its record when it names the stream's model
     /// (`infer`, if already decoded), and returned framed with the backend's name and version.
     fn request(&self, msg: Bytes, infer: Option<Arc<dyn InferRequest>>) -> Bytes {
-        let infer = infer.or_else(|| self.protocol.decode_infer(msg.clone()).ok());
+        let infer = infer.or_else(|| self.protocol.decode_infer(METHOD, msg.clone()).ok());
         let Some(infer) = infer.filter(|m| m.model() == self.model) else {
             // Another model, or not readable: forwarded as it came, not recorded.
             return self.protocol.body(&msg);
