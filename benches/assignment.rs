@@ -12,7 +12,8 @@ use modelgate::experiment::{self, Experiments, NewExperiment, NewVariant};
 use modelgate::pb::inference::{
     model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
 };
-use modelgate::proxy::{body, classify};
+use modelgate::protocol;
+use modelgate::proxy::body;
 use modelgate::registry::{NewVersion, Registry, Stage};
 use modelgate::routing::RoutingTable;
 use prost::Message;
@@ -105,8 +106,8 @@ fn classify_and_route(c: &mut Criterion) {
     c.bench_function("classify + decode ModelInfer (16 features) + route", |b| {
         b.iter(|| {
             i = (i + 1) & 1023;
-            let call = classify::classify("/inference.GRPCInferenceService/ModelInfer");
-            assert_eq!(call, classify::Call::OipInfer);
+            let (_, call) = protocol::classify("/inference.GRPCInferenceService/ModelInfer");
+            assert_eq!(call, protocol::Call::Infer);
             let msg = body::unary_message(&framed).unwrap();
             let req = ModelInferRequest::decode(msg).unwrap();
             black_box(t.decide(&req.model_name, Some(&users[i]), None, 1).unwrap());

@@ -14,6 +14,7 @@ use modelgate::pb::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
     InferTensorContents, ModelInferRequest, ModelInferResponse,
 };
+use modelgate::protocol::oip_grpc::{self, OipRequest};
 use modelgate::record;
 use modelgate::recorder::{self, RawRecord, RecorderSettings};
 use modelgate::registry::{NewVersion, PredictionSpec, Registry, Stage};
@@ -112,9 +113,8 @@ fn extraction(c: &mut Criterion) {
         );
         c.bench_function(&label, |b| {
             b.iter(|| {
-                black_box(
-                    record::extract_features(&req, &names, "", Some("user-1"), 1 << 20).unwrap(),
-                )
+                let inputs = oip_grpc::inputs(&req, 1 << 20).unwrap();
+                black_box(record::extract_features(&inputs, &names, "", Some("user-1")).unwrap())
             })
         });
     }
@@ -133,7 +133,7 @@ fn encoding(c: &mut Criterion) {
             unit_id: Some("user-1".into()),
             latency: Duration::from_micros(420),
             upstream_latency: Some(Duration::from_micros(380)),
-            infer: Some(request(rows, false)),
+            request: Some(Arc::new(OipRequest(request(rows, false)))),
             response: Some(response(rows).encode_to_vec().into()),
             ..Default::default()
         };

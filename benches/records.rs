@@ -18,6 +18,7 @@ use modelgate::pb::inference::{
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
     InferTensorContents, ModelInferRequest, ModelInferResponse,
 };
+use modelgate::protocol::oip_grpc::OipRequest;
 use modelgate::record::FeatureValue;
 use modelgate::recorder::{RawRecord, Recorder, RecorderSettings};
 use modelgate::registry::PredictionSpec;
@@ -72,7 +73,7 @@ fn raw(i: usize, entity: bool, response: &bytes::Bytes) -> RawRecord {
         upstream_latency: Some(Duration::from_micros(300)),
         latency: Duration::from_micros(400),
         size: infer.encoded_len() + response.len(),
-        infer: Some(infer),
+        request: Some(std::sync::Arc::new(OipRequest(infer))),
         response: Some(response.clone()),
         ..Default::default()
     }

@@ -15,6 +15,7 @@ use crate::experiment::{self, Experiments, NewExperiment, NewVariant};
 use crate::feature_store;
 use crate::oip::{self, Tensor};
 use crate::pb::inference::{ModelInferRequest, ModelInferResponse};
+use crate::protocol::{oip_grpc, Wanted};
 use crate::proxy::body;
 use crate::record::{self, Prediction};
 use crate::registry::{self, NewVersion, PredictionSpec, PromotionPolicy, Registry, Stage};
@@ -72,7 +73,7 @@ pub fn oip_request(data: &[u8]) {
         tensors.iter().for_each(check_tensor);
     }
     for key in req.parameters.keys() {
-        let _ = record::parameter(&req.parameters, key);
+        let _ = oip::parameter(&req.parameters, key);
     }
     // Registered names for the first input (fewer, as many or more than its columns), and the
     // entity taken from nothing, a parameter, or the last input.
@@ -85,10 +86,11 @@ pub fn oip_request(data: &[u8]) {
         .last()
         .map(|t| t.name.clone())
         .unwrap_or_default();
+    let Ok(inputs) = oip_grpc::inputs(&req, MAX_ELEMENTS) else {
+        return;
+    };
     for entity_key in ["", "entity_id", last.as_str()] {
-        let Ok(table) =
-            record::extract_features(&req, &names, entity_key, Some("unit"), MAX_ELEMENTS)
-        else {
+        let Ok(table) = record::extract_features(&inputs, &names, entity_key, Some("unit")) else {
             continue;
         };
         assert!(
@@ -137,16 +139,13 @@ pub fn oip_response(data: &[u8]) {
     }
     let mut predictions = Vec::new();
     for spec in specs(&resp) {
-        let output = match &spec {
-            PredictionSpec::Argmax { output, .. }
-            | PredictionSpec::Threshold { output, .. }
-            | PredictionSpec::Label { output }
-            | PredictionSpec::Value { output } => output.clone(),
-        };
-        let Ok(p) = record::extract_predictions(&resp, &spec, MAX_ELEMENTS) else {
+        let output = record::prediction_output(&spec);
+        let Ok(p) = oip_grpc::outputs(&resp, Wanted::One(output), MAX_ELEMENTS)
+            .and_then(|outputs| record::extract_predictions(&outputs, &spec))
+        else {
             continue;
         };
-        let t = oip::response_output(&resp, &output, MAX_ELEMENTS)
+        let t = oip::response_output(&resp, output, MAX_ELEMENTS)
             .expect("predictions were read from it")
             .expect("it exists");
         let rows = t.shape.first().copied().unwrap_or(1);
@@ -158,7 +157,9 @@ pub fn oip_response(data: &[u8]) {
         }
         predictions = p;
     }
-    let rows = record::output_rows(&resp, MAX_ELEMENTS);
+    let rows = oip_grpc::outputs(&resp, Wanted::All, MAX_ELEMENTS)
+        .map(|outputs| record::output_rows(&outputs))
+        .unwrap_or_default();
     assert!(rows.len() <= MAX_ELEMENTS, "{} output rows", rows.len());
     // An answer always agrees with itself (rows holding NaN excepted: NaN is no number).
     let answer = Answer {

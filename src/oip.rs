@@ -5,166 +5,20 @@
 //! declared shape before touching data, so a hostile message yields an [`OipError`], not a panic
 //! or a huge allocation.
 
+use std::collections::{BTreeMap, HashMap};
+
 use bytes::Bytes;
 
 use crate::pb::inference::{
-    model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
-    InferTensorContents, ModelInferRequest, ModelInferResponse,
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+    model_infer_response::InferOutputTensor, InferParameter, InferTensorContents,
+    ModelInferRequest, ModelInferResponse,
 };
 
 /// Default cap on elements decoded from one tensor.
 pub const DEFAULT_MAX_ELEMENTS: usize = 16 * 1024 * 1024;
 
-/// An OIP tensor datatype.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DataType {
-    /// BOOL
-    Bool,
-    /// UINT8
-    U8,
-    /// UINT16
-    U16,
-    /// UINT32
-    U32,
-    /// UINT64
-    U64,
-    /// INT8
-    I8,
-    /// INT16
-    I16,
-    /// INT32
-    I32,
-    /// INT64
-    I64,
-    /// FP16
-    F16,
-    /// BF16
-    BF16,
-    /// FP32
-    F32,
-    /// FP64
-    F64,
-    /// BYTES
-    Bytes,
-}
-
-impl DataType {
-    /// Parses the protocol's datatype name.
-    pub fn parse(s: &str) -> Option<DataType> {
-        Some(match s {
-            "BOOL" => DataType::Bool,
-            "UINT8" => DataType::U8,
-            "UINT16" => DataType::U16,
-            "UINT32" => DataType::U32,
-            "UINT64" => DataType::U64,
-            "INT8" => DataType::I8,
-            "INT16" => DataType::I16,
-            "INT32" => DataType::I32,
-            "INT64" => DataType::I64,
-            "FP16" => DataType::F16,
-            "BF16" => DataType::BF16,
-            "FP32" => DataType::F32,
-            "FP64" => DataType::F64,
-            "BYTES" => DataType::Bytes,
-            _ => return None,
-        })
-    }
-
-    /// The protocol's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DataType::Bool => "BOOL",
-            DataType::U8 => "UINT8",
-            DataType::U16 => "UINT16",
-            DataType::U32 => "UINT32",
-            DataType::U64 => "UINT64",
-            DataType::I8 => "INT8",
-            DataType::I16 => "INT16",
-            DataType::I32 => "INT32",
-            DataType::I64 => "INT64",
-            DataType::F16 => "FP16",
-            DataType::BF16 => "BF16",
-            DataType::F32 => "FP32",
-            DataType::F64 => "FP64",
-            DataType::Bytes => "BYTES",
-        }
-    }
-
-    /// Bytes per element in raw contents; `None` for BYTES (variable).
-    pub fn element_size(self) -> Option<usize> {
-        Some(match self {
-            DataType::Bool | DataType::U8 | DataType::I8 => 1,
-            DataType::U16 | DataType::I16 | DataType::F16 | DataType::BF16 => 2,
-            DataType::U32 | DataType::I32 | DataType::F32 => 4,
-            DataType::U64 | DataType::I64 | DataType::F64 => 8,
-            DataType::Bytes => return None,
-        })
-    }
-}
-
-/// Decoded tensor elements, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Values {
-    /// Every numeric type and BOOL (as 0 / 1), widened to f64.
-    Numeric(Vec<f64>),
-    /// BYTES elements, sharing the message buffer.
-    Bytes(Vec<Bytes>),
-}
-
-impl Values {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        match self {
-            Values::Numeric(v) => v.len(),
-            Values::Bytes(v) => v.len(),
-        }
-    }
-
-    /// True when there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A decoded tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    /// Tensor name.
-    pub name: String,
-    /// Datatype.
-    pub datatype: DataType,
-    /// Shape (every dimension non-negative).
-    pub shape: Vec<usize>,
-    /// Elements.
-    pub values: Values,
-}
-
-impl Tensor {
-    /// Rows (samples): the first dimension of a tensor of rank ≥ 2, else 1.
-    pub fn rows(&self) -> usize {
-        if self.shape.len() >= 2 {
-            self.shape[0]
-        } else {
-            1
-        }
-    }
-
-    /// Elements per row.
-    pub fn cols(&self) -> usize {
-        match self.rows() {
-            0 => 0,
-            r => self.values.len() / r,
-        }
-    }
-
-    /// The numeric elements, if the tensor is numeric.
-    pub fn numeric(&self) -> Option<&[f64]> {
-        match &self.values {
-            Values::Numeric(v) => Some(v),
-            Values::Bytes(_) => None,
-        }
-    }
-}
+pub use crate::tensor::{DataType, Tensor, Values};
 
 /// A tensor that cannot be decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -545,6 +399,24 @@ pub fn response_output(
     }
     let (name, datatype, shape, contents) = t.fields();
     decode_tensor(name, datatype, shape, contents, raw.get(i), max_elements).map(Some)
+}
+
+/// A request parameter as text (string, integer or boolean parameters; an empty string is none).
+pub fn parameter(params: &HashMap<String, InferParameter>, key: &str) -> Option<String> {
+    match params.get(key)?.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(s) if !s.is_empty() => Some(s.clone()),
+        ParameterChoice::StringParam(_) => None,
+        ParameterChoice::Int64Param(i) => Some(i.to_string()),
+        ParameterChoice::BoolParam(b) => Some(b.to_string()),
+    }
+}
+
+/// Every request parameter that [`parameter`] reads as text.
+pub fn parameters(params: &HashMap<String, InferParameter>) -> BTreeMap<String, String> {
+    params
+        .keys()
+        .filter_map(|k| parameter(params, k).map(|v| (k.clone(), v)))
+        .collect()
 }
 
 /// Little-endian raw bytes of FP32 values.

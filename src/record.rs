@@ -1,18 +1,17 @@
 //! What a request and its answer say: the features of every sample, the model's prediction per
-//! sample, and the entity each sample belongs to. Plain functions over decoded OIP messages.
+//! sample, and the entity each sample belongs to. Plain functions over protocol-neutral tensors
+//! ([`Inputs`], [`Outputs`]): each wire protocol decodes its own messages into them
+//! (`crate::protocol`), so records read every protocol's traffic the same way.
 //!
 //! Rows: a tensor of rank ≥ 2 has `shape[0]` rows and `shape[1..]` columns. Rank-1 tensors are
 //! columns of a batch when another tensor fixes the batch size B (or when several rank-1 inputs
 //! all have the same length); a lone rank-1 input is one sample of N features (`[N]`). Outputs of
 //! rank 1 are one value per row.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use crate::oip::{self, Tensor, Values};
-use crate::pb::inference::{
-    infer_parameter::ParameterChoice, InferParameter, ModelInferRequest, ModelInferResponse,
-};
 use crate::registry::PredictionSpec;
+use crate::tensor::{DataType, Inputs, Outputs, Tensor, Values};
 
 /// One feature value.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,12 +39,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// The precision of an OIP datatype.
-    pub fn of(datatype: oip::DataType) -> Precision {
+    /// The precision of a tensor datatype.
+    pub fn of(datatype: DataType) -> Precision {
         match datatype {
-            oip::DataType::F32 => Precision::F32,
-            oip::DataType::F16 => Precision::F16,
-            oip::DataType::BF16 => Precision::BF16,
+            DataType::F32 => Precision::F32,
+            DataType::F16 => Precision::F16,
+            DataType::BF16 => Precision::BF16,
             _ => Precision::F64,
         }
     }
@@ -160,16 +159,6 @@ pub fn format_number(x: f64) -> String {
     }
 }
 
-/// A request parameter as text (string, integer or boolean parameters).
-pub fn parameter(params: &HashMap<String, InferParameter>, key: &str) -> Option<String> {
-    match params.get(key)?.parameter_choice.as_ref()? {
-        ParameterChoice::StringParam(s) if !s.is_empty() => Some(s.clone()),
-        ParameterChoice::StringParam(_) => None,
-        ParameterChoice::Int64Param(i) => Some(i.to_string()),
-        ParameterChoice::BoolParam(b) => Some(b.to_string()),
-    }
-}
-
 fn value_at(t: &Tensor, i: usize) -> FeatureValue {
     match &t.values {
         Values::Numeric(v) => FeatureValue::Number(v[i]),
@@ -184,20 +173,19 @@ fn text_at(t: &Tensor, i: usize) -> String {
     }
 }
 
-/// Extracts the feature table of a request.
+/// Extracts the feature table of a request's inputs.
 ///
 /// `names` are the registered feature names per input; `entity_key` names an input tensor (one
 /// entity id per row, not a feature) or a request parameter holding the entity; `unit_id` is the
 /// fallback entity.
 pub fn extract_features(
-    req: &ModelInferRequest,
+    inputs: &Inputs,
     names: &BTreeMap<String, Vec<String>>,
     entity_key: &str,
     unit_id: Option<&str>,
-    max_elements: usize,
 ) -> Result<FeatureTable, String> {
-    let tensors = oip::request_inputs(req, max_elements).map_err(|e| e.to_string())?;
-    let (entity_tensor, features): (Vec<&Tensor>, Vec<&Tensor>) = tensors
+    let (entity_tensor, features): (Vec<&Tensor>, Vec<&Tensor>) = inputs
+        .tensors
         .iter()
         .partition(|t| !entity_key.is_empty() && t.name == entity_key);
     let batch = batch_size(&features);
@@ -235,7 +223,11 @@ pub fn extract_features(
             (0..batch).map(|r| Some(text_at(t, r))).collect()
         }
         None => {
-            let e = parameter(&req.parameters, entity_key).or(unit_id.map(str::to_string));
+            let e = inputs
+                .parameters
+                .get(entity_key)
+                .cloned()
+                .or(unit_id.map(str::to_string));
             vec![e; batch]
         }
     };
@@ -284,28 +276,31 @@ fn output_rows_cols(t: &Tensor) -> (usize, usize) {
     (rows, cols)
 }
 
-/// Reads one prediction per row from a response, as `spec` says.
-pub fn extract_predictions(
-    resp: &ModelInferResponse,
-    spec: &PredictionSpec,
-    max_elements: usize,
-) -> Result<Vec<Prediction>, String> {
-    let output = match spec {
+/// The output a prediction is read from (empty: the first): the one a reader of an answer
+/// needs to decode for [`extract_predictions`] (`Wanted::One`).
+pub fn prediction_output(spec: &PredictionSpec) -> &str {
+    match spec {
         PredictionSpec::Argmax { output, .. }
         | PredictionSpec::Threshold { output, .. }
         | PredictionSpec::Label { output }
         | PredictionSpec::Value { output } => output,
-    };
-    let t = oip::response_output(resp, output, max_elements)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            if output.is_empty() {
-                "the response has no outputs".to_string()
-            } else {
-                format!("the response has no output '{output}'")
-            }
-        })?;
-    let (rows, cols) = output_rows_cols(&t);
+    }
+}
+
+/// Reads one prediction per row from an answer's outputs, as `spec` says.
+pub fn extract_predictions(
+    outputs: &Outputs,
+    spec: &PredictionSpec,
+) -> Result<Vec<Prediction>, String> {
+    let output = prediction_output(spec);
+    let t = outputs.get(output).ok_or_else(|| {
+        if output.is_empty() {
+            "the response has no outputs".to_string()
+        } else {
+            format!("the response has no output '{output}'")
+        }
+    })?;
+    let (rows, cols) = output_rows_cols(t);
     if rows > 0 && cols == 0 {
         return Err(format!(
             "output '{}' has shape {:?}: rows with no values",
@@ -366,7 +361,7 @@ pub fn extract_predictions(
                 .collect())
         }
         PredictionSpec::Label { .. } => Ok((0..rows)
-            .map(|r| Prediction::Label(text_at(&t, r * cols)))
+            .map(|r| Prediction::Label(text_at(t, r * cols)))
             .collect()),
         PredictionSpec::Value { .. } => {
             let v = numeric("a value prediction")?;
@@ -376,13 +371,10 @@ pub fn extract_predictions(
 }
 
 /// Every numeric output value of each row, outputs in order (for tolerance comparisons). BYTES
-/// outputs are skipped; an output that does not decode ends the list.
-pub fn output_rows(resp: &ModelInferResponse, max_elements: usize) -> Vec<Vec<f64>> {
-    let Ok(outputs) = oip::response_outputs(resp, max_elements) else {
-        return Vec::new();
-    };
+/// outputs are skipped. (Outputs that do not decode give none: see the protocol's reader.)
+pub fn output_rows(outputs: &Outputs) -> Vec<Vec<f64>> {
     let mut rows: Vec<Vec<f64>> = Vec::new();
-    for t in &outputs {
+    for t in &outputs.tensors {
         let Some(v) = t.numeric() else { continue };
         let (n, cols) = output_rows_cols(t);
         if rows.len() < n {
@@ -398,11 +390,37 @@ pub fn output_rows(resp: &ModelInferResponse, max_elements: usize) -> Vec<Vec<f6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oip;
     use crate::pb::inference::{
-        model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
-        InferTensorContents,
+        infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
+        model_infer_response::InferOutputTensor, InferParameter, InferTensorContents,
+        ModelInferRequest, ModelInferResponse,
     };
+    use crate::protocol::oip_grpc;
+    use crate::tensor::Wanted;
     use bytes::Bytes;
+
+    /// [`super::extract_features`] of an OIP request, as the OIP gRPC protocol reads it.
+    fn extract_features(
+        req: &ModelInferRequest,
+        names: &BTreeMap<String, Vec<String>>,
+        entity_key: &str,
+        unit_id: Option<&str>,
+        max_elements: usize,
+    ) -> Result<FeatureTable, String> {
+        let inputs = oip_grpc::inputs(req, max_elements)?;
+        super::extract_features(&inputs, names, entity_key, unit_id)
+    }
+
+    /// [`super::extract_predictions`] of an OIP answer, decoding only the output it reads.
+    fn extract_predictions(
+        resp: &ModelInferResponse,
+        spec: &PredictionSpec,
+        max_elements: usize,
+    ) -> Result<Vec<Prediction>, String> {
+        let wanted = Wanted::One(prediction_output(spec));
+        super::extract_predictions(&oip_grpc::outputs(resp, wanted, max_elements)?, spec)
+    }
 
     fn input(
         name: &str,

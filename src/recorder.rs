@@ -14,12 +14,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use prost::Message;
 
 use crate::experiment::UnitSketch;
 use crate::feature_store::{FeatureCatalog, FeatureDef, FeatureKind};
-use crate::pb::inference::{ModelInferRequest, ModelInferResponse};
 use crate::pb::modelgate::v1 as pb;
+use crate::protocol::{InferAnswer, InferRequest, Protocol, Wanted};
 use crate::record::{self, FeatureTable, Prediction};
 use crate::routing::Route;
 use crate::shadow::{self, Answer, Comparison};
@@ -61,9 +60,11 @@ pub struct RawRecord {
     pub upstream_latency: Option<Duration>,
     /// Time through modelgate.
     pub latency: Duration,
-    /// The OIP inference request, decoded.
-    pub infer: Option<ModelInferRequest>,
-    /// The OIP inference answer (one unframed message), when it succeeded.
+    /// The inference request as its protocol decoded it (which reads its answer too); `None`
+    /// when the call was not an inference. Its inputs are decoded on the writer thread.
+    pub request: Option<Arc<dyn InferRequest>>,
+    /// The answer (one message, unframed) when it succeeded: an inference's, read for
+    /// predictions; a pass-through call's, kept for shadow comparisons only.
     pub response: Option<Bytes>,
     /// Approximate bytes held (for the queue's byte bound).
     pub size: usize,
@@ -127,8 +128,9 @@ pub struct ShadowObservation {
     pub request_id: String,
     /// Arrival time of the original request.
     pub time_ms: u64,
-    /// Whether the answers are OIP ModelInferResponses (else opaque bytes).
-    pub oip: bool,
+    /// The protocol that reads both answers when they answer an inference; `None` when they are
+    /// opaque (compared byte for byte).
+    pub reader: Option<&'static dyn Protocol>,
     /// When the answers agree.
     pub comparison: Comparison,
     /// Production's answer and upstream latency (`None` when it failed).
@@ -170,43 +172,40 @@ pub use crate::convert::{prediction_from_pb, prediction_to_pb};
 /// Turns what the data plane saw into the stored record: features, predictions, notes.
 pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
     let mut notes = Vec::new();
-    let features = match &raw.infer {
+    let features = match &raw.request {
         Some(req) => {
             let names = raw
                 .route
                 .as_ref()
                 .map(|r| r.feature_names.clone())
                 .unwrap_or_default();
-            record::extract_features(
-                req,
-                &names,
-                &settings.entity_key,
-                raw.unit_id.as_deref(),
-                settings.max_elements,
-            )
-            .unwrap_or_else(|e| {
-                notes.push(format!("features: {e}"));
-                FeatureTable::default()
-            })
+            req.inputs(settings.max_elements)
+                .and_then(|inputs| {
+                    record::extract_features(
+                        &inputs,
+                        &names,
+                        &settings.entity_key,
+                        raw.unit_id.as_deref(),
+                    )
+                })
+                .unwrap_or_else(|e| {
+                    notes.push(format!("features: {e}"));
+                    FeatureTable::default()
+                })
         }
         None => FeatureTable::default(),
     };
-    let predictions = match (&raw.response, &raw.route) {
-        (Some(bytes), Some(route)) => match ModelInferResponse::decode(bytes.clone()) {
-            Ok(resp) => {
-                record::extract_predictions(&resp, &route.prediction, settings.max_elements)
-                    .unwrap_or_else(|e| {
-                        notes.push(format!("prediction: {e}"));
-                        Vec::new()
-                    })
-            }
-            Err(e) => {
-                notes.push(format!(
-                    "prediction: the answer is not a ModelInferResponse: {e}"
-                ));
-                Vec::new()
-            }
-        },
+    let predictions = match (&raw.response, &raw.route, &raw.request) {
+        (Some(bytes), Some(route), Some(req)) => {
+            let protocol = req.protocol();
+            protocol
+                .read_answer(bytes)
+                .and_then(|a| predictions(&*a, route, settings.max_elements))
+                .unwrap_or_else(|e| {
+                    notes.push(format!("prediction: {e}"));
+                    Vec::new()
+                })
+        }
         _ => Vec::new(),
     };
     let record = pb::PredictionRecord {
@@ -425,19 +424,37 @@ struct Sketches {
 /// How often changed unit sketches are written.
 const SKETCH_PERSIST: Duration = Duration::from_millis(250);
 
-/// Reads a side's answer for comparison: the bytes, and for OIP answers the predictions (as the
-/// version's registration says) and every output value per row.
-fn answer(bytes: &Bytes, oip: bool, route: &Route, max_elements: usize) -> Answer {
+/// The predictions of an inference's answer, as `route`'s registration says: only the output
+/// they are read from is decoded.
+fn predictions(
+    answer: &dyn InferAnswer,
+    route: &Route,
+    max_elements: usize,
+) -> Result<Vec<Prediction>, String> {
+    let wanted = Wanted::One(record::prediction_output(&route.prediction));
+    record::extract_predictions(&answer.outputs(wanted, max_elements)?, &route.prediction)
+}
+
+/// Reads a side's answer for comparison: the bytes, and when `reader` reads them (inference
+/// answers) the predictions (as the version's registration says) and every output value per row.
+fn answer(
+    bytes: &Bytes,
+    reader: Option<&dyn Protocol>,
+    route: &Route,
+    max_elements: usize,
+) -> Answer {
     let mut a = Answer {
         bytes: bytes.clone(),
         ..Default::default()
     };
-    if oip {
-        if let Ok(resp) = ModelInferResponse::decode(bytes.clone()) {
-            a.predictions = record::extract_predictions(&resp, &route.prediction, max_elements)
-                .unwrap_or_default();
-            a.rows = record::output_rows(&resp, max_elements);
-        }
+    if let Some(decoded) = reader.and_then(|p| p.read_answer(bytes).ok()) {
+        a.predictions = predictions(&*decoded, route, max_elements).unwrap_or_default();
+        // An output that does not decode leaves no rows at all, rather than rows whose values
+        // would be compared out of place.
+        a.rows = decoded
+            .outputs(Wanted::All, max_elements)
+            .map(|o| record::output_rows(&o))
+            .unwrap_or_default();
     }
     a
 }
@@ -520,7 +537,7 @@ impl Writer {
         h.record(*prod_latency, latency);
         *dirty = true;
         // Answers modelgate does not parse can only be compared byte for byte.
-        let comparison = if o.oip {
+        let comparison = if o.reader.is_some() {
             o.comparison.clone()
         } else {
             Comparison::Bytes
@@ -528,8 +545,8 @@ impl Writer {
         let max = self.settings.max_elements;
         let verdict = shadow::compare(
             &comparison,
-            &answer(prod_bytes, o.oip, &o.production, max),
-            &answer(answer_bytes, o.oip, &o.shadow, max),
+            &answer(prod_bytes, o.reader, &o.production, max),
+            &answer(answer_bytes, o.reader, &o.shadow, max),
         );
         self.count_shadow(
             batch,

@@ -23,6 +23,7 @@ const DOMAIN: &[&str] = &[
     "spec",
     "state",
     "stats",
+    "tensor",
 ];
 /// Generated protobuf code and the conversions between it and domain values.
 const WIRE: &[&str] = &["pb", "convert"];

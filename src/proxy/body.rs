@@ -1,66 +1,16 @@
-//! Bodies: gRPC message framing, and a body wrapper that reports how a response ended.
+//! Bodies: wrappers that report how a response ended, rescue a failing stream, and copy a body
+//! for shadows. (gRPC message framing is the protocols', in `crate::protocol::grpc`; it is
+//! re-exported here.)
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::Code;
 
-/// The one message of a unary gRPC body.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    /// Fewer than 5 bytes, or fewer than the length prefix says.
-    #[error("truncated gRPC message frame ({0} bytes)")]
-    Truncated(usize),
-    /// The message is compressed.
-    #[error("compressed gRPC messages are not supported on this path; send them uncompressed")]
-    Compressed,
-    /// More than one message.
-    #[error("expected exactly one gRPC message, found more data after it")]
-    Trailing,
-}
-
-/// Extracts the single message of a unary gRPC body (5-byte prefix: flag, u32 BE length).
-pub fn unary_message(body: &Bytes) -> Result<Bytes, FrameError> {
-    if body.len() < 5 {
-        return Err(FrameError::Truncated(body.len()));
-    }
-    if body[0] != 0 {
-        return Err(FrameError::Compressed);
-    }
-    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let end = 5usize
-        .checked_add(len)
-        .ok_or(FrameError::Truncated(body.len()))?;
-    if body.len() < end {
-        return Err(FrameError::Truncated(body.len()));
-    }
-    if body.len() > end {
-        return Err(FrameError::Trailing);
-    }
-    Ok(body.slice(5..end))
-}
-
-/// Frames a protobuf message as one uncompressed gRPC message.
-pub fn frame<M: prost::Message>(msg: &M) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    msg.encode(&mut buf).expect("buffer has capacity");
-    buf.freeze()
-}
-
-/// Frames an encoded message as one uncompressed gRPC message.
-pub fn frame_bytes(msg: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(5 + msg.len());
-    buf.put_u8(0);
-    buf.put_u32(msg.len() as u32);
-    buf.extend_from_slice(msg);
-    buf.freeze()
-}
+pub use crate::protocol::grpc::{frame, frame_bytes, unary_message, FrameError};
 
 /// How a response stream ended, as seen by the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,40 +292,6 @@ mod tests {
     use http_body_util::BodyExt;
     use parking_lot::Mutex;
     use std::sync::Arc;
-
-    #[test]
-    fn unary_frames_round_trip_and_reject_garbage() {
-        let msg = crate::pb::inference::ModelReadyRequest {
-            name: "iris".into(),
-            version: String::new(),
-        };
-        let framed = frame(&msg);
-        let inner = unary_message(&framed).unwrap();
-        let back: crate::pb::inference::ModelReadyRequest = prost::Message::decode(inner).unwrap();
-        assert_eq!(back, msg);
-        assert_eq!(
-            unary_message(&Bytes::from_static(&[0, 0])),
-            Err(FrameError::Truncated(2))
-        );
-        assert_eq!(
-            unary_message(&Bytes::from_static(&[1, 0, 0, 0, 0])),
-            Err(FrameError::Compressed)
-        );
-        assert_eq!(
-            unary_message(&Bytes::from_static(&[0, 0, 0, 0, 9, 1])),
-            Err(FrameError::Truncated(6))
-        );
-        assert_eq!(
-            unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0, 1])),
-            Err(FrameError::Trailing)
-        );
-        assert_eq!(
-            unary_message(&Bytes::from_static(&[0, 0, 0, 0, 0]))
-                .unwrap()
-                .len(),
-            0
-        );
-    }
 
     #[tokio::test]
     async fn observed_bodies_report_trailer_status_once() {

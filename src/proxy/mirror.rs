@@ -15,11 +15,11 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::Semaphore;
 
 use super::{
-    body, status,
+    status,
     upstream::{Payload, Upstreams},
     REQUEST_ID_HEADER,
 };
-use crate::pb::inference::ModelInferRequest;
+use crate::protocol::{Call, InferRequest};
 use crate::recorder::{Recorder, ShadowCall, ShadowObservation};
 use crate::routing::{LiveShadow, Route};
 
@@ -51,9 +51,10 @@ pub struct Finished {
     /// The caller's request headers.
     pub headers: HeaderMap,
     /// The request body as received (gRPC framed).
-    pub request: Bytes,
-    /// The decoded OIP request, when the call was a ModelInfer.
-    pub infer: Option<ModelInferRequest>,
+    pub body: Bytes,
+    /// The inference request as its protocol decoded it, when the call was an inference (its
+    /// protocol rewrites the copies for the shadows' backends and reads the answers).
+    pub request: Option<Arc<dyn InferRequest>>,
     /// Production's answer: the response message bytes, or `None` when it failed.
     pub answer: Option<Bytes>,
     /// Production's upstream latency.
@@ -145,7 +146,7 @@ impl Mirror {
                     production: f.production.clone(),
                     request_id: f.request_id.clone(),
                     time_ms: f.time_ms,
-                    oip: f.infer.is_some(),
+                    reader: f.request.as_ref().map(|r| r.protocol()),
                     comparison: comparison.clone(),
                     production_answer: f.answer.clone().map(|a| (a, f.latency)),
                     result,
@@ -177,18 +178,19 @@ async fn call_shadow(
 ) -> Result<Bytes, Failure> {
     let started = Instant::now();
     // The caller's own bytes, with the shadow's backend name and version written in when they
-    // differ (the same rule as for production: `super::backend_edits`).
-    let edits = f.infer.as_ref().map_or_else(Vec::new, |m| {
-        super::backend_edits(route, super::INFER_FIELDS, &m.model_name, &m.model_version)
-    });
-    let body = if edits.is_empty() {
-        f.request.clone()
-    } else {
-        body::unary_message(&f.request)
-            .ok()
-            .and_then(|m| super::wire::set_string_fields(&m, &edits).ok())
-            .map_or_else(|| f.request.clone(), |m| body::frame_bytes(&m))
-    };
+    // differ (the same rule as for production: `Protocol::rewrite`).
+    let body = f
+        .request
+        .as_ref()
+        .and_then(|r| {
+            let protocol = r.protocol();
+            let msg = protocol.message(&f.body).ok()?;
+            let rewritten = protocol
+                .rewrite(&Call::Infer, &msg, (r.model(), r.version()), route)
+                .ok()??;
+            Some(protocol.body(&rewritten))
+        })
+        .unwrap_or_else(|| f.body.clone());
     let mut req = Request::post(f.path.as_str())
         .body(())
         .map_err(|_| UNAVAILABLE)?;
@@ -232,9 +234,8 @@ async fn call_shadow(
         return Err(Failure::Code(code as i32));
     }
     let data = collected.to_bytes();
-    Ok(if f.infer.is_some() {
-        body::unary_message(&data).unwrap_or(data)
-    } else {
-        data
+    Ok(match &f.request {
+        Some(r) => r.protocol().message(&data).unwrap_or(data),
+        None => data,
     })
 }

@@ -1,21 +1,21 @@
 //! The data plane: an HTTP/2 gRPC server that routes each call to a model version's upstream.
 //!
-//! [`Proxy::handle`] is the whole request path, in order: request id → in-flight limit →
-//! classify → route → forward → response headers → observe the end of the response (metrics,
-//! in-flight release). Open Inference Protocol unary calls are read whole (bounded), routed by the
-//! model name in the message, and their answers are read whole within the deadline; every other
-//! call is streamed through untouched.
+//! [`Proxy::handle`] is the whole request path, in typed stages: admitted (request id, the
+//! protocol and kind of call, an in-flight slot) → routed (version, experiment variant, shadows)
+//! → forwarded (the upstream exchange) → finished (when the response ends: metrics, span, shadow
+//! copies, record, in-flight release). What a protocol says about a call — its kind, the model it
+//! names, its rewrite for a backend, its inputs and outputs — comes from `crate::protocol`.
+//! Unary inferences and the other calls that name a model are read whole (bounded), routed by
+//! the model named in the message, and their answers are read whole within the deadline; every
+//! other call is streamed through untouched.
 
 pub mod accept;
 pub mod body;
-pub mod classify;
 pub mod mirror;
 pub mod status;
 pub mod stream;
 pub mod upstream;
-pub mod wire;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,20 +26,15 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use prost::Message;
 use tonic::{body::Body, Code, Status};
 use tower::ServiceExt;
 
-use crate::pb::inference::{
-    InferParameter, ModelInferRequest, ServerLiveResponse, ServerMetadataResponse,
-    ServerReadyResponse,
-};
+use crate::protocol::{self, Call, InferRequest, ModelCall, Protocol, ProtocolError, ServerCall};
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::{LiveShadow, Lookup, Route, RoutingTable, VersionLookup};
 use crate::telemetry::{EndpointLabels, Metrics};
 pub use accept::{serve, ServerSettings};
-use body::{Ending, FrameError, Observed};
-use classify::{Call, ModelCall, ServerCall};
+use body::{Ending, Observed};
 
 /// Header carrying the request id back to the caller.
 pub const REQUEST_ID_HEADER: &str = "x-modelgate-request-id";
@@ -86,20 +81,8 @@ enum ProxyError {
     NoModel,
     #[error("invalid '{MODEL_HEADER}' header: not visible ASCII")]
     BadModelHeader,
-    #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("request is not a valid {message}: {error}")]
-    Decode {
-        message: &'static str,
-        error: prost::DecodeError,
-    },
-    #[error("{0}: required (the model to route to)")]
-    MissingModel(&'static str),
-    #[error("request is not a valid {message}: {error}")]
-    Wire {
-        message: &'static str,
-        error: wire::WireError,
-    },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     #[error("model '{model}' has no version '{version}' (model_version names a modelgate version: a number or an alias)")]
     UnknownVersion { model: String, version: String },
     #[error("version {version} of model '{model}' is archived and serves no calls")]
@@ -108,8 +91,6 @@ enum ProxyError {
     OipNoModel(String),
     #[error("request message larger than the limit of {0} bytes (--max-message-bytes)")]
     RequestTooLarge(usize),
-    #[error("{0}")]
-    Tensor(crate::oip::OipError),
     #[error(
         "request metadata of {size} bytes exceeds the limit of {limit} bytes (--max-header-bytes)"
     )]
@@ -162,21 +143,13 @@ impl ProxyError {
             ProxyError::ArchivedVersion { .. } | ProxyError::OipNoModel(_) => {
                 Status::failed_precondition(msg)
             }
-            ProxyError::NoModel
-            | ProxyError::BadModelHeader
-            | ProxyError::Decode { .. }
-            | ProxyError::Wire { .. }
-            | ProxyError::EmptyStream
-            | ProxyError::MissingModel(_) => Status::invalid_argument(msg),
-            ProxyError::Frame(FrameError::Compressed) => Status::unimplemented(msg),
-            ProxyError::Frame(_) => Status::invalid_argument(msg),
+            ProxyError::NoModel | ProxyError::BadModelHeader | ProxyError::EmptyStream => {
+                Status::invalid_argument(msg)
+            }
+            ProxyError::Protocol(e) => e.status(),
             ProxyError::RequestTooLarge(_) | ProxyError::HeadersTooLarge { .. } => {
                 Status::resource_exhausted(msg)
             }
-            ProxyError::Tensor(crate::oip::OipError::TooLarge { .. }) => {
-                Status::resource_exhausted(format!("{msg} (--max-tensor-elements)"))
-            }
-            ProxyError::Tensor(_) => Status::invalid_argument(msg),
             ProxyError::ReadRequest(_) => Status::cancelled(msg),
             ProxyError::Unreachable { .. } | ProxyError::UpstreamBody { .. } => {
                 Status::unavailable(msg)
@@ -255,35 +228,134 @@ impl Drop for InFlight {
     }
 }
 
-/// What handling a request learned, for its record.
+/// Stage 1 of a call: admitted (or shed at the door). What is known before its body is read.
+struct Admitted {
+    /// The caller's `x-request-id` when sane, else a new UUIDv7.
+    request_id: String,
+    /// The gRPC path.
+    method: String,
+    /// Arrival, Unix ms (records, experiment windows).
+    arrival_ms: u64,
+    /// Arrival on the monotonic clock (latencies).
+    start: Instant,
+    /// The protocol that claimed the path.
+    protocol: &'static dyn Protocol,
+    /// What kind of call it is.
+    call: Call,
+    /// The unit id in the headers, under `--unit-key` (routing may find another).
+    unit_id: Option<String>,
+    /// The request's trace span, when traces are exported.
+    span: Option<crate::traces::RequestSpan>,
+    /// The in-flight slot, released when the response ends; `None` when the call was shed.
+    slot: Option<InFlight>,
+}
+
+/// What a call named, routed or not: for its record, its metrics and its span.
 #[derive(Default)]
-struct Exchange {
-    /// The model the call named.
+struct Subject {
+    /// The model it named (empty when none).
     model: String,
-    route: Option<Arc<Route>>,
-    /// Experiment and variant, when the request is in one.
+    /// The unit id routing found under the experiment's unit key, in the headers or the
+    /// request's parameters (else the admitted one counts).
+    unit_id: Option<String>,
+}
+
+/// Stage 2: routed. The version that serves the call, and why.
+struct Routed {
+    route: Arc<Route>,
+    /// Experiment and variant, when the call is in one.
     experiment: Option<(Arc<str>, Arc<str>)>,
     /// Whether it counts in the experiment (not forced).
     counted: bool,
-    unit_id: Option<String>,
-    upstream_latency: Option<Duration>,
-    infer: Option<ModelInferRequest>,
-    /// The answer's message when it succeeded (ModelInfer only).
-    response: Option<Bytes>,
-    size: usize,
-    /// The model's shadows and which of them take this request.
+    /// The model's shadows and which of them take this call.
     shadows: Option<(Arc<[LiveShadow]>, Vec<usize>)>,
-    /// The request as received, and its headers, when shadows take it.
-    request_copy: Option<(Bytes, HeaderMap)>,
-    /// Shadow versions that sampled this request but are down (breaker open).
-    shadow_suppressed: Vec<u32>,
-    /// Pass-through calls that shadows take: copies of the request and response bodies, and the
+    /// Shadow versions that sampled this call but are down (breaker open).
+    suppressed: Vec<u32>,
+}
+
+impl Routed {
+    /// Whether a shadow takes a copy of this call.
+    fn copied(&self) -> bool {
+        self.shadows
+            .as_ref()
+            .is_some_and(|(_, taken)| !taken.is_empty())
+    }
+}
+
+/// A call that could not be routed: what it named, the bytes read, and why.
+struct Unrouted {
+    subject: Subject,
+    size: usize,
+    error: ProxyError,
+}
+
+impl Unrouted {
+    /// Boxed: refusals are the rare path, and a small `Result` keeps the routed one cheap.
+    fn new(subject: Subject, size: usize, error: impl Into<ProxyError>) -> Box<Self> {
+        Box::new(Unrouted {
+            subject,
+            size,
+            error: error.into(),
+        })
+    }
+}
+
+/// A routed call's request, as the forward stage takes it.
+enum Inbound {
+    /// A unary call, read whole.
+    Unary(UnaryCall),
+    /// A stream, its first message read.
+    Stream(stream::Opened),
+    /// A call forwarded untouched.
+    PassThrough(http::request::Parts, Incoming),
+}
+
+/// A unary call read whole and routed.
+struct UnaryCall {
+    parts: http::request::Parts,
+    /// The body as received.
+    framed: Bytes,
+    /// Its message.
+    msg: Bytes,
+    /// An inference's request, decoded.
+    request: Option<Arc<dyn InferRequest>>,
+    /// The model and version another call named.
+    named: Option<protocol::Named>,
+    /// The caller's deadline (or `--request-timeout`), and when it started.
+    deadline: Duration,
+    started: Instant,
+}
+
+/// Stage 3: forwarded. What the exchange with the upstream left for the record and the shadows.
+#[derive(Default)]
+struct Forwarded {
+    /// The inference request, decoded by its protocol.
+    request: Option<Arc<dyn InferRequest>>,
+    /// Bytes of request and answer held (the record queue's byte bound).
+    size: usize,
+    /// Time waiting for the upstream (for a stream, until its response headers).
+    upstream_latency: Option<Duration>,
+    /// The answer's message when an inference succeeded.
+    response: Option<Bytes>,
+    /// What shadows get a copy of.
+    copy: Option<Copy>,
+}
+
+/// The request that shadows get a copy of.
+enum Copy {
+    /// A unary call's request as received, and its headers.
+    Unary(Bytes, HeaderMap),
+    /// A pass-through call's request and response bodies, copied as they pass, and the
     /// request headers.
-    tee: Option<(body::TeeSlot, body::TeeSlot, HeaderMap)>,
-    /// The request's trace span, when traces are exported.
-    span: Option<crate::traces::RequestSpan>,
-    /// A stream whose inferences are recorded one by one (`ModelStreamInfer`), not as one call.
-    streamed: bool,
+    Tee(body::TeeSlot, body::TeeSlot, HeaderMap),
+}
+
+/// The stages a call reached, carried to its end (stage 4: finished, with its status code).
+struct Trail {
+    admitted: Admitted,
+    subject: Subject,
+    routed: Option<Routed>,
+    forwarded: Forwarded,
 }
 
 /// The data-plane request handler.
@@ -369,93 +441,199 @@ impl Proxy {
     }
 
     /// Serves one request. Never fails: every error is a gRPC status.
+    ///
+    /// A call goes through typed stages: admitted ([`Admitted`]: id, protocol and kind,
+    /// in-flight slot) → routed ([`Routed`]: version, experiment variant, shadows) → forwarded
+    /// ([`Forwarded`]: what the upstream exchange left) → finished (its status code, when the
+    /// response ends: metrics, span, shadow copies, record).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let admitted = self.admit(&req);
+        if admitted.slot.is_none() {
+            return self.shed(admitted, req);
+        }
+        let mut trail = Trail {
+            admitted,
+            subject: Subject::default(),
+            routed: None,
+            forwarded: Forwarded::default(),
+        };
+        let header_bytes = header_list_size(&req);
+        let result = if header_bytes > self.limits.max_header_bytes {
+            self.drain(req.into_body());
+            Err(ProxyError::HeadersTooLarge {
+                size: header_bytes,
+                limit: self.limits.max_header_bytes,
+            })
+        } else if self.answers_itself(trail.admitted.call) {
+            Ok(self.answer(&trail.admitted, req).await)
+        } else {
+            match self.route(&trail.admitted, req).await {
+                Err(u) => {
+                    trail.subject = u.subject;
+                    trail.forwarded.size = u.size;
+                    Err(u.error)
+                }
+                Ok((subject, routed, inbound)) => {
+                    let (forwarded, result) = self.forward(&trail.admitted, &routed, inbound).await;
+                    trail.subject = subject;
+                    trail.routed = Some(routed);
+                    trail.forwarded = forwarded;
+                    result
+                }
+            }
+        };
+        self.respond(trail, result)
+    }
+
+    /// Stage 1: the call's id, arrival, protocol and kind, span, and an in-flight slot if one is
+    /// free.
+    fn admit(&self, req: &Request<Incoming>) -> Admitted {
         let start = Instant::now();
         let arrival_ms = self.clock.now_ms();
         let request_id = request_id(req.headers());
         let method = req.uri().path().to_string();
-        let call = classify::classify(&method);
-        let mut ex = Exchange {
-            unit_id: header_str(req.headers(), &self.limits.unit_key).map(str::to_string),
-            span: (call != Call::Local)
-                .then(|| {
-                    self.traces
-                        .as_ref()
-                        .map(|t| t.request(req.headers(), &method))
-                })
-                .flatten(),
-            ..Default::default()
-        };
-        let Some(guard) =
-            InFlight::acquire(&self.in_flight, self.limits.max_in_flight, &self.metrics)
-        else {
-            self.metrics.shed.inc();
-            let mut resp = status::error_response(Status::resource_exhausted(format!(
-                "modelgate is serving its limit of {} requests (--max-in-flight); retry with backoff",
-                self.limits.max_in_flight
-            )));
-            ex.model = header_str(req.headers(), MODEL_HEADER)
-                .unwrap_or_default()
-                .to_string();
-            self.drain(req.into_body());
-            self.finish(
-                ex,
-                request_id.clone(),
-                method,
-                arrival_ms,
-                Code::ResourceExhausted,
-                start,
-            );
-            set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
-            return resp;
-        };
+        let (protocol, call) = protocol::classify(&method);
+        let unit_id = header_str(req.headers(), &self.limits.unit_key).map(str::to_string);
+        let span = (call != Call::Local)
+            .then(|| {
+                self.traces
+                    .as_ref()
+                    .map(|t| t.request(req.headers(), &method))
+            })
+            .flatten();
+        let slot = InFlight::acquire(&self.in_flight, self.limits.max_in_flight, &self.metrics);
+        Admitted {
+            request_id,
+            method,
+            arrival_ms,
+            start,
+            protocol,
+            call,
+            unit_id,
+            span,
+            slot,
+        }
+    }
 
-        let header_bytes = header_list_size(&req);
-        let result = match call {
-            _ if header_bytes > self.limits.max_header_bytes => {
-                self.drain(req.into_body());
-                Err(ProxyError::HeadersTooLarge {
-                    size: header_bytes,
-                    limit: self.limits.max_header_bytes,
-                })
+    /// A call refused at the door (no in-flight slot): answered at once, and still counted and
+    /// recorded under the model its header names.
+    fn shed(&self, admitted: Admitted, req: Request<Incoming>) -> Response<Body> {
+        self.metrics.shed.inc();
+        let mut resp = admitted
+            .protocol
+            .error_response(Status::resource_exhausted(format!(
+            "modelgate is serving its limit of {} requests (--max-in-flight); retry with backoff",
+            self.limits.max_in_flight
+        )));
+        let subject = Subject {
+            model: header_str(req.headers(), MODEL_HEADER)
+                .unwrap_or_default()
+                .to_string(),
+            unit_id: None,
+        };
+        self.drain(req.into_body());
+        set_header(resp.headers_mut(), REQUEST_ID_HEADER, &admitted.request_id);
+        let trail = Trail {
+            admitted,
+            subject,
+            routed: None,
+            forwarded: Forwarded::default(),
+        };
+        self.finish(trail, Code::ResourceExhausted);
+        resp
+    }
+
+    /// Whether modelgate answers the call itself: health and reflection, and the server-level
+    /// calls when no default model's server can answer them.
+    fn answers_itself(&self, call: Call) -> bool {
+        match call {
+            Call::Local => true,
+            Call::Server(_) => self.routing.load().default_model().is_none(),
+            _ => false,
+        }
+    }
+
+    /// modelgate's own answer (see [`Proxy::answers_itself`]).
+    async fn answer(&self, a: &Admitted, req: Request<Incoming>) -> Response<Body> {
+        match a.call {
+            Call::Server(c) => {
+                let ready = c == ServerCall::Ready && self.routing.load().routed_models() > 0;
+                a.protocol.server_response(c, ready)
             }
-            Call::Local => Ok(self
+            _ => self
                 .local
                 .clone()
                 .oneshot(req)
                 .await
-                .unwrap_or_else(|e: Infallible| match e {})),
-            Call::OipInfer | Call::OipModel(_) => {
-                self.oip_unary(req, call, &mut ex, &request_id).await
+                .unwrap_or_else(|e: Infallible| match e {}),
+        }
+    }
+
+    /// Stage 2: reads what the call needs to be routed (a unary message, a stream's first
+    /// message, or only the headers) and decides where it goes.
+    async fn route(
+        &self,
+        a: &Admitted,
+        req: Request<Incoming>,
+    ) -> Result<(Subject, Routed, Inbound), Box<Unrouted>> {
+        match a.call {
+            Call::Infer | Call::Model(_) => self.route_unary(a, req).await,
+            Call::Stream => self.route_stream(a, req).await,
+            Call::Unnamed => self.route_pass_through(a, req).map_err(|mut u| {
+                if matches!(u.error, ProxyError::NoModel) {
+                    u.error = ProxyError::OipNoModel(a.method.clone());
+                }
+                u
+            }),
+            Call::Server(_) | Call::PassThrough | Call::Local => self.route_pass_through(a, req),
+        }
+    }
+
+    /// Stage 3: sends the routed call upstream and relays or reads its answer.
+    async fn forward(
+        &self,
+        a: &Admitted,
+        routed: &Routed,
+        inbound: Inbound,
+    ) -> (Forwarded, Result<Response<Body>, ProxyError>) {
+        match inbound {
+            Inbound::Unary(call) => self.forward_unary(a, routed, call).await,
+            Inbound::Stream(opened) => self.forward_stream(a, routed, opened).await,
+            Inbound::PassThrough(parts, body) => {
+                self.forward_pass_through(a, routed, parts, body).await
             }
-            Call::OipStream => self.oip_stream(req, &mut ex, &request_id).await,
-            Call::OipServer(c) => self.oip_server(req, c, &mut ex, &request_id).await,
-            Call::OipUnnamed => match self.pass_through(req, &mut ex, &request_id).await {
-                Err(ProxyError::NoModel) => Err(ProxyError::OipNoModel(method.clone())),
-                other => other,
-            },
-            Call::PassThrough => self.pass_through(req, &mut ex, &request_id).await,
-        };
+        }
+    }
+
+    /// The response headers (request id, version, experiment) and the body wrapper that
+    /// finishes the call when the response ends.
+    fn respond(
+        self: Arc<Self>,
+        trail: Trail,
+        result: Result<Response<Body>, ProxyError>,
+    ) -> Response<Body> {
         let mut resp = result.unwrap_or_else(|e| {
             e.count(&self.metrics);
-            status::error_response(e.status())
+            trail.admitted.protocol.error_response(e.status())
         });
-
-        set_header(resp.headers_mut(), REQUEST_ID_HEADER, &request_id);
+        set_header(
+            resp.headers_mut(),
+            REQUEST_ID_HEADER,
+            &trail.admitted.request_id,
+        );
         mark_per_request(resp.headers_mut(), &self.limits.unit_key);
-        if let Some(r) = &ex.route {
-            set_header(resp.headers_mut(), VERSION_HEADER, &r.version_label);
+        if let Some(r) = &trail.routed {
+            set_header(resp.headers_mut(), VERSION_HEADER, &r.route.version_label);
+            if let Some((experiment, variant)) = &r.experiment {
+                set_header(resp.headers_mut(), EXPERIMENT_HEADER, experiment);
+                set_header(resp.headers_mut(), VARIANT_HEADER, variant);
+            }
         }
-        if let Some((experiment, variant)) = &ex.experiment {
-            set_header(resp.headers_mut(), EXPERIMENT_HEADER, experiment);
-            set_header(resp.headers_mut(), VARIANT_HEADER, variant);
-        }
-        if let Some((_, response, _)) = &ex.tee {
+        if let Some(Copy::Tee(_, response, _)) = &trail.forwarded.copy {
             let (slot, limit) = (response.clone(), self.limits.max_message_bytes);
             resp = resp.map(|b| Body::new(body::Tee::new(b, limit, slot)));
         }
         let header_code = status::code_from_headers(resp.headers());
-        let this = self.clone();
         resp.map(move |b| {
             Body::new(Observed::new(b, header_code, move |ending| {
                 let code = match ending {
@@ -464,145 +642,151 @@ impl Proxy {
                     Ending::Error => Code::Unavailable,
                     Ending::Cancelled => Code::Cancelled,
                 };
-                if call != Call::Local {
-                    this.finish(ex, request_id, method, arrival_ms, code, start);
-                } else {
-                    this.count(None, None, code, start);
-                }
-                drop(guard);
+                self.end(trail, code);
             }))
         })
     }
 
-    /// Counts a finished request and hands its record to the recorder.
-    fn finish(
-        &self,
-        mut ex: Exchange,
-        request_id: String,
-        method: String,
-        time_ms: u64,
-        code: Code,
-        start: Instant,
-    ) {
-        self.count(ex.route.as_deref(), ex.experiment.as_ref(), code, start);
+    /// Stage 4: the response ended with `code`. The in-flight slot is released last.
+    fn end(&self, mut trail: Trail, code: Code) {
+        let slot = trail.admitted.slot.take();
+        if trail.admitted.call == Call::Local {
+            self.count(None, None, code, trail.admitted.start);
+        } else {
+            self.finish(trail, code);
+        }
+        drop(slot);
+    }
 
-        if let (Some(r), Some(latency)) = (&ex.route, ex.upstream_latency) {
+    /// Counts a finished call, ends its span, sends its shadow copies and hands its record to
+    /// the recorder.
+    fn finish(&self, trail: Trail, code: Code) {
+        let Trail {
+            mut admitted,
+            subject,
+            mut routed,
+            mut forwarded,
+        } = trail;
+        let route = routed.as_ref().map(|r| r.route.clone());
+        let experiment = routed.as_ref().and_then(|r| r.experiment.clone());
+        self.count(route.as_deref(), experiment.as_ref(), code, admitted.start);
+
+        if let (Some(r), Some(latency)) = (&route, forwarded.upstream_latency) {
             self.metrics
                 .upstream_histogram(route_metrics(r), &r.endpoint)
                 .observe(latency.as_secs_f64());
         }
-        let unit_id = ex.unit_id.or_else(|| {
-            ex.infer
+        let unit_id = subject.unit_id.or(admitted.unit_id.take()).or_else(|| {
+            forwarded
+                .request
                 .as_ref()
-                .and_then(|r| crate::record::parameter(&r.parameters, &self.limits.unit_key))
+                .and_then(|r| r.parameter(&self.limits.unit_key))
         });
-        let traceparent = match (&self.traces, &ex.span) {
+        let traceparent = match (&self.traces, &admitted.span) {
             (Some(t), Some(s)) => t.traceparent(s),
             _ => None,
         };
-        if let Some(span) = ex.span.take() {
+        if let Some(span) = admitted.span.take() {
             span.finish(crate::traces::Outcome {
-                model: &ex.model,
-                version: ex.route.as_ref().map(|r| r.version),
-                experiment: ex.experiment.as_ref().map(|(e, v)| (&**e, &**v)),
-                request_id: &request_id,
+                model: &subject.model,
+                version: route.as_ref().map(|r| r.version),
+                experiment: experiment.as_ref().map(|(e, v)| (&**e, &**v)),
+                request_id: &admitted.request_id,
                 code,
             });
         }
-        if let Some((request, response, headers)) = ex.tee.take() {
-            ex.request_copy = request.lock().take().map(|r| (r, headers));
-            ex.response = response.lock().take().filter(|_| code == Code::Ok);
-        }
-        if ex.streamed {
+        let copy = match forwarded.copy.take() {
+            Some(Copy::Tee(request, response, headers)) => {
+                forwarded.response = response.lock().take().filter(|_| code == Code::Ok);
+                request.lock().take().map(|r| (r, headers))
+            }
+            Some(Copy::Unary(request, headers)) => Some((request, headers)),
+            None => None,
+        };
+        // A routed stream's inferences are recorded one by one (`stream`), not as one call.
+        if admitted.call == Call::Stream && routed.is_some() {
             return;
         }
-        let (shadow_skipped, shadow_dropped) = self.mirror_finished(
-            &mut ex.shadows,
-            &ex.shadow_suppressed,
-            &mut ex.request_copy,
-            &ex.infer,
-            &ex.response,
-            &ex.route,
-            &ex.model,
-            &request_id,
-            &method,
-            time_ms,
-            ex.upstream_latency,
+        let (shadow_skipped, shadow_dropped) = self.mirror(
+            &admitted,
+            &subject.model,
+            routed.as_mut(),
+            copy,
+            &forwarded,
             traceparent,
         );
-        let shadowed = !(shadow_skipped.is_empty()
-            && shadow_dropped.is_empty()
-            && ex.shadow_suppressed.is_empty());
+        let suppressed = routed
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.suppressed))
+            .unwrap_or_default();
+        let shadowed =
+            !(shadow_skipped.is_empty() && shadow_dropped.is_empty() && suppressed.is_empty());
         if !self
             .recorder
-            .wanted(&ex.model, ex.experiment.is_some(), shadowed)
+            .wanted(&subject.model, experiment.is_some(), shadowed)
         {
             return;
         }
         self.recorder.submit(RawRecord {
-            request_id,
-            time_ms,
-            method,
-            model: ex.model,
-            route: ex.route,
-            experiment: ex.experiment.as_ref().map(|(e, _)| e.to_string()),
-            variant: ex.experiment.as_ref().map(|(_, v)| v.to_string()),
-            counted: ex.counted,
+            request_id: admitted.request_id,
+            time_ms: admitted.arrival_ms,
+            method: admitted.method,
+            model: subject.model,
+            route,
+            experiment: experiment.as_ref().map(|(e, _)| e.to_string()),
+            variant: experiment.as_ref().map(|(_, v)| v.to_string()),
+            counted: routed.as_ref().is_some_and(|r| r.counted),
             unit_id,
             status: code as i32,
-            upstream_latency: ex.upstream_latency,
-            latency: start.elapsed(),
-            infer: ex.infer,
-            response: ex.response,
-            size: ex.size,
+            upstream_latency: forwarded.upstream_latency,
+            latency: admitted.start.elapsed(),
+            request: forwarded.request,
+            response: forwarded.response,
+            size: forwarded.size,
             shadow_skipped,
             shadow_dropped,
-            shadow_suppressed: ex.shadow_suppressed,
+            shadow_suppressed: suppressed,
         });
     }
 
-    /// Sends the copies of a finished request to the shadows that sampled it. Returns the
-    /// versions that skipped it and those whose copy was dropped.
-    #[allow(clippy::too_many_arguments)]
-    fn mirror_finished(
+    /// Sends the copies of a finished call to the shadows of its route that sampled it. Returns
+    /// the versions that skipped it and those whose copy was dropped.
+    fn mirror(
         &self,
-        shadows: &mut Option<(Arc<[LiveShadow]>, Vec<usize>)>,
-        suppressed: &[u32],
-        copy: &mut Option<(Bytes, HeaderMap)>,
-        infer: &Option<ModelInferRequest>,
-        response: &Option<Bytes>,
-        route: &Option<Arc<Route>>,
+        a: &Admitted,
         model: &str,
-        request_id: &str,
-        method: &str,
-        time_ms: u64,
-        latency: Option<Duration>,
+        routed: Option<&mut Routed>,
+        copy: Option<(Bytes, HeaderMap)>,
+        forwarded: &Forwarded,
         traceparent: Option<HeaderValue>,
     ) -> (Vec<u32>, Vec<u32>) {
-        let Some((all, taken)) = shadows.take() else {
+        let Some(routed) = routed else {
+            return (Vec::new(), Vec::new());
+        };
+        let Some((all, taken)) = routed.shadows.take() else {
             return (Vec::new(), Vec::new());
         };
         // Not sampled: skipped. (Sampled but suppressed by an open breaker are counted apart.)
         let skipped = all
             .iter()
             .enumerate()
-            .filter(|(i, s)| !taken.contains(i) && !suppressed.contains(&s.route.version))
+            .filter(|(i, s)| !taken.contains(i) && !routed.suppressed.contains(&s.route.version))
             .map(|(_, s)| s.route.version)
             .collect();
-        let (Some((request, headers)), Some(production)) = (copy.take(), route.clone()) else {
+        let Some((body, headers)) = copy else {
             return (skipped, Vec::new());
         };
         let finished = Arc::new(mirror::Finished {
             model: model.to_string(),
-            production,
-            request_id: request_id.to_string(),
-            time_ms,
-            path: method.to_string(),
+            production: routed.route.clone(),
+            request_id: a.request_id.clone(),
+            time_ms: a.arrival_ms,
+            path: a.method.clone(),
             headers,
-            request,
-            infer: infer.clone(),
-            answer: response.clone(),
-            latency: latency.unwrap_or_default(),
+            body,
+            request: forwarded.request.clone(),
+            answer: forwarded.response.clone(),
+            latency: forwarded.upstream_latency.unwrap_or_default(),
             traceparent,
         });
         let dropped = self.mirror.dispatch(finished, &all, &taken);
@@ -625,78 +809,92 @@ impl Proxy {
         );
     }
 
-    /// Routes a request for `model`: to its experiment variant (by the unit id under the
-    /// experiment's unit key, in the headers or the OIP parameters, or a forced variant) or to
-    /// production. Records the decision in `ex`.
+    /// Routes a call for `model`: to its experiment variant (by the unit id under the
+    /// experiment's unit key, in the headers or the request's parameters, or a forced variant)
+    /// or to production. Returns what the call named either way.
     ///
     /// A call that names a version (OIP's `model_version`: a modelgate version number or alias)
     /// goes to that version, outside any experiment and shadow.
     fn decide(
         &self,
+        a: &Admitted,
         model: &str,
         version: &str,
         headers: &HeaderMap,
-        params: Option<&HashMap<String, InferParameter>>,
-        request_id: &str,
-        ex: &mut Exchange,
-    ) -> Result<Arc<Route>, ProxyError> {
-        ex.model = model.to_string();
+        params: Option<&dyn InferRequest>,
+    ) -> (Subject, Result<Routed, ProxyError>) {
+        let mut subject = Subject {
+            model: model.to_string(),
+            unit_id: None,
+        };
         let table = self.routing.load();
         if !version.is_empty() {
-            let route = table.version(model, version).map_err(|e| match e {
-                VersionLookup::UnknownModel => ProxyError::UnknownModel(model.to_string()),
-                VersionLookup::UnknownVersion => ProxyError::UnknownVersion {
-                    model: model.to_string(),
-                    version: version.to_string(),
-                },
-                VersionLookup::Archived(v) => ProxyError::ArchivedVersion {
-                    model: model.to_string(),
-                    version: v,
-                },
-            })?;
-            ex.route = Some(route.clone());
-            return Ok(route);
+            let routed = table
+                .version(model, version)
+                .map(|route| Routed {
+                    route,
+                    experiment: None,
+                    counted: false,
+                    shadows: None,
+                    suppressed: Vec::new(),
+                })
+                .map_err(|e| match e {
+                    VersionLookup::UnknownModel => ProxyError::UnknownModel(model.to_string()),
+                    VersionLookup::UnknownVersion => ProxyError::UnknownVersion {
+                        model: model.to_string(),
+                        version: version.to_string(),
+                    },
+                    VersionLookup::Archived(v) => ProxyError::ArchivedVersion {
+                        model: model.to_string(),
+                        version: v,
+                    },
+                });
+            return (subject, routed);
         }
         let unit_key = table
             .experiment(model)
             .map(|e| e.unit_key.as_str())
             .unwrap_or(&self.limits.unit_key);
-        if let Some(u) = header_str(headers, unit_key)
+        subject.unit_id = header_str(headers, unit_key)
             .map(str::to_string)
-            .or_else(|| params.and_then(|p| crate::record::parameter(p, unit_key)))
-        {
-            ex.unit_id = Some(u);
-        }
+            .or_else(|| params.and_then(|p| p.parameter(unit_key)));
+        let unit_id = subject.unit_id.as_deref().or(a.unit_id.as_deref());
         let forced = header_str(headers, VARIANT_HEADER);
         let now = self.clock.now_ms();
-        match table.decide(model, ex.unit_id.as_deref(), forced, now) {
+        let routed = match table.decide(model, unit_id, forced, now) {
             Ok(d) => {
+                let mut shadows = None;
+                let mut suppressed = Vec::new();
                 // Shadows mirror production's traffic (not experiment variants), sampled by unit
                 // id, else request id.
                 if d.experiment.is_none() {
-                    if let Some(shadows) = table.shadows(model) {
-                        let key = ex.unit_id.as_deref().unwrap_or(request_id);
+                    if let Some(all) = table.shadows(model) {
+                        let key = unit_id.unwrap_or(&a.request_id);
                         let mut taken = Vec::new();
-                        for (i, s) in shadows.iter().enumerate() {
+                        for (i, s) in all.iter().enumerate() {
                             if crate::shadow::sampled(model, key, s.sample_fraction) {
                                 if s.breaker.allows(now) {
                                     taken.push(i);
                                 } else {
-                                    ex.shadow_suppressed.push(s.route.version);
+                                    suppressed.push(s.route.version);
                                 }
                             }
                         }
-                        ex.shadows = Some((shadows, taken));
+                        shadows = Some((all, taken));
                     }
                 }
-                ex.route = Some(d.route.clone());
-                ex.experiment = d.experiment;
-                ex.counted = d.counted;
-                Ok(d.route)
+                Ok(Routed {
+                    route: d.route,
+                    experiment: d.experiment,
+                    counted: d.counted,
+                    shadows,
+                    suppressed,
+                })
             }
             Err(Lookup::NoProduction) => Err(ProxyError::NoProduction(model.to_string())),
             Err(_) => Err(ProxyError::UnknownModel(model.to_string())),
-        }
+        };
+        (subject, routed)
     }
 
     /// The deadline the caller set, if any.
@@ -706,241 +904,238 @@ impl Proxy {
             .and_then(status::parse_grpc_timeout)
     }
 
-    /// ModelInfer, ModelMetadata, ModelReady: read the message, route by its model name,
-    /// rewrite the backend name and version if the route says so, and read the answer whole.
-    async fn oip_unary(
+    /// An inference or another call that names a model: read its message (bounded, within the
+    /// deadline), decode it, and route it by the model it names.
+    async fn route_unary(
         &self,
+        a: &Admitted,
         req: Request<Incoming>,
-        call: Call,
-        ex: &mut Exchange,
-        request_id: &str,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<(Subject, Routed, Inbound), Box<Unrouted>> {
         let deadline = Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
         let started = Instant::now();
-        let work = async {
-            let (parts, body) = req.into_parts();
-            let bytes = read_limited(body, self.limits.max_message_bytes)
-                .await
-                .map_err(|e| match e {
-                    ReadError::TooLarge => {
-                        ProxyError::RequestTooLarge(self.limits.max_message_bytes)
-                    }
-                    ReadError::Body(e) => ProxyError::ReadRequest(e),
-                })?;
-            ex.size = bytes.len();
-            let (route, forward) = match call {
-                Call::OipModel(m) => self.route_model_call(
-                    m,
-                    parts.uri.path(),
-                    bytes,
-                    &parts.headers,
-                    request_id,
-                    ex,
-                )?,
-                _ => {
-                    let (req, route, forward) =
-                        self.route_infer(bytes, &parts.headers, request_id, ex)?;
-                    ex.infer = Some(req);
-                    (route, forward)
-                }
-            };
-            let left = deadline.saturating_sub(started.elapsed());
-            let sent = Instant::now();
-            let resp = self
-                .send(
-                    Request::from_parts(parts, ()),
-                    upstream::Payload::Full(forward),
-                    &route,
-                    request_id,
-                    Some(left),
-                    ex.span.as_ref(),
-                )
-                .await
-                .map_err(|e| match e {
-                    // Report the caller's whole budget, not what was left of it.
-                    ProxyError::Deadline(_) => ProxyError::Deadline(deadline),
-                    e => e,
-                })?;
-            let (parts, body) = resp.into_parts();
-            let collected = Limited::new(body, self.limits.max_message_bytes)
-                .collect()
-                .await
-                .map_err(|e| match upstream::StreamFailure::of(&*e) {
-                    upstream::StreamFailure::Broken => ProxyError::UpstreamBody {
-                        endpoint: route.endpoint.clone(),
-                        model: route.model.clone(),
-                        version: route.version,
-                        reason: upstream::describe(&*e),
-                    },
-                    failure => ProxyError::failed(&route, failure),
-                });
-            let collected = match collected {
-                // An upstream that cancels the call at the deadline we passed on.
-                Err(e) if ran_out(e.code(), started, deadline) => {
-                    return Err(ProxyError::Deadline(deadline))
-                }
-                other => other?,
-            };
-            ex.upstream_latency = Some(sent.elapsed());
-            let trailers = collected.trailers().cloned();
-            let data = collected.to_bytes();
-            let code = trailers
-                .as_ref()
-                .and_then(status::code_from_headers)
-                .or_else(|| status::code_from_headers(&parts.headers));
-            if ran_out(code, started, deadline) {
-                return Err(ProxyError::Deadline(deadline));
+        let (parts, body) = req.into_parts();
+        let limit = self.limits.max_message_bytes;
+        let framed = match tokio::time::timeout(deadline, read_limited(body, limit)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(ReadError::TooLarge)) => {
+                return Err(Unrouted::new(
+                    Subject::default(),
+                    0,
+                    ProxyError::RequestTooLarge(limit),
+                ))
             }
-            let ok = code == Some(Code::Ok);
-            if ok && call == Call::OipInfer {
-                ex.size += data.len();
-                ex.response = body::unary_message(&data).ok();
+            Ok(Err(ReadError::Body(e))) => {
+                return Err(Unrouted::new(
+                    Subject::default(),
+                    0,
+                    ProxyError::ReadRequest(e),
+                ))
             }
-            Ok(Response::from_parts(parts, unary_body(data, trailers)))
+            Err(_) => {
+                return Err(Unrouted::new(
+                    Subject::default(),
+                    0,
+                    ProxyError::Deadline(deadline),
+                ))
+            }
         };
-        match tokio::time::timeout(deadline, work).await {
-            Ok(r) => r,
-            Err(_) => Err(ProxyError::Deadline(deadline)),
-        }
-    }
-
-    /// Decodes a `ModelInferRequest`, checks its tensors against the limits, finds the route for
-    /// the model (and version) it names, and returns the bytes to forward: the caller's own,
-    /// unless the backend model name or version must be written in.
-    fn route_infer(
-        &self,
-        framed: Bytes,
-        headers: &HeaderMap,
-        request_id: &str,
-        ex: &mut Exchange,
-    ) -> Result<(ModelInferRequest, Arc<Route>, Bytes), ProxyError> {
-        let msg = body::unary_message(&framed)?;
-        let m = decode_infer(msg.clone())?;
-        if m.model_name.is_empty() {
-            return Err(ProxyError::MissingModel("model_name"));
-        }
-        // Before routing, so that a refused call is neither counted by an experiment nor copied
-        // to a shadow.
-        self.check_tensors(&m)
-            .inspect_err(|_| ex.model.clone_from(&m.model_name))?;
-        let route = self.decide(
-            &m.model_name,
-            &m.model_version,
-            headers,
-            Some(&m.parameters),
-            request_id,
-            ex,
-        )?;
-        if ex
-            .shadows
-            .as_ref()
-            .is_some_and(|(_, taken)| !taken.is_empty())
-        {
-            ex.request_copy = Some((framed.clone(), headers.clone()));
-        }
-        let edits = backend_edits(&route, INFER_FIELDS, &m.model_name, &m.model_version);
-        let forward = if edits.is_empty() {
-            framed
-        } else {
-            body::frame_bytes(&rewrite_fields(
-                &msg,
-                &edits,
-                "inference.ModelInferRequest",
-            )?)
+        let size = framed.len();
+        let msg = a
+            .protocol
+            .message(&framed)
+            .map_err(|e| Unrouted::new(Subject::default(), size, e))?;
+        let (subject, routed, request, named) = match a.call {
+            Call::Model(call) => {
+                let (subject, routed, named) =
+                    self.route_model_call(a, call, &msg, &parts.headers, size)?;
+                (subject, routed, None, Some(named))
+            }
+            _ => {
+                let m = a
+                    .protocol
+                    .decode_infer(&a.method, msg.clone())
+                    .map_err(|e| Unrouted::new(Subject::default(), size, e))?;
+                // Before routing, so that a refused call is neither counted by an experiment
+                // nor copied to a shadow.
+                if let Err(e) = m.check(self.limits.max_tensor_elements) {
+                    let subject = Subject {
+                        model: m.model().to_string(),
+                        unit_id: None,
+                    };
+                    return Err(Unrouted::new(subject, size, e));
+                }
+                let (subject, routed) =
+                    self.decide(a, m.model(), m.version(), &parts.headers, Some(&*m));
+                match routed {
+                    Ok(routed) => (subject, routed, Some(m), None),
+                    Err(e) => return Err(Unrouted::new(subject, size, e)),
+                }
+            }
         };
-        Ok((m, route, forward))
+        let call = UnaryCall {
+            parts,
+            framed,
+            msg,
+            request,
+            named,
+            deadline,
+            started,
+        };
+        Ok((subject, routed, Inbound::Unary(call)))
     }
 
-    /// Every input's declared shape, against `--max-tensor-elements` (nothing is decoded).
-    fn check_tensors(&self, m: &ModelInferRequest) -> Result<(), ProxyError> {
-        m.inputs
-            .iter()
-            .try_for_each(|t| {
-                crate::oip::check_shape(&t.name, &t.shape, self.limits.max_tensor_elements)
-            })
-            .map_err(ProxyError::Tensor)
-    }
-
-    /// A unary OIP call that names a model in one of its fields (metadata, readiness, Triton's
-    /// config, statistics, repository and trace calls): routed by that name (and version), with
-    /// the backend's name and version written in. These calls are not traffic worth comparing:
-    /// no shadow takes them.
+    /// A unary call that names a model in its message (metadata, readiness, Triton's config,
+    /// statistics, repository and trace calls): routed by that name (and version). These calls
+    /// are not traffic worth comparing: no shadow takes them.
     fn route_model_call(
         &self,
+        a: &Admitted,
         call: ModelCall,
-        method: &str,
-        framed: Bytes,
+        msg: &Bytes,
         headers: &HeaderMap,
-        request_id: &str,
-        ex: &mut Exchange,
-    ) -> Result<(Arc<Route>, Bytes), ProxyError> {
-        let msg = body::unary_message(&framed)?;
-        let invalid = |error| ProxyError::Wire {
-            message: call.message,
-            error,
-        };
-        let name = wire::string_field(&msg, call.name_field).map_err(invalid)?;
-        let version = match call.version_field {
-            Some(f) => wire::string_field(&msg, f).map_err(invalid)?,
-            None => String::new(),
-        };
-        let route = if name.is_empty() {
+        size: usize,
+    ) -> Result<(Subject, Routed, protocol::Named), Box<Unrouted>> {
+        let named = a
+            .protocol
+            .named(&call, &a.method, msg)
+            .map_err(|e| Unrouted::new(Subject::default(), size, e))?;
+        let (subject, routed) = if named.model.is_empty() {
             if !call.optional {
-                return Err(ProxyError::MissingModel(call.name));
+                let e = ProtocolError::MissingModel(call.name);
+                return Err(Unrouted::new(Subject::default(), size, e));
             }
             // Naming no model is allowed (Triton's server-wide trace settings): the default
             // model's server answers.
-            let model = self
-                .routing
-                .load()
-                .default_model()
-                .ok_or_else(|| ProxyError::OipNoModel(method.to_string()))?
-                .to_string();
-            self.decide(&model, "", headers, None, request_id, ex)?
+            let Some(model) = self.routing.load().default_model().map(str::to_string) else {
+                let e = ProxyError::OipNoModel(a.method.clone());
+                return Err(Unrouted::new(Subject::default(), size, e));
+            };
+            self.decide(a, &model, "", headers, None)
         } else {
-            self.decide(&name, &version, headers, None, request_id, ex)?
+            self.decide(a, &named.model, &named.version, headers, None)
         };
-        ex.shadows = None;
-        let fields = (call.name_field, call.version_field);
-        let edits = if name.is_empty() {
-            Vec::new()
-        } else {
-            backend_edits(&route, fields, &name, &version)
-        };
-        let forward = if edits.is_empty() {
-            framed
-        } else {
-            body::frame_bytes(&rewrite_fields(&msg, &edits, call.message)?)
-        };
-        Ok((route, forward))
-    }
-
-    /// ServerLive / ServerReady / ServerMetadata: the default model's upstream answers when there
-    /// is one; otherwise modelgate answers for itself.
-    async fn oip_server(
-        &self,
-        req: Request<Incoming>,
-        call: ServerCall,
-        ex: &mut Exchange,
-        request_id: &str,
-    ) -> Result<Response<Body>, ProxyError> {
-        if self.routing.load().default_model().is_some() {
-            return self.pass_through(req, ex, request_id).await;
+        match routed {
+            Ok(mut routed) => {
+                routed.shadows = None;
+                Ok((subject, routed, named))
+            }
+            Err(e) => Err(Unrouted::new(subject, size, e)),
         }
-        Ok(match call {
-            ServerCall::Live => local_unary(&ServerLiveResponse { live: true }),
-            ServerCall::Ready => local_unary(&ServerReadyResponse {
-                ready: self.routing.load().routed_models() > 0,
-            }),
-            ServerCall::Metadata => local_unary(&ServerMetadataResponse {
-                name: "modelgate".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                extensions: vec![],
-            }),
-        })
     }
 
-    /// Any other call: streamed both ways, routed by `x-model-name` or the default model.
+    /// A unary call, routed: the backend's name and version written in if the route says so,
+    /// sent within what is left of the deadline, and its answer read whole.
+    async fn forward_unary(
+        &self,
+        a: &Admitted,
+        routed: &Routed,
+        call: UnaryCall,
+    ) -> (Forwarded, Result<Response<Body>, ProxyError>) {
+        let mut forwarded = Forwarded {
+            size: call.framed.len(),
+            copy: routed
+                .copied()
+                .then(|| Copy::Unary(call.framed.clone(), call.parts.headers.clone())),
+            ..Default::default()
+        };
+        let (request, named, deadline, started) =
+            (call.request, call.named, call.deadline, call.started);
+        let names = match (&request, &named) {
+            (Some(r), _) => (r.model(), r.version()),
+            (None, Some(n)) => (n.model.as_str(), n.version.as_str()),
+            (None, None) => ("", ""),
+        };
+        let forward = match a.protocol.rewrite(&a.call, &call.msg, names, &routed.route) {
+            Ok(Some(rewritten)) => a.protocol.body(&rewritten),
+            Ok(None) => call.framed,
+            Err(e) => return (forwarded, Err(e.into())),
+        };
+        forwarded.request = request;
+        let left = deadline.saturating_sub(started.elapsed());
+        let exchange = self.unary_exchange(
+            a,
+            routed,
+            call.parts,
+            forward,
+            deadline,
+            started,
+            &mut forwarded,
+        );
+        let result = match tokio::time::timeout(left, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::Deadline(deadline)),
+        };
+        (forwarded, result)
+    }
+
+    /// Sends a unary call and reads its answer whole; notes the upstream latency and, for a
+    /// successful inference, the answer's message.
+    #[allow(clippy::too_many_arguments)]
+    async fn unary_exchange(
+        &self,
+        a: &Admitted,
+        routed: &Routed,
+        parts: http::request::Parts,
+        forward: Bytes,
+        deadline: Duration,
+        started: Instant,
+        forwarded: &mut Forwarded,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = &routed.route;
+        let left = deadline.saturating_sub(started.elapsed());
+        let sent = Instant::now();
+        let resp = self
+            .send(
+                Request::from_parts(parts, ()),
+                upstream::Payload::Full(forward),
+                route,
+                &a.request_id,
+                Some(left),
+                a.span.as_ref(),
+            )
+            .await
+            .map_err(|e| match e {
+                // Report the caller's whole budget, not what was left of it.
+                ProxyError::Deadline(_) => ProxyError::Deadline(deadline),
+                e => e,
+            })?;
+        let (parts, body) = resp.into_parts();
+        let collected = Limited::new(body, self.limits.max_message_bytes)
+            .collect()
+            .await
+            .map_err(|e| match upstream::StreamFailure::of(&*e) {
+                upstream::StreamFailure::Broken => ProxyError::UpstreamBody {
+                    endpoint: route.endpoint.clone(),
+                    model: route.model.clone(),
+                    version: route.version,
+                    reason: upstream::describe(&*e),
+                },
+                failure => ProxyError::failed(route, failure),
+            });
+        let collected = match collected {
+            // An upstream that cancels the call at the deadline we passed on.
+            Err(e) if ran_out(e.code(), started, deadline) => {
+                return Err(ProxyError::Deadline(deadline))
+            }
+            other => other?,
+        };
+        forwarded.upstream_latency = Some(sent.elapsed());
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes();
+        let code = trailers
+            .as_ref()
+            .and_then(status::code_from_headers)
+            .or_else(|| status::code_from_headers(&parts.headers));
+        if ran_out(code, started, deadline) {
+            return Err(ProxyError::Deadline(deadline));
+        }
+        if code == Some(Code::Ok) && a.call == Call::Infer {
+            forwarded.size += data.len();
+            forwarded.response = a.protocol.message(&data).ok();
+        }
+        Ok(Response::from_parts(parts, unary_body(data, trailers)))
+    }
+
     /// Reads and discards, in the background, the rest of the request body of a call modelgate
     /// answers early (shed, refused) — the answer itself leaves at once. Dropping the body unread
     /// would make HTTP/2 reset the stream, and the client's DATA frames still on the way would
@@ -975,50 +1170,53 @@ impl Proxy {
         });
     }
 
-    /// The route of a pass-through call, from `x-model-name` or the default model.
-    fn pass_through_route(
+    /// Any other call (and the protocol's calls that name no model): routed by `x-model-name`
+    /// or the default model, without reading the body.
+    fn route_pass_through(
         &self,
-        headers: &HeaderMap,
-        ex: &mut Exchange,
-        request_id: &str,
-    ) -> Result<Arc<Route>, ProxyError> {
-        let model = match headers.get(MODEL_HEADER) {
+        a: &Admitted,
+        req: Request<Incoming>,
+    ) -> Result<(Subject, Routed, Inbound), Box<Unrouted>> {
+        let (parts, body) = req.into_parts();
+        let model = match parts.headers.get(MODEL_HEADER) {
             Some(v) => v
                 .to_str()
-                .map_err(|_| ProxyError::BadModelHeader)?
-                .to_string(),
+                .map(str::to_string)
+                .map_err(|_| ProxyError::BadModelHeader),
             None => self
                 .routing
                 .load()
                 .default_model()
-                .ok_or(ProxyError::NoModel)?
-                .to_string(),
+                .map(str::to_string)
+                .ok_or(ProxyError::NoModel),
         };
-        self.decide(&model, "", headers, None, request_id, ex)
+        let (subject, routed) = match model {
+            Ok(model) => self.decide(a, &model, "", &parts.headers, None),
+            Err(e) => (Subject::default(), Err(e)),
+        };
+        match routed {
+            Ok(routed) => Ok((subject, routed, Inbound::PassThrough(parts, body))),
+            Err(e) => {
+                self.drain(body);
+                Err(Unrouted::new(subject, 0, e))
+            }
+        }
     }
 
-    async fn pass_through(
+    /// A pass-through call, routed: streamed both ways untouched (copied as it passes when a
+    /// shadow takes it).
+    async fn forward_pass_through(
         &self,
-        req: Request<Incoming>,
-        ex: &mut Exchange,
-        request_id: &str,
-    ) -> Result<Response<Body>, ProxyError> {
-        let route = match self.pass_through_route(req.headers(), ex, request_id) {
-            Ok(route) => route,
-            Err(e) => {
-                self.drain(req.into_body());
-                return Err(e);
-            }
-        };
-        let deadline = Self::caller_deadline(req.headers());
-        let (parts, body) = req.into_parts();
-        let body = if ex
-            .shadows
-            .as_ref()
-            .is_some_and(|(_, taken)| !taken.is_empty())
-        {
+        a: &Admitted,
+        routed: &Routed,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> (Forwarded, Result<Response<Body>, ProxyError>) {
+        let mut forwarded = Forwarded::default();
+        let deadline = Self::caller_deadline(&parts.headers);
+        let body = if routed.copied() {
             let (request, response) = (body::TeeSlot::default(), body::TeeSlot::default());
-            ex.tee = Some((request.clone(), response, parts.headers.clone()));
+            forwarded.copy = Some(Copy::Tee(request.clone(), response, parts.headers.clone()));
             Body::new(body::Tee::new(body, self.limits.max_message_bytes, request))
         } else {
             Body::new(body)
@@ -1027,10 +1225,10 @@ impl Proxy {
         let send = self.send(
             Request::from_parts(parts, ()),
             upstream::Payload::Stream(body),
-            &route,
-            request_id,
+            &routed.route,
+            &a.request_id,
             deadline,
-            ex.span.as_ref(),
+            a.span.as_ref(),
         );
         let resp = match deadline {
             Some(d) => tokio::time::timeout(d, send)
@@ -1039,8 +1237,9 @@ impl Proxy {
             None => send.await,
         };
         // For a stream, the time until the upstream's response headers.
-        ex.upstream_latency = Some(sent.elapsed());
-        Ok(self.rescued(&route, resp?))
+        forwarded.upstream_latency = Some(sent.elapsed());
+        let result = resp.map(|resp| self.rescued(&routed.route, resp));
+        (forwarded, result)
     }
 
     /// A streamed answer that ends with a gRPC status when its upstream fails midway (see
@@ -1149,49 +1348,6 @@ fn ran_out(code: Option<Code>, since: Instant, deadline: Duration) -> bool {
     matches!(code, Some(Code::DeadlineExceeded | Code::Cancelled)) && since.elapsed() >= deadline
 }
 
-/// Where `ModelInferRequest` names its model and version (`model_name` = 1, `model_version` = 2).
-const INFER_FIELDS: (u32, Option<u32>) = (1, Some(2));
-
-/// The string fields to write into a request so that the backend understands it: the route's
-/// backend model name (when it has one and the caller named another), and the version — a
-/// caller's `model_version` names one of modelgate's versions, so the backend gets that version's
-/// backend version, or none when it has none registered. Empty when the request is right as it is.
-fn backend_edits<'r>(
-    route: &'r Route,
-    (name_field, version_field): (u32, Option<u32>),
-    name: &str,
-    version: &str,
-) -> Vec<(u32, &'r str)> {
-    let mut edits = Vec::new();
-    if let Some(b) = route.backend_model.as_deref().filter(|b| *b != name) {
-        edits.push((name_field, b));
-    }
-    if let Some(field) = version_field {
-        let backend = route.backend_version.as_deref().unwrap_or("");
-        if backend != version {
-            edits.push((field, backend));
-        }
-    }
-    edits
-}
-
-/// `msg` with `edits` written in.
-fn rewrite_fields(
-    msg: &[u8],
-    edits: &[(u32, &str)],
-    message: &'static str,
-) -> Result<Bytes, ProxyError> {
-    wire::set_string_fields(msg, edits).map_err(|error| ProxyError::Wire { message, error })
-}
-
-/// Decodes a `ModelInferRequest`.
-fn decode_infer(msg: Bytes) -> Result<ModelInferRequest, ProxyError> {
-    ModelInferRequest::decode(msg).map_err(|error| ProxyError::Decode {
-        message: "inference.ModelInferRequest",
-        error,
-    })
-}
-
 enum ReadError {
     TooLarge,
     Body(String),
@@ -1212,19 +1368,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// come by the tens of thousands per second and a drain that cannot start resets a stream; a
 /// drain task holds no more than a task's memory (the body is discarded as it is read).
 const MAX_DRAINING: usize = 16_384;
-
-/// A successful unary gRPC response that modelgate answers itself.
-fn local_unary<M: Message>(msg: &M) -> Response<Body> {
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    let body = Full::new(body::frame(msg)).with_trailers(async move { Some(Ok(trailers)) });
-    let mut resp = Response::new(Body::new(body));
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    resp
-}
 
 /// The body of an upstream's unary answer read whole, to forward: the data and trailers as they
 /// came. An answer that ended with its headers (a trailers-only error: the status is in the
@@ -1326,38 +1469,5 @@ mod tests {
         let generated = request_id(&h);
         let id = uuid::Uuid::parse_str(&generated).unwrap();
         assert_eq!(id.get_version_num(), 7);
-    }
-
-    #[test]
-    fn backends_get_their_own_name_and_version() {
-        let mut route = Route {
-            model: "iris".into(),
-            version: 1,
-            version_label: "1".into(),
-            endpoint: "http://h:1".into(),
-            backend_model: None,
-            backend_version: None,
-            prediction: Default::default(),
-            feature_names: Default::default(),
-            metrics: Default::default(),
-        };
-        assert!(backend_edits(&route, INFER_FIELDS, "iris", "").is_empty());
-        // A version the caller named is modelgate's: without a backend version, none is sent.
-        assert_eq!(
-            backend_edits(&route, INFER_FIELDS, "iris", "1"),
-            vec![(2, "")]
-        );
-        route.backend_model = Some("iris_onnx".into());
-        route.backend_version = Some("v3".into());
-        assert_eq!(
-            backend_edits(&route, INFER_FIELDS, "iris", "1"),
-            vec![(1, "iris_onnx"), (2, "v3")]
-        );
-        assert!(backend_edits(&route, INFER_FIELDS, "iris_onnx", "v3").is_empty());
-        // Repository calls have no version field.
-        assert_eq!(
-            backend_edits(&route, (2, None), "iris", ""),
-            vec![(2, "iris_onnx")]
-        );
     }
 }

@@ -4,12 +4,9 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tonic::{body::Body, Code, Status};
+use tonic::{Code, Status};
 
-/// A trailers-only gRPC error response carrying `status`.
-pub fn error_response(status: Status) -> http::Response<Body> {
-    status.into_http()
-}
+pub use crate::protocol::grpc::error_response;
 
 /// `status` as a trailers block (grpc-status, grpc-message, grpc-status-details-bin).
 pub fn trailers(status: Status) -> HeaderMap {

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
@@ -27,139 +27,216 @@ use hyper::body::Incoming;
 use tonic::{body::Body, Code};
 
 use super::{
-    backend_edits, body, decode_infer, status, upstream, wire, Exchange, Proxy, ProxyError,
-    INFER_FIELDS,
+    body, status, upstream, Admitted, Forwarded, Inbound, Proxy, ProxyError, Routed, Subject,
+    Unrouted,
 };
-use crate::pb::inference::ModelInferRequest;
+use crate::protocol::{Call, InferRequest, Protocol, ProtocolError};
 use crate::recorder::{RawRecord, Recorder};
 use crate::routing::Route;
 
 /// The gRPC path of the call.
 const METHOD: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 
+/// A stream whose first message has arrived and named the model it was routed by.
+pub(super) struct Opened {
+    parts: http::request::Parts,
+    frames: Frames,
+    incoming: Incoming,
+    /// The first message, and its request decoded.
+    first: Bytes,
+    request: Arc<dyn InferRequest>,
+    /// The unit id the stream's inferences are recorded with.
+    unit_id: Option<String>,
+    /// The caller's deadline, if any (until the upstream's response headers), and its start.
+    deadline: Option<Duration>,
+    started: Instant,
+}
+
 impl Proxy {
-    /// `ModelStreamInfer`: waits for the first message, routes the stream by the model it names,
-    /// then relays both ways, recording every inference.
-    pub(super) async fn oip_stream(
+    /// `ModelStreamInfer`, stage 2: waits for the first message and routes the stream by the
+    /// model it names. Streams are not mirrored.
+    pub(super) async fn route_stream(
         &self,
+        a: &Admitted,
         req: Request<Incoming>,
-        ex: &mut Exchange,
-        request_id: &str,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<(Subject, Routed, Inbound), Box<Unrouted>> {
         let deadline = Self::caller_deadline(req.headers());
-        let work = async {
-            let (mut parts, mut incoming) = req.into_parts();
-            // Messages get the backend's name written in: the caller's length no longer holds.
-            parts.headers.remove(http::header::CONTENT_LENGTH);
-            let limit = self.limits.max_message_bytes;
-            let mut frames = Frames::default();
-            // The first message names the model. A stream whose first message is not one
-            // modelgate can read is refused: there is nothing to route it by.
-            let first = loop {
-                match frames.next(limit) {
-                    Next::Message(m) => break m,
-                    Next::Compressed(_) => {
-                        self.drain(incoming);
-                        return Err(ProxyError::Frame(body::FrameError::Compressed));
-                    }
-                    Next::TooLarge => {
-                        self.drain(incoming);
-                        return Err(ProxyError::RequestTooLarge(limit));
-                    }
-                    Next::Incomplete => {}
-                }
-                match incoming.frame().await {
-                    Some(Ok(f)) => {
-                        if let Ok(d) = f.into_data() {
-                            frames.push(d);
-                        }
-                    }
-                    Some(Err(e)) => return Err(ProxyError::ReadRequest(upstream::describe(&e))),
-                    None => return Err(ProxyError::EmptyStream),
-                }
-            };
-            let infer = match decode_infer(first.clone()) {
-                Ok(m) if m.model_name.is_empty() => Err(ProxyError::MissingModel("model_name")),
-                Ok(m) => self
-                    .check_tensors(&m)
-                    .inspect_err(|_| ex.model.clone_from(&m.model_name))
-                    .map(|()| m),
-                Err(e) => Err(e),
-            };
-            let routed = infer.and_then(|m| {
-                let route = self.decide(
-                    &m.model_name,
-                    &m.model_version,
-                    &parts.headers,
-                    Some(&m.parameters),
-                    request_id,
-                    ex,
-                )?;
-                Ok((m, route))
-            });
-            let (infer, route) = match routed {
-                Ok(r) => r,
-                Err(e) => {
-                    self.drain(incoming);
-                    return Err(e);
-                }
-            };
-            // Streams are not mirrored; their inferences are recorded one by one (below), not
-            // as one record of the call.
-            ex.shadows = None;
-            ex.streamed = true;
-            let log = Arc::new(StreamLog {
-                recorder: self.recorder.clone(),
-                unit_key: self.limits.unit_key.clone(),
-                request_id: request_id.to_string(),
-                model: infer.model_name.clone(),
-                route: route.clone(),
-                experiment: ex.experiment.clone(),
-                counted: ex.counted,
-                unit_id: ex.unit_id.clone(),
-                clock: self.clock.clone(),
-                state: Default::default(),
-            });
-            let first = log.request(first, Some(infer));
-            let requests = Requests {
-                first: Some(first),
-                frames,
-                incoming,
-                log: log.clone(),
-                limit,
-                raw: false,
-                done: false,
-            };
-            let sent = Instant::now();
-            let resp = self
-                .send(
-                    Request::from_parts(parts, ()),
-                    upstream::Payload::Stream(Body::new(requests)),
-                    &route,
-                    request_id,
-                    deadline,
-                    ex.span.as_ref(),
-                )
-                .await?;
-            ex.upstream_latency = Some(sent.elapsed());
-            let header_code = status::code_from_headers(resp.headers());
-            Ok(self.rescued(&route, resp).map(|b| {
-                Body::new(Answers {
-                    inner: b,
-                    frames: Frames::default(),
-                    log,
-                    limit,
-                    header_code,
-                    lost: false,
-                })
-            }))
-        };
+        let started = Instant::now();
+        let work = self.open_stream(a, req, deadline, started);
         match deadline {
-            Some(d) => tokio::time::timeout(d, work)
-                .await
-                .unwrap_or(Err(ProxyError::Deadline(d))),
+            Some(d) => tokio::time::timeout(d, work).await.unwrap_or_else(|_| {
+                Err(Unrouted::new(
+                    Subject::default(),
+                    0,
+                    ProxyError::Deadline(d),
+                ))
+            }),
             None => work.await,
         }
+    }
+
+    async fn open_stream(
+        &self,
+        a: &Admitted,
+        req: Request<Incoming>,
+        deadline: Option<Duration>,
+        started: Instant,
+    ) -> Result<(Subject, Routed, Inbound), Box<Unrouted>> {
+        let refused = |e: ProxyError| Unrouted::new(Subject::default(), 0, e);
+        let (mut parts, mut incoming) = req.into_parts();
+        // Messages get the backend's name written in: the caller's length no longer holds.
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        let limit = self.limits.max_message_bytes;
+        let mut frames = Frames::default();
+        // The first message names the model. A stream whose first message is not one
+        // modelgate can read is refused: there is nothing to route it by.
+        let first = loop {
+            match frames.next(limit) {
+                Next::Message(m) => break m,
+                Next::Compressed(_) => {
+                    self.drain(incoming);
+                    return Err(refused(
+                        ProtocolError::Frame(body::FrameError::Compressed).into(),
+                    ));
+                }
+                Next::TooLarge => {
+                    self.drain(incoming);
+                    return Err(refused(ProxyError::RequestTooLarge(limit)));
+                }
+                Next::Incomplete => {}
+            }
+            match incoming.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        frames.push(d);
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(refused(ProxyError::ReadRequest(upstream::describe(&e))))
+                }
+                None => return Err(refused(ProxyError::EmptyStream)),
+            }
+        };
+        let request = match a.protocol.decode_infer(&a.method, first.clone()) {
+            Ok(m) => match m.check(self.limits.max_tensor_elements) {
+                Ok(()) => Ok(m),
+                Err(e) => Err(Unrouted::new(
+                    Subject {
+                        model: m.model().to_string(),
+                        unit_id: None,
+                    },
+                    0,
+                    e,
+                )),
+            },
+            Err(e) => Err(refused(e.into())),
+        };
+        let routed = request.and_then(|m| {
+            let (subject, routed) =
+                self.decide(a, m.model(), m.version(), &parts.headers, Some(&*m));
+            match routed {
+                Ok(routed) => Ok((subject, routed, m)),
+                Err(e) => Err(Unrouted::new(subject, 0, e)),
+            }
+        });
+        let (subject, mut routed, request) = match routed {
+            Ok(r) => r,
+            Err(u) => {
+                self.drain(incoming);
+                return Err(u);
+            }
+        };
+        // Streams are not mirrored; their inferences are recorded one by one (below), not as
+        // one record of the call.
+        routed.shadows = None;
+        let opened = Opened {
+            parts,
+            frames,
+            incoming,
+            first,
+            request,
+            unit_id: subject.unit_id.clone().or_else(|| a.unit_id.clone()),
+            deadline,
+            started,
+        };
+        Ok((subject, routed, Inbound::Stream(opened)))
+    }
+
+    /// `ModelStreamInfer`, stage 3: relays both ways, recording every inference.
+    pub(super) async fn forward_stream(
+        &self,
+        a: &Admitted,
+        routed: &Routed,
+        opened: Opened,
+    ) -> (Forwarded, Result<Response<Body>, ProxyError>) {
+        let mut forwarded = Forwarded::default();
+        let Opened {
+            parts,
+            frames,
+            incoming,
+            first,
+            request,
+            unit_id,
+            deadline,
+            started,
+        } = opened;
+        let route = &routed.route;
+        let limit = self.limits.max_message_bytes;
+        let log = Arc::new(StreamLog {
+            protocol: a.protocol,
+            recorder: self.recorder.clone(),
+            unit_key: self.limits.unit_key.clone(),
+            request_id: a.request_id.clone(),
+            model: request.model().to_string(),
+            route: route.clone(),
+            experiment: routed.experiment.clone(),
+            counted: routed.counted,
+            unit_id,
+            clock: self.clock.clone(),
+            state: Default::default(),
+        });
+        let first = log.request(first, Some(request));
+        let requests = Requests {
+            first: Some(first),
+            frames,
+            incoming,
+            log: log.clone(),
+            limit,
+            raw: false,
+            done: false,
+        };
+        let sent = Instant::now();
+        let send = self.send(
+            Request::from_parts(parts, ()),
+            upstream::Payload::Stream(Body::new(requests)),
+            route,
+            &a.request_id,
+            deadline,
+            a.span.as_ref(),
+        );
+        let resp = match deadline {
+            Some(d) => tokio::time::timeout(d.saturating_sub(started.elapsed()), send)
+                .await
+                .unwrap_or(Err(ProxyError::Deadline(d))),
+            None => send.await,
+        };
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) => return (forwarded, Err(e)),
+        };
+        forwarded.upstream_latency = Some(sent.elapsed());
+        let header_code = status::code_from_headers(resp.headers());
+        let resp = self.rescued(route, resp).map(|b| {
+            Body::new(Answers {
+                inner: b,
+                frames: Frames::default(),
+                log,
+                limit,
+                header_code,
+                lost: false,
+            })
+        });
+        (forwarded, Ok(resp))
     }
 }
 
@@ -217,7 +294,7 @@ struct Pending {
     record_id: String,
     /// The request's own `id` (what a response names).
     id: String,
-    infer: ModelInferRequest,
+    infer: Arc<dyn InferRequest>,
     time_ms: u64,
     sent: Instant,
     size: usize,
@@ -233,6 +310,8 @@ struct LogState {
 
 /// What a stream's inferences are recorded with, and the ones waiting for an answer.
 struct StreamLog {
+    /// Decodes the requests and reads the answers.
+    protocol: &'static dyn Protocol,
     recorder: Arc<Recorder>,
     unit_key: String,
     request_id: String,
@@ -248,47 +327,43 @@ struct StreamLog {
 impl StreamLog {
     /// A request message on its way: remembered for its record when it names the stream's model
     /// (`infer`, if already decoded), and returned framed with the backend's name and version.
-    fn request(&self, msg: Bytes, infer: Option<ModelInferRequest>) -> Bytes {
-        let infer = infer.or_else(|| decode_infer(msg.clone()).ok());
-        let Some(infer) = infer.filter(|m| m.model_name == self.model) else {
+    fn request(&self, msg: Bytes, infer: Option<Arc<dyn InferRequest>>) -> Bytes {
+        let infer = infer.or_else(|| self.protocol.decode_infer(METHOD, msg.clone()).ok());
+        let Some(infer) = infer.filter(|m| m.model() == self.model) else {
             // Another model, or not readable: forwarded as it came, not recorded.
-            return body::frame_bytes(&msg);
+            return self.protocol.body(&msg);
         };
-        let edits = backend_edits(
-            &self.route,
-            INFER_FIELDS,
-            &infer.model_name,
-            &infer.model_version,
-        );
-        let forward = match edits.is_empty() {
-            true => None,
-            false => wire::set_string_fields(&msg, &edits).ok(),
-        };
+        let forward = self
+            .protocol
+            .rewrite(
+                &Call::Stream,
+                &msg,
+                (infer.model(), infer.version()),
+                &self.route,
+            )
+            .ok()
+            .flatten();
         let mut st = self.state.lock();
         st.count += 1;
-        let record_id = match crate::record::validate_request_id(&infer.id) {
-            Ok(()) => infer.id.clone(),
+        let record_id = match crate::record::validate_request_id(infer.id()) {
+            Ok(()) => infer.id().to_string(),
             Err(_) => format!("{}-{}", self.request_id, st.count),
         };
         st.pending.push_back(Pending {
             record_id,
-            id: infer.id.clone(),
+            id: infer.id().to_string(),
             infer,
             time_ms: self.clock.now_ms(),
             sent: Instant::now(),
             size: msg.len(),
         });
-        body::frame_bytes(forward.as_deref().unwrap_or(&msg))
+        self.protocol.body(forward.as_deref().unwrap_or(&msg))
     }
 
     /// An answer (`ModelStreamInferResponse`): records the inference it answers.
     fn answer(&self, msg: &Bytes) {
-        let error = wire::string_field(msg, 1).unwrap_or_default();
-        let response = wire::message_field(msg, 2).ok().flatten();
-        let id = response
-            .as_ref()
-            .and_then(|r| wire::string_field(r, 3).ok())
-            .unwrap_or_default();
+        let answer = self.protocol.stream_answer(msg);
+        let id = answer.id;
         let pending = {
             let mut st = self.state.lock();
             let at = match id.is_empty() {
@@ -302,9 +377,9 @@ impl StreamLog {
         };
         if let Some(p) = pending {
             // Triton reports a failed inference in the message, not as a status: UNKNOWN.
-            match error.is_empty() {
-                true => self.record(p, Code::Ok, response),
-                false => self.record(p, Code::Unknown, None),
+            match answer.failed {
+                false => self.record(p, Code::Ok, answer.response),
+                true => self.record(p, Code::Unknown, None),
             }
         }
     }
@@ -334,7 +409,7 @@ impl StreamLog {
         let unit_id = self
             .unit_id
             .clone()
-            .or_else(|| crate::record::parameter(&p.infer.parameters, &self.unit_key));
+            .or_else(|| p.infer.parameter(&self.unit_key));
         let latency = p.sent.elapsed();
         self.recorder.submit(RawRecord {
             request_id: p.record_id,
@@ -352,7 +427,7 @@ impl StreamLog {
             status: code as i32,
             upstream_latency: Some(latency),
             latency,
-            infer: Some(p.infer),
+            request: Some(p.infer),
             size: p.size + response.as_ref().map_or(0, Bytes::len),
             response,
         });

@@ -1,0 +1,366 @@
+//! The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, KServe v2 and
+//! Triton): the first [`Protocol`].
+//!
+//! `ModelInfer` requests are decoded whole (prost) on the request path — the model and version
+//! they name route them — and kept as they are for the record writer, which decodes their tensors
+//! (`crate::oip`). The other calls that name a model are read and rewritten at the wire level
+//! (`super::wire`), field by field, so that fields modelgate's protos do not declare survive.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use tonic::{body::Body, Status};
+
+use super::grpc::{error_response, frame_bytes, unary_message, unary_response};
+use super::{
+    wire, Call, InferAnswer, InferRequest, Inputs, ModelCall, Named, Outputs, Protocol,
+    ProtocolError, ServerCall, StreamAnswer, Wanted,
+};
+use crate::oip;
+use crate::pb::inference::{
+    ModelInferRequest, ModelInferResponse, ServerLiveResponse, ServerMetadataResponse,
+    ServerReadyResponse,
+};
+use crate::routing::Route;
+
+/// gRPC path prefix of the Open Inference Protocol service.
+pub const OIP_PREFIX: &str = "/inference.GRPCInferenceService/";
+
+/// The request message of `ModelInfer`.
+const INFER_MESSAGE: &str = "inference.ModelInferRequest";
+
+/// Where `ModelInferRequest` names its model and version (`model_name` = 1, `model_version` = 2).
+const INFER_FIELDS: (u32, Option<u32>) = (1, Some(2));
+
+const fn named(message: &'static str, version: bool) -> ModelCall {
+    ModelCall {
+        message,
+        name: "name",
+        optional: false,
+        fields: (1, if version { Some(2) } else { None }),
+    }
+}
+
+const fn repository(message: &'static str) -> ModelCall {
+    ModelCall {
+        message,
+        name: "model_name",
+        optional: false,
+        fields: (2, None),
+    }
+}
+
+/// The Open Inference Protocol over gRPC.
+#[derive(Debug)]
+pub struct OipGrpc;
+
+/// The OIP gRPC protocol.
+pub static OIP_GRPC: OipGrpc = OipGrpc;
+
+impl Protocol for OipGrpc {
+    fn name(&self) -> &'static str {
+        "oip-grpc"
+    }
+
+    fn classify(&self, path: &str) -> Option<Call> {
+        let method = path.strip_prefix(OIP_PREFIX)?;
+        Some(match method {
+            "ModelInfer" => Call::Infer,
+            "ModelMetadata" => Call::Model(named("inference.ModelMetadataRequest", true)),
+            "ModelReady" => Call::Model(named("inference.ModelReadyRequest", true)),
+            "ModelConfig" => Call::Model(named("inference.ModelConfigRequest", true)),
+            "ModelStatistics" => Call::Model(named("inference.ModelStatisticsRequest", true)),
+            "RepositoryModelLoad" => {
+                Call::Model(repository("inference.RepositoryModelLoadRequest"))
+            }
+            "RepositoryModelUnload" => {
+                Call::Model(repository("inference.RepositoryModelUnloadRequest"))
+            }
+            // Trace settings name a model, or none for the server's own.
+            "TraceSetting" => Call::Model(ModelCall {
+                optional: true,
+                ..repository("inference.TraceSettingRequest")
+            }),
+            "ModelStreamInfer" => Call::Stream,
+            "ServerLive" => Call::Server(ServerCall::Live),
+            "ServerReady" => Call::Server(ServerCall::Ready),
+            "ServerMetadata" => Call::Server(ServerCall::Metadata),
+            // RepositoryIndex, shared memory, LogSettings, and whatever Triton adds later.
+            _ => Call::Unnamed,
+        })
+    }
+
+    fn message(&self, body: &Bytes) -> Result<Bytes, ProtocolError> {
+        Ok(unary_message(body)?)
+    }
+
+    fn body(&self, msg: &[u8]) -> Bytes {
+        frame_bytes(msg)
+    }
+
+    fn decode_infer(
+        &self,
+        _path: &str,
+        msg: Bytes,
+    ) -> Result<Arc<dyn InferRequest>, ProtocolError> {
+        let m = ModelInferRequest::decode(msg).map_err(|error| ProtocolError::Decode {
+            message: INFER_MESSAGE,
+            error,
+        })?;
+        if m.model_name.is_empty() {
+            return Err(ProtocolError::MissingModel("model_name"));
+        }
+        Ok(Arc::new(OipRequest(m)))
+    }
+
+    fn named(&self, call: &ModelCall, _path: &str, msg: &[u8]) -> Result<Named, ProtocolError> {
+        let invalid = |error| ProtocolError::Wire {
+            message: call.message,
+            error,
+        };
+        let (name_field, version_field) = call.fields;
+        Ok(Named {
+            model: wire::string_field(msg, name_field).map_err(invalid)?,
+            version: match version_field {
+                Some(f) => wire::string_field(msg, f).map_err(invalid)?,
+                None => String::new(),
+            },
+        })
+    }
+
+    fn rewrite(
+        &self,
+        call: &Call,
+        msg: &[u8],
+        (model, version): (&str, &str),
+        route: &Route,
+    ) -> Result<Option<Bytes>, ProtocolError> {
+        let (message, fields) = match call {
+            Call::Infer | Call::Stream => (INFER_MESSAGE, INFER_FIELDS),
+            // A call that named no model went to the default model as it is.
+            Call::Model(m) if !model.is_empty() => (m.message, m.fields),
+            _ => return Ok(None),
+        };
+        let edits = backend_edits(route, fields, model, version);
+        if edits.is_empty() {
+            return Ok(None);
+        }
+        wire::set_string_fields(msg, &edits)
+            .map(Some)
+            .map_err(|error| ProtocolError::Wire { message, error })
+    }
+
+    fn read_answer(&self, msg: &Bytes) -> Result<Box<dyn InferAnswer>, String> {
+        ModelInferResponse::decode(msg.clone())
+            .map(|r| Box::new(OipAnswer(r)) as Box<dyn InferAnswer>)
+            .map_err(|e| format!("the answer is not a ModelInferResponse: {e}"))
+    }
+
+    /// A `ModelStreamInferResponse`: `error_message` (1) and `infer_response` (2), whose `id`
+    /// (3) names the request; read at the wire level, as the answer passes.
+    fn stream_answer(&self, msg: &Bytes) -> StreamAnswer {
+        let response = wire::message_field(msg, 2).ok().flatten();
+        StreamAnswer {
+            failed: !wire::string_field(msg, 1).unwrap_or_default().is_empty(),
+            id: response
+                .as_ref()
+                .and_then(|r| wire::string_field(r, 3).ok())
+                .unwrap_or_default(),
+            response,
+        }
+    }
+
+    fn server_response(&self, call: ServerCall, ready: bool) -> http::Response<Body> {
+        match call {
+            ServerCall::Live => unary_response(&ServerLiveResponse { live: true }),
+            ServerCall::Ready => unary_response(&ServerReadyResponse { ready }),
+            ServerCall::Metadata => unary_response(&ServerMetadataResponse {
+                name: "modelgate".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                extensions: vec![],
+            }),
+        }
+    }
+
+    fn error_response(&self, status: Status) -> http::Response<Body> {
+        error_response(status)
+    }
+}
+
+/// The string fields to write into a request so that the backend understands it: the route's
+/// backend model name (when it has one and the caller named another), and the version — a
+/// caller's `model_version` names one of modelgate's versions, so the backend gets that version's
+/// backend version, or none when it has none registered. Empty when the request is right as it is.
+fn backend_edits<'r>(
+    route: &'r Route,
+    (name_field, version_field): (u32, Option<u32>),
+    name: &str,
+    version: &str,
+) -> Vec<(u32, &'r str)> {
+    let mut edits = Vec::new();
+    if let Some(b) = route.backend_model.as_deref().filter(|b| *b != name) {
+        edits.push((name_field, b));
+    }
+    if let Some(field) = version_field {
+        let backend = route.backend_version.as_deref().unwrap_or("");
+        if backend != version {
+            edits.push((field, backend));
+        }
+    }
+    edits
+}
+
+/// A decoded `ModelInferRequest`.
+#[derive(Debug)]
+pub struct OipRequest(pub ModelInferRequest);
+
+impl InferRequest for OipRequest {
+    fn protocol(&self) -> &'static dyn Protocol {
+        &OIP_GRPC
+    }
+
+    fn model(&self) -> &str {
+        &self.0.model_name
+    }
+
+    fn version(&self) -> &str {
+        &self.0.model_version
+    }
+
+    fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    fn parameter(&self, key: &str) -> Option<String> {
+        oip::parameter(&self.0.parameters, key)
+    }
+
+    fn check(&self, max_elements: usize) -> Result<(), ProtocolError> {
+        self.0
+            .inputs
+            .iter()
+            .try_for_each(|t| oip::check_shape(&t.name, &t.shape, max_elements))
+            .map_err(ProtocolError::Tensor)
+    }
+
+    fn inputs(&self, max_elements: usize) -> Result<Inputs, String> {
+        inputs(&self.0, max_elements)
+    }
+}
+
+/// A decoded `ModelInferResponse`.
+struct OipAnswer(ModelInferResponse);
+
+impl InferAnswer for OipAnswer {
+    fn outputs(&self, wanted: Wanted<'_>, max_elements: usize) -> Result<Outputs, String> {
+        outputs(&self.0, wanted, max_elements)
+    }
+}
+
+/// The inputs of a `ModelInferRequest`: its tensors decoded, its parameters as text.
+pub fn inputs(req: &ModelInferRequest, max_elements: usize) -> Result<Inputs, String> {
+    Ok(Inputs {
+        tensors: oip::request_inputs(req, max_elements).map_err(|e| e.to_string())?,
+        parameters: oip::parameters(&req.parameters),
+    })
+}
+
+/// The outputs of a `ModelInferResponse` that are `wanted`, decoded.
+pub fn outputs(
+    resp: &ModelInferResponse,
+    wanted: Wanted<'_>,
+    max_elements: usize,
+) -> Result<Outputs, String> {
+    let tensors = match wanted {
+        Wanted::All => oip::response_outputs(resp, max_elements),
+        Wanted::One(name) => oip::response_output(resp, name, max_elements).map(Vec::from_iter),
+    };
+    Ok(Outputs {
+        tensors: tensors.map_err(|e| e.to_string())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(path: &str) -> Call {
+        super::super::classify(path).1
+    }
+
+    #[test]
+    fn paths_classify() {
+        assert_eq!(
+            classify("/inference.GRPCInferenceService/ModelInfer"),
+            Call::Infer
+        );
+        assert!(matches!(
+            classify("/inference.GRPCInferenceService/ModelReady"),
+            Call::Model(ModelCall {
+                fields: (1, Some(2)),
+                ..
+            })
+        ));
+        assert!(matches!(
+            classify("/inference.GRPCInferenceService/RepositoryModelLoad"),
+            Call::Model(ModelCall {
+                fields: (2, None),
+                optional: false,
+                ..
+            })
+        ));
+        assert_eq!(
+            classify("/inference.GRPCInferenceService/RepositoryIndex"),
+            Call::Unnamed
+        );
+        assert_eq!(
+            classify("/inference.GRPCInferenceService/ServerLive"),
+            Call::Server(ServerCall::Live)
+        );
+        assert_eq!(
+            classify("/inference.GRPCInferenceService/ModelStreamInfer"),
+            Call::Stream
+        );
+        assert_eq!(classify("/grpc.health.v1.Health/Check"), Call::Local);
+        assert_eq!(
+            classify("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Call::Local
+        );
+        assert_eq!(classify("/pkg.Svc/Method"), Call::PassThrough);
+        assert_eq!(classify("/"), Call::PassThrough);
+    }
+
+    #[test]
+    fn backends_get_their_own_name_and_version() {
+        let mut route = Route {
+            model: "iris".into(),
+            version: 1,
+            version_label: "1".into(),
+            endpoint: "http://h:1".into(),
+            backend_model: None,
+            backend_version: None,
+            prediction: Default::default(),
+            feature_names: Default::default(),
+            metrics: Default::default(),
+        };
+        assert!(backend_edits(&route, INFER_FIELDS, "iris", "").is_empty());
+        // A version the caller named is modelgate's: without a backend version, none is sent.
+        assert_eq!(
+            backend_edits(&route, INFER_FIELDS, "iris", "1"),
+            vec![(2, "")]
+        );
+        route.backend_model = Some("iris_onnx".into());
+        route.backend_version = Some("v3".into());
+        assert_eq!(
+            backend_edits(&route, INFER_FIELDS, "iris", "1"),
+            vec![(1, "iris_onnx"), (2, "v3")]
+        );
+        assert!(backend_edits(&route, INFER_FIELDS, "iris_onnx", "v3").is_empty());
+        // Repository calls have no version field.
+        assert_eq!(
+            backend_edits(&route, (2, None), "iris", ""),
+            vec![(2, "iris_onnx")]
+        );
+    }
+}
