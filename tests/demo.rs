@@ -3,20 +3,27 @@
 
 use std::process::Command;
 
-#[test]
-fn the_demo_shows_the_experiment_shadow_drift_and_retrain_trigger() {
+/// Runs `modelgate demo` with `args`; it must exit 0. Its standard output.
+fn demo(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-        .args(["demo", "--requests", "3000"])
+        .arg("demo")
+        .args(args)
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "demo failed ({}):\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_demo_shows_the_experiment_shadow_drift_and_retrain_trigger() {
+    let stdout = demo(&["--requests", "3000"]);
     for expected in [
         // Version 2 is the better model, the split is 50/50, and outcomes show it.
         "the difference is significant",
@@ -59,18 +66,7 @@ fn the_fleet_demo_spreads_traffic_over_three_replicas_and_reads_one_fleet() {
         eprintln!("skipped: redis-server is not installed");
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-        .args(["demo", "--replicas", "3", "--requests", "1200"])
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = demo(&["--replicas", "3", "--requests", "1200"]);
     for expected in [
         "modelgate replica 1:",
         "modelgate replica 3:",

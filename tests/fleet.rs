@@ -60,6 +60,35 @@ async fn until_served(mg: &Running, version: &str, limit: Duration) -> Duration 
     }
 }
 
+/// Registers `endpoint` as the next version of `model`, its prediction read as the threshold at
+/// 0.5 of the output `probabilities` (labels `positive` / `negative`).
+async fn register_scored(
+    control: std::net::SocketAddr,
+    model: &str,
+    endpoint: &str,
+    (positive, negative): (&str, &str),
+) {
+    registry(control)
+        .await
+        .register_model_version(pb::RegisterModelVersionRequest {
+            model: model.into(),
+            endpoint: endpoint.into(),
+            prediction: Some(pb::PredictionSpec {
+                kind: Some(pb::prediction_spec::Kind::Threshold(
+                    pb::ThresholdPrediction {
+                        output: "probabilities".into(),
+                        threshold: 0.5,
+                        positive_label: positive.into(),
+                        negative_label: negative.into(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// The value of an unlabelled gauge on a /metrics page.
 fn gauge(page: &str, name: &str) -> f64 {
     page.lines()
@@ -303,27 +332,10 @@ mod equality {
     /// Versions 1 (production) and 2, an experiment on half the users, a shadow of 2 on the
     /// other half — set up through `mg`.
     async fn configure(mg: &Running, a: &str, b: &str) {
-        let mut reg = registry(mg.control_addr).await;
         for endpoint in [a, b] {
-            reg.register_model_version(pb::RegisterModelVersionRequest {
-                model: "m".into(),
-                endpoint: endpoint.into(),
-                prediction: Some(pb::PredictionSpec {
-                    kind: Some(pb::prediction_spec::Kind::Threshold(
-                        pb::ThresholdPrediction {
-                            output: "probabilities".into(),
-                            threshold: 0.5,
-                            positive_label: "1".into(),
-                            negative_label: "0".into(),
-                        },
-                    )),
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            register_scored(mg.control_addr, "m", endpoint, ("1", "0")).await;
         }
-        promote(&mut reg, "m", "1").await;
+        promote(&mut registry(mg.control_addr).await, "m", "1").await;
         ExperimentsClient::new(channel(mg.control_addr).await)
             .create_experiment(pb::CreateExperimentRequest {
                 name: "homepage".into(),
@@ -651,25 +663,8 @@ async fn fleet_stub_memory() {
     let ms = model_server("name=iris;kind=logistic;weights=1,2;bias=0").await;
     let dir = tempfile::tempdir().unwrap();
     let mg = replica(&dir, &redis.url()).await;
-    let mut reg = registry(mg.control_addr).await;
-    reg.register_model_version(pb::RegisterModelVersionRequest {
-        model: "iris".into(),
-        endpoint: ms.endpoint(),
-        prediction: Some(pb::PredictionSpec {
-            kind: Some(pb::prediction_spec::Kind::Threshold(
-                pb::ThresholdPrediction {
-                    output: "probabilities".into(),
-                    threshold: 0.5,
-                    positive_label: "fraud".into(),
-                    negative_label: "legit".into(),
-                },
-            )),
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    promote(&mut reg, "iris", "1").await;
+    register_scored(mg.control_addr, "iris", &ms.endpoint(), ("fraud", "legit")).await;
+    promote(&mut registry(mg.control_addr).await, "iris", "1").await;
     let used_memory = |redis: &RedisServer| -> f64 {
         redis
             .cli(&["info", "memory"])
@@ -745,25 +740,8 @@ mod outages {
     pub const SCORED: &str = "name=iris;kind=logistic;weights=1,-1;bias=0";
 
     pub async fn register_scored(mg_control: SocketAddr, endpoint: &str) {
-        let mut reg = registry(mg_control).await;
-        reg.register_model_version(pb::RegisterModelVersionRequest {
-            model: "iris".into(),
-            endpoint: endpoint.into(),
-            prediction: Some(pb::PredictionSpec {
-                kind: Some(pb::prediction_spec::Kind::Threshold(
-                    pb::ThresholdPrediction {
-                        output: "probabilities".into(),
-                        threshold: 0.5,
-                        positive_label: "1".into(),
-                        negative_label: "0".into(),
-                    },
-                )),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        promote(&mut reg, "iris", "1").await;
+        super::register_scored(mg_control, "iris", endpoint, ("1", "0")).await;
+        promote(&mut registry(mg_control).await, "iris", "1").await;
     }
 
     /// The real binary in fleet mode; its data and control addresses.

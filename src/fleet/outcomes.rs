@@ -193,7 +193,9 @@ impl FleetRecords {
         };
         let flusher = StubFlusher {
             redis,
-            script_sha: redis::Script::new(super::features::NEWEST_WINS).get_hash().to_string(),
+            script_sha: redis::Script::new(super::features::NEWEST_WINS)
+                .get_hash()
+                .to_string(),
             script_loaded: AtomicBool::new(false),
             rx,
             window,
@@ -479,10 +481,7 @@ impl StubFlusher {
                     }
                     Outgoing::Features(k, values) => {
                         cmd = redis::cmd("EVALSHA");
-                        cmd.arg(sha)
-                            .arg(1)
-                            .arg(k)
-                            .arg(feature_ttl);
+                        cmd.arg(sha).arg(1).arg(k).arg(feature_ttl);
                         for (f, v) in values {
                             cmd.arg(f).arg(v.as_slice());
                         }
