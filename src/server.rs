@@ -30,7 +30,7 @@ use crate::proxy::upstream::{UpstreamSettings, UpstreamTls};
 use crate::proxy::{self, Limits, Proxy, ServerSettings};
 use crate::recorder::{Recorder, RecorderSettings};
 use crate::storage::faults::Faults;
-use crate::storage::{self, Storage, StoreHealth};
+use crate::storage::{self, Storage, StoreError, StoreHealth};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -314,6 +314,9 @@ struct Core {
     plane: Arc<ControlPlane>,
     monitor: Arc<Monitor>,
     recorder: Arc<Recorder>,
+    /// The state file could not be applied at start (fleet mode, Redis away): its watcher
+    /// applies it once Redis answers.
+    state_file_pending: bool,
 }
 
 /// Loads the control plane and starts the event bus, the drift monitor and the record writer
@@ -343,10 +346,23 @@ async fn build_core(
     // Declared state is applied before anything reads the registry and before the data port
     // serves, so the first request is routed by it. The data port is bound already, but nothing
     // accepts from it yet: early connections wait in the backlog.
+    let mut state_file_pending = false;
     if let (Some(path), Some(loaded)) = (&config.state_file, declared) {
-        crate::declare::apply(&plane, path, loaded)
-            .await
-            .with_context(|| format!("cannot apply --state-file {}", path.display()))?;
+        match crate::declare::apply(&plane, path, loaded).await {
+            Ok(_) => {}
+            // Fleet mode with Redis away: the replica serves the configuration it saw last, and
+            // the file's watcher applies it as soon as Redis answers (docs/fleet.md).
+            Err(crate::declare::ApplyError::Control(crate::app::control::ControlError::Store(
+                StoreError::Unavailable(e),
+            ))) if config.fleet.is_some() => {
+                tracing::warn!(file = %path.display(), error = %e, "the state file will be applied when the fleet store answers");
+                state_file_pending = true;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot apply --state-file {}", path.display())))
+            }
+        }
     }
     let monitor = Monitor::start(
         config.drift.clone(),
@@ -387,6 +403,7 @@ async fn build_core(
             plane,
             monitor,
             recorder,
+            state_file_pending,
         },
         writer,
     ))
@@ -649,7 +666,12 @@ fn watch_state_file(
         core.plane.clone(),
         path,
         config.state_poll_interval,
-        loaded.sha256,
+        // Not applied yet: any content counts as new.
+        if core.state_file_pending {
+            String::new()
+        } else {
+            loaded.sha256
+        },
         stopped(stop_rx.clone()),
     )))
 }

@@ -1083,3 +1083,36 @@ async fn rediss_with_a_private_ca() {
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     mg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_file_is_applied_once_redis_answers() {
+    if !r::available() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let ms = model_server(MODEL).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[models]]\nname = \"iris\"\n  [[models.versions]]\n  key = \"v1\"\n  endpoint = \"{}\"\n  stage = \"production\"\n",
+            ms.endpoint()
+        ),
+    )
+    .unwrap();
+    // Redis is away when the replica starts: it starts anyway, serving what it saw last (nothing).
+    redis.kill();
+    let mut config = fleet_config(&dir.path().join("data"), &redis.url());
+    config.state_file = Some(file);
+    config.state_poll_interval = Duration::from_millis(50);
+    let mg = start_with(config).await;
+    assert_eq!(served(&mg).await, Err(Code::NotFound));
+    // Redis returns: the watcher applies the file through the fleet's configuration.
+    redis.restart();
+    until_served(&mg, "1", Duration::from_secs(5)).await;
+    assert!(redis
+        .cli(&["hexists", "mg:test:config", "version/iris/1"])
+        .starts_with('1'));
+    mg.shutdown().await;
+}
