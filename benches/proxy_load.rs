@@ -837,7 +837,7 @@ fn main() {
                     .arg(dir.path()),
             );
             wait_for(addr).await;
-            _others.push(p);
+            let redis = p;
             let url = format!("redis://{addr}");
             let (p, data, control) = modelgate(
                 &dir.path().join("fleet"),
@@ -852,6 +852,8 @@ fn main() {
                 pid: Some(p.0.id()),
             });
             _others.push(p);
+            // Stopped after the modelgate that uses it.
+            _others.push(redis);
             redis_port = Some(addr.port());
         }
 
