@@ -43,39 +43,6 @@ async fn drift_client(mg: &modelgate::server::Running) -> DriftClient<Channel> {
     DriftClient::new(channel(mg.control_addr).await)
 }
 
-/// A webhook receiver: every POSTed body, as JSON.
-async fn webhook_receiver() -> (
-    String,
-    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
-) {
-    use http_body_util::BodyExt;
-    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let tx = tx.clone();
-                        async move {
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let _ = tx.send(serde_json::from_slice(&body).unwrap());
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Empty::<bytes::Bytes>::new(),
-                            ))
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    (format!("http://{addr}/hook"), rx)
-}
-
 async fn next_event(stream: &mut tonic::Streaming<pb::Event>) -> pb::Event {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await

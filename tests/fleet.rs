@@ -1116,3 +1116,43 @@ async fn a_state_file_is_applied_once_redis_answers() {
         .starts_with('1'));
     mg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_fires_once_per_event_not_once_per_replica() {
+    if !r::available() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let ms = model_server(MODEL).await;
+    let (hook, mut posts) = webhook_receiver().await;
+    let hook = modelgate::webhook::parse_webhook(&format!("{hook}#version_registered")).unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut replicas = Vec::new();
+    for d in [&da, &db] {
+        let mut c = fleet_config(d.path(), &redis.url());
+        c.webhooks = vec![hook.clone()];
+        replicas.push(start_with(c).await);
+    }
+    register(
+        &mut registry(replicas[0].control_addr).await,
+        "iris",
+        &ms.endpoint(),
+    )
+    .await;
+    let post = tokio::time::timeout(Duration::from_secs(5), posts.recv())
+        .await
+        .expect("the event is delivered")
+        .unwrap();
+    assert_eq!(post["type"], "version_registered", "{post}");
+    // Both replicas relay the event to their watchers; only the one that published it calls
+    // the webhook.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), posts.recv())
+            .await
+            .is_err(),
+        "delivered twice"
+    );
+    for mg in replicas {
+        mg.shutdown().await;
+    }
+}

@@ -442,3 +442,36 @@ pub async fn python_peer(script: &str, args: &[&str], module: &str) -> Option<St
     );
     Some(String::from_utf8(out.stdout).unwrap())
 }
+
+/// A webhook receiver: every POSTed body, as JSON.
+pub async fn webhook_receiver() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind(ANY).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let _ = tx.send(serde_json::from_slice(&body).unwrap());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Empty::<bytes::Bytes>::new(),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), rx)
+}
