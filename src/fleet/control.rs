@@ -84,22 +84,10 @@ impl FleetControl {
     }
 
     fn read(&self) -> StoreResult<(u64, State)> {
-        let fields: Vec<(String, Vec<u8>)> = self.tracked(|| {
-            self.redis
-                .with(|c| redis::cmd("HGETALL").arg(&self.key).query(c))
-        })?;
+        let fields: Vec<(String, Vec<u8>)> = self
+            .redis
+            .with(|c| redis::cmd("HGETALL").arg(&self.key).query(c))?;
         decode(&fields)
-    }
-
-    /// Records in `status` whether Redis answered.
-    fn tracked<T>(&self, f: impl FnOnce() -> StoreResult<T>) -> StoreResult<T> {
-        let r = f();
-        match &r {
-            Ok(_) => self.status.reached(),
-            Err(StoreError::Unavailable(e)) => self.status.lost(e),
-            Err(_) => {}
-        }
-        r
     }
 
     /// Makes the local copy equal `state`.
@@ -168,13 +156,11 @@ impl SharedControl for FleetControl {
     }
 
     fn version(&self) -> StoreResult<u64> {
-        let v: Option<u64> = self.tracked(|| {
-            self.redis.with(|c| {
-                redis::cmd("HGET")
-                    .arg(&self.key)
-                    .arg(VERSION_FIELD)
-                    .query(c)
-            })
+        let v: Option<u64> = self.redis.with(|c| {
+            redis::cmd("HGET")
+                .arg(&self.key)
+                .arg(VERSION_FIELD)
+                .query(c)
         })?;
         Ok(v.unwrap_or(0))
     }
@@ -192,7 +178,7 @@ impl SharedControl for FleetControl {
         for f in &deletes {
             call.arg(f);
         }
-        let written: i64 = self.tracked(|| self.redis.with(|c| call.invoke(c)))?;
+        let written: i64 = self.redis.with(|c| call.invoke(c))?;
         if written < 0 {
             return Ok(None);
         }

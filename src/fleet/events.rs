@@ -23,7 +23,6 @@ use prost::Message;
 use redis::Script;
 
 use super::redis::Redis;
-use super::FleetStatus;
 use crate::pb::modelgate::v1 as pb;
 use crate::storage::{EventLog, StoreError, StoreResult};
 
@@ -57,7 +56,6 @@ pub struct FleetEvents {
     redis: Arc<Redis>,
     key: String,
     script: Script,
-    status: Arc<FleetStatus>,
 }
 
 fn cursor_of(id: &str) -> Option<u64> {
@@ -81,24 +79,14 @@ fn decode(entries: Entries) -> Vec<pb::Event> {
 
 impl FleetEvents {
     /// The stream under `prefix`.
-    pub fn new(redis: Arc<Redis>, prefix: &str, status: Arc<FleetStatus>) -> Self {
+    pub fn new(redis: Arc<Redis>, prefix: &str) -> Self {
         FleetEvents {
             redis,
             // Hash-tagged with the claims of once-only events: the script touches both, and in a
             // Cluster they must live on one slot.
             key: format!("{prefix}:{{events}}"),
             script: Script::new(APPEND),
-            status,
         }
-    }
-
-    fn tracked<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
-        match &r {
-            Ok(_) => self.status.reached(),
-            Err(StoreError::Unavailable(e)) => self.status.lost(e),
-            Err(_) => {}
-        }
-        r
     }
 
     /// Follows the stream from after `from` and hands every event to `relay`, until `stop`.
@@ -141,7 +129,7 @@ impl EventLog for FleetEvents {
     /// The stream's last cursor; 0 while Redis is away (a replica starts without it: the
     /// number only seeds a local counter that a shared stream does not use).
     fn last_event_cursor(&self) -> StoreResult<u64> {
-        let last: Entries = match self.tracked(self.redis.with(|c| {
+        let last: Entries = match self.redis.with(|c| {
             redis::cmd("XREVRANGE")
                 .arg(&self.key)
                 .arg("+")
@@ -149,7 +137,7 @@ impl EventLog for FleetEvents {
                 .arg("COUNT")
                 .arg(1)
                 .query(c)
-        })) {
+        }) {
             Ok(l) => l,
             Err(StoreError::Unavailable(_)) => return Ok(0),
             Err(e) => return Err(e),
@@ -158,7 +146,7 @@ impl EventLog for FleetEvents {
     }
 
     fn events_after(&self, after: u64, limit: usize) -> StoreResult<Vec<pb::Event>> {
-        let entries: Entries = self.tracked(self.redis.with(|c| {
+        let entries: Entries = self.redis.with(|c| {
             redis::cmd("XRANGE")
                 .arg(&self.key)
                 .arg(format!("({after}-0"))
@@ -166,7 +154,7 @@ impl EventLog for FleetEvents {
                 .arg("COUNT")
                 .arg(limit.max(1))
                 .query(c)
-        }))?;
+        })?;
         Ok(decode(entries))
     }
 
@@ -182,14 +170,14 @@ impl EventLog for FleetEvents {
             self.key.clone()
         };
         let bytes = e.encode_to_vec();
-        let n: u64 = self.tracked(self.redis.with(|c| {
+        let n: u64 = self.redis.with(|c| {
             self.script
                 .key(&self.key)
                 .key(&claim)
                 .arg(bytes.as_slice())
                 .arg(if once { "1" } else { "0" })
                 .invoke(c)
-        }))?;
+        })?;
         if n == 0 {
             return Err(StoreError::AlreadyExists);
         }

@@ -19,7 +19,6 @@ use std::time::Duration;
 use prost::Message;
 
 use super::redis::Redis;
-use super::FleetStatus;
 use crate::clock::SharedClock;
 use crate::feature_store::{self, FeatureDef};
 use crate::pb::modelgate::v1 as pb;
@@ -76,7 +75,6 @@ pub struct FleetFeatures {
     redis: Arc<Redis>,
     local: Arc<dyn FeatureStore>,
     prefix: String,
-    status: Arc<FleetStatus>,
     retention: Duration,
     clock: SharedClock,
 }
@@ -88,7 +86,6 @@ impl FleetFeatures {
         redis: Arc<Redis>,
         prefix: &str,
         local: Arc<dyn FeatureStore>,
-        status: Arc<FleetStatus>,
         retention: Duration,
         clock: SharedClock,
     ) -> Self {
@@ -96,7 +93,6 @@ impl FleetFeatures {
             redis,
             local,
             prefix: prefix.to_string(),
-            status,
             retention,
             clock,
         }
@@ -105,24 +101,15 @@ impl FleetFeatures {
     fn defs_key(&self) -> String {
         format!("{}:feature-defs", self.prefix)
     }
-
-    fn tracked<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
-        match &r {
-            Ok(_) => self.status.reached(),
-            Err(StoreError::Unavailable(e)) => self.status.lost(e),
-            Err(_) => {}
-        }
-        r
-    }
 }
 
 impl FeatureStore for FleetFeatures {
     fn load_feature_defs(&self) -> StoreResult<Vec<FeatureDef>> {
         let mut defs = self.local.load_feature_defs()?;
-        let shared: Vec<(String, Vec<u8>)> = match self.tracked(
-            self.redis
-                .with(|c| redis::cmd("HGETALL").arg(self.defs_key()).query(c)),
-        ) {
+        let shared: Vec<(String, Vec<u8>)> = match self
+            .redis
+            .with(|c| redis::cmd("HGETALL").arg(self.defs_key()).query(c))
+        {
             Ok(s) => s,
             Err(StoreError::Unavailable(_)) => return Ok(defs),
             Err(e) => return Err(e),
@@ -144,7 +131,7 @@ impl FeatureStore for FleetFeatures {
         if defs.is_empty() {
             return Ok(());
         }
-        self.tracked(self.redis.with(|c| {
+        self.redis.with(|c| {
             let mut cmd = redis::cmd("HSET");
             cmd.arg(self.defs_key());
             for d in defs {
@@ -152,7 +139,7 @@ impl FeatureStore for FleetFeatures {
                     .arg(serde_json::to_vec(d).expect("definitions serialise"));
             }
             cmd.query::<()>(c)
-        }))
+        })
     }
 
     fn get_features(
@@ -165,20 +152,18 @@ impl FeatureStore for FleetFeatures {
         if features.is_empty() || entities.is_empty() {
             return Ok(rows);
         }
-        let shared = self.tracked(
-            self.redis.pipeline::<Vec<Vec<Option<Vec<u8>>>>>(
-                entities
-                    .iter()
-                    .map(|e| {
-                        let mut cmd = redis::cmd("HMGET");
-                        cmd.arg(entity_key(&self.prefix, e));
-                        for (f, _) in features {
-                            cmd.arg(f);
-                        }
-                        cmd
-                    })
-                    .collect(),
-            ),
+        let shared = self.redis.pipeline::<Vec<Vec<Option<Vec<u8>>>>>(
+            entities
+                .iter()
+                .map(|e| {
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(entity_key(&self.prefix, e));
+                    for (f, _) in features {
+                        cmd.arg(f);
+                    }
+                    cmd
+                })
+                .collect(),
         );
         let shared = match shared {
             Ok(s) => s,

@@ -11,6 +11,7 @@ pub mod events;
 pub mod features;
 pub mod outcomes;
 pub mod redis;
+pub mod status;
 pub mod tallies;
 
 use std::path::Path;
@@ -24,6 +25,7 @@ use crate::app::control::ControlPlane;
 use crate::storage::Storage;
 
 pub use self::redis::RedisSettings;
+pub use self::status::{FleetStatus, OnChange};
 
 /// Fleet mode's settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,82 +68,6 @@ impl FleetSettings {
     }
 }
 
-/// Called when Redis stops or starts answering: `(answers, error)`.
-pub type OnChange = Box<dyn Fn(bool, &str) + Send + Sync>;
-
-/// Whether Redis answers, for `/ready`, the metrics and the events.
-#[derive(Default)]
-pub struct FleetStatus {
-    up: AtomicBool,
-    /// Whether the first call was made (the first failure is news too).
-    known: AtomicBool,
-    version: AtomicU64,
-    error: Mutex<String>,
-    on_change: Mutex<Option<OnChange>>,
-}
-
-impl FleetStatus {
-    /// Calls `f` whenever Redis stops or starts answering — and at once when it already did
-    /// not answer (at start).
-    pub fn on_change(&self, f: OnChange) {
-        if self.known.load(Ordering::Acquire) && !self.is_up() {
-            f(false, &self.error.lock());
-        }
-        *self.on_change.lock() = Some(f);
-    }
-
-    fn changed(&self, up: bool, error: &str) {
-        if let Some(f) = self.on_change.lock().as_ref() {
-            f(up, error);
-        }
-    }
-
-    /// Redis answered.
-    pub fn reached(&self) {
-        let first = !self.known.swap(true, Ordering::AcqRel);
-        if !self.up.swap(true, Ordering::AcqRel) && !first {
-            tracing::info!("the fleet store answers again");
-            self.changed(true, "");
-        }
-    }
-
-    /// Redis did not answer.
-    pub fn lost(&self, error: &str) {
-        *self.error.lock() = error.to_string();
-        let first = !self.known.swap(true, Ordering::AcqRel);
-        if self.up.swap(false, Ordering::AcqRel) || first {
-            tracing::warn!(%error, "the fleet store does not answer; serving the last configuration seen, control writes fail until it returns");
-            self.changed(false, error);
-        }
-    }
-
-    /// The configuration at `version` is served.
-    pub fn serving(&self, version: u64) {
-        self.version.store(version, Ordering::Release);
-    }
-
-    /// Whether the last call to Redis succeeded.
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
-    }
-
-    /// The configuration version served.
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
-    }
-
-    /// `/ready`'s detail while Redis is away (it stays ready: it serves the last state).
-    pub fn detail(&self) -> Option<String> {
-        (!self.is_up()).then(|| {
-            format!(
-                "fleet store unreachable, serving the configuration last seen (version {}); control writes fail until it returns: {}",
-                self.version(),
-                self.error.lock()
-            )
-        })
-    }
-}
-
 /// This replica's id in the fleet: made once (a UUIDv7) and kept in `data_dir`, so that a
 /// restarted replica publishes its tallies under the same name (replacing, not adding to, what
 /// it published before).
@@ -168,9 +94,9 @@ pub fn storage(
     data_dir: &Path,
     clock: crate::clock::SharedClock,
 ) -> Result<(Storage, Fleet), String> {
-    let redis = Arc::new(redis::Redis::open(&settings.redis)?);
-    let replica = replica_id(data_dir)?;
     let status = Arc::new(FleetStatus::default());
+    let redis = Arc::new(redis::Redis::open(&settings.redis)?.reporting_to(status.clone()));
+    let replica = replica_id(data_dir)?;
     let prefix = settings.prefix();
     let control = Arc::new(control::FleetControl::new(
         redis.clone(),
@@ -183,7 +109,6 @@ pub fn storage(
         &prefix,
         replica.clone(),
         local.tallies.clone(),
-        status.clone(),
     ));
     let (records, flusher) = outcomes::FleetRecords::new(
         redis.clone(),
@@ -197,16 +122,11 @@ pub fn storage(
         redis.clone(),
         &prefix,
         local.features.clone(),
-        status.clone(),
         local.retention.features,
         clock,
     ));
     let stubs_dropped = records.dropped.clone();
-    let events = Arc::new(events::FleetEvents::new(
-        redis.clone(),
-        &prefix,
-        status.clone(),
-    ));
+    let events = Arc::new(events::FleetEvents::new(redis.clone(), &prefix));
     // A connection of its own for following the event stream (blocking reads).
     let follower = Arc::new(redis::Redis::open(&settings.redis)?);
     let local_tallies = local.tallies.clone();
@@ -303,7 +223,6 @@ impl Fleet {
             replica: self.replica.clone(),
             local: self.local_tallies.clone(),
             state,
-            status: self.status.clone(),
         };
         std::thread::Builder::new()
             .name("modelgate-fleet-tallies".into())
@@ -319,15 +238,16 @@ impl Fleet {
         plane: Arc<ControlPlane>,
         stop: Arc<AtomicBool>,
     ) -> std::thread::JoinHandle<()> {
-        let (redis, status) = (self.redis.clone(), self.status.clone());
+        let redis = self.redis.clone();
         let channel = control::channel(&self.settings.prefix());
         let poll = self.settings.poll;
         std::thread::Builder::new()
             .name("modelgate-fleet".into())
             .spawn(move || {
+                // A failure is reported by the connection itself (FleetStatus).
                 let refresh = || {
                     if let Err(e) = plane.refresh_blocking() {
-                        status.lost(&e.to_string());
+                        tracing::debug!(error = %e, "cannot read the fleet's configuration");
                     }
                 };
                 while !stop.load(Ordering::Acquire) {

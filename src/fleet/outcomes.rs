@@ -43,7 +43,6 @@ pub struct FleetRecords {
     local: Arc<dyn RecordLog>,
     prefix: String,
     window: Duration,
-    status: Arc<FleetStatus>,
     stubs: SyncSender<Outgoing>,
     /// How long an entity's shared features are kept after their last write.
     feature_ttl: Duration,
@@ -186,7 +185,6 @@ impl FleetRecords {
             local,
             prefix: prefix.to_string(),
             window,
-            status: status.clone(),
             stubs: tx,
             feature_ttl,
             dropped: Arc::new(AtomicU64::new(0)),
@@ -216,15 +214,6 @@ impl FleetRecords {
         let mut k = format!("{}:o:{row}:", self.prefix).into_bytes();
         k.extend(id_bytes(request_id));
         k
-    }
-
-    fn tracked<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
-        match &r {
-            Ok(_) => self.status.reached(),
-            Err(StoreError::Unavailable(e)) => self.status.lost(e),
-            Err(_) => {}
-        }
-        r
     }
 
     fn window_ms(&self) -> u64 {
@@ -282,8 +271,7 @@ impl RecordLog for FleetRecords {
             return Ok(Some(found));
         }
         let key = self.stub_key(request_id);
-        let stub: Option<Vec<u8>> =
-            self.tracked(self.redis.with(|c| redis::cmd("GET").arg(&key).query(c)))?;
+        let stub: Option<Vec<u8>> = self.redis.with(|c| redis::cmd("GET").arg(&key).query(c))?;
         let Some(bytes) = stub else { return Ok(None) };
         let mut r = decode_stub(&bytes).ok_or_else(|| StoreError::Decode {
             family: "fleet prediction stubs",
@@ -321,13 +309,13 @@ impl RecordLog for FleetRecords {
             return Ok(Some(found));
         }
         let key = self.claim_key(request_id, row);
-        let claim: Option<Vec<u8>> =
-            match self.tracked(self.redis.with(|c| redis::cmd("GET").arg(&key).query(c))) {
-                Ok(c) => c,
-                // Redis away: the write below decides (see the module documentation).
-                Err(StoreError::Unavailable(_)) => return Ok(None),
-                Err(e) => return Err(e),
-            };
+        let claim: Option<Vec<u8>> = match self.redis.with(|c| redis::cmd("GET").arg(&key).query(c))
+        {
+            Ok(c) => c,
+            // Redis away: the write below decides (see the module documentation).
+            Err(StoreError::Unavailable(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let Some(bytes) = claim else { return Ok(None) };
         let o = pb::OutcomeRecord::decode(bytes.as_slice()).map_err(|e| StoreError::Decode {
             family: "fleet outcome claims",
@@ -348,14 +336,14 @@ impl RecordLog for FleetRecords {
         }
         .encode_to_vec();
         let ttl = self.window_ms().max(1);
-        let claimed = self.tracked(self.redis.with(|c| {
+        let claimed = self.redis.with(|c| {
             let mut cmd = redis::cmd("SET");
             cmd.arg(&key).arg(claim.as_slice()).arg("PX").arg(ttl);
             if w.replaced.is_none() {
                 cmd.arg("NX");
             }
             cmd.query::<Option<String>>(c)
-        }));
+        });
         match claimed {
             Ok(Some(_)) => {}
             Ok(None) => return Err(StoreError::AlreadyExists),
@@ -458,12 +446,9 @@ impl StubFlusher {
             });
             match loaded {
                 Ok(_) => self.script_loaded.store(true, Ordering::Relaxed),
-                Err(StoreError::Unavailable(e)) => {
-                    self.status.lost(&e);
-                    return;
-                }
+                // Tried again on the next send (the connection reports Redis away).
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot load the feature script");
+                    tracing::debug!(error = %e, "cannot load the feature script");
                     return;
                 }
             }
@@ -497,21 +482,12 @@ impl StubFlusher {
             .collect();
         let r = self.redis.pipeline::<redis::Value>(cmds);
         match r {
-            Ok(_) => {
-                self.status.reached();
-                held.clear();
-            }
+            Ok(_) => held.clear(),
             Err(e) => {
-                // Sent again next time, with the script loaded again first.
+                // Sent again next time, with the script loaded again first (a restarted Redis
+                // answers NOSCRIPT).
                 self.script_loaded.store(false, Ordering::Relaxed);
-                match e {
-                    StoreError::Unavailable(e)
-                        if !(e.contains("NOSCRIPT") || e.contains("no script")) =>
-                    {
-                        self.status.lost(&e)
-                    }
-                    e => tracing::debug!(error = %e, "stubs and features will be sent again"),
-                }
+                tracing::debug!(error = %e, "stubs and features will be sent again");
             }
         }
     }

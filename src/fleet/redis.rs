@@ -7,11 +7,13 @@
 //! Cluster, TLS and Lua scripts to one code path. Every call has a timeout, so an unreachable
 //! Redis costs a caller at most that long, and answers [`StoreError::Unavailable`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{ConnectionLike, RedisError, RedisResult};
 
+use super::FleetStatus;
 use crate::storage::{StoreError, StoreResult};
 
 /// Where the fleet's Redis is and how to reach it.
@@ -65,6 +67,8 @@ pub struct Redis {
     timeout: Duration,
     /// The addresses, without credentials, for messages.
     pub display: String,
+    /// Told how every call went (Redis answered, or did not).
+    status: Option<Arc<FleetStatus>>,
 }
 
 /// Whether an error leaves the connection unusable (the next call connects again).
@@ -143,7 +147,26 @@ impl Redis {
             }),
             timeout: settings.timeout,
             display,
+            status: None,
         })
+    }
+
+    /// The same connection settings, every call reported to `status`.
+    pub fn reporting_to(mut self, status: Arc<FleetStatus>) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    fn reached(&self) {
+        if let Some(s) = &self.status {
+            s.reached();
+        }
+    }
+
+    fn lost(&self, error: &str) {
+        if let Some(s) = &self.status {
+            s.lost(error);
+        }
     }
 
     fn connect(&self) -> RedisResult<Conn> {
@@ -209,6 +232,7 @@ impl Redis {
                 Err(e) => {
                     let e = self.unavailable(e);
                     link.down = Some((e.to_string(), Instant::now()));
+                    self.lost(&e.to_string());
                     return Err(e);
                 }
             }
@@ -221,6 +245,7 @@ impl Redis {
         match r {
             Ok(v) => {
                 link.down = None;
+                self.reached();
                 Ok(v)
             }
             Err(e) => {
@@ -229,6 +254,10 @@ impl Redis {
                 if dropped {
                     link.conn = None;
                     link.down = Some((e.to_string(), Instant::now()));
+                    self.lost(&e.to_string());
+                } else {
+                    // Redis answered, with an error (NOSCRIPT, a script's error…): it is there.
+                    self.reached();
                 }
                 Err(e)
             }

@@ -22,7 +22,6 @@ use std::time::Duration;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 
 use super::redis::Redis;
-use super::FleetStatus;
 use crate::experiment::{merge_unit_registers, unit_estimate_registers, VariantCounts};
 use crate::outcome::Tally;
 use crate::shadow::{Disagreement, ShadowCounts, ShadowLatency};
@@ -38,7 +37,6 @@ pub struct FleetTallies {
     local: Arc<dyn Tallies>,
     keys: Keys,
     replica: String,
-    status: Arc<FleetStatus>,
 }
 
 /// Where each tallied object is kept.
@@ -104,13 +102,7 @@ fn latency_of(mut v: &[u8]) -> Option<ShadowLatency> {
 
 impl FleetTallies {
     /// The fleet's tallies under `prefix`, this replica's share read from `local`.
-    pub fn new(
-        redis: Arc<Redis>,
-        prefix: &str,
-        replica: String,
-        local: Arc<dyn Tallies>,
-        status: Arc<FleetStatus>,
-    ) -> Self {
+    pub fn new(redis: Arc<Redis>, prefix: &str, replica: String, local: Arc<dyn Tallies>) -> Self {
         FleetTallies {
             redis,
             local,
@@ -118,7 +110,6 @@ impl FleetTallies {
                 prefix: prefix.to_string(),
             },
             replica,
-            status,
         }
     }
 
@@ -133,11 +124,6 @@ impl FleetTallies {
                 })
                 .collect(),
         );
-        match &r {
-            Ok(_) => self.status.reached(),
-            Err(StoreError::Unavailable(e)) => self.status.lost(e),
-            Err(_) => {}
-        }
         Ok(r?
             .into_iter()
             .map(|fields| {
@@ -254,8 +240,6 @@ pub struct Publisher {
     pub local: Arc<dyn Tallies>,
     /// The configuration (which experiments, versions and shadows exist).
     pub state: Arc<dyn StateSource>,
-    /// Reachability.
-    pub status: Arc<FleetStatus>,
 }
 
 impl Publisher {
@@ -326,16 +310,12 @@ impl Publisher {
         );
         match r {
             Ok(_) => {
-                self.status.reached();
                 for (k, v) in changed.iter() {
                     published.insert(k.clone(), v.clone());
                 }
                 Ok(changed.len())
             }
             Err(e) => {
-                if let StoreError::Unavailable(m) = &e {
-                    self.status.lost(m);
-                }
                 published.clear();
                 Err(e)
             }
