@@ -49,6 +49,27 @@ impl Precision {
         }
     }
 
+    /// A one-byte code for the precision, as stored (fleet drift rows and evaluations).
+    pub fn code(self) -> u8 {
+        match self {
+            Precision::F64 => 0,
+            Precision::F32 => 1,
+            Precision::F16 => 2,
+            Precision::BF16 => 3,
+        }
+    }
+
+    /// The precision of a [`code`](Precision::code).
+    pub fn from_code(code: u8) -> Option<Precision> {
+        Some(match code {
+            0 => Precision::F64,
+            1 => Precision::F32,
+            2 => Precision::F16,
+            3 => Precision::BF16,
+            _ => return None,
+        })
+    }
+
     /// The coarser of two: a feature that arrives as FP32 and FP16 is compared at FP16. (FP16
     /// and BF16 differ in range as well as in mantissa; BF16, with fewer mantissa bits, counts
     /// as the coarser.)

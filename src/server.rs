@@ -635,18 +635,25 @@ async fn start_control_port(
     }))
 }
 
-/// Periodic checks: scheduled retraining, experiment and shadow alerts.
+/// Periodic checks: scheduled retraining, experiment and shadow alerts; in a fleet, its drift.
 fn start_periodic_checks(core: &Core, stop_rx: &watch::Receiver<bool>) -> JoinHandle<()> {
     let periodic = core.monitor.clone();
     let stop_periodic = stopped(stop_rx.clone());
     tokio::spawn(async move {
         tokio::pin!(stop_periodic);
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        // In a fleet: following the fleet's drift and evaluating what this replica leads.
+        let mut fleet_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let shared = periodic.is_shared();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     let m = periodic.clone();
                     let _ = tokio::task::spawn_blocking(move || m.periodic()).await;
+                }
+                _ = fleet_tick.tick(), if shared => {
+                    let m = periodic.clone();
+                    let _ = tokio::task::spawn_blocking(move || m.shared_tick()).await;
                 }
                 _ = &mut stop_periodic => break,
             }

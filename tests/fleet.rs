@@ -1156,3 +1156,230 @@ async fn a_webhook_fires_once_per_event_not_once_per_replica() {
         mg.shutdown().await;
     }
 }
+
+/// Fleet drift: one window of the fleet's rows per model, evaluated by one replica at a time.
+mod drift {
+    use super::*;
+    use modelgate::pb::modelgate::v1::{drift_client::DriftClient, events_client::EventsClient};
+    use tokio_stream::StreamExt;
+
+    const LOGISTIC: &str = "name=m;kind=logistic;weights=0.5,-0.5,0.2";
+
+    /// Deterministic values in (-3, 3): a grid walked in a fixed scrambled order.
+    fn value(i: u64, salt: u64) -> f64 {
+        let k = (i.wrapping_mul(2_654_435_761).wrapping_add(salt * 97)) % 1000;
+        (k as f64 + 0.5) / 1000.0 * 6.0 - 3.0
+    }
+
+    fn num(x: f64) -> pb::FeatureValue {
+        pb::FeatureValue {
+            kind: Some(pb::feature_value::Kind::Number(x)),
+        }
+    }
+
+    fn reference() -> pb::SetReferenceRequest {
+        pb::SetReferenceRequest {
+            model: "m".into(),
+            feature_names: vec!["a".into(), "b".into(), "c".into()],
+            rows: (0..1000)
+                .map(|i| pb::ReferenceRow {
+                    values: vec![num(value(i, 1)), num(value(i, 2)), num(value(i, 3))],
+                })
+                .collect(),
+            categorical_features: vec![],
+        }
+    }
+
+    /// Live row `i`: `a` shifted by 1.5 (drifted), `b` and `c` like the reference.
+    fn live(i: u64) -> [f32; 3] {
+        [
+            (value(i * 7 + 3, 1) * 0.5 + 1.5) as f32,
+            value(i * 7 + 3, 2) as f32,
+            value(i * 7 + 3, 3) as f32,
+        ]
+    }
+
+    fn config(c: &mut Config) {
+        c.drift.window = 1000;
+        // Evaluated when asked only: the test compares one evaluation of the same rows.
+        c.drift.every = u64::MAX;
+    }
+
+    async fn setup(mg: &Running, endpoint: &str) {
+        let mut reg = registry(mg.control_addr).await;
+        reg.register_model_version(pb::RegisterModelVersionRequest {
+            model: "m".into(),
+            endpoint: endpoint.into(),
+            feature_names: vec![pb::InputFeatureNames {
+                input: "input".into(),
+                names: vec!["a".into(), "b".into(), "c".into()],
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        promote(&mut reg, "m", "1").await;
+    }
+
+    async fn report(mg: &Running, evaluate: bool) -> pb::DriftReport {
+        DriftClient::new(channel(mg.control_addr).await)
+            .get_drift_report(pb::GetDriftReportRequest {
+                model: "m".into(),
+                evaluate,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_fleet_evaluates_every_replicas_rows_once_as_one_replica_would() {
+        if !r::available() {
+            return;
+        }
+        let redis = RedisServer::start();
+        let server = model_server(LOGISTIC).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut fleet = Vec::new();
+        for d in &dirs {
+            let mut c = fleet_config(d.path(), &redis.url());
+            config(&mut c);
+            fleet.push(start_with(c).await);
+        }
+        setup(&fleet[0], &server.endpoint()).await;
+        for mg in &fleet {
+            until_served_m(mg).await;
+            // That call's row is not watched: there is no reference yet.
+            mg.recorder.flush().await;
+        }
+        // Uploaded on the second replica: every replica has it within a couple of seconds.
+        DriftClient::new(channel(fleet[1].control_addr).await)
+            .set_reference(reference())
+            .await
+            .unwrap();
+        let start = Instant::now();
+        for mg in &fleet {
+            while report(mg, false).await.status.starts_with("no reference") {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "reference not shared"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let mut events = EventsClient::new(channel(fleet[2].control_addr).await)
+            .watch(pb::WatchRequest {
+                from_cursor: 0,
+                types: vec!["drift_started".into(), "drift_ended".into()],
+                model: "m".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+
+        // 600 rows, round robin over the replicas.
+        let mut clients = Vec::new();
+        for mg in &fleet {
+            clients.push(infer_client(mg.data_addr).await);
+        }
+        for i in 0..600u64 {
+            let row = live(i);
+            clients[(i % 3) as usize]
+                .model_infer(infer_request("m", &[&row]))
+                .await
+                .unwrap();
+        }
+        for mg in &fleet {
+            mg.recorder.flush().await;
+        }
+        // Every replica's rows are in Redis within a flush (100 ms); asked on the third.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let evaluated = report(&fleet[2], true).await;
+        assert_eq!(evaluated.evaluations, 1, "{evaluated:?}");
+        assert!(evaluated.drifted, "{evaluated:?}");
+        let a = &evaluated.features[0];
+        assert_eq!(
+            (a.name.as_str(), a.window_size),
+            ("a", 600),
+            "the fleet's rows"
+        );
+        assert!(a.drifted && !evaluated.features[1].drifted);
+
+        // Every replica reports the same evaluation.
+        for mg in &fleet {
+            let r = report(mg, false).await;
+            assert_eq!(r.features, evaluated.features);
+            assert_eq!((r.evaluations, r.drifted), (1, true));
+        }
+
+        // One drift_started for the fleet, not one per replica.
+        let first = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("drift_started within 5 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.r#type, "drift_started");
+        assert_eq!(first.features, vec!["a"]);
+        let more = tokio::time::timeout(Duration::from_millis(1500), events.next()).await;
+        assert!(more.is_err(), "a second drift event: {more:?}");
+
+        // One modelgate alone, fed the same rows, evaluates the same statistics.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::for_tests(dir.path());
+        config(&mut c);
+        let alone = start_with(c).await;
+        setup(&alone, &server.endpoint()).await;
+        DriftClient::new(channel(alone.control_addr).await)
+            .set_reference(reference())
+            .await
+            .unwrap();
+        let mut client = infer_client(alone.data_addr).await;
+        for i in 0..600u64 {
+            client
+                .model_infer(infer_request("m", &[&live(i)]))
+                .await
+                .unwrap();
+        }
+        alone.recorder.flush().await;
+        let single = report(&alone, true).await;
+        assert_eq!(single.features.len(), evaluated.features.len());
+        for (f, s) in evaluated.features.iter().zip(&single.features) {
+            assert_eq!(
+                (&f.name, f.window_size, f.drifted),
+                (&s.name, s.window_size, s.drifted)
+            );
+            for (x, y) in [
+                (f.statistic, s.statistic),
+                (f.p_value, s.p_value),
+                (f.adjusted_p_value, s.adjusted_p_value),
+                (f.psi, s.psi),
+                (f.wasserstein, s.wasserstein),
+            ] {
+                let (x, y) = (x.unwrap(), y.unwrap());
+                assert!(
+                    (x - y).abs() <= 1e-12 * y.abs().max(1.0),
+                    "{}: {x} vs {y}",
+                    f.name
+                );
+            }
+        }
+        alone.shutdown().await;
+        for mg in fleet {
+            mg.shutdown().await;
+        }
+    }
+
+    /// Waits until `mg` serves m (the configuration reached it).
+    async fn until_served_m(mg: &Running) {
+        let mut c = infer_client(mg.data_addr).await;
+        let start = Instant::now();
+        while c
+            .model_infer(infer_request("m", &[&[0.0, 0.0, 0.0]]))
+            .await
+            .is_err()
+        {
+            assert!(start.elapsed() < Duration::from_secs(2), "m not served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

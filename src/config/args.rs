@@ -248,6 +248,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub outcome_window: Duration,
 
+    /// Fleet mode: the share of each replica's rows it adds to a model's shared drift window,
+    /// in (0, 1] (a uniform sample of the fleet's traffic; env MODELGATE_FLEET_DRIFT_SAMPLE).
+    #[arg(long, value_name = "FRACTION", default_value_t = 1.0)]
+    pub fleet_drift_sample: f64,
+
     /// Trust the certificates in this PEM file (a private CA) for a `rediss://` --fleet-store,
     /// instead of the system's roots (env MODELGATE_FLEET_CA).
     #[arg(long, value_name = "FILE")]

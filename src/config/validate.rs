@@ -356,6 +356,12 @@ impl Config {
                 if a.outcome_window < Duration::from_secs(1) {
                     return Err(bad("outcome_window", "must be at least 1s".into()));
                 }
+                if !(a.fleet_drift_sample > 0.0 && a.fleet_drift_sample <= 1.0) {
+                    return Err(bad(
+                        "fleet_drift_sample",
+                        format!("{} is outside (0, 1]", a.fleet_drift_sample),
+                    ));
+                }
                 if a.fleet_timeout.is_zero() {
                     return Err(bad("fleet_timeout", "must be more than 0".into()));
                 }
@@ -472,6 +478,7 @@ impl Config {
                 concept_exit_threshold,
                 concept_exit_outcomes: a.concept_exit_outcomes,
                 shadow_agreement_alert: a.shadow_agreement_alert,
+                fleet_sample: a.fleet_drift_sample,
             },
             webhooks,
             state_file: a.state_file,

@@ -3,10 +3,12 @@
 //! cases do not know whether they run alone or in a fleet.
 //!
 //! What is shared: the configuration ([`control`]), the tallies ([`tallies`]), what joins an
-//! outcome to its prediction on any replica ([`outcomes`]) and the latest online features
-//! ([`features`]). Each replica keeps everything else in its own RocksDB, as without a fleet.
+//! outcome to its prediction on any replica ([`outcomes`]), the latest online features
+//! ([`features`]), the event stream ([`events`]) and data drift — references, one window of live
+//! rows per model, its evaluation and episode ([`drift`]). Each replica keeps everything else in its own RocksDB, as without a fleet.
 
 pub mod control;
+pub mod drift;
 pub mod events;
 pub mod features;
 pub mod outcomes;
@@ -125,6 +127,13 @@ pub fn storage(
         local.retention.features,
         clock,
     ));
+    let drift = Arc::new(drift::FleetDrift::new(
+        redis.clone(),
+        &prefix,
+        replica.clone(),
+        local.drift.clone(),
+        records.queue(),
+    ));
     let stubs_dropped = records.dropped.clone();
     let events = Arc::new(events::FleetEvents::new(redis.clone(), &prefix));
     // A connection of its own for following the event stream (blocking reads).
@@ -137,6 +146,7 @@ pub fn storage(
             records: Arc::new(records),
             features,
             events: events.clone(),
+            drift,
             ..local
         },
         Fleet {

@@ -59,7 +59,25 @@ pub enum Outgoing {
     Features(String, Vec<(String, Vec<u8>)>),
     /// Feature definitions first seen in traffic (name, JSON).
     FeatureDef(String, Vec<u8>),
+    /// Rows for a model's shared drift window (`fleet::drift`).
+    DriftRows {
+        /// The window (a list).
+        window: String,
+        /// The hash counting each model's rows.
+        counts: String,
+        /// The model.
+        model: String,
+        /// Rows the window keeps.
+        keep: usize,
+        /// Encoded rows, oldest first.
+        rows: Vec<Vec<u8>>,
+        /// Counts the rows once they are sent.
+        sent: Arc<AtomicU64>,
+    },
 }
+
+/// One model's drift rows in a send: (window, counts, model, rows kept, rows).
+type Push<'a> = (&'a str, &'a str, &'a str, usize, Vec<&'a [u8]>);
 
 /// The stub of a prediction record: what judging an outcome needs — time, model, version,
 /// experiment, variant, whether the variant was forced, the rows and their predictions — in a
@@ -218,6 +236,11 @@ impl FleetRecords {
 
     fn window_ms(&self) -> u64 {
         self.window.as_millis() as u64
+    }
+
+    /// The flusher's queue, for what else leaves for Redis in batches (drift rows).
+    pub fn queue(&self) -> SyncSender<Outgoing> {
+        self.stubs.clone()
     }
 
     /// How long shared features stay after their last write.
@@ -423,7 +446,12 @@ impl StubFlusher {
                 // Redis has been away for long: the oldest stubs go (their outcomes still join
                 // on the replica that recorded them).
                 let excess = held.len() - STUB_QUEUE;
-                held.drain(..excess);
+                for gone in held.drain(..excess) {
+                    // Settled, as far as waiting for them goes: they will never arrive.
+                    if let Outgoing::DriftRows { rows, sent, .. } = gone {
+                        sent.fetch_add(rows.len() as u64, Ordering::Release);
+                    }
+                }
             }
             if stop.load(Ordering::Acquire) && !self.status.is_up() {
                 return;
@@ -455,11 +483,30 @@ impl StubFlusher {
         }
         let sha = &self.script_sha;
         let feature_ttl = self.feature_ttl.as_millis().max(1) as u64;
-        let cmds = held
+        // Each model's rows go in one push, however many batches brought them.
+        let mut windows: Vec<Push<'_>> = Vec::new();
+        let mut sent: Vec<(&Arc<AtomicU64>, u64)> = Vec::new();
+        let mut cmds: Vec<redis::Cmd> = held
             .iter()
-            .map(|o| {
+            .filter_map(|o| {
                 let mut cmd;
                 match o {
+                    Outgoing::DriftRows {
+                        window,
+                        counts,
+                        model,
+                        keep,
+                        rows,
+                        sent: counter,
+                    } => {
+                        sent.push((counter, rows.len() as u64));
+                        let rows = rows.iter().map(Vec::as_slice);
+                        match windows.iter_mut().find(|w| w.0 == window) {
+                            Some(w) => w.4.extend(rows),
+                            None => windows.push((window, counts, model, *keep, rows.collect())),
+                        }
+                        return None;
+                    }
                     Outgoing::Stub(k, v) => {
                         cmd = redis::cmd("SET");
                         cmd.arg(k).arg(v.as_slice()).arg("PX").arg(ttl);
@@ -477,12 +524,31 @@ impl StubFlusher {
                         cmd.arg(&self.defs_key).arg(name).arg(json.as_slice());
                     }
                 }
-                cmd
+                Some(cmd)
             })
             .collect();
+        for (window, counts, model, keep, rows) in windows {
+            // Only the newest `keep` can stay: the older ones are not sent.
+            let skip = rows.len().saturating_sub(keep);
+            let mut push = redis::cmd("RPUSH");
+            push.arg(window);
+            for r in &rows[skip..] {
+                push.arg(*r);
+            }
+            let mut trim = redis::cmd("LTRIM");
+            trim.arg(window).arg(-(keep.max(1) as i64)).arg(-1);
+            let mut count = redis::cmd("HINCRBY");
+            count.arg(counts).arg(model).arg(rows.len());
+            cmds.extend([push, trim, count]);
+        }
         let r = self.redis.pipeline::<redis::Value>(cmds);
         match r {
-            Ok(_) => held.clear(),
+            Ok(_) => {
+                for (counter, n) in sent {
+                    counter.fetch_add(n, Ordering::Release);
+                }
+                held.clear()
+            }
             Err(e) => {
                 // Sent again next time, with the script loaded again first (a restarted Redis
                 // answers NOSCRIPT).

@@ -15,15 +15,19 @@ use crate::storage::{DriftStateExt, StoreError};
 
 use super::Monitor;
 
-/// The persisted drift state of a model: the features in an episode. (Their counts of quiet
-/// evaluations are kept in memory only: a restart counts afresh, which can only make an episode
-/// last longer.)
+/// The persisted drift state of a model: the features in an episode. (Alone, their counts of
+/// quiet evaluations are kept in memory only: a restart counts afresh, which can only make an
+/// episode last longer. In a fleet they are stored too, so that an evaluation by another
+/// replica goes on counting.)
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(super) struct DriftState {
     /// The features in the episode.
     pub(super) drifted: Vec<String>,
     /// When the set last changed.
     pub(super) changed_ms: u64,
+    /// Fleet mode: quiet evaluations in a row of the features in `drifted`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) quiet: BTreeMap<String, u32>,
 }
 
 /// The latest evaluation of a model.
@@ -36,7 +40,7 @@ pub struct Evaluation {
 }
 
 /// A capture of live rows in progress.
-struct Capture {
+pub(super) struct Capture {
     target: usize,
     names: Vec<String>,
     rows: Vec<Vec<FeatureValue>>,
@@ -52,21 +56,32 @@ pub(super) struct ModelDrift {
     windows: Vec<LiveWindow>,
     since_eval: u64,
     /// When the last evaluation was asked for.
-    asked: Option<std::time::Instant>,
+    pub(super) asked: Option<std::time::Instant>,
     /// Evaluations so far (this process).
     pub(super) evaluations: u64,
-    capture: Option<Capture>,
+    pub(super) capture: Option<Capture>,
     /// The latest evaluation.
     pub(super) latest: Option<Arc<Evaluation>>,
     /// The episode, as stored.
     pub(super) state: DriftState,
     /// Quiet evaluations in a row of the features in `state.drifted`.
-    quiet: BTreeMap<String, u32>,
+    pub(super) quiet: BTreeMap<String, u32>,
+    /// Fleet mode: the stamp of the fleet's reference that `reference` is.
+    pub(super) stamp: u64,
+    /// Fleet mode: rows the fleet had contributed at the last evaluation.
+    pub(super) evaluated_rows: u64,
+    /// Fleet mode: the last request for an evaluation that was served (its time).
+    pub(super) served_request: u64,
 }
 
 impl ModelDrift {
+    /// Where the reference keeps feature `name`.
+    pub(super) fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
     /// The reference and a copy of the windows, when there is a reference to test against.
-    fn snapshot(&self) -> Option<Snapshot> {
+    pub(super) fn snapshot(&self) -> Option<Snapshot> {
         self.reference.clone().map(|r| (r, self.windows.clone()))
     }
 }
@@ -150,6 +165,12 @@ impl Monitor {
         if md.reference.is_none() {
             return;
         }
+        if self.store.drift.shared().is_some() {
+            let (stamp, sample) = (md.stamp, self.sample(&md, names, precisions, rows));
+            drop(md);
+            self.contribute(model, stamp, sample);
+            return;
+        }
         let map: Vec<(Option<usize>, Precision)> = names
             .iter()
             .enumerate()
@@ -200,6 +221,8 @@ impl Monitor {
     /// Ends the model's drift episode, if any: stores the empty state, then publishes
     /// `drift_ended` with `reason`. Called with the model's lock held.
     fn end_episode(&self, model: &str, md: &mut ModelDrift, reason: &str) {
+        // In a fleet, another replica may have moved the episode on.
+        self.sync_state(model, md);
         md.quiet.clear();
         if md.state.drifted.is_empty() {
             return;
@@ -207,6 +230,7 @@ impl Monitor {
         md.state = DriftState {
             drifted: Vec::new(),
             changed_ms: self.clock.now_ms(),
+            quiet: BTreeMap::new(),
         };
         if let Err(e) = self.store.drift.put_state(model, "drift", &md.state) {
             tracing::error!(model, error = %e, "could not store the drift state");
@@ -263,7 +287,13 @@ impl Monitor {
         let Some(md) = self.models.get(model).map(|m| m.clone()) else {
             return;
         };
-        let Some((reference, windows)) = snapshot.or_else(|| md.lock().snapshot()) else {
+        let snapshot = match snapshot {
+            Some(s) => Some(s),
+            // In a fleet: the shared window, as it is now.
+            None if self.store.drift.shared().is_some() => self.shared_snapshot(model, &md),
+            None => md.lock().snapshot(),
+        };
+        let Some((reference, windows)) = snapshot else {
             return;
         };
         let mut features = drift::evaluate(&reference, &windows, self.settings.fdr);
@@ -277,6 +307,7 @@ impl Monitor {
             // The reference was replaced while this one was tested: its episode has ended.
             return;
         }
+        let shared = self.sync_state(model, &mut md);
         let mut episodes: BTreeMap<String, u32> = md
             .state
             .drifted
@@ -291,11 +322,22 @@ impl Monitor {
             .collect();
         md.quiet = episodes;
         md.evaluations += 1;
-        md.latest = Some(Arc::new(Evaluation {
+        let evaluation = Arc::new(Evaluation {
             features,
             at_ms: now,
-        }));
+        });
+        md.latest = Some(evaluation.clone());
+        if shared {
+            self.share_evaluation(model, &evaluation);
+        }
         if md.state.drifted == drifted {
+            if shared {
+                // The counts of quiet evaluations moved on: the next evaluator goes on from them.
+                md.state.quiet = md.quiet.clone();
+                if let Err(e) = self.store.drift.put_state(model, "drift", &md.state) {
+                    tracing::error!(model, error = %e, "could not store the drift state");
+                }
+            }
             return;
         }
         let was = !md.state.drifted.is_empty();
@@ -306,6 +348,11 @@ impl Monitor {
         md.state = DriftState {
             drifted: drifted.clone(),
             changed_ms: now,
+            quiet: if shared {
+                md.quiet.clone()
+            } else {
+                BTreeMap::new()
+            },
         };
         if let Err(e) = self.store.drift.put_state(model, "drift", &md.state) {
             tracing::error!(model, error = %e, "could not store the drift state");
@@ -327,6 +374,9 @@ impl Monitor {
     /// Queues an evaluation of every model whose rows arrived inside the last evaluation's
     /// interval and were never followed by more (called by [`Monitor::periodic`]).
     pub(super) fn evaluate_pending(&self) {
+        if self.store.drift.shared().is_some() {
+            return; // the lease holder evaluates the shared window (Monitor::shared_tick)
+        }
         for entry in self.models.iter() {
             let mut md = entry.value().lock();
             if md.reference.is_some()

@@ -103,6 +103,10 @@ impl Monitor {
 
     /// Evaluates `model` now on the evaluator thread and waits for it.
     pub fn evaluate_now(&self, model: &str) {
+        // In a fleet, the replica holding the model's lease evaluates; another asks it and waits.
+        if self.evaluate_shared_now(model) {
+            return;
+        }
         let (ack, done) = sync_channel(1);
         if self
             .eval_tx

@@ -21,6 +21,7 @@
 //! | `concept.rs` | concept drift: outcome windows, baselines, episodes |
 //! | `triggers.rs` | retraining triggers and the periodic alerts |
 //! | `evaluator.rs` | the evaluator thread: start, queue, stop |
+//! | `shared.rs` | drift across a fleet: the shared window, its lease, the fleet's report |
 
 use std::collections::HashMap;
 use std::sync::mpsc::SyncSender;
@@ -38,6 +39,7 @@ mod concept;
 mod data;
 mod evaluator;
 mod settings;
+mod shared;
 #[cfg(test)]
 mod test_support;
 mod triggers;
@@ -45,6 +47,7 @@ mod triggers;
 pub use concept::ConceptStatus;
 pub use data::Evaluation;
 pub use settings::DriftSettings;
+pub use shared::LEASE as FLEET_DRIFT_LEASE;
 pub use triggers::{RetrainPolicy, DEFAULT_RETRAIN_COOLDOWN_MS};
 
 use concept::Concept;
@@ -55,7 +58,8 @@ use evaluator::EvalRequest;
 pub struct ModelReport {
     /// Latest evaluation.
     pub evaluation: Option<Arc<Evaluation>>,
-    /// Evaluations so far (this process).
+    /// Evaluations so far (this process; in a fleet, of the current reference by any
+    /// replica).
     pub evaluations: u64,
     /// Drifted features.
     pub drifted: Vec<String>,
@@ -117,6 +121,16 @@ impl Monitor {
                 }
                 None => (None, 0, Vec::new(), 0, false),
             };
+        // In a fleet, the evaluation and the episode are the fleet's.
+        let (evaluation, evaluations, drifted, changed_ms) = match self.shared_report(model) {
+            Some(r) => (
+                r.evaluation,
+                r.evaluations,
+                r.state.drifted,
+                r.state.changed_ms,
+            ),
+            None => (evaluation, evaluations, drifted, changed_ms),
+        };
         let mut concept: Vec<ConceptStatus> = self
             .concepts
             .iter()

@@ -31,6 +31,9 @@ pub struct DriftSettings {
     pub concept_exit_outcomes: u32,
     /// Shadow agreement below which `shadow_agreement_low` fires (after 100 comparisons).
     pub shadow_agreement_alert: f64,
+    /// Fleet mode: the share of its rows a replica adds to a model's shared window (a uniform
+    /// sample of the fleet's traffic whatever each replica's share of it).
+    pub fleet_sample: f64,
 }
 
 impl Default for DriftSettings {
@@ -48,6 +51,7 @@ impl Default for DriftSettings {
             concept_exit_threshold: 0.05,
             concept_exit_outcomes: 100,
             shadow_agreement_alert: 0.9,
+            fleet_sample: 1.0,
         }
     }
 }

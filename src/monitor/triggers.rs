@@ -119,8 +119,10 @@ impl Monitor {
             let (Some(max_age), Ok(v)) = (p.max_age_ms, state.registry.production(&model)) else {
                 continue;
             };
+            // In a fleet, the replica leading the model raises it (once for the fleet).
             if now.saturating_sub(v.updated_at_ms) > max_age
                 && p.scheduled_version != Some(v.version)
+                && self.leads(&model)
             {
                 let version = v.version;
                 if let Some(p) = self.retrain.lock().get_mut(&model) {

@@ -246,6 +246,14 @@ impl DriftStore for Faulty {
     fn get_model_state(&self, model: &str, name: &str) -> StoreResult<Option<Vec<u8>>> {
         self.inner.drift.get_model_state(model, name)
     }
+
+    fn model_states(&self) -> StoreResult<Vec<(String, String, Vec<u8>)>> {
+        self.inner.drift.model_states()
+    }
+
+    fn shared(&self) -> Option<&dyn crate::storage::SharedDrift> {
+        self.inner.drift.shared()
+    }
 }
 
 impl StoreHealth for Faulty {

@@ -20,6 +20,7 @@
 
 pub mod faults;
 pub mod memory;
+pub mod reference;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,7 @@ use crate::experiment::VariantCounts;
 use crate::feature_store::FeatureDef;
 use crate::outcome::{Judgement, Tally};
 use crate::pb::modelgate::v1 as pb;
-use crate::record::FeatureValue;
+use crate::record::{FeatureValue, Precision};
 use crate::shadow::{Disagreement, ShadowCounter, ShadowCounts, ShadowLatency};
 use crate::state::{State, Update};
 
@@ -497,6 +498,44 @@ pub trait DriftStore: Send + Sync {
     fn put_model_state(&self, model: &str, name: &str, json: &[u8]) -> StoreResult<()>;
     /// A piece of a model's monitor state (JSON).
     fn get_model_state(&self, model: &str, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Every piece of every model's monitor state, as `(model, name, JSON)`: how a replica of
+    /// a fleet learns what the others changed (retraining policies, episodes, evaluations).
+    fn model_states(&self) -> StoreResult<Vec<(String, String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+    /// The store as one that several replicas share (fleet mode): their rows make one window
+    /// per model, which one replica at a time evaluates. `None` (the default) for a store this
+    /// process alone uses.
+    fn shared(&self) -> Option<&dyn SharedDrift> {
+        None
+    }
+}
+
+/// A live row as the drift monitor keeps it: each reference feature's value (in the
+/// reference's order, `None` when the row lacks it) and the precision it came at.
+pub type DriftRow = Vec<Option<(FeatureValue, Precision)>>;
+
+/// Drift across a fleet: the rows every replica contributes to a model's shared window, and the
+/// lease that lets one replica at a time evaluate it.
+pub trait SharedDrift: Send + Sync {
+    /// Each model's reference stamp: a number that changes whenever the model's reference is
+    /// replaced, so that replicas notice another's upload without reading the reference.
+    fn reference_stamps(&self) -> StoreResult<std::collections::HashMap<String, u64>>;
+    /// Queues rows for the shared window of `model` (made against the reference with `stamp`),
+    /// which keeps the latest `keep`. Never blocks: rows are sent in batches, and dropped (and
+    /// counted) when the queue is full.
+    fn contribute(&self, model: &str, stamp: u64, keep: usize, rows: Vec<DriftRow>);
+    /// Waits (at most `limit`) until the rows this replica contributed so far are in the
+    /// shared windows: whether they are.
+    fn settle(&self, limit: Duration) -> bool;
+    /// Rows contributed to the shared window of `model` so far, by the whole fleet.
+    fn contributed(&self, model: &str) -> StoreResult<u64>;
+    /// The latest (at most `n`) rows of the shared window that were made against `stamp`,
+    /// oldest first.
+    fn window(&self, model: &str, stamp: u64, n: usize) -> StoreResult<Vec<DriftRow>>;
+    /// Takes, or keeps, the lease on evaluating `model` for `ttl`: whether this replica holds
+    /// it now.
+    fn lease(&self, model: &str, ttl: Duration) -> StoreResult<bool>;
 }
 
 /// Typed access to the monitor's state records (JSON) of a [`DriftStore`].

@@ -7,31 +7,11 @@
 //! | model ∅ `n` ∅ feature | sorted f64 LE values of a numeric reference feature |
 //! | model ∅ `s` ∅ name | JSON state record (`drift`, `retrain`, `concept/<version>`) |
 
-use std::collections::BTreeMap;
-
 use rocksdb::{IteratorMode, WriteBatch};
-use serde::{Deserialize, Serialize};
 
 use super::{cf, Store, StoreError};
-use crate::drift::{Reference, ReferenceData, ReferenceFeature};
-
-#[derive(Serialize, Deserialize)]
-struct Header {
-    features: Vec<HeaderFeature>,
-    rows: u64,
-    received: u64,
-    sampled: bool,
-    source: String,
-    created_at_ms: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct HeaderFeature {
-    name: String,
-    non_finite: u64,
-    /// Present for categorical features.
-    categories: Option<BTreeMap<String, u64>>,
-}
+use crate::drift::Reference;
+use crate::storage::reference;
 
 fn sub_key(model: &str, kind: u8, name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(model.len() + name.len() + 3);
@@ -56,35 +36,10 @@ impl Store {
         let mut to = from.clone();
         *to.last_mut().expect("non-empty") = 1;
         batch.delete_range_cf(fam, &from, &to);
-        let header = Header {
-            features: r
-                .features
-                .iter()
-                .map(|f| HeaderFeature {
-                    name: f.name.clone(),
-                    non_finite: f.non_finite,
-                    categories: match &f.data {
-                        ReferenceData::Categorical(c) => Some(c.clone()),
-                        ReferenceData::Numeric(_) => None,
-                    },
-                })
-                .collect(),
-            rows: r.rows,
-            received: r.received,
-            sampled: r.sampled,
-            source: r.source.clone(),
-            created_at_ms: r.created_at_ms,
-        };
-        batch.put_cf(
-            fam,
-            model.as_bytes(),
-            serde_json::to_vec(&header).expect("headers serialise"),
-        );
-        for f in &r.features {
-            if let ReferenceData::Numeric(v) = &f.data {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                batch.put_cf(fam, sub_key(model, b'n', &f.name), bytes);
-            }
+        let parts = reference::encode(r);
+        batch.put_cf(fam, model.as_bytes(), parts.header);
+        for (name, bytes) in parts.numeric {
+            batch.put_cf(fam, sub_key(model, b'n', &name), bytes);
         }
         self.write(batch, true)
     }
@@ -95,42 +50,10 @@ impl Store {
         let Some(h) = self.db.get_cf(fam, model.as_bytes())? else {
             return Ok(None);
         };
-        let bad = |source| StoreError::Value {
-            family: cf::REFERENCES,
-            key: model.to_string(),
-            source,
-        };
-        let h: Header = serde_json::from_slice(&h).map_err(bad)?;
-        let mut features = Vec::with_capacity(h.features.len());
-        for f in h.features {
-            let data = match f.categories {
-                Some(c) => ReferenceData::Categorical(c),
-                None => {
-                    let raw = self
-                        .db
-                        .get_cf(fam, sub_key(model, b'n', &f.name))?
-                        .unwrap_or_default();
-                    ReferenceData::Numeric(
-                        raw.chunks_exact(8)
-                            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                            .collect(),
-                    )
-                }
-            };
-            features.push(ReferenceFeature {
-                name: f.name,
-                data,
-                non_finite: f.non_finite,
-            });
-        }
-        Ok(Some(Reference {
-            features,
-            rows: h.rows,
-            received: h.received,
-            sampled: h.sampled,
-            source: h.source,
-            created_at_ms: h.created_at_ms,
-        }))
+        reference::decode(model, cf::REFERENCES, &h, |name| {
+            Ok(self.db.get_cf(fam, sub_key(model, b'n', name))?)
+        })
+        .map(Some)
     }
 
     /// The models that have a reference.
