@@ -1369,6 +1369,244 @@ mod drift {
         }
     }
 
+    /// The replica id in a replica's data directory.
+    fn replica_id(dir: &tempfile::TempDir) -> String {
+        std::fs::read_to_string(dir.path().join("fleet-replica-id")).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn evaluation_moves_to_another_replica_when_its_evaluator_goes() {
+        if !r::available() {
+            return;
+        }
+        let mut redis = RedisServer::start();
+        let server = model_server(LOGISTIC).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut fleet = Vec::new();
+        for d in &dirs {
+            let mut c = fleet_config(d.path(), &redis.url());
+            c.drift.window = 1000;
+            c.drift.every = 100;
+            fleet.push(Some(start_with(c).await));
+        }
+        let first = fleet[0].as_ref().unwrap();
+        setup(first, &server.endpoint()).await;
+        DriftClient::new(channel(first.control_addr).await)
+            .set_reference(reference())
+            .await
+            .unwrap();
+        let lease = "mg:test:{drift}:lease:m";
+        // Rows through every replica that is up; evaluations follow by themselves, one per
+        // 100 rows at most (the evaluator looks once a second).
+        async fn traffic(fleet: &[Option<Running>], from: u64, n: u64) {
+            let up: Vec<&Running> = fleet.iter().flatten().collect();
+            for i in from..from + n {
+                let mg = up[(i % up.len() as u64) as usize];
+                let row = live(i);
+                let mut c = infer_client(mg.data_addr).await;
+                // The configuration may still be on its way to this replica.
+                let start = Instant::now();
+                while c.model_infer(infer_request("m", &[&row])).await.is_err() {
+                    assert!(start.elapsed() < Duration::from_secs(2));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        async fn evaluations_reach(mg: &Running, n: u64) -> pb::DriftReport {
+            let start = Instant::now();
+            loop {
+                let r = report(mg, false).await;
+                if r.evaluations >= n {
+                    return r;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "still {} evaluations",
+                    r.evaluations
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // Once each replica knows the reference (a tick), its rows go to the shared window.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        traffic(&fleet, 0, 300).await;
+        let r = evaluations_reach(fleet[1].as_ref().unwrap(), 1).await;
+        assert!(r.drifted, "{r:?}");
+        let holder = redis.cli(&["GET", lease]).trim().to_string();
+        let gone = dirs
+            .iter()
+            .position(|d| replica_id(d) == holder)
+            .expect("a replica holds the lease");
+        let before = r.evaluations;
+        fleet[gone].take().unwrap().shutdown().await;
+
+        // The others take over within the lease (5 s) and evaluate the new rows.
+        traffic(&fleet, 300, 300).await;
+        let survivor = fleet.iter().flatten().next().unwrap();
+        let r = evaluations_reach(survivor, before + 1).await;
+        assert!(r.features[0].window_size >= 500, "{:?}", r.features[0]);
+        let next = redis.cli(&["GET", lease]).trim().to_string();
+        assert!(!next.is_empty() && next != holder, "{next} after {holder}");
+
+        // Redis restarted empty: the replicas put the reference back.
+        redis.restart();
+        let start = Instant::now();
+        while redis.cli(&["HLEN", "mg:test:{drift}:stamps"]).trim() != "1" {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "reference not put back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for mg in fleet.into_iter().flatten() {
+            mg.shutdown().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concept_drift_judges_every_replicas_outcomes_once() {
+        use modelgate::pb::modelgate::v1::outcomes_client::OutcomesClient;
+        if !r::available() {
+            return;
+        }
+        let redis = RedisServer::start();
+        let server = model_server("name=m;kind=logistic;weights=1,0,0").await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut fleet = Vec::new();
+        for d in &dirs {
+            let mut c = fleet_config(d.path(), &redis.url());
+            c.drift.concept_window = 20;
+            fleet.push(start_with(c).await);
+        }
+        registry(fleet[0].control_addr)
+            .await
+            .register_model_version(pb::RegisterModelVersionRequest {
+                model: "m".into(),
+                endpoint: server.endpoint(),
+                metrics: [("accuracy".to_string(), 0.9)].into(),
+                prediction: Some(pb::PredictionSpec {
+                    kind: Some(pb::prediction_spec::Kind::Threshold(
+                        pb::ThresholdPrediction {
+                            output: "probabilities".into(),
+                            threshold: 0.5,
+                            positive_label: "1".into(),
+                            negative_label: "0".into(),
+                        },
+                    )),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        promote(&mut registry(fleet[0].control_addr).await, "m", "1").await;
+        // A policy set on the third replica: the evaluator (whichever it is) follows it.
+        DriftClient::new(channel(fleet[2].control_addr).await)
+            .set_retrain_policy(pb::RetrainPolicy {
+                model: "m".into(),
+                on_performance_drift: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for mg in &fleet {
+            until_served_m(mg).await;
+        }
+        let mut events = EventsClient::new(channel(fleet[0].control_addr).await)
+            .watch(pb::WatchRequest {
+                from_cursor: 0,
+                types: vec![
+                    "performance_drift_started".into(),
+                    "retrain_triggered".into(),
+                ],
+                model: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Predictions on replica i, their outcomes on replica i + 1: x = 2 → label 1.
+        let fleet_ref = &fleet;
+        let send = |n: usize, right: bool| async move {
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let resp = infer_client(fleet_ref[i % 3].data_addr)
+                    .await
+                    .model_infer(infer_request("m", &[&[2.0, 0.0, 0.0]]))
+                    .await
+                    .unwrap();
+                ids.push(request_id_of(&resp));
+            }
+            // Once their stubs are in Redis (a flush).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for (i, id) in ids.into_iter().enumerate() {
+                let mut outcomes =
+                    OutcomesClient::new(channel(fleet_ref[(i + 1) % 3].control_addr).await);
+                outcomes
+                    .record_outcome(pb::RecordOutcomeRequest {
+                        request_id: id,
+                        actual: Some(pb::Actual {
+                            kind: Some(pb::actual::Kind::Label(
+                                if right { "1" } else { "0" }.into(),
+                            )),
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        };
+        async fn concept(mg: &Running) -> pb::ConceptDrift {
+            report(mg, false)
+                .await
+                .concept
+                .into_iter()
+                .next()
+                .unwrap_or_default()
+        }
+        send(15, true).await;
+        // Each replica reports the fleet's window, with every replica's outcomes in it.
+        let start = Instant::now();
+        for mg in &fleet {
+            while concept(mg).await.window_fill != 15 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(3),
+                    "{:?}",
+                    concept(mg).await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        send(30, false).await;
+        let mut seen = Vec::new();
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(4), events.next()).await {
+            let e = e.unwrap();
+            seen.push((e.r#type, e.version, e.reason));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                ("performance_drift_started".to_string(), 1, String::new()),
+                (
+                    "retrain_triggered".to_string(),
+                    1,
+                    "performance_drift".to_string()
+                ),
+            ],
+            "once for the fleet"
+        );
+        for mg in &fleet {
+            let c = concept(mg).await;
+            assert_eq!(
+                (c.window_fill, c.current, c.drifted),
+                (20, Some(0.0), true),
+                "{c:?}"
+            );
+            assert_eq!(c.baseline, Some(0.9));
+        }
+        for mg in fleet {
+            mg.shutdown().await;
+        }
+    }
+
     /// Waits until `mg` serves m (the configuration reached it).
     async fn until_served_m(mg: &Running) {
         let mut c = infer_client(mg.data_addr).await;

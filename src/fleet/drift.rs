@@ -5,7 +5,8 @@
 //! capped Redis list, through the stub flusher (one `RPUSH`, `LTRIM` and `HINCRBY` per model per
 //! flush, whatever the number of rows). One replica at a time, the holder of the model's lease,
 //! evaluates the window against the reference and moves the episode on; the others read its
-//! evaluation and episode from Redis. A reference uploaded (or captured) on any replica replaces
+//! evaluation and episode from Redis. Judged outcomes go the same way, to one concept window per
+//! model version, whose episode the model's lease holder moves on, outcome by outcome. A reference uploaded (or captured) on any replica replaces
 //! the fleet's, with a new stamp that the others notice within a second; rows made against an
 //! older reference are skipped.
 //!
@@ -20,6 +21,8 @@
 //! | `…:w:<model>` | list: the shared window, one encoded row per element, newest last |
 //! | `…:rows` | hash: model → rows contributed so far |
 //! | `…:lease:<model>` | the replica evaluating the model, expiring |
+//! | `…:c:<version>:<model>` | list: a version's shared concept window, one judged outcome per element (metric byte, f64 LE) |
+//! | `…:outcomes` | hash: `<version>:<model>` → outcomes added to its concept window so far |
 //!
 //! Redis away: reads come from the replica's own copy (references and states are written to both),
 //! writes fail UNAVAILABLE, rows wait in the flusher's queue, and no replica evaluates (a lease
@@ -37,7 +40,7 @@ use redis::Script;
 
 use super::outcomes::Outgoing;
 use super::redis::Redis;
-use crate::drift::Reference;
+use crate::drift::{ConceptMetric, Reference};
 use crate::record::{FeatureValue, Precision};
 use crate::storage::{reference, DriftRow, DriftStore, SharedDrift, StoreError, StoreResult};
 
@@ -66,6 +69,12 @@ end
 return 0
 "#;
 
+/// Reads a capped list and its count at once. KEYS: the list, the counts hash. ARGV: the
+/// list's field.
+const READ_CAPPED: &str = r#"
+return {redis.call('HGET', KEYS[2], ARGV[1]), redis.call('LRANGE', KEYS[1], 0, -1)}
+"#;
+
 /// The fleet's drift store.
 pub struct FleetDrift {
     redis: Arc<Redis>,
@@ -80,6 +89,7 @@ pub struct FleetDrift {
     sent: Arc<AtomicU64>,
     put_script: Script,
     lease_script: Script,
+    read_script: Script,
     /// The stamp of each reference this replica has copied into its own store.
     copied: Mutex<HashMap<String, u64>>,
 }
@@ -109,6 +119,7 @@ impl FleetDrift {
             sent: Arc::new(AtomicU64::new(0)),
             put_script: Script::new(PUT_REFERENCE),
             lease_script: Script::new(LEASE),
+            read_script: Script::new(READ_CAPPED),
             copied: Mutex::new(HashMap::new()),
         }
     }
@@ -272,23 +283,13 @@ impl SharedDrift for FleetDrift {
         if rows.is_empty() {
             return;
         }
-        let n = rows.len() as u64;
-        let out = Outgoing::DriftRows {
-            window: self.window_key(model),
-            counts: self.key("rows"),
-            model: model.to_string(),
+        self.queue_capped(
+            self.window_key(model),
+            self.key("rows"),
+            model.to_string(),
             keep,
-            rows: rows.iter().map(|r| encode_row(stamp, r)).collect(),
-            sent: self.sent.clone(),
-        };
-        match self.queue.try_send(out) {
-            Ok(()) => {
-                self.queued.fetch_add(n, Ordering::AcqRel);
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(n, Ordering::Relaxed);
-            }
-        }
+            rows.iter().map(|r| encode_row(stamp, r)).collect(),
+        );
     }
 
     fn settle(&self, limit: Duration) -> bool {
@@ -341,6 +342,112 @@ impl SharedDrift for FleetDrift {
                 .invoke(c)
         })?;
         Ok(held == 1)
+    }
+
+    fn contribute_outcomes(
+        &self,
+        model: &str,
+        version: u32,
+        keep: usize,
+        values: Vec<(ConceptMetric, f64)>,
+    ) {
+        if values.is_empty() {
+            return;
+        }
+        let field = format!("{version}:{model}");
+        self.queue_capped(
+            self.key(&format!("c:{field}")),
+            self.key("outcomes"),
+            field,
+            keep,
+            values
+                .iter()
+                .map(|(m, x)| {
+                    let mut b = vec![metric_code(*m)];
+                    b.extend_from_slice(&x.to_le_bytes());
+                    b
+                })
+                .collect(),
+        );
+    }
+
+    fn outcome_versions(&self) -> StoreResult<Vec<(String, u32)>> {
+        let fields: Vec<String> = self
+            .redis
+            .with(|c| redis::cmd("HKEYS").arg(self.key("outcomes")).query(c))?;
+        Ok(fields
+            .iter()
+            .filter_map(|f| {
+                let (v, m) = f.split_once(':')?;
+                Some((m.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    fn outcomes(&self, model: &str, version: u32) -> StoreResult<(u64, Vec<(ConceptMetric, f64)>)> {
+        let field = format!("{version}:{model}");
+        let (count, items): (Option<u64>, Vec<Vec<u8>>) = self.redis.with(|c| {
+            self.read_script
+                .key(self.key(&format!("c:{field}")))
+                .key(self.key("outcomes"))
+                .arg(&field)
+                .invoke(c)
+        })?;
+        Ok((
+            count.unwrap_or(0),
+            items
+                .iter()
+                .filter_map(|b| {
+                    let m = metric_of(*b.first()?)?;
+                    Some((m, f64::from_le_bytes(b.get(1..9)?.try_into().ok()?)))
+                })
+                .collect(),
+        ))
+    }
+}
+
+fn metric_code(m: ConceptMetric) -> u8 {
+    match m {
+        ConceptMetric::Accuracy => 0,
+        ConceptMetric::Mae => 1,
+    }
+}
+
+fn metric_of(code: u8) -> Option<ConceptMetric> {
+    match code {
+        0 => Some(ConceptMetric::Accuracy),
+        1 => Some(ConceptMetric::Mae),
+        _ => None,
+    }
+}
+
+impl FleetDrift {
+    /// Queues items for a capped shared list, counted in `counts` under `field`.
+    fn queue_capped(
+        &self,
+        list: String,
+        counts: String,
+        field: String,
+        keep: usize,
+        items: Vec<Vec<u8>>,
+    ) {
+        let n = items.len() as u64;
+        let out = Outgoing::Capped {
+            list,
+            counts,
+            field,
+            keep,
+            items,
+            sent: self.sent.clone(),
+        };
+        match self.queue.try_send(out) {
+            Ok(()) => {
+                self.queued.fetch_add(n, Ordering::AcqRel);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
     }
 }
 

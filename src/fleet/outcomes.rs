@@ -59,24 +59,34 @@ pub enum Outgoing {
     Features(String, Vec<(String, Vec<u8>)>),
     /// Feature definitions first seen in traffic (name, JSON).
     FeatureDef(String, Vec<u8>),
-    /// Rows for a model's shared drift window (`fleet::drift`).
-    DriftRows {
-        /// The window (a list).
-        window: String,
-        /// The hash counting each model's rows.
+    /// Items for a capped shared list — a model's drift window, a version's concept window
+    /// (`fleet::drift`) — and the count of what the list was given.
+    Capped {
+        /// The list.
+        list: String,
+        /// The hash counting what each list was given.
         counts: String,
-        /// The model.
-        model: String,
-        /// Rows the window keeps.
+        /// The list's field in `counts`.
+        field: String,
+        /// Items the list keeps.
         keep: usize,
-        /// Encoded rows, oldest first.
-        rows: Vec<Vec<u8>>,
-        /// Counts the rows once they are sent.
+        /// Encoded items, oldest first.
+        items: Vec<Vec<u8>>,
+        /// Counts the items once they are sent.
         sent: Arc<AtomicU64>,
     },
 }
 
-/// One model's drift rows in a send: (window, counts, model, rows kept, rows).
+/// Appends to a capped list and counts what it was given, at once. KEYS: the list, the counts
+/// hash. ARGV: the list's field in the counts, the items it keeps, how many items were given,
+/// then the items (the newest of them).
+const PUSH_CAPPED: &str = r#"
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+return redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[3])
+"#;
+
+/// One list's items in a send: (list, counts, field, items kept, items).
 type Push<'a> = (&'a str, &'a str, &'a str, usize, Vec<&'a [u8]>);
 
 /// The stub of a prediction record: what judging an outcome needs — time, model, version,
@@ -448,8 +458,8 @@ impl StubFlusher {
                 let excess = held.len() - STUB_QUEUE;
                 for gone in held.drain(..excess) {
                     // Settled, as far as waiting for them goes: they will never arrive.
-                    if let Outgoing::DriftRows { rows, sent, .. } = gone {
-                        sent.fetch_add(rows.len() as u64, Ordering::Release);
+                    if let Outgoing::Capped { items, sent, .. } = gone {
+                        sent.fetch_add(items.len() as u64, Ordering::Release);
                     }
                 }
             }
@@ -483,27 +493,27 @@ impl StubFlusher {
         }
         let sha = &self.script_sha;
         let feature_ttl = self.feature_ttl.as_millis().max(1) as u64;
-        // Each model's rows go in one push, however many batches brought them.
-        let mut windows: Vec<Push<'_>> = Vec::new();
+        // Each list's items go in one push, however many batches brought them.
+        let mut lists: Vec<Push<'_>> = Vec::new();
         let mut sent: Vec<(&Arc<AtomicU64>, u64)> = Vec::new();
         let mut cmds: Vec<redis::Cmd> = held
             .iter()
             .filter_map(|o| {
                 let mut cmd;
                 match o {
-                    Outgoing::DriftRows {
-                        window,
+                    Outgoing::Capped {
+                        list,
                         counts,
-                        model,
+                        field,
                         keep,
-                        rows,
+                        items,
                         sent: counter,
                     } => {
-                        sent.push((counter, rows.len() as u64));
-                        let rows = rows.iter().map(Vec::as_slice);
-                        match windows.iter_mut().find(|w| w.0 == window) {
-                            Some(w) => w.4.extend(rows),
-                            None => windows.push((window, counts, model, *keep, rows.collect())),
+                        sent.push((counter, items.len() as u64));
+                        let items = items.iter().map(Vec::as_slice);
+                        match lists.iter_mut().find(|w| w.0 == list) {
+                            Some(w) => w.4.extend(items),
+                            None => lists.push((list, counts, field, *keep, items.collect())),
                         }
                         return None;
                     }
@@ -527,19 +537,26 @@ impl StubFlusher {
                 Some(cmd)
             })
             .collect();
-        for (window, counts, model, keep, rows) in windows {
-            // Only the newest `keep` can stay: the older ones are not sent.
-            let skip = rows.len().saturating_sub(keep);
-            let mut push = redis::cmd("RPUSH");
-            push.arg(window);
-            for r in &rows[skip..] {
-                push.arg(*r);
+        for (list, counts, field, keep, items) in lists {
+            // Only the newest `keep` can stay: the older ones are not sent. One script, so that
+            // a reader sees the list and its count agree.
+            // In pieces: Lua unpacks at most ~8000 values at once.
+            let skip = items.len().saturating_sub(keep);
+            for (i, piece) in items[skip..].chunks(4000).enumerate() {
+                let given = piece.len() + if i == 0 { skip } else { 0 };
+                let mut push = redis::cmd("EVAL");
+                push.arg(PUSH_CAPPED)
+                    .arg(2)
+                    .arg(list)
+                    .arg(counts)
+                    .arg(field)
+                    .arg(keep.max(1))
+                    .arg(given);
+                for item in piece {
+                    push.arg(*item);
+                }
+                cmds.push(push);
             }
-            let mut trim = redis::cmd("LTRIM");
-            trim.arg(window).arg(-(keep.max(1) as i64)).arg(-1);
-            let mut count = redis::cmd("HINCRBY");
-            count.arg(counts).arg(model).arg(rows.len());
-            cmds.extend([push, trim, count]);
         }
         let r = self.redis.pipeline::<redis::Value>(cmds);
         match r {

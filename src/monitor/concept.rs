@@ -16,18 +16,26 @@ use crate::storage::DriftStateExt;
 use super::Monitor;
 
 /// The persisted concept-drift state of a version.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct ConceptRecord {
-    baseline: Option<f64>,
-    drifted: bool,
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct ConceptRecord {
+    pub(super) baseline: Option<f64>,
+    pub(super) drifted: bool,
+    /// Fleet mode: `quiet` as of the last outcome the lease holder judged (alone it is kept in
+    /// memory only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) quiet: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What the monitor holds of one version's concept drift.
 pub(super) struct Concept {
-    window: ConceptWindow,
-    record: ConceptRecord,
-    /// While drifted: outcomes in a row at most the exit level (in memory only).
-    quiet: u32,
+    pub(super) window: ConceptWindow,
+    pub(super) record: ConceptRecord,
+    /// While drifted: outcomes in a row at most the exit level (in memory only, alone).
+    pub(super) quiet: u32,
 }
 
 /// What the report of a version's concept drift says.
@@ -83,6 +91,16 @@ impl Monitor {
             (None, Some(e)) => (ConceptMetric::Mae, e.abs()),
             (None, None) => return,
         };
+        // In a fleet, to the version's shared window: the model's lease holder judges it.
+        if let Some(shared) = self.store.drift.shared() {
+            shared.contribute_outcomes(
+                model,
+                version,
+                self.settings.concept_window,
+                vec![(metric, x)],
+            );
+            return;
+        }
         let key = (model.to_string(), version);
         // A window made now is refilled from RocksDB, where this outcome already is.
         let (concept, refilled) = match self.concepts.get(&key) {
@@ -101,10 +119,23 @@ impl Monitor {
             }
         };
         let mut c = concept.lock();
+        self.concept_step(model, version, &mut c, metric, (!refilled).then_some(x));
+    }
+
+    /// One outcome of a version: `x` joins the window (`None`: it is there already), and the
+    /// episode moves on. Called with the version's lock held.
+    pub(super) fn concept_step(
+        &self,
+        model: &str,
+        version: u32,
+        c: &mut Concept,
+        metric: ConceptMetric,
+        x: Option<f64>,
+    ) {
         if c.window.metric != metric {
             return; // a version is judged one way; mixed outcomes would make no metric
         }
-        if !refilled {
+        if let Some(x) = x {
             c.window.push(x);
         }
         let Some(current) = c.window.current() else {
@@ -156,7 +187,7 @@ impl Monitor {
         }
     }
 
-    fn load_concept(&self, model: &str, version: u32, metric: ConceptMetric) -> Concept {
+    pub(super) fn load_concept(&self, model: &str, version: u32, metric: ConceptMetric) -> Concept {
         let record: ConceptRecord = self
             .store
             .drift
@@ -186,7 +217,7 @@ impl Monitor {
         }
     }
 
-    fn save_concept(&self, model: &str, version: u32, r: &ConceptRecord) {
+    pub(super) fn save_concept(&self, model: &str, version: u32, r: &ConceptRecord) {
         if let Err(e) = self
             .store
             .drift

@@ -43,6 +43,7 @@ impl Monitor {
             plane,
             models: DashMap::new(),
             concepts: DashMap::new(),
+            concepts_judged: Mutex::new(HashMap::new()),
             retrain: Mutex::new(HashMap::new()),
             eval_tx,
             raised: Mutex::new(Default::default()),

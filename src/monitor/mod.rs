@@ -80,6 +80,9 @@ pub struct Monitor {
     plane: Arc<dyn StateSource>,
     models: DashMap<String, Arc<Mutex<ModelDrift>>>,
     concepts: DashMap<(String, u32), Arc<Mutex<Concept>>>,
+    /// Fleet mode, while leading a model: outcomes of each of its versions' shared concept
+    /// windows already judged here.
+    concepts_judged: Mutex<HashMap<(String, u32), u64>>,
     retrain: Mutex<HashMap<String, RetrainPolicy>>,
     eval_tx: SyncSender<EvalRequest>,
     /// Alerts already raised (experiment significance / SRM, shadow agreement), by key.
@@ -141,6 +144,9 @@ impl Monitor {
                 self.concept_status(model, version, &c)
             })
             .collect();
+        if let Some(shared) = self.shared_concepts(model) {
+            concept = shared;
+        }
         concept.sort_by_key(|c| c.version);
         ModelReport {
             evaluation,

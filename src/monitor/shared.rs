@@ -5,6 +5,10 @@
 //! rows arrived (or an evaluation was asked for on any replica). The episode, its quiet counts
 //! and the latest evaluation are stored where every replica reads them, so the report and the
 //! events are the fleet's, and each event is published once, by the evaluator.
+//!
+//! Concept drift goes the same way: judged outcomes join their version's shared concept window,
+//! and the holder of the model's lease judges the new ones each tick, in the window's order,
+//! exactly as a replica alone judges its outcomes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,11 +17,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::drift::{FeatureDrift, FeatureResult, LiveWindow};
+use crate::drift::{ConceptWindow, FeatureDrift, FeatureResult, LiveWindow};
 use crate::record::{FeatureValue, Precision};
 use crate::stats::Unavailable;
 use crate::storage::{DriftRow, DriftStateExt};
 
+use super::concept::{Concept, ConceptRecord, ConceptStatus};
 use super::data::{DriftState, ModelDrift, Snapshot};
 use super::triggers::RetrainPolicy;
 use super::{Evaluation, Monitor};
@@ -363,11 +368,20 @@ impl Monitor {
             }
             Err(e) => tracing::debug!(error = %e, "cannot read the fleet's drift states"),
         }
+        // The lease of each model with a reference or outcomes, taken or kept once a tick.
+        let mut leading: BTreeMap<String, bool> = BTreeMap::new();
+        let versions = shared.outcome_versions().unwrap_or_default();
+        for model in stamps.keys().chain(versions.iter().map(|(m, _)| m)) {
+            if !leading.contains_key(model) {
+                leading.insert(model.clone(), self.leads(model));
+            }
+        }
+        self.judge_outcomes(&versions, &leading);
         for model in stamps.keys() {
             let Some(md) = self.models.get(model).map(|m| m.clone()) else {
                 continue;
             };
-            if !self.leads(model) {
+            if !leading.get(model).copied().unwrap_or(false) {
                 continue;
             }
             let Ok(rows) = shared.contributed(model) else {
@@ -387,5 +401,116 @@ impl Monitor {
                 let _ = self.eval_tx.try_send((model.clone(), None, None));
             }
         }
+    }
+}
+
+impl Monitor {
+    /// The lease holder's part of concept drift: the outcomes added to each shared concept
+    /// window since the last tick, judged one by one as one replica alone would. A window seen
+    /// for the first time (a new lease) is taken as it stands.
+    fn judge_outcomes(&self, versions: &[(String, u32)], leading: &BTreeMap<String, bool>) {
+        let Some(shared) = self.store.drift.shared() else {
+            return;
+        };
+        let mut judged = self.concepts_judged.lock();
+        // Lost a lease: judged afresh if it comes back.
+        judged.retain(|(m, _), _| leading.get(m).copied().unwrap_or(false));
+        for (model, version) in versions {
+            if !leading.get(model).copied().unwrap_or(false) {
+                continue;
+            }
+            let Ok((total, values)) = shared.outcomes(model, *version) else {
+                continue;
+            };
+            let Some(&(metric, _)) = values.last() else {
+                continue;
+            };
+            let key = (model.clone(), *version);
+            let record: ConceptRecord = self
+                .store
+                .drift
+                .get_state(model, &format!("concept/{version}"))
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            match judged.get(&key).copied() {
+                None => {
+                    let mut window = ConceptWindow::new(metric, self.settings.concept_window);
+                    for (m, x) in &values {
+                        if *m == metric {
+                            window.push(*x);
+                        }
+                    }
+                    let quiet = record.quiet;
+                    self.concepts.insert(
+                        key.clone(),
+                        Arc::new(Mutex::new(Concept {
+                            window,
+                            record,
+                            quiet,
+                        })),
+                    );
+                }
+                Some(seen) if total > seen => {
+                    let Some(concept) = self.concepts.get(&key).map(|c| c.clone()) else {
+                        continue;
+                    };
+                    let mut c = concept.lock();
+                    let new = ((total - seen) as usize).min(values.len());
+                    for (m, x) in &values[values.len() - new..] {
+                        self.concept_step(model, *version, &mut c, *m, Some(*x));
+                    }
+                    // Where the next judge goes on from.
+                    let mut stored = c.record.clone();
+                    stored.quiet = c.quiet;
+                    if stored != record {
+                        c.record.quiet = c.quiet;
+                        self.save_concept(model, *version, &stored);
+                    }
+                }
+                Some(_) => {}
+            }
+            judged.insert(key, total);
+        }
+    }
+
+    /// The fleet's concept drift of `model`, when drift is shared: each version's shared
+    /// window and stored episode.
+    pub(super) fn shared_concepts(&self, model: &str) -> Option<Vec<ConceptStatus>> {
+        let shared = self.store.drift.shared()?;
+        let versions = shared.outcome_versions().ok()?;
+        let mut out = Vec::new();
+        for (m, version) in versions {
+            if m != model {
+                continue;
+            }
+            let Ok((_, values)) = shared.outcomes(model, version) else {
+                continue;
+            };
+            let Some(&(metric, _)) = values.last() else {
+                continue;
+            };
+            let mut window = ConceptWindow::new(metric, self.settings.concept_window);
+            for (m, x) in &values {
+                if *m == metric {
+                    window.push(*x);
+                }
+            }
+            let record: ConceptRecord = self
+                .store
+                .drift
+                .get_state(model, &format!("concept/{version}"))
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let quiet = record.quiet;
+            let c = Concept {
+                window,
+                record,
+                quiet,
+            };
+            out.push(self.concept_status(model, version, &c));
+        }
+        Some(out)
     }
 }

@@ -25,7 +25,7 @@ pub mod reference;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::drift::Reference;
+use crate::drift::{ConceptMetric, Reference};
 use crate::experiment::VariantCounts;
 use crate::feature_store::FeatureDef;
 use crate::outcome::{Judgement, Tally};
@@ -536,6 +536,21 @@ pub trait SharedDrift: Send + Sync {
     /// Takes, or keeps, the lease on evaluating `model` for `ttl`: whether this replica holds
     /// it now.
     fn lease(&self, model: &str, ttl: Duration) -> StoreResult<bool>;
+    /// Queues judged outcomes of `model` version `version` (each its metric and value: 1/0 or
+    /// the absolute error) for the version's shared concept window, which keeps the latest
+    /// `keep`. Never blocks, like [`contribute`](SharedDrift::contribute).
+    fn contribute_outcomes(
+        &self,
+        model: &str,
+        version: u32,
+        keep: usize,
+        values: Vec<(ConceptMetric, f64)>,
+    );
+    /// The model versions with a shared concept window.
+    fn outcome_versions(&self) -> StoreResult<Vec<(String, u32)>>;
+    /// A version's shared concept window, oldest first, and how many outcomes the fleet has
+    /// added to it so far (read at once).
+    fn outcomes(&self, model: &str, version: u32) -> StoreResult<(u64, Vec<(ConceptMetric, f64)>)>;
 }
 
 /// Typed access to the monitor's state records (JSON) of a [`DriftStore`].
