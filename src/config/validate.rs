@@ -598,6 +598,21 @@ mod tests {
         assert!(err.contains("--request-timeout"), "{err}");
         let err = load(&["--log-level", "=="], &[], None).unwrap_err();
         assert!(err.contains("--log-level"), "{err}");
+        let err = load(
+            &[
+                "--fleet-store",
+                "redis://127.0.0.1:1",
+                "--fleet-drift-sample",
+                "1.5",
+            ],
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("--fleet-drift-sample") && err.contains("(0, 1]"),
+            "{err}"
+        );
     }
 
     #[test]
