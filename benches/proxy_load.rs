@@ -30,6 +30,9 @@
 //!    share refused with RESOURCE_EXHAUSTED and how fast (latency from sending), the latency of
 //!    the calls served, and the proxy's peak memory: shedding must keep the served calls flowing.
 //!
+//! `BENCH_REPEAT=N` runs the closed loop N times, the targets interleaved round by round, and
+//! reports each target's median round (this machine's neighbours make single runs noisy).
+//!
 //! For every target it prints throughput, the ratio to direct, latency p50 / p99 / p99.9, and —
 //! for the proxy processes — CPU seconds per 1,000 requests and peak resident memory (VmHWM,
 //! reset before each run). `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
@@ -506,16 +509,49 @@ fn proxy_usage(target: &Target, before: Option<Usage>) -> Option<Usage> {
 }
 
 /// Commands a Redis has processed so far (`INFO stats`).
-fn redis_commands(port: u16) -> u64 {
+/// Commands Redis has processed, and the CPU seconds it has used (user + system), so far.
+fn redis_stats(port: u16) -> (u64, f64) {
     let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "info", "stats"])
+        .args(["-p", &port.to_string(), "info", "all"])
         .output()
         .expect("redis-cli runs");
-    String::from_utf8_lossy(&out.stdout)
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        field("total_commands_processed:") as u64,
+        field("used_cpu_user:") + field("used_cpu_sys:"),
+    )
+}
+
+/// Where Redis spent its time (since it started: the fleet row is its only user), by command.
+fn print_redis_commands(port: u16) {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "commandstats"])
+        .output()
+        .expect("redis-cli runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows: Vec<(String, u64, u64)> = text
         .lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let get = |k: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            Some((name.to_string(), get("calls=")?, get("usec=")?))
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.2));
+    eprintln!("Redis time by command (fleet row): command, calls, µs in all");
+    for (name, calls, usec) in rows.iter().take(8) {
+        eprintln!("  {name:<10} {calls:>10} {usec:>12}");
+    }
 }
 
 fn machine() -> String {
@@ -892,21 +928,50 @@ fn main() {
             "ModelInfer 1x16 FP32; closed loop: concurrency {concurrency} over {connections} HTTP/2 connections; {seconds}s per run; machine: {}",
             machine()
         );
-        let mut closed_runs = Vec::new();
-        let mut redis_per_call = None;
-        for t in targets.iter().filter(|_| modes.contains("closed")) {
-            eprintln!("closed loop: {}", t.name);
+        // BENCH_REPEAT rounds over the targets, interleaved so that a noisy minute hurts every
+        // target alike; each target's median round (by throughput) is reported.
+        let repeat: usize = std::env::var("BENCH_REPEAT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+            .max(1);
+        let mut rounds: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+        let mut redis_rounds: Vec<(f64, f64)> = Vec::new();
+        for round in 0..repeat {
+        for (i, t) in targets.iter().enumerate().filter(|_| modes.contains("closed")) {
+            eprintln!("closed loop (round {}/{repeat}): {}", round + 1, t.name);
             let fleet = t.name.ends_with("+ fleet");
-            let before = redis_port.filter(|_| fleet).map(redis_commands);
+            let before = redis_port.filter(|_| fleet).map(redis_stats);
             let run = closed(t, concurrency, connections, seconds).await;
-            if let (Some(port), Some(before)) = (redis_port, before) {
+            if let (Some(port), Some((commands, cpu))) = (redis_port, before) {
                 // The writer and publisher run behind the calls: let them catch up first.
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let commands = redis_commands(port) - before;
-                redis_per_call = Some(commands as f64 / run.requests.max(1) as f64);
+                let (commands_after, cpu_after) = redis_stats(port);
+                print_redis_commands(port);
+                let calls = run.requests.max(1) as f64;
+                redis_rounds.push((
+                    (commands_after - commands) as f64 / calls,
+                    (cpu_after - cpu) * 1e6 / calls,
+                ));
             }
-            closed_runs.push(run);
+            rounds[i].push(run);
         }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        let redis_per_call = median(redis_rounds.iter().map(|r| r.0).collect())
+            .zip(median(redis_rounds.iter().map(|r| r.1).collect()));
+        let closed_runs: Vec<Run> = rounds
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|mut r| {
+                r.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
+                let middle = r.len() / 2;
+                r.swap_remove(middle)
+            })
+            .collect();
         let (rate, why) = match std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()) {
             Some(r) => (r, "BENCH_RATE"),
             None => match closed_runs.first() {
@@ -949,13 +1014,22 @@ fn main() {
             by_name.get("modelgate everything on + fleet"),
         ) {
             println!(
-                "everything on + fleet / everything on: {:.3} throughput, {} CPU per call; Redis commands per call: {}",
+                "everything on + fleet / everything on: {:.3} throughput, {} modelgate CPU per call; Redis per call: {} commands, {} CPU µs{}",
                 f.rps() / e.rps(),
                 match (f.cpu_per_1000(), e.cpu_per_1000()) {
                     (Some(a), Some(b)) => format!("{:.3}", a / b),
                     _ => "-".into(),
                 },
-                redis_per_call.map_or("-".into(), |c| format!("{c:.3}")),
+                redis_per_call.map_or("-".into(), |c| format!("{:.3}", c.0)),
+                redis_per_call.map_or("-".into(), |c| format!("{:.1}", c.1)),
+                // modelgate's and Redis's CPU per call together, against everything on alone.
+                match (f.cpu_per_1000(), e.cpu_per_1000(), redis_per_call) {
+                    (Some(a), Some(b), Some(c)) => format!(
+                        "; modelgate + Redis CPU per call / everything on: {:.3}",
+                        (a / 1000.0 + c.1 / 1e6) / (b / 1000.0)
+                    ),
+                    _ => String::new(),
+                },
             );
         }
         let mut overload_json = serde_json::Value::Null;

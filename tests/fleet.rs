@@ -931,6 +931,53 @@ mod outages {
     }
 }
 
+/// The shared features' script keeps the newest value of each feature, whether writes arrive in
+/// time order (stored as they are) or late (compared field by field).
+#[test]
+fn the_feature_script_keeps_the_newest_value_of_each_feature() {
+    if !r::available() {
+        return;
+    }
+    use modelgate::fleet::features::{encode_value, NEWEST, NEWEST_WINS};
+    use modelgate::record::FeatureValue::Number;
+    let redis = RedisServer::start();
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = ::redis::Script::new(NEWEST_WINS);
+    let write = |conn: &mut ::redis::Connection, t: u64, values: &[(&str, f64)]| {
+        let mut call = script.key("e");
+        call.arg(60_000).arg(format!("{t:015}"));
+        for (f, x) in values {
+            call.arg(*f).arg(encode_value(t, &Number(*x)));
+        }
+        call.invoke::<i64>(conn).unwrap();
+    };
+    write(&mut conn, 200, &[("a", 1.0), ("b", 2.0)]);
+    // Late: an older write of a (kept out) and of c (new to the entity: stored).
+    write(&mut conn, 100, &[("a", 9.0), ("c", 3.0)]);
+    write(&mut conn, 300, &[("b", 5.0)]);
+    let got: Vec<Vec<u8>> = ::redis::cmd("HMGET")
+        .arg("e")
+        .arg("a")
+        .arg("b")
+        .arg("c")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(got[0], encode_value(200, &Number(1.0)));
+    assert_eq!(got[1], encode_value(300, &Number(5.0)));
+    assert_eq!(got[2], encode_value(100, &Number(3.0)));
+    let newest: String = ::redis::cmd("HGET")
+        .arg("e")
+        .arg(NEWEST)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(newest, format!("{:015}", 300));
+    let ttl: i64 = ::redis::cmd("PTTL").arg("e").query(&mut conn).unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn online_features_written_on_one_replica_are_read_on_another() {
     use modelgate::pb::modelgate::v1::features_client::FeaturesClient;

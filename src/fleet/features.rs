@@ -26,29 +26,42 @@ use crate::record::FeatureValue;
 use crate::storage::{FeatureStore, StoreError, StoreResult};
 
 /// Keeps the newer value of each field. KEYS[1]: the entity's hash. ARGV[1]: the hash's TTL in
-/// ms; then (field, value) pairs whose values start with their time. Three commands inside Redis
-/// whatever the number of features (one read, one write, the expiry).
+/// ms; ARGV[2]: the values' time (15 digits); then (field, value) pairs whose values start with
+/// that time.
+///
+/// The hash also keeps the newest time written to it ([`NEWEST`]): a write at least that new (the
+/// usual case) is stored as it is, with one read of one field; only a write that arrives late
+/// (another replica flushed a newer one first) compares field by field.
 pub const NEWEST_WINS: &str = r#"
-local n = (#ARGV - 1) / 2
-local fields = {}
-for i = 1, n do
-  fields[i] = ARGV[2 * i]
-end
-local current = redis.call('HMGET', KEYS[1], unpack(fields))
-local newer = {}
-for i = 1, n do
-  local value = ARGV[2 * i + 1]
-  if (not current[i]) or string.sub(current[i], 1, 15) <= string.sub(value, 1, 15) then
-    newer[#newer + 1] = fields[i]
-    newer[#newer + 1] = value
+local newest = redis.call('HGET', KEYS[1], '\0t')
+if (newest and newest <= ARGV[2]) or ((not newest) and redis.call('EXISTS', KEYS[1]) == 0) then
+  redis.call('HSET', KEYS[1], '\0t', ARGV[2], unpack(ARGV, 3))
+else
+  local n = (#ARGV - 2) / 2
+  local fields = {}
+  for i = 1, n do
+    fields[i] = ARGV[2 * i + 1]
   end
-end
-if #newer > 0 then
-  redis.call('HSET', KEYS[1], unpack(newer))
+  local current = redis.call('HMGET', KEYS[1], unpack(fields))
+  local newer = {}
+  for i = 1, n do
+    local value = ARGV[2 * i + 2]
+    if (not current[i]) or string.sub(current[i], 1, 15) <= string.sub(value, 1, 15) then
+      newer[#newer + 1] = fields[i]
+      newer[#newer + 1] = value
+    end
+  end
+  if #newer > 0 then
+    redis.call('HSET', KEYS[1], unpack(newer))
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 0
 "#;
+
+/// The field of an entity's hash that holds the newest time written to it (a NUL byte first,
+/// so that no feature name is it).
+pub const NEWEST: &str = "\0t";
 
 /// The hash of an entity's shared features.
 pub fn entity_key(prefix: &str, entity: &str) -> String {

@@ -522,8 +522,10 @@ impl StubFlusher {
                         cmd.arg(k).arg(v.as_slice()).arg("PX").arg(ttl);
                     }
                     Outgoing::Features(k, values) => {
+                        // One call's values share one time: the first 15 bytes of each.
+                        let time = values.first().and_then(|(_, v)| v.get(..15))?;
                         cmd = redis::cmd("EVALSHA");
-                        cmd.arg(sha).arg(1).arg(k).arg(feature_ttl);
+                        cmd.arg(sha).arg(1).arg(k).arg(feature_ttl).arg(time);
                         for (f, v) in values {
                             cmd.arg(f).arg(v.as_slice());
                         }
