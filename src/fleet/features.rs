@@ -70,11 +70,27 @@ pub fn entity_key(prefix: &str, entity: &str) -> String {
 
 /// A value as kept in the entity's hash: its time first.
 pub fn encode_value(time_ms: u64, v: &FeatureValue) -> Vec<u8> {
-    let mut out = format!("{time_ms:015}").into_bytes();
-    crate::convert::feature_value_to_pb(v)
-        .encode(&mut out)
-        .expect("a Vec grows");
+    let mut out = encode_time(time_ms).to_vec();
+    encode_value_into(v, &mut out);
     out
+}
+
+/// A value's time as kept: 15 zero-padded digits (times compare as strings).
+pub fn encode_time(time_ms: u64) -> [u8; 15] {
+    let mut out = [b'0'; 15];
+    let mut t = time_ms.min(999_999_999_999_999);
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (t % 10) as u8;
+        t /= 10;
+    }
+    out
+}
+
+/// Appends a value (protobuf) after its time.
+pub fn encode_value_into(v: &FeatureValue, out: &mut Vec<u8>) {
+    crate::convert::feature_value_to_pb(v)
+        .encode(out)
+        .expect("a Vec grows");
 }
 
 fn decode_value(v: &[u8]) -> Option<(u64, FeatureValue)> {
@@ -218,5 +234,7 @@ mod tests {
             Some((1_000, FeatureValue::Text("x".into())))
         );
         assert_eq!(decode_value(b"short"), None);
+        assert_eq!(&encode_time(1_764_000_000_123), b"001764000000123");
+        assert_eq!(&encode_time(0), b"000000000000000");
     }
 }

@@ -44,6 +44,8 @@ pub struct FleetRecords {
     prefix: String,
     window: Duration,
     stubs: SyncSender<Outgoing>,
+    /// The hash of the feature script (called by it).
+    feature_sha: String,
     /// How long an entity's shared features are kept after their last write.
     feature_ttl: Duration,
     /// Stubs dropped because the flusher's queue was full.
@@ -55,8 +57,9 @@ pub struct FleetRecords {
 pub enum Outgoing {
     /// A prediction's stub (key, value).
     Stub(Vec<u8>, Vec<u8>),
-    /// An entity's newest feature values (key, [(feature, encoded value)]).
-    Features(String, Vec<(String, Vec<u8>)>),
+    /// An entity's newest feature values: the feature script's call, made whole on the record
+    /// writer's thread (encoding each value straight into the call, not into values of its own).
+    Features(redis::Cmd),
     /// Feature definitions first seen in traffic (name, JSON).
     FeatureDef(String, Vec<u8>),
     /// Items for a capped shared list — a model's drift window, a version's concept window
@@ -214,22 +217,45 @@ impl FleetRecords {
             prefix: prefix.to_string(),
             window,
             stubs: tx,
+            feature_sha: redis::Script::new(super::features::NEWEST_WINS)
+                .get_hash()
+                .to_string(),
             feature_ttl,
             dropped: Arc::new(AtomicU64::new(0)),
         };
         let flusher = StubFlusher {
             redis,
-            script_sha: redis::Script::new(super::features::NEWEST_WINS)
-                .get_hash()
-                .to_string(),
             script_loaded: AtomicBool::new(false),
             rx,
             window,
-            feature_ttl,
             defs_key: format!("{prefix}:feature-defs"),
             status,
         };
         (records, flusher)
+    }
+
+    /// The feature script's call (EVALSHA) writing an entity's values at `time_ms`.
+    fn feature_call(
+        &self,
+        entity: &str,
+        time_ms: u64,
+        values: &[(String, crate::record::FeatureValue)],
+        scratch: &mut Vec<u8>,
+    ) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.feature_sha)
+            .arg(1)
+            .arg(super::features::entity_key(&self.prefix, entity))
+            .arg(self.feature_ttl.as_millis().max(1) as u64);
+        let time = super::features::encode_time(time_ms);
+        cmd.arg(&time[..]);
+        for (f, v) in values {
+            scratch.clear();
+            scratch.extend_from_slice(&time);
+            super::features::encode_value_into(v, scratch);
+            cmd.arg(f).arg(scratch.as_slice());
+        }
+        cmd
     }
 
     fn stub_key(&self, request_id: &str) -> Vec<u8> {
@@ -261,6 +287,7 @@ impl FleetRecords {
 
 impl RecordLog for FleetRecords {
     fn commit(&self, writes: RecordWrites, no_slowdown: bool) -> StoreResult<()> {
+        let mut scratch = Vec::new();
         let stubs: Vec<Outgoing> = writes
             .writes
             .iter()
@@ -272,13 +299,12 @@ impl RecordLog for FleetRecords {
                     entity,
                     time_ms,
                     values,
-                } => Some(Outgoing::Features(
-                    super::features::entity_key(&self.prefix, entity),
-                    values
-                        .iter()
-                        .map(|(f, v)| (f.clone(), super::features::encode_value(*time_ms, v)))
-                        .collect(),
-                )),
+                } if !values.is_empty() => Some(Outgoing::Features(self.feature_call(
+                    entity,
+                    *time_ms,
+                    values,
+                    &mut scratch,
+                ))),
                 RecordWrite::FeatureDef(d) => Some(Outgoing::FeatureDef(
                     d.name.clone(),
                     serde_json::to_vec(d).expect("definitions serialise"),
@@ -413,11 +439,9 @@ impl RecordLog for FleetRecords {
 /// Sends stubs to Redis in pipelines; holds them (bounded) while Redis is away.
 pub struct StubFlusher {
     redis: Arc<Redis>,
-    script_sha: String,
     script_loaded: AtomicBool,
     rx: Receiver<Outgoing>,
     window: Duration,
-    feature_ttl: Duration,
     defs_key: String,
     status: Arc<FleetStatus>,
 }
@@ -491,8 +515,6 @@ impl StubFlusher {
                 }
             }
         }
-        let sha = &self.script_sha;
-        let feature_ttl = self.feature_ttl.as_millis().max(1) as u64;
         // Each list's items go in one push, however many batches brought them.
         let mut lists: Vec<Push<'_>> = Vec::new();
         let mut sent: Vec<(&Arc<AtomicU64>, u64)> = Vec::new();
@@ -521,15 +543,7 @@ impl StubFlusher {
                         cmd = redis::cmd("SET");
                         cmd.arg(k).arg(v.as_slice()).arg("PX").arg(ttl);
                     }
-                    Outgoing::Features(k, values) => {
-                        // One call's values share one time: the first 15 bytes of each.
-                        let time = values.first().and_then(|(_, v)| v.get(..15))?;
-                        cmd = redis::cmd("EVALSHA");
-                        cmd.arg(sha).arg(1).arg(k).arg(feature_ttl).arg(time);
-                        for (f, v) in values {
-                            cmd.arg(f).arg(v.as_slice());
-                        }
-                    }
+                    Outgoing::Features(call) => cmd = call.clone(),
                     Outgoing::FeatureDef(name, json) => {
                         // A definition first seen in traffic never replaces a declared one.
                         cmd = redis::cmd("HSETNX");
