@@ -24,10 +24,13 @@ pub(super) struct ConceptRecord {
     /// memory only).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(super) quiet: u32,
+    /// Fleet mode: outcomes of the version's shared concept window judged so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) judged: u64,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// What the monitor holds of one version's concept drift.

@@ -43,7 +43,6 @@ impl Monitor {
             plane,
             models: DashMap::new(),
             concepts: DashMap::new(),
-            concepts_judged: Mutex::new(HashMap::new()),
             retrain: Mutex::new(HashMap::new()),
             eval_tx,
             raised: Mutex::new(Default::default()),

@@ -80,9 +80,6 @@ pub struct Monitor {
     plane: Arc<dyn StateSource>,
     models: DashMap<String, Arc<Mutex<ModelDrift>>>,
     concepts: DashMap<(String, u32), Arc<Mutex<Concept>>>,
-    /// Fleet mode, while leading a model: outcomes of each of its versions' shared concept
-    /// windows already judged here.
-    concepts_judged: Mutex<HashMap<(String, u32), u64>>,
     retrain: Mutex<HashMap<String, RetrainPolicy>>,
     eval_tx: SyncSender<EvalRequest>,
     /// Alerts already raised (experiment significance / SRM, shadow agreement), by key.

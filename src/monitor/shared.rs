@@ -406,15 +406,13 @@ impl Monitor {
 
 impl Monitor {
     /// The lease holder's part of concept drift: the outcomes added to each shared concept
-    /// window since the last tick, judged one by one as one replica alone would. A window seen
-    /// for the first time (a new lease) is taken as it stands.
+    /// window since the last judged one (the count is stored with the episode), judged one by
+    /// one as one replica alone would, from the window as it was before them. Nothing is kept in
+    /// memory between ticks, so a new holder goes on exactly where the last one stopped.
     fn judge_outcomes(&self, versions: &[(String, u32)], leading: &BTreeMap<String, bool>) {
         let Some(shared) = self.store.drift.shared() else {
             return;
         };
-        let mut judged = self.concepts_judged.lock();
-        // Lost a lease: judged afresh if it comes back.
-        judged.retain(|(m, _), _| leading.get(m).copied().unwrap_or(false));
         for (model, version) in versions {
             if !leading.get(model).copied().unwrap_or(false) {
                 continue;
@@ -425,7 +423,6 @@ impl Monitor {
             let Some(&(metric, _)) = values.last() else {
                 continue;
             };
-            let key = (model.clone(), *version);
             let record: ConceptRecord = self
                 .store
                 .drift
@@ -433,44 +430,30 @@ impl Monitor {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-            match judged.get(&key).copied() {
-                None => {
-                    let mut window = ConceptWindow::new(metric, self.settings.concept_window);
-                    for (m, x) in &values {
-                        if *m == metric {
-                            window.push(*x);
-                        }
-                    }
-                    let quiet = record.quiet;
-                    self.concepts.insert(
-                        key.clone(),
-                        Arc::new(Mutex::new(Concept {
-                            window,
-                            record,
-                            quiet,
-                        })),
-                    );
-                }
-                Some(seen) if total > seen => {
-                    let Some(concept) = self.concepts.get(&key).map(|c| c.clone()) else {
-                        continue;
-                    };
-                    let mut c = concept.lock();
-                    let new = ((total - seen) as usize).min(values.len());
-                    for (m, x) in &values[values.len() - new..] {
-                        self.concept_step(model, *version, &mut c, *m, Some(*x));
-                    }
-                    // Where the next judge goes on from.
-                    let mut stored = c.record.clone();
-                    stored.quiet = c.quiet;
-                    if stored != record {
-                        c.record.quiet = c.quiet;
-                        self.save_concept(model, *version, &stored);
-                    }
-                }
-                Some(_) => {}
+            if record.judged >= total {
+                continue;
             }
-            judged.insert(key, total);
+            let new = ((total - record.judged) as usize).min(values.len());
+            let (before, after) = values.split_at(values.len() - new);
+            let mut window = ConceptWindow::new(metric, self.settings.concept_window);
+            for (m, x) in before {
+                if *m == metric {
+                    window.push(*x);
+                }
+            }
+            let mut c = Concept {
+                window,
+                quiet: record.quiet,
+                record: ConceptRecord {
+                    judged: total,
+                    ..record.clone()
+                },
+            };
+            for (m, x) in after {
+                self.concept_step(model, *version, &mut c, *m, Some(*x));
+            }
+            c.record.quiet = c.quiet;
+            self.save_concept(model, *version, &c.record);
         }
     }
 
