@@ -21,6 +21,7 @@
 
 pub mod grpc;
 pub mod oip_grpc;
+pub mod oip_rest;
 pub mod wire;
 
 use std::fmt::Debug;
