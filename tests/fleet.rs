@@ -1531,16 +1531,7 @@ mod drift {
                 model: "m".into(),
                 endpoint: server.endpoint(),
                 metrics: [("accuracy".to_string(), 0.9)].into(),
-                prediction: Some(pb::PredictionSpec {
-                    kind: Some(pb::prediction_spec::Kind::Threshold(
-                        pb::ThresholdPrediction {
-                            output: "probabilities".into(),
-                            threshold: 0.5,
-                            positive_label: "1".into(),
-                            negative_label: "0".into(),
-                        },
-                    )),
-                }),
+                prediction: Some(threshold_prediction("1", "0")),
                 ..Default::default()
             })
             .await

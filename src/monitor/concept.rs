@@ -190,14 +190,18 @@ impl Monitor {
         }
     }
 
-    pub(super) fn load_concept(&self, model: &str, version: u32, metric: ConceptMetric) -> Concept {
-        let record: ConceptRecord = self
-            .store
+    /// A version's stored concept-drift state (the default when none, or unreadable).
+    pub(super) fn concept_record(&self, model: &str, version: u32) -> ConceptRecord {
+        self.store
             .drift
             .get_state(model, &format!("concept/{version}"))
             .ok()
             .flatten()
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    pub(super) fn load_concept(&self, model: &str, version: u32, metric: ConceptMetric) -> Concept {
+        let record = self.concept_record(model, version);
         let mut window = ConceptWindow::new(metric, self.settings.concept_window);
         // Refill from the stored outcomes, oldest first, so a restart loses nothing.
         if let Ok(recent) =

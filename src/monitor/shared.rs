@@ -17,7 +17,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::drift::{ConceptWindow, FeatureDrift, FeatureResult, LiveWindow};
+use crate::drift::{ConceptMetric, ConceptWindow, FeatureDrift, FeatureResult, LiveWindow};
 use crate::record::{FeatureValue, Precision};
 use crate::stats::Unavailable;
 use crate::storage::{DriftRow, DriftStateExt};
@@ -423,24 +423,13 @@ impl Monitor {
             let Some(&(metric, _)) = values.last() else {
                 continue;
             };
-            let record: ConceptRecord = self
-                .store
-                .drift
-                .get_state(model, &format!("concept/{version}"))
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            let record = self.concept_record(model, *version);
             if record.judged >= total {
                 continue;
             }
             let new = ((total - record.judged) as usize).min(values.len());
             let (before, after) = values.split_at(values.len() - new);
-            let mut window = ConceptWindow::new(metric, self.settings.concept_window);
-            for (m, x) in before {
-                if *m == metric {
-                    window.push(*x);
-                }
-            }
+            let window = self.concept_window(metric, before);
             let mut c = Concept {
                 window,
                 quiet: record.quiet,
@@ -455,6 +444,21 @@ impl Monitor {
             c.record.quiet = c.quiet;
             self.save_concept(model, *version, &c.record);
         }
+    }
+
+    /// A concept window holding `values` of `metric` (a version is judged one way).
+    fn concept_window(
+        &self,
+        metric: ConceptMetric,
+        values: &[(ConceptMetric, f64)],
+    ) -> ConceptWindow {
+        let mut window = ConceptWindow::new(metric, self.settings.concept_window);
+        for (m, x) in values {
+            if *m == metric {
+                window.push(*x);
+            }
+        }
+        window
     }
 
     /// The fleet's concept drift of `model`, when drift is shared: each version's shared
@@ -473,19 +477,8 @@ impl Monitor {
             let Some(&(metric, _)) = values.last() else {
                 continue;
             };
-            let mut window = ConceptWindow::new(metric, self.settings.concept_window);
-            for (m, x) in &values {
-                if *m == metric {
-                    window.push(*x);
-                }
-            }
-            let record: ConceptRecord = self
-                .store
-                .drift
-                .get_state(model, &format!("concept/{version}"))
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            let window = self.concept_window(metric, &values);
+            let record = self.concept_record(model, version);
             let quiet = record.quiet;
             let c = Concept {
                 window,

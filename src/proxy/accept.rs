@@ -44,7 +44,9 @@ pub struct ServerSettings {
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, the bytes every HTTP/2 client sends first.
 const PREFACE_LEN: usize = 24;
 
-type Builder = hyper::server::conn::http2::Builder<TokioExecutor>;
+/// HTTP/1.1 and HTTP/2 on one port: an HTTP/2 client's preface picks HTTP/2 (cleartext with
+/// prior knowledge, as gRPC clients do; over TLS, ALPN `h2`), anything else is HTTP/1.1 (REST).
+type Builder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
 
 /// Serves the data port on `listener` until `shutdown` resolves, then drains open connections for
 /// up to the grace period.
@@ -57,6 +59,12 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.handshake_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192) * 2);
+    builder
+        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(u32::try_from(settings.max_header_bytes * 2).unwrap_or(u32::MAX))
@@ -66,7 +74,13 @@ pub async fn serve(
         // every frame, which costs more than it gains for small inference messages.
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20);
-    let acceptor = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = settings.tls.clone().map(|tls| {
+        // Both protocols are offered: gRPC clients pick h2, REST clients may pick HTTP/1.1.
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+    });
+    let rest = super::rest::RestGateway::new(proxy.clone());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -84,6 +98,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = Connection {
             proxy: proxy.clone(),
+            rest: rest.clone(),
             builder: builder.clone(),
             watcher: graceful.watcher(),
             peer,
@@ -123,6 +138,7 @@ pub async fn serve(
 /// One accepted connection, before it is served.
 struct Connection {
     proxy: Arc<Proxy>,
+    rest: Arc<super::rest::RestGateway>,
     builder: Builder,
     watcher: Watcher,
     peer: SocketAddr,
@@ -138,21 +154,28 @@ impl Connection {
     {
         let Connection {
             proxy,
+            rest,
             builder,
             watcher,
             peer,
             handshake_timeout,
         } = self;
         let svc = hyper::service::service_fn(move |req| {
-            let p = proxy.clone();
-            async move { Ok::<_, Infallible>(p.handle(req).await) }
+            let (p, rest) = (proxy.clone(), rest.clone());
+            async move {
+                Ok::<_, Infallible>(if super::rest::is_rest(&req) {
+                    rest.handle(req).await
+                } else {
+                    p.handle(req).await
+                })
+            }
         });
         let read = Arc::new(AtomicUsize::new(0));
         let io = CountReads {
             inner: io,
             read: read.clone(),
         };
-        let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
+        let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
         tokio::pin!(conn);
         let result = tokio::select! {
             r = &mut conn => r,

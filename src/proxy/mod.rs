@@ -12,6 +12,7 @@
 pub mod accept;
 pub mod body;
 pub mod mirror;
+pub mod rest;
 pub mod status;
 pub mod stream;
 pub mod upstream;
@@ -363,7 +364,7 @@ pub struct Proxy {
     routing: Arc<ArcSwap<RoutingTable>>,
     upstreams: Arc<upstream::Upstreams>,
     local: tonic::service::Routes,
-    limits: Limits,
+    pub(crate) limits: Limits,
     in_flight: Arc<AtomicUsize>,
     /// Request bodies of refused calls being drained (see [`Proxy::drain`]).
     draining: Arc<AtomicUsize>,

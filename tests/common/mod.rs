@@ -141,6 +141,21 @@ pub fn request_id_of<T>(resp: &Response<T>) -> String {
         .to_string()
 }
 
+/// A prediction read as the threshold at 0.5 of the output `probabilities`, labelled
+/// `positive` / `negative`.
+pub fn threshold_prediction(positive: &str, negative: &str) -> pb::PredictionSpec {
+    pb::PredictionSpec {
+        kind: Some(pb::prediction_spec::Kind::Threshold(
+            pb::ThresholdPrediction {
+                output: "probabilities".into(),
+                threshold: 0.5,
+                positive_label: positive.into(),
+                negative_label: negative.into(),
+            },
+        )),
+    }
+}
+
 /// The x-modelgate-model-version header.
 pub fn served_version<T>(resp: &Response<T>) -> String {
     resp.metadata()

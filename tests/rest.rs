@@ -1,0 +1,204 @@
+//! REST callers on the data port (OIP over HTTP/JSON, KServe v2 REST) with curl: HTTP/1.1 on the
+//! same port as gRPC, translated to OIP gRPC so that they get routing, records and the rest, and
+//! REST errors as `{"error": …}` with the HTTP status a REST client expects.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use modelgate::config::Config;
+use modelgate::pb::modelgate::v1 as pb;
+use modelgate::pb::modelgate::v1::predictions_client::PredictionsClient;
+use serde_json::Value;
+
+/// Runs curl; returns (HTTP status, response headers, body as JSON).
+fn curl(args: &[&str]) -> (u16, String, Value) {
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "-D", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (rest, code) = text.rsplit_once('\n').unwrap();
+    // The last header block (a 100 Continue comes first when curl asked for one).
+    let (mut headers, mut body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    while body.starts_with("HTTP/") {
+        (headers, body) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
+    }
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    (
+        code.trim().parse().unwrap(),
+        headers.to_ascii_lowercase(),
+        json,
+    )
+}
+
+async fn setup() -> (
+    tempfile::TempDir,
+    modelgate::server::Running,
+    modelgate::model_server::RunningModelServer,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=m;kind=logistic;weights=1,0,0").await;
+    let mut config = Config::for_tests(dir.path());
+    config.max_message_bytes = 1 << 20;
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    reg.register_model_version(pb::RegisterModelVersionRequest {
+        model: "m".into(),
+        endpoint: server.endpoint(),
+        feature_names: vec![pb::InputFeatureNames {
+            input: "input".into(),
+            names: vec!["a".into(), "b".into(), "c".into()],
+        }],
+        prediction: Some(threshold_prediction("1", "0")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    promote(&mut reg, "m", "1").await;
+    (dir, mg, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_gets_health_metadata_and_inference_over_http1() {
+    let (_dir, mg, _server) = setup().await;
+    let base = format!("http://{}", mg.data_addr);
+    let (code, _, body) = curl(&[&format!("{base}/v2/health/live")]);
+    assert_eq!((code, &body), (200, &serde_json::json!({"live": true})));
+    let (code, _, _) = curl(&[&format!("{base}/v2/health/ready")]);
+    assert_eq!(code, 200);
+    // REST over HTTP/2 cleartext (prior knowledge) on the same port.
+    let h2 = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg(format!("{base}/v2/health/ready"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&h2.stdout), "2 200");
+    let (code, _, body) = curl(&[&format!("{base}/v2/models/m/ready")]);
+    assert_eq!((code, body["ready"].as_bool()), (200, Some(true)));
+    let (code, _, meta) = curl(&[&format!("{base}/v2/models/m")]);
+    assert_eq!(code, 200, "{meta}");
+    assert_eq!(meta["inputs"][0]["name"], "input");
+
+    let request = r#"{"id":"call-1","inputs":[{"name":"input","shape":[1,3],"datatype":"FP32","data":[[2,0,0]]}]}"#;
+    let (code, headers, answer) = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "x-user-id: user-7",
+        "-d",
+        request,
+        &format!("{base}/v2/models/m/infer"),
+    ]);
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["model_name"], "m");
+    assert_eq!(answer["model_version"], "1");
+    assert_eq!(answer["id"], "call-1");
+    let p = &answer["outputs"][0];
+    assert_eq!(p["name"], "probabilities");
+    assert_eq!(p["datatype"], "FP32");
+    let data: Vec<f64> = p["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(data.iter().all(|x| (0.0..=1.0).contains(x)), "{data:?}");
+    assert!(
+        headers.contains("x-modelgate-model-version: 1"),
+        "{headers}"
+    );
+    let id = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-modelgate-request-id: "))
+        .expect("the request id header")
+        .trim()
+        .to_string();
+
+    // Recorded as a gRPC call is: named features, the parsed prediction, the unit.
+    mg.recorder.flush().await;
+    let rec = PredictionsClient::new(channel(mg.control_addr).await)
+        .get_prediction(pb::GetPredictionRequest { request_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rec.model, "m");
+    assert_eq!(rec.feature_names, vec!["a", "b", "c"]);
+    assert_eq!(rec.unit_id, "user-7");
+    assert_eq!(rec.predictions.len(), 1);
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rest_errors_are_json_with_the_status_a_rest_client_expects() {
+    let (_dir, mg, server) = setup().await;
+    let base = format!("http://{}", mg.data_addr);
+    let infer =
+        |model: &str, body: &str| curl(&["-d", body, &format!("{base}/v2/models/{model}/infer")]);
+    let good = r#"{"inputs":[{"name":"input","shape":[1,3],"datatype":"FP32","data":[1,2,3]}]}"#;
+    let (code, _, e) = infer("nope", good);
+    assert_eq!(code, 404, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("nope"), "{e}");
+    let (code, _, e) = infer("m", "{not json");
+    assert_eq!(code, 400);
+    assert!(e["error"].as_str().unwrap().contains("not JSON"), "{e}");
+    let (code, _, e) = infer(
+        "m",
+        r#"{"inputs":[{"name":"input","shape":[1,3],"datatype":"FP32","data":[1,"x",3]}]}"#,
+    );
+    assert_eq!(code, 400);
+    assert!(
+        e["error"].as_str().unwrap().contains("inputs[0].data[1]"),
+        "{e}"
+    );
+    let (code, _, e) = curl(&[&format!("{base}/v2/nothing/here")]);
+    assert_eq!(code, 404, "{e}");
+    // KServe v1 / TF Serving REST is not served yet: a JSON 404, not a broken connection.
+    let (code, _, e) = curl(&[
+        "-d",
+        r#"{"instances":[[1,2,3]]}"#,
+        &format!("{base}/v1/models/m:predict"),
+    ]);
+    assert_eq!(code, 404, "{e}");
+    assert!(e["error"].is_string());
+    let (code, _, _) = curl(&[&format!("{base}/v2/models/m/infer")]);
+    assert_eq!(code, 405);
+    // Over --max-message-bytes (1 MiB here): 413.
+    let big = format!(
+        r#"{{"inputs":[{{"name":"input","shape":[1,3],"datatype":"FP32","data":[{}]}}]}}"#,
+        vec!["1.0"; 2_000_000].join(",")
+    );
+    let path = std::env::temp_dir().join(format!("mg-big-{}.json", std::process::id()));
+    std::fs::write(&path, big).unwrap();
+    let (code, _, e) = curl(&[
+        "--data-binary",
+        &format!("@{}", path.display()),
+        &format!("{base}/v2/models/m/infer"),
+    ]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(code, 413, "{e}");
+    // The model server gone: 503, as gRPC callers get UNAVAILABLE.
+    drop(server);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (code, _, e) = infer("m", good);
+    assert_eq!(code, 503, "{e}");
+    mg.shutdown().await;
+}
