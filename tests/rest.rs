@@ -202,3 +202,27 @@ async fn rest_errors_are_json_with_the_status_a_rest_client_expects() {
     assert_eq!(code, 503, "{e}");
     mg.shutdown().await;
 }
+
+/// NVIDIA's `tritonclient.http`: health, metadata, inference with JSON and with binary tensors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tritonclient_http_works_through_modelgate() {
+    let (_dir, mg, _server) = setup().await;
+    let Some(out) = python_peer(
+        "triton_http.py",
+        &[&mg.data_addr.to_string(), "m"],
+        "tritonclient.http",
+    )
+    .await
+    else {
+        return;
+    };
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["live"], true, "{v}");
+    assert_eq!(v["ready"], true, "{v}");
+    assert_eq!(v["model_ready"], true, "{v}");
+    assert_eq!(v["metadata_inputs"], serde_json::json!(["input"]), "{v}");
+    assert_eq!(v["json"], v["binary"], "the same answer either way: {v}");
+    assert_eq!(v["id_1"], "http-peer-1", "{v}");
+    assert!(v["unknown_model"].as_str().unwrap().contains("nope"), "{v}");
+    mg.shutdown().await;
+}
