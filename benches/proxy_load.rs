@@ -11,6 +11,10 @@
 //!   taking 10% of production's traffic, and a drift reference captured from the first rows, so
 //!   every request is recorded, assigned, compared or observed.
 //!
+//! The routing-only modelgate is also driven over **REST** (`POST /v2/models/bench/infer` with
+//! the same tensor as JSON, one HTTP/1.1 connection per caller; closed loop only): the cost of
+//! translating a REST call to OIP gRPC.
+//!
 //! It then drives `ModelInfer` (a 1×16 FP32 input, a distinct `x-user-id` per request from a pool
 //! of 10,000 users) against each target:
 //!
@@ -210,6 +214,8 @@ struct Target {
     addr: SocketAddr,
     /// The proxy's process, when the target is one.
     pid: Option<u32>,
+    /// Driven over REST (OIP over HTTP/1.1 JSON, one connection per caller), not gRPC.
+    rest: bool,
 }
 
 struct Run {
@@ -303,6 +309,78 @@ async fn closed(target: &Target, concurrency: usize, connections: usize, seconds
                     }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            hist
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = new_hist();
+    for t in tasks {
+        hist.add(t.await.unwrap()).unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    finish(
+        target,
+        "closed",
+        hist,
+        errors.load(Ordering::Relaxed),
+        elapsed,
+        before,
+    )
+}
+
+/// The REST body of the benchmark's request (OIP over HTTP/JSON).
+const REST_BODY: &str = r#"{"inputs":[{"name":"input","shape":[1,16],"datatype":"FP32","data":[0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,1.1,1.2,1.3,1.4,1.5]}]}"#;
+
+/// Closed loop over REST: `concurrency` callers, each on its own HTTP/1.1 connection.
+async fn closed_rest(target: &Target, concurrency: usize, seconds: f64) -> Run {
+    use http_body_util::{BodyExt, Full};
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    if let Some(pid) = target.pid {
+        reset_peak(pid);
+    }
+    let before = target.pid.map(usage);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let stream = tokio::net::TcpStream::connect(target.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let (stop, errors, counter) = (stop.clone(), errors.clone(), counter.clone());
+        let uri = format!("http://{}/v2/models/bench/infer", target.addr);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = new_hist();
+            while !stop.load(Ordering::Relaxed) {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let req = http::Request::post(&uri)
+                    .header("host", "bench")
+                    .header("content-type", "application/json")
+                    .header("x-user-id", format!("user-{}", n % USERS))
+                    .body(Full::new(bytes::Bytes::from_static(REST_BODY.as_bytes())))
+                    .unwrap();
+                let t = Instant::now();
+                let ok = match send.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        resp.into_body().collect().await.is_ok() && status.is_success()
+                    }
+                    Err(_) => false,
+                };
+                if ok {
+                    let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    if send.ready().await.is_err() {
+                        break;
                     }
                 }
             }
@@ -825,6 +903,7 @@ fn main() {
             name: "direct",
             addr: model_addr,
             pid: None,
+            rest: false,
         }];
         let mut _others = Vec::new();
         if compare && on_path("haproxy") {
@@ -835,6 +914,7 @@ fn main() {
                 name: "haproxy (h2)",
                 addr,
                 pid: Some(p.0.id()),
+                rest: false,
             });
             _others.push(p);
         }
@@ -846,6 +926,7 @@ fn main() {
                 name: "nginx (grpc_pass)",
                 addr,
                 pid: Some(p.0.id()),
+                rest: false,
             });
             _others.push(p);
         }
@@ -853,11 +934,20 @@ fn main() {
             name: "modelgate routing only",
             addr: routing_data,
             pid: Some(routing.0.id()),
+            rest: false,
         });
         targets.push(Target {
             name: "modelgate everything on",
             addr: all_data,
             pid: Some(all.0.id()),
+            rest: false,
+        });
+        // The same routing-only modelgate, called over REST (translated to OIP gRPC inside).
+        targets.push(Target {
+            name: "modelgate routing only, REST",
+            addr: routing_data,
+            pid: Some(routing.0.id()),
+            rest: true,
         });
 
         // Fleet mode (docs/fleet.md): everything on, sharing a Redis (started here when
@@ -886,6 +976,7 @@ fn main() {
                 name: "modelgate everything on + fleet",
                 addr: data,
                 pid: Some(p.0.id()),
+                rest: false,
             });
             _others.push(p);
             // Stopped after the modelgate that uses it.
@@ -908,6 +999,7 @@ fn main() {
                 name: "baseline routing only",
                 addr: data,
                 pid: Some(p.0.id()),
+                rest: false,
             });
             _others.push(p);
             let (p, data, control) =
@@ -918,6 +1010,7 @@ fn main() {
                 name: "baseline everything on",
                 addr: data,
                 pid: Some(p.0.id()),
+                rest: false,
             });
             _others.push(p);
         }
@@ -942,7 +1035,11 @@ fn main() {
             eprintln!("closed loop (round {}/{repeat}): {}", round + 1, t.name);
             let fleet = t.name.ends_with("+ fleet");
             let before = redis_port.filter(|_| fleet).map(redis_stats);
-            let run = closed(t, concurrency, connections, seconds).await;
+            let run = if t.rest {
+                closed_rest(t, concurrency, seconds).await
+            } else {
+                closed(t, concurrency, connections, seconds).await
+            };
             if let (Some(port), Some((commands, cpu))) = (redis_port, before) {
                 // The writer and publisher run behind the calls: let them catch up first.
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -980,7 +1077,8 @@ fn main() {
             },
         };
         let mut open_runs = Vec::new();
-        for t in targets.iter().filter(|_| modes.contains("open")) {
+        // Open loop drives gRPC only.
+        for t in targets.iter().filter(|t| modes.contains("open") && !t.rest) {
             eprintln!("open loop at {rate:.0} req/s: {}", t.name);
             open_runs.push(open(t, rate, open_workers, connections, seconds).await);
         }
@@ -1038,6 +1136,7 @@ fn main() {
                 name: "modelgate overload",
                 addr: *data,
                 pid: Some(p.0.id()),
+                rest: false,
             };
             let factor: f64 = env_or("BENCH_OVERLOAD_FACTOR", 2.0);
             let callers: usize = env_or("BENCH_OVERLOAD_CALLERS", 2048);
