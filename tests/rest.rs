@@ -171,14 +171,20 @@ async fn rest_errors_are_json_with_the_status_a_rest_client_expects() {
     );
     let (code, _, e) = curl(&[&format!("{base}/v2/nothing/here")]);
     assert_eq!(code, 404, "{e}");
-    // KServe v1 / TF Serving REST is not served yet: a JSON 404, not a broken connection.
+    // KServe v1 / TF Serving REST: unknown model and bad bodies.
     let (code, _, e) = curl(&[
         "-d",
         r#"{"instances":[[1,2,3]]}"#,
-        &format!("{base}/v1/models/m:predict"),
+        &format!("{base}/v1/models/nope:predict"),
     ]);
     assert_eq!(code, 404, "{e}");
-    assert!(e["error"].is_string());
+    let (code, _, e) = curl(&[
+        "-d",
+        r#"{"instances":3}"#,
+        &format!("{base}/v1/models/m:predict"),
+    ]);
+    assert_eq!(code, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("'instances'"), "{e}");
     let (code, _, _) = curl(&[&format!("{base}/v2/models/m/infer")]);
     assert_eq!(code, 405);
     // Over --max-message-bytes (1 MiB here): 413.
@@ -224,5 +230,62 @@ async fn tritonclient_http_works_through_modelgate() {
     assert_eq!(v["json"], v["binary"], "the same answer either way: {v}");
     assert_eq!(v["id_1"], "http-peer-1", "{v}");
     assert!(v["unknown_model"].as_str().unwrap().contains("nope"), "{v}");
+    mg.shutdown().await;
+}
+
+/// KServe v1 / TF Serving REST: a model's status and `:predict` in row and columnar forms,
+/// translated to OIP (the input named and typed by the model's metadata).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kserve_v1_predict_and_status() {
+    let (_dir, mg, _server) = setup().await;
+    let base = format!("http://{}", mg.data_addr);
+    let (code, _, status) = curl(&[&format!("{base}/v1/models/m")]);
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(
+        status["model_version_status"][0]["state"], "AVAILABLE",
+        "{status}"
+    );
+    assert_eq!(
+        status["model_version_status"][0]["version"], "1",
+        "{status}"
+    );
+    let (code, headers, rows) = curl(&[
+        "-d",
+        r#"{"instances":[[2,0,0],[-2,0,0]]}"#,
+        &format!("{base}/v1/models/m:predict"),
+    ]);
+    assert_eq!(code, 200, "{rows}");
+    assert!(
+        headers.contains("x-modelgate-model-version: 1"),
+        "{headers}"
+    );
+    let p = rows["predictions"].as_array().unwrap();
+    assert_eq!(p.len(), 2, "{rows}");
+    // The logistic model answers two outputs, so each row is an object of both: over x = 2 and
+    // x = -2 the class probabilities mirror each other, and the labels differ.
+    let probs = |r: &Value| -> Vec<f64> {
+        r["probabilities"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{rows}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (first, second) = (probs(&p[0]), probs(&p[1]));
+    assert_eq!((first.len(), second.len()), (2, 2), "{rows}");
+    let sigma = 1.0 / (1.0 + (-2.0f64).exp());
+    assert!(
+        (first[1] - sigma).abs() < 1e-6 && (second[0] - sigma).abs() < 1e-6,
+        "{rows}"
+    );
+    assert_ne!(p[0]["label"], p[1]["label"], "{rows}");
+    // Columnar, and pinned to version 1.
+    let (code, _, cols) = curl(&[
+        "-d",
+        r#"{"inputs":[[2,0,0],[-2,0,0]]}"#,
+        &format!("{base}/v1/models/m/versions/1:predict"),
+    ]);
+    assert_eq!(code, 200, "{cols}");
+    assert_eq!(cols, rows);
     mg.shutdown().await;
 }

@@ -20,6 +20,7 @@
 //! and rewrites protobuf fields without decoding, for protocols whose messages are protobuf.
 
 pub mod grpc;
+pub mod kserve_v1;
 pub mod oip_grpc;
 pub mod oip_rest;
 pub mod wire;

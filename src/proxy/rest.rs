@@ -15,6 +15,8 @@
 //! | `GET /v2/models/{m}[/versions/{v}]` | `ModelMetadata` |
 //! | `GET /v2/models/{m}[/versions/{v}]/ready` | `ModelReady` (200, or 503) |
 //! | `POST /v2/models/{m}[/versions/{v}]/infer` | `ModelInfer` |
+//! | `GET /v1/models/{m}[/versions/{v}\|/labels/{l}]` | `ModelReady` (KServe v1 / TF Serving status) |
+//! | `POST /v1/models/{m}[/versions/{v}\|/labels/{l}]:predict` | `ModelMetadata` (first input, cached), then `ModelInfer` |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,7 +35,7 @@ use tonic::body::Body;
 
 use super::Proxy;
 use crate::pb::inference as oip;
-use crate::protocol::oip_rest;
+use crate::protocol::{kserve_v1, oip_rest};
 
 const SERVICE: &str = "/inference.GRPCInferenceService/";
 
@@ -56,6 +58,10 @@ pub fn is_rest<B>(req: &Request<B>) -> bool {
 pub struct RestGateway {
     proxy: Arc<Proxy>,
     client: Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>,
+    /// Each model's (and version's) first input, for KServe v1 rows, and when it was read.
+    #[allow(clippy::type_complexity)]
+    inputs:
+        Mutex<std::collections::HashMap<(String, String), ((String, String), std::time::Instant)>>,
 }
 
 /// What a REST path asks for.
@@ -66,6 +72,10 @@ enum Endpoint {
     ModelMetadata(String, String),
     ModelReady(String, String),
     Infer(String, String),
+    /// KServe v1 / TF Serving: a model's status.
+    V1Status(String, String),
+    /// KServe v1 / TF Serving: `:predict`.
+    V1Predict(String, String),
 }
 
 fn endpoint(method: &Method, path: &str) -> Result<Endpoint, (StatusCode, String)> {
@@ -105,6 +115,28 @@ fn endpoint(method: &Method, path: &str) -> Result<Endpoint, (StatusCode, String
                     ))
                 }
                 _ => return Err(not_found()),
+            }
+        }
+        ["v1", "models", rest @ ..] => {
+            // `m`, `m/versions/v` or `m/labels/l`, the last part possibly `…:predict`.
+            let (last, predict) = match rest.last().and_then(|l| l.strip_suffix(":predict")) {
+                Some(stripped) => (stripped, true),
+                None => (*rest.last().ok_or_else(not_found)?, false),
+            };
+            let (m, v) = match rest {
+                [_] => (last.to_string(), String::new()),
+                [m, "versions" | "labels", _] => (m.to_string(), last.to_string()),
+                _ => return Err(not_found()),
+            };
+            match (predict, method == Method::POST, get) {
+                (true, true, _) => Endpoint::V1Predict(m, v),
+                (false, _, true) => Endpoint::V1Status(m, v),
+                _ => {
+                    return Err((
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        format!("{method} is not allowed on {path}"),
+                    ))
+                }
             }
         }
         _ => return Err(not_found()),
@@ -168,6 +200,7 @@ impl RestGateway {
         Arc::new(RestGateway {
             proxy,
             client: Mutex::new(None),
+            inputs: Mutex::new(Default::default()),
         })
     }
 
@@ -255,6 +288,75 @@ impl RestGateway {
                     })
                 })
             }
+            Endpoint::V1Status(name, version) => {
+                let a = self
+                    .call(
+                        "ModelReady",
+                        oip::ModelReadyRequest {
+                            name: name.clone(),
+                            version: version.clone(),
+                        },
+                        headers,
+                    )
+                    .await;
+                if a.code != Code::Ok {
+                    return error(http_status(a.code), &a.message, Some(&a.headers));
+                }
+                let ready = oip::ModelReadyResponse::decode(a.body.clone()).is_ok_and(|r| r.ready);
+                let served = a
+                    .headers
+                    .get("x-modelgate-model-version")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(&version)
+                    .to_string();
+                json_response(
+                    if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    },
+                    &json!({
+                        "name": name,
+                        "ready": ready,
+                        "model_version_status": [{
+                            "version": served,
+                            "state": if ready { "AVAILABLE" } else { "UNAVAILABLE" },
+                            "status": {"error_code": "OK", "error_message": ""},
+                        }],
+                    }),
+                    Some(&a.headers),
+                )
+            }
+            Endpoint::V1Predict(model, version) => {
+                let first = match self.first_input(&model, &version, headers).await {
+                    Ok(f) => f,
+                    Err(resp) => return resp,
+                };
+                let v2 = match kserve_v1::predict_to_v2(&body, (&first.0, &first.1)) {
+                    Ok(v) => v,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e.0, None),
+                };
+                let request = match oip_rest::infer_request(
+                    &model,
+                    &version,
+                    v2.to_string().as_bytes(),
+                    None,
+                ) {
+                    Ok(r) => r,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, &e.0, None),
+                };
+                let a = self.call("ModelInfer", request, headers).await;
+                let max = self.proxy.limits.max_tensor_elements;
+                self.decode(
+                    a,
+                    |r: oip::ModelInferResponse| match oip_rest::infer_response(&r, max) {
+                        Ok(v) => kserve_v1::v2_to_predictions(&v),
+                        Err(e) => {
+                            json!({"error": format!("the model's answer cannot be read: {e}")})
+                        }
+                    },
+                )
+            }
             Endpoint::Infer(model, version) => {
                 let header_len = headers
                     .get("inference-header-content-length")
@@ -283,6 +385,51 @@ impl RestGateway {
                 })
             }
         }
+    }
+
+    /// The name and datatype of a model's first input (what a v1 list of rows feeds), from its
+    /// metadata, kept for a minute.
+    async fn first_input(
+        &self,
+        model: &str,
+        version: &str,
+        headers: &HeaderMap,
+    ) -> Result<(String, String), Response<Body>> {
+        let key = (model.to_string(), version.to_string());
+        if let Some((first, at)) = self.inputs.lock().await.get(&key) {
+            if at.elapsed() < std::time::Duration::from_secs(60) {
+                return Ok(first.clone());
+            }
+        }
+        let a = self
+            .call(
+                "ModelMetadata",
+                oip::ModelMetadataRequest {
+                    name: model.to_string(),
+                    version: version.to_string(),
+                },
+                headers,
+            )
+            .await;
+        if a.code != Code::Ok {
+            return Err(error(http_status(a.code), &a.message, Some(&a.headers)));
+        }
+        let first = oip::ModelMetadataResponse::decode(a.body)
+            .ok()
+            .and_then(|m| m.inputs.into_iter().next())
+            .map(|t| (t.name, t.datatype))
+            .ok_or_else(|| {
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("model '{model}' declares no input in its metadata"),
+                    Some(&a.headers),
+                )
+            })?;
+        self.inputs
+            .lock()
+            .await
+            .insert(key, (first.clone(), std::time::Instant::now()));
+        Ok(first)
     }
 
     /// A boolean answer: 200 when true, 503 when false.
