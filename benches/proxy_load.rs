@@ -315,6 +315,19 @@ async fn closed(target: &Target, concurrency: usize, connections: usize, seconds
             hist
         }));
     }
+    end_closed(target, tasks, &stop, &errors, started, before, seconds).await
+}
+
+/// Lets a closed loop's callers run for `seconds`, stops them and gathers their latencies.
+async fn end_closed(
+    target: &Target,
+    tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+    stop: &AtomicBool,
+    errors: &AtomicU64,
+    started: Instant,
+    before: Option<Usage>,
+    seconds: f64,
+) -> Run {
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let mut hist = new_hist();
@@ -387,21 +400,7 @@ async fn closed_rest(target: &Target, concurrency: usize, seconds: f64) -> Run {
             hist
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = new_hist();
-    for t in tasks {
-        hist.add(t.await.unwrap()).unwrap();
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    finish(
-        target,
-        "closed",
-        hist,
-        errors.load(Ordering::Relaxed),
-        elapsed,
-        before,
-    )
+    end_closed(target, tasks, &stop, &errors, started, before, seconds).await
 }
 
 /// Open loop: request `n` is due at `n / rate` seconds whether or not earlier ones answered;

@@ -73,16 +73,7 @@ async fn register_scored(
         .register_model_version(pb::RegisterModelVersionRequest {
             model: model.into(),
             endpoint: endpoint.into(),
-            prediction: Some(pb::PredictionSpec {
-                kind: Some(pb::prediction_spec::Kind::Threshold(
-                    pb::ThresholdPrediction {
-                        output: "probabilities".into(),
-                        threshold: 0.5,
-                        positive_label: positive.into(),
-                        negative_label: negative.into(),
-                    },
-                )),
-            }),
+            prediction: Some(threshold_prediction(positive, negative)),
             ..Default::default()
         })
         .await
