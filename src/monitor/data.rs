@@ -165,7 +165,7 @@ impl Monitor {
         if md.reference.is_none() {
             return;
         }
-        if self.store.drift.shared().is_some() {
+        if self.is_shared() {
             let (stamp, sample) = (md.stamp, self.sample(&md, names, precisions, rows));
             drop(md);
             self.contribute(model, stamp, sample);
@@ -290,7 +290,7 @@ impl Monitor {
         let snapshot = match snapshot {
             Some(s) => Some(s),
             // In a fleet: the shared window, as it is now.
-            None if self.store.drift.shared().is_some() => self.shared_snapshot(model, &md),
+            None if self.is_shared() => self.shared_snapshot(model, &md),
             None => md.lock().snapshot(),
         };
         let Some((reference, windows)) = snapshot else {
@@ -374,7 +374,7 @@ impl Monitor {
     /// Queues an evaluation of every model whose rows arrived inside the last evaluation's
     /// interval and were never followed by more (called by [`Monitor::periodic`]).
     pub(super) fn evaluate_pending(&self) {
-        if self.store.drift.shared().is_some() {
+        if self.is_shared() {
             return; // the lease holder evaluates the shared window (Monitor::shared_tick)
         }
         for entry in self.models.iter() {

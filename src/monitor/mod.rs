@@ -47,7 +47,6 @@ mod triggers;
 pub use concept::ConceptStatus;
 pub use data::Evaluation;
 pub use settings::DriftSettings;
-pub use shared::LEASE as FLEET_DRIFT_LEASE;
 pub use triggers::{RetrainPolicy, DEFAULT_RETRAIN_COOLDOWN_MS};
 
 use concept::Concept;
@@ -107,6 +106,22 @@ impl Monitor {
 
     /// The report of a model.
     pub fn report(&self, model: &str) -> ModelReport {
+        // In a fleet, the evaluation, the episode and concept drift are the fleet's.
+        if let Some(r) = self.shared_report(model) {
+            let mut concept = r.concept;
+            concept.sort_by_key(|c| c.version);
+            return ModelReport {
+                evaluation: r.evaluation,
+                evaluations: r.evaluations,
+                drifted: r.state.drifted,
+                changed_ms: r.state.changed_ms,
+                has_reference: self
+                    .models
+                    .get(model)
+                    .is_some_and(|md| md.lock().reference.is_some()),
+                concept,
+            };
+        }
         let (evaluation, evaluations, drifted, changed_ms, has_reference) =
             match self.models.get(model) {
                 Some(md) => {
@@ -121,16 +136,6 @@ impl Monitor {
                 }
                 None => (None, 0, Vec::new(), 0, false),
             };
-        // In a fleet, the evaluation and the episode are the fleet's.
-        let (evaluation, evaluations, drifted, changed_ms) = match self.shared_report(model) {
-            Some(r) => (
-                r.evaluation,
-                r.evaluations,
-                r.state.drifted,
-                r.state.changed_ms,
-            ),
-            None => (evaluation, evaluations, drifted, changed_ms),
-        };
         let mut concept: Vec<ConceptStatus> = self
             .concepts
             .iter()
@@ -141,9 +146,6 @@ impl Monitor {
                 self.concept_status(model, version, &c)
             })
             .collect();
-        if let Some(shared) = self.shared_concepts(model) {
-            concept = shared;
-        }
         concept.sort_by_key(|c| c.version);
         ModelReport {
             evaluation,

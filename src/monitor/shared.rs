@@ -126,6 +126,8 @@ pub(super) struct SharedReport {
     pub(super) evaluation: Option<Arc<Evaluation>>,
     pub(super) evaluations: u64,
     pub(super) state: DriftState,
+    /// Concept drift per version with a shared concept window.
+    pub(super) concept: Vec<ConceptStatus>,
 }
 
 impl Monitor {
@@ -252,7 +254,7 @@ impl Monitor {
         }
     }
 
-    /// The fleet's report of `model`, when drift is shared.
+    /// The fleet's report of `model` (evaluation, episode, concept drift), when drift is shared.
     pub(super) fn shared_report(&self, model: &str) -> Option<SharedReport> {
         if !self.is_shared() {
             return None;
@@ -278,6 +280,8 @@ impl Monitor {
             evaluation,
             evaluations,
             state,
+            // Unreadable (Redis away): none, as a replica of a fleet keeps no concept windows.
+            concept: self.shared_concepts(model).unwrap_or_default(),
         })
     }
 
@@ -463,7 +467,7 @@ impl Monitor {
 
     /// The fleet's concept drift of `model`, when drift is shared: each version's shared
     /// window and stored episode.
-    pub(super) fn shared_concepts(&self, model: &str) -> Option<Vec<ConceptStatus>> {
+    fn shared_concepts(&self, model: &str) -> Option<Vec<ConceptStatus>> {
         let shared = self.store.drift.shared()?;
         let versions = shared.outcome_versions().ok()?;
         let mut out = Vec::new();
