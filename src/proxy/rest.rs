@@ -21,7 +21,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -35,7 +35,7 @@ use tonic::body::Body;
 
 use super::Proxy;
 use crate::pb::inference as oip;
-use crate::protocol::{kserve_v1, oip_rest};
+use crate::protocol::{grpc, kserve_v1, oip_rest};
 
 const SERVICE: &str = "/inference.GRPCInferenceService/";
 
@@ -532,12 +532,8 @@ impl RestGateway {
             headers: HeaderMap::new(),
             body: Bytes::new(),
         };
-        let mut frame = BytesMut::with_capacity(5 + msg.encoded_len());
-        frame.put_u8(0);
-        frame.put_u32(msg.encoded_len() as u32);
-        msg.encode(&mut frame).expect("a BytesMut grows");
         let mut req = Request::post(format!("http://modelgate{SERVICE}{method}"))
-            .body(Full::new(frame.freeze()))
+            .body(Full::new(grpc::frame(&msg)))
             .expect("a valid request");
         for (k, v) in headers {
             // The caller's own headers (unit id, request id, trace context, auth…), not what
@@ -583,25 +579,20 @@ impl RestGateway {
                 all.insert(k.clone(), v.clone());
             }
         }
-        let code = all
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<i32>().ok())
-            .map(Code::from_i32)
-            .unwrap_or(Code::Unknown);
-        let message = all
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .map(percent_decode)
-            .unwrap_or_default();
-        let mut data = collected.to_bytes();
-        // One length-prefixed message.
-        let body = if data.len() >= 5 {
-            data.advance(1);
-            let n = data.get_u32() as usize;
-            data.slice(..n.min(data.len()))
-        } else {
-            Bytes::new()
+        // tonic reads the status (and percent-decodes its message).
+        let (mut code, mut message) = match tonic::Status::from_header_map(&all) {
+            Some(s) => (s.code(), s.message().to_string()),
+            None => (Code::Unknown, String::new()),
+        };
+        let body = match code {
+            Code::Ok => match grpc::unary_message(&collected.to_bytes()) {
+                Ok(m) => m,
+                Err(e) => {
+                    (code, message) = (Code::Internal, format!("the answer cannot be read: {e}"));
+                    Bytes::new()
+                }
+            },
+            _ => Bytes::new(),
         };
         Answer {
             code,
@@ -610,25 +601,6 @@ impl RestGateway {
             body,
         }
     }
-}
-
-/// gRPC's percent-encoding of `grpc-message`.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(x);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -662,7 +634,5 @@ mod tests {
             endpoint(&get, "/v2/nothing").err().unwrap().0,
             StatusCode::NOT_FOUND
         );
-        assert_eq!(percent_decode("model%20not%20found"), "model not found");
-        assert_eq!(percent_decode("100%"), "100%");
     }
 }

@@ -202,29 +202,11 @@ pub async fn raw_grpc_call_with(
         .get("grpc-status")
         .map(|v| v.to_str().unwrap().parse().unwrap())
         .unwrap_or(-1);
-    let message = headers
-        .get("grpc-message")
-        .map(|v| percent_decode(v.to_str().unwrap()))
+    // tonic percent-decodes grpc-message.
+    let message = tonic::Status::from_header_map(&headers)
+        .map(|s| s.message().to_string())
         .unwrap_or_default();
     (code, message)
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The Echo test service: every call kind, echoing `x-*` metadata and setting a trailer.
