@@ -12,6 +12,8 @@ const PROTOS: &[&str] = &[
     "proto/modelgate/v1/drift.proto",
     "proto/modelgate/v1/events.proto",
     "proto/modelgate/testing/echo.proto",
+    // TF Serving's PredictionService, with the TensorFlow messages it uses (vendored).
+    "proto/tensorflow_serving/apis/prediction_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +35,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Tensor payloads decode as `Bytes` slices of the request buffer: no copy.
         .bytes(".inference")
+        .bytes(".tensorflow")
+        // TF Serving's maps (tensors by alias) in name order: records list them deterministically.
+        .btree_map(".tensorflow")
         .compile_fds_with_config(fds, config)?;
     Ok(())
 }

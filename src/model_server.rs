@@ -6,6 +6,11 @@
 //! P(0), P(1) with P(1) = sigmoid(w·x + b)) and `label` (INT64, [B, 1]: 1 when P(1) > 0.5). Several
 //! versions of one model name may be served; a request without `model_version` gets the last one
 //! given on the command line. Answers use `raw_output_contents` when the request used raw inputs.
+//!
+//! The same models are served in TF Serving's gRPC protocol too (`PredictionService`, see
+//! [`tfs`]), on the same port.
+
+mod tfs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,6 +32,7 @@ use crate::pb::inference::{
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse,
 };
+use crate::pb::tensorflow::serving::prediction_service_server::PredictionServiceServer;
 
 /// Kind of built-in model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +250,13 @@ impl ModelServer {
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024)
     }
+
+    /// The TF Serving gRPC service (`tensorflow.serving.PredictionService`).
+    pub fn into_tfs_service(self) -> PredictionServiceServer<ModelServer> {
+        PredictionServiceServer::new(self)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
 }
 
 #[tonic::async_trait]
@@ -421,7 +434,8 @@ pub async fn serve_tls(
     health_reporter
         .set_serving::<GrpcInferenceServiceServer<ModelServer>>()
         .await;
-    let (reflect_v1, reflect_v1alpha) = crate::control::reflection_services(&["inference"]);
+    let (reflect_v1, reflect_v1alpha) =
+        crate::control::reflection_services(&["inference", "tensorflow", "tensorflow.serving"]);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -431,6 +445,7 @@ pub async fn serve_tls(
         .add_service(health)
         .add_service(reflect_v1)
         .add_service(reflect_v1alpha)
+        .add_service(server.clone().into_tfs_service())
         .add_service(server.into_service())
         .serve_with_incoming_shutdown(
             // `tcp_nodelay` above only applies to listeners tonic binds itself; without it,

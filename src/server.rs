@@ -442,7 +442,8 @@ async fn start_data_plane(
             tonic_health::ServingStatus::Serving,
         )
         .await;
-    let (refl_v1, refl_v1alpha) = control::reflection_services(&["inference"]);
+    let (refl_v1, refl_v1alpha) =
+        control::reflection_services(&["inference", "tensorflow", "tensorflow.serving"]);
     let local = tonic::service::Routes::new(health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)

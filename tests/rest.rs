@@ -289,3 +289,50 @@ async fn kserve_v1_predict_and_status() {
     assert_eq!(cols, rows);
     mg.shutdown().await;
 }
+
+/// Every shell example of docs/protocols.md (curl for OIP REST and KServe v1, grpcurl for TF
+/// Serving) runs as written against modelgate in front of a built-in `iris` of four features.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_protocol_page_examples_run() {
+    let Some(grpcurl) = grpcurl() else { return };
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocols.md"),
+    )
+    .unwrap();
+    let blocks: Vec<&str> = page
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert!(blocks.len() >= 3, "{blocks:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server("name=iris;kind=logistic;features=4").await;
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "iris", &server.endpoint()).await;
+    promote(&mut reg, "iris", "1").await;
+    let path = format!(
+        "{}:{}",
+        grpcurl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for block in blocks {
+        let script = block.replace("localhost:9000", &mg.data_addr.to_string());
+        let out = tokio::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .env("PATH", &path)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("\"error\":") && !text.trim().is_empty(),
+            "{script}\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if script.contains("Predict") {
+            assert!(text.contains("probabilities"), "{text}");
+        }
+    }
+    mg.shutdown().await;
+}

@@ -7,6 +7,18 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// TensorFlow's messages that TF Serving's API uses (`tensorflow` package, vendored subset).
+#[allow(missing_docs, clippy::all)]
+pub mod tensorflow {
+    tonic::include_proto!("tensorflow");
+
+    /// TF Serving's API (`tensorflow.serving`): `PredictionService`.
+    #[allow(missing_docs, clippy::all)]
+    pub mod serving {
+        tonic::include_proto!("tensorflow.serving");
+    }
+}
+
 /// modelgate's control API.
 pub mod modelgate {
     /// Version 1 of the control API (`modelgate.v1`).

@@ -15,14 +15,17 @@
 //! writer thread asks for `Inputs` and `Outputs`, so a protocol adds no copy or conversion to
 //! the request path.
 //!
-//! One module per protocol: [`oip_grpc`] (the Open Inference Protocol over gRPC) and [`grpc`]
-//! (plain gRPC, forwarded untouched; it claims every path no other protocol does). [`wire`] reads
+//! One module per protocol: [`oip_grpc`] (the Open Inference Protocol over gRPC), [`tfs_grpc`]
+//! (TF Serving's `PredictionService`) and [`grpc`] (plain gRPC, forwarded untouched; it claims
+//! every path no other protocol does). The REST protocols ([`oip_rest`], [`kserve_v1`]) are
+//! translations to OIP gRPC (`crate::proxy::rest`). [`wire`] reads
 //! and rewrites protobuf fields without decoding, for protocols whose messages are protobuf.
 
 pub mod grpc;
 pub mod kserve_v1;
 pub mod oip_grpc;
 pub mod oip_rest;
+pub mod tfs_grpc;
 pub mod wire;
 
 use std::fmt::Debug;
@@ -212,7 +215,8 @@ pub trait InferAnswer {
 
 /// The protocols, in the order they are asked to classify a path. Plain gRPC comes last: it
 /// claims every path.
-pub static PROTOCOLS: [&'static dyn Protocol; 2] = [&oip_grpc::OIP_GRPC, &grpc::GRPC];
+pub static PROTOCOLS: [&'static dyn Protocol; 3] =
+    [&oip_grpc::OIP_GRPC, &tfs_grpc::TFS_GRPC, &grpc::GRPC];
 
 /// The protocol of a call to `path`, and what the call is.
 pub fn classify(path: &str) -> (&'static dyn Protocol, Call) {

@@ -104,6 +104,15 @@ pub fn string_field(msg: &[u8], number: u32) -> Result<String, WireError> {
 
 /// The bytes of embedded-message field `number` (the last occurrence), sharing `msg`'s buffer.
 pub fn message_field(msg: &Bytes, number: u32) -> Result<Option<Bytes>, WireError> {
+    Ok(field_range(msg, number)?.map(|r| msg.slice(r)))
+}
+
+/// The bytes of length-delimited field `number` (the last occurrence), borrowed from `msg`.
+pub fn bytes_field(msg: &[u8], number: u32) -> Result<Option<&[u8]>, WireError> {
+    Ok(field_range(msg, number)?.map(|r| &msg[r]))
+}
+
+fn field_range(msg: &[u8], number: u32) -> Result<Option<std::ops::Range<usize>>, WireError> {
     let mut found = None;
     for f in fields(msg) {
         let f = f?;
@@ -111,12 +120,20 @@ pub fn message_field(msg: &Bytes, number: u32) -> Result<Option<Bytes>, WireErro
             found = Some(f.payload.ok_or(WireError::Malformed(f.whole.start))?);
         }
     }
-    Ok(found.map(|r| msg.slice(r)))
+    Ok(found)
 }
 
 /// `msg` with each of `edits`' string fields set to its value: earlier occurrences removed, the
 /// new value appended (none for `""`, proto3's default). Every other field is kept as it was.
 pub fn set_string_fields(msg: &[u8], edits: &[(u32, &str)]) -> Result<Bytes, WireError> {
+    let edits: Vec<(u32, &[u8])> = edits.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+    set_fields(msg, &edits)
+}
+
+/// `msg` with each of `edits`' length-delimited fields (strings, bytes, embedded messages) set to
+/// its encoded value, as [`set_string_fields`] does: earlier occurrences removed, the new value
+/// appended, none when it is empty.
+pub fn set_fields(msg: &[u8], edits: &[(u32, &[u8])]) -> Result<Bytes, WireError> {
     let mut out =
         BytesMut::with_capacity(msg.len() + edits.iter().map(|e| e.1.len() + 6).sum::<usize>());
     for f in fields(msg) {
@@ -131,7 +148,7 @@ pub fn set_string_fields(msg: &[u8], edits: &[(u32, &str)]) -> Result<Bytes, Wir
         }
         put_varint(&mut out, u64::from(*number) << 3 | 2);
         put_varint(&mut out, value.len() as u64);
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
     }
     Ok(out.freeze())
 }

@@ -84,7 +84,7 @@ enum ProxyError {
     BadModelHeader,
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    #[error("model '{model}' has no version '{version}' (model_version names a modelgate version: a number or an alias)")]
+    #[error("model '{model}' has no version '{version}' (a version a call names is one of modelgate's: a number or an alias)")]
     UnknownVersion { model: String, version: String },
     #[error("version {version} of model '{model}' is archived and serves no calls")]
     ArchivedVersion { model: String, version: u32 },
