@@ -36,6 +36,7 @@ fn route() -> Arc<Route> {
         endpoint: "http://127.0.0.1:1".into(),
         backend_model: None,
         backend_version: None,
+        backend_protocol: Default::default(),
         prediction: PredictionSpec::Threshold {
             output: "probabilities".into(),
             threshold: 0.5,

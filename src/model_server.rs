@@ -8,9 +8,13 @@
 //! given on the command line. Answers use `raw_output_contents` when the request used raw inputs.
 //!
 //! The same models are served in TF Serving's gRPC protocol too (`PredictionService`, see
-//! [`tfs`]), on the same port.
+//! [`tfs`]), on the same port, and over REST (OIP's HTTP/JSON API and KServe v1, see
+//! [`serve_rest`]) on a port of its own when one is given (`--rest-listen`).
 
+mod rest;
 mod tfs;
+
+pub use rest::serve_rest;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -460,6 +464,9 @@ pub async fn serve_tls(
 pub struct RunningModelServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it serves REST, when it does.
+    pub rest_addr: Option<SocketAddr>,
+    rest_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -472,8 +479,16 @@ impl RunningModelServer {
         format!("{scheme}://{}", self.addr)
     }
 
+    /// `http://rest_addr`, as an OIP REST backend is registered.
+    pub fn rest_endpoint(&self) -> Option<String> {
+        self.rest_addr.map(|a| format!("http://{a}"))
+    }
+
     /// Stops accepting and waits for the server to finish.
     pub async fn stop(mut self) {
+        if let Some(t) = self.rest_task.take() {
+            t.abort();
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -484,12 +499,31 @@ impl RunningModelServer {
 impl Drop for RunningModelServer {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(t) = &self.rest_task {
+            t.abort();
+        }
     }
 }
 
 /// Starts a model server on `addr` (port 0 picks a free port) in the background.
 pub async fn spawn(addr: SocketAddr, specs: Vec<ModelSpec>) -> std::io::Result<RunningModelServer> {
     spawn_tls(addr, specs, None).await
+}
+
+/// [`spawn`], serving REST too on a free port of `addr`'s host.
+pub async fn spawn_with_rest(
+    addr: SocketAddr,
+    specs: Vec<ModelSpec>,
+) -> std::io::Result<RunningModelServer> {
+    let mut running = spawn(addr, specs.clone()).await?;
+    let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+    running.rest_addr = Some(listener.local_addr()?);
+    running.rest_task = Some(tokio::spawn(serve_rest(
+        listener,
+        ModelServer::new(specs),
+        std::future::pending(),
+    )));
+    Ok(running)
 }
 
 /// [`spawn`] over TLS when `tls` is given.
@@ -507,6 +541,8 @@ pub async fn spawn_tls(
     }));
     Ok(RunningModelServer {
         addr,
+        rest_addr: None,
+        rest_task: None,
         tls: is_tls,
         stop: Some(tx),
         task,

@@ -38,6 +38,37 @@ impl Stage {
 
 pub use crate::spec::PredictionSpec;
 
+/// The protocol a version's model server is called in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendProtocol {
+    /// gRPC, the default: OIP, TF Serving and every other gRPC call is forwarded as it came,
+    /// and REST callers are translated to OIP gRPC.
+    #[default]
+    Grpc,
+    /// The Open Inference Protocol over HTTP/JSON (KServe v2 REST: MLServer's and KServe's HTTP
+    /// port, Triton's 8000): OIP calls, from gRPC and REST callers alike, are sent as REST.
+    OipRest,
+}
+
+impl BackendProtocol {
+    /// Every protocol, in the order they are documented.
+    pub const ALL: [BackendProtocol; 2] = [BackendProtocol::Grpc, BackendProtocol::OipRest];
+
+    /// The name used by the CLI, the declarative file and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendProtocol::Grpc => "grpc",
+            BackendProtocol::OipRest => "oip-rest",
+        }
+    }
+
+    /// Parses [`BackendProtocol::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<BackendProtocol> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
 /// One registered version of a model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelVersion {
@@ -55,6 +86,9 @@ pub struct ModelVersion {
     /// Model version written into forwarded OIP requests.
     #[serde(default)]
     pub backend_version: Option<String>,
+    /// The protocol the backend is called in.
+    #[serde(default)]
+    pub backend_protocol: BackendProtocol,
     /// Where the artifact lives.
     #[serde(default)]
     pub artifact_uri: String,
@@ -147,6 +181,8 @@ pub struct NewVersion {
     pub backend_model: String,
     /// Backend model version to rewrite to (empty: keep).
     pub backend_version: String,
+    /// The protocol the backend speaks.
+    pub backend_protocol: BackendProtocol,
     /// Artifact location.
     pub artifact_uri: String,
     /// Artifact digest, given or computed.
@@ -559,6 +595,7 @@ impl Registry {
             endpoint,
             backend_model: non_empty(new.backend_model),
             backend_version: non_empty(new.backend_version),
+            backend_protocol: new.backend_protocol,
             artifact_uri: new.artifact_uri,
             artifact_sha256: sha,
             artifact_sha256_verified: new.artifact_sha256_verified,

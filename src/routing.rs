@@ -26,6 +26,8 @@ pub struct Route {
     pub backend_model: Option<String>,
     /// Model version to write into forwarded OIP requests.
     pub backend_version: Option<String>,
+    /// The protocol the upstream is called in.
+    pub backend_protocol: crate::registry::BackendProtocol,
     /// How to read predictions from this version's responses.
     pub prediction: PredictionSpec,
     /// Feature names per input tensor.
@@ -45,6 +47,7 @@ impl Route {
             endpoint: v.endpoint.clone(),
             backend_model: v.backend_model.clone(),
             backend_version: v.backend_version.clone(),
+            backend_protocol: v.backend_protocol,
             prediction: v.prediction.clone(),
             feature_names: v.feature_names.clone(),
             metrics: Default::default(),

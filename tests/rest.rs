@@ -12,37 +12,6 @@ use modelgate::pb::modelgate::v1 as pb;
 use modelgate::pb::modelgate::v1::predictions_client::PredictionsClient;
 use serde_json::Value;
 
-/// Runs curl; returns (HTTP status, response headers, body as JSON).
-fn curl(args: &[&str]) -> (u16, String, Value) {
-    let out = Command::new("curl")
-        .args(["-sS", "--http1.1", "-D", "-", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (rest, code) = text.rsplit_once('\n').unwrap();
-    // The last header block (a 100 Continue comes first when curl asked for one).
-    let (mut headers, mut body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-    while body.starts_with("HTTP/") {
-        (headers, body) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
-    }
-    let json = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-    };
-    (
-        code.trim().parse().unwrap(),
-        headers.to_ascii_lowercase(),
-        json,
-    )
-}
-
 async fn setup() -> (
     tempfile::TempDir,
     modelgate::server::Running,
@@ -291,7 +260,8 @@ async fn kserve_v1_predict_and_status() {
 }
 
 /// Every shell example of docs/protocols.md (curl for OIP REST and KServe v1, grpcurl for TF
-/// Serving) runs as written against modelgate in front of a built-in `iris` of four features.
+/// Serving, `modelgate ctl` registering a REST backend) runs as written against modelgate in
+/// front of a built-in `iris` of four features.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_protocol_page_examples_run() {
     let Some(grpcurl) = grpcurl() else { return };
@@ -306,21 +276,33 @@ async fn the_protocol_page_examples_run() {
         .collect();
     assert!(blocks.len() >= 3, "{blocks:?}");
     let dir = tempfile::tempdir().unwrap();
-    let server = model_server("name=iris;kind=logistic;features=4").await;
+    let server = modelgate::model_server::spawn_with_rest(
+        ANY,
+        vec!["name=iris;kind=logistic;features=4".parse().unwrap()],
+    )
+    .await
+    .unwrap();
     let mg = start(dir.path()).await;
     let mut reg = registry(mg.control_addr).await;
     register(&mut reg, "iris", &server.endpoint()).await;
     promote(&mut reg, "iris", "1").await;
     let path = format!(
-        "{}:{}",
+        "{}:{}:{}",
         grpcurl.parent().unwrap().display(),
+        std::path::Path::new(env!("CARGO_BIN_EXE_modelgate"))
+            .parent()
+            .unwrap()
+            .display(),
         std::env::var("PATH").unwrap_or_default()
     );
     for block in blocks {
-        let script = block.replace("localhost:9000", &mg.data_addr.to_string());
+        let script = block
+            .replace("localhost:9000", &mg.data_addr.to_string())
+            .replace("http://127.0.0.1:8080", &server.rest_endpoint().unwrap());
         let out = tokio::process::Command::new("bash")
             .args(["-euo", "pipefail", "-c", &script])
             .env("PATH", &path)
+            .env("MODELGATE_CTL_ADDR", format!("http://{}", mg.control_addr))
             .output()
             .await
             .unwrap();
@@ -334,5 +316,21 @@ async fn the_protocol_page_examples_run() {
             assert!(text.contains("probabilities"), "{text}");
         }
     }
+    // The registered REST backend serves the model's version 2.
+    let v2 = reg
+        .get_model_version(pb::GetModelVersionRequest {
+            model: "iris".into(),
+            version: "2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v2.backend_protocol, pb::BackendProtocol::OipRest as i32);
+    let (code, _, answer) = curl(&[
+        "-d",
+        r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#,
+        &format!("http://{}/v2/models/iris/versions/2/infer", mg.data_addr),
+    ]);
+    assert_eq!(code, 200, "{answer}");
     mg.shutdown().await;
 }

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use bytes::Bytes;
 use common::*;
 use modelgate::pb::modelgate::v1 as pb;
@@ -352,23 +350,7 @@ async fn a_shadow_answers_tf_serving_copies_and_is_compared() {
             .await
             .unwrap();
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    let report = loop {
-        mg.recorder.flush().await;
-        let r = shadows
-            .get_shadow_report(pb::GetShadowReportRequest {
-                model: "m".into(),
-                version: "2".into(),
-                disagreements: 10,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if r.compared >= 4 || Instant::now() > until {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let report = shadow_report_after(&mg, "m", "2", 4).await;
     assert_eq!((report.mirrored, report.compared), (4, 4), "{report:?}");
     assert_eq!(report.agreed, 1, "{report:?}");
     assert!(report.errors.is_empty(), "{report:?}");

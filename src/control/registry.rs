@@ -175,6 +175,10 @@ impl RegistryApi for RegistryService {
             endpoint: r.endpoint,
             backend_model: r.backend_model,
             backend_version: r.backend_version,
+            backend_protocol: crate::convert::registry::backend_protocol_from_pb(
+                r.backend_protocol,
+            )
+            .map_err(|e| invalid("backend_protocol", e))?,
             artifact_uri: r.artifact_uri,
             artifact_sha256: sha,
             artifact_sha256_verified: verified,

@@ -23,6 +23,7 @@ pub fn version_to_pb(v: &reg::ModelVersion, aliases: Vec<String>) -> pb::ModelVe
         endpoint: v.endpoint.clone(),
         backend_model: v.backend_model.clone().unwrap_or_default(),
         backend_version: v.backend_version.clone().unwrap_or_default(),
+        backend_protocol: backend_protocol_to_pb(v.backend_protocol) as i32,
         artifact_uri: v.artifact_uri.clone(),
         artifact_sha256: v.artifact_sha256.clone().unwrap_or_default(),
         artifact_sha256_verified: v.artifact_sha256_verified,
@@ -41,6 +42,27 @@ pub fn version_to_pb(v: &reg::ModelVersion, aliases: Vec<String>) -> pb::ModelVe
             .collect(),
         created_at: Some(timestamp(v.created_at_ms)),
         updated_at: Some(timestamp(v.updated_at_ms)),
+    }
+}
+
+/// Converts a backend protocol.
+pub fn backend_protocol_to_pb(p: reg::BackendProtocol) -> pb::BackendProtocol {
+    match p {
+        reg::BackendProtocol::Grpc => pb::BackendProtocol::Grpc,
+        reg::BackendProtocol::OipRest => pb::BackendProtocol::OipRest,
+    }
+}
+
+/// A backend protocol from the API (unspecified: gRPC); the error says why it is none.
+pub fn backend_protocol_from_pb(raw: i32) -> Result<reg::BackendProtocol, String> {
+    match pb::BackendProtocol::try_from(raw) {
+        Ok(pb::BackendProtocol::Unspecified | pb::BackendProtocol::Grpc) => {
+            Ok(reg::BackendProtocol::Grpc)
+        }
+        Ok(pb::BackendProtocol::OipRest) => Ok(reg::BackendProtocol::OipRest),
+        Err(_) => Err(format!(
+            "unknown value {raw} (expected BACKEND_PROTOCOL_GRPC or BACKEND_PROTOCOL_OIP_REST)"
+        )),
     }
 }
 

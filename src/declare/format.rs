@@ -69,6 +69,9 @@ pub struct VersionDecl {
     /// Model version written into forwarded OIP requests (empty: keep the caller's).
     #[serde(default)]
     pub backend_version: String,
+    /// The protocol the model server speaks: `grpc` (the default) or `oip-rest`.
+    #[serde(default)]
+    pub backend_protocol: crate::registry::BackendProtocol,
     /// Stage to hold; `none` leaves the stage alone (new versions start in staging).
     #[serde(default)]
     pub stage: StageDecl,

@@ -153,6 +153,7 @@ fn new_version(model: &str, v: &VersionDecl) -> NewVersion {
         endpoint: v.endpoint.clone(),
         backend_model: v.backend_model.clone(),
         backend_version: v.backend_version.clone(),
+        backend_protocol: v.backend_protocol,
         artifact_uri: v.artifact_uri.clone(),
         artifact_sha256: v.artifact_sha256.trim().to_string(),
         artifact_sha256_verified: false,
@@ -172,6 +173,7 @@ fn same_registration(v: &ModelVersion, d: &VersionDecl) -> bool {
     registry::normalize_endpoint(&d.endpoint).is_ok_and(|e| e == v.endpoint)
         && v.backend_model == non_empty(&d.backend_model)
         && v.backend_version == non_empty(&d.backend_version)
+        && v.backend_protocol == d.backend_protocol
         && v.artifact_uri == d.artifact_uri
         && v.artifact_sha256 == non_empty(sha).map(|s| s.to_ascii_lowercase())
         && v.description == d.description

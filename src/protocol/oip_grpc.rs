@@ -340,6 +340,7 @@ mod tests {
             endpoint: "http://h:1".into(),
             backend_model: None,
             backend_version: None,
+            backend_protocol: Default::default(),
             prediction: Default::default(),
             feature_names: Default::default(),
             metrics: Default::default(),

@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::pb::inference::infer_parameter::ParameterChoice;
 use crate::pb::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use crate::pb::inference::model_infer_response::InferOutputTensor;
 use crate::pb::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
 };
@@ -37,18 +38,7 @@ pub fn infer_request(
     body: &[u8],
     header_len: Option<usize>,
 ) -> Result<ModelInferRequest, BadRequest> {
-    let (json_part, mut binary) = match header_len {
-        Some(n) if n <= body.len() => (&body[..n], &body[n..]),
-        Some(n) => {
-            return Err(bad(format!(
-                "Inference-Header-Content-Length {n} is longer than the body ({} bytes)",
-                body.len()
-            )))
-        }
-        None => (body, &[][..]),
-    };
-    let v: Value =
-        serde_json::from_slice(json_part).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let (v, binary) = json_and_binary(body, header_len)?;
     let obj = v
         .as_object()
         .ok_or_else(|| bad("the body must be a JSON object"))?;
@@ -67,9 +57,215 @@ pub fn infer_request(
         .get("inputs")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("'inputs' must be an array of tensors"))?;
+    let (tensors, raw) = tensors(inputs, "inputs", binary)?;
+    req.inputs = tensors
+        .into_iter()
+        .map(|t| InferInputTensor {
+            name: t.name,
+            datatype: t.datatype,
+            shape: t.shape,
+            parameters: t.parameters,
+            contents: t.contents,
+        })
+        .collect();
+    req.raw_input_contents = raw;
+    if let Some(outputs) = obj.get("outputs") {
+        let outputs = outputs
+            .as_array()
+            .ok_or_else(|| bad("'outputs' must be an array"))?;
+        for (i, o) in outputs.iter().enumerate() {
+            let field = format!("outputs[{i}]");
+            let name = o
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("'{field}.name' must be a string")))?;
+            let mut params = parameters(o.get("parameters"), &format!("{field}.parameters"))?;
+            // Outputs come back as JSON whatever the client asks for.
+            params.remove("binary_data");
+            req.outputs.push(InferRequestedOutputTensor {
+                name: name.to_string(),
+                parameters: params,
+            });
+        }
+    }
+    Ok(req)
+}
+
+/// A body's JSON part (all of it, or its first `header_len` bytes with the binary tensor
+/// extension) parsed, and the binary rest.
+fn json_and_binary(body: &[u8], header_len: Option<usize>) -> Result<(Value, &[u8]), BadRequest> {
+    let (json_part, binary) = match header_len {
+        Some(n) if n <= body.len() => (&body[..n], &body[n..]),
+        Some(n) => {
+            return Err(bad(format!(
+                "Inference-Header-Content-Length {n} is longer than the body ({} bytes)",
+                body.len()
+            )))
+        }
+        None => (body, &[][..]),
+    };
+    let v: Value =
+        serde_json::from_slice(json_part).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    Ok((v, binary))
+}
+
+/// Reads a REST infer answer (from an OIP REST backend) as the OIP gRPC response: the inverse
+/// of [`infer_response`].
+pub fn infer_response_from_json(
+    body: &[u8],
+    header_len: Option<usize>,
+) -> Result<ModelInferResponse, BadRequest> {
+    let (mut v, binary) = json_and_binary(body, header_len)?;
+    // A server's answer may carry parameters OIP gRPC cannot (MLServer's nested `headers`): they
+    // are left out rather than failing the answer.
+    scalar_parameters_only(&mut v);
+    if let Some(outputs) = v.get_mut("outputs").and_then(Value::as_array_mut) {
+        outputs.iter_mut().for_each(scalar_parameters_only);
+    }
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("the body must be a JSON object"))?;
+    let text = |key: &str| match obj.get(key) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(bad(format!("'{key}' must be a string"))),
+    };
+    let outputs = obj
+        .get("outputs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("'outputs' must be an array of tensors"))?;
+    let (tensors, raw) = tensors(outputs, "outputs", binary)?;
+    Ok(ModelInferResponse {
+        model_name: text("model_name")?,
+        model_version: text("model_version")?,
+        id: text("id")?,
+        parameters: parameters(obj.get("parameters"), "parameters")?,
+        outputs: tensors
+            .into_iter()
+            .map(|t| InferOutputTensor {
+                name: t.name,
+                datatype: t.datatype,
+                shape: t.shape,
+                parameters: t.parameters,
+                contents: t.contents,
+            })
+            .collect(),
+        raw_output_contents: raw,
+    })
+}
+
+/// Drops the `parameters` of `v` that are not booleans, integers or strings.
+fn scalar_parameters_only(v: &mut Value) {
+    if let Some(p) = v.get_mut("parameters").and_then(Value::as_object_mut) {
+        p.retain(|_, x| x.is_boolean() || x.is_string() || x.as_i64().is_some());
+    }
+}
+
+/// An OIP gRPC infer request as a REST infer body (for an OIP REST backend): the inverse of
+/// [`infer_request`]. Every tensor travels as JSON; `max_elements` bounds each input.
+pub fn infer_request_json(req: &ModelInferRequest, max_elements: usize) -> Result<Value, String> {
+    let tensors = crate::oip::request_inputs(req, max_elements).map_err(|e| e.to_string())?;
+    let inputs: Vec<Value> = tensors
+        .iter()
+        .zip(&req.inputs)
+        .map(|(t, i)| tensor_json(t, &i.name, &i.datatype, &i.shape, &i.parameters))
+        .collect();
+    let mut body = Map::new();
+    if !req.id.is_empty() {
+        body.insert("id".into(), json!(req.id));
+    }
+    if !req.parameters.is_empty() {
+        body.insert("parameters".into(), parameters_json(&req.parameters));
+    }
+    body.insert("inputs".into(), Value::Array(inputs));
+    if !req.outputs.is_empty() {
+        let outputs = req
+            .outputs
+            .iter()
+            .map(|o| {
+                let mut out = Map::new();
+                out.insert("name".into(), json!(o.name));
+                if !o.parameters.is_empty() {
+                    out.insert("parameters".into(), parameters_json(&o.parameters));
+                }
+                Value::Object(out)
+            })
+            .collect();
+        body.insert("outputs".into(), Value::Array(outputs));
+    }
+    Ok(Value::Object(body))
+}
+
+fn parameters_json(p: &HashMap<String, InferParameter>) -> Value {
+    p.iter()
+        .map(|(k, v)| (k.clone(), parameter_json(v)))
+        .collect::<Map<_, _>>()
+        .into()
+}
+
+/// A decoded tensor as a JSON tensor: numbers (integers exact below 2^53), booleans for BOOL,
+/// strings for BYTES (not UTF-8: replaced characters).
+fn tensor_json(
+    t: &crate::tensor::Tensor,
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+    params: &HashMap<String, InferParameter>,
+) -> Value {
+    let data: Vec<Value> = match &t.values {
+        Values::Numeric(v) => v
+            .iter()
+            .map(|x| match t.datatype {
+                DataType::Bool => json!(*x != 0.0),
+                DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64 => json!(x),
+                // Integers were widened to f64 by the decoder: exact below 2^53.
+                _ => {
+                    if *x < 0.0 {
+                        json!(*x as i64)
+                    } else {
+                        json!(*x as u64)
+                    }
+                }
+            })
+            .collect(),
+        Values::Bytes(v) => v
+            .iter()
+            .map(|b| json!(String::from_utf8_lossy(b)))
+            .collect(),
+    };
+    let mut out = Map::new();
+    out.insert("name".into(), json!(name));
+    out.insert("datatype".into(), json!(datatype));
+    out.insert("shape".into(), json!(shape));
+    if !params.is_empty() {
+        out.insert("parameters".into(), parameters_json(params));
+    }
+    out.insert("data".into(), Value::Array(data));
+    Value::Object(out)
+}
+
+/// A JSON tensor read: the fields an input and an output tensor share.
+struct JsonTensor {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+    parameters: HashMap<String, InferParameter>,
+    contents: Option<InferTensorContents>,
+}
+
+/// Reads the JSON tensors of `field` (`inputs` of a request, `outputs` of an answer), taking the
+/// elements of those with a `binary_data_size` parameter from `binary`, in order. Returns them
+/// with their raw contents: none when every tensor is typed, else one per tensor (OIP gRPC's raw
+/// contents are all or nothing, so typed ones are converted).
+fn tensors(
+    list: &[Value],
+    field: &str,
+    mut binary: &[u8],
+) -> Result<(Vec<JsonTensor>, Vec<Bytes>), BadRequest> {
+    let mut out = Vec::with_capacity(list.len());
     let mut raws: Vec<Bytes> = Vec::new();
-    for (i, t) in inputs.iter().enumerate() {
-        let field = format!("inputs[{i}]");
+    for (i, t) in list.iter().enumerate() {
+        let field = format!("{field}[{i}]");
         let t = t
             .as_object()
             .ok_or_else(|| bad(format!("'{field}' must be an object")))?;
@@ -101,7 +297,7 @@ pub fn infer_request(
                     Some(ParameterChoice::Int64Param(n)) => usize::try_from(n).ok(),
                     _ => None,
                 });
-        let mut tensor = InferInputTensor {
+        let mut tensor = JsonTensor {
             name,
             datatype,
             shape,
@@ -127,38 +323,20 @@ pub fn infer_request(
             tensor.contents = contents;
             raws.push(raw.unwrap_or_default());
         }
-        req.inputs.push(tensor);
+        out.push(tensor);
     }
-    // Raw contents are all or nothing in OIP gRPC: typed contents become raw when any input
+    // Raw contents are all or nothing in OIP gRPC: typed contents become raw when any tensor
     // came binary (or was FP16/BF16).
     if raws.iter().any(|r| !r.is_empty()) {
-        for (t, raw) in req.inputs.iter_mut().zip(raws.iter_mut()) {
+        for (t, raw) in out.iter_mut().zip(raws.iter_mut()) {
             if let Some(c) = t.contents.take() {
                 *raw = typed_to_raw(&t.datatype, &c);
             }
         }
-        req.raw_input_contents = raws;
+        Ok((out, raws))
+    } else {
+        Ok((out, Vec::new()))
     }
-    if let Some(outputs) = obj.get("outputs") {
-        let outputs = outputs
-            .as_array()
-            .ok_or_else(|| bad("'outputs' must be an array"))?;
-        for (i, o) in outputs.iter().enumerate() {
-            let field = format!("outputs[{i}]");
-            let name = o
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(format!("'{field}.name' must be a string")))?;
-            let mut params = parameters(o.get("parameters"), &format!("{field}.parameters"))?;
-            // Outputs come back as JSON whatever the client asks for.
-            params.remove("binary_data");
-            req.outputs.push(InferRequestedOutputTensor {
-                name: name.to_string(),
-                parameters: params,
-            });
-        }
-    }
-    Ok(req)
 }
 
 fn flatten(v: &Value, out: &mut Vec<Value>) {
@@ -349,43 +527,13 @@ pub fn infer_response(resp: &ModelInferResponse, max_elements: usize) -> Result<
     let tensors = crate::oip::response_outputs(resp, max_elements).map_err(|e| e.to_string())?;
     let mut outputs = Vec::with_capacity(tensors.len());
     for (t, o) in tensors.iter().zip(&resp.outputs) {
-        let data: Vec<Value> = match &t.values {
-            Values::Numeric(v) => v
-                .iter()
-                .map(|x| match t.datatype {
-                    DataType::Bool => json!(*x != 0.0),
-                    DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64 => json!(x),
-                    // Integers were widened to f64 by the decoder: exact below 2^53.
-                    _ => {
-                        if *x < 0.0 {
-                            json!(*x as i64)
-                        } else {
-                            json!(*x as u64)
-                        }
-                    }
-                })
-                .collect(),
-            Values::Bytes(v) => v
-                .iter()
-                .map(|b| json!(String::from_utf8_lossy(b)))
-                .collect(),
-        };
-        let mut out = Map::new();
-        out.insert("name".into(), json!(o.name));
-        out.insert("datatype".into(), json!(o.datatype));
-        out.insert("shape".into(), json!(o.shape));
-        if !o.parameters.is_empty() {
-            out.insert(
-                "parameters".into(),
-                o.parameters
-                    .iter()
-                    .map(|(k, v)| (k.clone(), parameter_json(v)))
-                    .collect::<Map<_, _>>()
-                    .into(),
-            );
-        }
-        out.insert("data".into(), Value::Array(data));
-        outputs.push(Value::Object(out));
+        outputs.push(tensor_json(
+            t,
+            &o.name,
+            &o.datatype,
+            &o.shape,
+            &o.parameters,
+        ));
     }
     let mut body = Map::new();
     body.insert("model_name".into(), json!(resp.model_name));
@@ -394,14 +542,7 @@ pub fn infer_response(resp: &ModelInferResponse, max_elements: usize) -> Result<
         body.insert("id".into(), json!(resp.id));
     }
     if !resp.parameters.is_empty() {
-        body.insert(
-            "parameters".into(),
-            resp.parameters
-                .iter()
-                .map(|(k, v)| (k.clone(), parameter_json(v)))
-                .collect::<Map<_, _>>()
-                .into(),
-        );
+        body.insert("parameters".into(), parameters_json(&resp.parameters));
     }
     body.insert("outputs".into(), Value::Array(outputs));
     Ok(Value::Object(body))
@@ -523,5 +664,39 @@ mod tests {
         assert_eq!(v["outputs"][0]["data"], json!([0.25, 0.75]));
         assert_eq!(v["outputs"][0]["shape"], json!([1, 2]));
         assert_eq!(v["outputs"][1]["data"], json!([-3]));
+
+        // And back, as an OIP REST backend's answer is read: the same tensors.
+        let mut with_headers = v.clone();
+        with_headers["parameters"] = json!({"content_type": "np", "headers": {"a": "b"}});
+        let back = infer_response_from_json(with_headers.to_string().as_bytes(), None).unwrap();
+        assert_eq!((back.model_name.as_str(), back.id.as_str()), ("m", "r1"));
+        assert_eq!(back.parameters.len(), 1, "nested parameters are left out");
+        assert_eq!(
+            crate::oip::response_outputs(&back, 100).unwrap(),
+            crate::oip::response_outputs(&resp, 100).unwrap()
+        );
+    }
+
+    #[test]
+    fn requests_travel_to_json_and_back_unchanged() {
+        let body = br#"{"id":"r1","parameters":{"p":1},"inputs":[
+            {"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]},
+            {"name":"n","shape":[2],"datatype":"INT64","data":[-7,9007199254740991]},
+            {"name":"b","shape":[2],"datatype":"BOOL","data":[true,false]},
+            {"name":"s","shape":[1],"datatype":"BYTES","data":["hi"]}],
+            "outputs":[{"name":"probabilities"}]}"#;
+        let req = infer_request("m", "", body, None).unwrap();
+        let json = infer_request_json(&req, 100).unwrap();
+        let again = infer_request("m", "", json.to_string().as_bytes(), None).unwrap();
+        assert_eq!(again, req);
+        // Halves travel raw in gRPC and as numbers in JSON.
+        let half = br#"{"inputs":[{"name":"h","shape":[2],"datatype":"FP16","data":[0.5,-2]}]}"#;
+        let req = infer_request("m", "", half, None).unwrap();
+        let json = infer_request_json(&req, 100).unwrap();
+        assert_eq!(json["inputs"][0]["data"], json!([0.5, -2.0]));
+        assert_eq!(
+            infer_request("m", "", json.to_string().as_bytes(), None).unwrap(),
+            req
+        );
     }
 }

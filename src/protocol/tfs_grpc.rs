@@ -468,6 +468,7 @@ mod tests {
             endpoint: "http://127.0.0.1:1".into(),
             backend_model: None,
             backend_version: None,
+            backend_protocol: Default::default(),
             prediction: Default::default(),
             feature_names: Default::default(),
             metrics: Default::default(),

@@ -205,7 +205,7 @@ async fn call_shadow(
         h.insert(REQUEST_ID_HEADER, v);
     }
     let resp = upstreams
-        .send(&route.endpoint, req, Payload::Full(body))
+        .send_to(route, req, Payload::Full(body))
         .await
         .map_err(|_| UNAVAILABLE)?;
     if resp.status() != http::StatusCode::OK {

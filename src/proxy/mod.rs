@@ -13,6 +13,7 @@ pub mod accept;
 pub mod body;
 pub mod mirror;
 pub mod rest;
+pub mod rest_upstream;
 pub mod status;
 pub mod stream;
 pub mod upstream;
@@ -1290,7 +1291,7 @@ impl Proxy {
         let result = async {
             let resp = self
                 .upstreams
-                .send(&route.endpoint, head, payload)
+                .send_to(route, head, payload)
                 .await
                 .map_err(|e| match e.failure() {
                     None => ProxyError::Unreachable {

@@ -5,7 +5,8 @@
 //! exactly as a gRPC call, through an in-process HTTP/2 connection to [`Proxy::handle`] (one per
 //! data-plane runtime, multiplexed): routing to production or the caller's experiment variant,
 //! shadows, records with named features and parsed predictions, outcomes, drift, metrics and
-//! traces all apply unchanged, and the backend is called over OIP gRPC. The answer is translated
+//! traces all apply unchanged, and the backend is called in its registered protocol (OIP gRPC, or
+//! REST through `rest_upstream`). The answer is translated
 //! back: JSON tensors, or `{"error": "…"}` with the HTTP status a REST client expects.
 //!
 //! | REST | gRPC twin |
@@ -54,9 +55,21 @@ pub fn is_rest<B>(req: &Request<B>) -> bool {
             || path.starts_with("/v1/"))
 }
 
+/// What serves the gRPC twins of REST calls: modelgate's data plane, or a gRPC service (the
+/// built-in model server's REST port).
+pub type GrpcHandler = Arc<
+    dyn Fn(Request<Incoming>) -> futures_util::future::BoxFuture<'static, Response<Body>>
+        + Send
+        + Sync,
+>;
+
 /// The REST side of one data-plane runtime: the in-process connection its calls go through.
 pub struct RestGateway {
-    proxy: Arc<Proxy>,
+    handler: GrpcHandler,
+    /// `--max-message-bytes`: the largest REST body read.
+    max_message_bytes: usize,
+    /// `--max-tensor-elements`: the largest answer tensor written as JSON.
+    max_tensor_elements: usize,
     client: Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>,
     /// Each model's (and version's) first input, for KServe v1 rows, and when it was read.
     #[allow(clippy::type_complexity)]
@@ -197,8 +210,26 @@ struct Answer {
 impl RestGateway {
     /// A gateway to `proxy`.
     pub fn new(proxy: Arc<Proxy>) -> Arc<Self> {
+        let limits = (
+            proxy.limits.max_message_bytes,
+            proxy.limits.max_tensor_elements,
+        );
+        Self::with_handler(
+            Arc::new(move |req| Box::pin(proxy.clone().handle(req))),
+            limits,
+        )
+    }
+
+    /// A gateway to any gRPC `handler` of the Open Inference Protocol, with the limits
+    /// (message bytes, tensor elements) it reads and writes bodies within.
+    pub fn with_handler(
+        handler: GrpcHandler,
+        (max_message_bytes, max_tensor_elements): (usize, usize),
+    ) -> Arc<Self> {
         Arc::new(RestGateway {
-            proxy,
+            handler,
+            max_message_bytes,
+            max_tensor_elements,
             client: Mutex::new(None),
             inputs: Mutex::new(Default::default()),
         })
@@ -211,7 +242,7 @@ impl RestGateway {
             Ok(e) => e,
             Err((status, message)) => return error(status, &message, None),
         };
-        let limit = self.proxy.limits.max_message_bytes;
+        let limit = self.max_message_bytes;
         let body = match Limited::new(body, limit).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
@@ -346,7 +377,7 @@ impl RestGateway {
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e.0, None),
                 };
                 let a = self.call("ModelInfer", request, headers).await;
-                let max = self.proxy.limits.max_tensor_elements;
+                let max = self.max_tensor_elements;
                 self.decode(
                     a,
                     |r: oip::ModelInferResponse| match oip_rest::infer_response(&r, max) {
@@ -377,7 +408,7 @@ impl RestGateway {
                     Err(e) => return error(StatusCode::BAD_REQUEST, &e.0, None),
                 };
                 let a = self.call("ModelInfer", request, headers).await;
-                let max = self.proxy.limits.max_tensor_elements;
+                let max = self.max_tensor_elements;
                 self.decode(a, |r: oip::ModelInferResponse| {
                     oip_rest::infer_response(&r, max).unwrap_or_else(
                         |e| json!({"error": format!("the model's answer cannot be read: {e}")}),
@@ -498,10 +529,10 @@ impl RestGateway {
             }
         }
         let (ours, theirs) = tokio::io::duplex(1 << 20);
-        let proxy = self.proxy.clone();
+        let handler = self.handler.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let p = proxy.clone();
-            async move { Ok::<_, Infallible>(p.handle(req).await) }
+            let answer = handler(req);
+            async move { Ok::<_, Infallible>(answer.await) }
         });
         let mut server = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         server

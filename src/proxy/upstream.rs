@@ -125,13 +125,19 @@ struct Slot {
 }
 
 /// The connections of one endpoint.
-struct Endpoint {
+pub(super) struct Endpoint {
     /// `host:port`, for connecting and for the `:authority` of requests.
-    authority: http::uri::Authority,
+    pub(super) authority: http::uri::Authority,
     /// The name the server's certificate must carry, for `https://` endpoints.
     tls: Option<rustls_pki_types::ServerName<'static>>,
     slots: Vec<Arc<Slot>>,
     next: AtomicUsize,
+}
+
+/// An open connection to an endpoint.
+pub(super) enum Dialed {
+    Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
 }
 
 /// Connections by endpoint.
@@ -139,6 +145,8 @@ pub struct Upstreams {
     settings: UpstreamSettings,
     endpoints: DashMap<String, Arc<Endpoint>>,
     ids: AtomicU64,
+    /// Idle HTTP/1.1 connections to OIP REST backends (`super::rest_upstream`).
+    pub(super) rest: super::rest_upstream::RestPool,
 }
 
 impl Upstreams {
@@ -148,6 +156,7 @@ impl Upstreams {
             settings,
             endpoints: DashMap::new(),
             ids: AtomicU64::new(0),
+            rest: Default::default(),
         }
     }
 
@@ -156,7 +165,7 @@ impl Upstreams {
         &self.settings
     }
 
-    fn endpoint(&self, endpoint: &str) -> Result<Arc<Endpoint>, UpstreamError> {
+    pub(super) fn endpoint(&self, endpoint: &str) -> Result<Arc<Endpoint>, UpstreamError> {
         if let Some(e) = self.endpoints.get(endpoint) {
             return Ok(e.clone());
         }
@@ -330,6 +339,15 @@ impl Upstreams {
         if let Some(c) = slot.conn.load_full() {
             return Ok(c);
         }
+        match self.dial(ep).await? {
+            Dialed::Tcp(tcp) => self.start(ep, slot, tcp).await,
+            Dialed::Tls(tls) => self.start(ep, slot, tls).await,
+        }
+    }
+
+    /// Opens a connection to an endpoint: TCP, and TLS for `https://` endpoints, within the
+    /// connect timeout.
+    pub(super) async fn dial(&self, ep: &Endpoint) -> Result<Dialed, UpstreamError> {
         let addr = ep.authority.as_str();
         let timeout = self.settings.connect_timeout;
         let timed_out =
@@ -339,23 +357,21 @@ impl Upstreams {
             .map_err(|_| timed_out())?
             .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
-        match &ep.tls {
-            None => self.start(ep, slot, tcp).await,
-            Some(name) => {
-                let connector = self.settings.tls.connector()?;
-                // The handshake shares the connect timeout.
-                let tls = tokio::time::timeout(timeout, connector.connect(name.clone(), tcp))
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|e| {
-                        UpstreamError::Connect(format!(
-                            "{addr}: TLS handshake failed: {}",
-                            crate::tls::describe_io_error(&e)
-                        ))
-                    })?;
-                self.start(ep, slot, tls).await
-            }
-        }
+        let Some(name) = &ep.tls else {
+            return Ok(Dialed::Tcp(tcp));
+        };
+        let connector = self.settings.tls.connector()?;
+        // The handshake shares the connect timeout.
+        let tls = tokio::time::timeout(timeout, connector.connect(name.clone(), tcp))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| {
+                UpstreamError::Connect(format!(
+                    "{addr}: TLS handshake failed: {}",
+                    crate::tls::describe_io_error(&e)
+                ))
+            })?;
+        Ok(Dialed::Tls(Box::new(tls)))
     }
 
     /// Starts HTTP/2 on an open connection (TCP or TLS) and puts it in the slot.

@@ -472,3 +472,61 @@ pub async fn webhook_receiver() -> (
     });
     (format!("http://{addr}/hook"), rx)
 }
+
+/// Runs curl; returns (HTTP status, response headers, body as JSON).
+pub fn curl(args: &[&str]) -> (u16, String, serde_json::Value) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "-D", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (rest, code) = text.rsplit_once('\n').unwrap();
+    // The last header block (a 100 Continue comes first when curl asked for one).
+    let (mut headers, mut body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    while body.starts_with("HTTP/") {
+        (headers, body) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
+    }
+    let json = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    (
+        code.trim().parse().unwrap(),
+        headers.to_ascii_lowercase(),
+        json,
+    )
+}
+
+/// The shadow report of `model`'s `version` once it has compared `n` copies (or after 10 s).
+pub async fn shadow_report_after(
+    mg: &Running,
+    model: &str,
+    version: &str,
+    n: u64,
+) -> pb::ShadowReport {
+    let mut shadows = pb::shadows_client::ShadowsClient::new(channel(mg.control_addr).await);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        mg.recorder.flush().await;
+        let r = shadows
+            .get_shadow_report(pb::GetShadowReportRequest {
+                model: model.into(),
+                version: version.into(),
+                disagreements: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.compared >= n || std::time::Instant::now() > until {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

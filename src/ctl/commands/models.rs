@@ -108,6 +108,10 @@ pub struct Register {
     /// Model version to send to the model server.
     #[arg(long)]
     pub backend_version: Option<String>,
+    /// The protocol the model server speaks: grpc (OIP, TF Serving or any gRPC service; the
+    /// default) or oip-rest (the Open Inference Protocol over HTTP/JSON).
+    #[arg(long, value_parser = ["grpc", "oip-rest"])]
+    pub backend_protocol: Option<String>,
     /// Artifact path or URI (a local file is hashed).
     #[arg(long)]
     pub artifact_uri: Option<String>,
@@ -222,6 +226,11 @@ fn register(r: Register) -> Result<pb::RegisterModelVersionRequest, CtlError> {
         endpoint: r.endpoint,
         backend_model: r.backend_model.unwrap_or_default(),
         backend_version: r.backend_version.unwrap_or_default(),
+        backend_protocol: match r.backend_protocol.as_deref() {
+            Some("oip-rest") => pb::BackendProtocol::OipRest,
+            Some(_) => pb::BackendProtocol::Grpc,
+            None => pb::BackendProtocol::Unspecified,
+        } as i32,
         artifact_uri: r.artifact_uri.unwrap_or_default(),
         artifact_sha256: r.sha256.unwrap_or_default(),
         description: r.description.unwrap_or_default(),
