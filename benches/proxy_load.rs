@@ -34,6 +34,15 @@
 //!    share refused with RESOURCE_EXHAUSTED and how fast (latency from sending), the latency of
 //!    the calls served, and the proxy's peak memory: shedding must keep the served calls flowing.
 //!
+//! 4. **h2load** (when `h2load`, Debian's `nghttp2-client`, is on PATH; `BENCH_H2LOAD=0` skips
+//!    it): an external load generator that shares no code with modelgate, at saturation.
+//!    gRPC: the framed `ModelInferRequest` POSTed by `BENCH_H2LOAD_CLIENTS` (4) connections ×
+//!    `BENCH_H2LOAD_STREAMS` (32) streams to every gRPC target. REST: the JSON body POSTed over
+//!    HTTP/1.1 (`--h1`) by `BENCH_CONCURRENCY` connections to the model server's own REST port
+//!    (`--rest-listen`, "direct REST") and to modelgate's data port — the REST row's ratio is
+//!    against direct REST. h2load reports throughput and mean latency; modelgate's CPU per call
+//!    comes from /proc as for the other modes.
+//!
 //! `BENCH_REPEAT=N` runs the closed loop N times, the targets interleaved round by round, and
 //! reports each target's median round (this machine's neighbours make single runs noisy).
 //!
@@ -68,6 +77,116 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// One h2load run: requests per second, mean latency (ms), calls that failed, and the proxy's
+/// CPU seconds over the run.
+struct H2load {
+    target: String,
+    rps: f64,
+    mean_ms: f64,
+    failed: u64,
+    done: u64,
+    cpu_seconds: Option<f64>,
+}
+
+/// Runs h2load for `seconds` against `url`, POSTing `body` with `headers`; HTTP/1.1 with `h1`
+/// (`clients` connections, one request each at a time), else HTTP/2 (`clients` × `streams`).
+#[allow(clippy::too_many_arguments)]
+fn h2load(
+    name: String,
+    pid: Option<u32>,
+    url: &str,
+    body: &Path,
+    headers: &[&str],
+    h1: bool,
+    clients: usize,
+    streams: usize,
+    seconds: f64,
+) -> H2load {
+    let mut cmd = Command::new("h2load");
+    cmd.args(["-c", &clients.to_string(), "-m", &streams.to_string()])
+        .args(["-D", &format!("{}", seconds.round().max(1.0))])
+        .args(["--warm-up-time", "1"])
+        .arg("-d")
+        .arg(body);
+    if h1 {
+        cmd.arg("--h1");
+    }
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let before = pid.map(usage);
+    let out = cmd.arg(url).output().expect("h2load runs");
+    let cpu_seconds = pid
+        .zip(before)
+        .map(|(p, b)| usage(p).cpu_seconds - b.cpu_seconds);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let number = |line: &str, after: &str| -> Option<f64> {
+        let l = text.lines().find(|l| l.trim_start().starts_with(line))?;
+        let rest = &l[l.find(after)? + after.len()..];
+        rest.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .find(|s| !s.is_empty())?
+            .parse()
+            .ok()
+    };
+    // "finished in 10.00s, 17234.50 req/s, …"; "requests: N total, N started, N done, N
+    // succeeded, M failed, …"; "time for request:  min  max  mean  sd  +/- sd".
+    let rps = number("finished in", "s, ").unwrap_or(0.0);
+    let done = number("requests:", "started, ").unwrap_or(0.0) as u64;
+    let failed = number("requests:", "succeeded, ").unwrap_or(0.0) as u64;
+    let mean_ms = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .and_then(|v| {
+            let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+            let n: f64 = n.parse().ok()?;
+            Some(match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => return None,
+            })
+        })
+        .unwrap_or(f64::NAN);
+    if rps == 0.0 {
+        eprintln!(
+            "h2load against {url} measured nothing:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    H2load {
+        target: name,
+        rps,
+        mean_ms,
+        failed,
+        done,
+        cpu_seconds,
+    }
+}
+
+fn print_h2load(title: &str, runs: &[H2load]) {
+    println!("\n{title}");
+    println!(
+        "{:<30} {:>9} {:>7} {:>9} {:>12} {:>8}",
+        "target", "req/s", "ratio", "mean ms", "CPU µs/call", "failed"
+    );
+    let base = runs.first().map_or(1.0, |r| r.rps);
+    for r in runs {
+        println!(
+            "{:<30} {:>9.0} {:>7.3} {:>9.3} {:>12} {:>8}",
+            r.target,
+            r.rps,
+            r.rps / base,
+            r.mean_ms,
+            r.cpu_seconds.map_or("-".into(), |c| format!(
+                "{:.1}",
+                c * 1e6 / r.done.max(1) as f64
+            )),
+            r.failed
+        );
+    }
 }
 
 fn free_addr() -> SocketAddr {
@@ -851,14 +970,18 @@ fn main() {
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let model_addr = free_addr();
+        let model_rest = free_addr();
         let _model = spawn_modelgate(&[
             "model-server",
             "--listen",
             &model_addr.to_string(),
+            "--rest-listen",
+            &model_rest.to_string(),
             "--model",
             "name=bench;kind=logistic;features=16;seed=1",
         ]);
         wait_for(model_addr).await;
+        wait_for(model_rest).await;
 
         let (routing, routing_data, routing_control) = modelgate(
             &dir.path().join("routing"),
@@ -1129,6 +1252,65 @@ fn main() {
                 },
             );
         }
+        let mut h2load_json = serde_json::Value::Null;
+        if std::env::var("BENCH_H2LOAD").map_or(true, |v| v != "0") && on_path("h2load") {
+            let clients: usize = env_or("BENCH_H2LOAD_CLIENTS", 4);
+            let streams: usize = env_or("BENCH_H2LOAD_STREAMS", 32);
+            let grpc_body = dir.path().join("request.grpc");
+            std::fs::write(&grpc_body, modelgate::protocol::grpc::frame(&request())).unwrap();
+            let rest_body = dir.path().join("request.json");
+            std::fs::write(&rest_body, REST_BODY).unwrap();
+            let mut grpc_runs = Vec::new();
+            for t in targets.iter().filter(|t| !t.rest) {
+                eprintln!("h2load gRPC, {clients} connections × {streams} streams: {}", t.name);
+                grpc_runs.push(h2load(
+                    t.name.to_string(),
+                    t.pid,
+                    &format!("http://{}/inference.GRPCInferenceService/ModelInfer", t.addr),
+                    &grpc_body,
+                    &["content-type: application/grpc", "te: trailers"],
+                    false,
+                    clients,
+                    streams,
+                    seconds,
+                ));
+            }
+            let mut rest_runs = Vec::new();
+            for (name, addr, pid) in [
+                ("direct REST (model server)", model_rest, None),
+                ("modelgate routing only, REST", routing_data, Some(routing.0.id())),
+            ] {
+                eprintln!("h2load REST (HTTP/1.1), {concurrency} connections: {name}");
+                rest_runs.push(h2load(
+                    name.to_string(),
+                    pid,
+                    &format!("http://{addr}/v2/models/bench/infer"),
+                    &rest_body,
+                    &["content-type: application/json"],
+                    true,
+                    concurrency,
+                    1,
+                    seconds,
+                ));
+            }
+            print_h2load(
+                &format!("h2load gRPC, {clients} connections × {streams} streams, saturation"),
+                &grpc_runs,
+            );
+            print_h2load(
+                &format!("h2load REST over HTTP/1.1, {concurrency} connections, saturation (ratio to direct REST)"),
+                &rest_runs,
+            );
+            let json = |r: &H2load, base: f64| {
+                serde_json::json!({"target": r.target, "rps": r.rps, "ratio": r.rps / base,
+                    "mean_ms": r.mean_ms, "failed": r.failed,
+                    "proxy_cpu_us_per_call": r.cpu_seconds.map(|c| c * 1e6 / r.done.max(1) as f64)})
+            };
+            h2load_json = serde_json::json!({
+                "grpc": grpc_runs.iter().map(|r| json(r, grpc_runs[0].rps)).collect::<Vec<_>>(),
+                "rest": rest_runs.iter().map(|r| json(r, rest_runs[0].rps)).collect::<Vec<_>>(),
+            });
+        }
         let mut overload_json = serde_json::Value::Null;
         if let Some((p, data, _model)) = &overload_gate {
             let target = Target {
@@ -1151,6 +1333,7 @@ fn main() {
         if let Some(path) = json_path {
             let doc = serde_json::json!({
                 "overload": overload_json,
+                "h2load": h2load_json,
                 "machine": machine(), "concurrency": concurrency, "connections": connections,
                 "seconds": seconds, "open_loop_rate": rate,
                 "closed": closed_runs.iter().map(|r| r.json(&closed_runs[0])).collect::<Vec<_>>(),

@@ -197,6 +197,8 @@ async fn tritonclient_http_works_through_modelgate() {
     assert_eq!(v["model_ready"], true, "{v}");
     assert_eq!(v["metadata_inputs"], serde_json::json!(["input"]), "{v}");
     assert_eq!(v["json"], v["binary"], "the same answer either way: {v}");
+    assert_eq!(v["label_0"], v["label_1"], "{v}");
+    assert_eq!(v["label_1"], serde_json::json!([[1]]), "{v}");
     assert_eq!(v["id_1"], "http-peer-1", "{v}");
     assert!(v["unknown_model"].as_str().unwrap().contains("nope"), "{v}");
     mg.shutdown().await;

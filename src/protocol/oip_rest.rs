@@ -30,6 +30,28 @@ fn bad(msg: impl Into<String>) -> BadRequest {
     BadRequest(msg.into())
 }
 
+/// Which outputs a REST caller asked to get back as binary tensors: every one (the request
+/// parameter `binary_data_output`), or those whose `parameters` say `binary_data`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BinaryOutputs {
+    /// Every output.
+    pub all: bool,
+    /// These outputs.
+    pub names: Vec<String>,
+}
+
+impl BinaryOutputs {
+    /// Whether output `name` goes back binary.
+    pub fn wants(&self, name: &str) -> bool {
+        self.all || self.names.iter().any(|n| n == name)
+    }
+
+    /// Whether any output does.
+    pub fn any(&self) -> bool {
+        self.all || !self.names.is_empty()
+    }
+}
+
 /// Reads a REST infer body for `model` (and `version`, empty for any): JSON, or the binary
 /// tensor extension's JSON header of `header_len` bytes followed by binary tensors.
 pub fn infer_request(
@@ -38,6 +60,24 @@ pub fn infer_request(
     body: &[u8],
     header_len: Option<usize>,
 ) -> Result<ModelInferRequest, BadRequest> {
+    infer_request_binary(model, version, body, header_len).map(|(r, _)| r)
+}
+
+fn is_true(p: Option<InferParameter>) -> bool {
+    matches!(
+        p.and_then(|p| p.parameter_choice),
+        Some(ParameterChoice::BoolParam(true))
+    )
+}
+
+/// [`infer_request`], and the outputs the caller wants back as binary tensors (those wishes are
+/// the REST side's: they are not passed on).
+pub fn infer_request_binary(
+    model: &str,
+    version: &str,
+    body: &[u8],
+    header_len: Option<usize>,
+) -> Result<(ModelInferRequest, BinaryOutputs), BadRequest> {
     let (v, binary) = json_and_binary(body, header_len)?;
     let obj = v
         .as_object()
@@ -52,6 +92,10 @@ pub fn infer_request(
         },
         parameters: parameters(obj.get("parameters"), "parameters")?,
         ..Default::default()
+    };
+    let mut binary_outputs = BinaryOutputs {
+        all: is_true(req.parameters.remove("binary_data_output")),
+        names: Vec::new(),
     };
     let inputs = obj
         .get("inputs")
@@ -80,15 +124,16 @@ pub fn infer_request(
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(format!("'{field}.name' must be a string")))?;
             let mut params = parameters(o.get("parameters"), &format!("{field}.parameters"))?;
-            // Outputs come back as JSON whatever the client asks for.
-            params.remove("binary_data");
+            if is_true(params.remove("binary_data")) {
+                binary_outputs.names.push(name.to_string());
+            }
             req.outputs.push(InferRequestedOutputTensor {
                 name: name.to_string(),
                 parameters: params,
             });
         }
     }
-    Ok(req)
+    Ok((req, binary_outputs))
 }
 
 /// A body's JSON part (all of it, or its first `header_len` bytes with the binary tensor
@@ -522,6 +567,41 @@ fn parameter_json(p: &InferParameter) -> Value {
     }
 }
 
+/// An OIP gRPC infer response as a REST response body with the outputs `binary` names as binary
+/// tensors: the JSON header (those outputs with a `binary_data_size` parameter and no `data`),
+/// then their raw bytes in order. Returns the body and the JSON header's length (the
+/// `Inference-Header-Content-Length`).
+pub fn infer_response_binary(
+    resp: &ModelInferResponse,
+    max_elements: usize,
+    binary: &BinaryOutputs,
+) -> Result<(Bytes, usize), String> {
+    let mut header = infer_response(resp, max_elements)?;
+    let mut raw = Vec::new();
+    let outputs = header["outputs"].as_array_mut().expect("an array");
+    for (i, (o, json)) in resp.outputs.iter().zip(outputs.iter_mut()).enumerate() {
+        if !binary.wants(&o.name) {
+            continue;
+        }
+        let bytes = match resp.raw_output_contents.get(i) {
+            Some(r) => r.clone(),
+            None => typed_to_raw(&o.datatype, &o.contents.clone().unwrap_or_default()),
+        };
+        let obj = json.as_object_mut().expect("an object");
+        obj.remove("data");
+        obj.entry("parameters")
+            .or_insert_with(|| Value::Object(Map::new()))
+            .as_object_mut()
+            .expect("an object")
+            .insert("binary_data_size".into(), json!(bytes.len()));
+        raw.push(bytes);
+    }
+    let mut body = serde_json::to_vec(&header).expect("JSON");
+    let header_len = body.len();
+    raw.iter().for_each(|r| body.extend_from_slice(r));
+    Ok((body.into(), header_len))
+}
+
 /// An OIP gRPC infer response as the REST response body. `max_elements` bounds each output.
 pub fn infer_response(resp: &ModelInferResponse, max_elements: usize) -> Result<Value, String> {
     let tensors = crate::oip::response_outputs(resp, max_elements).map_err(|e| e.to_string())?;
@@ -585,6 +665,8 @@ mod tests {
         );
         assert!(r.raw_input_contents.is_empty());
         assert!(r.outputs[0].parameters.is_empty(), "binary_data dropped");
+        let (_, binary) = infer_request_binary("m", "", body, None).unwrap();
+        assert!(binary.wants("probabilities") && !binary.wants("label"));
     }
 
     #[test]

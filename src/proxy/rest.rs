@@ -199,6 +199,33 @@ fn error(status: StatusCode, message: &str, headers: Option<&HeaderMap>) -> Resp
     json_response(status, &json!({ "error": message }), headers)
 }
 
+/// An inference answer with the outputs `binary` names as binary tensors (the binary tensor
+/// extension: `Inference-Header-Content-Length` gives the JSON header's length).
+fn binary_answer(a: Answer, max: usize, binary: &oip_rest::BinaryOutputs) -> Response<Body> {
+    let encoded = oip::ModelInferResponse::decode(a.body.clone())
+        .map_err(|e| e.to_string())
+        .and_then(|r| oip_rest::infer_response_binary(&r, max, binary));
+    let (body, header_len) = match encoded {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("the model's answer cannot be read: {e}"),
+                Some(&a.headers),
+            )
+        }
+    };
+    let mut resp = json_response(StatusCode::OK, &Value::Null, Some(&a.headers));
+    *resp.body_mut() = Body::new(Full::new(body));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert("inference-header-content-length", header_len.into());
+    resp
+}
+
 /// A gRPC answer: its status, message and headers (the initial ones with the trailers').
 struct Answer {
     code: Code,
@@ -403,12 +430,16 @@ impl RestGateway {
                         )
                     }
                 };
-                let request = match oip_rest::infer_request(&model, &version, &body, header_len) {
-                    Ok(r) => r,
-                    Err(e) => return error(StatusCode::BAD_REQUEST, &e.0, None),
-                };
+                let (request, binary) =
+                    match oip_rest::infer_request_binary(&model, &version, &body, header_len) {
+                        Ok(r) => r,
+                        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0, None),
+                    };
                 let a = self.call("ModelInfer", request, headers).await;
                 let max = self.max_tensor_elements;
+                if binary.any() && a.code == Code::Ok {
+                    return binary_answer(a, max, &binary);
+                }
                 self.decode(a, |r: oip::ModelInferResponse| {
                     oip_rest::infer_response(&r, max).unwrap_or_else(
                         |e| json!({"error": format!("the model's answer cannot be read: {e}")}),

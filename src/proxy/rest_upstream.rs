@@ -40,38 +40,9 @@ use crate::protocol::oip_rest;
 use crate::registry::BackendProtocol;
 use crate::routing::Route;
 
-/// Idle connections kept per endpoint; more are closed when they finish.
-const IDLE_PER_ENDPOINT: usize = 64;
-
 /// The largest REST answer read. JSON tensors take several times their gRPC size; the
 /// translated answer is held to `--max-message-bytes` by the data plane as any answer is.
 const MAX_ANSWER_BYTES: usize = 1 << 30;
-
-/// Idle HTTP/1.1 connections to REST backends, by endpoint. A connection carries one call at a
-/// time; it is taken out for a call and put back when the answer has been read.
-#[derive(Default)]
-pub struct RestPool {
-    idle: dashmap::DashMap<String, Vec<http1::SendRequest<Full<Bytes>>>>,
-}
-
-impl RestPool {
-    fn take(&self, endpoint: &str) -> Option<http1::SendRequest<Full<Bytes>>> {
-        let mut idle = self.idle.get_mut(endpoint)?;
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    fn put(&self, endpoint: &str, s: http1::SendRequest<Full<Bytes>>) {
-        let mut idle = self.idle.entry(endpoint.to_string()).or_default();
-        if idle.len() < IDLE_PER_ENDPOINT {
-            idle.push(s);
-        }
-    }
-}
 
 /// What a REST answer is read as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -134,6 +134,45 @@ pub(super) struct Endpoint {
     next: AtomicUsize,
 }
 
+/// Idle connections kept per endpoint; more are closed when they finish.
+const IDLE_PER_ENDPOINT: usize = 64;
+
+/// Idle HTTP/1.1 connections to REST backends, by endpoint. A connection carries one call at a
+/// time; it is taken out for a call and put back when the answer has been read.
+#[derive(Default)]
+pub(super) struct RestPool {
+    idle: dashmap::DashMap<
+        String,
+        Vec<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>>,
+    >,
+}
+
+impl RestPool {
+    pub(super) fn take(
+        &self,
+        endpoint: &str,
+    ) -> Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>> {
+        let mut idle = self.idle.get_mut(endpoint)?;
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    pub(super) fn put(
+        &self,
+        endpoint: &str,
+        s: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    ) {
+        let mut idle = self.idle.entry(endpoint.to_string()).or_default();
+        if idle.len() < IDLE_PER_ENDPOINT {
+            idle.push(s);
+        }
+    }
+}
+
 /// An open connection to an endpoint.
 pub(super) enum Dialed {
     Tcp(tokio::net::TcpStream),
@@ -146,7 +185,7 @@ pub struct Upstreams {
     endpoints: DashMap<String, Arc<Endpoint>>,
     ids: AtomicU64,
     /// Idle HTTP/1.1 connections to OIP REST backends (`super::rest_upstream`).
-    pub(super) rest: super::rest_upstream::RestPool,
+    pub(super) rest: RestPool,
 }
 
 impl Upstreams {

@@ -2,7 +2,7 @@
 
 Usage: triton_http.py HOST:PORT MODEL
 Prints one JSON object: liveness, readiness, metadata, and the `probabilities` of a 1x3 FP32
-inference sent as JSON and again as a binary tensor (Inference-Header-Content-Length).
+inference sent as JSON and again as binary tensors both ways (Inference-Header-Content-Length).
 """
 import json
 import sys
@@ -20,11 +20,16 @@ for binary in (False, True):
     result = client.infer(
         model,
         [inp],
-        outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=False)],
+        # Binary tensors both ways in the second round: the answer's outputs come back binary too.
+        outputs=[
+            httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+            httpclient.InferRequestedOutput("label", binary_data=binary),
+        ],
         request_id="http-peer-%d" % binary,
         headers={"x-user-id": "user-1"},
     )
     out["binary" if binary else "json"] = result.as_numpy("probabilities").tolist()
+    out["label_%d" % binary] = result.as_numpy("label").tolist()
     out["id_%d" % binary] = result.get_response()["id"]
 metadata = client.get_model_metadata(model)
 try:
