@@ -74,7 +74,10 @@ impl Upstreams {
     ) -> Result<Response<Body>, UpstreamError> {
         match route.backend_protocol {
             BackendProtocol::Grpc => self.send(&route.endpoint, head, payload).await,
-            BackendProtocol::OipRest => self.send_rest(&route.endpoint, head, payload).await,
+            // Boxed: the REST exchange's future would otherwise enlarge every gRPC call's.
+            BackendProtocol::OipRest => {
+                Box::pin(self.send_rest(&route.endpoint, head, payload)).await
+            }
         }
     }
 

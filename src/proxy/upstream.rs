@@ -328,7 +328,12 @@ impl Upstreams {
         // A connection found dead before the request started on it: one retry on a new one.
         let mut send = None;
         for attempt in 0..2 {
-            let conn = self.connection(ep, slot).await?;
+            // Connecting is rare and its future (TCP, TLS and HTTP/2 handshakes) large: boxed,
+            // so that every call's future does not carry it (see `accept`: futures are copied).
+            let conn = match slot.conn.load_full() {
+                Some(c) => c,
+                None => Box::pin(self.connection(ep, slot)).await?,
+            };
             match conn.send.clone().ready().await {
                 Ok(s) => {
                     send = Some(s);
