@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tonic::{body::Body, Code, Status};
@@ -50,6 +50,17 @@ pub const EXPERIMENT_HEADER: &str = "x-modelgate-experiment";
 pub const VARIANT_HEADER: &str = "x-modelgate-variant";
 /// A request id the caller chose.
 pub const CLIENT_REQUEST_ID_HEADER: &str = "x-request-id";
+
+// The same names as `HeaderName`s, made at compile time: a `&str` name is parsed and checked on
+// every lookup or insert (`HdrName::from_bytes`), which was 7% of modelgate's instructions per
+// call before these.
+const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const VERSION: HeaderName = HeaderName::from_static(VERSION_HEADER);
+const MODEL: HeaderName = HeaderName::from_static(MODEL_HEADER);
+const EXPERIMENT: HeaderName = HeaderName::from_static(EXPERIMENT_HEADER);
+const VARIANT: HeaderName = HeaderName::from_static(VARIANT_HEADER);
+const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static(CLIENT_REQUEST_ID_HEADER);
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// Limits of the data plane.
 #[derive(Clone, Debug)]
@@ -375,6 +386,8 @@ pub struct Proxy {
     traces: Option<Arc<crate::traces::Traces>>,
     /// Arrival times, experiment time windows, shadow breakers.
     clock: crate::clock::SharedClock,
+    /// `limits.unit_key` as a header name, when it is one.
+    unit_header: Option<HeaderName>,
 }
 
 impl Proxy {
@@ -398,6 +411,7 @@ impl Proxy {
             routing,
             upstreams,
             local,
+            unit_header: HeaderName::from_bytes(limits.unit_key.as_bytes()).ok(),
             limits,
             in_flight: Arc::new(AtomicUsize::new(0)),
             draining: Arc::new(AtomicUsize::new(0)),
@@ -439,6 +453,7 @@ impl Proxy {
             recorder: self.recorder.clone(),
             traces: self.traces.clone(),
             clock: self.clock.clone(),
+            unit_header: self.unit_header.clone(),
         }
     }
 
@@ -496,7 +511,11 @@ impl Proxy {
         let request_id = request_id(req.headers());
         let method = req.uri().path().to_string();
         let (protocol, call) = protocol::classify(&method);
-        let unit_id = header_str(req.headers(), &self.limits.unit_key).map(str::to_string);
+        let unit_id = self
+            .unit_header
+            .as_ref()
+            .and_then(|h| header_str(req.headers(), h))
+            .map(str::to_string);
         let span = (call != Call::Local)
             .then(|| {
                 self.traces
@@ -529,13 +548,13 @@ impl Proxy {
             self.limits.max_in_flight
         )));
         let subject = Subject {
-            model: header_str(req.headers(), MODEL_HEADER)
+            model: header_str(req.headers(), &MODEL)
                 .unwrap_or_default()
                 .to_string(),
             unit_id: None,
         };
         self.drain(req.into_body());
-        set_header(resp.headers_mut(), REQUEST_ID_HEADER, &admitted.request_id);
+        set_header(resp.headers_mut(), REQUEST_ID, &admitted.request_id);
         let trail = Trail {
             admitted,
             subject,
@@ -622,17 +641,13 @@ impl Proxy {
             e.count(&self.metrics);
             trail.admitted.protocol.error_response(e.status())
         });
-        set_header(
-            resp.headers_mut(),
-            REQUEST_ID_HEADER,
-            &trail.admitted.request_id,
-        );
-        mark_per_request(resp.headers_mut(), &self.limits.unit_key);
+        set_header(resp.headers_mut(), REQUEST_ID, &trail.admitted.request_id);
+        mark_per_request(resp.headers_mut(), self.unit_header.as_ref());
         if let Some(r) = &trail.routed {
-            set_header(resp.headers_mut(), VERSION_HEADER, &r.route.version_label);
+            set_header(resp.headers_mut(), VERSION, &r.route.version_label);
             if let Some((experiment, variant)) = &r.experiment {
-                set_header(resp.headers_mut(), EXPERIMENT_HEADER, experiment);
-                set_header(resp.headers_mut(), VARIANT_HEADER, variant);
+                set_header(resp.headers_mut(), EXPERIMENT, experiment);
+                set_header(resp.headers_mut(), VARIANT, variant);
             }
         }
         if let Some(Copy::Tee(_, response, _)) = &trail.forwarded.copy {
@@ -865,7 +880,7 @@ impl Proxy {
             .map(str::to_string)
             .or_else(|| params.and_then(|p| p.parameter(unit_key)));
         let unit_id = subject.unit_id.as_deref().or(a.unit_id.as_deref());
-        let forced = header_str(headers, VARIANT_HEADER);
+        let forced = header_str(headers, &VARIANT);
         let now = self.clock.now_ms();
         let routed = match table.decide(model, unit_id, forced, now) {
             Ok(d) => {
@@ -906,7 +921,7 @@ impl Proxy {
     /// The deadline the caller set, if any.
     fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
         headers
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(status::parse_grpc_timeout)
     }
 
@@ -1281,12 +1296,12 @@ impl Proxy {
         deadline: Option<Duration>,
         span: Option<&crate::traces::RequestSpan>,
     ) -> Result<Response<Body>, ProxyError> {
-        set_header(head.headers_mut(), REQUEST_ID_HEADER, request_id);
+        set_header(head.headers_mut(), REQUEST_ID, request_id);
         if let Some(d) = deadline {
             head.headers_mut()
-                .insert("grpc-timeout", status::encode_grpc_timeout(d));
+                .insert(GRPC_TIMEOUT, status::encode_grpc_timeout(d));
         }
-        mark_per_request(head.headers_mut(), &self.limits.unit_key);
+        mark_per_request(head.headers_mut(), self.unit_header.as_ref());
         let child = match (&self.traces, span) {
             (Some(t), Some(s)) => Some(t.upstream(s, &route.endpoint, head.headers_mut())),
             _ => None,
@@ -1389,35 +1404,35 @@ fn unary_body(data: Bytes, trailers: Option<HeaderMap>) -> Body {
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty())
 }
 
-fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
     }
 }
 
 /// Headers whose value changes with every request (ids, deadlines, trace context, the unit id).
-const PER_REQUEST_HEADERS: [&str; 6] = [
-    REQUEST_ID_HEADER,
-    CLIENT_REQUEST_ID_HEADER,
-    "grpc-timeout",
-    "traceparent",
-    "tracestate",
-    "x-user-id",
+const PER_REQUEST_HEADERS: [HeaderName; 6] = [
+    REQUEST_ID,
+    CLIENT_REQUEST_ID,
+    GRPC_TIMEOUT,
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+    HeaderName::from_static("x-user-id"),
 ];
 
 /// Marks per-request header values so that HPACK sends them as literals and keeps them out of
 /// the connection's header table. Indexed, each new value would evict the headers that repeat
 /// (content-type, user-agent, te…), and every request would pay to search and rebuild the table
 /// (the load benchmark's profile showed HPACK among the largest costs before this).
-fn mark_per_request(headers: &mut HeaderMap, unit_key: &str) {
-    for name in PER_REQUEST_HEADERS.iter().copied().chain([unit_key]) {
+fn mark_per_request(headers: &mut HeaderMap, unit_key: Option<&HeaderName>) {
+    for name in PER_REQUEST_HEADERS.iter().chain(unit_key) {
         if let Some(v) = headers.get_mut(name) {
             v.set_sensitive(true);
         }
@@ -1427,7 +1442,7 @@ fn mark_per_request(headers: &mut HeaderMap, unit_key: &str) {
 /// The caller's `x-request-id` when it is a sane token (visible ASCII, at most 128 bytes), else a
 /// new UUIDv7 (time-ordered, so records sort by arrival).
 fn request_id(headers: &HeaderMap) -> String {
-    if let Some(s) = header_str(headers, CLIENT_REQUEST_ID_HEADER) {
+    if let Some(s) = header_str(headers, &CLIENT_REQUEST_ID) {
         if crate::record::validate_request_id(s).is_ok() {
             return s.to_string();
         }

@@ -24,7 +24,8 @@ pub fn trailers(status: Status) -> HeaderMap {
 /// The gRPC status code in `headers` (a trailers block, or the headers of a trailers-only
 /// response), if any.
 pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
-    let v = headers.get("grpc-status")?;
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    let v = headers.get(GRPC_STATUS)?;
     let n: i32 = v.to_str().ok()?.parse().ok()?;
     Some(Code::from_i32(n))
 }

@@ -488,13 +488,15 @@ impl Upstreams {
 /// Headers that HTTP/2 forbids (RFC 9113 §8.2.2); a caller's HTTP/2 request has none, but a
 /// shadow copy's headers are reused and `te` may only say `trailers`.
 fn strip_connection_headers(h: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    // `HeaderName`s, not `&str`s: a string name is parsed on every call.
+    const HOP_BY_HOP: [http::HeaderName; 5] = [
+        http::header::CONNECTION,
+        http::HeaderName::from_static("keep-alive"),
+        http::HeaderName::from_static("proxy-connection"),
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ];
+    for name in &HOP_BY_HOP {
         h.remove(name);
     }
     if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
