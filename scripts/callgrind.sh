@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Instructions per call (valgrind's callgrind, user space), stable on a noisy machine where
+# timings are not: the built-in model server, then modelgate routing only (or HAProxy, h2 both
+# sides) in front of it under valgrind; h2load sends N ModelInfer calls (1x16 FP32, 4 connections x
+# 32 streams) after 500 to warm up, with instrumentation on only for those N.
+#
+#   scripts/callgrind.sh [N]            modelgate ($CARGO_TARGET_DIR or target/, release build)
+#   TARGET=haproxy scripts/callgrind.sh HAProxy (when installed)
+#   EXTRA='--record-predictions true' scripts/callgrind.sh   modelgate with other flags
+#
+# Needs valgrind and h2load (Debian: valgrind, nghttp2-client). Prints "<target>: <Ir> per call";
+# the callgrind profile stays in $OUT (callgrind_annotate $OUT/callgrind.out.1).
+set -euo pipefail
+N=${1:-5000}
+TARGET=${TARGET:-modelgate}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/modelgate}
+OUT=${OUT:-$(mktemp -d)}
+[ -x "$BIN" ] || { echo "no $BIN: run cargo build --release first (or set BIN)" >&2; exit 1; }
+for tool in valgrind callgrind_control h2load; do
+    command -v $tool >/dev/null || { echo "$tool is needed (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
+done
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MODEL=$(free_port); DATA=$(free_port); CONTROL=$(free_port); ADMIN=$(free_port)
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
+"$BIN" model-server --listen 127.0.0.1:$MODEL --model 'name=bench;kind=logistic;features=16;seed=1' >"$OUT/model.log" 2>&1 &
+PIDS+=($!)
+# The request: ModelInferRequest{model_name "bench", inputs [{name "input", FP32, [1,16], fp32_contents}]},
+# framed as one gRPC message.
+python3 - "$OUT/request.grpc" <<'PY'
+import struct, sys
+def varint(n):
+    out = b''
+    while True:
+        b, n = n & 0x7f, n >> 7
+        if n: out += bytes([b | 0x80])
+        else: return out + bytes([b])
+def field(num, payload): return varint(num << 3 | 2) + varint(len(payload)) + payload
+fp32 = b''.join(struct.pack('<f', i / 10) for i in range(16))
+tensor = field(1, b'input') + field(2, b'FP32') + field(3, varint(1) + varint(16)) + field(5, field(6, fp32))
+msg = field(1, b'bench') + field(5, tensor)
+open(sys.argv[1], 'wb').write(b'\x00' + struct.pack('>I', len(msg)) + msg)
+PY
+VG=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out")
+if [ "$TARGET" = haproxy ]; then
+    printf 'global\n  nbthread 2\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\nfrontend grpc\n  bind 127.0.0.1:%s proto h2\n  default_backend model\n\nbackend model\n  server m1 127.0.0.1:%s proto h2\n' $DATA $MODEL >"$OUT/haproxy.cfg"
+    "${VG[@]}" haproxy -f "$OUT/haproxy.cfg" -db >"$OUT/target.log" 2>&1 &
+    PID=$!
+else
+    "${VG[@]}" "$BIN" serve --data-dir "$OUT/db" --listen 127.0.0.1:$DATA --control-listen 127.0.0.1:$CONTROL \
+        --admin-listen 127.0.0.1:$ADMIN --record-predictions false ${EXTRA:-} >"$OUT/target.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1 200); do curl -sf -o /dev/null 127.0.0.1:$ADMIN/live && break; sleep 0.3; done
+    MODELGATE_CTL_ADDR=http://127.0.0.1:$CONTROL "$BIN" ctl models register bench --endpoint http://127.0.0.1:$MODEL >/dev/null
+    MODELGATE_CTL_ADDR=http://127.0.0.1:$CONTROL "$BIN" ctl models promote bench 1 >/dev/null
+fi
+PIDS+=($PID)
+load() {
+    h2load -c 4 -m 32 -n "$1" -d "$OUT/request.grpc" -H 'content-type: application/grpc' -H 'te: trailers' \
+        "http://127.0.0.1:$DATA/inference.GRPCInferenceService/ModelInfer"
+}
+for _ in $(seq 1 120); do load 1 2>/dev/null | grep -q " 1 succeeded" && break; sleep 0.5; done
+load 500 >/dev/null 2>&1
+callgrind_control -i on $PID >/dev/null
+load "$N" | grep -E "^requests:" >&2
+callgrind_control -i off $PID >/dev/null
+callgrind_control -d $PID >/dev/null
+sleep 1
+total=$(grep -hE "^(summary|totals):" "$OUT"/callgrind.out.1 | awk '{s += $2} END {print s}')
+echo "$TARGET: $((total / N)) instructions per call ($total over $N calls; profile: $OUT/callgrind.out.1)"
