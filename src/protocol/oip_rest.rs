@@ -213,7 +213,7 @@ pub fn infer_request_json(req: &ModelInferRequest, max_elements: usize) -> Resul
     let inputs: Vec<Value> = tensors
         .iter()
         .zip(&req.inputs)
-        .map(|(t, i)| tensor_json(t, &i.name, &i.datatype, &i.shape, &i.parameters))
+        .map(|(t, i)| tensor_json(&i.name, &i.datatype, &i.shape, &i.parameters, Some(t)))
         .collect();
     let mut body = Map::new();
     if !req.id.is_empty() {
@@ -251,12 +251,22 @@ fn parameters_json(p: &HashMap<String, InferParameter>) -> Value {
 /// A decoded tensor as a JSON tensor: numbers (integers exact below 2^53), booleans for BOOL,
 /// strings for BYTES (not UTF-8: replaced characters).
 fn tensor_json(
-    t: &crate::tensor::Tensor,
     name: &str,
     datatype: &str,
     shape: &[i64],
     params: &HashMap<String, InferParameter>,
+    data: Option<&crate::tensor::Tensor>,
 ) -> Value {
+    let mut out = Map::new();
+    out.insert("name".into(), json!(name));
+    out.insert("datatype".into(), json!(datatype));
+    out.insert("shape".into(), json!(shape));
+    if !params.is_empty() {
+        out.insert("parameters".into(), parameters_json(params));
+    }
+    let Some(t) = data else {
+        return Value::Object(out);
+    };
     let data: Vec<Value> = match &t.values {
         Values::Numeric(v) => v
             .iter()
@@ -278,13 +288,6 @@ fn tensor_json(
             .map(|b| json!(String::from_utf8_lossy(b)))
             .collect(),
     };
-    let mut out = Map::new();
-    out.insert("name".into(), json!(name));
-    out.insert("datatype".into(), json!(datatype));
-    out.insert("shape".into(), json!(shape));
-    if !params.is_empty() {
-        out.insert("parameters".into(), parameters_json(params));
-    }
     out.insert("data".into(), Value::Array(data));
     Value::Object(out)
 }
@@ -576,26 +579,7 @@ pub fn infer_response_binary(
     max_elements: usize,
     binary: &BinaryOutputs,
 ) -> Result<(Bytes, usize), String> {
-    let mut header = infer_response(resp, max_elements)?;
-    let mut raw = Vec::new();
-    let outputs = header["outputs"].as_array_mut().expect("an array");
-    for (i, (o, json)) in resp.outputs.iter().zip(outputs.iter_mut()).enumerate() {
-        if !binary.wants(&o.name) {
-            continue;
-        }
-        let bytes = match resp.raw_output_contents.get(i) {
-            Some(r) => r.clone(),
-            None => typed_to_raw(&o.datatype, &o.contents.clone().unwrap_or_default()),
-        };
-        let obj = json.as_object_mut().expect("an object");
-        obj.remove("data");
-        obj.entry("parameters")
-            .or_insert_with(|| Value::Object(Map::new()))
-            .as_object_mut()
-            .expect("an object")
-            .insert("binary_data_size".into(), json!(bytes.len()));
-        raw.push(bytes);
-    }
+    let (header, raw) = response_json(resp, max_elements, binary)?;
     let mut body = serde_json::to_vec(&header).expect("JSON");
     let header_len = body.len();
     raw.iter().for_each(|r| body.extend_from_slice(r));
@@ -604,16 +588,44 @@ pub fn infer_response_binary(
 
 /// An OIP gRPC infer response as the REST response body. `max_elements` bounds each output.
 pub fn infer_response(resp: &ModelInferResponse, max_elements: usize) -> Result<Value, String> {
+    response_json(resp, max_elements, &BinaryOutputs::default()).map(|(v, _)| v)
+}
+
+/// The JSON body of a response, the outputs `binary` names left without `data` (their raw bytes
+/// returned in order, their size in a `binary_data_size` parameter). Every output is decoded,
+/// so a malformed one is an error either way; only the others are written out as JSON.
+fn response_json(
+    resp: &ModelInferResponse,
+    max_elements: usize,
+    binary: &BinaryOutputs,
+) -> Result<(Value, Vec<Bytes>), String> {
     let tensors = crate::oip::response_outputs(resp, max_elements).map_err(|e| e.to_string())?;
     let mut outputs = Vec::with_capacity(tensors.len());
-    for (t, o) in tensors.iter().zip(&resp.outputs) {
-        outputs.push(tensor_json(
-            t,
-            &o.name,
-            &o.datatype,
-            &o.shape,
-            &o.parameters,
-        ));
+    let mut raw = Vec::new();
+    for (i, (t, o)) in tensors.iter().zip(&resp.outputs).enumerate() {
+        if !binary.wants(&o.name) {
+            outputs.push(tensor_json(
+                &o.name,
+                &o.datatype,
+                &o.shape,
+                &o.parameters,
+                Some(t),
+            ));
+            continue;
+        }
+        let bytes = match resp.raw_output_contents.get(i) {
+            Some(r) => r.clone(),
+            None => typed_to_raw(&o.datatype, &o.contents.clone().unwrap_or_default()),
+        };
+        let mut params = o.parameters.clone();
+        params.insert(
+            "binary_data_size".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(bytes.len() as i64)),
+            },
+        );
+        outputs.push(tensor_json(&o.name, &o.datatype, &o.shape, &params, None));
+        raw.push(bytes);
     }
     let mut body = Map::new();
     body.insert("model_name".into(), json!(resp.model_name));
@@ -625,7 +637,7 @@ pub fn infer_response(resp: &ModelInferResponse, max_elements: usize) -> Result<
         body.insert("parameters".into(), parameters_json(&resp.parameters));
     }
     body.insert("outputs".into(), Value::Array(outputs));
-    Ok(Value::Object(body))
+    Ok((Value::Object(body), raw))
 }
 
 #[cfg(test)]

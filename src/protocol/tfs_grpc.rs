@@ -103,12 +103,12 @@ impl Protocol for TfsGrpc {
             message: PREDICT_MESSAGE,
             error,
         })?;
-        let spec = m.model_spec.clone().unwrap_or_default();
-        if spec.name.is_empty() {
-            return Err(ProtocolError::MissingModel("model_spec.name"));
-        }
+        let version = match &m.model_spec {
+            Some(spec) if !spec.name.is_empty() => version_of(spec),
+            _ => return Err(ProtocolError::MissingModel("model_spec.name")),
+        };
         Ok(Arc::new(TfsRequest {
-            version: version_of(&spec),
+            version,
             request: m,
         }))
     }

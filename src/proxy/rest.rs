@@ -178,11 +178,22 @@ pub fn http_status(code: Code) -> StatusCode {
 }
 
 fn json_response(status: StatusCode, body: &Value, headers: Option<&HeaderMap>) -> Response<Body> {
-    let mut resp = Response::new(Body::new(Full::new(Bytes::from(body.to_string()))));
+    let body = Bytes::from(body.to_string());
+    response(status, body, "application/json", headers)
+}
+
+/// A response of `body` (of `content_type`) with modelgate's own headers from `headers`.
+fn response(
+    status: StatusCode,
+    body: Bytes,
+    content_type: &'static str,
+    headers: Option<&HeaderMap>,
+) -> Response<Body> {
+    let mut resp = Response::new(Body::new(Full::new(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(content_type),
     );
     if let Some(h) = headers {
         // modelgate's own response headers (request id, served version, variant…).
@@ -215,14 +226,14 @@ fn binary_answer(a: Answer, max: usize, binary: &oip_rest::BinaryOutputs) -> Res
             )
         }
     };
-    let mut resp = json_response(StatusCode::OK, &Value::Null, Some(&a.headers));
-    *resp.body_mut() = Body::new(Full::new(body));
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
+    let mut resp = response(
+        StatusCode::OK,
+        body,
+        "application/octet-stream",
+        Some(&a.headers),
     );
-    h.insert("inference-header-content-length", header_len.into());
+    resp.headers_mut()
+        .insert("inference-header-content-length", header_len.into());
     resp
 }
 
