@@ -469,6 +469,8 @@ async fn start_data_plane(
             local,
             Limits {
                 max_in_flight: config.max_in_flight,
+                max_queued: config.max_queued,
+                queue_timeout: config.queue_timeout,
                 max_message_bytes: config.max_message_bytes,
                 max_tensor_elements: config.max_tensor_elements,
                 max_header_bytes: config.max_header_bytes,

@@ -169,6 +169,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramFamily<UpstreamLabels>,
     /// Requests in flight.
     pub in_flight: Gauge,
+    /// Requests waiting for an in-flight slot.
+    pub queued: Gauge,
     /// Requests refused because of the in-flight limit.
     pub shed: Counter,
     /// Upstream failures.
@@ -273,9 +275,14 @@ impl Metrics {
                 "Data-plane requests being served",
                 Gauge::default()
             ),
+            queued: metric!(
+                "queued_requests",
+                "Data-plane requests waiting for an in-flight slot (--max-in-flight, --queue-timeout)",
+                Gauge::default()
+            ),
             shed: metric!(
                 "shed_requests",
-                "Requests refused with RESOURCE_EXHAUSTED by the in-flight limit",
+                "Requests refused with RESOURCE_EXHAUSTED by the in-flight limit and its queue",
                 Counter::default()
             ),
             upstream_errors: metric!(
@@ -748,9 +755,10 @@ mod tests {
         assert!(openmetrics.contains("# TYPE modelgate_shed_requests counter\n"));
         let text = m.encode(Exposition::Prometheus);
         for expected in [
-            "# HELP modelgate_shed_requests_total Requests refused with RESOURCE_EXHAUSTED by the in-flight limit.\n# TYPE modelgate_shed_requests_total counter\nmodelgate_shed_requests_total 1\n",
+            "# HELP modelgate_shed_requests_total Requests refused with RESOURCE_EXHAUSTED by the in-flight limit and its queue.\n# TYPE modelgate_shed_requests_total counter\nmodelgate_shed_requests_total 1\n",
             "# TYPE modelgate_request_duration_seconds histogram\n",
             "# TYPE modelgate_in_flight_requests gauge\nmodelgate_in_flight_requests 0\n",
+            "# TYPE modelgate_queued_requests gauge\nmodelgate_queued_requests 0\n",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from\n{text}");
         }

@@ -109,6 +109,8 @@ async fn the_in_flight_limit_sheds_with_resource_exhausted() {
     let slow = model_server("name=slow;kind=linear;weights=1;latency=500ms").await;
     let mut config = Config::for_tests(dir.path());
     config.max_in_flight = 2;
+    // No waiting for a slot: the calls beyond the limit are refused at once.
+    config.queue_timeout = Duration::ZERO;
     let mg = start_with(config).await;
     let mut reg = registry(mg.control_addr).await;
     register(&mut reg, "slow", &slow.endpoint()).await;
@@ -144,6 +146,137 @@ async fn the_in_flight_limit_sheds_with_resource_exhausted() {
     c.model_infer(infer_request("slow", &[&[1.0]]))
         .await
         .unwrap();
+    mg.shutdown().await;
+}
+
+/// Six calls at once against two slots and two places in the queue: two are served at once, two
+/// wait for them and are served after, two are refused at once naming `--max-queued`.
+#[tokio::test]
+async fn calls_beyond_the_in_flight_limit_wait_for_a_slot_in_a_bounded_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = model_server("name=slow;kind=linear;weights=1;latency=400ms").await;
+    let mut config = Config::for_tests(dir.path());
+    config.max_in_flight = 2;
+    config.max_queued = 2;
+    config.queue_timeout = Duration::from_secs(10);
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "slow", &slow.endpoint()).await;
+    promote(&mut reg, "slow", "1").await;
+    let client = infer_client(mg.data_addr).await;
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let r = c.model_infer(infer_request("slow", &[&[1.0]])).await;
+                (started.elapsed(), r)
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (Vec::new(), Vec::new());
+    for c in calls {
+        match c.await.unwrap() {
+            (took, Ok(_)) => served.push(took),
+            (took, Err(e)) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(e.message().contains("--max-queued"), "{}", e.message());
+                refused.push(took);
+            }
+        }
+    }
+    served.sort();
+    assert_eq!(
+        served.len(),
+        4,
+        "the limit and the queue are served: {served:?}"
+    );
+    assert_eq!(refused.len(), 2);
+    // Two served in one model latency, the two that waited in two.
+    assert!(served[1] < Duration::from_millis(790), "{served:?}");
+    assert!(served[2] >= Duration::from_millis(800), "{served:?}");
+    assert!(
+        refused.iter().all(|t| *t < Duration::from_millis(400)),
+        "{refused:?}"
+    );
+    let metrics = http_get(mg.admin_addr, "/metrics").await;
+    for line in [
+        "modelgate_shed_requests_total 2",
+        "modelgate_queued_requests 0",
+        "modelgate_in_flight_requests 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    mg.shutdown().await;
+}
+
+/// A call that waits longer than `--queue-timeout` for a slot is refused, naming the flag; one
+/// whose own deadline is shorter waits no longer than that.
+#[tokio::test]
+async fn a_call_waits_for_a_slot_no_longer_than_the_queue_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = model_server("name=slow;kind=linear;weights=1;latency=2s").await;
+    let mut config = Config::for_tests(dir.path());
+    config.max_in_flight = 1;
+    config.queue_timeout = Duration::from_millis(300);
+    let mg = start_with(config).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "slow", &slow.endpoint()).await;
+    promote(&mut reg, "slow", "1").await;
+    let client = infer_client(mg.data_addr).await;
+    let mut holder = client.clone();
+    let held =
+        tokio::spawn(async move { holder.model_infer(infer_request("slow", &[&[1.0]])).await });
+    // The slot is taken once the in-flight gauge says so.
+    let t = std::time::Instant::now();
+    while !http_get(mg.admin_addr, "/metrics")
+        .await
+        .contains("modelgate_in_flight_requests 1")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the held call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut c = client.clone();
+    let t = std::time::Instant::now();
+    let e = c
+        .model_infer(infer_request("slow", &[&[1.0]]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--queue-timeout"), "{}", e.message());
+    assert!(e.message().contains("300ms"), "{}", e.message());
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    // A deadline shorter than the queue timeout ends the wait first.
+    let mut req = tonic::Request::new(infer_request("slow", &[&[1.0]]));
+    req.set_timeout(Duration::from_millis(100));
+    let e = c.model_infer(req).await.unwrap_err();
+    // (tonic's own timer may end it first, as CANCELLED; either way the call leaves the queue.)
+    assert!(
+        matches!(
+            e.code(),
+            Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    let t = std::time::Instant::now();
+    while !http_get(mg.admin_addr, "/metrics")
+        .await
+        .contains("modelgate_queued_requests 0")
+    {
+        assert!(t.elapsed() < Duration::from_secs(1), "a call stayed queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        held.await.unwrap().is_ok(),
+        "the call holding the slot is served"
+    );
     mg.shutdown().await;
 }
 

@@ -539,6 +539,7 @@ async fn shedding_thousands_of_calls_keeps_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(dir.path());
     config.max_in_flight = 1;
+    config.queue_timeout = Duration::ZERO;
     let (mg, _ms) = gateway(config, "4s").await;
     let channel = common::channel(mg.data_addr).await;
     let mut holder = GrpcInferenceServiceClient::new(channel.clone());

@@ -48,10 +48,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "TOKEN")]
     pub control_token: Option<String>,
 
-    /// Requests in flight on the data port beyond which new ones get RESOURCE_EXHAUSTED
-    /// (env MODELGATE_MAX_IN_FLIGHT).
+    /// Requests served at once on the data port; more wait for a slot (--queue-timeout,
+    /// --max-queued) or get RESOURCE_EXHAUSTED (env MODELGATE_MAX_IN_FLIGHT).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_in_flight: usize,
+
+    /// Requests that may wait for an in-flight slot at once; more get RESOURCE_EXHAUSTED at once
+    /// (env MODELGATE_MAX_QUEUED).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_queued: usize,
+
+    /// Longest a request waits for an in-flight slot (or its own deadline, when shorter) before
+    /// RESOURCE_EXHAUSTED; 0s refuses at once (env MODELGATE_QUEUE_TIMEOUT).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
 
     /// Largest OIP request message modelgate reads, in bytes (env MODELGATE_MAX_MESSAGE_BYTES).
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]

@@ -33,6 +33,10 @@ pub struct Config {
     pub control_token: Option<String>,
     /// In-flight request limit on the data port.
     pub max_in_flight: usize,
+    /// Requests waiting for an in-flight slot at most.
+    pub max_queued: usize,
+    /// Longest wait for an in-flight slot.
+    pub queue_timeout: Duration,
     /// Largest OIP request read.
     pub max_message_bytes: usize,
     /// Most elements per OIP input tensor.
@@ -113,6 +117,8 @@ impl std::fmt::Debug for Config {
                 &self.control_token.as_ref().map(|_| "<redacted>"),
             )
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_queued", &self.max_queued)
+            .field("queue_timeout", &self.queue_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_tensor_elements", &self.max_tensor_elements)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
@@ -434,6 +440,8 @@ impl Config {
             default_model: a.default_model,
             control_token: a.control_token,
             max_in_flight: a.max_in_flight,
+            max_queued: a.max_queued,
+            queue_timeout: a.queue_timeout,
             max_message_bytes: a.max_message_bytes,
             max_tensor_elements: a.max_tensor_elements,
             max_concurrent_streams: a.max_concurrent_streams,

@@ -10,6 +10,7 @@
 //! other call is streamed through untouched.
 
 pub mod accept;
+pub mod admission;
 pub mod body;
 pub mod mirror;
 pub mod rest;
@@ -65,8 +66,12 @@ const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// Limits of the data plane.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Requests in flight beyond which new ones are shed.
+    /// Requests served at once; more wait for a slot (see [`admission`]).
     pub max_in_flight: usize,
+    /// Requests waiting for a slot at most; more are refused at once.
+    pub max_queued: usize,
+    /// Longest a request waits for a slot; zero refuses at once.
+    pub queue_timeout: Duration,
     /// Largest OIP message read, each way.
     pub max_message_bytes: usize,
     /// Most elements an OIP input tensor may declare.
@@ -216,31 +221,6 @@ impl ProxyError {
     }
 }
 
-/// Releases one in-flight slot when dropped.
-struct InFlight {
-    counter: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
-}
-
-impl InFlight {
-    fn acquire(counter: &Arc<AtomicUsize>, max: usize, metrics: &Arc<Metrics>) -> Option<Self> {
-        let prev = counter.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight {
-            counter: counter.clone(),
-            metrics: metrics.clone(),
-        };
-        metrics.in_flight.inc();
-        (prev < max).then_some(guard)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.in_flight.dec();
-    }
-}
-
 /// Stage 1 of a call: admitted (or shed at the door). What is known before its body is read.
 struct Admitted {
     /// The caller's `x-request-id` when sane, else a new UUIDv7.
@@ -260,7 +240,7 @@ struct Admitted {
     /// The request's trace span, when traces are exported.
     span: Option<crate::traces::RequestSpan>,
     /// The in-flight slot, released when the response ends; `None` when the call was shed.
-    slot: Option<InFlight>,
+    slot: Option<admission::Slot>,
 }
 
 /// What a call named, routed or not: for its record, its metrics and its span.
@@ -377,7 +357,7 @@ pub struct Proxy {
     upstreams: Arc<upstream::Upstreams>,
     local: tonic::service::Routes,
     pub(crate) limits: Limits,
-    in_flight: Arc<AtomicUsize>,
+    admission: Arc<admission::Admission>,
     /// Request bodies of refused calls being drained (see [`Proxy::drain`]).
     draining: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -407,13 +387,19 @@ impl Proxy {
             recorder.clone(),
             limits.max_message_bytes,
         );
+        let admission = Arc::new(admission::Admission::new(
+            limits.max_in_flight,
+            limits.max_queued,
+            limits.queue_timeout,
+            metrics.clone(),
+        ));
         Proxy {
             routing,
             upstreams,
             local,
             unit_header: HeaderName::from_bytes(limits.unit_key.as_bytes()).ok(),
             limits,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            admission,
             draining: Arc::new(AtomicUsize::new(0)),
             metrics,
             recorder,
@@ -447,7 +433,7 @@ impl Proxy {
             upstreams,
             local: self.local.clone(),
             limits: self.limits.clone(),
-            in_flight: self.in_flight.clone(),
+            admission: self.admission.clone(),
             draining: self.draining.clone(),
             metrics: self.metrics.clone(),
             recorder: self.recorder.clone(),
@@ -464,9 +450,15 @@ impl Proxy {
     /// ([`Forwarded`]: what the upstream exchange left) → finished (its status code, when the
     /// response ends: metrics, span, shadow copies, record).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let admitted = self.admit(&req);
+        let mut admitted = self.admit(&req);
         if admitted.slot.is_none() {
-            return self.shed(admitted, req);
+            // Rare (every slot taken): boxed, so the common path's future stays small.
+            let deadline =
+                Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
+            match Box::pin(self.admission.wait(deadline)).await {
+                Ok(slot) => admitted.slot = Some(slot),
+                Err(refused) => return self.shed(admitted, req, refused),
+            }
         }
         let mut trail = Trail {
             admitted,
@@ -523,7 +515,7 @@ impl Proxy {
                     .map(|t| t.request(req.headers(), &method))
             })
             .flatten();
-        let slot = InFlight::acquire(&self.in_flight, self.limits.max_in_flight, &self.metrics);
+        let slot = self.admission.try_admit();
         Admitted {
             request_id,
             method,
@@ -537,16 +529,18 @@ impl Proxy {
         }
     }
 
-    /// A call refused at the door (no in-flight slot): answered at once, and still counted and
-    /// recorded under the model its header names.
-    fn shed(&self, admitted: Admitted, req: Request<Incoming>) -> Response<Body> {
+    /// A call refused at the door (no in-flight slot, and it could not wait for one): answered
+    /// at once, and still counted and recorded under the model its header names.
+    fn shed(
+        &self,
+        admitted: Admitted,
+        req: Request<Incoming>,
+        why: admission::Refused,
+    ) -> Response<Body> {
         self.metrics.shed.inc();
         let mut resp = admitted
             .protocol
-            .error_response(Status::resource_exhausted(format!(
-            "modelgate is serving its limit of {} requests (--max-in-flight); retry with backoff",
-            self.limits.max_in_flight
-        )));
+            .error_response(Status::resource_exhausted(self.admission.refusal(why)));
         let subject = Subject {
             model: header_str(req.headers(), &MODEL)
                 .unwrap_or_default()
