@@ -80,6 +80,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let (cli, warnings) = match parse_cli() {
         Ok(x) => x,
         Err(e) => {
@@ -154,6 +155,25 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("modelgate: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Caps glibc's malloc arenas at one per core (at least 2), unless `MALLOC_ARENA_MAX` says
+/// otherwise. glibc's default is eight per core: every thread that allocates under contention
+/// (data threads, Tokio workers, the record writer, RocksDB's threads) may get an arena of its
+/// own, and each keeps freed memory for itself. Measured routing only under h2load (4 × 32
+/// streams, 2 cores): peak RSS 36.5 → 32.4 MiB with two arenas and no CPU cost; one arena cost
+/// 30% more CPU per call (the data threads contend for its lock).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arenas = libc::c_int::try_from(cores.max(2)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a malloc tunable; called first thing in main, before any
+        // thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
         }
     }
 }

@@ -633,6 +633,10 @@ impl Writer {
                 };
             }
             self.write(&records, &shadows, !acks.is_empty());
+            // Records leave the depth gauge in `write`, once written; shadow observations here.
+            self.metrics
+                .record_queue_depth
+                .dec_by(i64::try_from(shadows.len()).unwrap_or(i64::MAX));
             for ack in acks {
                 let _ = ack.send(());
             }

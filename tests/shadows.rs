@@ -204,6 +204,10 @@ async fn agreement_is_measured_per_row() {
             && ["yes", "no"].contains(&d.shadow.as_str())
     );
     assert_ne!(d.production, d.shadow);
+    // Every record and shadow observation was written: the writer's queue is empty again
+    // (shadow observations used to be counted in and never out).
+    let page = http_get(mg.admin_addr, "/metrics").await;
+    assert!(page.contains("modelgate_record_queue_depth 0\n"), "{page}");
     mg.shutdown().await;
 }
 
