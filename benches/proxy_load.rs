@@ -32,7 +32,9 @@
 //!    (`BENCH_OVERLOAD_FACTOR`) by `BENCH_OVERLOAD_CALLERS` (2048) callers, so more calls arrive
 //!    than it can serve. It prints the goodput (answered OK per second) against the maximum, the
 //!    share refused with RESOURCE_EXHAUSTED and how fast (latency from sending), the latency of
-//!    the calls served, and the proxy's peak memory: shedding must keep the served calls flowing.
+//!    the calls served, and the proxy's peak memory: the excess must not stop the served calls
+//!    flowing. With the default `--queue-timeout` the calls beyond the cap wait for a slot
+//!    (their callers held back) rather than being refused.
 //!
 //! 4. **h2load** (when `h2load`, Debian's `nghttp2-client`, is on PATH; `BENCH_H2LOAD=0` skips
 //!    it): an external load generator that shares no code with modelgate, at saturation.
