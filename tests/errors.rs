@@ -228,17 +228,7 @@ async fn a_call_waits_for_a_slot_no_longer_than_the_queue_timeout() {
     let held =
         tokio::spawn(async move { holder.model_infer(infer_request("slow", &[&[1.0]])).await });
     // The slot is taken once the in-flight gauge says so.
-    let t = std::time::Instant::now();
-    while !http_get(mg.admin_addr, "/metrics")
-        .await
-        .contains("modelgate_in_flight_requests 1")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the held call never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_metric(mg.admin_addr, "modelgate_in_flight_requests 1").await;
     let mut c = client.clone();
     let t = std::time::Instant::now();
     let e = c
@@ -265,14 +255,7 @@ async fn a_call_waits_for_a_slot_no_longer_than_the_queue_timeout() {
         ),
         "{e:?}"
     );
-    let t = std::time::Instant::now();
-    while !http_get(mg.admin_addr, "/metrics")
-        .await
-        .contains("modelgate_queued_requests 0")
-    {
-        assert!(t.elapsed() < Duration::from_secs(1), "a call stayed queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_metric(mg.admin_addr, "modelgate_queued_requests 0").await;
     assert!(
         held.await.unwrap().is_ok(),
         "the call holding the slot is served"

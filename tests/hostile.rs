@@ -549,17 +549,7 @@ async fn shedding_thousands_of_calls_keeps_the_connection() {
             .await
     });
     // The slot is taken once the in-flight gauge says so.
-    let started = Instant::now();
-    while !http_get(mg.admin_addr, "/metrics")
-        .await
-        .contains("modelgate_in_flight_requests 1")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the held call never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_metric(mg.admin_addr, "modelgate_in_flight_requests 1").await;
 
     // Callers stop at 3,000 calls or when the held call ends (after which calls are admitted).
     let (next, done) = (
