@@ -8,7 +8,7 @@
 //! pending map, so an outcome that arrives before its record reached RocksDB still joins.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,7 +148,12 @@ enum Msg {
 
 /// The handle the data plane and the control services use.
 pub struct Recorder {
-    tx: SyncSender<Msg>,
+    // Unbounded as a channel (its blocks are allocated as messages arrive and freed as they are
+    // taken: a preallocated channel of `--record-queue` slots held 1.5 MiB even when nothing is
+    // recorded); bounded by `depth`.
+    tx: Sender<Msg>,
+    /// Records and shadow observations queued and not yet written (at most `settings.queue`).
+    depth: Arc<AtomicUsize>,
     pending: Arc<DashMap<String, Arc<RawRecord>>>,
     queued_bytes: Arc<AtomicUsize>,
     settings: RecorderSettings,
@@ -262,7 +267,8 @@ impl Recorder {
         catalog: Arc<FeatureCatalog>,
         monitor: Option<Arc<crate::monitor::Monitor>>,
     ) -> (Recorder, std::thread::JoinHandle<()>) {
-        let (tx, rx) = sync_channel(settings.queue.max(1));
+        let (tx, rx) = channel();
+        let depth = Arc::new(AtomicUsize::new(0));
         let pending = Arc::new(DashMap::new());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
@@ -271,6 +277,7 @@ impl Recorder {
             records,
             tallies,
             rx,
+            depth: depth.clone(),
             pending: pending.clone(),
             queued_bytes: queued_bytes.clone(),
             settings: settings.clone(),
@@ -284,6 +291,7 @@ impl Recorder {
         (
             Recorder {
                 tx,
+                depth,
                 pending,
                 queued_bytes,
                 settings,
@@ -308,7 +316,9 @@ impl Recorder {
     /// Hands a record to the writer without waiting. Returns false when it was dropped.
     pub fn submit(&self, raw: RawRecord) -> bool {
         let size = raw.size + 512;
-        if self.queued_bytes.load(Ordering::Relaxed) + size > self.settings.queue_bytes {
+        if self.queued_bytes.load(Ordering::Relaxed) + size > self.settings.queue_bytes
+            || !self.enter_queue()
+        {
             self.metrics.records_dropped.inc();
             return false;
         }
@@ -318,12 +328,13 @@ impl Recorder {
             self.pending.insert(raw.request_id.clone(), raw.clone());
         }
         self.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        match self.tx.try_send(Msg::Record(raw.clone())) {
+        match self.tx.send(Msg::Record(raw.clone())) {
             Ok(()) => {
                 self.metrics.record_queue_depth.inc();
                 true
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(_) => {
+                self.depth.fetch_sub(1, Ordering::AcqRel);
                 self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 self.pending
                     .remove_if(&raw.request_id, |_, v| Arc::ptr_eq(v, &raw));
@@ -336,14 +347,28 @@ impl Recorder {
     /// Hands a shadow observation to the writer without waiting; dropped (and counted) when the
     /// queue is full.
     pub fn submit_shadow(&self, o: ShadowObservation) {
-        match self.tx.try_send(Msg::Shadow(Box::new(o))) {
+        if !self.enter_queue() {
+            self.metrics.records_dropped.inc();
+            return;
+        }
+        match self.tx.send(Msg::Shadow(Box::new(o))) {
             Ok(()) => {
                 self.metrics.record_queue_depth.inc();
             }
             Err(_) => {
+                self.depth.fetch_sub(1, Ordering::AcqRel);
                 self.metrics.records_dropped.inc();
             }
         }
+    }
+
+    /// Takes a place in the queue, unless `--record-queue` places are taken.
+    fn enter_queue(&self) -> bool {
+        if self.depth.fetch_add(1, Ordering::AcqRel) >= self.settings.queue.max(1) {
+            self.depth.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
     /// A record still waiting to be written.
@@ -372,24 +397,13 @@ impl Recorder {
     /// Waits (blocking) until everything submitted before the call is written, for at most
     /// `timeout` (the queue may be full and the writer stalled). True when it was.
     pub fn flush_within_blocking(&self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
         let (ack, done) = sync_channel(1);
-        let mut msg = Msg::Flush(ack);
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Disconnected(_)) => return false,
-                Err(TrySendError::Full(m)) => {
-                    if std::time::Instant::now() >= deadline {
-                        return false;
-                    }
-                    msg = m;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
+        // The flush takes no place in the queue: it is answered once what is ahead of it is
+        // written, or not within `timeout` when the writer is stalled.
+        if self.tx.send(Msg::Flush(ack)).is_err() {
+            return false;
         }
-        done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .is_ok()
+        done.recv_timeout(timeout).is_ok()
     }
 
     /// Writes everything submitted before the call and stops the writer thread, even if other
@@ -603,6 +617,7 @@ struct Writer {
     records: Arc<dyn RecordLog>,
     tallies: Arc<dyn Tallies>,
     rx: Receiver<Msg>,
+    depth: Arc<AtomicUsize>,
     pending: Arc<DashMap<String, Arc<RawRecord>>>,
     queued_bytes: Arc<AtomicUsize>,
     settings: RecorderSettings,
@@ -632,6 +647,10 @@ impl Writer {
                     None
                 };
             }
+            // Taken off the queue (as a bounded channel's slots would be freed): the queue holds
+            // `--record-queue` more while this batch is written.
+            self.depth
+                .fetch_sub(records.len() + shadows.len(), Ordering::AcqRel);
             self.write(&records, &shadows, !acks.is_empty());
             // Records leave the depth gauge in `write`, once written; shadow observations here.
             self.metrics
