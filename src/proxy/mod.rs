@@ -1425,9 +1425,11 @@ const PER_REQUEST_HEADERS: [HeaderName; 6] = [
 /// the connection's header table. Indexed, each new value would evict the headers that repeat
 /// (content-type, user-agent, te…), and every request would pay to search and rebuild the table
 /// (the load benchmark's profile showed HPACK among the largest costs before this).
+/// One pass over the map comparing names: looking each of the seven names up hashed each one, 1.2%
+/// of modelgate's instructions per call.
 fn mark_per_request(headers: &mut HeaderMap, unit_key: Option<&HeaderName>) {
-    for name in PER_REQUEST_HEADERS.iter().chain(unit_key) {
-        if let Some(v) = headers.get_mut(name) {
+    for (name, v) in headers.iter_mut() {
+        if PER_REQUEST_HEADERS.contains(name) || unit_key == Some(name) {
             v.set_sensitive(true);
         }
     }
@@ -1475,6 +1477,21 @@ mod tests {
 
     fn size_of_output<A, B, F: FnOnce(A, B) -> R, R>(_: F) -> usize {
         std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn per_request_values_are_kept_out_of_the_hpack_table_and_the_rest_are_not() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        h.append("x-request-id", HeaderValue::from_static("a"));
+        h.append("x-request-id", HeaderValue::from_static("b"));
+        h.insert("traceparent", HeaderValue::from_static("00-1-2-01"));
+        h.insert("x-tenant", HeaderValue::from_static("t1"));
+        h.insert("x-other", HeaderValue::from_static("o"));
+        mark_per_request(&mut h, Some(&HeaderName::from_static("x-tenant")));
+        let sensitive = |name: &str| h.get_all(name).iter().all(|v| v.is_sensitive());
+        assert!(sensitive("x-request-id") && sensitive("traceparent") && sensitive("x-tenant"));
+        assert!(!h["content-type"].is_sensitive() && !h["x-other"].is_sensitive());
     }
 
     /// A call's future is moved into its task and into every future that awaits it, a copy of
