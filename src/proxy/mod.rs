@@ -453,8 +453,7 @@ impl Proxy {
         let mut admitted = self.admit(&req);
         if admitted.slot.is_none() {
             // Rare (every slot taken): boxed, so the common path's future stays small.
-            let deadline =
-                Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
+            let deadline = self.unary_deadline(req.headers());
             match Box::pin(self.admission.wait(deadline)).await {
                 Ok(slot) => admitted.slot = Some(slot),
                 Err(refused) => return self.shed(admitted, req, refused),
@@ -919,6 +918,11 @@ impl Proxy {
             .and_then(status::parse_grpc_timeout)
     }
 
+    /// The deadline of a unary call: the caller's, or `--request-timeout`.
+    fn unary_deadline(&self, headers: &HeaderMap) -> Duration {
+        Self::caller_deadline(headers).unwrap_or(self.limits.request_timeout)
+    }
+
     /// An inference or another call that names a model: read its message (bounded, within the
     /// deadline), decode it, and route it by the model it names.
     async fn route_unary(
@@ -926,7 +930,7 @@ impl Proxy {
         a: &Admitted,
         req: Request<Incoming>,
     ) -> Result<(Subject, Routed, Inbound), Box<Unrouted>> {
-        let deadline = Self::caller_deadline(req.headers()).unwrap_or(self.limits.request_timeout);
+        let deadline = self.unary_deadline(req.headers());
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let limit = self.limits.max_message_bytes;

@@ -179,7 +179,7 @@ impl Upstreams {
     async fn connect_http1(
         &self,
         ep: &super::upstream::Endpoint,
-    ) -> Result<http1::SendRequest<Full<Bytes>>, UpstreamError> {
+    ) -> Result<super::upstream::RestSender, UpstreamError> {
         let addr = ep.authority.to_string();
         let handshake = |e: hyper::Error| UpstreamError::Connect(format!("{addr}: HTTP/1.1: {e}"));
         let sender = match self.dial(ep).await? {

@@ -141,17 +141,14 @@ const IDLE_PER_ENDPOINT: usize = 64;
 /// time; it is taken out for a call and put back when the answer has been read.
 #[derive(Default)]
 pub(super) struct RestPool {
-    idle: dashmap::DashMap<
-        String,
-        Vec<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>>,
-    >,
+    idle: dashmap::DashMap<String, Vec<RestSender>>,
 }
 
+/// One HTTP/1.1 connection to a REST backend.
+pub(super) type RestSender = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
+
 impl RestPool {
-    pub(super) fn take(
-        &self,
-        endpoint: &str,
-    ) -> Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>> {
+    pub(super) fn take(&self, endpoint: &str) -> Option<RestSender> {
         let mut idle = self.idle.get_mut(endpoint)?;
         while let Some(s) = idle.pop() {
             if !s.is_closed() {
@@ -161,11 +158,7 @@ impl RestPool {
         None
     }
 
-    pub(super) fn put(
-        &self,
-        endpoint: &str,
-        s: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
-    ) {
+    pub(super) fn put(&self, endpoint: &str, s: RestSender) {
         let mut idle = self.idle.entry(endpoint.to_string()).or_default();
         if idle.len() < IDLE_PER_ENDPOINT {
             idle.push(s);
@@ -370,15 +363,13 @@ impl Upstreams {
         }))
     }
 
-    /// The slot's connection, opened if there is none.
+    /// Opens the slot's connection, which the caller found missing — unless another call opened
+    /// it while this one waited for the slot's lock.
     async fn connection(
         &self,
         ep: &Endpoint,
         slot: &Arc<Slot>,
     ) -> Result<Arc<Conn>, UpstreamError> {
-        if let Some(c) = slot.conn.load_full() {
-            return Ok(c);
-        }
         let _connecting = slot.connecting.lock().await;
         if let Some(c) = slot.conn.load_full() {
             return Ok(c);
