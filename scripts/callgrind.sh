@@ -2,11 +2,13 @@
 # Instructions per call (valgrind's callgrind, user space), stable on a noisy machine where
 # timings are not: the built-in model server, then modelgate routing only (or HAProxy, h2 both
 # sides) in front of it under valgrind; h2load sends N ModelInfer calls (1x16 FP32, 4 connections x
-# 32 streams) after 500 to warm up, with instrumentation on only for those N.
+# 32 streams) after 1,500 to warm up, with instrumentation on only for those N.
 #
 #   scripts/callgrind.sh [N]            modelgate ($CARGO_TARGET_DIR or target/, release build)
 #   TARGET=haproxy scripts/callgrind.sh HAProxy (when installed)
 #   EXTRA='--record-predictions true' scripts/callgrind.sh   modelgate with other flags
+#   EVERYTHING=1 scripts/callgrind.sh   everything on: records, an experiment over half the
+#                                       traffic, a 10% shadow, drift against a captured reference
 #
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client). Prints "<target>: <Ir> per call";
 # the callgrind profile stays in $OUT (callgrind_annotate $OUT/callgrind.out.1).
@@ -48,12 +50,22 @@ if [ "$TARGET" = haproxy ]; then
     "${VG[@]}" haproxy -f "$OUT/haproxy.cfg" -db >"$OUT/target.log" 2>&1 &
     PID=$!
 else
+    RECORD=false
+    [ -n "${EVERYTHING:-}" ] && RECORD=true
     "${VG[@]}" "$BIN" serve --data-dir "$OUT/db" --listen 127.0.0.1:$DATA --control-listen 127.0.0.1:$CONTROL \
-        --admin-listen 127.0.0.1:$ADMIN --record-predictions false ${EXTRA:-} >"$OUT/target.log" 2>&1 &
+        --admin-listen 127.0.0.1:$ADMIN --record-predictions $RECORD ${EXTRA:-} >"$OUT/target.log" 2>&1 &
     PID=$!
     for _ in $(seq 1 200); do curl -sf -o /dev/null 127.0.0.1:$ADMIN/live && break; sleep 0.3; done
-    MODELGATE_CTL_ADDR=http://127.0.0.1:$CONTROL "$BIN" ctl models register bench --endpoint http://127.0.0.1:$MODEL >/dev/null
-    MODELGATE_CTL_ADDR=http://127.0.0.1:$CONTROL "$BIN" ctl models promote bench 1 >/dev/null
+    ctl() { MODELGATE_CTL_ADDR=http://127.0.0.1:$CONTROL "$BIN" ctl "$@" >/dev/null; }
+    ctl models register bench --endpoint http://127.0.0.1:$MODEL
+    ctl models promote bench 1
+    if [ -n "${EVERYTHING:-}" ]; then
+        ctl models register bench --endpoint http://127.0.0.1:$MODEL
+        ctl models register bench --endpoint http://127.0.0.1:$MODEL
+        ctl experiments create bench-ab --model bench --variant control=1 --variant treatment=2 --coverage 0.5
+        ctl shadows set bench 3 --fraction 0.1
+        ctl drift capture bench --rows 1000
+    fi
 fi
 PIDS+=($PID)
 load() {
@@ -61,7 +73,8 @@ load() {
         "http://127.0.0.1:$DATA/inference.GRPCInferenceService/ModelInfer"
 }
 for _ in $(seq 1 120); do load 1 2>/dev/null | grep -q " 1 succeeded" && break; sleep 0.5; done
-load 500 >/dev/null 2>&1
+# Warm up past the drift capture's 1,000 rows (everything on), so the measured calls are steady.
+load 1500 >/dev/null 2>&1
 callgrind_control -i on $PID >/dev/null
 load "$N" | grep -E "^requests:" >&2
 callgrind_control -i off $PID >/dev/null

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 
+use crate::convert::{feature_value_into_pb, prediction_into_pb};
 use crate::experiment::UnitSketch;
 use crate::feature_store::{FeatureCatalog, FeatureDef, FeatureKind};
 use crate::pb::modelgate::v1 as pb;
@@ -24,7 +25,6 @@ use crate::routing::Route;
 use crate::shadow::{self, Answer, Comparison};
 use crate::shadow::{Disagreement, ShadowCounter, ShadowLatency};
 use crate::storage::{RecordLog, RecordWrites, Tallies};
-use crate::store::records::feature_value_to_pb;
 use crate::telemetry::Metrics;
 
 /// Everything the data plane knows about one finished request.
@@ -162,33 +162,34 @@ pub struct Recorder {
     monitor: Option<Arc<crate::monitor::Monitor>>,
 }
 
-/// A record as stored: the protobuf, and the features for the feature store.
+/// What a finished call says, read on the writer thread: its features and predictions, and why
+/// either could not be read. [`Prepared::into_record`] then makes the stored record of it.
 pub struct Prepared {
-    /// The record.
-    pub record: pb::PredictionRecord,
     /// Its features, one row per sample.
     pub features: FeatureTable,
     /// Its predictions, one per row.
     pub predictions: Vec<Prediction>,
+    /// Why features or predictions could not be read (empty when they were).
+    pub notes: Vec<String>,
 }
 
 pub use crate::convert::{prediction_from_pb, prediction_to_pb};
 
-/// Turns what the data plane saw into the stored record: features, predictions, notes.
+/// Reads what the data plane saw: features, predictions, notes.
 pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
     let mut notes = Vec::new();
     let features = match &raw.request {
         Some(req) => {
+            let unregistered = std::collections::BTreeMap::new();
             let names = raw
                 .route
                 .as_ref()
-                .map(|r| r.feature_names.clone())
-                .unwrap_or_default();
+                .map_or(&unregistered, |r| &r.feature_names);
             req.inputs(settings.max_elements)
                 .and_then(|inputs| {
                     record::extract_features(
                         &inputs,
-                        &names,
+                        names,
                         &settings.entity_key,
                         raw.unit_id.as_deref(),
                     )
@@ -213,47 +214,63 @@ pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
         }
         _ => Vec::new(),
     };
-    let record = pb::PredictionRecord {
-        request_id: raw.request_id.clone(),
-        time: Some(crate::pb::timestamp(raw.time_ms)),
-        model: raw
-            .route
-            .as_ref()
-            .map(|r| r.model.clone())
-            .unwrap_or_else(|| raw.model.clone()),
-        version: raw.route.as_ref().map(|r| r.version).unwrap_or(0),
-        experiment: raw.experiment.clone().unwrap_or_default(),
-        variant: raw.variant.clone().unwrap_or_default(),
-        unit_id: raw.unit_id.clone().unwrap_or_default(),
-        method: raw.method.clone(),
-        status_code: raw.status,
-        upstream_latency_us: raw
-            .upstream_latency
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0),
-        latency_us: raw.latency.as_micros() as u64,
-        feature_names: features.names.clone(),
-        rows: features
-            .rows
-            .iter()
-            .map(|r| pb::FeatureRow {
-                values: r.iter().map(feature_value_to_pb).collect(),
-            })
-            .collect(),
-        predictions: predictions.iter().map(prediction_to_pb).collect(),
-        entity_ids: features
-            .entities
-            .iter()
-            .map(|e| e.clone().unwrap_or_default())
-            .collect(),
-        note: notes.join("; "),
-        outcomes: Vec::new(),
-        variant_forced: raw.experiment.is_some() && !raw.counted,
-    };
     Prepared {
-        record,
         features,
         predictions,
+        notes,
+    }
+}
+
+impl Prepared {
+    /// The stored record of `raw`. It takes the features and predictions rather than copying
+    /// them: the writer makes one of these per call, and copying every feature name and value
+    /// was a fifth of its work.
+    pub fn into_record(self, raw: &RawRecord) -> pb::PredictionRecord {
+        let FeatureTable {
+            names,
+            rows,
+            entities,
+            ..
+        } = self.features;
+        pb::PredictionRecord {
+            request_id: raw.request_id.clone(),
+            time: Some(crate::pb::timestamp(raw.time_ms)),
+            model: raw
+                .route
+                .as_ref()
+                .map(|r| r.model.clone())
+                .unwrap_or_else(|| raw.model.clone()),
+            version: raw.route.as_ref().map(|r| r.version).unwrap_or(0),
+            experiment: raw.experiment.clone().unwrap_or_default(),
+            variant: raw.variant.clone().unwrap_or_default(),
+            unit_id: raw.unit_id.clone().unwrap_or_default(),
+            method: raw.method.clone(),
+            status_code: raw.status,
+            upstream_latency_us: raw
+                .upstream_latency
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+            latency_us: raw.latency.as_micros() as u64,
+            feature_names: names,
+            rows: rows
+                .into_iter()
+                .map(|r| pb::FeatureRow {
+                    values: r.into_iter().map(feature_value_into_pb).collect(),
+                })
+                .collect(),
+            predictions: self
+                .predictions
+                .into_iter()
+                .map(prediction_into_pb)
+                .collect(),
+            entity_ids: entities
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect(),
+            note: self.notes.join("; "),
+            outcomes: Vec::new(),
+            variant_forced: raw.experiment.is_some() && !raw.counted,
+        }
     }
 }
 
@@ -421,7 +438,8 @@ impl Recorder {
 
 impl crate::app::outcomes::PendingPredictions for Recorder {
     fn pending(&self, request_id: &crate::ids::RequestId) -> Option<pb::PredictionRecord> {
-        Recorder::pending(self, request_id.as_str()).map(|raw| prepare(&raw, &self.settings).record)
+        Recorder::pending(self, request_id.as_str())
+            .map(|raw| prepare(&raw, &self.settings).into_record(&raw))
     }
 }
 
@@ -681,15 +699,13 @@ impl Writer {
         for raw in records {
             let p = prepare(raw, &self.settings);
             if let Some(m) = &self.monitor {
+                let model = raw.route.as_ref().map_or(&raw.model, |r| &r.model);
                 m.observe(
-                    &p.record.model,
+                    model,
                     &p.features.names,
                     &p.features.precisions,
                     &p.features.rows,
                 );
-            }
-            if self.settings.record_predictions {
-                batch.add_prediction(p.record, raw.time_ms);
             }
             if let (Some(e), Some(v), true) = (&raw.experiment, &raw.variant, raw.counted) {
                 *variant_requests
@@ -731,6 +747,7 @@ impl Writer {
                     p.features.names.iter().map(String::as_str).zip(row),
                 );
             }
+            batch.add_prediction(p.into_record(raw), raw.time_ms);
         }
         // Summed per batch: one merge per variant, not one per request.
         for ((experiment, variant), n) in variant_requests {

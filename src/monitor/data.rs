@@ -54,6 +54,10 @@ pub(super) struct ModelDrift {
     pub(super) reference: Option<Arc<Reference>>,
     index: HashMap<String, usize>,
     windows: Vec<LiveWindow>,
+    /// The columns of the rows last observed (names and precisions) and, per column, its window
+    /// and precision: traffic repeats the same columns, and looking each name up in `index` was
+    /// most of what observing a row cost.
+    columns: Option<(Vec<String>, Vec<Precision>, Vec<(Option<usize>, Precision)>)>,
     since_eval: u64,
     /// When the last evaluation was asked for.
     pub(super) asked: Option<std::time::Instant>,
@@ -171,18 +175,29 @@ impl Monitor {
             self.contribute(model, stamp, sample);
             return;
         }
-        let map: Vec<(Option<usize>, Precision)> = names
-            .iter()
-            .enumerate()
-            .map(|(c, n)| {
-                let p = precisions.get(c).copied().unwrap_or_default();
-                (md.index.get(n).copied(), p)
-            })
-            .collect();
+        // One mutable borrow through the guard, so that the cached map and the windows can be
+        // borrowed apart.
+        let m = &mut *md;
+        let known = m
+            .columns
+            .as_ref()
+            .is_some_and(|(n, p, _)| n == names && p == precisions);
+        if !known {
+            let map = names
+                .iter()
+                .enumerate()
+                .map(|(c, n)| {
+                    let p = precisions.get(c).copied().unwrap_or_default();
+                    (m.index.get(n).copied(), p)
+                })
+                .collect();
+            m.columns = Some((names.to_vec(), precisions.to_vec(), map));
+        }
+        let map = m.columns.as_ref().map_or(&[][..], |(_, _, map)| map);
         for r in rows {
-            for (v, (slot, p)) in r.iter().zip(&map) {
+            for (v, (slot, p)) in r.iter().zip(map) {
                 if let Some(i) = slot {
-                    md.windows[*i].push(v, *p);
+                    m.windows[*i].push(v, *p);
                 }
             }
         }
