@@ -114,7 +114,9 @@ fn extraction(c: &mut Criterion) {
         c.bench_function(&label, |b| {
             b.iter(|| {
                 let inputs = oip_grpc::inputs(&req, 1 << 20).unwrap();
-                black_box(record::extract_features(&inputs, &names, "", Some("user-1")).unwrap())
+                black_box(
+                    record::extract_features(&inputs, &names, "", Some("user-1"), None).unwrap(),
+                )
             })
         });
     }
@@ -137,12 +139,14 @@ fn encoding(c: &mut Criterion) {
             response: Some(response(rows).encode_to_vec().into()),
             ..Default::default()
         };
+        // As the writer does after a model's first record: its names are shared.
+        let names = recorder::prepare(&raw, &settings, None).features.names;
         c.bench_function(
             &format!("prepare + encode record: {rows} x {FEATURES} features, argmax"),
             |b| {
                 b.iter(|| {
-                    let p = recorder::prepare(&raw, &settings);
-                    black_box(p.record.encode_to_vec())
+                    let p = recorder::prepare(&raw, &settings, Some(&names));
+                    black_box(p.encode(&raw).bytes)
                 })
             },
         );

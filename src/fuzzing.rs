@@ -90,9 +90,15 @@ pub fn oip_request(data: &[u8]) {
         return;
     };
     for entity_key in ["", "entity_id", last.as_str()] {
-        let Ok(table) = record::extract_features(&inputs, &names, entity_key, Some("unit")) else {
+        let extract = |previous| {
+            record::extract_features(&inputs, &names, entity_key, Some("unit"), previous)
+        };
+        let Ok(table) = extract(None) else {
             continue;
         };
+        // Given its own names back, a table names its columns the same.
+        let again = extract(Some(&table.names)).expect("extracted once");
+        assert_eq!(again.names, table.names);
         assert!(
             table.rows.len() <= MAX_ELEMENTS,
             "{} rows",

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 
+use crate::convert::prediction_record::{self, RecordParts};
 use crate::convert::{feature_value_into_pb, prediction_into_pb};
 use crate::experiment::UnitSketch;
 use crate::feature_store::{FeatureCatalog, FeatureDef, FeatureKind};
@@ -24,7 +25,7 @@ use crate::record::{self, FeatureTable, Prediction};
 use crate::routing::Route;
 use crate::shadow::{self, Answer, Comparison};
 use crate::shadow::{Disagreement, ShadowCounter, ShadowLatency};
-use crate::storage::{RecordLog, RecordWrites, Tallies};
+use crate::storage::{EncodedPrediction, RecordLog, RecordWrites, Tallies};
 use crate::telemetry::Metrics;
 
 /// Everything the data plane knows about one finished request.
@@ -175,13 +176,18 @@ pub struct Prepared {
 
 pub use crate::convert::{prediction_from_pb, prediction_to_pb};
 
-/// Reads what the data plane saw: features, predictions, notes.
-pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
+/// Reads what the data plane saw: features, predictions, notes. `names` are the feature names
+/// of an earlier record of the same model, shared when this one's columns are the same.
+pub fn prepare(
+    raw: &RawRecord,
+    settings: &RecorderSettings,
+    names: Option<&Arc<[String]>>,
+) -> Prepared {
     let mut notes = Vec::new();
     let features = match &raw.request {
         Some(req) => {
             let unregistered = std::collections::BTreeMap::new();
-            let names = raw
+            let registered = raw
                 .route
                 .as_ref()
                 .map_or(&unregistered, |r| &r.feature_names);
@@ -189,9 +195,10 @@ pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
                 .and_then(|inputs| {
                     record::extract_features(
                         &inputs,
-                        names,
+                        registered,
                         &settings.entity_key,
                         raw.unit_id.as_deref(),
+                        names,
                     )
                 })
                 .unwrap_or_else(|e| {
@@ -222,9 +229,42 @@ pub fn prepare(raw: &RawRecord, settings: &RecorderSettings) -> Prepared {
 }
 
 impl Prepared {
-    /// The stored record of `raw`. It takes the features and predictions rather than copying
-    /// them: the writer makes one of these per call, and copying every feature name and value
-    /// was a fifth of its work.
+    /// The stored record of `raw`, encoded from what it borrows (see
+    /// [`crate::convert::prediction_record`]).
+    pub fn encode(&self, raw: &RawRecord) -> EncodedPrediction {
+        let route = raw.route.as_deref();
+        let model = route.map_or(raw.model.as_str(), |r| r.model.as_str());
+        let version = route.map_or(0, |r| r.version);
+        let note = self.notes.join("; ");
+        let bytes = prediction_record::encode(&RecordParts {
+            request_id: &raw.request_id,
+            time_ms: raw.time_ms,
+            model,
+            version,
+            experiment: raw.experiment.as_deref().unwrap_or_default(),
+            variant: raw.variant.as_deref().unwrap_or_default(),
+            unit_id: raw.unit_id.as_deref().unwrap_or_default(),
+            method: &raw.method,
+            status_code: raw.status,
+            upstream_latency_us: raw.upstream_latency.map_or(0, |d| d.as_micros() as u64),
+            latency_us: raw.latency.as_micros() as u64,
+            feature_names: &self.features.names,
+            rows: &self.features.rows,
+            predictions: &self.predictions,
+            entity_ids: &self.features.entities,
+            note: &note,
+            variant_forced: raw.experiment.is_some() && !raw.counted,
+        });
+        EncodedPrediction {
+            request_id: raw.request_id.clone(),
+            model: model.to_string(),
+            version,
+            bytes,
+        }
+    }
+
+    /// The record of `raw` as a message (a record still waiting in the queue, for an outcome
+    /// that arrived first): the message [`Prepared::encode`] encodes.
     pub fn into_record(self, raw: &RawRecord) -> pb::PredictionRecord {
         let FeatureTable {
             names,
@@ -251,7 +291,7 @@ impl Prepared {
                 .map(|d| d.as_micros() as u64)
                 .unwrap_or(0),
             latency_us: raw.latency.as_micros() as u64,
-            feature_names: names,
+            feature_names: names.to_vec(),
             rows: rows
                 .into_iter()
                 .map(|r| pb::FeatureRow {
@@ -291,6 +331,7 @@ impl Recorder {
         let writer = Writer {
             monitor: monitor.clone(),
             sketches: Default::default(),
+            names: Default::default(),
             records,
             tallies,
             rx,
@@ -439,7 +480,7 @@ impl Recorder {
 impl crate::app::outcomes::PendingPredictions for Recorder {
     fn pending(&self, request_id: &crate::ids::RequestId) -> Option<pb::PredictionRecord> {
         Recorder::pending(self, request_id.as_str())
-            .map(|raw| prepare(&raw, &self.settings).into_record(&raw))
+            .map(|raw| prepare(&raw, &self.settings, None).into_record(&raw))
     }
 }
 
@@ -632,6 +673,9 @@ struct Writer {
     // Only the writer thread touches it; the lock (never contended) lets `write` take `&self`
     // while it also loads sketches from the store.
     sketches: parking_lot::Mutex<Sketches>,
+    /// The feature names of each model's latest record, shared by the next ones with the same
+    /// columns (one entry per model that routes: only routed records are kept).
+    names: parking_lot::Mutex<std::collections::HashMap<String, Arc<[String]>>>,
     records: Arc<dyn RecordLog>,
     tallies: Arc<dyn Tallies>,
     rx: Receiver<Msg>,
@@ -694,10 +738,18 @@ impl Writer {
         let mut batch = RecordWrites::default();
         let mut new_defs: Vec<FeatureDef> = Vec::new();
         let mut sketches = self.sketches.lock();
+        let mut names = self.names.lock();
         let mut variant_requests: std::collections::HashMap<(&str, &str), u64> =
             std::collections::HashMap::new();
         for raw in records {
-            let p = prepare(raw, &self.settings);
+            let model = raw.route.as_ref().map(|r| &r.model);
+            let previous = model.and_then(|m| names.get(m));
+            let p = prepare(raw, &self.settings, previous);
+            if let Some(m) = model {
+                if previous.is_none_or(|n| !Arc::ptr_eq(n, &p.features.names)) {
+                    names.insert(m.clone(), p.features.names.clone());
+                }
+            }
             if let Some(m) = &self.monitor {
                 let model = raw.route.as_ref().map_or(&raw.model, |r| &r.model);
                 m.observe(
@@ -747,7 +799,7 @@ impl Writer {
                     p.features.names.iter().map(String::as_str).zip(row),
                 );
             }
-            batch.add_prediction(p.into_record(raw), raw.time_ms);
+            batch.add_prediction(p.encode(raw), raw.time_ms);
         }
         // Summed per batch: one merge per variant, not one per request.
         for ((experiment, variant), n) in variant_requests {

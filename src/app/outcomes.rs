@@ -259,7 +259,7 @@ mod tests {
     fn stored(storage: &Storage, id: &str, label: &str, time_ms: u64, experiment: Option<&str>) {
         let mut w = RecordWrites::default();
         w.add_prediction(
-            pb::PredictionRecord {
+            crate::storage::EncodedPrediction::of(&pb::PredictionRecord {
                 request_id: id.into(),
                 model: "iris".into(),
                 version: 2,
@@ -269,7 +269,7 @@ mod tests {
                     kind: Some(pb::prediction_value::Kind::Label(label.into())),
                 }],
                 ..Default::default()
-            },
+            }),
             time_ms,
         );
         storage.records.commit(w, false).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod drift;
 pub mod experiments;
+pub mod prediction_record;
 pub mod records;
 pub mod registry;
 pub mod shadows;

@@ -292,9 +292,14 @@ impl RecordLog for FleetRecords {
             .writes
             .iter()
             .filter_map(|w| match w {
-                RecordWrite::Prediction { record, .. } if record.version > 0 => Some(
-                    Outgoing::Stub(self.stub_key(&record.request_id), encode_stub(record)),
-                ),
+                // The stub is made of the record's message (encoded by this process: it decodes).
+                RecordWrite::Prediction { record, .. } if record.version > 0 => {
+                    let message = record.decode().ok()?;
+                    Some(Outgoing::Stub(
+                        self.stub_key(&record.request_id),
+                        encode_stub(&message),
+                    ))
+                }
                 RecordWrite::Features {
                     entity,
                     time_ms,

@@ -57,7 +57,7 @@ pub(super) struct ModelDrift {
     /// The columns of the rows last observed (names and precisions) and, per column, its window
     /// and precision: traffic repeats the same columns, and looking each name up in `index` was
     /// most of what observing a row cost.
-    columns: Option<(Vec<String>, Vec<Precision>, Vec<(Option<usize>, Precision)>)>,
+    columns: Option<ColumnMap>,
     since_eval: u64,
     /// When the last evaluation was asked for.
     pub(super) asked: Option<std::time::Instant>,
@@ -76,6 +76,14 @@ pub(super) struct ModelDrift {
     pub(super) evaluated_rows: u64,
     /// Fleet mode: the last request for an evaluation that was served (its time).
     pub(super) served_request: u64,
+}
+
+/// Where the columns of observed rows go: for the columns `names` (at `precisions`), each one's
+/// window (none when the reference has no such feature) and precision.
+struct ColumnMap {
+    names: Vec<String>,
+    precisions: Vec<Precision>,
+    slots: Vec<(Option<usize>, Precision)>,
 }
 
 impl ModelDrift {
@@ -181,9 +189,9 @@ impl Monitor {
         let known = m
             .columns
             .as_ref()
-            .is_some_and(|(n, p, _)| n == names && p == precisions);
+            .is_some_and(|c| c.names == names && c.precisions == precisions);
         if !known {
-            let map = names
+            let slots = names
                 .iter()
                 .enumerate()
                 .map(|(c, n)| {
@@ -191,9 +199,13 @@ impl Monitor {
                     (m.index.get(n).copied(), p)
                 })
                 .collect();
-            m.columns = Some((names.to_vec(), precisions.to_vec(), map));
+            m.columns = Some(ColumnMap {
+                names: names.to_vec(),
+                precisions: precisions.to_vec(),
+                slots,
+            });
         }
-        let map = m.columns.as_ref().map_or(&[][..], |(_, _, map)| map);
+        let map = m.columns.as_ref().map_or(&[][..], |c| &c.slots);
         for r in rows {
             for (v, (slot, p)) in r.iter().zip(map) {
                 if let Some(i) = slot {

@@ -154,12 +154,14 @@ impl Inner {
     fn apply(&mut self, w: RecordWrite, seq: u64) {
         match w {
             RecordWrite::Prediction { record, time_ms } => {
+                // Encoded by this process: it decodes.
+                let Ok(message) = record.decode() else { return };
                 self.prediction_index.insert(
                     (record.model.clone(), time_ms, record.request_id.clone()),
                     record.version,
                 );
                 self.predictions
-                    .insert(record.request_id.clone(), (time_ms, record));
+                    .insert(record.request_id, (time_ms, message));
             }
             RecordWrite::Features {
                 entity,

@@ -186,13 +186,43 @@ pub trait SharedControl: Send + Sync {
     fn write_if(&self, base: u64, update: &Update) -> StoreResult<Option<u64>>;
 }
 
+/// A prediction record as stored (the encoded `PredictionRecord`), with what its index needs.
+#[derive(Clone, Debug)]
+pub struct EncodedPrediction {
+    /// Its request id.
+    pub request_id: String,
+    /// Its model.
+    pub model: String,
+    /// Its version (0 when the request reached none).
+    pub version: u32,
+    /// The encoded `PredictionRecord`.
+    pub bytes: Vec<u8>,
+}
+
+impl EncodedPrediction {
+    /// A record message, encoded.
+    pub fn of(record: &pb::PredictionRecord) -> EncodedPrediction {
+        EncodedPrediction {
+            request_id: record.request_id.clone(),
+            model: record.model.clone(),
+            version: record.version,
+            bytes: prost::Message::encode_to_vec(record),
+        }
+    }
+
+    /// The record message.
+    pub fn decode(&self) -> Result<pb::PredictionRecord, prost::DecodeError> {
+        prost::Message::decode(&self.bytes[..])
+    }
+}
+
 /// One write of a record batch.
 #[derive(Clone, Debug)]
 pub enum RecordWrite {
     /// A prediction record (and its index entry), at `time_ms`.
     Prediction {
         /// The record.
-        record: pb::PredictionRecord,
+        record: EncodedPrediction,
         /// Its time.
         time_ms: u64,
     },
@@ -267,7 +297,7 @@ pub struct RecordWrites {
 
 impl RecordWrites {
     /// Adds a prediction record.
-    pub fn add_prediction(&mut self, record: pb::PredictionRecord, time_ms: u64) {
+    pub fn add_prediction(&mut self, record: EncodedPrediction, time_ms: u64) {
         self.records += 1;
         self.writes
             .push(RecordWrite::Prediction { record, time_ms });

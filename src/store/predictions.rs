@@ -13,15 +13,15 @@ use rocksdb::{Direction, IteratorMode};
 use super::records::{decode_err, RecordBatch};
 use super::{cf, keys, Store, StoreError};
 use crate::pb::modelgate::v1 as pb;
-use crate::storage::PredictionPage;
+use crate::storage::{EncodedPrediction, PredictionPage};
 
 impl RecordBatch<'_> {
     /// Adds a prediction record and its index entry.
-    pub(super) fn add_prediction(&mut self, rec: &pb::PredictionRecord, time_ms: u64) {
+    pub(super) fn add_prediction(&mut self, rec: &EncodedPrediction, time_ms: u64) {
         self.batch.put_cf(
             self.store.cf(cf::PREDICTIONS),
             keys::prediction_key(&rec.request_id),
-            keys::timed_value(time_ms, &rec.encode_to_vec()),
+            keys::timed_value(time_ms, &rec.bytes),
         );
         self.batch.put_cf(
             self.store.cf(cf::PREDICTION_INDEX),
