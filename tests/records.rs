@@ -464,21 +464,27 @@ async fn a_full_queue_drops_and_counts_while_every_request_succeeds() {
                 .expect("requests never fail because of the log");
             assert!(started.elapsed() < Duration::from_secs(2));
         }
-        assert_eq!(
-            mg.metrics.records_dropped.get(),
-            15,
-            "1 taken by the writer + 4 queued"
-        );
     }
+    // The writer took the first record (or, when its thread woke late on a loaded machine, the
+    // first two) into the batch it is stalled on; 4 more wait in the queue; the rest are dropped.
+    let dropped = mg.metrics.records_dropped.get();
+    assert!(
+        dropped == 15 || dropped == 14,
+        "1 or 2 taken by the writer + 4 queued: {dropped} dropped"
+    );
     mg.recorder.flush().await;
-    assert_eq!(mg.metrics.records_written.get(), 5);
+    // Nothing is lost uncounted: every record is written or counted as dropped.
+    assert_eq!(mg.metrics.records_written.get(), 20 - dropped);
     let metrics = http_get(mg.admin_addr, "/metrics").await;
     assert!(
-        metrics.contains("modelgate_records_dropped_total 15"),
+        metrics.contains(&format!("modelgate_records_dropped_total {dropped}\n")),
         "{metrics}"
     );
     assert!(
-        metrics.contains("modelgate_records_written_total 5"),
+        metrics.contains(&format!(
+            "modelgate_records_written_total {}\n",
+            20 - dropped
+        )),
         "{metrics}"
     );
     mg.shutdown().await;

@@ -19,8 +19,8 @@ use super::{
 };
 use crate::oip;
 use crate::pb::inference::{
-    ModelInferRequest, ModelInferResponse, ServerLiveResponse, ServerMetadataResponse,
-    ServerReadyResponse,
+    model_infer_response::InferOutputTensor, ModelInferRequest, ModelInferResponse,
+    ServerLiveResponse, ServerMetadataResponse, ServerReadyResponse,
 };
 use crate::routing::Route;
 
@@ -152,9 +152,10 @@ impl Protocol for OipGrpc {
     }
 
     fn read_answer(&self, msg: &Bytes) -> Result<Box<dyn InferAnswer>, String> {
-        ModelInferResponse::decode(msg.clone())
-            .map(|r| Box::new(OipAnswer(r)) as Box<dyn InferAnswer>)
-            .map_err(|e| format!("the answer is not a ModelInferResponse: {e}"))
+        Ok(Box::new(OipAnswer {
+            msg: msg.clone(),
+            whole: std::sync::OnceLock::new(),
+        }))
     }
 
     /// A `ModelStreamInferResponse`: `error_message` (1) and `infer_response` (2), whose `id`
@@ -250,12 +251,66 @@ impl InferRequest for OipRequest {
 }
 
 /// A decoded `ModelInferResponse`.
-struct OipAnswer(ModelInferResponse);
+/// A `ModelInferResponse`, read as far as each question needs: the one output a prediction is
+/// read from is found at the wire level and only it is decoded (decoding the whole answer —
+/// its ids, names and every other output — was most of what reading a prediction cost the
+/// record writer); every output, for a shadow comparison, decodes the whole message, once.
+/// (So a field that is not read is not checked: an answer whose `id` is not UTF-8 still gives
+/// its prediction.)
+struct OipAnswer {
+    msg: Bytes,
+    whole: std::sync::OnceLock<Result<ModelInferResponse, String>>,
+}
 
 impl InferAnswer for OipAnswer {
     fn outputs(&self, wanted: Wanted<'_>, max_elements: usize) -> Result<Outputs, String> {
-        outputs(&self.0, wanted, max_elements)
+        match wanted {
+            Wanted::One(name) => one_output(&self.msg, name, max_elements),
+            Wanted::All => {
+                let whole = self.whole.get_or_init(|| {
+                    ModelInferResponse::decode(self.msg.clone()).map_err(not_a_response)
+                });
+                outputs(whole.as_ref().map_err(Clone::clone)?, wanted, max_elements)
+            }
+        }
     }
+}
+
+fn not_a_response(e: impl std::fmt::Display) -> String {
+    format!("the answer is not a ModelInferResponse: {e}")
+}
+
+/// The output `name` (the first one when empty) of the `ModelInferResponse` `msg`, as
+/// [`outputs`] gives it for `Wanted::One(name)`: `outputs` (5) and `raw_output_contents` (6) are
+/// found in one scan, and only the output wanted is decoded.
+fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, String> {
+    let [tensors, raw] = wire::repeated_fields(msg, [5, 6]).map_err(not_a_response)?;
+    let mut found = None;
+    for (i, t) in tensors.iter().enumerate() {
+        // `name` (1): the last occurrence, as decoding reads it.
+        let this = wire::bytes_field(t, 1).map_err(not_a_response)?;
+        if name.is_empty() || this == Some(name.as_bytes()) {
+            found = Some(i);
+            break;
+        }
+    }
+    let Some(i) = found else {
+        return Ok(Outputs::default());
+    };
+    if !raw.is_empty() && raw.len() != tensors.len() {
+        return Err(oip::OipError::RawCount {
+            raw: raw.len(),
+            tensors: tensors.len(),
+        }
+        .to_string());
+    }
+    let tensor = InferOutputTensor::decode(tensors[i].clone()).map_err(not_a_response)?;
+    let one = ModelInferResponse {
+        outputs: vec![tensor],
+        raw_output_contents: raw.get(i).cloned().into_iter().collect(),
+        ..Default::default()
+    };
+    outputs(&one, Wanted::One(""), max_elements)
 }
 
 /// The inputs of a `ModelInferRequest`: its tensors decoded, its parameters as text.
@@ -284,6 +339,77 @@ pub fn outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb::inference::InferTensorContents;
+
+    #[test]
+    fn one_output_is_read_as_decoding_the_whole_answer_reads_it() {
+        let tensor =
+            |name: &str, datatype: &str, shape: Vec<i64>, fp32: Vec<f32>| InferOutputTensor {
+                name: name.into(),
+                datatype: datatype.into(),
+                shape,
+                parameters: Default::default(),
+                contents: (!fp32.is_empty()).then(|| InferTensorContents {
+                    fp32_contents: fp32,
+                    ..Default::default()
+                }),
+            };
+        let typed = ModelInferResponse {
+            model_name: "iris".into(),
+            id: "r-1".into(),
+            outputs: vec![
+                tensor("probabilities", "FP32", vec![1, 2], vec![0.25, 0.75]),
+                tensor("label", "FP32", vec![1], vec![1.0]),
+            ],
+            ..Default::default()
+        };
+        let raw = ModelInferResponse {
+            outputs: vec![
+                tensor("a", "FP32", vec![2], vec![]),
+                tensor("b", "FP32", vec![1], vec![]),
+            ],
+            raw_output_contents: vec![
+                Bytes::from([1f32.to_le_bytes(), 2f32.to_le_bytes()].concat()),
+                Bytes::from(3f32.to_le_bytes().to_vec()),
+            ],
+            ..Default::default()
+        };
+        let mut miscounted = raw.clone();
+        miscounted.raw_output_contents.pop();
+        let mut short = raw.clone();
+        short.outputs[1].shape = vec![2];
+        for resp in [&typed, &raw, &miscounted, &short] {
+            let msg = Bytes::from(resp.encode_to_vec());
+            for name in ["", "probabilities", "label", "a", "b", "missing"] {
+                let whole = outputs(resp, Wanted::One(name), 100);
+                assert_eq!(one_output(&msg, name, 100), whole, "{name}");
+                // Through the answer, and every output from the same answer afterwards.
+                let answer = OipGrpc.read_answer(&msg).unwrap();
+                assert_eq!(answer.outputs(Wanted::One(name), 100), whole);
+                assert_eq!(
+                    answer.outputs(Wanted::All, 100),
+                    outputs(resp, Wanted::All, 100)
+                );
+            }
+        }
+        assert_eq!(
+            one_output(&msg(&typed), "label", 100).unwrap().tensors[0]
+                .values
+                .len(),
+            1
+        );
+        // A message that does not parse is an error either way.
+        let garbage = Bytes::from_static(&[0x2a, 0x09, 0x0a]);
+        assert!(one_output(&garbage, "", 100)
+            .unwrap_err()
+            .starts_with("the answer is not a ModelInferResponse"));
+        let answer = OipGrpc.read_answer(&garbage).unwrap();
+        assert!(answer.outputs(Wanted::All, 100).is_err());
+    }
+
+    fn msg(resp: &ModelInferResponse) -> Bytes {
+        Bytes::from(resp.encode_to_vec())
+    }
 
     fn classify(path: &str) -> Call {
         super::super::classify(path).1

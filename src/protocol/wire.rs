@@ -112,6 +112,23 @@ pub fn bytes_field(msg: &[u8], number: u32) -> Result<Option<&[u8]>, WireError> 
     Ok(field_range(msg, number)?.map(|r| &msg[r]))
 }
 
+/// The payloads of the length-delimited fields `numbers[k]`, each field's in order (a repeated
+/// field's elements), sharing `msg`'s buffer: one scan for several repeated fields.
+pub fn repeated_fields<const N: usize>(
+    msg: &Bytes,
+    numbers: [u32; N],
+) -> Result<[Vec<Bytes>; N], WireError> {
+    let mut found: [Vec<Bytes>; N] = std::array::from_fn(|_| Vec::new());
+    for f in fields(msg) {
+        let f = f?;
+        if let Some(k) = numbers.iter().position(|&n| n == f.number) {
+            let payload = f.payload.ok_or(WireError::Malformed(f.whole.start))?;
+            found[k].push(msg.slice(payload));
+        }
+    }
+    Ok(found)
+}
+
 fn field_range(msg: &[u8], number: u32) -> Result<Option<std::ops::Range<usize>>, WireError> {
     let mut found = None;
     for f in fields(msg) {
