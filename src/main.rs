@@ -80,7 +80,6 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let (cli, warnings) = match parse_cli() {
         Ok(x) => x,
         Err(e) => {
@@ -88,6 +87,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before the runtime's threads exist (a thread takes its arena at its first allocation).
+    limit_malloc_arenas(matches!(&cli.command, Command::Serve(a) if a.record_predictions));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,21 +160,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Caps glibc's malloc arenas at one per core (at least 2), unless `MALLOC_ARENA_MAX` says
-/// otherwise. glibc's default is eight per core: every thread that allocates under contention
-/// (data threads, Tokio workers, the record writer, RocksDB's threads) may get an arena of its
-/// own, and each keeps freed memory for itself. Measured routing only under h2load (4 × 32
-/// streams, 2 cores): peak RSS 36.5 → 32.4 MiB with two arenas and no CPU cost; one arena cost
-/// 30% more CPU per call (the data threads contend for its lock).
-fn limit_malloc_arenas() {
+/// Caps glibc's malloc arenas at one per core (at least 2), and two more when every call is
+/// recorded, unless `MALLOC_ARENA_MAX` says otherwise. glibc's default is eight per core: every
+/// thread that allocates under contention (data threads, Tokio workers, the record writer,
+/// RocksDB's threads) may get an arena of its own, and each keeps freed memory for itself.
+/// Measured routing only under h2load (4 × 32 streams, 2 cores): peak RSS 36.5 → 32.4 MiB with
+/// two arenas and no CPU cost; one arena cost 30% more CPU per call (the data threads contend
+/// for its lock). With records on, the record writer allocates and frees on every call and,
+/// sharing a data thread's arena, spent a fifth of its time waiting for that arena's lock
+/// (`perf`, everything on); two more arenas took that to 14% and everything on's throughput up
+/// by about a tenth in interleaved runs, for 1–3 MiB.
+fn limit_malloc_arenas(recording: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arenas = libc::c_int::try_from(cores.max(2)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: mallopt only sets a malloc tunable; called first thing in main, before any
-        // thread exists.
+        let arenas = cores.max(2) + if recording { 2 } else { 0 };
+        let arenas = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a malloc tunable; called before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, arenas);
         }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = recording;
 }
