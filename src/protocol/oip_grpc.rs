@@ -250,7 +250,6 @@ impl InferRequest for OipRequest {
     }
 }
 
-/// A decoded `ModelInferResponse`.
 /// A `ModelInferResponse`, read as far as each question needs: the one output a prediction is
 /// read from is found at the wire level and only it is decoded (decoding the whole answer —
 /// its ids, names and every other output — was most of what reading a prediction cost the
