@@ -164,7 +164,8 @@ pub struct Recorder {
 }
 
 /// What a finished call says, read on the writer thread: its features and predictions, and why
-/// either could not be read. [`Prepared::into_record`] then makes the stored record of it.
+/// either could not be read. [`Prepared::encode`] then makes the stored record of it
+/// ([`Prepared::into_record`] the same record as a message).
 pub struct Prepared {
     /// Its features, one row per sample.
     pub features: FeatureTable,
@@ -892,5 +893,67 @@ impl Writer {
                 .fetch_sub(raw.size + 512, Ordering::Relaxed);
             self.metrics.record_queue_depth.dec();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::pb::inference::{
+        model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
+    };
+    use crate::protocol::oip_grpc::OipRequest;
+
+    #[test]
+    fn the_encoded_record_is_the_record_message() {
+        let request = ModelInferRequest {
+            model_name: "churn".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![2, 2],
+                contents: Some(InferTensorContents {
+                    fp32_contents: vec![1., 2., 3., 4.],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let raw = RawRecord {
+            request_id: "r-1".into(),
+            time_ms: 1_733_000_000_123,
+            method: "/inference.GRPCInferenceService/ModelInfer".into(),
+            model: "churn".into(),
+            experiment: Some("ab".into()),
+            variant: Some("treatment".into()),
+            counted: false,
+            unit_id: Some("user-3".into()),
+            status: 0,
+            upstream_latency: Some(Duration::from_micros(250)),
+            latency: Duration::from_micros(300),
+            request: Some(Arc::new(OipRequest(request))),
+            ..Default::default()
+        };
+        let settings = RecorderSettings::default();
+        let p = prepare(&raw, &settings, None);
+        let encoded = p.encode(&raw);
+        assert_eq!(
+            (
+                encoded.request_id.as_str(),
+                encoded.model.as_str(),
+                encoded.version
+            ),
+            ("r-1", "churn", 0)
+        );
+        let record = p.into_record(&raw);
+        assert_eq!(encoded.bytes, record.encode_to_vec());
+        assert_eq!(record.feature_names, ["x[0]", "x[1]"]);
+        assert_eq!(record.rows.len(), 2);
+        assert_eq!(record.entity_ids, ["user-3", "user-3"]);
+        assert!(record.variant_forced);
+        assert_eq!(record.upstream_latency_us, 250);
     }
 }
