@@ -509,26 +509,36 @@ fn predictions(
     record::extract_predictions(&answer.outputs(wanted, max_elements)?, &route.prediction)
 }
 
-/// Reads a side's answer for comparison: the bytes, and when `reader` reads them (inference
-/// answers) the predictions (as the version's registration says) and every output value per row.
+/// Reads a side's answer for `comparison`: the bytes, and when `reader` reads them (inference
+/// answers) what the comparison compares — the predictions (as the version's registration
+/// says) for `Label`, every output value per row for `Tolerance`. (Reading only that halves
+/// the work: every output means decoding the whole answer.)
 fn answer(
     bytes: &Bytes,
     reader: Option<&dyn Protocol>,
     route: &Route,
     max_elements: usize,
+    comparison: &Comparison,
 ) -> Answer {
     let mut a = Answer {
         bytes: bytes.clone(),
         ..Default::default()
     };
     if let Some(decoded) = reader.and_then(|p| p.read_answer(bytes).ok()) {
-        a.predictions = predictions(&*decoded, route, max_elements).unwrap_or_default();
-        // An output that does not decode leaves no rows at all, rather than rows whose values
-        // would be compared out of place.
-        a.rows = decoded
-            .outputs(Wanted::All, max_elements)
-            .map(|o| record::output_rows(&o))
-            .unwrap_or_default();
+        match comparison {
+            Comparison::Label => {
+                a.predictions = predictions(&*decoded, route, max_elements).unwrap_or_default();
+            }
+            // An output that does not decode leaves no rows at all, rather than rows whose
+            // values would be compared out of place.
+            Comparison::Tolerance { .. } => {
+                a.rows = decoded
+                    .outputs(Wanted::All, max_elements)
+                    .map(|o| record::output_rows(&o))
+                    .unwrap_or_default();
+            }
+            Comparison::Bytes => {}
+        }
     }
     a
 }
@@ -619,8 +629,8 @@ impl Writer {
         let max = self.settings.max_elements;
         let verdict = shadow::compare(
             &comparison,
-            &answer(prod_bytes, o.reader, &o.production, max),
-            &answer(answer_bytes, o.reader, &o.shadow, max),
+            &answer(prod_bytes, o.reader, &o.production, max, &comparison),
+            &answer(answer_bytes, o.reader, &o.shadow, max, &comparison),
         );
         self.count_shadow(
             batch,
