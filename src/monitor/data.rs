@@ -354,9 +354,24 @@ impl Monitor {
             at_ms: now,
         });
         md.latest = Some(evaluation.clone());
+        self.update_episode(model, &mut md, drifted, now, shared);
+        // Shared once the episode it moved is stored: a replica that asked for this evaluation
+        // waits for it to appear, then reads the episode that goes with it.
         if shared {
             self.share_evaluation(model, &evaluation);
         }
+    }
+
+    /// Moves the model's episode to the features an evaluation found `drifted`: stored, and
+    /// `drift_started` / `drift_ended` published when it starts or ends.
+    fn update_episode(
+        &self,
+        model: &str,
+        md: &mut ModelDrift,
+        drifted: Vec<String>,
+        now: u64,
+        shared: bool,
+    ) {
         if md.state.drifted == drifted {
             if shared {
                 // The counts of quiet evaluations moved on: the next evaluator goes on from them.
@@ -369,7 +384,7 @@ impl Monitor {
         }
         let was = !md.state.drifted.is_empty();
         if was && drifted.is_empty() {
-            self.end_episode(model, &mut md, "recovered");
+            self.end_episode(model, md, "recovered");
             return;
         }
         md.state = DriftState {
