@@ -16,7 +16,6 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 use crate::convert::prediction_record::{self, RecordParts};
-use crate::convert::{feature_value_into_pb, prediction_into_pb};
 use crate::experiment::UnitSketch;
 use crate::feature_store::{FeatureCatalog, FeatureDef, FeatureKind};
 use crate::pb::modelgate::v1 as pb;
@@ -164,8 +163,7 @@ pub struct Recorder {
 }
 
 /// What a finished call says, read on the writer thread: its features and predictions, and why
-/// either could not be read. [`Prepared::encode`] then makes the stored record of it
-/// ([`Prepared::into_record`] the same record as a message).
+/// either could not be read. [`Prepared::encode`] then makes the stored record of it.
 pub struct Prepared {
     /// Its features, one row per sample.
     pub features: FeatureTable,
@@ -261,56 +259,6 @@ impl Prepared {
             model: model.to_string(),
             version,
             bytes,
-        }
-    }
-
-    /// The record of `raw` as a message (a record still waiting in the queue, for an outcome
-    /// that arrived first): the message [`Prepared::encode`] encodes.
-    pub fn into_record(self, raw: &RawRecord) -> pb::PredictionRecord {
-        let FeatureTable {
-            names,
-            rows,
-            entities,
-            ..
-        } = self.features;
-        pb::PredictionRecord {
-            request_id: raw.request_id.clone(),
-            time: Some(crate::pb::timestamp(raw.time_ms)),
-            model: raw
-                .route
-                .as_ref()
-                .map(|r| r.model.clone())
-                .unwrap_or_else(|| raw.model.clone()),
-            version: raw.route.as_ref().map(|r| r.version).unwrap_or(0),
-            experiment: raw.experiment.clone().unwrap_or_default(),
-            variant: raw.variant.clone().unwrap_or_default(),
-            unit_id: raw.unit_id.clone().unwrap_or_default(),
-            method: raw.method.clone(),
-            status_code: raw.status,
-            upstream_latency_us: raw
-                .upstream_latency
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0),
-            latency_us: raw.latency.as_micros() as u64,
-            feature_names: names.to_vec(),
-            rows: rows
-                .into_iter()
-                .map(|r| pb::FeatureRow {
-                    values: r.into_iter().map(feature_value_into_pb).collect(),
-                })
-                .collect(),
-            predictions: self
-                .predictions
-                .into_iter()
-                .map(prediction_into_pb)
-                .collect(),
-            entity_ids: entities
-                .into_iter()
-                .map(Option::unwrap_or_default)
-                .collect(),
-            note: self.notes.join("; "),
-            outcomes: Vec::new(),
-            variant_forced: raw.experiment.is_some() && !raw.counted,
         }
     }
 }
@@ -481,7 +429,14 @@ impl Recorder {
 impl crate::app::outcomes::PendingPredictions for Recorder {
     fn pending(&self, request_id: &crate::ids::RequestId) -> Option<pb::PredictionRecord> {
         Recorder::pending(self, request_id.as_str())
-            .map(|raw| prepare(&raw, &self.settings, None).into_record(&raw))
+            // Rare (an outcome that arrived before its record was written): the record encoded
+            // as it will be stored, and read back.
+            .and_then(|raw| {
+                prepare(&raw, &self.settings, None)
+                    .encode(&raw)
+                    .decode()
+                    .ok()
+            })
     }
 }
 
@@ -908,8 +863,6 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use prost::Message;
-
     use super::*;
     use crate::pb::inference::{
         model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
@@ -917,7 +870,7 @@ mod tests {
     use crate::protocol::oip_grpc::OipRequest;
 
     #[test]
-    fn the_encoded_record_is_the_record_message() {
+    fn the_stored_record_says_what_the_call_did() {
         let request = ModelInferRequest {
             model_name: "churn".into(),
             inputs: vec![InferInputTensor {
@@ -958,9 +911,37 @@ mod tests {
             ),
             ("r-1", "churn", 0)
         );
-        let record = p.into_record(&raw);
-        assert_eq!(encoded.bytes, record.encode_to_vec());
+        let record = encoded.decode().unwrap();
+        assert_eq!(
+            (
+                record.request_id.as_str(),
+                record.model.as_str(),
+                record.version,
+                record.time,
+            ),
+            ("r-1", "churn", 0, Some(crate::pb::timestamp(raw.time_ms)))
+        );
+        assert_eq!(
+            (
+                record.experiment.as_str(),
+                record.variant.as_str(),
+                record.unit_id.as_str(),
+                record.method.as_str(),
+                record.latency_us,
+            ),
+            (
+                "ab",
+                "treatment",
+                "user-3",
+                "/inference.GRPCInferenceService/ModelInfer",
+                300
+            )
+        );
         assert_eq!(record.feature_names, ["x[0]", "x[1]"]);
+        assert_eq!(
+            record.rows[1].values,
+            [3., 4.].map(|x| crate::convert::feature_value_to_pb(&record::FeatureValue::Number(x)))
+        );
         assert_eq!(record.rows.len(), 2);
         assert_eq!(record.entity_ids, ["user-3", "user-3"]);
         assert!(record.variant_forced);

@@ -228,7 +228,12 @@ async fn a_call_waits_for_a_slot_no_longer_than_the_queue_timeout() {
     let held =
         tokio::spawn(async move { holder.model_infer(infer_request("slow", &[&[1.0]])).await });
     // The slot is taken once the in-flight gauge says so.
-    wait_for_metric(mg.admin_addr, "modelgate_in_flight_requests 1").await;
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_in_flight_requests 1",
+        Duration::from_secs(5),
+    )
+    .await;
     let mut c = client.clone();
     let t = std::time::Instant::now();
     let e = c
@@ -255,7 +260,12 @@ async fn a_call_waits_for_a_slot_no_longer_than_the_queue_timeout() {
         ),
         "{e:?}"
     );
-    wait_for_metric(mg.admin_addr, "modelgate_queued_requests 0").await;
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_queued_requests 0",
+        Duration::from_secs(1),
+    )
+    .await;
     assert!(
         held.await.unwrap().is_ok(),
         "the call holding the slot is served"

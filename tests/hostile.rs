@@ -549,7 +549,12 @@ async fn shedding_thousands_of_calls_keeps_the_connection() {
             .await
     });
     // The slot is taken once the in-flight gauge says so.
-    wait_for_metric(mg.admin_addr, "modelgate_in_flight_requests 1").await;
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_in_flight_requests 1",
+        Duration::from_secs(5),
+    )
+    .await;
 
     // Callers stop at 3,000 calls or when the held call ends (after which calls are admitted).
     let (next, done) = (

@@ -18,15 +18,10 @@ pub use crate::pb::timestamp;
 
 /// A prediction as records and the API carry it.
 pub fn prediction_to_pb(p: &Prediction) -> pb::PredictionValue {
-    prediction_into_pb(p.clone())
-}
-
-/// [`prediction_to_pb`], taking the prediction (its label is moved, not copied).
-pub fn prediction_into_pb(p: Prediction) -> pb::PredictionValue {
     pb::PredictionValue {
         kind: Some(match p {
-            Prediction::Label(l) => pb::prediction_value::Kind::Label(l),
-            Prediction::Value(v) => pb::prediction_value::Kind::Value(v),
+            Prediction::Label(l) => pb::prediction_value::Kind::Label(l.clone()),
+            Prediction::Value(v) => pb::prediction_value::Kind::Value(*v),
         }),
     }
 }
@@ -41,15 +36,10 @@ pub fn prediction_from_pb(p: &pb::PredictionValue) -> Option<Prediction> {
 
 /// A feature value as records and the API carry it.
 pub fn feature_value_to_pb(v: &FeatureValue) -> pb::FeatureValue {
-    feature_value_into_pb(v.clone())
-}
-
-/// [`feature_value_to_pb`], taking the value (its text is moved, not copied).
-pub fn feature_value_into_pb(v: FeatureValue) -> pb::FeatureValue {
     pb::FeatureValue {
         kind: Some(match v {
-            FeatureValue::Number(x) => pb::feature_value::Kind::Number(x),
-            FeatureValue::Text(s) => pb::feature_value::Kind::Text(s),
+            FeatureValue::Number(x) => pb::feature_value::Kind::Number(*x),
+            FeatureValue::Text(s) => pb::feature_value::Kind::Text(s.clone()),
         }),
     }
 }

@@ -77,12 +77,8 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
         encode_key(13, WireType::LengthDelimited, out_);
         encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out_);
         for v in row {
-            let inner = match v {
-                FeatureValue::Number(_) => 9,
-                FeatureValue::Text(s) => delimited_len(2, s.len()),
-            };
             encode_key(1, WireType::LengthDelimited, out_);
-            encode_varint(inner as u64, out_);
+            encode_varint(value_inner_len(v) as u64, out_);
             match v {
                 FeatureValue::Number(x) => double(1, *x, out_),
                 FeatureValue::Text(s) => element(2, s, out_),
@@ -149,13 +145,17 @@ fn delimited_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
-/// The encoded length of a `FeatureValue` as an element of `FeatureRow.values`.
-fn value_len(v: &FeatureValue) -> usize {
-    let inner = match v {
+/// The encoded length of a `FeatureValue` message (a double, or a string).
+fn value_inner_len(v: &FeatureValue) -> usize {
+    match v {
         FeatureValue::Number(_) => 9,
         FeatureValue::Text(s) => delimited_len(2, s.len()),
-    };
-    delimited_len(1, inner)
+    }
+}
+
+/// The encoded length of a `FeatureValue` as an element of `FeatureRow.values`.
+fn value_len(v: &FeatureValue) -> usize {
+    delimited_len(1, value_inner_len(v))
 }
 
 #[cfg(test)]

@@ -355,20 +355,20 @@ pub fn metric_sum(page: &str, name: &str, filter: &str) -> f64 {
         .sum()
 }
 
-/// GET over HTTP/1.1 and return the body.
-/// Waits (up to 5 s) until the admin port's `/metrics` page contains `line`, e.g.
+/// Waits (up to `within`) until the admin port's `/metrics` page contains `line`, e.g.
 /// `modelgate_in_flight_requests 1`; panics naming it otherwise.
-pub async fn wait_for_metric(admin: std::net::SocketAddr, line: &str) {
+pub async fn wait_for_metric(admin: std::net::SocketAddr, line: &str, within: Duration) {
     let started = std::time::Instant::now();
     while !http_get(admin, "/metrics").await.contains(line) {
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
-            "`{line}` never appeared on /metrics"
+            started.elapsed() < within,
+            "`{line}` never appeared on /metrics within {within:?}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
+/// GET over HTTP/1.1 and return the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
