@@ -63,7 +63,10 @@ ensure_peers() {
     fi
     command -v grpcurl >/dev/null && command -v curl >/dev/null && command -v promtool >/dev/null &&
         command -v mlserver >/dev/null &&
-        python3 -c 'import tritonclient.grpc, tritonclient.http, mlserver_sklearn'
+        # Separately: tritonclient 2.73 and mlserver 1.7 register the same `inference` protos in
+        # protobuf's default pool, so one process cannot import both (no test does).
+        python3 -c 'import tritonclient.grpc, tritonclient.http' &&
+        python3 -c 'import mlserver_sklearn'
 }
 
 # cargo-deny, for the supply-chain checks of deny.toml (licences, bans, sources). Built from

@@ -383,6 +383,12 @@ impl Recorder {
         self.pending.get(request_id).map(|r| r.clone())
     }
 
+    /// Records and shadow observations waiting in the queue: submitted and not yet taken by the
+    /// writer (a batch it is writing no longer counts).
+    pub fn queued(&self) -> usize {
+        self.depth.load(Ordering::Acquire)
+    }
+
     /// Settings.
     pub fn settings(&self) -> &RecorderSettings {
         &self.settings
