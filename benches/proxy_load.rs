@@ -203,8 +203,22 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // nginx's workers outlive a killed master (they were left running, using CPU, into the
+        // next benchmark run): they are killed with it.
+        let children: Vec<String> = family(self.0.id())
+            .into_iter()
+            .skip(1)
+            .map(|pid| pid.to_string())
+            .collect();
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if !children.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(&children)
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
