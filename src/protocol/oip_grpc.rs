@@ -303,13 +303,19 @@ fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, S
         }
         .to_string());
     }
-    let tensor = InferOutputTensor::decode(tensors[i].clone()).map_err(not_a_response)?;
-    let one = ModelInferResponse {
-        outputs: vec![tensor],
-        raw_output_contents: raw.get(i).cloned().into_iter().collect(),
-        ..Default::default()
-    };
-    outputs(&one, Wanted::One(""), max_elements)
+    let t = InferOutputTensor::decode(tensors[i].clone()).map_err(not_a_response)?;
+    let tensor = oip::decode_tensor(
+        &t.name,
+        &t.datatype,
+        &t.shape,
+        t.contents.as_ref(),
+        raw.get(i),
+        max_elements,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Outputs {
+        tensors: vec![tensor],
+    })
 }
 
 /// The inputs of a `ModelInferRequest`: its tensors decoded, its parameters as text.
