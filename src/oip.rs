@@ -397,8 +397,18 @@ pub fn response_output(
             tensors: resp.outputs.len(),
         });
     }
+    output_tensor(t, raw.get(i), max_elements).map(Some)
+}
+
+/// Decodes one output tensor, its data in its `contents` or in `raw` (its entry of the
+/// response's `raw_output_contents`).
+pub fn output_tensor(
+    t: &InferOutputTensor,
+    raw: Option<&Bytes>,
+    max_elements: usize,
+) -> Result<Tensor, OipError> {
     let (name, datatype, shape, contents) = t.fields();
-    decode_tensor(name, datatype, shape, contents, raw.get(i), max_elements).map(Some)
+    decode_tensor(name, datatype, shape, contents, raw, max_elements)
 }
 
 /// A request parameter as text (string, integer or boolean parameters; an empty string is none).

@@ -304,15 +304,7 @@ fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, S
         .to_string());
     }
     let t = InferOutputTensor::decode(tensors[i].clone()).map_err(not_a_response)?;
-    let tensor = oip::decode_tensor(
-        &t.name,
-        &t.datatype,
-        &t.shape,
-        t.contents.as_ref(),
-        raw.get(i),
-        max_elements,
-    )
-    .map_err(|e| e.to_string())?;
+    let tensor = oip::output_tensor(&t, raw.get(i), max_elements).map_err(|e| e.to_string())?;
     Ok(Outputs {
         tensors: vec![tensor],
     })
