@@ -83,6 +83,8 @@ pub struct RecorderSettings {
     pub queue_bytes: usize,
     /// Records per `WriteBatch` at most.
     pub batch: usize,
+    /// How long the writer waits after writing a partial batch before it takes the next.
+    pub linger: Duration,
     /// Input tensor or request parameter naming the feature-store entity.
     pub entity_key: String,
     /// Elements decoded per tensor at most.
@@ -96,6 +98,7 @@ impl Default for RecorderSettings {
             queue: 65_536,
             queue_bytes: 16 << 20,
             batch: 512,
+            linger: Duration::from_millis(5),
             entity_key: "entity_id".into(),
             max_elements: crate::oip::DEFAULT_MAX_ELEMENTS,
         }
@@ -690,11 +693,20 @@ impl Writer {
             self.metrics
                 .record_queue_depth
                 .dec_by(i64::try_from(shadows.len()).unwrap_or(i64::MAX));
+            let full = records.len() + shadows.len() >= self.settings.batch;
             for ack in acks {
                 let _ = ack.send(());
             }
             if stop {
                 break;
+            }
+            // Under load, waking for every few records costs more than writing them: each
+            // wake-up is a futex call on a data thread and a context switch on two busy cores,
+            // and each small batch a WAL write. So after a partial batch the writer sleeps
+            // (not waiting on the queue, so senders never wake it) and takes what gathered
+            // meanwhile as one batch. A first record after a quiet spell is written at once.
+            if !full && !self.settings.linger.is_zero() {
+                std::thread::sleep(self.settings.linger);
             }
         }
         // Last changes of the unit sketches.
@@ -835,6 +847,7 @@ impl Writer {
         match self.records.commit(batch, false) {
             Ok(()) => {
                 self.metrics.records_written.inc_by(n);
+                self.metrics.record_batches.inc();
                 for d in new_defs {
                     self.catalog.insert_if_absent(d);
                 }

@@ -385,6 +385,7 @@ async fn build_core(
             record_predictions: config.record_predictions,
             queue: config.record_queue,
             queue_bytes: config.record_queue_bytes,
+            linger: config.record_linger,
             entity_key: config.entity_key.clone(),
             max_elements: config.max_tensor_elements,
             ..Default::default()

@@ -200,6 +200,8 @@ pub struct Metrics {
     pub records_written: Counter,
     /// Prediction records dropped because the queue was full.
     pub records_dropped: Counter,
+    /// Write batches the record writer committed.
+    pub record_batches: Counter,
     /// Prediction records lost to failed writes.
     pub record_write_errors: Counter,
     /// Prediction records waiting in the queue.
@@ -348,6 +350,12 @@ impl Metrics {
             records_dropped: metric!(
                 "records_dropped",
                 "Prediction records dropped because the record queue was full",
+                Counter::default()
+            ),
+            record_batches: metric!(
+                "record_batches",
+                "Write batches the record writer committed (records written per batch: the \
+                 ratio of the two counters)",
                 Counter::default()
             ),
             record_write_errors: metric!(

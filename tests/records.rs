@@ -509,6 +509,55 @@ async fn a_full_queue_drops_and_counts_while_every_request_succeeds() {
     mg.shutdown().await;
 }
 
+#[tokio::test]
+async fn under_load_the_writer_lingers_and_writes_what_gathered_as_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = model_server(CLASSIFIER).await;
+    let mut config = Config::for_tests(dir.path());
+    // Long enough that the calls below surely arrive while the writer sleeps, on any machine.
+    config.record_linger = Duration::from_secs(2);
+    let mg = start_with(config).await;
+    setup_classifier(&mg, &server.endpoint()).await;
+    let infer = infer_client(mg.data_addr).await;
+    let started = std::time::Instant::now();
+    infer
+        .clone()
+        .model_infer(infer_request("churn", &[&[1.0, 1.0, 1.0]]))
+        .await
+        .unwrap();
+    // A record after a quiet spell is written at once, not after the linger.
+    while mg.metrics.records_written.get() < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the first record waited for the linger"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(mg.metrics.record_batches.get(), 1);
+    // The writer now sleeps: ten calls made meanwhile are queued, not written one by one...
+    let calls = (0..10).map(|_| {
+        let mut infer = infer.clone();
+        async move {
+            infer
+                .model_infer(infer_request("churn", &[&[2.0, 1.0, 0.0]]))
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    assert_eq!(mg.metrics.records_written.get(), 1);
+    // ...and written together, in one batch (the flush rides in it).
+    mg.recorder.flush().await;
+    assert_eq!(mg.metrics.records_written.get(), 11);
+    assert_eq!(mg.metrics.record_batches.get(), 2);
+    let metrics = http_get(mg.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("modelgate_record_batches_total 2\n"),
+        "{metrics}"
+    );
+    mg.shutdown().await;
+}
+
 fn ts(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (ms / 1000) as i64,

@@ -152,6 +152,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
     pub record_queue_bytes: usize,
 
+    /// How long the record writer waits after a partial batch before it takes the next, so
+    /// that under load it wakes once per many records instead of once per few; 0s writes as
+    /// soon as records arrive (env MODELGATE_RECORD_LINGER).
+    #[arg(long, value_name = "DURATION", default_value = "5ms", value_parser = parse_duration)]
+    pub record_linger: Duration,
+
     /// Shadow copies in flight at most; more are dropped and counted, never queued
     /// (env MODELGATE_MAX_SHADOW_IN_FLIGHT).
     #[arg(long, value_name = "N", default_value_t = 256)]

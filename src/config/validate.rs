@@ -16,6 +16,10 @@ use super::error::ConfigError;
 /// Shortest `--state-poll-interval`: polling is a `stat` per tick, but a zero interval would spin.
 const MIN_STATE_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Longest `--record-linger`: past a tenth of a second batches are as large as they usefully get,
+/// and a longer wait only holds more records in memory, where a crash loses them.
+const MAX_RECORD_LINGER: Duration = Duration::from_millis(100);
+
 /// Validated settings of `modelgate serve`.
 #[derive(Clone)]
 pub struct Config {
@@ -75,6 +79,8 @@ pub struct Config {
     pub record_queue: usize,
     /// Record queue bytes.
     pub record_queue_bytes: usize,
+    /// The record writer's wait after a partial batch.
+    pub record_linger: Duration,
     /// Shadow copies in flight at most.
     pub max_shadow_in_flight: usize,
     /// Drift settings.
@@ -135,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("record_queue", &self.record_queue)
             .field("record_queue_bytes", &self.record_queue_bytes)
+            .field("record_linger", &self.record_linger)
             .field("max_shadow_in_flight", &self.max_shadow_in_flight)
             .field("drift", &self.drift)
             .field("webhooks", &self.webhooks)
@@ -272,6 +279,16 @@ impl Config {
         }
         if a.record_queue_bytes < 1 << 20 {
             return Err(bad("record_queue_bytes", "must be at least 1048576".into()));
+        }
+        if a.record_linger > MAX_RECORD_LINGER {
+            return Err(bad(
+                "record_linger",
+                format!(
+                    "{:?} is longer than {MAX_RECORD_LINGER:?} (records would wait in the queue, \
+                     lost on a crash, for no further gain)",
+                    a.record_linger
+                ),
+            ));
         }
         if !(10..=crate::drift::MAX_SAMPLE).contains(&a.drift_window) {
             return Err(bad(
@@ -472,6 +489,7 @@ impl Config {
             },
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
+            record_linger: a.record_linger,
             max_shadow_in_flight: a.max_shadow_in_flight,
             drift: crate::monitor::DriftSettings {
                 window: a.drift_window,
@@ -620,6 +638,17 @@ mod tests {
         assert!(
             err.contains("--fleet-drift-sample") && err.contains("(0, 1]"),
             "{err}"
+        );
+        let err = load(&["--record-linger", "1s"], &[], None).unwrap_err();
+        assert!(
+            err.contains("--record-linger") && err.contains("100ms"),
+            "{err}"
+        );
+        let c = load(&[], &[("MODELGATE_RECORD_LINGER", "0s")], None).unwrap();
+        assert_eq!(c.record_linger, Duration::ZERO);
+        assert_eq!(
+            load(&[], &[], None).unwrap().record_linger,
+            Duration::from_millis(5)
         );
     }
 
