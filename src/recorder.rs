@@ -721,6 +721,8 @@ impl Writer {
     ) {
         let mut batch = RecordWrites::default();
         let mut new_defs: Vec<FeatureDef> = Vec::new();
+        // Tables of feature names already checked against the catalog in this batch.
+        let mut checked: Vec<Arc<[String]>> = Vec::new();
         let mut sketches = self.sketches.lock();
         let mut names = self.names.lock();
         let mut variant_requests: std::collections::HashMap<(&str, &str), u64> =
@@ -764,7 +766,10 @@ impl Writer {
                 if crate::feature_store::validate_entity_id(entity).is_err() {
                     continue;
                 }
-                for (name, value) in p.features.names.iter().zip(row) {
+                // Each table of names is checked against the catalog once per batch: while a
+                // model's columns repeat, its records share one.
+                let known = checked.iter().any(|n| Arc::ptr_eq(n, &p.features.names));
+                for (name, value) in p.features.names.iter().zip(row).filter(|_| !known) {
                     if !self.catalog.contains(name) && !new_defs.iter().any(|d| &d.name == name) {
                         let def = FeatureDef {
                             name: name.clone(),
@@ -777,11 +782,10 @@ impl Writer {
                         new_defs.push(def);
                     }
                 }
-                batch.add_features(
-                    entity,
-                    raw.time_ms,
-                    p.features.names.iter().map(String::as_str).zip(row),
-                );
+                if !known {
+                    checked.push(p.features.names.clone());
+                }
+                batch.add_feature_row(entity, raw.time_ms, p.features.names.clone(), row.clone());
             }
             batch.add_prediction(p.encode(raw), raw.time_ms);
         }

@@ -239,7 +239,8 @@ impl FleetRecords {
         &self,
         entity: &str,
         time_ms: u64,
-        values: &[(String, crate::record::FeatureValue)],
+        names: &[String],
+        values: &[crate::record::FeatureValue],
         scratch: &mut Vec<u8>,
     ) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
@@ -249,7 +250,7 @@ impl FleetRecords {
             .arg(self.feature_ttl.as_millis().max(1) as u64);
         let time = super::features::encode_time(time_ms);
         cmd.arg(&time[..]);
-        for (f, v) in values {
+        for (f, v) in names.iter().zip(values) {
             scratch.clear();
             scratch.extend_from_slice(&time);
             super::features::encode_value_into(v, scratch);
@@ -303,10 +304,12 @@ impl RecordLog for FleetRecords {
                 RecordWrite::Features {
                     entity,
                     time_ms,
+                    names,
                     values,
                 } if !values.is_empty() => Some(Outgoing::Features(self.feature_call(
                     entity,
                     *time_ms,
+                    names,
                     values,
                     &mut scratch,
                 ))),

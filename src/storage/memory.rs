@@ -166,9 +166,11 @@ impl Inner {
             RecordWrite::Features {
                 entity,
                 time_ms,
+                names,
                 values,
             } => {
-                self.feature_rows.insert((entity, time_ms, seq), values);
+                let row = names.iter().cloned().zip(values).collect();
+                self.feature_rows.insert((entity, time_ms, seq), row);
             }
             RecordWrite::ExperimentRequests {
                 experiment,

@@ -232,8 +232,11 @@ pub enum RecordWrite {
         entity: String,
         /// Time of the values.
         time_ms: u64,
-        /// Feature name and value.
-        values: Vec<(String, FeatureValue)>,
+        /// Feature names: shared between the rows of a table, and between a model's records
+        /// while its columns repeat.
+        names: Arc<[String]>,
+        /// One value per name.
+        values: Vec<FeatureValue>,
     },
     /// `n` more requests of an experiment variant.
     ExperimentRequests {
@@ -310,14 +313,28 @@ impl RecordWrites {
         time_ms: u64,
         values: impl IntoIterator<Item = (&'a str, &'a FeatureValue)>,
     ) {
-        let values: Vec<(String, FeatureValue)> = values
+        let (names, values): (Vec<String>, Vec<FeatureValue>) = values
             .into_iter()
             .map(|(n, v)| (n.to_string(), v.clone()))
-            .collect();
+            .unzip();
+        self.add_feature_row(entity, time_ms, names.into(), values);
+    }
+
+    /// Adds one row of feature values (`values[i]` is `names[i]`'s) of one entity at one time;
+    /// the names are shared, not copied.
+    pub fn add_feature_row(
+        &mut self,
+        entity: &str,
+        time_ms: u64,
+        names: Arc<[String]>,
+        values: Vec<FeatureValue>,
+    ) {
+        debug_assert_eq!(names.len(), values.len());
         if !values.is_empty() {
             self.writes.push(RecordWrite::Features {
                 entity: entity.to_string(),
                 time_ms,
+                names,
                 values,
             });
         }

@@ -14,7 +14,7 @@ use rocksdb::{IteratorMode, MergeOperands};
 
 use super::records::{decode_err, RecordBatch};
 use super::{cf, keys, Store, StoreError};
-use crate::convert::{feature_value_from_pb, feature_value_to_pb};
+use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
 use crate::pb::modelgate::v1 as pb;
 use crate::record::FeatureValue;
@@ -37,6 +37,9 @@ struct LatestFeatures {
     entries: Vec<LatestEntry>,
 }
 
+/// The meaning of a merge, spelled out on messages: what the merge on the wire
+/// ([`merge_latest`]) and the row encoding ([`encode_row`]) are tested against.
+#[cfg(test)]
 impl LatestFeatures {
     /// Keeps, per feature, the entry with the newest time (the later one on ties).
     fn absorb(&mut self, other: LatestFeatures) {
@@ -49,17 +52,19 @@ impl LatestFeatures {
         }
     }
 
+    /// Encoded with the newest time in front, for the retention filter.
+    fn to_value(&self) -> Vec<u8> {
+        let newest = self.entries.iter().map(|e| e.time_ms).max().unwrap_or(0);
+        keys::timed_value(newest, &self.encode_to_vec())
+    }
+}
+
+impl LatestFeatures {
     fn get(&self, name: &str) -> Option<&LatestEntry> {
         self.entries
             .binary_search_by(|x| x.name.as_str().cmp(name))
             .ok()
             .map(|i| &self.entries[i])
-    }
-
-    /// Encoded with the newest time in front, for the retention filter.
-    fn to_value(&self) -> Vec<u8> {
-        let newest = self.entries.iter().map(|e| e.time_ms).max().unwrap_or(0);
-        keys::timed_value(newest, &self.encode_to_vec())
     }
 
     fn from_value(v: &[u8]) -> Option<LatestFeatures> {
@@ -75,13 +80,220 @@ pub(super) fn keep_newest(
     existing: Option<&[u8]>,
     operands: &MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut acc = LatestFeatures::default();
-    for v in existing.into_iter().chain(operands.iter()) {
-        if let Some(l) = LatestFeatures::from_value(v) {
-            acc.absorb(l);
+    Some(merge_latest(existing.into_iter().chain(operands.iter())))
+}
+
+/// One entry of an encoded `LatestFeatures`, borrowed: its name, its time and its encoding.
+struct RawEntry<'a> {
+    name: &'a [u8],
+    time_ms: u64,
+    encoded: &'a [u8],
+}
+
+/// Merges encoded `features_latest` values (oldest first) as decoding each into a
+/// [`LatestFeatures`], absorbing them in order and encoding the result would — per feature the
+/// entry with the newest time, the later one on ties; a value that does not decode is passed
+/// over — but on the wire: entries are found, compared and copied without being decoded into
+/// owned names and values. (RocksDB runs this on every flush and compaction that meets an
+/// entity twice, and on the writer when an entity's operands pile up.)
+fn merge_latest<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut entries: Vec<RawEntry<'a>> = Vec::new();
+    for v in values {
+        let Ok((_, body)) = keys::split_timed_value(cf::FEATURES_LATEST, v) else {
+            continue;
+        };
+        let start = entries.len();
+        if raw_entries(body, &mut entries).is_none() {
+            entries.truncate(start);
         }
     }
-    Some(acc.to_value())
+    // Stable: of equal names, the order they came in; the last of the newest time wins.
+    entries.sort_by(|a, b| a.name.cmp(b.name));
+    let mut kept: Vec<&RawEntry> = Vec::with_capacity(entries.len());
+    for e in &entries {
+        match kept.last_mut() {
+            Some(k) if k.name == e.name => {
+                if k.time_ms <= e.time_ms {
+                    *k = e;
+                }
+            }
+            _ => kept.push(e),
+        }
+    }
+    let newest = kept.iter().map(|e| e.time_ms).max().unwrap_or(0);
+    let mut out = Vec::with_capacity(
+        8 + kept
+            .iter()
+            .map(|e| {
+                1 + prost::encoding::encoded_len_varint(e.encoded.len() as u64) + e.encoded.len()
+            })
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(&newest.to_be_bytes());
+    for e in kept {
+        out.push(0x0a);
+        prost::encoding::encode_varint(e.encoded.len() as u64, &mut out);
+        out.extend_from_slice(e.encoded);
+    }
+    out
+}
+
+/// The entries of an encoded `LatestFeatures` message, appended to `out`; `None` when it is
+/// malformed (as prost's decoding would refuse it: bad varints, lengths past the end, a name
+/// that is not UTF-8).
+fn raw_entries<'a>(mut body: &'a [u8], out: &mut Vec<RawEntry<'a>>) -> Option<()> {
+    while !body.is_empty() {
+        let (field, value) = wire_field(&mut body)?;
+        if let (1, WireValue::Bytes(encoded)) = (field, value) {
+            let mut entry = encoded;
+            let (mut name, mut time_ms) = (&b""[..], 0);
+            while !entry.is_empty() {
+                match wire_field(&mut entry)? {
+                    (1, WireValue::Bytes(n)) => name = n,
+                    (2, WireValue::Varint(t)) => time_ms = t,
+                    // The value (3) is copied as it is; other fields are not ours.
+                    (1 | 2, _) => return None,
+                    _ => {}
+                }
+            }
+            std::str::from_utf8(name).ok()?;
+            out.push(RawEntry {
+                name,
+                time_ms,
+                encoded,
+            });
+        } else if field == 1 {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// A protobuf field's value, by wire type.
+enum WireValue<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// Reads one field (its number and value) off the front of `buf`.
+fn wire_field<'a>(buf: &mut &'a [u8]) -> Option<(u64, WireValue<'a>)> {
+    let key = prost::encoding::decode_varint(buf).ok()?;
+    let field = key >> 3;
+    let value = match key & 7 {
+        0 => WireValue::Varint(prost::encoding::decode_varint(buf).ok()?),
+        1 | 5 => {
+            let n = if key & 7 == 1 { 8 } else { 4 };
+            *buf = buf.get(n..)?;
+            WireValue::Fixed
+        }
+        2 => {
+            let len = usize::try_from(prost::encoding::decode_varint(buf).ok()?).ok()?;
+            let bytes = buf.get(..len)?;
+            *buf = &buf[len..];
+            WireValue::Bytes(bytes)
+        }
+        _ => return None,
+    };
+    (field != 0).then_some((field, value))
+}
+
+/// A row's entries sorted by name; of a name given twice, the later value (what
+/// [`LatestFeatures::absorb`] keeps of two entries with one time).
+fn sorted_row<'a>(
+    values: impl IntoIterator<Item = (&'a str, &'a FeatureValue)>,
+) -> Vec<(&'a str, &'a FeatureValue)> {
+    let mut row: Vec<_> = values.into_iter().collect();
+    // Reversed, then sorted stably: of equal names the later one comes first, and stays.
+    row.reverse();
+    row.sort_by(|a, b| a.0.cmp(b.0));
+    row.dedup_by(|next, kept| next.0 == kept.0);
+    row
+}
+
+/// Appends the `LatestFeatures` encoding of `row` (sorted, no name twice) with every entry at
+/// `time_ms`, byte for byte what prost writes for the message (a unit test checks), without
+/// building it: a record's features are written twice per row (history and latest), and the
+/// message's owned names and values cost more than the writing.
+fn encode_row(row: &[(&str, &FeatureValue)], time_ms: u64, out: &mut Vec<u8>) {
+    // The time's field, the same in every entry, encoded once (proto3 leaves out a zero).
+    let mut time = [0u8; 11];
+    let time_len = if time_ms == 0 {
+        0
+    } else {
+        time[0] = 0x10;
+        1 + varint_into(time_ms, &mut time[1..])
+    };
+    let mut buf = [0u8; 10];
+    out.reserve(row.len() * (24 + time_len));
+    for (name, value) in row {
+        let (tag, payload): (u8, &[u8]) = match value {
+            FeatureValue::Number(x) => {
+                buf[..8].copy_from_slice(&x.to_le_bytes());
+                (0x09, &buf[..8])
+            }
+            FeatureValue::Text(s) => (0x12, s.as_bytes()),
+        };
+        // FeatureValue: its one field (a oneof: written even when zero or empty).
+        let value_len =
+            1 + if tag == 0x12 {
+                varint_len(payload.len())
+            } else {
+                0
+            } + payload.len();
+        // proto3 leaves out an empty name.
+        let name_len = match name.len() {
+            0 => 0,
+            n => 1 + varint_len(n) + n,
+        };
+        let entry_len = name_len + time_len + 1 + varint_len(value_len) + value_len;
+        // LatestFeatures.entries (1, message)
+        out.push(0x0a);
+        put_varint(entry_len, out);
+        // LatestEntry.name (1, string)
+        if !name.is_empty() {
+            out.push(0x0a);
+            put_varint(name.len(), out);
+            out.extend_from_slice(name.as_bytes());
+        }
+        // LatestEntry.time_ms (2, uint64)
+        out.extend_from_slice(&time[..time_len]);
+        // LatestEntry.value (3, message FeatureValue)
+        out.push(0x1a);
+        put_varint(value_len, out);
+        out.push(tag);
+        if tag == 0x12 {
+            put_varint(payload.len(), out);
+        }
+        out.extend_from_slice(payload);
+    }
+}
+
+/// Bytes of `n` as a varint.
+fn varint_len(n: usize) -> usize {
+    prost::encoding::encoded_len_varint(n as u64)
+}
+
+/// Appends `n` as a varint (lengths here are almost always one byte).
+#[inline]
+fn put_varint(n: usize, out: &mut Vec<u8>) {
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        prost::encoding::encode_varint(n as u64, out);
+    }
+}
+
+/// Writes `v` as a varint at the start of `buf` (at least 10 bytes); returns its length.
+fn varint_into(mut v: u64, buf: &mut [u8]) -> usize {
+    let mut i = 0;
+    while v >= 0x80 {
+        buf[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    buf[i] = v as u8;
+    i + 1
 }
 
 impl RecordBatch<'_> {
@@ -94,35 +306,28 @@ impl RecordBatch<'_> {
     ) {
         // One row (names and values, sorted by name) for the history and the same entries,
         // timed, merged into the entity's latest values.
-        let mut row = LatestFeatures::default();
-        for (feature, value) in values {
-            row.absorb(LatestFeatures {
-                entries: vec![LatestEntry {
-                    name: feature.to_string(),
-                    time_ms: 0,
-                    value: Some(feature_value_to_pb(value)),
-                }],
-            });
-        }
-        if row.entries.is_empty() {
+        let row = sorted_row(values);
+        if row.is_empty() {
             return;
         }
         let seq = self
             .store
             .row_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut history = Vec::new();
+        encode_row(&row, 0, &mut history);
         self.batch.put_cf(
             self.store.cf(cf::FEATURES),
             keys::feature_row_key(entity, time_ms, seq),
-            row.encode_to_vec(),
+            history,
         );
-        for e in &mut row.entries {
-            e.time_ms = time_ms;
-        }
+        // As `LatestFeatures::to_value`: the newest time (every entry's) in front.
+        let mut latest = time_ms.to_be_bytes().to_vec();
+        encode_row(&row, time_ms, &mut latest);
         self.batch.merge_cf(
             self.store.cf(cf::FEATURES_LATEST),
             keys::feature_entity_key(entity),
-            row.to_value(),
+            latest,
         );
     }
 
@@ -314,6 +519,112 @@ impl crate::storage::FeatureStore for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::feature_value_to_pb;
+
+    /// The merge on the wire gives what decoding, absorbing and encoding the messages gave:
+    /// random operands over a few names (so names repeat, at equal and different times), an
+    /// existing value or none, and operands that do not decode (passed over by both).
+    #[test]
+    fn merging_on_the_wire_is_merging_the_messages() {
+        use rand::{Rng, SeedableRng};
+        let reference = |values: &[Vec<u8>]| {
+            let mut acc = LatestFeatures::default();
+            for v in values {
+                if let Some(l) = LatestFeatures::from_value(v) {
+                    acc.absorb(l);
+                }
+            }
+            acc.to_value()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let names = ["a", "b", "clicks", "country", "z"];
+        for case in 0..500 {
+            let mut values: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..rng.random_range(1..6) {
+                let time_ms = rng.random_range(0..4u64) * 1_000;
+                let row: Vec<(String, FeatureValue)> = (0..rng.random_range(0..5))
+                    .map(|_| {
+                        let name = names[rng.random_range(0..names.len())].to_string();
+                        let value = if rng.random_bool(0.5) {
+                            FeatureValue::Number(rng.random_range(-3..3) as f64)
+                        } else {
+                            FeatureValue::Text(format!("v{}", rng.random_range(0..3)))
+                        };
+                        (name, value)
+                    })
+                    .collect();
+                let row = sorted_row(row.iter().map(|(n, v)| (n.as_str(), v)));
+                let mut v = time_ms.to_be_bytes().to_vec();
+                encode_row(&row, time_ms, &mut v);
+                match rng.random_range(0..12) {
+                    // Not a value at all, and one cut short inside an entry.
+                    0 => v.truncate(5),
+                    1 if v.len() > 12 => v.truncate(v.len() - 3),
+                    _ => {}
+                }
+                values.push(v);
+            }
+            assert_eq!(
+                merge_latest(values.iter().map(Vec::as_slice)),
+                reference(&values),
+                "case {case}"
+            );
+        }
+        // Nothing that decodes: an empty value, as before.
+        assert_eq!(
+            merge_latest([&b"\x00"[..]].into_iter()),
+            reference(&[vec![0]])
+        );
+    }
+
+    /// The hand-written encoding is prost's, for rows with numbers and texts (empty, zero,
+    /// negative, long), names given twice (the later wins) and out of order, times 0 and large.
+    #[test]
+    fn rows_encode_as_prost_encodes_the_message() {
+        let long = "x".repeat(300);
+        let values = [
+            FeatureValue::Number(1.5),
+            FeatureValue::Text(String::new()),
+            FeatureValue::Number(0.0),
+            FeatureValue::Number(-2.0),
+            FeatureValue::Text("seven".into()),
+            FeatureValue::Text(long.clone()),
+        ];
+        let rows: Vec<Vec<(&str, &FeatureValue)>> = vec![
+            vec![("a", &values[0])],
+            vec![("b", &values[0]), ("a", &values[1]), ("c", &values[2])],
+            vec![
+                ("z", &values[3]),
+                ("a", &values[4]),
+                ("z", &values[0]),
+                ("m", &values[5]),
+            ],
+            vec![(long.as_str(), &values[5]), ("", &values[2])],
+        ];
+        for row in rows {
+            for time_ms in [0, 1, 1_764_000_000_000, u64::MAX] {
+                // What the message says: entries absorbed one by one, as before.
+                let mut expected = LatestFeatures::default();
+                for (name, value) in &row {
+                    expected.absorb(LatestFeatures {
+                        entries: vec![LatestEntry {
+                            name: name.to_string(),
+                            time_ms,
+                            value: Some(feature_value_to_pb(value)),
+                        }],
+                    });
+                }
+                let mut got = vec![9];
+                encode_row(&sorted_row(row.iter().copied()), time_ms, &mut got);
+                assert_eq!(got[1..], expected.encode_to_vec(), "{row:?} at {time_ms}");
+                assert_eq!(
+                    LatestFeatures::decode(&got[1..]).unwrap(),
+                    expected,
+                    "{row:?}"
+                );
+            }
+        }
+    }
 
     /// History reads walk an entity's rows newest first: rows without the feature are passed
     /// over, rows of the same millisecond are both kept, and a TTL ends the walk.

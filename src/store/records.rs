@@ -56,11 +56,12 @@ impl RecordBatch<'_> {
             RecordWrite::Features {
                 entity,
                 time_ms,
+                names,
                 values,
             } => self.add_features(
                 entity,
                 *time_ms,
-                values.iter().map(|(n, v)| (n.as_str(), v)),
+                names.iter().map(String::as_str).zip(values),
             ),
             RecordWrite::ExperimentRequests {
                 experiment,
