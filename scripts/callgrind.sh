@@ -9,6 +9,10 @@
 #   EXTRA='--record-predictions true' scripts/callgrind.sh   modelgate with other flags
 #   EVERYTHING=1 scripts/callgrind.sh   everything on: records, an experiment over half the
 #                                       traffic, a 10% shadow, drift against a captured reference
+#   USERS=10000 ...                     calls from 10,000 distinct x-user-id (scripts/grpc_load.py,
+#                                       Python grpcio) instead of h2load's one fixed request, which
+#                                       has no user: no experiment unit and no feature-store entity,
+#                                       so with EVERYTHING=1 the feature store is not exercised
 #
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client). Prints "<target>: <Ir> per call";
 # the callgrind profile stays in $OUT (callgrind_annotate $OUT/callgrind.out.1).
@@ -22,6 +26,9 @@ OUT=${OUT:-$(mktemp -d)}
 for tool in valgrind callgrind_control h2load; do
     command -v $tool >/dev/null || { echo "$tool is needed (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
+if [ -n "${USERS:-}" ]; then
+    python3 -c 'import grpc' 2>/dev/null || { echo "USERS needs Python's grpcio (pip install grpcio)" >&2; exit 1; }
+fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MODEL=$(free_port); DATA=$(free_port); CONTROL=$(free_port); ADMIN=$(free_port)
 PIDS=()
@@ -72,6 +79,10 @@ else
 fi
 PIDS+=($PID)
 load() {
+    if [ -n "${USERS:-}" ]; then
+        python3 "$ROOT/scripts/grpc_load.py" "127.0.0.1:$DATA" "$1" "$USERS" "$OUT/request.grpc"
+        return
+    fi
     h2load -c 4 -m 32 -n "$1" -d "$OUT/request.grpc" -H 'content-type: application/grpc' -H 'te: trailers' \
         "http://127.0.0.1:$DATA/inference.GRPCInferenceService/ModelInfer"
 }

@@ -1,7 +1,8 @@
 //! The online feature store: every row of values an entity was given (`feature_rows`, newest
 //! first per entity), each entity's newest value per feature (`features_latest`, kept by the
-//! [`keep_newest`] merge operator so no write reads first), the definitions (`feature_defs`), and
-//! point-in-time reads over both.
+//! [`keep_newest`] merge operator so a write need not read first — RocksDB itself resolves an
+//! entity's operands on the writer once two pile up, see `store::family_options`), the
+//! definitions (`feature_defs`), and point-in-time reads over both.
 //!
 //! | family | key | value |
 //! |---|---|---|
