@@ -64,6 +64,9 @@ pub struct Redis {
     /// every node, so any node's subscribers see every message).
     first: redis::Client,
     conn: Mutex<Link>,
+    /// Why Redis is away, while it is: `Link::down`'s message, readable without the connection's
+    /// lock, which the one call trying Redis again holds for up to `timeout`.
+    away: Mutex<Option<String>>,
     timeout: Duration,
     /// The addresses, without credentials, for messages.
     pub display: String,
@@ -145,6 +148,7 @@ impl Redis {
                 conn: None,
                 down: None,
             }),
+            away: Mutex::new(None),
             timeout: settings.timeout,
             display,
             status: None,
@@ -185,12 +189,12 @@ impl Redis {
     /// connection (the next call connects again) and is [`StoreError::Unavailable`].
     ///
     /// While Redis is away, calls fail at once, except one every [`RETRY_EVERY`] that tries
-    /// again: callers queue behind at most one timeout, not one each.
+    /// again; the others do not wait for it (see [`Redis::link`]).
     pub fn with<T>(
         &self,
         f: impl FnOnce(&mut dyn ConnectionLike) -> RedisResult<T>,
     ) -> StoreResult<T> {
-        let mut guard = self.conn.lock();
+        let mut guard = self.link()?;
         let conn = self.ready(&mut guard)?;
         let r = f(conn.as_dyn());
         self.settle(&mut guard, r)
@@ -199,7 +203,7 @@ impl Redis {
     /// Sends `cmds` in one pipeline (a Cluster's pipeline splits them by node) and returns their
     /// replies, like [`Redis::with`].
     pub fn pipeline<T: redis::FromRedisValue>(&self, cmds: Vec<redis::Cmd>) -> StoreResult<T> {
-        let mut guard = self.conn.lock();
+        let mut guard = self.link()?;
         let r = match self.ready(&mut guard)? {
             Conn::Single(c) => {
                 let mut p = redis::pipe();
@@ -219,6 +223,27 @@ impl Redis {
         self.settle(&mut guard, r)
     }
 
+    /// The connection's lock. While Redis is away and a call holds it, that call is the one
+    /// trying Redis again (for up to the timeout): the others fail at once, as between two tries,
+    /// instead of queuing behind it — a control write makes several calls, and under load each
+    /// waited behind a retry (a registration took 8.4 s to be refused in a CI run).
+    fn link(&self) -> StoreResult<parking_lot::MutexGuard<'_, Link>> {
+        if let Some(guard) = self.conn.try_lock() {
+            return Ok(guard);
+        }
+        if let Some(error) = self.away.lock().clone() {
+            return Err(StoreError::Unavailable(error));
+        }
+        Ok(self.conn.lock())
+    }
+
+    /// Notes that Redis is away (or, with `None`, back), in the link and where [`Redis::link`]
+    /// reads it.
+    fn mark_down(&self, link: &mut Link, error: Option<String>) {
+        link.down = error.clone().map(|e| (e, Instant::now()));
+        *self.away.lock() = error;
+    }
+
     /// The connection to use, or why there is none.
     fn ready<'a>(&self, link: &'a mut Link) -> StoreResult<&'a mut Conn> {
         if let Some((error, since)) = &link.down {
@@ -231,7 +256,7 @@ impl Redis {
                 Ok(c) => link.conn = Some(c),
                 Err(e) => {
                     let e = self.unavailable(e);
-                    link.down = Some((e.to_string(), Instant::now()));
+                    self.mark_down(link, Some(e.to_string()));
                     self.lost(&e.to_string());
                     return Err(e);
                 }
@@ -244,7 +269,9 @@ impl Redis {
     fn settle<T>(&self, link: &mut Link, r: RedisResult<T>) -> StoreResult<T> {
         match r {
             Ok(v) => {
-                link.down = None;
+                if link.down.is_some() {
+                    self.mark_down(link, None);
+                }
                 self.reached();
                 Ok(v)
             }
@@ -253,7 +280,7 @@ impl Redis {
                 let e = self.unavailable(e);
                 if dropped {
                     link.conn = None;
-                    link.down = Some((e.to_string(), Instant::now()));
+                    self.mark_down(link, Some(e.to_string()));
                     self.lost(&e.to_string());
                 } else {
                     // Redis answered, with an error (NOSCRIPT, a script's error…): it is there.
