@@ -77,12 +77,7 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
         encode_key(13, WireType::LengthDelimited, out_);
         encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out_);
         for v in row {
-            encode_key(1, WireType::LengthDelimited, out_);
-            encode_varint(value_inner_len(v) as u64, out_);
-            match v {
-                FeatureValue::Number(x) => double(1, *x, out_),
-                FeatureValue::Text(s) => element(2, s, out_),
-            }
+            feature_value(1, v, out_);
         }
     }
     for prediction in p.predictions {
@@ -105,8 +100,18 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
     out
 }
 
+/// Field `tag` holding a `FeatureValue` message (always written: an element or a oneof).
+pub(crate) fn feature_value(tag: u32, v: &FeatureValue, out: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(value_inner_len(v) as u64, out);
+    match v {
+        FeatureValue::Number(x) => double(1, *x, out),
+        FeatureValue::Text(s) => element(2, s, out),
+    }
+}
+
 /// A singular string: left out when empty.
-fn string(tag: u32, s: &str, out: &mut Vec<u8>) {
+pub(crate) fn string(tag: u32, s: &str, out: &mut Vec<u8>) {
     if !s.is_empty() {
         element(tag, s, out);
     }
@@ -119,15 +124,25 @@ fn element(tag: u32, s: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// The encoded length of [`string`].
+pub(crate) fn string_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        delimited_len(tag, s.len())
+    }
+}
+
 /// A varint scalar: left out when zero.
-fn scalar(tag: u32, v: u64, out: &mut Vec<u8>) {
+pub(crate) fn scalar(tag: u32, v: u64, out: &mut Vec<u8>) {
     if v != 0 {
         encode_key(tag, WireType::Varint, out);
         encode_varint(v, out);
     }
 }
 
-fn scalar_len(tag: u32, v: u64) -> usize {
+/// The encoded length of [`scalar`].
+pub(crate) fn scalar_len(tag: u32, v: u64) -> usize {
     if v == 0 {
         0
     } else {
@@ -141,12 +156,12 @@ fn double(tag: u32, x: f64, out: &mut Vec<u8>) {
     out.extend_from_slice(&x.to_le_bytes());
 }
 
-fn delimited_len(tag: u32, len: usize) -> usize {
+pub(crate) fn delimited_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
 /// The encoded length of a `FeatureValue` message (a double, or a string).
-fn value_inner_len(v: &FeatureValue) -> usize {
+pub(crate) fn value_inner_len(v: &FeatureValue) -> usize {
     match v {
         FeatureValue::Number(_) => 9,
         FeatureValue::Text(s) => delimited_len(2, s.len()),

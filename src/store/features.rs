@@ -217,84 +217,21 @@ fn sorted_row<'a>(
 /// building it: a record's features are written twice per row (history and latest), and the
 /// message's owned names and values cost more than the writing.
 fn encode_row(row: &[(&str, &FeatureValue)], time_ms: u64, out: &mut Vec<u8>) {
-    // The time's field, the same in every entry, encoded once (proto3 leaves out a zero).
-    let mut time = [0u8; 11];
-    let time_len = if time_ms == 0 {
-        0
-    } else {
-        time[0] = 0x10;
-        1 + varint_into(time_ms, &mut time[1..])
+    use crate::convert::prediction_record::{
+        delimited_len, feature_value, scalar, scalar_len, string, string_len, value_inner_len,
     };
-    let mut buf = [0u8; 10];
-    out.reserve(row.len() * (24 + time_len));
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    out.reserve(row.len() * 32);
     for (name, value) in row {
-        let (tag, payload): (u8, &[u8]) = match value {
-            FeatureValue::Number(x) => {
-                buf[..8].copy_from_slice(&x.to_le_bytes());
-                (0x09, &buf[..8])
-            }
-            FeatureValue::Text(s) => (0x12, s.as_bytes()),
-        };
-        // FeatureValue: its one field (a oneof: written even when zero or empty).
-        let value_len =
-            1 + if tag == 0x12 {
-                varint_len(payload.len())
-            } else {
-                0
-            } + payload.len();
-        // proto3 leaves out an empty name.
-        let name_len = match name.len() {
-            0 => 0,
-            n => 1 + varint_len(n) + n,
-        };
-        let entry_len = name_len + time_len + 1 + varint_len(value_len) + value_len;
-        // LatestFeatures.entries (1, message)
-        out.push(0x0a);
-        put_varint(entry_len, out);
-        // LatestEntry.name (1, string)
-        if !name.is_empty() {
-            out.push(0x0a);
-            put_varint(name.len(), out);
-            out.extend_from_slice(name.as_bytes());
-        }
-        // LatestEntry.time_ms (2, uint64)
-        out.extend_from_slice(&time[..time_len]);
-        // LatestEntry.value (3, message FeatureValue)
-        out.push(0x1a);
-        put_varint(value_len, out);
-        out.push(tag);
-        if tag == 0x12 {
-            put_varint(payload.len(), out);
-        }
-        out.extend_from_slice(payload);
+        // LatestFeatures.entries (1): LatestEntry { name (1), time_ms (2), value (3) }.
+        let len =
+            string_len(1, name) + scalar_len(2, time_ms) + delimited_len(3, value_inner_len(value));
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(len as u64, out);
+        string(1, name, out);
+        scalar(2, time_ms, out);
+        feature_value(3, value, out);
     }
-}
-
-/// Bytes of `n` as a varint.
-fn varint_len(n: usize) -> usize {
-    prost::encoding::encoded_len_varint(n as u64)
-}
-
-/// Appends `n` as a varint (lengths here are almost always one byte).
-#[inline]
-fn put_varint(n: usize, out: &mut Vec<u8>) {
-    if n < 0x80 {
-        out.push(n as u8);
-    } else {
-        prost::encoding::encode_varint(n as u64, out);
-    }
-}
-
-/// Writes `v` as a varint at the start of `buf` (at least 10 bytes); returns its length.
-fn varint_into(mut v: u64, buf: &mut [u8]) -> usize {
-    let mut i = 0;
-    while v >= 0x80 {
-        buf[i] = (v as u8) | 0x80;
-        v >>= 7;
-        i += 1;
-    }
-    buf[i] = v as u8;
-    i + 1
 }
 
 impl RecordBatch<'_> {
