@@ -39,6 +39,8 @@ struct Field {
     number: u32,
     whole: std::ops::Range<usize>,
     payload: Option<std::ops::Range<usize>>,
+    /// A varint field's value.
+    varint: Option<u64>,
 }
 
 fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
@@ -51,11 +53,9 @@ fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
         let parsed = (|| {
             let key = varint(msg, &mut pos)?;
             let number = u32::try_from(key >> 3).map_err(|_| WireError::Malformed(start))?;
-            let mut payload = None;
+            let (mut payload, mut value) = (None, None);
             match key & 7 {
-                0 => {
-                    varint(msg, &mut pos)?;
-                }
+                0 => value = Some(varint(msg, &mut pos)?),
                 1 => pos += 8,
                 2 => {
                     let len = usize::try_from(varint(msg, &mut pos)?)
@@ -75,12 +75,35 @@ fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
                 number,
                 whole: start..pos,
                 payload,
+                varint: value,
             })
         })();
         if parsed.is_err() {
             pos = msg.len();
         }
         Some(parsed)
+    })
+}
+
+/// One field of a message, borrowed: its number and, by wire type, its value.
+pub struct FieldRef<'a> {
+    /// Field number.
+    pub number: u32,
+    /// A varint field's value.
+    pub varint: Option<u64>,
+    /// A length-delimited field's payload.
+    pub payload: Option<&'a [u8]>,
+}
+
+/// Every field of `msg` in order (fixed-width fields carry neither a varint nor a payload); a
+/// malformed message ends with one error.
+pub fn scan(msg: &[u8]) -> impl Iterator<Item = Result<FieldRef<'_>, WireError>> + '_ {
+    fields(msg).map(|f| {
+        f.map(|f| FieldRef {
+            number: f.number,
+            varint: f.varint,
+            payload: f.payload.map(|r| &msg[r]),
+        })
     })
 }
 

@@ -18,6 +18,7 @@ use super::{cf, keys, Store, StoreError};
 use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
 use crate::pb::modelgate::v1 as pb;
+use crate::protocol::wire;
 use crate::record::FeatureValue;
 
 /// One feature's newest value in an entity's `features_latest` record.
@@ -142,61 +143,34 @@ fn merge_latest<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
 /// The entries of an encoded `LatestFeatures` message, appended to `out`; `None` when it is
 /// malformed (as prost's decoding would refuse it: bad varints, lengths past the end, a name
 /// that is not UTF-8).
-fn raw_entries<'a>(mut body: &'a [u8], out: &mut Vec<RawEntry<'a>>) -> Option<()> {
-    while !body.is_empty() {
-        let (field, value) = wire_field(&mut body)?;
-        if let (1, WireValue::Bytes(encoded)) = (field, value) {
-            let mut entry = encoded;
-            let (mut name, mut time_ms) = (&b""[..], 0);
-            while !entry.is_empty() {
-                match wire_field(&mut entry)? {
-                    (1, WireValue::Bytes(n)) => name = n,
-                    (2, WireValue::Varint(t)) => time_ms = t,
-                    // The value (3) is copied as it is; other fields are not ours.
-                    (1 | 2, _) => return None,
-                    _ => {}
-                }
-            }
-            std::str::from_utf8(name).ok()?;
-            out.push(RawEntry {
-                name,
-                time_ms,
-                encoded,
-            });
-        } else if field == 1 {
-            return None;
+fn raw_entries<'a>(body: &'a [u8], out: &mut Vec<RawEntry<'a>>) -> Option<()> {
+    for field in wire::scan(body) {
+        let field = field.ok()?;
+        if field.number != 1 {
+            continue;
         }
+        let encoded = field.payload?;
+        let (mut name, mut time_ms) = (&b""[..], 0);
+        for f in wire::scan(encoded) {
+            match f.ok()? {
+                // The value (3) is copied as it is; other fields are not ours.
+                wire::FieldRef {
+                    number: 1, payload, ..
+                } => name = payload?,
+                wire::FieldRef {
+                    number: 2, varint, ..
+                } => time_ms = varint?,
+                _ => {}
+            }
+        }
+        std::str::from_utf8(name).ok()?;
+        out.push(RawEntry {
+            name,
+            time_ms,
+            encoded,
+        });
     }
     Some(())
-}
-
-/// A protobuf field's value, by wire type.
-enum WireValue<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-/// Reads one field (its number and value) off the front of `buf`.
-fn wire_field<'a>(buf: &mut &'a [u8]) -> Option<(u64, WireValue<'a>)> {
-    let key = prost::encoding::decode_varint(buf).ok()?;
-    let field = key >> 3;
-    let value = match key & 7 {
-        0 => WireValue::Varint(prost::encoding::decode_varint(buf).ok()?),
-        1 | 5 => {
-            let n = if key & 7 == 1 { 8 } else { 4 };
-            *buf = buf.get(n..)?;
-            WireValue::Fixed
-        }
-        2 => {
-            let len = usize::try_from(prost::encoding::decode_varint(buf).ok()?).ok()?;
-            let bytes = buf.get(..len)?;
-            *buf = &buf[len..];
-            WireValue::Bytes(bytes)
-        }
-        _ => return None,
-    };
-    (field != 0).then_some((field, value))
 }
 
 /// A row's entries sorted by name; of a name given twice, the later value (what
