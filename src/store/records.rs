@@ -46,6 +46,8 @@ pub(crate) struct RecordBatch<'s> {
     pub(super) batch: WriteBatch,
     /// Prediction records added.
     pub(super) records: usize,
+    /// How each table of feature names in the batch sorts.
+    orders: super::features::RowOrders,
 }
 
 impl RecordBatch<'_> {
@@ -58,11 +60,10 @@ impl RecordBatch<'_> {
                 time_ms,
                 names,
                 values,
-            } => self.add_features(
-                entity,
-                *time_ms,
-                names.iter().map(String::as_str).zip(values),
-            ),
+            } => {
+                let row = self.orders.row(names, values);
+                self.add_sorted_row(entity, *time_ms, &row);
+            }
             RecordWrite::ExperimentRequests {
                 experiment,
                 variant,
@@ -108,6 +109,7 @@ impl Store {
             store: self,
             batch: WriteBatch::default(),
             records: 0,
+            orders: Default::default(),
         }
     }
 }
