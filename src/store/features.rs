@@ -186,39 +186,34 @@ fn sorted_row<'a, T>(values: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a
     row
 }
 
-/// The order [`sorted_row`] puts each table of feature names in (indices into the table), found
-/// once per table per batch: a model's records share one table (`RecordWrite::Features`), and
-/// sorting its names again for every record cost ~3,200 instructions per recorded call.
-#[derive(Default)]
-pub(super) struct RowOrders(Vec<(Arc<[String]>, Vec<usize>)>);
-
-impl RowOrders {
-    /// The row of `names[i]` with `values[i]`, sorted as [`sorted_row`] sorts it.
-    pub(super) fn row<'a>(
-        &mut self,
-        names: &'a Arc<[String]>,
-        values: &'a [FeatureValue],
-    ) -> Vec<(&'a str, &'a FeatureValue)> {
-        if names.len() != values.len() {
-            // Not a row the recorder writes; sorted as given.
-            return sorted_row(names.iter().map(String::as_str).zip(values));
-        }
-        let order = match self.0.iter().position(|(n, _)| Arc::ptr_eq(n, names)) {
-            Some(i) => &self.0[i].1,
-            None => {
-                let order = sorted_row(names.iter().map(String::as_str).zip(0..))
-                    .into_iter()
-                    .map(|(_, i)| i)
-                    .collect();
-                self.0.push((names.clone(), order));
-                &self.0[self.0.len() - 1].1
-            }
-        };
-        order
-            .iter()
-            .map(|&i| (names[i].as_str(), &values[i]))
-            .collect()
+/// The row of `names[i]` with `values[i]`, sorted as [`sorted_row`] sorts it, by the order of
+/// its table of names found once per table per batch (`orders`, kept in `RecordBatch`): a
+/// model's records share one table (`RecordWrite::Features`), and sorting its names again for
+/// every record cost ~3,200 instructions per recorded call.
+fn sorted_by_table<'a>(
+    orders: &mut Vec<(Arc<[String]>, Vec<usize>)>,
+    names: &'a Arc<[String]>,
+    values: &'a [FeatureValue],
+) -> Vec<(&'a str, &'a FeatureValue)> {
+    if names.len() != values.len() {
+        // Not a row the recorder writes; sorted as given.
+        return sorted_row(names.iter().map(String::as_str).zip(values));
     }
+    let order = match orders.iter().position(|(n, _)| Arc::ptr_eq(n, names)) {
+        Some(i) => &orders[i].1,
+        None => {
+            let order = sorted_row(names.iter().map(String::as_str).zip(0..))
+                .into_iter()
+                .map(|(_, i)| i)
+                .collect();
+            orders.push((names.clone(), order));
+            &orders[orders.len() - 1].1
+        }
+    };
+    order
+        .iter()
+        .map(|&i| (names[i].as_str(), &values[i]))
+        .collect()
 }
 
 /// Appends the `LatestFeatures` encoding of `row` (sorted, no name twice) with every entry at
@@ -255,15 +250,22 @@ impl RecordBatch<'_> {
         self.add_sorted_row(entity, time_ms, &sorted_row(values));
     }
 
-    /// Adds a row of one entity at one time, sorted by name with no name twice
-    /// ([`sorted_row`]): the history row, and the same entries, timed, merged into the entity's
-    /// latest values.
-    pub(super) fn add_sorted_row(
+    /// Adds one entity's row at one time, `values[i]` being `names[i]`'s.
+    pub(super) fn add_feature_row(
         &mut self,
         entity: &str,
         time_ms: u64,
-        row: &[(&str, &FeatureValue)],
+        names: &Arc<[String]>,
+        values: &[FeatureValue],
     ) {
+        let row = sorted_by_table(&mut self.row_orders, names, values);
+        self.add_sorted_row(entity, time_ms, &row);
+    }
+
+    /// Adds a row of one entity at one time, sorted by name with no name twice
+    /// ([`sorted_row`]): the history row, and the same entries, timed, merged into the entity's
+    /// latest values.
+    fn add_sorted_row(&mut self, entity: &str, time_ms: u64, row: &[(&str, &FeatureValue)]) {
         if row.is_empty() {
             return;
         }
@@ -492,30 +494,30 @@ mod tests {
         };
         let shared = table(&["x[2]", "x[10]", "a", "x[2]", "b"]);
         let twin = table(&["b", "a"]);
-        let mut orders = RowOrders::default();
+        let mut orders = Vec::new();
         for k in 0..3 {
             let values: Vec<FeatureValue> = (0..5)
                 .map(|i| FeatureValue::Number((k * 10 + i) as f64))
                 .collect();
             let expected = sorted_row(shared.iter().map(String::as_str).zip(&values));
-            assert_eq!(orders.row(&shared, &values), expected);
+            assert_eq!(sorted_by_table(&mut orders, &shared, &values), expected);
             let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
             assert_eq!(names, ["a", "b", "x[10]", "x[2]"]);
             // The later of the two "x[2]".
             assert_eq!(expected[3].1, &values[3]);
             let two = &values[..2];
             assert_eq!(
-                orders.row(&twin, two),
+                sorted_by_table(&mut orders, &twin, two),
                 [("a", &values[1]), ("b", &values[0])]
             );
             // Fewer values than names: paired as far as they go, sorted as given.
             assert_eq!(
-                orders.row(&shared, two),
+                sorted_by_table(&mut orders, &shared, two),
                 [("x[10]", &values[1]), ("x[2]", &values[0])]
             );
         }
         // One order per table, however many rows.
-        assert_eq!(orders.0.len(), 2);
+        assert_eq!(orders.len(), 2);
     }
 
     /// The merge on the wire gives what decoding, absorbing and encoding the messages gave:

@@ -46,8 +46,8 @@ pub(crate) struct RecordBatch<'s> {
     pub(super) batch: WriteBatch,
     /// Prediction records added.
     pub(super) records: usize,
-    /// How each table of feature names in the batch sorts.
-    orders: super::features::RowOrders,
+    /// How each table of feature names in the batch sorts (`features.rs`).
+    pub(super) row_orders: Vec<(std::sync::Arc<[String]>, Vec<usize>)>,
 }
 
 impl RecordBatch<'_> {
@@ -60,10 +60,7 @@ impl RecordBatch<'_> {
                 time_ms,
                 names,
                 values,
-            } => {
-                let row = self.orders.row(names, values);
-                self.add_sorted_row(entity, *time_ms, &row);
-            }
+            } => self.add_feature_row(entity, *time_ms, names, values),
             RecordWrite::ExperimentRequests {
                 experiment,
                 variant,
@@ -109,7 +106,7 @@ impl Store {
             store: self,
             batch: WriteBatch::default(),
             records: 0,
-            orders: Default::default(),
+            row_orders: Vec::new(),
         }
     }
 }
