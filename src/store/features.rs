@@ -187,7 +187,7 @@ fn sorted_row<'a, T>(values: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a
 }
 
 /// The row of `names[i]` with `values[i]`, sorted as [`sorted_row`] sorts it, by the order of
-/// its table of names found once per table per batch (`orders`, kept in `RecordBatch`): a
+/// its table of names found once per table per batch (`RecordBatch::row_orders`): a
 /// model's records share one table (`RecordWrite::Features`), and sorting its names again for
 /// every record cost ~3,200 instructions per recorded call.
 fn sorted_by_table<'a>(
