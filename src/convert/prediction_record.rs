@@ -101,12 +101,22 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
 }
 
 /// Field `tag` holding a `FeatureValue` message (always written: an element or a oneof).
+/// A number, the common case, is one copy of its 11 bytes (`tag` must be below 16, a one-byte
+/// key, as every caller's is).
 pub(crate) fn feature_value(tag: u32, v: &FeatureValue, out: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(value_inner_len(v) as u64, out);
+    debug_assert!(tag < 16);
     match v {
-        FeatureValue::Number(x) => double(1, *x, out),
-        FeatureValue::Text(s) => element(2, s, out),
+        FeatureValue::Number(x) => {
+            // Key, length 9, then `number` (1): key 0x09 and the double.
+            let mut bytes = [(tag << 3) as u8 | 2, 9, 0x09, 0, 0, 0, 0, 0, 0, 0, 0];
+            bytes[3..].copy_from_slice(&x.to_le_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        FeatureValue::Text(s) => {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(value_inner_len(v) as u64, out);
+            element(2, s, out);
+        }
     }
 }
 
@@ -124,17 +134,8 @@ fn element(tag: u32, s: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// The encoded length of [`string`].
-pub(crate) fn string_len(tag: u32, s: &str) -> usize {
-    if s.is_empty() {
-        0
-    } else {
-        delimited_len(tag, s.len())
-    }
-}
-
 /// A varint scalar: left out when zero.
-pub(crate) fn scalar(tag: u32, v: u64, out: &mut Vec<u8>) {
+fn scalar(tag: u32, v: u64, out: &mut Vec<u8>) {
     if v != 0 {
         encode_key(tag, WireType::Varint, out);
         encode_varint(v, out);
@@ -142,7 +143,7 @@ pub(crate) fn scalar(tag: u32, v: u64, out: &mut Vec<u8>) {
 }
 
 /// The encoded length of [`scalar`].
-pub(crate) fn scalar_len(tag: u32, v: u64) -> usize {
+fn scalar_len(tag: u32, v: u64) -> usize {
     if v == 0 {
         0
     } else {

@@ -186,54 +186,83 @@ fn sorted_row<'a, T>(values: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a
     row
 }
 
-/// The row of `names[i]` with `values[i]`, sorted as [`sorted_row`] sorts it, by the order of
-/// its table of names found once per table per batch (`RecordBatch::row_orders`): a
-/// model's records share one table (`RecordWrite::Features`), and sorting its names again for
-/// every record cost ~3,200 instructions per recorded call.
-fn sorted_by_table<'a>(
-    orders: &mut Vec<(Arc<[String]>, Vec<usize>)>,
-    names: &'a Arc<[String]>,
-    values: &'a [FeatureValue],
-) -> Vec<(&'a str, &'a FeatureValue)> {
-    if names.len() != values.len() {
-        // Not a row the recorder writes; sorted as given.
-        return sorted_row(names.iter().map(String::as_str).zip(values));
-    }
-    let order = match orders.iter().position(|(n, _)| Arc::ptr_eq(n, names)) {
-        Some(i) => &orders[i].1,
-        None => {
-            let order = sorted_row(names.iter().map(String::as_str).zip(0..))
-                .into_iter()
-                .map(|(_, i)| i)
-                .collect();
-            orders.push((names.clone(), order));
-            &orders[orders.len() - 1].1
-        }
-    };
-    order
-        .iter()
-        .map(|&i| (names[i].as_str(), &values[i]))
+/// How the rows of one table of feature names are written: the table's columns in the order
+/// [`sorted_row`] puts them (by name; of a name given twice, the later column), each as its index
+/// in the table and its name already encoded as `LatestEntry.name` (field 1).
+type Layout = Vec<(usize, Vec<u8>)>;
+
+/// The layout of `names`.
+fn layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Layout {
+    sorted_row(names.into_iter().zip(0..))
+        .into_iter()
+        .map(|(name, i)| {
+            let mut head = Vec::with_capacity(name.len() + 2);
+            crate::convert::prediction_record::string(1, name, &mut head);
+            (i, head)
+        })
         .collect()
 }
 
-/// Appends the `LatestFeatures` encoding of `row` (sorted, no name twice) with every entry at
-/// `time_ms`, byte for byte what prost writes for the message (a unit test checks), without
-/// building it: a record's features are written twice per row (history and latest), and the
-/// message's owned names and values cost more than the writing.
-fn encode_row(row: &[(&str, &FeatureValue)], time_ms: u64, out: &mut Vec<u8>) {
-    use crate::convert::prediction_record::{
-        delimited_len, feature_value, scalar, scalar_len, string, string_len, value_inner_len,
+/// The layout of `names`, found once per table per batch (`RecordBatch::row_layouts`): a
+/// model's records share one table (`RecordWrite::Features`), and sorting its names again for
+/// every record cost ~3,200 instructions per recorded call, encoding them twice more.
+fn table_layout<'o>(
+    layouts: &'o mut Vec<(Arc<[String]>, Layout)>,
+    names: &Arc<[String]>,
+) -> &'o Layout {
+    let i = match layouts.iter().position(|(n, _)| Arc::ptr_eq(n, names)) {
+        Some(i) => i,
+        None => {
+            layouts.push((names.clone(), layout(names.iter().map(String::as_str))));
+            layouts.len() - 1
+        }
     };
+    &layouts[i].1
+}
+
+/// Appends the `LatestFeatures` encoding of the row `values` laid out by `layout` (`values[i]`
+/// being column `i`'s) with every entry at `time_ms`, byte for byte what prost writes for the
+/// message (a unit test checks), without building it: a record's features are written twice
+/// per row (history and latest), and the message's owned names and values cost more than the
+/// writing.
+fn encode_row<V: std::borrow::Borrow<FeatureValue>>(
+    layout: &[(usize, Vec<u8>)],
+    values: &[V],
+    time_ms: u64,
+    out: &mut Vec<u8>,
+) {
+    use crate::convert::prediction_record::{delimited_len, feature_value, value_inner_len};
     use prost::encoding::{encode_key, encode_varint, WireType};
-    out.reserve(row.len() * 32);
-    for (name, value) in row {
+    // `LatestEntry.time_ms` (2), the same in every entry; left out when zero.
+    let mut time_buf = [0u8; 11];
+    let time_len = {
+        let mut rest = &mut time_buf[..];
+        if time_ms != 0 {
+            encode_key(2, WireType::Varint, &mut rest);
+            encode_varint(time_ms, &mut rest);
+        }
+        11 - rest.len()
+    };
+    let time = &time_buf[..time_len];
+    out.reserve(
+        layout
+            .iter()
+            .map(|(_, head)| head.len() + 14)
+            .sum::<usize>()
+            + layout.len() * time_len,
+    );
+    for (i, head) in layout {
         // LatestFeatures.entries (1): LatestEntry { name (1), time_ms (2), value (3) }.
-        let len =
-            string_len(1, name) + scalar_len(2, time_ms) + delimited_len(3, value_inner_len(value));
-        encode_key(1, WireType::LengthDelimited, out);
-        encode_varint(len as u64, out);
-        string(1, name, out);
-        scalar(2, time_ms, out);
+        let value = values[*i].borrow();
+        let len = head.len() + time.len() + delimited_len(3, value_inner_len(value));
+        out.push(0x0a);
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            encode_varint(len as u64, out);
+        }
+        out.extend_from_slice(head);
+        out.extend_from_slice(time);
         feature_value(3, value, out);
     }
 }
@@ -247,7 +276,14 @@ impl RecordBatch<'_> {
         time_ms: u64,
         values: impl IntoIterator<Item = (&'a str, &'a FeatureValue)>,
     ) {
-        self.add_sorted_row(entity, time_ms, &sorted_row(values));
+        let row: Vec<_> = values.into_iter().collect();
+        let values: Vec<&FeatureValue> = row.iter().map(|(_, v)| *v).collect();
+        self.add_laid_out_row(
+            entity,
+            time_ms,
+            &layout(row.iter().map(|(n, _)| *n)),
+            &values,
+        );
     }
 
     /// Adds one entity's row at one time, `values[i]` being `names[i]`'s.
@@ -258,15 +294,28 @@ impl RecordBatch<'_> {
         names: &Arc<[String]>,
         values: &[FeatureValue],
     ) {
-        let row = sorted_by_table(&mut self.row_orders, names, values);
-        self.add_sorted_row(entity, time_ms, &row);
+        if names.len() != values.len() {
+            // Not a row the recorder writes: paired as far as both go.
+            let n = names.len().min(values.len());
+            let own = layout(names[..n].iter().map(String::as_str));
+            self.add_laid_out_row(entity, time_ms, &own, values);
+            return;
+        }
+        let mut layouts = std::mem::take(&mut self.row_layouts);
+        self.add_laid_out_row(entity, time_ms, table_layout(&mut layouts, names), values);
+        self.row_layouts = layouts;
     }
 
-    /// Adds a row of one entity at one time, sorted by name with no name twice
-    /// ([`sorted_row`]): the history row, and the same entries, timed, merged into the entity's
-    /// latest values.
-    fn add_sorted_row(&mut self, entity: &str, time_ms: u64, row: &[(&str, &FeatureValue)]) {
-        if row.is_empty() {
+    /// Adds a row of one entity at one time: the history row, and the same entries, timed,
+    /// merged into the entity's latest values.
+    fn add_laid_out_row<V: std::borrow::Borrow<FeatureValue>>(
+        &mut self,
+        entity: &str,
+        time_ms: u64,
+        layout: &[(usize, Vec<u8>)],
+        values: &[V],
+    ) {
+        if layout.is_empty() {
             return;
         }
         let seq = self
@@ -274,7 +323,7 @@ impl RecordBatch<'_> {
             .row_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut history = Vec::new();
-        encode_row(row, 0, &mut history);
+        encode_row(layout, values, 0, &mut history);
         self.batch.put_cf(
             self.store.cf(cf::FEATURES),
             keys::feature_row_key(entity, time_ms, seq),
@@ -282,7 +331,7 @@ impl RecordBatch<'_> {
         );
         // As `LatestFeatures::to_value`: the newest time (every entry's) in front.
         let mut latest = time_ms.to_be_bytes().to_vec();
-        encode_row(row, time_ms, &mut latest);
+        encode_row(layout, values, time_ms, &mut latest);
         self.batch.merge_cf(
             self.store.cf(cf::FEATURES_LATEST),
             keys::feature_entity_key(entity),
@@ -480,11 +529,28 @@ mod tests {
     use super::*;
     use crate::convert::feature_value_to_pb;
 
-    /// A table of names sorted once serves every row that shares it, and gives the rows
-    /// `sorted_row` gives: sorted by name, of a name given twice the later value; another table
-    /// (equal names, not the same table) and a row whose lengths differ get their own order.
+    /// What prost writes for a row: its entries absorbed one by one into a `LatestFeatures`
+    /// (of a name given twice, the later value), every entry at `time_ms`.
+    fn reference(row: &[(&str, &FeatureValue)], time_ms: u64) -> LatestFeatures {
+        let mut expected = LatestFeatures::default();
+        for (name, value) in row {
+            expected.absorb(LatestFeatures {
+                entries: vec![LatestEntry {
+                    name: name.to_string(),
+                    time_ms,
+                    value: Some(feature_value_to_pb(value)),
+                }],
+            });
+        }
+        expected
+    }
+
+    /// A table of names laid out once serves every row that shares it, and each row is written
+    /// as that row alone is: sorted by name, of a name given twice the later value; another
+    /// table (equal names, not the same table) gets its own layout, and a row with fewer values
+    /// than names is paired as far as both go.
     #[test]
-    fn rows_sharing_a_table_of_names_sort_as_each_row_alone() {
+    fn rows_sharing_a_table_of_names_encode_as_each_row_alone() {
         let table = |names: &[&str]| -> Arc<[String]> {
             names
                 .iter()
@@ -494,30 +560,39 @@ mod tests {
         };
         let shared = table(&["x[2]", "x[10]", "a", "x[2]", "b"]);
         let twin = table(&["b", "a"]);
-        let mut orders = Vec::new();
+        let encoded = |layout: &[(usize, Vec<u8>)], values: &[FeatureValue]| {
+            let mut out = Vec::new();
+            encode_row(layout, values, 1_764_000_000_123, &mut out);
+            LatestFeatures::decode(&out[..]).unwrap()
+        };
+        let mut layouts = Vec::new();
         for k in 0..3 {
             let values: Vec<FeatureValue> = (0..5)
                 .map(|i| FeatureValue::Number((k * 10 + i) as f64))
                 .collect();
-            let expected = sorted_row(shared.iter().map(String::as_str).zip(&values));
-            assert_eq!(sorted_by_table(&mut orders, &shared, &values), expected);
-            let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
+            let row: Vec<_> = shared.iter().map(String::as_str).zip(&values).collect();
+            let got = encoded(table_layout(&mut layouts, &shared), &values);
+            assert_eq!(got, reference(&row, 1_764_000_000_123));
+            let names: Vec<&str> = got.entries.iter().map(|e| e.name.as_str()).collect();
             assert_eq!(names, ["a", "b", "x[10]", "x[2]"]);
             // The later of the two "x[2]".
-            assert_eq!(expected[3].1, &values[3]);
+            assert_eq!(got.entries[3].value, Some(feature_value_to_pb(&values[3])));
             let two = &values[..2];
+            let twin_row: Vec<_> = twin.iter().map(String::as_str).zip(two).collect();
             assert_eq!(
-                sorted_by_table(&mut orders, &twin, two),
-                [("a", &values[1]), ("b", &values[0])]
+                encoded(table_layout(&mut layouts, &twin), two),
+                reference(&twin_row, 1_764_000_000_123)
             );
-            // Fewer values than names: paired as far as they go, sorted as given.
+            // Fewer values than names: paired as far as they go.
+            let short = layout(shared[..2].iter().map(String::as_str));
+            let short_row: Vec<_> = shared.iter().map(String::as_str).zip(two).collect();
             assert_eq!(
-                sorted_by_table(&mut orders, &shared, two),
-                [("x[10]", &values[1]), ("x[2]", &values[0])]
+                encoded(&short, two),
+                reference(&short_row, 1_764_000_000_123)
             );
         }
-        // One order per table, however many rows.
-        assert_eq!(orders.len(), 2);
+        // One layout per table, however many rows.
+        assert_eq!(layouts.len(), 2);
     }
 
     /// The merge on the wire gives what decoding, absorbing and encoding the messages gave:
@@ -552,9 +627,14 @@ mod tests {
                         (name, value)
                     })
                     .collect();
-                let row = sorted_row(row.iter().map(|(n, v)| (n.as_str(), v)));
+                let row_values: Vec<&FeatureValue> = row.iter().map(|(_, v)| v).collect();
                 let mut v = time_ms.to_be_bytes().to_vec();
-                encode_row(&row, time_ms, &mut v);
+                encode_row(
+                    &layout(row.iter().map(|(n, _)| n.as_str())),
+                    &row_values,
+                    time_ms,
+                    &mut v,
+                );
                 match rng.random_range(0..12) {
                     // Not a value at all, and one cut short inside an entry.
                     0 => v.truncate(5),
@@ -602,19 +682,15 @@ mod tests {
         ];
         for row in rows {
             for time_ms in [0, 1, 1_764_000_000_000, u64::MAX] {
-                // What the message says: entries absorbed one by one, as before.
-                let mut expected = LatestFeatures::default();
-                for (name, value) in &row {
-                    expected.absorb(LatestFeatures {
-                        entries: vec![LatestEntry {
-                            name: name.to_string(),
-                            time_ms,
-                            value: Some(feature_value_to_pb(value)),
-                        }],
-                    });
-                }
+                let expected = reference(&row, time_ms);
+                let values: Vec<&FeatureValue> = row.iter().map(|(_, v)| *v).collect();
                 let mut got = vec![9];
-                encode_row(&sorted_row(row.iter().copied()), time_ms, &mut got);
+                encode_row(
+                    &layout(row.iter().map(|(n, _)| *n)),
+                    &values,
+                    time_ms,
+                    &mut got,
+                );
                 assert_eq!(got[1..], expected.encode_to_vec(), "{row:?} at {time_ms}");
                 assert_eq!(
                     LatestFeatures::decode(&got[1..]).unwrap(),

@@ -46,8 +46,9 @@ pub(crate) struct RecordBatch<'s> {
     pub(super) batch: WriteBatch,
     /// Prediction records added.
     pub(super) records: usize,
-    /// How each table of feature names in the batch sorts (`features.rs`).
-    pub(super) row_orders: Vec<(std::sync::Arc<[String]>, Vec<usize>)>,
+    /// How the rows of each table of feature names in the batch are written (`features.rs`):
+    /// the table's columns in writing order, each its index and its encoded name.
+    pub(super) row_layouts: Vec<(std::sync::Arc<[String]>, Vec<(usize, Vec<u8>)>)>,
 }
 
 impl RecordBatch<'_> {
@@ -99,6 +100,20 @@ impl RecordBatch<'_> {
     }
 }
 
+/// About the bytes a write adds to a `WriteBatch` (keys, values and RocksDB's framing): a
+/// record is its encoding, the request id twice and the model; a feature row is written twice,
+/// ~30 bytes per value besides its name.
+fn approx_bytes(w: &RecordWrite) -> usize {
+    match w {
+        RecordWrite::Prediction { record, .. } => {
+            record.bytes.len() + 2 * record.request_id.len() + record.model.len() + 48
+        }
+        RecordWrite::Features { entity, values, .. } => 2 * entity.len() + values.len() * 80 + 48,
+        RecordWrite::ExperimentUnits { registers, .. } => registers.len() + 96,
+        _ => 96,
+    }
+}
+
 impl Store {
     /// Starts a batch of records.
     pub(crate) fn record_batch(&self) -> RecordBatch<'_> {
@@ -106,7 +121,7 @@ impl Store {
             store: self,
             batch: WriteBatch::default(),
             records: 0,
-            row_orders: Vec::new(),
+            row_layouts: Vec::new(),
         }
     }
 }
@@ -114,6 +129,8 @@ impl Store {
 impl crate::storage::RecordLog for Store {
     fn commit(&self, writes: RecordWrites, no_slowdown: bool) -> Result<(), StoreError> {
         let mut batch = self.record_batch();
+        // Sized up front: RocksDB grows a batch by doubling, copying it each time.
+        batch.batch = WriteBatch::with_capacity_bytes(writes.writes.iter().map(approx_bytes).sum());
         for w in &writes.writes {
             batch.apply(w);
         }
