@@ -16,7 +16,7 @@ impl RecordBatch<'_> {
     /// Counts `n` requests of an experiment variant.
     pub(super) fn add_experiment_requests(&mut self, experiment: &str, variant: &str, n: u64) {
         self.batch.merge_cf(
-            self.store.cf(cf::COUNTERS),
+            self.families.counters,
             keys::experiment_counter_key(experiment, variant, "requests"),
             int_counter(n as i64),
         );

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use prost::Message;
 use rocksdb::{IteratorMode, MergeOperands};
 
-use super::records::{decode_err, RecordBatch};
+use super::records::{decode_err, Layout, RecordBatch};
 use super::{cf, keys, Store, StoreError};
 use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
@@ -186,12 +186,9 @@ fn sorted_row<'a, T>(values: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a
     row
 }
 
-/// How the rows of one table of feature names are written: the table's columns in the order
-/// [`sorted_row`] puts them (by name; of a name given twice, the later column), each as its index
-/// in the table and its name already encoded as `LatestEntry.name` (field 1).
-type Layout = Vec<(usize, Vec<u8>)>;
-
-/// The layout of `names`.
+/// The layout of `names`: its columns in the order [`sorted_row`] puts them (by name; of a name
+/// given twice, the later column), each as its index in the table and its name encoded as
+/// `LatestEntry.name` (field 1).
 fn layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Layout {
     sorted_row(names.into_iter().zip(0..))
         .into_iter()
@@ -322,20 +319,22 @@ impl RecordBatch<'_> {
             .store
             .row_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut history = Vec::new();
-        encode_row(layout, values, 0, &mut history);
+        let value = &mut self.scratch;
+        value.clear();
+        encode_row(layout, values, 0, value);
         self.batch.put_cf(
-            self.store.cf(cf::FEATURES),
+            self.families.features,
             keys::feature_row_key(entity, time_ms, seq),
-            history,
+            &value,
         );
         // As `LatestFeatures::to_value`: the newest time (every entry's) in front.
-        let mut latest = time_ms.to_be_bytes().to_vec();
-        encode_row(layout, values, time_ms, &mut latest);
+        value.clear();
+        value.extend_from_slice(&time_ms.to_be_bytes());
+        encode_row(layout, values, time_ms, value);
         self.batch.merge_cf(
-            self.store.cf(cf::FEATURES_LATEST),
+            self.families.features_latest,
             keys::feature_entity_key(entity),
-            latest,
+            &value,
         );
     }
 
@@ -390,7 +389,7 @@ impl Store {
         let retained = self.cutoff(self.retention.features);
         // One batched, sorted multi-get of the entities' latest records: each holds every
         // feature's newest value, so most reads ("as of now") need nothing else.
-        let mut order: Vec<(Vec<u8>, usize)> = entities
+        let mut order: Vec<(&[u8], usize)> = entities
             .iter()
             .enumerate()
             .map(|(i, e)| (keys::feature_entity_key(e), i))

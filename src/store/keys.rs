@@ -83,8 +83,8 @@ fn be32(b: &[u8]) -> u32 {
 }
 
 /// `predictions` key: the request id (visible ASCII, no NUL).
-pub fn prediction_key(request_id: &str) -> Vec<u8> {
-    request_id.as_bytes().to_vec()
+pub fn prediction_key(request_id: &str) -> &[u8] {
+    request_id.as_bytes()
 }
 
 /// `prediction_index` key: model, 0x00, time (ms, u64 BE), request id; the value is the version.
@@ -254,16 +254,21 @@ pub fn feature_row_time(key: &[u8]) -> Result<u64, KeyError> {
 }
 
 /// `features_latest` key: the entity id.
-pub fn feature_entity_key(entity: &str) -> Vec<u8> {
-    entity.as_bytes().to_vec()
+pub fn feature_entity_key(entity: &str) -> &[u8] {
+    entity.as_bytes()
 }
 
 /// Prefixes a stored value with its time (ms, u64 BE), so retention can read it cheaply.
 pub fn timed_value(time_ms: u64, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + body.len());
-    v.extend_from_slice(&time_ms.to_be_bytes());
-    v.extend_from_slice(body);
+    timed_value_into(time_ms, body, &mut v);
     v
+}
+
+/// [`timed_value`], appended to `out` (the record writer reuses one buffer).
+pub fn timed_value_into(time_ms: u64, body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&time_ms.to_be_bytes());
+    out.extend_from_slice(body);
 }
 
 /// Splits a value written by [`timed_value`].

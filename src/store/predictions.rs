@@ -18,13 +18,15 @@ use crate::storage::{EncodedPrediction, PredictionPage};
 impl RecordBatch<'_> {
     /// Adds a prediction record and its index entry.
     pub(super) fn add_prediction(&mut self, rec: &EncodedPrediction, time_ms: u64) {
+        self.scratch.clear();
+        keys::timed_value_into(time_ms, &rec.bytes, &mut self.scratch);
         self.batch.put_cf(
-            self.store.cf(cf::PREDICTIONS),
+            self.families.predictions,
             keys::prediction_key(&rec.request_id),
-            keys::timed_value(time_ms, &rec.bytes),
+            &self.scratch,
         );
         self.batch.put_cf(
-            self.store.cf(cf::PREDICTION_INDEX),
+            self.families.prediction_index,
             keys::prediction_index_key(&rec.model, time_ms, &rec.request_id),
             rec.version.to_be_bytes(),
         );

@@ -44,11 +44,29 @@ pub(super) fn decode_err(
 pub(crate) struct RecordBatch<'s> {
     pub(super) store: &'s Store,
     pub(super) batch: WriteBatch,
+    /// The families records go to, looked up once per batch (each lookup searches RocksDB's
+    /// map of family names).
+    pub(super) families: Families<'s>,
+    /// A value being built, kept between writes so that each does not allocate its own
+    /// (`WriteBatch` copies what it is given).
+    pub(super) scratch: Vec<u8>,
     /// Prediction records added.
     pub(super) records: usize,
-    /// How the rows of each table of feature names in the batch are written (`features.rs`):
-    /// the table's columns in writing order, each its index and its encoded name.
-    pub(super) row_layouts: Vec<(std::sync::Arc<[String]>, Vec<(usize, Vec<u8>)>)>,
+    /// How the rows of each table of feature names in the batch are written (`features.rs`).
+    pub(super) row_layouts: Vec<(std::sync::Arc<[String]>, Layout)>,
+}
+
+/// How the rows of a table of feature names are written (`features.rs`): the table's columns in
+/// writing order, each its index in the table and its name encoded.
+pub(super) type Layout = Vec<(usize, Vec<u8>)>;
+
+/// The column families every recorded call writes to.
+pub(super) struct Families<'s> {
+    pub(super) predictions: &'s rocksdb::ColumnFamily,
+    pub(super) prediction_index: &'s rocksdb::ColumnFamily,
+    pub(super) features: &'s rocksdb::ColumnFamily,
+    pub(super) features_latest: &'s rocksdb::ColumnFamily,
+    pub(super) counters: &'s rocksdb::ColumnFamily,
 }
 
 impl RecordBatch<'_> {
@@ -120,6 +138,14 @@ impl Store {
         RecordBatch {
             store: self,
             batch: WriteBatch::default(),
+            families: Families {
+                predictions: self.cf(super::cf::PREDICTIONS),
+                prediction_index: self.cf(super::cf::PREDICTION_INDEX),
+                features: self.cf(super::cf::FEATURES),
+                features_latest: self.cf(super::cf::FEATURES_LATEST),
+                counters: self.cf(super::cf::COUNTERS),
+            },
+            scratch: Vec::new(),
             records: 0,
             row_layouts: Vec::new(),
         }

@@ -42,7 +42,7 @@ impl RecordBatch<'_> {
     pub(super) fn add_shadow_count(&mut self, model: &str, version: u32, name: &str, n: i64) {
         if n != 0 {
             self.batch.merge_cf(
-                self.store.cf(cf::COUNTERS),
+                self.families.counters,
                 keys::shadow_counter_key(model, version, name),
                 int_counter(n),
             );
