@@ -761,15 +761,19 @@ impl Writer {
             if !self.settings.record_predictions {
                 continue;
             }
-            for (row, entity) in p.features.rows.iter().zip(&p.features.entities) {
+            // Encoded first, so that the rows can then move into the writes instead of being
+            // copied.
+            let record = p.encode(raw);
+            let Prepared { features, .. } = p;
+            for (row, entity) in features.rows.into_iter().zip(&features.entities) {
                 let Some(entity) = entity else { continue };
                 if crate::feature_store::validate_entity_id(entity).is_err() {
                     continue;
                 }
                 // Each table of names is checked against the catalog once per batch: while a
                 // model's columns repeat, its records share one.
-                let known = checked.iter().any(|n| Arc::ptr_eq(n, &p.features.names));
-                for (name, value) in p.features.names.iter().zip(row).filter(|_| !known) {
+                let known = checked.iter().any(|n| Arc::ptr_eq(n, &features.names));
+                for (name, value) in features.names.iter().zip(&row).filter(|_| !known) {
                     if !self.catalog.contains(name) && !new_defs.iter().any(|d| &d.name == name) {
                         let def = FeatureDef {
                             name: name.clone(),
@@ -783,11 +787,11 @@ impl Writer {
                     }
                 }
                 if !known {
-                    checked.push(p.features.names.clone());
+                    checked.push(features.names.clone());
                 }
-                batch.add_feature_row(entity, raw.time_ms, p.features.names.clone(), row.clone());
+                batch.add_feature_row(entity, raw.time_ms, features.names.clone(), row);
             }
-            batch.add_prediction(p.encode(raw), raw.time_ms);
+            batch.add_prediction(record, raw.time_ms);
         }
         // Summed per batch: one merge per variant, not one per request.
         for ((experiment, variant), n) in variant_requests {
