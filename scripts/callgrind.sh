@@ -61,7 +61,10 @@ else
     # Drift is evaluated at most once a second (--drift-min-interval): at full speed that is one
     # evaluation per ~20,000 calls, but valgrind runs modelgate ~50 times slower, so the interval
     # is stretched as much to keep the evaluations' share of each call what it is at full speed.
-    [ -n "${EVERYTHING:-}" ] && FLAGS=(--record-predictions true --drift-min-interval 50s)
+    # So is the writer's storing of unit sketches and shadow latency histograms (every 250 ms:
+    # ~150,000 instructions per histogram serialised, some tens per call at full speed, thousands
+    # under valgrind).
+    [ -n "${EVERYTHING:-}" ] && FLAGS=(--record-predictions true --drift-min-interval 50s --tally-persist-interval 12500ms)
     "${VG[@]}" "$BIN" serve --data-dir "$OUT/db" --listen 127.0.0.1:$DATA --control-listen 127.0.0.1:$CONTROL \
         --admin-listen 127.0.0.1:$ADMIN "${FLAGS[@]}" ${EXTRA:-} >"$OUT/target.log" 2>&1 &
     PID=$!

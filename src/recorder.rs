@@ -85,6 +85,8 @@ pub struct RecorderSettings {
     pub batch: usize,
     /// How long the writer waits after writing a partial batch before it takes the next.
     pub linger: Duration,
+    /// How often changed unit sketches and latency histograms are stored.
+    pub tally_persist: Duration,
     /// Input tensor or request parameter naming the feature-store entity.
     pub entity_key: String,
     /// Elements decoded per tensor at most.
@@ -99,6 +101,7 @@ impl Default for RecorderSettings {
             queue_bytes: 16 << 20,
             batch: 512,
             linger: Duration::from_millis(5),
+            tally_persist: Duration::from_millis(250),
             entity_key: "entity_id".into(),
             max_elements: crate::oip::DEFAULT_MAX_ELEMENTS,
         }
@@ -450,17 +453,16 @@ impl crate::app::outcomes::PendingPredictions for Recorder {
 }
 
 /// Distinct-unit sketches of experiment variants, kept by the writer and stored every
-/// [`SKETCH_PERSIST`] (and at flushes and exit) when they changed.
+/// `--tally-persist-interval` ([`RecorderSettings::tally_persist`]) (and at flushes and exit) when they changed.
 #[derive(Default)]
 struct Sketches {
     by_variant: std::collections::HashMap<(String, String), (UnitSketch, bool)>,
     /// Production and shadow latency histograms per shadow (model, version).
-    shadow_latency: std::collections::HashMap<(String, u32), (ShadowLatency, bool)>,
+    /// (Shared with the batch that stores them, and unshared again once it is written, so
+    /// recording into them after a store copies nothing.)
+    shadow_latency: std::collections::HashMap<(String, u32), (Arc<ShadowLatency>, bool)>,
     last_persist: Option<std::time::Instant>,
 }
-
-/// How often changed unit sketches are written.
-const SKETCH_PERSIST: Duration = Duration::from_millis(250);
 
 /// The predictions of an inference's answer, as `route`'s registration says: only the output
 /// they are read from is decoded.
@@ -581,8 +583,8 @@ impl Writer {
         let (h, dirty) = sketches
             .shadow_latency
             .entry((o.model.clone(), o.version))
-            .or_insert_with(|| (self.load_latency(&o.model, o.version), false));
-        h.record(*prod_latency, latency);
+            .or_insert_with(|| (Arc::new(self.load_latency(&o.model, o.version)), false));
+        Arc::make_mut(h).record(*prod_latency, latency);
         *dirty = true;
         // Answers modelgate does not parse can only be compared byte for byte.
         let comparison = if o.reader.is_some() {
@@ -826,7 +828,7 @@ impl Writer {
         }
         let due = sketches
             .last_persist
-            .is_none_or(|t| t.elapsed() >= SKETCH_PERSIST);
+            .is_none_or(|t| t.elapsed() >= self.settings.tally_persist);
         // What this batch stores of the sketches; marked dirty again if the batch fails, so a
         // failed write (a full disk) delays them instead of losing them.
         let mut persisted_units = Vec::new();

@@ -386,6 +386,7 @@ async fn build_core(
             queue: config.record_queue,
             queue_bytes: config.record_queue_bytes,
             linger: config.record_linger,
+            tally_persist: config.tally_persist_interval,
             entity_key: config.entity_key.clone(),
             max_elements: config.max_tensor_elements,
             ..Default::default()

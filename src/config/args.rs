@@ -158,6 +158,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "5ms", value_parser = parse_duration)]
     pub record_linger: Duration,
 
+    /// How often the record writer stores what it keeps in memory between batches when it
+    /// changed: experiment variants' distinct-unit sketches and shadows' latency histograms
+    /// (also stored at flushes and at exit); a crash loses at most this much of them
+    /// (env MODELGATE_TALLY_PERSIST_INTERVAL).
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    pub tally_persist_interval: Duration,
+
     /// Shadow copies in flight at most; more are dropped and counted, never queued
     /// (env MODELGATE_MAX_SHADOW_IN_FLIGHT).
     #[arg(long, value_name = "N", default_value_t = 256)]

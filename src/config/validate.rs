@@ -20,6 +20,10 @@ const MIN_STATE_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// and a longer wait only holds more records in memory, where a crash loses them.
 const MAX_RECORD_LINGER: Duration = Duration::from_millis(100);
 
+/// Bounds of `--tally-persist-interval`.
+const MIN_TALLY_PERSIST: Duration = Duration::from_millis(10);
+const MAX_TALLY_PERSIST: Duration = Duration::from_secs(60);
+
 /// Validated settings of `modelgate serve`.
 #[derive(Clone)]
 pub struct Config {
@@ -81,6 +85,8 @@ pub struct Config {
     pub record_queue_bytes: usize,
     /// The record writer's wait after a partial batch.
     pub record_linger: Duration,
+    /// How often changed unit sketches and latency histograms are stored.
+    pub tally_persist_interval: Duration,
     /// Shadow copies in flight at most.
     pub max_shadow_in_flight: usize,
     /// Drift settings.
@@ -142,6 +148,7 @@ impl std::fmt::Debug for Config {
             .field("record_queue", &self.record_queue)
             .field("record_queue_bytes", &self.record_queue_bytes)
             .field("record_linger", &self.record_linger)
+            .field("tally_persist_interval", &self.tally_persist_interval)
             .field("max_shadow_in_flight", &self.max_shadow_in_flight)
             .field("drift", &self.drift)
             .field("webhooks", &self.webhooks)
@@ -287,6 +294,16 @@ impl Config {
                     "{:?} is longer than {MAX_RECORD_LINGER:?} (records would wait in the queue, \
                      lost on a crash, for no further gain)",
                     a.record_linger
+                ),
+            ));
+        }
+        if !(MIN_TALLY_PERSIST..=MAX_TALLY_PERSIST).contains(&a.tally_persist_interval) {
+            return Err(bad(
+                "tally_persist_interval",
+                format!(
+                    "{:?} is outside {MIN_TALLY_PERSIST:?}..={MAX_TALLY_PERSIST:?} (shorter stores \
+                     the same tallies over and over; longer loses more of them on a crash)",
+                    a.tally_persist_interval
                 ),
             ));
         }
@@ -490,6 +507,7 @@ impl Config {
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
             record_linger: a.record_linger,
+            tally_persist_interval: a.tally_persist_interval,
             max_shadow_in_flight: a.max_shadow_in_flight,
             drift: crate::monitor::DriftSettings {
                 window: a.drift_window,
@@ -643,6 +661,22 @@ mod tests {
         assert!(
             err.contains("--record-linger") && err.contains("100ms"),
             "{err}"
+        );
+        let err = load(&["--tally-persist-interval", "0s"], &[], None).unwrap_err();
+        assert!(
+            err.contains("--tally-persist-interval") && err.contains("10ms"),
+            "{err}"
+        );
+        assert!(load(&["--tally-persist-interval", "2m"], &[], None).is_err());
+        assert_eq!(
+            load(&[], &[("MODELGATE_TALLY_PERSIST_INTERVAL", "5s")], None)
+                .unwrap()
+                .tally_persist_interval,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            load(&[], &[], None).unwrap().tally_persist_interval,
+            Duration::from_millis(250)
         );
         let c = load(&[], &[("MODELGATE_RECORD_LINGER", "0s")], None).unwrap();
         assert_eq!(c.record_linger, Duration::ZERO);

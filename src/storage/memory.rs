@@ -213,7 +213,8 @@ impl Inner {
                 version,
                 latency,
             } => {
-                self.shadow_latency.insert((model, version), latency);
+                self.shadow_latency
+                    .insert((model, version), Arc::unwrap_or_clone(latency));
             }
             RecordWrite::Disagreement {
                 model,

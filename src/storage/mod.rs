@@ -275,8 +275,9 @@ pub enum RecordWrite {
         model: String,
         /// Shadow version.
         version: u32,
-        /// The histograms.
-        latency: ShadowLatency,
+        /// The histograms, shared with the record writer that keeps them: a copy of two
+        /// histograms is ~350 KB, every time they are stored.
+        latency: Arc<ShadowLatency>,
     },
     /// A disagreement between a shadow and production, logged.
     Disagreement {
@@ -376,7 +377,7 @@ impl RecordWrites {
     }
 
     /// Stores a shadow's latency histograms.
-    pub fn put_shadow_latency(&mut self, model: &str, version: u32, latency: &ShadowLatency) {
+    pub fn put_shadow_latency(&mut self, model: &str, version: u32, latency: &Arc<ShadowLatency>) {
         self.writes.push(RecordWrite::ShadowLatency {
             model: model.to_string(),
             version,
