@@ -14,6 +14,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+// The writer's maps are keyed by names from the configuration (models, experiments, variants,
+// shadow versions), not by what callers send, so a fast unkeyed hash is safe here; SipHash was
+// ~900 instructions per recorded call.
+use rustc_hash::FxHashMap;
 
 use crate::convert::prediction_record::{self, RecordParts};
 use crate::experiment::UnitSketch;
@@ -456,11 +460,11 @@ impl crate::app::outcomes::PendingPredictions for Recorder {
 /// `--tally-persist-interval` ([`RecorderSettings::tally_persist`]) (and at flushes and exit) when they changed.
 #[derive(Default)]
 struct Sketches {
-    by_variant: std::collections::HashMap<(String, String), (UnitSketch, bool)>,
+    by_variant: FxHashMap<(String, String), (UnitSketch, bool)>,
     /// Production and shadow latency histograms per shadow (model, version).
     /// (Shared with the batch that stores them, and unshared again once it is written, so
     /// recording into them after a store copies nothing.)
-    shadow_latency: std::collections::HashMap<(String, u32), (Arc<ShadowLatency>, bool)>,
+    shadow_latency: FxHashMap<(String, u32), (Arc<ShadowLatency>, bool)>,
     last_persist: Option<std::time::Instant>,
 }
 
@@ -652,7 +656,7 @@ struct Writer {
     sketches: parking_lot::Mutex<Sketches>,
     /// The feature names of each model's latest record, shared by the next ones with the same
     /// columns (one entry per model that routes: only routed records are kept).
-    names: parking_lot::Mutex<std::collections::HashMap<String, Arc<[String]>>>,
+    names: parking_lot::Mutex<FxHashMap<String, Arc<[String]>>>,
     records: Arc<dyn RecordLog>,
     tallies: Arc<dyn Tallies>,
     rx: Receiver<Msg>,
@@ -727,8 +731,7 @@ impl Writer {
         let mut checked: Vec<Arc<[String]>> = Vec::new();
         let mut sketches = self.sketches.lock();
         let mut names = self.names.lock();
-        let mut variant_requests: std::collections::HashMap<(&str, &str), u64> =
-            std::collections::HashMap::new();
+        let mut variant_requests: FxHashMap<(&str, &str), u64> = FxHashMap::default();
         for raw in records {
             let model = raw.route.as_ref().map(|r| &r.model);
             let previous = model.and_then(|m| names.get(m));
@@ -807,8 +810,7 @@ impl Writer {
                 .inc_by(n);
         }
         // Shadow counters are summed per batch: one merge per counter, not one per request.
-        let mut shadow_counts: std::collections::HashMap<(&str, u32, ShadowCounter), i64> =
-            std::collections::HashMap::new();
+        let mut shadow_counts: FxHashMap<(&str, u32, ShadowCounter), i64> = FxHashMap::default();
         for raw in records {
             for (kind, versions) in [
                 (ShadowCounter::Skipped, &raw.shadow_skipped),
