@@ -1,7 +1,7 @@
 //! The online feature store: every row of values an entity was given (`feature_rows`, newest
 //! first per entity), each entity's newest value per feature (`features_latest`, kept by the
 //! [`keep_newest`] merge operator so a write need not read first — RocksDB itself resolves an
-//! entity's operands on the writer once two pile up, see `store::family_options`), the
+//! entity's operands on the writer once 16 pile up, see `store::family_options`), the
 //! definitions (`feature_defs`), and point-in-time reads over both.
 //!
 //! | family | key | value |
