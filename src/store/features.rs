@@ -700,6 +700,56 @@ mod tests {
         }
     }
 
+    /// A busy entity: its latest values are merged from more operands than the writer lets
+    /// pile up (`MAX_SUCCESSIVE_MERGES`), one batch per write as the writer commits them, some
+    /// late (an older time written after a newer one), across a flush; every read sees the newest
+    /// value of each feature, as one merge of all the rows would give.
+    #[test]
+    fn a_busy_entity_reads_its_newest_values_however_its_operands_were_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 600_000;
+        let n = |x: f64| FeatureValue::Number(x);
+        let names = ["a", "b", "c"];
+        let mut newest: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
+        for i in 0..100u64 {
+            // Every seventh write is late: a time before the newest already written.
+            let time_ms = if i % 7 == 6 {
+                t0 + i * 1_000 - 5_500
+            } else {
+                t0 + i * 1_000
+            };
+            let name = names[(i % 3) as usize];
+            let value = i as f64;
+            let mut b = store.record_batch();
+            b.add_features("busy", time_ms, [(name, &n(value)), ("all", &n(value))]);
+            b.commit(false).unwrap();
+            for f in [name, "all"] {
+                if newest.get(f).is_none_or(|(t, _)| *t <= time_ms) {
+                    newest.insert(f, (time_ms, value));
+                }
+            }
+            if i == 50 {
+                store.flush_features().unwrap();
+            }
+            if i % 10 == 9 || i == 99 {
+                let wanted: Vec<(String, Option<u64>)> = ["a", "b", "c", "all"]
+                    .iter()
+                    .map(|f| (f.to_string(), None))
+                    .collect();
+                let got = store
+                    .get_features(&["busy".to_string()], &wanted, u64::MAX)
+                    .unwrap()
+                    .remove(0);
+                let expected: Vec<_> = ["a", "b", "c", "all"]
+                    .iter()
+                    .map(|f| newest.get(f).map(|(t, v)| (*t, n(*v))))
+                    .collect();
+                assert_eq!(got, expected, "after write {i}");
+            }
+        }
+    }
+
     /// History reads walk an entity's rows newest first: rows without the feature are passed
     /// over, rows of the same millisecond are both kept, and a TTL ends the walk.
     #[test]
