@@ -456,8 +456,9 @@ impl crate::app::outcomes::PendingPredictions for Recorder {
     }
 }
 
-/// Distinct-unit sketches of experiment variants, kept by the writer and stored every
-/// `--tally-persist-interval` ([`RecorderSettings::tally_persist`]) (and at flushes and exit) when they changed.
+/// Distinct-unit sketches of experiment variants and shadow latency histograms, kept by the
+/// writer and stored when they changed, every `--tally-persist-interval`
+/// ([`RecorderSettings::tally_persist`]), at flushes and at exit.
 #[derive(Default)]
 struct Sketches {
     by_variant: FxHashMap<(String, String), (UnitSketch, bool)>,
