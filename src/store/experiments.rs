@@ -33,7 +33,7 @@ impl RecordBatch<'_> {
         v.push(b'h');
         v.extend_from_slice(registers);
         self.batch.put_cf(
-            self.store.cf(cf::COUNTERS),
+            self.families.counters,
             keys::experiment_counter_key(experiment, variant, "units"),
             v,
         );

@@ -53,7 +53,7 @@ impl RecordBatch<'_> {
     pub(super) fn put_shadow_latency(&mut self, model: &str, version: u32, h: &ShadowLatency) {
         if let Some(v) = encode_latency(h) {
             self.batch.put_cf(
-                self.store.cf(cf::COUNTERS),
+                self.families.counters,
                 keys::shadow_counter_key(model, version, "latency"),
                 v,
             );
