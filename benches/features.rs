@@ -140,7 +140,7 @@ fn encoding(c: &mut Criterion) {
             ..Default::default()
         };
         // As the writer does after a model's first record: its names are shared.
-        let names = recorder::prepare(&raw, &settings, None).features.names;
+        let names = recorder::prepare(&raw, &settings, None).features.columns();
         c.bench_function(
             &format!("prepare + encode record: {rows} x {FEATURES} features, argmax"),
             |b| {

@@ -97,7 +97,7 @@ pub fn oip_request(data: &[u8]) {
             continue;
         };
         // Given its own names back, a table names its columns the same.
-        let again = extract(Some(&table.names)).expect("extracted once");
+        let again = extract(Some(&table.columns())).expect("extracted once");
         assert_eq!(again.names, table.names);
         assert!(
             table.rows.len() <= MAX_ELEMENTS,

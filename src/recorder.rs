@@ -149,6 +149,11 @@ pub struct ShadowObservation {
     pub result: ShadowCall,
 }
 
+/// Records queued and not yet written, by request id. Request ids can be the caller's
+/// (`x-request-id`), so the hash is keyed (aHash, randomly seeded); SipHash, the default, cost
+/// ~300 instructions per hashing, and DashMap hashes a key twice per insert or removal.
+type Pending = DashMap<String, Arc<RawRecord>, ahash::RandomState>;
+
 enum Msg {
     Record(Arc<RawRecord>),
     Shadow(Box<ShadowObservation>),
@@ -164,7 +169,7 @@ pub struct Recorder {
     tx: Sender<Msg>,
     /// Records and shadow observations queued and not yet written (at most `settings.queue`).
     depth: Arc<AtomicUsize>,
-    pending: Arc<DashMap<String, Arc<RawRecord>>>,
+    pending: Arc<Pending>,
     queued_bytes: Arc<AtomicUsize>,
     settings: RecorderSettings,
     metrics: Arc<Metrics>,
@@ -185,12 +190,12 @@ pub struct Prepared {
 
 pub use crate::convert::{prediction_from_pb, prediction_to_pb};
 
-/// Reads what the data plane saw: features, predictions, notes. `names` are the feature names
-/// of an earlier record of the same model, shared when this one's columns are the same.
+/// Reads what the data plane saw: features, predictions, notes. `names` are the feature columns
+/// of an earlier record of the same model, shared when this one's are the same.
 pub fn prepare(
     raw: &RawRecord,
     settings: &RecorderSettings,
-    names: Option<&Arc<[String]>>,
+    names: Option<&record::Columns>,
 ) -> Prepared {
     let mut notes = Vec::new();
     let features = match &raw.request {
@@ -241,6 +246,16 @@ impl Prepared {
     /// The stored record of `raw`, encoded from what it borrows (see
     /// [`crate::convert::prediction_record`]).
     pub fn encode(&self, raw: &RawRecord) -> EncodedPrediction {
+        self.encode_with_names(raw, None)
+    }
+
+    /// [`Prepared::encode`], with its feature names already encoded
+    /// ([`prediction_record::encode_names`]).
+    pub fn encode_with_names(
+        &self,
+        raw: &RawRecord,
+        encoded_names: Option<&[u8]>,
+    ) -> EncodedPrediction {
         let route = raw.route.as_deref();
         let model = route.map_or(raw.model.as_str(), |r| r.model.as_str());
         let version = route.map_or(0, |r| r.version);
@@ -258,6 +273,7 @@ impl Prepared {
             upstream_latency_us: raw.upstream_latency.map_or(0, |d| d.as_micros() as u64),
             latency_us: raw.latency.as_micros() as u64,
             feature_names: &self.features.names,
+            encoded_names,
             rows: &self.features.rows,
             predictions: &self.predictions,
             entity_ids: &self.features.entities,
@@ -285,7 +301,7 @@ impl Recorder {
     ) -> (Recorder, std::thread::JoinHandle<()>) {
         let (tx, rx) = channel();
         let depth = Arc::new(AtomicUsize::new(0));
-        let pending = Arc::new(DashMap::new());
+        let pending = Arc::new(Pending::default());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             monitor: monitor.clone(),
@@ -650,19 +666,25 @@ impl Writer {
     }
 }
 
+/// A model's latest feature columns, and their names as a stored record holds them.
+struct ModelNames {
+    columns: record::Columns,
+    encoded: Vec<u8>,
+}
+
 struct Writer {
     monitor: Option<Arc<crate::monitor::Monitor>>,
     // Only the writer thread touches it; the lock (never contended) lets `write` take `&self`
     // while it also loads sketches from the store.
     sketches: parking_lot::Mutex<Sketches>,
-    /// The feature names of each model's latest record, shared by the next ones with the same
-    /// columns (one entry per model that routes: only routed records are kept).
-    names: parking_lot::Mutex<FxHashMap<String, Arc<[String]>>>,
+    /// The feature columns of each model's latest record, shared by the next ones with the
+    /// same columns (one entry per model that routes: only routed records are kept).
+    names: parking_lot::Mutex<FxHashMap<String, ModelNames>>,
     records: Arc<dyn RecordLog>,
     tallies: Arc<dyn Tallies>,
     rx: Receiver<Msg>,
     depth: Arc<AtomicUsize>,
-    pending: Arc<DashMap<String, Arc<RawRecord>>>,
+    pending: Arc<Pending>,
     queued_bytes: Arc<AtomicUsize>,
     settings: RecorderSettings,
     metrics: Arc<Metrics>,
@@ -736,12 +758,22 @@ impl Writer {
         for raw in records {
             let model = raw.route.as_ref().map(|r| &r.model);
             let previous = model.and_then(|m| names.get(m));
-            let p = prepare(raw, &self.settings, previous);
-            if let Some(m) = model {
-                if previous.is_none_or(|n| !Arc::ptr_eq(n, &p.features.names)) {
-                    names.insert(m.clone(), p.features.names.clone());
-                }
+            let p = prepare(raw, &self.settings, previous.map(|n| &n.columns));
+            let shared = previous.is_some_and(|n| Arc::ptr_eq(&n.columns.names, &p.features.names));
+            if let (Some(m), false) = (model, shared) {
+                let encoded = prediction_record::encode_names(&p.features.names);
+                names.insert(
+                    m.clone(),
+                    ModelNames {
+                        columns: p.features.columns(),
+                        encoded,
+                    },
+                );
             }
+            // The model's entry now holds this record's names (when it routed).
+            let encoded_names = model
+                .and_then(|m| names.get(m))
+                .map(|n| n.encoded.as_slice());
             if let Some(m) = &self.monitor {
                 let model = raw.route.as_ref().map_or(&raw.model, |r| &r.model);
                 m.observe(
@@ -769,7 +801,7 @@ impl Writer {
             }
             // Encoded first, so that the rows can then move into the writes instead of being
             // copied.
-            let record = p.encode(raw);
+            let record = p.encode_with_names(raw, encoded_names);
             let Prepared { features, .. } = p;
             for (row, entity) in features.rows.into_iter().zip(&features.entities) {
                 let Some(entity) = entity else { continue };

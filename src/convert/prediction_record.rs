@@ -34,6 +34,9 @@ pub struct RecordParts<'a> {
     pub latency_us: u64,
     /// Field 12.
     pub feature_names: &'a [String],
+    /// Field 12 already encoded ([`encode_names`] of `feature_names`): a model's records mostly
+    /// share their names, so the writer encodes them once, not once per record.
+    pub encoded_names: Option<&'a [u8]>,
     /// Field 13 (`FeatureRow`s).
     pub rows: &'a [Vec<FeatureValue>],
     /// Field 14 (`PredictionValue`s).
@@ -70,8 +73,9 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
     scalar(9, p.status_code as i64 as u64, out_);
     scalar(10, p.upstream_latency_us, out_);
     scalar(11, p.latency_us, out_);
-    for name in p.feature_names {
-        element(12, name, out_);
+    match p.encoded_names {
+        Some(encoded) => out_.extend_from_slice(encoded),
+        None => encode_names_into(p.feature_names, out_),
     }
     for row in p.rows {
         encode_key(13, WireType::LengthDelimited, out_);
@@ -98,6 +102,19 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
     string(16, p.note, out_);
     scalar(18, u64::from(p.variant_forced), out_);
     out
+}
+
+/// Field 12 of a record with these feature names, for [`RecordParts::encoded_names`].
+pub fn encode_names(names: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(names.iter().map(|n| n.len() + 2).sum());
+    encode_names_into(names, &mut out);
+    out
+}
+
+fn encode_names_into(names: &[String], out: &mut Vec<u8>) {
+    for name in names {
+        element(12, name, out);
+    }
 }
 
 /// Field `tag` holding a `FeatureValue` message (always written: an element or a oneof).
@@ -255,6 +272,7 @@ mod tests {
             upstream_latency_us: 1234,
             latency_us: 1_000_000_000_000,
             feature_names: &names,
+            encoded_names: None,
             rows: &rows,
             predictions: &predictions,
             entity_ids: &entities,
@@ -274,6 +292,7 @@ mod tests {
             upstream_latency_us: 0,
             latency_us: 0,
             feature_names: &[],
+            encoded_names: None,
             rows: &[],
             predictions: &[],
             entity_ids: &[],
@@ -285,7 +304,12 @@ mod tests {
             status_code: -1,
             ..empty
         };
-        for parts in [&full, &empty, &whole_seconds] {
+        let encoded = encode_names(&names);
+        let names_given = RecordParts {
+            encoded_names: Some(&encoded),
+            ..full
+        };
+        for parts in [&full, &empty, &whole_seconds, &names_given] {
             let expected = message(parts);
             let bytes = encode(parts);
             assert_eq!(bytes, expected.encode_to_vec());

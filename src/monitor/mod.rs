@@ -77,8 +77,10 @@ pub struct Monitor {
     clock: SharedClock,
     events: Arc<EventBus>,
     plane: Arc<dyn StateSource>,
-    models: DashMap<String, Arc<Mutex<ModelDrift>>>,
-    concepts: DashMap<(String, u32), Arc<Mutex<Concept>>>,
+    // aHash (keyed, fast): the writer looks a model up for every record; SipHash was ~300
+    // instructions a lookup.
+    models: DashMap<String, Arc<Mutex<ModelDrift>>, ahash::RandomState>,
+    concepts: DashMap<(String, u32), Arc<Mutex<Concept>>, ahash::RandomState>,
     retrain: Mutex<HashMap<String, RetrainPolicy>>,
     eval_tx: SyncSender<EvalRequest>,
     /// Alerts already raised (experiment significance / SRM, shadow agreement), by key.

@@ -204,6 +204,8 @@ async fn call_shadow(
     if let Ok(v) = HeaderValue::from_str(&f.request_id) {
         h.insert(REQUEST_ID_HEADER, v);
     }
+    // Kept out of the connection's HPACK table, as production's are (`mark_per_request`).
+    super::mark_per_request(h, None);
     let resp = upstreams
         .send_to(route, req, Payload::Full(body))
         .await

@@ -787,9 +787,13 @@ impl Proxy {
             .filter(|(i, s)| !taken.contains(i) && !routed.suppressed.contains(&s.route.version))
             .map(|(_, s)| s.route.version)
             .collect();
-        let Some((body, headers)) = copy else {
+        let Some((body, mut headers)) = copy else {
             return (skipped, Vec::new());
         };
+        // The copies share the production connection's header table when a shadow is served
+        // by the same endpoint: unmarked, their per-request values (unit id, request id,
+        // deadline) were inserted and evicted the headers that repeat, once per copy.
+        mark_per_request(&mut headers, self.unit_header.as_ref());
         let finished = Arc::new(mirror::Finished {
             model: model.to_string(),
             production: routed.route.clone(),
@@ -869,7 +873,12 @@ impl Proxy {
             .experiment(model)
             .map(|e| e.unit_key.as_str())
             .unwrap_or(&self.limits.unit_key);
-        subject.unit_id = header_str(headers, unit_key)
+        // The parsed name when it is the default key (a `&str` name is parsed on every lookup).
+        let unit_value = match &self.unit_header {
+            Some(h) if h.as_str() == unit_key => header_str(headers, h),
+            _ => header_str(headers, unit_key),
+        };
+        subject.unit_id = unit_value
             .map(str::to_string)
             .or_else(|| params.and_then(|p| p.parameter(unit_key)));
         let unit_id = subject.unit_id.as_deref().or(a.unit_id.as_deref());
