@@ -64,6 +64,8 @@ fn drift_benches(c: &mut Criterion) {
         })
         .collect();
     let precisions = [Precision::F64; FEATURES];
+    // Shared, as the record writer shares a model's names between its records.
+    let names: std::sync::Arc<[String]> = names.into();
     let mut i = 0usize;
     c.bench_function("observe one row of 16 features", |b| {
         b.iter(|| {

@@ -81,7 +81,7 @@ pub(super) struct ModelDrift {
 /// Where the columns of observed rows go: for the columns `names` (at `precisions`), each one's
 /// window (none when the reference has no such feature) and precision.
 struct ColumnMap {
-    names: Vec<String>,
+    names: Arc<[String]>,
     precisions: Vec<Precision>,
     slots: Vec<(Option<usize>, Precision)>,
 }
@@ -127,7 +127,7 @@ impl Monitor {
     pub fn observe(
         &self,
         model: &str,
-        names: &[String],
+        names: &Arc<[String]>,
         precisions: &[Precision],
         rows: &[Vec<FeatureValue>],
     ) {
@@ -142,7 +142,7 @@ impl Monitor {
             if c.names.is_empty() {
                 c.names = names.to_vec();
             }
-            if c.names == names {
+            if c.names[..] == names[..] {
                 for r in rows {
                     c.received += 1;
                     if c.rows.len() < c.target {
@@ -189,7 +189,10 @@ impl Monitor {
         let known = m
             .columns
             .as_ref()
-            .is_some_and(|c| c.names == names && c.precisions == precisions);
+            // The same table as last time (the writer shares a model's names): no comparing.
+            .is_some_and(|c| {
+                (Arc::ptr_eq(&c.names, names) || c.names == *names) && c.precisions == precisions
+            });
         if !known {
             let slots = names
                 .iter()
@@ -200,7 +203,7 @@ impl Monitor {
                 })
                 .collect();
             m.columns = Some(ColumnMap {
-                names: names.to_vec(),
+                names: names.clone(),
                 precisions: precisions.to_vec(),
                 slots,
             });
@@ -546,7 +549,7 @@ mod tests {
         let h = harness(settings());
         h.monitor.capture(MODEL, 150);
         assert!(h.monitor.watching(MODEL));
-        let names = ["x".to_string()];
+        let names: Arc<[String]> = Arc::from(["x".to_string()]);
         h.monitor
             .observe(MODEL, &names, &[Precision::F64], &rows(0.0, 100));
         assert_eq!(h.monitor.reference(MODEL).1, Some((50, 100)));

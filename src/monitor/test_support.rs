@@ -102,8 +102,12 @@ pub(super) fn reference(from: f64, now_ms: u64) -> Reference {
 impl Harness {
     /// Observes `n` rows of `x` over `[from, from + 2)`, then evaluates and waits for it.
     pub(super) fn evaluate_rows(&self, from: f64, n: usize) {
-        self.monitor
-            .observe(MODEL, &["x".to_string()], &[Precision::F64], &rows(from, n));
+        self.monitor.observe(
+            MODEL,
+            &std::sync::Arc::from(["x".to_string()]),
+            &[Precision::F64],
+            &rows(from, n),
+        );
         self.monitor.evaluate_now(MODEL);
     }
 

@@ -53,12 +53,16 @@ pub(crate) struct RecordBatch<'s> {
     /// Prediction records added.
     pub(super) records: usize,
     /// How the rows of each table of feature names in the batch are written (`features.rs`).
-    pub(super) row_layouts: Vec<(std::sync::Arc<[String]>, Layout)>,
+    pub(super) row_layouts: Vec<(std::sync::Arc<[String]>, Layout, NumberRow)>,
 }
 
 /// How the rows of a table of feature names are written (`features.rs`): the table's columns in
 /// writing order, each its index in the table and its name encoded.
 pub(super) type Layout = Vec<(usize, Vec<u8>)>;
+
+/// A table's history row when every value is a number (`features.rs`): encoded with zeros, and
+/// where each column's number goes, as its index in the table and the offset of its 8 bytes.
+pub(super) type NumberRow = (Vec<u8>, Vec<(usize, usize)>);
 
 /// The column families every recorded call writes to.
 pub(super) struct Families<'s> {
