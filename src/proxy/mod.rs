@@ -747,8 +747,9 @@ impl Proxy {
             method: admitted.method,
             model: subject.model,
             route,
-            experiment: experiment.as_ref().map(|(e, _)| e.to_string()),
-            variant: experiment.as_ref().map(|(_, v)| v.to_string()),
+            // Copied as strings (`to_string` would format them, ~190 instructions each).
+            experiment: experiment.as_ref().map(|(e, _)| String::from(&**e)),
+            variant: experiment.as_ref().map(|(_, v)| String::from(&**v)),
             counted: routed.as_ref().is_some_and(|r| r.counted),
             unit_id,
             status: code as i32,
