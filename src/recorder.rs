@@ -677,6 +677,9 @@ impl Writer {
     }
 }
 
+/// A model's shadow counter metrics, by version and counter.
+type ShadowMetrics = FxHashMap<(u32, ShadowCounter), Counter>;
+
 /// A model's latest feature columns, and their names as a stored record holds them.
 struct ModelNames {
     columns: record::Columns,
@@ -693,7 +696,7 @@ struct Writer {
     names: parking_lot::Mutex<FxHashMap<String, ModelNames>>,
     /// The metric of each shadow counter (model, then version and counter), found once: making
     /// its labels and looking it up in its family was ~1,400 instructions per count.
-    shadow_metrics: parking_lot::Mutex<FxHashMap<String, FxHashMap<(u32, ShadowCounter), Counter>>>,
+    shadow_metrics: parking_lot::Mutex<FxHashMap<String, ShadowMetrics>>,
     records: Arc<dyn RecordLog>,
     tallies: Arc<dyn Tallies>,
     rx: Receiver<Msg>,
