@@ -747,9 +747,8 @@ impl Proxy {
             method: admitted.method,
             model: subject.model,
             route,
-            // Copied as strings (`to_string` would format them, ~190 instructions each).
-            experiment: experiment.as_ref().map(|(e, _)| String::from(&**e)),
-            variant: experiment.as_ref().map(|(_, v)| String::from(&**v)),
+            experiment: experiment.as_ref().map(|(e, _)| e.clone()),
+            variant: experiment.as_ref().map(|(_, v)| v.clone()),
             counted: routed.as_ref().is_some_and(|r| r.counted),
             unit_id,
             status: code as i32,

@@ -300,15 +300,6 @@ pub struct RecordWrites {
 }
 
 impl RecordWrites {
-    /// Room for `writes` writes (growing the list one doubling at a time copied it eight times
-    /// per full batch of the writer).
-    pub fn with_capacity(writes: usize) -> Self {
-        RecordWrites {
-            writes: Vec::with_capacity(writes),
-            records: 0,
-        }
-    }
-
     /// Adds a prediction record.
     pub fn add_prediction(&mut self, record: EncodedPrediction, time_ms: u64) {
         self.records += 1;

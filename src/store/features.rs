@@ -834,6 +834,49 @@ mod tests {
 
     /// History reads walk an entity's rows newest first: rows without the feature are passed
     /// over, rows of the same millisecond are both kept, and a TTL ends the walk.
+    /// A batch's feature rows of several entities, interleaved (`RecordLog::commit`): every
+    /// entity reads back its newest row, of two rows at the same time the later one, and its
+    /// history as of any time.
+    #[test]
+    fn a_batch_written_in_entity_order_keeps_each_entitys_order() {
+        use crate::storage::{RecordLog, RecordWrites};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let t0 = now - 60_000;
+        let n = FeatureValue::Number;
+        let mut w = RecordWrites::default();
+        w.add_experiment_requests("ab", "control", 1);
+        for (entity, dt, x) in [
+            ("b", 0, 1.0),
+            ("a", 0, 5.0),
+            ("b", 1_000, 2.0),
+            ("c", 0, 7.0),
+            ("b", 1_000, 3.0),
+            ("a", 500, 6.0),
+        ] {
+            w.add_features(entity, t0 + dt, [("x", &n(x))]);
+        }
+        store.commit(w, false).unwrap();
+        let x = |entity: &str, as_of: u64| {
+            store
+                .get_features(&[entity.to_string()], &[("x".to_string(), None)], as_of)
+                .unwrap()
+                .remove(0)
+                .remove(0)
+                .map(|(t, v)| (t - t0, v))
+        };
+        assert_eq!(x("a", now), Some((500, n(6.0))));
+        assert_eq!(
+            x("b", now),
+            Some((1_000, n(3.0))),
+            "the later of two rows at one time"
+        );
+        assert_eq!(x("c", now), Some((0, n(7.0))));
+        assert_eq!(x("b", t0 + 999), Some((0, n(1.0))));
+        assert_eq!(x("a", t0 + 499), Some((0, n(5.0))));
+    }
+
     #[test]
     fn point_in_time_reads_walk_the_rows_of_an_entity() {
         let dir = tempfile::tempdir().unwrap();
