@@ -832,13 +832,11 @@ mod tests {
         }
     }
 
-    /// History reads walk an entity's rows newest first: rows without the feature are passed
-    /// over, rows of the same millisecond are both kept, and a TTL ends the walk.
     /// A batch's feature rows of several entities, interleaved (`RecordLog::commit`): every
     /// entity reads back its newest row, of two rows at the same time the later one, and its
     /// history as of any time.
     #[test]
-    fn a_batch_written_in_entity_order_keeps_each_entitys_order() {
+    fn a_batch_interleaving_entities_keeps_each_entitys_order() {
         use crate::storage::{RecordLog, RecordWrites};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -877,6 +875,8 @@ mod tests {
         assert_eq!(x("a", t0 + 499), Some((0, n(5.0))));
     }
 
+    /// History reads walk an entity's rows newest first: rows without the feature are passed
+    /// over, rows of the same millisecond are both kept, and a TTL ends the walk.
     #[test]
     fn point_in_time_reads_walk_the_rows_of_an_entity() {
         let dir = tempfile::tempdir().unwrap();
