@@ -779,21 +779,20 @@ impl Writer {
             let model = raw.route.as_ref().map(|r| &r.model);
             let previous = model.and_then(|m| names.get(m));
             let p = prepare(raw, &self.settings, previous.map(|n| &n.columns));
-            let shared = previous.is_some_and(|n| Arc::ptr_eq(&n.columns.names, &p.features.names));
-            if let (Some(m), false) = (model, shared) {
-                let encoded = prediction_record::encode_names(&p.features.names);
-                names.insert(
-                    m.clone(),
-                    ModelNames {
+            // The model's entry, holding this record's names from here on (when it routed).
+            let entry = match (model, previous) {
+                (Some(_), Some(n)) if Arc::ptr_eq(&n.columns.names, &p.features.names) => Some(n),
+                (Some(m), _) => {
+                    let fresh = ModelNames {
                         columns: p.features.columns(),
-                        encoded,
-                    },
-                );
-            }
-            // The model's entry now holds this record's names (when it routed).
-            let encoded_names = model
-                .and_then(|m| names.get(m))
-                .map(|n| n.encoded.as_slice());
+                        encoded: prediction_record::encode_names(&p.features.names),
+                    };
+                    names.insert(m.clone(), fresh);
+                    names.get(m)
+                }
+                (None, _) => None,
+            };
+            let encoded_names = entry.map(|n| n.encoded.as_slice());
             if let Some(m) = &self.monitor {
                 let model = raw.route.as_ref().map_or(&raw.model, |r| &r.model);
                 m.observe(
