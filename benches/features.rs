@@ -135,7 +135,7 @@ fn encoding(c: &mut Criterion) {
             unit_id: Some("user-1".into()),
             latency: Duration::from_micros(420),
             upstream_latency: Some(Duration::from_micros(380)),
-            request: Some(Arc::new(OipRequest(request(rows, false)))),
+            request: Some(Arc::new(OipRequest::from(&request(rows, false)))),
             response: Some(response(rows).encode_to_vec().into()),
             ..Default::default()
         };

@@ -74,7 +74,7 @@ fn raw(i: usize, entity: bool, response: &bytes::Bytes) -> RawRecord {
         upstream_latency: Some(Duration::from_micros(300)),
         latency: Duration::from_micros(400),
         size: infer.encoded_len() + response.len(),
-        request: Some(std::sync::Arc::new(OipRequest(infer))),
+        request: Some(std::sync::Arc::new(OipRequest::from(&infer))),
         response: Some(response.clone()),
         ..Default::default()
     }

@@ -413,7 +413,12 @@ pub fn output_tensor(
 
 /// A request parameter as text (string, integer or boolean parameters; an empty string is none).
 pub fn parameter(params: &HashMap<String, InferParameter>, key: &str) -> Option<String> {
-    match params.get(key)?.parameter_choice.as_ref()? {
+    parameter_text(params.get(key)?)
+}
+
+/// A parameter's value as text: a non-empty string, an integer, or a boolean.
+pub fn parameter_text(value: &InferParameter) -> Option<String> {
+    match value.parameter_choice.as_ref()? {
         ParameterChoice::StringParam(s) if !s.is_empty() => Some(s.clone()),
         ParameterChoice::StringParam(_) => None,
         ParameterChoice::Int64Param(i) => Some(i.to_string()),

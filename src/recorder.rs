@@ -978,7 +978,7 @@ mod tests {
             status: 0,
             upstream_latency: Some(Duration::from_micros(250)),
             latency: Duration::from_micros(300),
-            request: Some(Arc::new(OipRequest(request))),
+            request: Some(Arc::new(OipRequest::from(&request))),
             ..Default::default()
         };
         let settings = RecorderSettings::default();

@@ -17,6 +17,9 @@ pub enum WireError {
     /// The field holds bytes that are not UTF-8.
     #[error("field {0} is not a UTF-8 string")]
     NotUtf8(u32),
+    /// The field is not encoded as its type is (a string or a message not length-delimited).
+    #[error("field {0} has the wrong wire type")]
+    WrongType(u32),
 }
 
 fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
@@ -31,6 +34,16 @@ fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
         }
     }
     Err(WireError::Malformed(start))
+}
+
+/// Appends the varints of a packed repeated integer field's payload to `out` (as `i64`: an
+/// `int64`'s negative values are ten-byte two's complement varints).
+pub fn varints(packed: &[u8], out: &mut Vec<i64>) -> Result<(), WireError> {
+    let mut pos = 0;
+    while pos < packed.len() {
+        out.push(varint(packed, &mut pos)? as i64);
+    }
+    Ok(())
 }
 
 /// One top-level field: its number, and the byte range of the whole field (key included) and of

@@ -25,6 +25,65 @@ pub enum Ending {
     Cancelled,
 }
 
+/// Why a body could not be read whole.
+#[derive(Debug)]
+pub enum ReadWholeError<E> {
+    /// More than the limit of data.
+    TooLarge,
+    /// The body failed.
+    Body(E),
+}
+
+/// A unary body read whole: its data and its trailers, at most `limit` bytes of data. As
+/// `Limited::new(body, limit).collect()` with `to_bytes` and the trailers taken, without what
+/// that costs on every call (a buffer list, the trailers cloned, a boxed error): the common
+/// answer is one DATA frame, kept as it came (no copy); more are joined.
+pub async fn read_whole<B>(
+    body: B,
+    limit: usize,
+) -> Result<(Bytes, Option<http::HeaderMap>), ReadWholeError<B::Error>>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    use http_body_util::BodyExt;
+    let mut body = std::pin::pin!(body);
+    let mut first = Bytes::new();
+    let mut more: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadWholeError::Body)?;
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                len = len.saturating_add(data.len());
+                if len > limit {
+                    return Err(ReadWholeError::TooLarge);
+                }
+                if let Some(m) = more.as_mut() {
+                    m.extend_from_slice(&data);
+                } else if first.is_empty() {
+                    first = data;
+                } else {
+                    let mut m = bytes::BytesMut::with_capacity(len);
+                    m.extend_from_slice(&first);
+                    m.extend_from_slice(&data);
+                    more = Some(m);
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(t) = frame.into_trailers() {
+            // As `collect`: trailers sent more than once are merged.
+            match trailers.as_mut() {
+                None => trailers = Some(t),
+                Some(all) => all.extend(t),
+            }
+        }
+    }
+    Ok((more.map_or(first, bytes::BytesMut::freeze), trailers))
+}
+
 type OnEnd = Box<dyn FnOnce(Ending) + Send + Sync>;
 
 pin_project_lite::pin_project! {
@@ -292,6 +351,53 @@ mod tests {
     use http_body_util::BodyExt;
     use parking_lot::Mutex;
     use std::sync::Arc;
+
+    /// A body read whole is what `collect` gives: the data joined (one frame kept as it came),
+    /// trailers merged, and more than the limit refused.
+    #[tokio::test]
+    async fn a_body_read_whole_is_its_data_and_trailers() {
+        let trailers = |k: &'static str, v: &'static str| {
+            let mut t = http::HeaderMap::new();
+            t.insert(k, http::HeaderValue::from_static(v));
+            Frame::trailers(t)
+        };
+        let body = |frames: Vec<Frame<Bytes>>| {
+            http_body_util::StreamBody::new(futures_util::stream::iter(
+                frames.into_iter().map(Ok::<_, std::convert::Infallible>),
+            ))
+        };
+        let one = Bytes::from_static(b"one frame");
+        let (data, t) = read_whole(body(vec![Frame::data(one.clone())]), 100)
+            .await
+            .unwrap();
+        assert_eq!(data, one);
+        assert_eq!(data.as_ptr(), one.as_ptr(), "a single frame is not copied");
+        assert!(t.is_none());
+        let frames = || {
+            vec![
+                Frame::data(Bytes::from_static(b"ab")),
+                Frame::data(Bytes::new()),
+                Frame::data(Bytes::from_static(b"cd")),
+                Frame::data(Bytes::from_static(b"e")),
+                trailers("grpc-status", "0"),
+                trailers("grpc-message", "ok"),
+            ]
+        };
+        let (data, t) = read_whole(body(frames()), 5).await.unwrap();
+        assert_eq!(&data[..], b"abcde");
+        let t = t.unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t["grpc-message"], "ok");
+        let collected = http_body_util::Limited::new(body(frames()), 5)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(collected.trailers(), Some(&t));
+        assert!(matches!(
+            read_whole(body(frames()), 4).await,
+            Err(ReadWholeError::TooLarge)
+        ));
+    }
 
     #[tokio::test]
     async fn observed_bodies_report_trailer_status_once() {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tonic::{body::Body, Code, Status};
 use tower::ServiceExt;
@@ -1128,19 +1128,25 @@ impl Proxy {
                 e => e,
             })?;
         let (parts, body) = resp.into_parts();
-        let collected = Limited::new(body, self.limits.max_message_bytes)
-            .collect()
+        let broken = |reason| ProxyError::UpstreamBody {
+            endpoint: route.endpoint.clone(),
+            model: route.model.clone(),
+            version: route.version,
+            reason,
+        };
+        let collected = body::read_whole(body, self.limits.max_message_bytes)
             .await
-            .map_err(|e| match upstream::StreamFailure::of(&*e) {
-                upstream::StreamFailure::Broken => ProxyError::UpstreamBody {
-                    endpoint: route.endpoint.clone(),
-                    model: route.model.clone(),
-                    version: route.version,
-                    reason: upstream::describe(&*e),
+            .map_err(|e| match e {
+                body::ReadWholeError::TooLarge => broken(format!(
+                    "answer larger than {} bytes (--max-message-bytes)",
+                    self.limits.max_message_bytes
+                )),
+                body::ReadWholeError::Body(e) => match upstream::StreamFailure::of(&e) {
+                    upstream::StreamFailure::Broken => broken(upstream::describe(&e)),
+                    failure => ProxyError::failed(route, failure),
                 },
-                failure => ProxyError::failed(route, failure),
             });
-        let collected = match collected {
+        let (data, trailers) = match collected {
             // An upstream that cancels the call at the deadline we passed on.
             Err(e) if ran_out(e.code(), started, deadline) => {
                 return Err(ProxyError::Deadline(deadline))
@@ -1148,8 +1154,6 @@ impl Proxy {
             other => other?,
         };
         forwarded.upstream_latency = Some(sent.elapsed());
-        let trailers = collected.trailers().cloned();
-        let data = collected.to_bytes();
         let code = trailers
             .as_ref()
             .and_then(status::code_from_headers)
@@ -1383,10 +1387,10 @@ enum ReadError {
 }
 
 async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ReadError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
-        Err(e) => Err(ReadError::Body(upstream::describe(&*e))),
+    match body::read_whole(body, limit).await {
+        Ok((data, _)) => Ok(data),
+        Err(body::ReadWholeError::TooLarge) => Err(ReadError::TooLarge),
+        Err(body::ReadWholeError::Body(e)) => Err(ReadError::Body(upstream::describe(&e))),
     }
 }
 
