@@ -169,8 +169,9 @@ pub trait Protocol: Send + Sync + Debug + 'static {
     fn error_response(&self, status: Status) -> http::Response<Body>;
 }
 
-/// A decoded inference request. Kept as it was decoded on the request path; what records need
-/// from it ([`InferRequest::inputs`]) is computed on the record writer thread.
+/// An inference request, read on the request path as far as routing needs (a protocol may
+/// decode it whole or only scan it); what records need from it ([`InferRequest::inputs`]) is
+/// computed on the record writer thread.
 pub trait InferRequest: Send + Sync + Debug {
     /// The protocol that decoded it, and reads its answer.
     fn protocol(&self) -> &'static dyn Protocol;
