@@ -3,8 +3,9 @@
 //!
 //! `ModelInfer` requests are scanned at the wire level on the request path — the model and
 //! version they name route them, their declared shapes are checked — and kept as they are for
-//! the record writer, which decodes them whole (prost) for their tensors (`crate::oip`). The other calls that name a model are read and rewritten at the wire level
-//! (`super::wire`), field by field, so that fields modelgate's protos do not declare survive.
+//! the record writer, which decodes them whole (prost) for their tensors (`crate::oip`). The
+//! other calls that name a model are read and rewritten at the wire level (`super::wire`), field
+//! by field, so that fields modelgate's protos do not declare survive.
 
 use std::sync::Arc;
 
@@ -219,7 +220,7 @@ fn backend_edits<'r>(
 /// every field framed right, `model_name`, `model_version` and `id` (1–3) UTF-8 strings, the
 /// message fields (4–7) length-delimited — and the rest is read when asked: the shapes by
 /// [`InferRequest::check`], a parameter by [`InferRequest::parameter`] (its map entries at the
-/// wire level), the tensors by [`InferRequest::inputs`] (prost, once, on the writer's thread).
+/// wire level), the tensors by [`InferRequest::inputs`] (prost, on the writer's thread).
 /// A malformed tensor or parameter that nothing reads is passed on as it came, as a proxy would
 /// pass it: the model server judges it.
 #[derive(Debug)]
@@ -228,64 +229,57 @@ pub struct OipRequest {
     model: std::ops::Range<usize>,
     version: std::ops::Range<usize>,
     id: std::ops::Range<usize>,
-    /// Whether it has `parameters` (4) or `inputs` (5): most calls have no parameters, and the
-    /// unit id is looked for in them at every call's end.
-    has: [bool; 2],
-    whole: std::sync::OnceLock<Result<ModelInferRequest, String>>,
+    /// Whether it has `parameters` (4): most calls have none, and the unit id is looked for in
+    /// them at every call's end.
+    has_parameters: bool,
+    /// Whether it has `inputs` (5), whose shapes are checked.
+    has_inputs: bool,
 }
 
 impl OipRequest {
     /// Scans `msg` (see the type's documentation).
     pub fn scan(msg: Bytes) -> Result<Self, wire::WireError> {
         let (mut model, mut version, mut id) = (0..0, 0..0, 0..0);
-        let mut has = [false; 2];
-        let base = msg.as_ptr() as usize;
-        for f in wire::scan(&msg) {
+        let (mut has_parameters, mut has_inputs) = (false, false);
+        for f in wire::fields(&msg) {
             let f = f?;
             if !(1..=7).contains(&f.number) {
                 continue;
             }
             // Each known field is length-delimited (the wrong wire type is what prost refuses).
             let payload = f.payload.ok_or(wire::WireError::WrongType(f.number))?;
-            let start = payload.as_ptr() as usize - base;
-            let range = start..start + payload.len();
             // The last occurrence of a string wins, as when decoding.
-            match f.number {
-                1 => model = range,
-                2 => version = range,
-                3 => id = range,
-                4 | 5 => {
-                    has[f.number as usize - 4] = true;
+            let string = match f.number {
+                1 => &mut model,
+                2 => &mut version,
+                3 => &mut id,
+                4 => {
+                    has_parameters = true;
+                    continue;
+                }
+                5 => {
+                    has_inputs = true;
                     continue;
                 }
                 _ => continue,
-            }
-            std::str::from_utf8(payload).map_err(|_| wire::WireError::NotUtf8(f.number))?;
+            };
+            std::str::from_utf8(&msg[payload.clone()])
+                .map_err(|_| wire::WireError::NotUtf8(f.number))?;
+            *string = payload;
         }
         Ok(OipRequest {
             msg,
             model,
             version,
             id,
-            has,
-            whole: std::sync::OnceLock::new(),
+            has_parameters,
+            has_inputs,
         })
     }
 
     fn text(&self, range: &std::ops::Range<usize>) -> &str {
         // Checked UTF-8 by `scan`.
         std::str::from_utf8(&self.msg[range.clone()]).unwrap_or_default()
-    }
-
-    /// The whole message, decoded once.
-    fn whole(&self) -> Result<&ModelInferRequest, String> {
-        self.whole
-            .get_or_init(|| {
-                ModelInferRequest::decode(self.msg.clone())
-                    .map_err(|e| format!("request is not a valid {INFER_MESSAGE}: {e}"))
-            })
-            .as_ref()
-            .map_err(Clone::clone)
     }
 }
 
@@ -316,7 +310,7 @@ impl InferRequest for OipRequest {
     fn parameter(&self, key: &str) -> Option<String> {
         // `parameters` (4) is a map: entries with `key` (1) and `value` (2, an
         // `InferParameter`); the last entry for a key wins, as when decoding.
-        if !self.has[0] {
+        if !self.has_parameters {
             return None;
         }
         let mut value = None;
@@ -339,7 +333,7 @@ impl InferRequest for OipRequest {
             message: INFER_MESSAGE,
             error,
         };
-        if !self.has[1] {
+        if !self.has_inputs {
             return Ok(());
         }
         let mut shape = Vec::new();
@@ -371,7 +365,10 @@ impl InferRequest for OipRequest {
     }
 
     fn inputs(&self, max_elements: usize) -> Result<Inputs, String> {
-        inputs(self.whole()?, max_elements)
+        // The record writer asks once per record: decoded here, not kept.
+        let whole = ModelInferRequest::decode(self.msg.clone())
+            .map_err(|e| format!("request is not a valid {INFER_MESSAGE}: {e}"))?;
+        inputs(&whole, max_elements)
     }
 }
 

@@ -48,15 +48,16 @@ pub fn varints(packed: &[u8], out: &mut Vec<i64>) -> Result<(), WireError> {
 
 /// One top-level field: its number, and the byte range of the whole field (key included) and of
 /// a length-delimited payload.
-struct Field {
-    number: u32,
-    whole: std::ops::Range<usize>,
-    payload: Option<std::ops::Range<usize>>,
+pub(super) struct Field {
+    pub(super) number: u32,
+    pub(super) whole: std::ops::Range<usize>,
+    pub(super) payload: Option<std::ops::Range<usize>>,
     /// A varint field's value.
-    varint: Option<u64>,
+    pub(super) varint: Option<u64>,
 }
 
-fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
+/// Every field of `msg` in order, by byte range; a malformed message ends with one error.
+pub(super) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
     let mut pos = 0;
     std::iter::from_fn(move || {
         if pos >= msg.len() {
