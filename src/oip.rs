@@ -79,6 +79,14 @@ pub enum OipError {
         /// Tensors.
         tensors: usize,
     },
+    /// Typed contents that are not a well-formed `InferTensorContents`.
+    #[error("tensor '{tensor}': malformed contents: {reason}")]
+    Malformed {
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A BYTES element is malformed.
     #[error("tensor '{tensor}': malformed BYTES raw contents: {reason}")]
     BadBytes {
@@ -90,26 +98,23 @@ pub enum OipError {
 }
 
 /// Checks a tensor's declared shape: every dimension non-negative, and at most `limit` elements
-/// (a zero dimension counted as 1). Cheap: nothing is decoded.
+/// (a zero dimension counted as 1). Cheap: nothing is decoded, nothing allocated (every routed
+/// call checks its shapes).
 pub fn check_shape(name: &str, shape: &[i64], limit: usize) -> Result<(), OipError> {
-    element_count(name, shape, limit).map(drop)
-}
-
-fn element_count(name: &str, shape: &[i64], limit: usize) -> Result<Vec<usize>, OipError> {
-    let bad = || OipError::BadShape {
-        tensor: name.to_string(),
-        shape: shape.to_vec(),
-    };
-    let dims: Vec<usize> = shape
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
+    if shape.iter().any(|&d| d < 0) {
+        return Err(OipError::BadShape {
+            tensor: name.to_string(),
+            shape: shape.to_vec(),
+        });
+    }
     // A zero dimension empties the tensor but its other dimensions still count rows (a
     // [1e9, 0] batch has 1e9 empty rows), so they are held to the limit as if it were 1.
     // A product past usize is "too many elements" too, not a malformed shape.
-    let n = dims
+    let n = shape
         .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1)))
+        .try_fold(1usize, |acc, &d| {
+            acc.checked_mul(usize::try_from(d).unwrap_or(usize::MAX).max(1))
+        })
         .unwrap_or(usize::MAX);
     if n > limit {
         return Err(OipError::TooLarge {
@@ -118,7 +123,31 @@ fn element_count(name: &str, shape: &[i64], limit: usize) -> Result<Vec<usize>, 
             limit,
         });
     }
-    Ok(dims)
+    Ok(())
+}
+
+/// The dimensions of a shape that [`check_shape`] accepts.
+fn element_count(name: &str, shape: &[i64], limit: usize) -> Result<Vec<usize>, OipError> {
+    check_shape(name, shape, limit)?;
+    // Each dimension is at most `limit` now, so it fits.
+    Ok(shape.iter().map(|&d| d as usize).collect())
+}
+
+/// A tensor's typed `contents` (an `InferTensorContents`).
+#[derive(Clone, Copy, Debug)]
+pub enum Contents<'a> {
+    /// Decoded (`None` when the tensor has none).
+    Decoded(Option<&'a InferTensorContents>),
+    /// As it came on the wire: every occurrence of the message, in order (a message sent twice
+    /// merges, so its repeated fields are read across all of them), slices of `message`. Only
+    /// the field the datatype is sent in is read, straight into the values; the others are not
+    /// checked.
+    Wire {
+        /// The buffer the occurrences are slices of (BYTES elements share it).
+        message: &'a Bytes,
+        /// The occurrences.
+        chunks: &'a [&'a [u8]],
+    },
 }
 
 /// Decodes one tensor from its typed `contents` or its `raw` bytes.
@@ -126,7 +155,7 @@ pub fn decode_tensor(
     name: &str,
     datatype: &str,
     shape: &[i64],
-    contents: Option<&InferTensorContents>,
+    contents: Contents<'_>,
     raw: Option<&Bytes>,
     max_elements: usize,
 ) -> Result<Tensor, OipError> {
@@ -240,9 +269,15 @@ fn decode_contents(
     name: &str,
     dt: DataType,
     n: usize,
-    contents: Option<&InferTensorContents>,
+    contents: Contents<'_>,
     mismatch: &dyn Fn(String, String) -> OipError,
 ) -> Result<Values, OipError> {
+    let contents = match contents {
+        Contents::Decoded(c) => c,
+        Contents::Wire { message, chunks } => {
+            return wire_contents(name, dt, n, message, chunks, mismatch)
+        }
+    };
     let empty = InferTensorContents::default();
     let c = contents.unwrap_or(&empty);
     fn numeric<T: Copy>(
@@ -306,6 +341,86 @@ fn decode_contents(
     }
 }
 
+/// [`decode_contents`] of contents as they came on the wire ([`Contents::Wire`]): the one field
+/// the datatype is sent in, packed or not, converted as it is read — decoding the message first
+/// (prost) grows a vector of the field's own type element by element, then converts it.
+fn wire_contents(
+    name: &str,
+    dt: DataType,
+    n: usize,
+    message: &Bytes,
+    chunks: &[&[u8]],
+    mismatch: &dyn Fn(String, String) -> OipError,
+) -> Result<Values, OipError> {
+    use crate::protocol::wire::{self, Scalar};
+    let malformed = |e: wire::WireError| OipError::Malformed {
+        tensor: name.to_string(),
+        reason: e.to_string(),
+    };
+    let count = |got: usize, field: &str| {
+        if got == n {
+            Ok(())
+        } else {
+            Err(mismatch(
+                format!("{n} elements in {field}"),
+                got.to_string(),
+            ))
+        }
+    };
+    // Field number, name, encoding and conversion, as `InferTensorContents` declares them (an
+    // `int32` or `uint32` varint is truncated to 32 bits, as decoding does).
+    let (field, label, kind, convert): (u32, &str, Scalar, fn(u64) -> f64) = match dt {
+        DataType::Bool => (1, "bool_contents", Scalar::Varint, |v| {
+            (v != 0) as u8 as f64
+        }),
+        DataType::I8 | DataType::I16 | DataType::I32 => {
+            (2, "int_contents", Scalar::Varint, |v| f64::from(v as i32))
+        }
+        DataType::I64 => (3, "int64_contents", Scalar::Varint, |v| v as i64 as f64),
+        DataType::U8 | DataType::U16 | DataType::U32 => {
+            (4, "uint_contents", Scalar::Varint, |v| f64::from(v as u32))
+        }
+        DataType::U64 => (5, "uint64_contents", Scalar::Varint, |v| v as f64),
+        DataType::F32 => (6, "fp32_contents", Scalar::Fixed32, |v| {
+            f64::from(f32::from_bits(v as u32))
+        }),
+        DataType::F64 => (7, "fp64_contents", Scalar::Fixed64, f64::from_bits),
+        DataType::F16 | DataType::BF16 => {
+            return Err(OipError::RawOnly {
+                tensor: name.to_string(),
+                datatype: dt.as_str(),
+            })
+        }
+        DataType::Bytes => {
+            let mut out = Vec::new();
+            for chunk in chunks {
+                for f in wire::scan(chunk) {
+                    let f = f.map_err(malformed)?;
+                    if f.number == 8 {
+                        let element = f.payload.ok_or(wire::WireError::WrongType(8));
+                        out.push(message.slice_ref(element.map_err(malformed)?));
+                    }
+                }
+            }
+            count(out.len(), "bytes_contents")?;
+            return Ok(Values::Bytes(out));
+        }
+    };
+    // Sized by the shape, but never past what the bytes can hold (one byte per varint at
+    // least): a shape is a claim, the bytes are there.
+    let width = match kind {
+        Scalar::Varint => 1,
+        Scalar::Fixed32 => 4,
+        Scalar::Fixed64 => 8,
+    };
+    let mut out = Vec::with_capacity(n.min(chunks.iter().map(|c| c.len()).sum::<usize>() / width));
+    for chunk in chunks {
+        wire::repeated_scalars(chunk, field, kind, |v| out.push(convert(v))).map_err(malformed)?;
+    }
+    count(out.len(), label)?;
+    Ok(Values::Numeric(out))
+}
+
 /// The fields an input tensor and an output tensor share.
 trait TensorMessage {
     fn fields(&self) -> (&str, &str, &[i64], Option<&InferTensorContents>);
@@ -351,6 +466,7 @@ fn decode_all<T: TensorMessage>(
         .enumerate()
         .map(|(i, t)| {
             let (name, datatype, shape, contents) = t.fields();
+            let contents = Contents::Decoded(contents);
             decode_tensor(name, datatype, shape, contents, raw.get(i), max_elements)
         })
         .collect()
@@ -408,7 +524,14 @@ pub fn output_tensor(
     max_elements: usize,
 ) -> Result<Tensor, OipError> {
     let (name, datatype, shape, contents) = t.fields();
-    decode_tensor(name, datatype, shape, contents, raw, max_elements)
+    decode_tensor(
+        name,
+        datatype,
+        shape,
+        Contents::Decoded(contents),
+        raw,
+        max_elements,
+    )
 }
 
 /// A request parameter as text (string, integer or boolean parameters; an empty string is none).
@@ -455,6 +578,7 @@ pub fn i64_raw(values: &[i64]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     fn dec(
         dt: &str,
@@ -462,14 +586,25 @@ mod tests {
         c: Option<InferTensorContents>,
         raw: Option<Vec<u8>>,
     ) -> Result<Tensor, OipError> {
-        decode_tensor(
+        let raw = raw.map(Bytes::from);
+        let decoded = decode_tensor(
             "x",
             dt,
             shape,
-            c.as_ref(),
-            raw.map(Bytes::from).as_ref(),
+            Contents::Decoded(c.as_ref()),
+            raw.as_ref(),
             1000,
-        )
+        );
+        // The same contents read as they came on the wire: the same tensor, or the same error.
+        let message = Bytes::from(c.as_ref().map(Message::encode_to_vec).unwrap_or_default());
+        let chunks: Vec<&[u8]> = c.iter().map(|_| &message[..]).collect();
+        let on_the_wire = Contents::Wire {
+            message: &message,
+            chunks: &chunks,
+        };
+        let wire = decode_tensor("x", dt, shape, on_the_wire, raw.as_ref(), 1000);
+        assert_eq!(decoded, wire, "{dt} {shape:?}");
+        decoded
     }
 
     #[test]

@@ -277,6 +277,27 @@ impl OipRequest {
         })
     }
 
+    /// The entries of `parameters` (4), a map: each its `key` (1) and its `value` (2, an
+    /// encoded `InferParameter`). None at all, without a scan, when the request has no
+    /// parameters (most calls; the unit id is looked for in them at every call's end).
+    fn parameter_entries(
+        &self,
+    ) -> impl Iterator<Item = Result<(&[u8], &[u8]), wire::WireError>> + '_ {
+        let fields = self.has_parameters.then(|| wire::scan(&self.msg));
+        fields.into_iter().flatten().filter_map(|f| {
+            let entry = match f {
+                Ok(f) if f.number == 4 => f.payload.unwrap_or_default(),
+                Ok(_) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            let read = || {
+                let key = wire::bytes_field(entry, 1)?.unwrap_or_default();
+                Ok((key, wire::bytes_field(entry, 2)?.unwrap_or_default()))
+            };
+            Some(read())
+        })
+    }
+
     fn text(&self, range: &std::ops::Range<usize>) -> &str {
         // Checked UTF-8 by `scan`.
         std::str::from_utf8(&self.msg[range.clone()]).unwrap_or_default()
@@ -308,20 +329,12 @@ impl InferRequest for OipRequest {
     }
 
     fn parameter(&self, key: &str) -> Option<String> {
-        // `parameters` (4) is a map: entries with `key` (1) and `value` (2, an
-        // `InferParameter`); the last entry for a key wins, as when decoding.
-        if !self.has_parameters {
-            return None;
-        }
+        // The last entry for a key wins, as when decoding.
         let mut value = None;
-        for f in wire::scan(&self.msg) {
-            let f = f.ok()?;
-            if f.number != 4 {
-                continue;
-            }
-            let entry = f.payload?;
-            if wire::bytes_field(entry, 1).ok()?.unwrap_or_default() == key.as_bytes() {
-                value = Some(wire::bytes_field(entry, 2).ok()?.unwrap_or_default());
+        for entry in self.parameter_entries() {
+            let (k, v) = entry.ok()?;
+            if k == key.as_bytes() {
+                value = Some(v);
             }
         }
         let value = InferParameter::decode(value?).ok()?;
@@ -342,34 +355,91 @@ impl InferRequest for OipRequest {
             if f.number != 5 {
                 continue;
             }
-            // An `InferInputTensor`: `name` (1) and `shape` (3, packed or not).
-            let (mut name, tensor) = (&[][..], f.payload.unwrap_or_default());
-            shape.clear();
-            for t in wire::scan(tensor) {
-                let t = t.map_err(invalid)?;
-                match (t.number, t.varint, t.payload) {
-                    (1, _, Some(p)) => name = p,
-                    (3, Some(d), _) => shape.push(d as i64),
-                    (3, _, Some(packed)) => {
-                        wire::varints(packed, &mut shape).map_err(invalid)?;
-                    }
-                    (1 | 3, _, _) => return Err(invalid(wire::WireError::WrongType(t.number))),
-                    _ => {}
-                }
-            }
-            let name =
-                std::str::from_utf8(name).map_err(|_| invalid(wire::WireError::NotUtf8(1)))?;
+            let tensor = f.payload.unwrap_or_default();
+            let (name, _) = tensor_fields(tensor, &mut shape, None).map_err(invalid)?;
             oip::check_shape(name, &shape, max_elements).map_err(ProtocolError::Tensor)?;
         }
         Ok(())
     }
 
     fn inputs(&self, max_elements: usize) -> Result<Inputs, String> {
-        // The record writer asks once per record: decoded here, not kept.
-        let whole = ModelInferRequest::decode(self.msg.clone())
-            .map_err(|e| format!("request is not a valid {INFER_MESSAGE}: {e}"))?;
-        inputs(&whole, max_elements)
+        // Read at the wire level, on the writer's thread, once per record: each tensor's values
+        // go straight from the message into its `Tensor` (decoding the whole message first
+        // copied every string and grew every vector element by element, then converted it).
+        let invalid = |e: wire::WireError| format!("request is not a valid {INFER_MESSAGE}: {e}");
+        let [tensors, raw] = wire::repeated_fields(&self.msg, [5, 7]).map_err(invalid)?;
+        if !raw.is_empty() && raw.len() != tensors.len() {
+            return Err(oip::OipError::RawCount {
+                raw: raw.len(),
+                tensors: tensors.len(),
+            }
+            .to_string());
+        }
+        let (mut shape, mut chunks) = (Vec::new(), Vec::new());
+        let mut decoded = Vec::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let (name, datatype) =
+                tensor_fields(t, &mut shape, Some(&mut chunks)).map_err(invalid)?;
+            let contents = oip::Contents::Wire {
+                message: t,
+                chunks: &chunks,
+            };
+            decoded.push(
+                oip::decode_tensor(name, datatype, &shape, contents, raw.get(i), max_elements)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let mut parameters = std::collections::BTreeMap::new();
+        for entry in self.parameter_entries() {
+            let (key, value) = entry.map_err(invalid)?;
+            let key = std::str::from_utf8(key).map_err(|_| invalid(wire::WireError::NotUtf8(1)))?;
+            let value = InferParameter::decode(value)
+                .map_err(|e| format!("request is not a valid {INFER_MESSAGE}: {e}"))?;
+            // The last entry for a key wins, as when decoding; an empty string is none.
+            match oip::parameter_text(&value) {
+                Some(text) => parameters.insert(key.to_string(), text),
+                None => parameters.remove(key),
+            };
+        }
+        Ok(Inputs {
+            tensors: decoded,
+            parameters,
+        })
     }
+}
+
+/// An `InferInputTensor` or `InferOutputTensor` read at the wire level: its `name` (1) and
+/// `datatype` (2), the last occurrence of each, as decoding reads them; its `shape` (3, packed or
+/// not) into `shape`; each occurrence of its `contents` (5), when asked, into `contents`. Its
+/// `parameters` (4) are not read: nothing taken from a tensor uses them.
+fn tensor_fields<'t>(
+    tensor: &'t [u8],
+    shape: &mut Vec<i64>,
+    mut contents: Option<&mut Vec<&'t [u8]>>,
+) -> Result<(&'t str, &'t str), wire::WireError> {
+    shape.clear();
+    if let Some(c) = contents.as_deref_mut() {
+        c.clear();
+    }
+    let (mut name, mut datatype) = (&[][..], &[][..]);
+    for f in wire::scan(tensor) {
+        let f = f?;
+        match (f.number, f.varint, f.payload) {
+            (1, _, Some(p)) => name = p,
+            (2, _, Some(p)) => datatype = p,
+            (3, Some(d), _) => shape.push(d as i64),
+            (3, _, Some(packed)) => wire::varints(packed, shape)?,
+            (5, _, Some(p)) => {
+                if let Some(c) = contents.as_deref_mut() {
+                    c.push(p);
+                }
+            }
+            (1..=3 | 5, _, _) => return Err(wire::WireError::WrongType(f.number)),
+            _ => {}
+        }
+    }
+    let text = |b, number| std::str::from_utf8(b).map_err(|_| wire::WireError::NotUtf8(number));
+    Ok((text(name, 1)?, text(datatype, 2)?))
 }
 
 /// A `ModelInferResponse`, read as far as each question needs: the one output a prediction is
@@ -425,38 +495,18 @@ fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, S
         }
         .to_string());
     }
-    let t = OutputView::decode(tensors[i].clone()).map_err(not_a_response)?;
-    fn text(b: &[u8]) -> Result<&str, String> {
-        std::str::from_utf8(b).map_err(|_| not_a_response("a string field is not UTF-8"))
-    }
-    let tensor = oip::decode_tensor(
-        text(&t.name)?,
-        text(&t.datatype)?,
-        &t.shape,
-        t.contents.as_ref(),
-        raw.get(i),
-        max_elements,
-    )
-    .map_err(|e| e.to_string())?;
+    let (mut shape, mut chunks) = (Vec::new(), Vec::new());
+    let (name, datatype) =
+        tensor_fields(&tensors[i], &mut shape, Some(&mut chunks)).map_err(not_a_response)?;
+    let contents = oip::Contents::Wire {
+        message: &tensors[i],
+        chunks: &chunks,
+    };
+    let tensor = oip::decode_tensor(name, datatype, &shape, contents, raw.get(i), max_elements)
+        .map_err(|e| e.to_string())?;
     Ok(Outputs {
         tensors: vec![tensor],
     })
-}
-
-/// What [`one_output`] reads of an `InferOutputTensor`: its strings as slices of the answer
-/// (checked for UTF-8 afterwards, as decoding a `string` would), its shape and contents; its
-/// `parameters` (4) are not read — nothing taken from one output uses them, and decoding the map
-/// and the strings into owned copies was a third of reading an answer's prediction.
-#[derive(Clone, PartialEq, prost::Message)]
-struct OutputView {
-    #[prost(bytes = "bytes", tag = "1")]
-    name: Bytes,
-    #[prost(bytes = "bytes", tag = "2")]
-    datatype: Bytes,
-    #[prost(int64, repeated, tag = "3")]
-    shape: Vec<i64>,
-    #[prost(message, optional, tag = "5")]
-    contents: Option<crate::pb::inference::InferTensorContents>,
 }
 
 /// The inputs of a `ModelInferRequest`: its tensors decoded, its parameters as text.
@@ -777,13 +827,208 @@ mod tests {
         .unwrap();
         let e = r.check(10).unwrap_err();
         assert!(matches!(e, ProtocolError::Wire { .. }), "{e}");
-        // Tensor values are read only when the inputs are: then the error says so.
+        // Tensor values are read only when the inputs are: then the error says so. An FP32
+        // tensor "x" of shape [1] whose `fp32_contents` claims 3 bytes and has 2.
         let r = OipRequest::scan(Bytes::from_static(&[
-            0x0a, 0x01, b'm', 0x2a, 0x06, 0x2a, 0x04, 0x32, 0x03, 0x00, 0x00,
+            0x0a, 0x01, b'm', 0x2a, 0x12, 0x0a, 0x01, b'x', 0x12, 0x04, b'F', b'P', b'3', b'2',
+            0x1a, 0x01, 0x01, 0x2a, 0x04, 0x32, 0x03, 0x00, 0x00,
         ]))
         .unwrap();
         assert!(r.check(10).is_ok());
         let e = r.inputs(10).unwrap_err();
-        assert!(e.contains("not a valid inference.ModelInferRequest"), "{e}");
+        assert_eq!(
+            e,
+            "tensor 'x': malformed contents: malformed protobuf message at byte 0"
+        );
+        // A tensor's `datatype` as a varint.
+        let r = OipRequest::scan(Bytes::from_static(&[0x2a, 0x02, 0x10, 0x01])).unwrap();
+        let e = r.inputs(10).unwrap_err();
+        assert_eq!(
+            e,
+            "request is not a valid inference.ModelInferRequest: field 2 has the wrong wire type"
+        );
+    }
+
+    /// A protobuf field, for messages encoded by hand: key, then the payload as given.
+    fn field(number: u32, wire_type: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost::encoding::encode_varint(u64::from(number) << 3 | u64::from(wire_type), &mut out);
+        if wire_type == 2 {
+            prost::encoding::encode_varint(payload.len() as u64, &mut out);
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The inputs read at the wire level are the inputs of the decoded message, for every
+    /// datatype, typed or raw, packed or not, with `contents` sent in two parts.
+    #[test]
+    fn inputs_read_on_the_wire_are_the_decoded_inputs() {
+        use crate::pb::inference::infer_parameter::ParameterChoice;
+        use crate::pb::inference::model_infer_request::InferInputTensor;
+        let typed = |name: &str, datatype: &str, shape: Vec<i64>, c: InferTensorContents| {
+            InferInputTensor {
+                name: name.into(),
+                datatype: datatype.into(),
+                shape,
+                contents: Some(c),
+                ..Default::default()
+            }
+        };
+        let c = InferTensorContents::default;
+        let m = ModelInferRequest {
+            model_name: "m".into(),
+            parameters: [(
+                "user".to_string(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::StringParam("u-1".into())),
+                },
+            )]
+            .into(),
+            inputs: vec![
+                typed(
+                    "f32",
+                    "FP32",
+                    vec![1, 3],
+                    InferTensorContents {
+                        fp32_contents: vec![0.5, -1.25, 3e30],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "f64",
+                    "FP64",
+                    vec![2],
+                    InferTensorContents {
+                        fp64_contents: vec![1e-300, -2.0],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "i32",
+                    "INT32",
+                    vec![3],
+                    InferTensorContents {
+                        int_contents: vec![-1, i32::MIN, 7],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "i8",
+                    "INT8",
+                    vec![1],
+                    InferTensorContents {
+                        int_contents: vec![-128],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "i64",
+                    "INT64",
+                    vec![2],
+                    InferTensorContents {
+                        int64_contents: vec![i64::MIN, 5],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "u32",
+                    "UINT32",
+                    vec![1],
+                    InferTensorContents {
+                        uint_contents: vec![u32::MAX],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "u64",
+                    "UINT64",
+                    vec![1],
+                    InferTensorContents {
+                        uint64_contents: vec![u64::MAX],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "b",
+                    "BOOL",
+                    vec![2],
+                    InferTensorContents {
+                        bool_contents: vec![true, false],
+                        ..c()
+                    },
+                ),
+                typed(
+                    "s",
+                    "BYTES",
+                    vec![2],
+                    InferTensorContents {
+                        bytes_contents: vec![Bytes::from("red"), Bytes::new()],
+                        ..c()
+                    },
+                ),
+                typed("empty", "FP32", vec![0, 4], c()),
+            ],
+            ..Default::default()
+        };
+        let same = |msg: Vec<u8>| {
+            let decoded = ModelInferRequest::decode(&msg[..]).unwrap();
+            let scanned = OipRequest::scan(msg.into()).unwrap();
+            assert_eq!(scanned.inputs(100), inputs(&decoded, 100));
+            scanned.inputs(100)
+        };
+        let got = same(m.encode_to_vec()).unwrap();
+        assert_eq!(got.tensors.len(), 10);
+        assert_eq!(
+            got.tensors[2].numeric().unwrap(),
+            &[-1.0, i32::MIN as f64, 7.0]
+        );
+        assert_eq!(got.parameters["user"], "u-1");
+
+        // Raw contents: one per tensor.
+        let raw = ModelInferRequest {
+            inputs: vec![
+                typed("a", "FP32", vec![2], c()),
+                typed("b", "INT64", vec![1], c()),
+            ],
+            raw_input_contents: vec![oip::f32_raw(&[1.5, 2.5]), oip::i64_raw(&[-9])],
+            ..Default::default()
+        };
+        assert_eq!(same(raw.encode_to_vec()).unwrap().tensors.len(), 2);
+        let mut short = raw.clone();
+        short.raw_input_contents.pop();
+        assert!(same(short.encode_to_vec())
+            .unwrap_err()
+            .contains("1 raw contents for 2"));
+
+        // Unpacked elements, and `contents` in two parts (a message sent twice merges): an
+        // FP32 tensor of 3 whose first part holds 1.0 unpacked, the second 2.0 and 3.0 packed;
+        // an INT32 tensor of 2 with -5 and 6 unpacked.
+        let one = field(6, 5, &1f32.to_le_bytes());
+        let two = field(6, 2, &[2f32.to_le_bytes(), 3f32.to_le_bytes()].concat());
+        let mut tensor = [field(1, 2, b"x"), field(2, 2, b"FP32"), field(3, 0, &[3])].concat();
+        tensor.extend(field(5, 2, &one));
+        tensor.extend(field(5, 2, &two));
+        let mut ints = [field(1, 2, b"i"), field(2, 2, b"INT32"), field(3, 2, &[2])].concat();
+        let mut neg = field(2, 0, &[]);
+        prost::encoding::encode_varint(-5i64 as u64, &mut neg);
+        ints.extend(field(5, 2, &[neg, field(2, 0, &[6])].concat()));
+        let msg = [field(5, 2, &tensor), field(5, 2, &ints)].concat();
+        let got = same(msg).unwrap();
+        assert_eq!(got.tensors[0].numeric().unwrap(), &[1.0, 2.0, 3.0]);
+        assert_eq!(got.tensors[1].numeric().unwrap(), &[-5.0, 6.0]);
+
+        // Too few values for the shape, and the wrong field for the datatype: the same errors.
+        let mut few = m.clone();
+        few.inputs[0].shape = vec![1, 4];
+        assert!(same(few.encode_to_vec()).is_err());
+        let mut wrong = m.clone();
+        wrong.inputs[0].datatype = "INT32".into();
+        let e = same(wrong.encode_to_vec()).unwrap_err();
+        assert!(e.contains("needs 3 elements in int_contents, got 0"), "{e}");
+        // A shape claiming far more than the bytes hold is refused, not allocated for.
+        let mut huge = m.clone();
+        huge.inputs[0].shape = vec![1 << 20, 64];
+        assert!(OipRequest::from(&huge).inputs(usize::MAX).is_err());
     }
 }

@@ -342,7 +342,7 @@ pub fn tensor(name: &str, t: &TensorProto, max_elements: usize) -> Result<Tensor
             name,
             dt.as_str(),
             &shape,
-            None,
+            crate::oip::Contents::Decoded(None),
             Some(&t.tensor_content),
             max_elements,
         )

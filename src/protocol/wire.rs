@@ -54,6 +54,8 @@ pub(super) struct Field {
     pub(super) payload: Option<std::ops::Range<usize>>,
     /// A varint field's value.
     pub(super) varint: Option<u64>,
+    /// A fixed-width field's bytes (4 or 8, little-endian).
+    pub(super) fixed: Option<std::ops::Range<usize>>,
 }
 
 /// Every field of `msg` in order, by byte range; a malformed message ends with one error.
@@ -67,10 +69,13 @@ pub(super) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError
         let parsed = (|| {
             let key = varint(msg, &mut pos)?;
             let number = u32::try_from(key >> 3).map_err(|_| WireError::Malformed(start))?;
-            let (mut payload, mut value) = (None, None);
+            let (mut payload, mut value, mut fixed) = (None, None, None);
             match key & 7 {
                 0 => value = Some(varint(msg, &mut pos)?),
-                1 => pos += 8,
+                1 => {
+                    fixed = Some(pos..pos + 8);
+                    pos += 8;
+                }
                 2 => {
                     let len = usize::try_from(varint(msg, &mut pos)?)
                         .map_err(|_| WireError::Malformed(start))?;
@@ -78,7 +83,10 @@ pub(super) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError
                     payload = Some(pos..end);
                     pos = end;
                 }
-                5 => pos += 4,
+                5 => {
+                    fixed = Some(pos..pos + 4);
+                    pos += 4;
+                }
                 // Groups (3, 4) are not proto3; 6 and 7 are not wire types.
                 _ => return Err(WireError::Malformed(start)),
             }
@@ -90,6 +98,7 @@ pub(super) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError
                 whole: start..pos,
                 payload,
                 varint: value,
+                fixed,
             })
         })();
         if parsed.is_err() {
@@ -97,6 +106,61 @@ pub(super) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError
         }
         Some(parsed)
     })
+}
+
+/// How the elements of a repeated scalar field are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scalar {
+    /// Varints (`bool`, `int32`, `int64`, `uint32`, `uint64`).
+    Varint,
+    /// Four little-endian bytes (`float`, `fixed32`).
+    Fixed32,
+    /// Eight little-endian bytes (`double`, `fixed64`).
+    Fixed64,
+}
+
+/// Calls `each` with every element of repeated scalar field `number` of `msg`, in order, packed
+/// or not (a parser must accept both): a varint as its value, a fixed-width element as its bits
+/// (`f32::from_bits(v as u32)`, `f64::from_bits(v)`). An element encoded otherwise than `kind`
+/// is [`WireError::WrongType`], as decoding refuses it.
+pub fn repeated_scalars(
+    msg: &[u8],
+    number: u32,
+    kind: Scalar,
+    mut each: impl FnMut(u64),
+) -> Result<(), WireError> {
+    let fixed = |b: &[u8]| {
+        let mut le = [0u8; 8];
+        le[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(le)
+    };
+    for f in fields(msg) {
+        let f = f?;
+        if f.number != number {
+            continue;
+        }
+        match (kind, f.varint, f.fixed, f.payload) {
+            (Scalar::Varint, Some(v), _, _) => each(v),
+            (Scalar::Fixed32, _, Some(r), _) if r.len() == 4 => each(fixed(&msg[r])),
+            (Scalar::Fixed64, _, Some(r), _) if r.len() == 8 => each(fixed(&msg[r])),
+            (Scalar::Varint, _, _, Some(packed)) => {
+                // Bounded by the payload, so a varint cannot run on into the next field.
+                let (buf, mut pos) = (&msg[..packed.end], packed.start);
+                while pos < buf.len() {
+                    each(varint(buf, &mut pos)?);
+                }
+            }
+            (Scalar::Fixed32 | Scalar::Fixed64, _, _, Some(packed)) => {
+                let width = if kind == Scalar::Fixed32 { 4 } else { 8 };
+                if packed.len() % width != 0 {
+                    return Err(WireError::Malformed(packed.start));
+                }
+                msg[packed].chunks_exact(width).for_each(|b| each(fixed(b)));
+            }
+            _ => return Err(WireError::WrongType(number)),
+        }
+    }
+    Ok(())
 }
 
 /// One field of a message, borrowed: its number and, by wire type, its value.
@@ -272,5 +336,67 @@ mod tests {
             Err(WireError::NotUtf8(1))
         );
         assert_eq!(string_field(&[], 1).unwrap(), "");
+    }
+}
+
+#[cfg(test)]
+mod scalar_tests {
+    use super::*;
+
+    fn read(msg: &[u8], kind: Scalar) -> Result<Vec<u64>, WireError> {
+        let mut out = Vec::new();
+        repeated_scalars(msg, 1, kind, |v| out.push(v)).map(|()| out)
+    }
+
+    #[test]
+    fn repeated_scalars_read_packed_and_unpacked_elements_in_order() {
+        // 7 unpacked, then 300 and 1 packed, then 2 unpacked; field 2 is not read.
+        let msg = [0x08, 7, 0x0a, 3, 0xac, 0x02, 1, 0x10, 9, 0x08, 2];
+        assert_eq!(read(&msg, Scalar::Varint).unwrap(), [7, 300, 1, 2]);
+        let mut fixed = vec![0x0d];
+        fixed.extend(1.5f32.to_bits().to_le_bytes());
+        fixed.extend([0x0a, 8]);
+        fixed.extend(
+            [
+                2.5f32.to_bits().to_le_bytes(),
+                3.5f32.to_bits().to_le_bytes(),
+            ]
+            .concat(),
+        );
+        let got: Vec<f32> = read(&fixed, Scalar::Fixed32)
+            .unwrap()
+            .into_iter()
+            .map(|v| f32::from_bits(v as u32))
+            .collect();
+        assert_eq!(got, [1.5, 2.5, 3.5]);
+        let mut double = vec![0x09];
+        double.extend((-0.25f64).to_bits().to_le_bytes());
+        assert_eq!(
+            read(&double, Scalar::Fixed64).unwrap(),
+            [(-0.25f64).to_bits()]
+        );
+    }
+
+    #[test]
+    fn repeated_scalars_refuse_what_decoding_refuses() {
+        // A packed fixed32 payload that is not a multiple of 4 bytes.
+        assert_eq!(
+            read(&[0x0a, 5, 0, 0, 0, 0, 0], Scalar::Fixed32),
+            Err(WireError::Malformed(2))
+        );
+        // A varint element where floats are declared, a fixed32 where varints are.
+        assert_eq!(
+            read(&[0x08, 1], Scalar::Fixed32),
+            Err(WireError::WrongType(1))
+        );
+        assert_eq!(
+            read(&[0x0d, 0, 0, 0, 0], Scalar::Varint),
+            Err(WireError::WrongType(1))
+        );
+        // A packed varint that would run on past its payload.
+        assert!(matches!(
+            read(&[0x0a, 1, 0x80, 0x01], Scalar::Varint),
+            Err(WireError::Malformed(_))
+        ));
     }
 }
