@@ -349,15 +349,26 @@ impl InferRequest for OipRequest {
         if !self.has_inputs {
             return Ok(());
         }
-        let mut shape = Vec::new();
         for f in wire::scan(&self.msg) {
             let f = f.map_err(invalid)?;
             if f.number != 5 {
                 continue;
             }
             let tensor = f.payload.unwrap_or_default();
-            let (name, _) = tensor_fields(tensor, &mut shape, None).map_err(invalid)?;
-            oip::check_shape(name, &shape, max_elements).map_err(ProtocolError::Tensor)?;
+            // Counted as the dimensions are read, without keeping them (every routed call
+            // checks its shapes): a zero dimension counts as 1, as `check_shape` counts it.
+            let (mut negative, mut n) = (false, 1usize);
+            let count = |d: i64| {
+                negative |= d < 0;
+                n = n.saturating_mul(usize::try_from(d).unwrap_or(0).max(1));
+            };
+            let (name, _) = tensor_fields(tensor, count, None).map_err(invalid)?;
+            if negative || n > max_elements {
+                // The error names the shape: read again, whole.
+                let mut shape = Shape::new();
+                tensor_fields(tensor, |d| shape.push(d), None).map_err(invalid)?;
+                oip::check_shape(name, &shape, max_elements).map_err(ProtocolError::Tensor)?;
+            }
         }
         Ok(())
     }
@@ -375,11 +386,13 @@ impl InferRequest for OipRequest {
             }
             .to_string());
         }
-        let (mut shape, mut chunks) = (Vec::new(), Vec::new());
+        let (mut shape, mut chunks) = (Shape::new(), Parts::new());
         let mut decoded = Vec::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
+            shape.clear();
+            let dimension = |d| shape.push(d);
             let (name, datatype) =
-                tensor_fields(t, &mut shape, Some(&mut chunks)).map_err(invalid)?;
+                tensor_fields(t, dimension, Some(&mut chunks)).map_err(invalid)?;
             let contents = oip::Contents::Wire {
                 message: t,
                 chunks: &chunks,
@@ -408,16 +421,22 @@ impl InferRequest for OipRequest {
     }
 }
 
+/// The occurrences of a tensor's `contents` (one, almost always), inline.
+type Parts<'t> = smallvec::SmallVec<[&'t [u8]; 2]>;
+
+/// A tensor's shape, inline (it rarely has more than a few dimensions).
+type Shape = smallvec::SmallVec<[i64; 6]>;
+
 /// An `InferInputTensor` or `InferOutputTensor` read at the wire level: its `name` (1) and
-/// `datatype` (2), the last occurrence of each, as decoding reads them; its `shape` (3, packed or
-/// not) into `shape`; each occurrence of its `contents` (5), when asked, into `contents`. Its
-/// `parameters` (4) are not read: nothing taken from a tensor uses them.
+/// `datatype` (2), the last occurrence of each, as decoding reads them; each dimension of its
+/// `shape` (3, packed or not) given to `dimension` in order; each occurrence of its `contents`
+/// (5), when asked, into `contents`. Its `parameters` (4) are not read: nothing taken from a
+/// tensor uses them.
 fn tensor_fields<'t>(
     tensor: &'t [u8],
-    shape: &mut Vec<i64>,
-    mut contents: Option<&mut Vec<&'t [u8]>>,
+    mut dimension: impl FnMut(i64),
+    mut contents: Option<&mut Parts<'t>>,
 ) -> Result<(&'t str, &'t str), wire::WireError> {
-    shape.clear();
     if let Some(c) = contents.as_deref_mut() {
         c.clear();
     }
@@ -427,8 +446,9 @@ fn tensor_fields<'t>(
         match (f.number, f.varint, f.payload) {
             (1, _, Some(p)) => name = p,
             (2, _, Some(p)) => datatype = p,
-            (3, Some(d), _) => shape.push(d as i64),
-            (3, _, Some(packed)) => wire::varints(packed, shape)?,
+            // An `int64`: a negative dimension is a ten-byte two's complement varint.
+            (3, Some(d), _) => dimension(d as i64),
+            (3, _, Some(packed)) => wire::varints(packed, |d| dimension(d as i64))?,
             (5, _, Some(p)) => {
                 if let Some(c) = contents.as_deref_mut() {
                     c.push(p);
@@ -495,9 +515,9 @@ fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, S
         }
         .to_string());
     }
-    let (mut shape, mut chunks) = (Vec::new(), Vec::new());
+    let (mut shape, mut chunks) = (Shape::new(), Parts::new());
     let (name, datatype) =
-        tensor_fields(&tensors[i], &mut shape, Some(&mut chunks)).map_err(not_a_response)?;
+        tensor_fields(&tensors[i], |d| shape.push(d), Some(&mut chunks)).map_err(not_a_response)?;
     let contents = oip::Contents::Wire {
         message: &tensors[i],
         chunks: &chunks,

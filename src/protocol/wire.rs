@@ -36,12 +36,12 @@ fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     Err(WireError::Malformed(start))
 }
 
-/// Appends the varints of a packed repeated integer field's payload to `out` (as `i64`: an
-/// `int64`'s negative values are ten-byte two's complement varints).
-pub fn varints(packed: &[u8], out: &mut Vec<i64>) -> Result<(), WireError> {
+/// Calls `each` with every varint of a packed repeated integer field's payload, in order (an
+/// `int64`'s negative values are ten-byte two's complement varints: `v as i64`).
+pub fn varints(packed: &[u8], mut each: impl FnMut(u64)) -> Result<(), WireError> {
     let mut pos = 0;
     while pos < packed.len() {
-        out.push(varint(packed, &mut pos)? as i64);
+        each(varint(packed, &mut pos)?);
     }
     Ok(())
 }
@@ -143,13 +143,8 @@ pub fn repeated_scalars(
             (Scalar::Varint, Some(v), _, _) => each(v),
             (Scalar::Fixed32, _, Some(r), _) if r.len() == 4 => each(fixed(&msg[r])),
             (Scalar::Fixed64, _, Some(r), _) if r.len() == 8 => each(fixed(&msg[r])),
-            (Scalar::Varint, _, _, Some(packed)) => {
-                // Bounded by the payload, so a varint cannot run on into the next field.
-                let (buf, mut pos) = (&msg[..packed.end], packed.start);
-                while pos < buf.len() {
-                    each(varint(buf, &mut pos)?);
-                }
-            }
+            // Bounded by the payload, so a varint cannot run on into the next field.
+            (Scalar::Varint, _, _, Some(packed)) => varints(&msg[packed], &mut each)?,
             (Scalar::Fixed32 | Scalar::Fixed64, _, _, Some(packed)) => {
                 let width = if kind == Scalar::Fixed32 { 4 } else { 8 };
                 if packed.len() % width != 0 {

@@ -62,6 +62,7 @@ const EXPERIMENT: HeaderName = HeaderName::from_static(EXPERIMENT_HEADER);
 const VARIANT: HeaderName = HeaderName::from_static(VARIANT_HEADER);
 const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static(CLIENT_REQUEST_ID_HEADER);
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Limits of the data plane.
 #[derive(Clone, Debug)]
@@ -1433,7 +1434,7 @@ const PER_REQUEST_HEADERS: [HeaderName; 6] = [
     REQUEST_ID,
     CLIENT_REQUEST_ID,
     GRPC_TIMEOUT,
-    HeaderName::from_static("traceparent"),
+    TRACEPARENT,
     HeaderName::from_static("tracestate"),
     HeaderName::from_static("x-user-id"),
 ];

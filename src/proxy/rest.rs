@@ -39,6 +39,9 @@ use crate::pb::inference as oip;
 use crate::protocol::{grpc, kserve_v1, oip_rest};
 
 const SERVICE: &str = "/inference.GRPCInferenceService/";
+/// The binary extension's header, parsed once (a `&str` name is parsed at every insert).
+const HEADER_LENGTH: http::HeaderName =
+    http::HeaderName::from_static("inference-header-content-length");
 
 /// Whether a data-port request is a REST call: not gRPC, and HTTP/1 or a REST path.
 pub fn is_rest<B>(req: &Request<B>) -> bool {
@@ -232,8 +235,7 @@ fn binary_answer(a: Answer, max: usize, binary: &oip_rest::BinaryOutputs) -> Res
         "application/octet-stream",
         Some(&a.headers),
     );
-    resp.headers_mut()
-        .insert("inference-header-content-length", header_len.into());
+    resp.headers_mut().insert(HEADER_LENGTH, header_len.into());
     resp
 }
 
