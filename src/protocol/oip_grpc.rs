@@ -386,22 +386,11 @@ impl InferRequest for OipRequest {
             }
             .to_string());
         }
-        let (mut shape, mut chunks) = (Shape::new(), Parts::new());
-        let mut decoded = Vec::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            shape.clear();
-            let dimension = |d| shape.push(d);
-            let (name, datatype) =
-                tensor_fields(t, dimension, Some(&mut chunks)).map_err(invalid)?;
-            let contents = oip::Contents::Wire {
-                message: t,
-                chunks: &chunks,
-            };
-            decoded.push(
-                oip::decode_tensor(name, datatype, &shape, contents, raw.get(i), max_elements)
-                    .map_err(|e| e.to_string())?,
-            );
-        }
+        let decoded = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| wire_tensor(&self.msg, t, raw.get(i), max_elements, invalid))
+            .collect::<Result<_, _>>()?;
         let mut parameters = std::collections::BTreeMap::new();
         for entry in self.parameter_entries() {
             let (key, value) = entry.map_err(invalid)?;
@@ -499,7 +488,7 @@ fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, S
     let mut found = None;
     for (i, t) in tensors.iter().enumerate() {
         // `name` (1): the last occurrence, as decoding reads it.
-        let this = wire::bytes_field(t, 1).map_err(not_a_response)?;
+        let this = wire::bytes_field(&msg[t.clone()], 1).map_err(not_a_response)?;
         if name.is_empty() || this == Some(name.as_bytes()) {
             found = Some(i);
             break;
@@ -515,18 +504,33 @@ fn one_output(msg: &Bytes, name: &str, max_elements: usize) -> Result<Outputs, S
         }
         .to_string());
     }
-    let (mut shape, mut chunks) = (Shape::new(), Parts::new());
-    let (name, datatype) =
-        tensor_fields(&tensors[i], |d| shape.push(d), Some(&mut chunks)).map_err(not_a_response)?;
-    let contents = oip::Contents::Wire {
-        message: &tensors[i],
-        chunks: &chunks,
-    };
-    let tensor = oip::decode_tensor(name, datatype, &shape, contents, raw.get(i), max_elements)
-        .map_err(|e| e.to_string())?;
+    let tensor = wire_tensor(msg, &tensors[i], raw.get(i), max_elements, not_a_response)?;
     Ok(Outputs {
         tensors: vec![tensor],
     })
+}
+
+/// Decodes the tensor at `tensor` in `msg` (an `InferInputTensor` or `InferOutputTensor`, read
+/// by [`tensor_fields`]), its data in its `contents` or in `raw` (its raw contents entry);
+/// `invalid` says what a malformed tensor is.
+fn wire_tensor(
+    msg: &Bytes,
+    tensor: &std::ops::Range<usize>,
+    raw: Option<&std::ops::Range<usize>>,
+    max_elements: usize,
+    invalid: impl Fn(wire::WireError) -> String,
+) -> Result<oip::Tensor, String> {
+    let (mut shape, mut chunks) = (Shape::new(), Parts::new());
+    let (name, datatype) =
+        tensor_fields(&msg[tensor.clone()], |d| shape.push(d), Some(&mut chunks))
+            .map_err(invalid)?;
+    let contents = oip::Contents::Wire {
+        message: msg,
+        chunks: &chunks,
+    };
+    let raw = raw.map(|r| msg.slice(r.clone()));
+    oip::decode_tensor(name, datatype, &shape, contents, raw.as_ref(), max_elements)
+        .map_err(|e| e.to_string())
 }
 
 /// The inputs of a `ModelInferRequest`: its tensors decoded, its parameters as text.

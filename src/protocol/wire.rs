@@ -208,22 +208,25 @@ pub fn bytes_field(msg: &[u8], number: u32) -> Result<Option<&[u8]>, WireError> 
     Ok(field_range(msg, number)?.map(|r| &msg[r]))
 }
 
-/// The payloads of the length-delimited fields `numbers[k]`, each field's in order (a repeated
-/// field's elements), sharing `msg`'s buffer: one scan for several repeated fields.
+/// Where the payloads of the length-delimited fields `numbers[k]` are in `msg`, each field's in
+/// order (a repeated field's elements): one scan for several repeated fields, nothing copied or
+/// shared (a few elements are kept inline).
 pub fn repeated_fields<const N: usize>(
-    msg: &Bytes,
+    msg: &[u8],
     numbers: [u32; N],
-) -> Result<[Vec<Bytes>; N], WireError> {
-    let mut found: [Vec<Bytes>; N] = std::array::from_fn(|_| Vec::new());
+) -> Result<[Ranges; N], WireError> {
+    let mut found: [Ranges; N] = std::array::from_fn(|_| Ranges::new());
     for f in fields(msg) {
         let f = f?;
         if let Some(k) = numbers.iter().position(|&n| n == f.number) {
-            let payload = f.payload.ok_or(WireError::Malformed(f.whole.start))?;
-            found[k].push(msg.slice(payload));
+            found[k].push(f.payload.ok_or(WireError::Malformed(f.whole.start))?);
         }
     }
     Ok(found)
 }
+
+/// Byte ranges of a message's fields, a few inline.
+pub type Ranges = smallvec::SmallVec<[std::ops::Range<usize>; 4]>;
 
 fn field_range(msg: &[u8], number: u32) -> Result<Option<std::ops::Range<usize>>, WireError> {
     let mut found = None;
