@@ -369,22 +369,37 @@ fn wire_contents(
     };
     // Field number, name, encoding and conversion, as `InferTensorContents` declares them (an
     // `int32` or `uint32` varint is truncated to 32 bits, as decoding does).
-    let (field, label, kind, convert): (u32, &str, Scalar, fn(u64) -> f64) = match dt {
-        DataType::Bool => (1, "bool_contents", Scalar::Varint, |v| {
-            (v != 0) as u8 as f64
-        }),
-        DataType::I8 | DataType::I16 | DataType::I32 => {
-            (2, "int_contents", Scalar::Varint, |v| f64::from(v as i32))
-        }
-        DataType::I64 => (3, "int64_contents", Scalar::Varint, |v| v as i64 as f64),
-        DataType::U8 | DataType::U16 | DataType::U32 => {
-            (4, "uint_contents", Scalar::Varint, |v| f64::from(v as u32))
-        }
-        DataType::U64 => (5, "uint64_contents", Scalar::Varint, |v| v as f64),
-        DataType::F32 => (6, "fp32_contents", Scalar::Fixed32, |v| {
-            f64::from(f32::from_bits(v as u32))
-        }),
-        DataType::F64 => (7, "fp64_contents", Scalar::Fixed64, f64::from_bits),
+    let (label, numbers) = match dt {
+        DataType::Bool => (
+            "bool_contents",
+            numbers(chunks, n, 1, Scalar::Varint, |v| (v != 0) as u8 as f64),
+        ),
+        DataType::I8 | DataType::I16 | DataType::I32 => (
+            "int_contents",
+            numbers(chunks, n, 2, Scalar::Varint, |v| f64::from(v as i32)),
+        ),
+        DataType::I64 => (
+            "int64_contents",
+            numbers(chunks, n, 3, Scalar::Varint, |v| v as i64 as f64),
+        ),
+        DataType::U8 | DataType::U16 | DataType::U32 => (
+            "uint_contents",
+            numbers(chunks, n, 4, Scalar::Varint, |v| f64::from(v as u32)),
+        ),
+        DataType::U64 => (
+            "uint64_contents",
+            numbers(chunks, n, 5, Scalar::Varint, |v| v as f64),
+        ),
+        DataType::F32 => (
+            "fp32_contents",
+            numbers(chunks, n, 6, Scalar::Fixed32, |v| {
+                f64::from(f32::from_bits(v as u32))
+            }),
+        ),
+        DataType::F64 => (
+            "fp64_contents",
+            numbers(chunks, n, 7, Scalar::Fixed64, f64::from_bits),
+        ),
         DataType::F16 | DataType::BF16 => {
             return Err(OipError::RawOnly {
                 tensor: name.to_string(),
@@ -406,8 +421,22 @@ fn wire_contents(
             return Ok(Values::Bytes(out));
         }
     };
-    // Sized by the shape, but never past what the bytes can hold (one byte per varint at
-    // least): a shape is a claim, the bytes are there.
+    let numbers = numbers.map_err(malformed)?;
+    count(numbers.len(), label)?;
+    Ok(Values::Numeric(numbers))
+}
+
+/// The elements of repeated field `field` across `chunks`, converted (generic, so that the
+/// conversion is inlined into the loop), in a vector sized by the shape's `n` but never past what
+/// the bytes can hold (one byte per varint at least): a shape is a claim, the bytes are there.
+fn numbers(
+    chunks: &[&[u8]],
+    n: usize,
+    field: u32,
+    kind: crate::protocol::wire::Scalar,
+    convert: impl Fn(u64) -> f64,
+) -> Result<Vec<f64>, crate::protocol::wire::WireError> {
+    use crate::protocol::wire::{self, Scalar};
     let width = match kind {
         Scalar::Varint => 1,
         Scalar::Fixed32 => 4,
@@ -415,10 +444,9 @@ fn wire_contents(
     };
     let mut out = Vec::with_capacity(n.min(chunks.iter().map(|c| c.len()).sum::<usize>() / width));
     for chunk in chunks {
-        wire::repeated_scalars(chunk, field, kind, |v| out.push(convert(v))).map_err(malformed)?;
+        wire::repeated_scalars(chunk, field, kind, |v| out.push(convert(v)))?;
     }
-    count(out.len(), label)?;
-    Ok(Values::Numeric(out))
+    Ok(out)
 }
 
 /// The fields an input tensor and an output tensor share.

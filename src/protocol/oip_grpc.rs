@@ -220,7 +220,8 @@ fn backend_edits<'r>(
 /// every field framed right, `model_name`, `model_version` and `id` (1–3) UTF-8 strings, the
 /// message fields (4–7) length-delimited — and the rest is read when asked: the shapes by
 /// [`InferRequest::check`], a parameter by [`InferRequest::parameter`] (its map entries at the
-/// wire level), the tensors by [`InferRequest::inputs`] (prost, on the writer's thread).
+/// wire level), the tensors by [`InferRequest::inputs`] (on the writer's thread, at the wire
+/// level too: each tensor's values go from the message into its `Tensor`).
 /// A malformed tensor or parameter that nothing reads is passed on as it came, as a proxy would
 /// pass it: the model server judges it.
 #[derive(Debug)]

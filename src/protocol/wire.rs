@@ -129,10 +129,10 @@ pub fn repeated_scalars(
     kind: Scalar,
     mut each: impl FnMut(u64),
 ) -> Result<(), WireError> {
-    let fixed = |b: &[u8]| {
-        let mut le = [0u8; 8];
-        le[..b.len()].copy_from_slice(b);
-        u64::from_le_bytes(le)
+    // Fixed widths read as such (a slice copied by its length is a `memcpy` call per element).
+    let fixed = |b: &[u8]| match *b {
+        [a, b, c, d] => u64::from(u32::from_le_bytes([a, b, c, d])),
+        _ => u64::from_le_bytes(b.try_into().unwrap_or_default()),
     };
     for f in fields(msg) {
         let f = f?;
@@ -150,7 +150,11 @@ pub fn repeated_scalars(
                 if packed.len() % width != 0 {
                     return Err(WireError::Malformed(packed.start));
                 }
-                msg[packed].chunks_exact(width).for_each(|b| each(fixed(b)));
+                if width == 4 {
+                    msg[packed].chunks_exact(4).for_each(|b| each(fixed(b)));
+                } else {
+                    msg[packed].chunks_exact(8).for_each(|b| each(fixed(b)));
+                }
             }
             _ => return Err(WireError::WrongType(number)),
         }
