@@ -865,8 +865,12 @@ mod tests {
             e,
             "tensor 'x': malformed contents: malformed protobuf message at byte 0"
         );
-        // A tensor's `datatype` as a varint.
+        // A tensor's `datatype` as a varint: refused by the shape check, as by the writer.
         let r = OipRequest::scan(Bytes::from_static(&[0x2a, 0x02, 0x10, 0x01])).unwrap();
+        assert_eq!(
+            r.check(10).unwrap_err().to_string(),
+            "request is not a valid inference.ModelInferRequest: field 2 has the wrong wire type"
+        );
         let e = r.inputs(10).unwrap_err();
         assert_eq!(
             e,
