@@ -46,3 +46,4 @@ pub mod tensor;
 pub mod tls;
 pub mod traces;
 pub mod webhook;
+pub mod wire;

@@ -352,7 +352,7 @@ fn wire_contents(
     chunks: &[&[u8]],
     mismatch: &dyn Fn(String, String) -> OipError,
 ) -> Result<Values, OipError> {
-    use crate::protocol::wire::{self, Scalar};
+    use crate::wire::{self, Scalar};
     let malformed = |e: wire::WireError| OipError::Malformed {
         tensor: name.to_string(),
         reason: e.to_string(),
@@ -433,10 +433,10 @@ fn numbers(
     chunks: &[&[u8]],
     n: usize,
     field: u32,
-    kind: crate::protocol::wire::Scalar,
+    kind: crate::wire::Scalar,
     convert: impl Fn(u64) -> f64,
-) -> Result<Vec<f64>, crate::protocol::wire::WireError> {
-    use crate::protocol::wire::{self, Scalar};
+) -> Result<Vec<f64>, crate::wire::WireError> {
+    use crate::wire::{self, Scalar};
     let width = match kind {
         Scalar::Varint => 1,
         Scalar::Fixed32 => 4,

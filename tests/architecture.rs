@@ -25,8 +25,9 @@ const DOMAIN: &[&str] = &[
     "stats",
     "tensor",
 ];
-/// Generated protobuf code and the conversions between it and domain values.
-const WIRE: &[&str] = &["pb", "convert"];
+/// Generated protobuf code, the conversions between it and domain values, and the protobuf wire
+/// format read unparsed.
+const WIRE: &[&str] = &["pb", "convert", "wire"];
 /// The use cases and the storage seam they work through.
 const APP: &[&str] = &["app", "events", "monitor", "storage"];
 /// Everything that talks to the outside: tonic services, RocksDB, the data plane and its

@@ -26,7 +26,9 @@ pub mod kserve_v1;
 pub mod oip_grpc;
 pub mod oip_rest;
 pub mod tfs_grpc;
-pub mod wire;
+/// The protobuf wire format, read and rewritten unparsed (`crate::wire`: OIP's tensors and the
+/// feature store read it too).
+pub use crate::wire;
 
 use std::fmt::Debug;
 use std::sync::Arc;

@@ -20,8 +20,8 @@ use super::{cf, keys, Store, StoreError};
 use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
 use crate::pb::modelgate::v1 as pb;
-use crate::protocol::wire;
 use crate::record::FeatureValue;
+use crate::wire;
 
 /// One feature's newest value in an entity's `features_latest` record.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -1,10 +1,13 @@
-//! Top-level string fields of a protobuf message, read and rewritten at the wire level.
+//! The protobuf wire format, read and rewritten without decoding: top-level string fields, the
+//! fields of embedded messages, repeated scalars packed or not.
 //!
 //! The data plane names a model from requests whose full message types it need not know (Triton's
 //! `ModelConfigRequest`, `RepositoryModelLoadRequest`…), and writes the backend's model name and
 //! version into requests on their way upstream. Doing both on the wire format, field by field,
 //! keeps every other field byte for byte — including fields modelgate's protos do not declare,
-//! which decoding and re-encoding with prost would drop — and costs a scan, not a decode.
+//! which decoding and re-encoding with prost would drop — and costs a scan, not a decode. The
+//! record writer reads OIP tensors' values (`crate::oip`) and the store its feature values the
+//! same way. A leaf: it knows protobuf's encoding, not any message.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -48,18 +51,18 @@ pub fn varints(packed: &[u8], mut each: impl FnMut(u64)) -> Result<(), WireError
 
 /// One top-level field: its number, and the byte range of the whole field (key included) and of
 /// a length-delimited payload.
-pub(super) struct Field {
-    pub(super) number: u32,
-    pub(super) whole: std::ops::Range<usize>,
-    pub(super) payload: Option<std::ops::Range<usize>>,
+pub(crate) struct Field {
+    pub(crate) number: u32,
+    pub(crate) whole: std::ops::Range<usize>,
+    pub(crate) payload: Option<std::ops::Range<usize>>,
     /// A varint field's value.
-    pub(super) varint: Option<u64>,
+    pub(crate) varint: Option<u64>,
     /// A fixed-width field's bytes (4 or 8, little-endian).
-    pub(super) fixed: Option<std::ops::Range<usize>>,
+    pub(crate) fixed: Option<std::ops::Range<usize>>,
 }
 
 /// Every field of `msg` in order, by byte range; a malformed message ends with one error.
-pub(super) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
+pub(crate) fn fields(msg: &[u8]) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
     let mut pos = 0;
     std::iter::from_fn(move || {
         if pos >= msg.len() {
