@@ -153,11 +153,7 @@ pub fn repeated_scalars(
                 if packed.len() % width != 0 {
                     return Err(WireError::Malformed(packed.start));
                 }
-                if width == 4 {
-                    msg[packed].chunks_exact(4).for_each(|b| each(fixed(b)));
-                } else {
-                    msg[packed].chunks_exact(8).for_each(|b| each(fixed(b)));
-                }
+                msg[packed].chunks_exact(width).for_each(|b| each(fixed(b)));
             }
             _ => return Err(WireError::WrongType(number)),
         }

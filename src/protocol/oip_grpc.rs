@@ -3,9 +3,10 @@
 //!
 //! `ModelInfer` requests are scanned at the wire level on the request path — the model and
 //! version they name route them, their declared shapes are checked — and kept as they are for
-//! the record writer, which decodes them whole (prost) for their tensors (`crate::oip`). The
-//! other calls that name a model are read and rewritten at the wire level (`super::wire`), field
-//! by field, so that fields modelgate's protos do not declare survive.
+//! the record writer, which reads their tensors at the wire level too, straight into their values
+//! (`crate::oip::Contents::Wire`). The other calls that name a model are read and rewritten at
+//! the wire level (`crate::wire`), field by field, so that fields modelgate's protos do not
+//! declare survive.
 
 use std::sync::Arc;
 

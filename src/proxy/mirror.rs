@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::{BodyExt, Limited};
 use tokio::sync::Semaphore;
 
 use super::{
@@ -219,12 +218,11 @@ async fn call_shadow(
         ));
     }
     let (parts, body) = resp.into_parts();
-    let collected = Limited::new(body, limit)
-        .collect()
+    let (data, trailers) = super::body::read_whole(body, limit)
         .await
         .map_err(|_| UNAVAILABLE)?;
-    let code = collected
-        .trailers()
+    let code = trailers
+        .as_ref()
         .and_then(status::code_from_headers)
         .or_else(|| status::code_from_headers(&parts.headers))
         .unwrap_or(tonic::Code::Unknown);
@@ -238,7 +236,6 @@ async fn call_shadow(
     if code != tonic::Code::Ok {
         return Err(Failure::Code(code as i32));
     }
-    let data = collected.to_bytes();
     Ok(match &f.request {
         Some(r) => r.protocol().message(&data).unwrap_or(data),
         None => data,

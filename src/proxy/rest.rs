@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
@@ -283,25 +283,21 @@ impl RestGateway {
             Err((status, message)) => return error(status, &message, None),
         };
         let limit = self.max_message_bytes;
-        let body = match Limited::new(body, limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return if e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &format!("the body is over {limit} bytes (--max-message-bytes)"),
-                        None,
-                    )
-                } else {
-                    error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("reading the body: {e}"),
-                        None,
-                    )
-                };
+        let body = match super::body::read_whole(body, limit).await {
+            Ok((data, _)) => data,
+            Err(super::body::ReadWholeError::TooLarge) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the body is over {limit} bytes (--max-message-bytes)"),
+                    None,
+                )
+            }
+            Err(super::body::ReadWholeError::Body(e)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the body: {e}"),
+                    None,
+                )
             }
         };
         let headers = &parts.headers;
