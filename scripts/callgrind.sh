@@ -12,7 +12,10 @@
 #   USERS=10000 ...                     calls from 10,000 distinct x-user-id (scripts/grpc_load.py,
 #                                       Python grpcio) instead of h2load's one fixed request, which
 #                                       has no user: no experiment unit and no feature-store entity,
-#                                       so with EVERYTHING=1 the feature store is not exercised
+#                                       so with EVERYTHING=1 the feature store is not exercised.
+#                                       Compare everything on with routing only under the same
+#                                       USERS: grpcio's requests carry more headers than h2load's
+#                                       (~4,000 instructions per call more to read and forward)
 #
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client). Prints "<target>: <Ir> per call";
 # the callgrind profile stays in $OUT (callgrind_annotate $OUT/callgrind.out.1).

@@ -1,13 +1,13 @@
 //! The online feature store: every row of values an entity was given (`feature_rows`, newest
 //! first per entity), each entity's newest value per feature (`features_latest`, kept by the
-//! [`keep_newest`] merge operator so a write need not read first — RocksDB itself resolves an
-//! entity's operands on the writer once 16 pile up, see `store::family_options`), the
-//! definitions (`feature_defs`), and point-in-time reads over both.
+//! [`keep_newest`] merge operator so a write need not read first — the writer resolves an
+//! entity's operands once 16 pile up, see [`LatestChains`]), the definitions (`feature_defs`),
+//! and point-in-time reads over both.
 //!
 //! | family | key | value |
 //! |---|---|---|
 //! | `feature_rows` | entity ∅ ¬time ‖ seq | the row: names and `FeatureValue`s |
-//! | `features_latest` | entity | newest time ‖ every feature's newest (time, value), merged per feature |
+//! | `features_latest` | entity | newest time ‖ every feature's newest (time, value), merged per feature; an operand is the row's time ‖ the row |
 //! | `feature_defs` | name | JSON `FeatureDef` |
 
 use std::sync::Arc;
@@ -15,13 +15,16 @@ use std::sync::Arc;
 use prost::Message;
 use rocksdb::{IteratorMode, MergeOperands};
 
-use super::records::{decode_err, Layout, NumberRow, RecordBatch};
+use super::records::{decode_err, Layout, MergedKeys, NumberRow, RecordBatch, RowLayouts};
 use super::{cf, keys, Store, StoreError};
 use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
 use crate::pb::modelgate::v1 as pb;
 use crate::record::FeatureValue;
 use crate::wire;
+
+/// Tables of feature names whose layouts are kept (one per model's inputs, usually).
+const MAX_LAYOUTS: usize = 64;
 
 /// One feature's newest value in an entity's `features_latest` record.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -87,11 +90,95 @@ pub(super) fn keep_newest(
     Some(merge_latest(existing.into_iter().chain(operands.iter())))
 }
 
+/// How many operands each entity's latest values have piled up in the active memtable of
+/// `features_latest`, so that once [`MAX_SUCCESSIVE_MERGES`] have, the writer resolves them:
+/// reads the entity's value (RocksDB merges the pile) and puts it back, where reads stop. A
+/// busy entity's reads then merge a bounded pile, and a write still needs no read.
+///
+/// RocksDB's own `max_successive_merges` does the same, but counts the pile with a seek into
+/// the memtable on every merge: ~2,500 instructions per recorded call, for the rare entity
+/// that piles up. Here a count is a hash-map step. The counts start again when RocksDB starts
+/// a new memtable (the active memtable then holds fewer entries than were counted into it),
+/// and the piles left in the old one are merged when it is flushed, as before. Commits that
+/// merge take the lock for their write and the resolutions after it (`RecordBatch::commit`):
+/// nothing is merged between a resolution's read and its write, which would lose the merge.
+#[derive(Default)]
+pub(super) struct LatestChains {
+    /// Entries of the active memtable when last read.
+    entries: u64,
+    /// Operands per entity (by key hash; two entities sharing a count are resolved sooner).
+    piles: std::collections::HashMap<u64, usize>,
+    /// Piles resolved.
+    pub(super) resolved: u64,
+}
+
+/// Operands an entity's latest values pile up in the active memtable before the writer
+/// resolves them ([`LatestChains`]). Not fewer: each resolution is a read of the entity's
+/// value (memtable, block cache) and a merge, ~57,000 instructions; at 2, a tenth of the writes
+/// of 10,000 random users paid it (~6,000 per recorded call). A read merging 16 rows of
+/// operands is still microseconds.
+pub(super) const MAX_SUCCESSIVE_MERGES: usize = 16;
+
+impl Store {
+    /// Counts the operands `merged` has just added to `features_latest` and resolves the piles
+    /// that reached [`MAX_SUCCESSIVE_MERGES`]. A resolution that fails leaves its pile to be
+    /// merged by reads and the flush (it loses nothing), and is retried 16 merges later.
+    pub(super) fn settle_latest(
+        &self,
+        chains: &mut LatestChains,
+        merged: &MergedKeys,
+        wo: &rocksdb::WriteOptions,
+    ) {
+        let family = self.cf(cf::FEATURES_LATEST);
+        let active = || {
+            self.db
+                .property_int_value_cf(family, rocksdb::properties::NUM_ENTRIES_ACTIVE_MEM_TABLE)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        let now = active();
+        if now < chains.entries + merged.len() as u64 {
+            // A new memtable: the piles counted are in an older one.
+            chains.piles.clear();
+        }
+        chains.entries = now;
+        for key in merged.iter() {
+            let pile = chains
+                .piles
+                .entry(xxhash_rust::xxh3::xxh3_64(key))
+                .or_default();
+            *pile += 1;
+            if *pile < MAX_SUCCESSIVE_MERGES {
+                continue;
+            }
+            *pile = 0;
+            let resolved = match self.db.get_pinned_cf(family, key) {
+                Ok(Some(value)) => {
+                    let mut b = rocksdb::WriteBatch::default();
+                    b.put_cf(family, key, &*value);
+                    self.write_opt(b, wo)
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+            match resolved {
+                Ok(()) => chains.resolved += 1,
+                Err(e) => tracing::debug!(error = %e, "latest features not resolved"),
+            }
+        }
+        chains.entries = chains.entries.max(active());
+    }
+}
+
 /// One entry of an encoded `LatestFeatures`, borrowed: its name, its time and its encoding.
 struct RawEntry<'a> {
     name: &'a [u8],
     time_ms: u64,
     encoded: &'a [u8],
+    /// Whether `encoded` holds `time_ms` (field 2). An operand's entries do not: they are at
+    /// the operand's time, the one in front of it (see [`merge_latest`]).
+    timed: bool,
 }
 
 /// Merges encoded `features_latest` values (oldest first) as decoding each into a
@@ -99,15 +186,22 @@ struct RawEntry<'a> {
 /// entry with the newest time, the later one on ties; a value that does not decode is passed
 /// over — but on the wire: entries are found, compared and copied without being decoded into
 /// owned names and values. (RocksDB runs this on every flush and compaction that meets an
-/// entity twice, and on the writer when an entity's operands pile up.)
+/// entity twice, on the writer when an entity's operands pile up, and on every read of an
+/// operand.)
+///
+/// An entry without a time is at its value's time, the one in front: that is how the writer
+/// sends its operands, a history row's bytes behind the row's time
+/// (`RecordBatch::add_laid_out_row`), rather than encoding the row again with a time in every
+/// entry. Such an entry is written out with its time appended, so that every value this
+/// returns — all RocksDB ever hands a reader — has a time in each entry.
 fn merge_latest<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut entries: Vec<RawEntry<'a>> = Vec::new();
     for v in values {
-        let Ok((_, body)) = keys::split_timed_value(cf::FEATURES_LATEST, v) else {
+        let Ok((at, body)) = keys::split_timed_value(cf::FEATURES_LATEST, v) else {
             continue;
         };
         let start = entries.len();
-        if raw_entries(body, &mut entries).is_none() {
+        if raw_entries(body, at, &mut entries).is_none() {
             entries.truncate(start);
         }
     }
@@ -125,34 +219,46 @@ fn merge_latest<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
         }
     }
     let newest = kept.iter().map(|e| e.time_ms).max().unwrap_or(0);
+    // An untimed entry gets its time appended (key 0x10, then the varint): fields may come in
+    // any order, and prost reads it as it reads the time written before the value.
+    let len = |e: &RawEntry| {
+        e.encoded.len()
+            + if e.timed {
+                0
+            } else {
+                1 + prost::encoding::encoded_len_varint(e.time_ms)
+            }
+    };
     let mut out = Vec::with_capacity(
         8 + kept
             .iter()
-            .map(|e| {
-                1 + prost::encoding::encoded_len_varint(e.encoded.len() as u64) + e.encoded.len()
-            })
+            .map(|e| 1 + prost::encoding::encoded_len_varint(len(e) as u64) + len(e))
             .sum::<usize>(),
     );
     out.extend_from_slice(&newest.to_be_bytes());
     for e in kept {
         out.push(0x0a);
-        prost::encoding::encode_varint(e.encoded.len() as u64, &mut out);
+        prost::encoding::encode_varint(len(e) as u64, &mut out);
         out.extend_from_slice(e.encoded);
+        if !e.timed {
+            out.push(0x10);
+            prost::encoding::encode_varint(e.time_ms, &mut out);
+        }
     }
     out
 }
 
-/// The entries of an encoded `LatestFeatures` message, appended to `out`; `None` when it is
-/// malformed (as prost's decoding would refuse it: bad varints, lengths past the end, a name
-/// that is not UTF-8).
-fn raw_entries<'a>(body: &'a [u8], out: &mut Vec<RawEntry<'a>>) -> Option<()> {
+/// The entries of an encoded `LatestFeatures` message, appended to `out`, those without a time
+/// at `at`; `None` when it is malformed (as prost's decoding would refuse it: bad varints,
+/// lengths past the end, a name that is not UTF-8).
+fn raw_entries<'a>(body: &'a [u8], at: u64, out: &mut Vec<RawEntry<'a>>) -> Option<()> {
     for field in wire::scan(body) {
         let field = field.ok()?;
         if field.number != 1 {
             continue;
         }
         let encoded = field.payload?;
-        let (mut name, mut time_ms) = (&b""[..], 0);
+        let (mut name, mut time_ms) = (&b""[..], None);
         for f in wire::scan(encoded) {
             match f.ok()? {
                 // The value (3) is copied as it is; other fields are not ours.
@@ -161,15 +267,16 @@ fn raw_entries<'a>(body: &'a [u8], out: &mut Vec<RawEntry<'a>>) -> Option<()> {
                 } => name = payload?,
                 wire::FieldRef {
                     number: 2, varint, ..
-                } => time_ms = varint?,
+                } => time_ms = Some(varint?),
                 _ => {}
             }
         }
         std::str::from_utf8(name).ok()?;
         out.push(RawEntry {
             name,
-            time_ms,
+            time_ms: time_ms.unwrap_or(at),
             encoded,
+            timed: time_ms.is_some(),
         });
     }
     Some(())
@@ -200,16 +307,20 @@ fn layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Layout {
         .collect()
 }
 
-/// The layout of `names`, found once per table per batch (`RecordBatch::row_layouts`): a
-/// model's records share one table (`RecordWrite::Features`), and sorting its names again for
-/// every record cost ~3,200 instructions per recorded call, encoding them twice more.
+/// The layout of `names`, found once per table (`RowLayouts`): a model's records share one
+/// table (`RecordWrite::Features`), and sorting its names again for every record cost ~3,200
+/// instructions per recorded call, encoding them twice more. The layouts of tables no longer
+/// used are dropped once there are more than [`MAX_LAYOUTS`].
 fn table_layout<'o>(
-    layouts: &'o mut Vec<(Arc<[String]>, Layout, NumberRow)>,
+    layouts: &'o mut RowLayouts,
     names: &Arc<[String]>,
 ) -> (&'o Layout, &'o NumberRow) {
     let i = match layouts.iter().position(|(n, _, _)| Arc::ptr_eq(n, names)) {
         Some(i) => i,
         None => {
+            if layouts.len() >= MAX_LAYOUTS {
+                layouts.clear();
+            }
             let layout = layout(names.iter().map(String::as_str));
             let numbers = number_row(&layout);
             layouts.push((names.clone(), layout, numbers));
@@ -353,7 +464,7 @@ impl RecordBatch<'_> {
         self.row_layouts = layouts;
     }
 
-    /// Adds a row of one entity at one time: the history row, and the same entries, timed,
+    /// Adds a row of one entity at one time: the history row, and the same row behind its time
     /// merged into the entity's latest values.
     fn add_laid_out_row<V: std::borrow::Borrow<FeatureValue>>(
         &mut self,
@@ -370,25 +481,25 @@ impl RecordBatch<'_> {
             .store
             .row_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The row's time, then the row (entries without a time): the latest values' operand,
+        // whose entries are at the time in front (`merge_latest`), and behind the time the
+        // history row. One encoding serves both (encoding the row again with a time in every
+        // entry was ~2,000 instructions per recorded call of 16 features).
         let value = &mut self.scratch;
         value.clear();
+        value.extend_from_slice(&time_ms.to_be_bytes());
         if !numbers.is_some_and(|n| write_numbers(n, values, value)) {
             encode_row(layout, values, 0, value);
         }
         self.batch.put_cf(
             self.families.features,
             keys::feature_row_key(entity, time_ms, seq),
-            &value,
+            &value[8..],
         );
-        // As `LatestFeatures::to_value`: the newest time (every entry's) in front.
-        value.clear();
-        value.extend_from_slice(&time_ms.to_be_bytes());
-        encode_row(layout, values, time_ms, value);
-        self.batch.merge_cf(
-            self.families.features_latest,
-            keys::feature_entity_key(entity),
-            &value,
-        );
+        let key = keys::feature_entity_key(entity);
+        self.batch
+            .merge_cf(self.families.features_latest, key, &value);
+        self.merged.push(key);
     }
 
     /// Adds a feature definition.
@@ -427,7 +538,7 @@ impl Store {
         for d in defs {
             b.add_feature_def(d);
         }
-        self.write(b.batch, true)
+        self.write(std::mem::take(&mut b.batch), true)
     }
 
     /// Point-in-time feature reads: for each entity, for each `(feature, ttl)`, the latest value at
@@ -649,23 +760,31 @@ mod tests {
 
     /// The merge on the wire gives what decoding, absorbing and encoding the messages gave:
     /// random operands over a few names (so names repeat, at equal and different times), an
-    /// existing value or none, and operands that do not decode (passed over by both).
+    /// existing value or none, operands as the writer sends them (entries without a time, at
+    /// the operand's) or with a time in every entry, and operands that do not decode (passed
+    /// over by both). The result has a time in every entry: decoded alone, it is the reference.
     #[test]
     fn merging_on_the_wire_is_merging_the_messages() {
         use rand::{Rng, SeedableRng};
-        let reference = |values: &[Vec<u8>]| {
+        // (value, whether its entries are untimed: at the value's time)
+        let reference = |values: &[(Vec<u8>, bool)]| {
             let mut acc = LatestFeatures::default();
-            for v in values {
-                if let Some(l) = LatestFeatures::from_value(v) {
+            for (v, untimed) in values {
+                if let Some(mut l) = LatestFeatures::from_value(v) {
+                    if *untimed {
+                        let at = u64::from_be_bytes(v[..8].try_into().unwrap());
+                        l.entries.iter_mut().for_each(|e| e.time_ms = at);
+                    }
                     acc.absorb(l);
                 }
             }
             acc.to_value()
         };
+        let decoded = |v: &[u8]| (v[..8].to_vec(), LatestFeatures::from_value(v));
         let mut rng = rand::rngs::StdRng::seed_from_u64(18);
         let names = ["a", "b", "clicks", "country", "z"];
         for case in 0..500 {
-            let mut values: Vec<Vec<u8>> = Vec::new();
+            let mut values: Vec<(Vec<u8>, bool)> = Vec::new();
             for _ in 0..rng.random_range(1..6) {
                 let time_ms = rng.random_range(0..4u64) * 1_000;
                 let row: Vec<(String, FeatureValue)> = (0..rng.random_range(0..5))
@@ -680,11 +799,12 @@ mod tests {
                     })
                     .collect();
                 let row_values: Vec<&FeatureValue> = row.iter().map(|(_, v)| v).collect();
+                let untimed = rng.random_bool(0.5);
                 let mut v = time_ms.to_be_bytes().to_vec();
                 encode_row(
                     &layout(row.iter().map(|(n, _)| n.as_str())),
                     &row_values,
-                    time_ms,
+                    if untimed { 0 } else { time_ms },
                     &mut v,
                 );
                 match rng.random_range(0..12) {
@@ -693,18 +813,30 @@ mod tests {
                     1 if v.len() > 12 => v.truncate(v.len() - 3),
                     _ => {}
                 }
-                values.push(v);
+                values.push((v, untimed));
             }
+            let merged = merge_latest(values.iter().map(|(v, _)| v.as_slice()));
+            let expected = reference(&values);
+            assert_eq!(decoded(&merged), decoded(&expected), "case {case}");
+            // Merged again with nothing (RocksDB merges a merged value with later operands):
+            // unchanged, every entry keeping its time.
             assert_eq!(
-                merge_latest(values.iter().map(Vec::as_slice)),
-                reference(&values),
+                decoded(&merge_latest([merged.as_slice()].into_iter())),
+                decoded(&expected),
                 "case {case}"
             );
+            // Timed operands (at a time other than 0, which prost leaves out) merge as before.
+            if values
+                .iter()
+                .all(|(v, untimed)| !untimed && v.get(..8).is_none_or(|t| t != [0; 8]))
+            {
+                assert_eq!(merged, expected, "case {case}: byte for byte");
+            }
         }
         // Nothing that decodes: an empty value, as before.
         assert_eq!(
             merge_latest([&b"\x00"[..]].into_iter()),
-            reference(&[vec![0]])
+            reference(&[(vec![0], false)])
         );
     }
 
@@ -830,6 +962,55 @@ mod tests {
                 assert_eq!(got, expected, "after write {i}");
             }
         }
+    }
+
+    /// An entity's operands are resolved each time [`MAX_SUCCESSIVE_MERGES`] pile up in the
+    /// active memtable, whether they came one batch at a time or many in one batch; a flush
+    /// starts a new memtable and the counts again, and other entities' operands count apart.
+    #[test]
+    fn piles_of_operands_are_resolved_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 600_000;
+        let n = |x: f64| FeatureValue::Number(x);
+        let resolved = || store.latest_chains.lock().resolved;
+        let write = |entity: &str, i: u64| {
+            let mut b = store.record_batch();
+            b.add_features(entity, t0 + i, [("x", &n(i as f64))]);
+            b.commit(false).unwrap();
+        };
+        for i in 0..MAX_SUCCESSIVE_MERGES as u64 - 1 {
+            write("busy", i);
+            write("other", i);
+        }
+        assert_eq!(resolved(), 0);
+        write("busy", 100);
+        assert_eq!(resolved(), 1, "the 16th operand of busy");
+        // A resolution is a put: the entity's newest value is still read.
+        let x = |entity: &str| {
+            store
+                .get_features(&[entity.to_string()], &[("x".to_string(), None)], u64::MAX)
+                .unwrap()
+                .remove(0)
+                .remove(0)
+                .map(|(t, v)| (t - t0, v))
+        };
+        assert_eq!(x("busy"), Some((100, n(100.0))));
+        // Many operands in one batch.
+        let mut b = store.record_batch();
+        for i in 0..40 {
+            b.add_features("busy", t0 + 200 + i, [("x", &n(i as f64))]);
+        }
+        b.commit(false).unwrap();
+        assert_eq!(resolved(), 3);
+        assert_eq!(x("busy"), Some((239, n(39.0))));
+        // A flush starts a new memtable: other's 15 operands are in the old one.
+        store.flush_features().unwrap();
+        for i in 0..10 {
+            write("other", 300 + i);
+        }
+        assert_eq!(resolved(), 3);
+        assert_eq!(x("other"), Some((309, n(309.0))));
     }
 
     /// A batch's feature rows of several entities, interleaved (`RecordLog::commit`): every

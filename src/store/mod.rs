@@ -119,6 +119,11 @@ pub struct Store {
     row_seq: Arc<std::sync::atomic::AtomicU32>,
     /// Whether writes are failing, and why: see [`Store::check`].
     health: Arc<WriteHealth>,
+    /// How the rows of each table of feature names are written, kept from batch to batch
+    /// (`records::RowLayouts`).
+    row_layouts: Arc<parking_lot::Mutex<records::RowLayouts>>,
+    /// Operands piled up per entity in `features_latest` (`features::LatestChains`).
+    latest_chains: Arc<parking_lot::Mutex<features::LatestChains>>,
 }
 
 /// What the store knows about its writes, for `/ready`.
@@ -236,6 +241,8 @@ impl Store {
             retention,
             clock,
             health: Arc::default(),
+            row_layouts: Arc::default(),
+            latest_chains: Arc::default(),
         })
     }
 
@@ -562,10 +569,6 @@ impl Store {
     }
 }
 
-/// Operands an entity's `features_latest` value piles up in a memtable before the writer resolves
-/// them (see [`family_options`]).
-const MAX_SUCCESSIVE_MERGES: usize = 16;
-
 /// Options of one column family: a shared block cache with bloom filters for point lookups,
 /// the merge operators of `counters` and `features_latest`, and — for families with a retention —
 /// a compaction filter that drops expired entries, with periodic compaction so that files are
@@ -588,17 +591,9 @@ fn family_options(
     o.set_block_based_table_factory(&table);
     match family {
         cf::COUNTERS => o.set_merge_operator_associative("add", counters::add_counters),
-        cf::FEATURES_LATEST => {
-            o.set_merge_operator_associative("newest", features::keep_newest);
-            // Resolve merge chains at write time (on the writer thread) once they grow, so a
-            // busy entity's point reads merge at most this many operands. Not fewer: each
-            // resolution is a read of the entity's value (memtable, block cache) and a merge,
-            // ~57,000 instructions; at 2, a tenth of the writes of 10,000 random users paid it
-            // (~6,000 per recorded call). A read merging 16 rows of operands is still
-            // microseconds. (Reads during resolution stay in memory: RocksDB's non-strict
-            // default, `strict_max_successive_merges` false, never blocks the writer on I/O.)
-            o.set_max_successive_merges(MAX_SUCCESSIVE_MERGES);
-        }
+        // An entity's pile of operands is bounded by the writer (`features::LatestChains`), not
+        // by RocksDB's `max_successive_merges`, which seeks the memtable on every merge.
+        cf::FEATURES_LATEST => o.set_merge_operator_associative("newest", features::keep_newest),
         _ => {}
     }
     let keep = match family {
