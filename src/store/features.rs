@@ -121,8 +121,9 @@ pub(super) const MAX_SUCCESSIVE_MERGES: usize = 16;
 
 impl Store {
     /// Counts the operands `merged` has just added to `features_latest` and resolves the piles
-    /// that reached [`MAX_SUCCESSIVE_MERGES`]. A resolution that fails leaves its pile to be
-    /// merged by reads and the flush (it loses nothing), and is retried 16 merges later.
+    /// that reached [`MAX_SUCCESSIVE_MERGES`]. A resolution that fails, or would wait for the
+    /// disk, leaves its pile to be merged by reads and the flush (it loses nothing), and is
+    /// tried again 16 merges later.
     pub(super) fn settle_latest(
         &self,
         chains: &mut LatestChains,
@@ -153,7 +154,12 @@ impl Store {
                 continue;
             }
             *pile = 0;
-            let resolved = match self.db.get_pinned_cf(family, key) {
+            // From memory only (memtables, block cache), as RocksDB resolved them: a value that
+            // would have to be read from disk is left for 16 more merges, not waited for on the
+            // writer (RocksDB answers "incomplete").
+            let mut memory_only = rocksdb::ReadOptions::default();
+            memory_only.set_read_tier(rocksdb::ReadTier::BlockCache);
+            let resolved = match self.db.get_pinned_cf_opt(family, key, &memory_only) {
                 Ok(Some(value)) => {
                     let mut b = rocksdb::WriteBatch::default();
                     b.put_cf(family, key, &*value);
@@ -1011,6 +1017,15 @@ mod tests {
         }
         assert_eq!(resolved(), 3);
         assert_eq!(x("other"), Some((309, n(309.0))));
+        // A value that would have to be read from disk is not waited for: "cold" was flushed and
+        // never read since, so its 16th operand leaves the pile as it is — and loses nothing.
+        write("cold", 400);
+        store.flush_features().unwrap();
+        for i in 0..MAX_SUCCESSIVE_MERGES as u64 {
+            write("cold", 401 + i);
+        }
+        assert_eq!(resolved(), 3);
+        assert_eq!(x("cold"), Some((416, n(416.0))));
     }
 
     /// A batch's feature rows of several entities, interleaved (`RecordLog::commit`): every
