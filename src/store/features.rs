@@ -106,8 +106,9 @@ pub(super) fn keep_newest(
 pub(super) struct LatestChains {
     /// Entries of the active memtable when last read.
     entries: u64,
-    /// Operands per entity (by key hash; two entities sharing a count are resolved sooner).
-    piles: std::collections::HashMap<u64, usize>,
+    /// Operands per entity (by the key's xxh3 hash, itself hashed with Fx; two entities sharing
+    /// a count are resolved sooner).
+    piles: rustc_hash::FxHashMap<u64, usize>,
     /// Piles resolved.
     pub(super) resolved: u64,
 }
