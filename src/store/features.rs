@@ -145,6 +145,7 @@ impl Store {
             chains.piles.clear();
         }
         chains.entries = now;
+        let mut wrote = false;
         for key in merged.iter() {
             let pile = chains
                 .piles
@@ -170,11 +171,17 @@ impl Store {
                 Err(e) => Err(e.into()),
             };
             match resolved {
-                Ok(()) => chains.resolved += 1,
+                Ok(()) => {
+                    chains.resolved += 1;
+                    wrote = true;
+                }
                 Err(e) => tracing::debug!(error = %e, "latest features not resolved"),
             }
         }
-        chains.entries = chains.entries.max(active());
+        // Only a resolution's put (under the lock, nothing else writes the family) adds entries.
+        if wrote {
+            chains.entries = chains.entries.max(active());
+        }
     }
 }
 
@@ -385,9 +392,10 @@ fn write_numbers<V: std::borrow::Borrow<FeatureValue>>(
 
 /// Appends the `LatestFeatures` encoding of the row `values` laid out by `layout` (`values[i]`
 /// being column `i`'s) with every entry at `time_ms`, byte for byte what prost writes for the
-/// message (a unit test checks), without building it: a record's features are written twice
-/// per row (history and latest), and the message's owned names and values cost more than the
-/// writing.
+/// message (a unit test checks), without building it: the message's owned names and values cost
+/// more than the writing. The writer passes 0, which leaves the times out: the history row, and
+/// behind the row's time the latest values' operand (`add_laid_out_row`). Rows with a time in
+/// every entry are the operands earlier builds stored, which the tests still merge.
 fn encode_row<V: std::borrow::Borrow<FeatureValue>>(
     layout: &[(usize, Vec<u8>)],
     values: &[V],
@@ -699,6 +707,16 @@ mod tests {
     use super::*;
     use crate::convert::feature_value_to_pb;
 
+    /// Feature "x" of `entity` as of `as_of`, with its time after `t0`.
+    fn feature_x(store: &Store, entity: &str, as_of: u64, t0: u64) -> Option<(u64, FeatureValue)> {
+        store
+            .get_features(&[entity.to_string()], &[("x".to_string(), None)], as_of)
+            .unwrap()
+            .remove(0)
+            .remove(0)
+            .map(|(t, v)| (t - t0, v))
+    }
+
     /// What prost writes for a row: its entries absorbed one by one into a `LatestFeatures`
     /// (of a name given twice, the later value), every entry at `time_ms`.
     fn reference(row: &[(&str, &FeatureValue)], time_ms: u64) -> LatestFeatures {
@@ -994,14 +1012,7 @@ mod tests {
         write("busy", 100);
         assert_eq!(resolved(), 1, "the 16th operand of busy");
         // A resolution is a put: the entity's newest value is still read.
-        let x = |entity: &str| {
-            store
-                .get_features(&[entity.to_string()], &[("x".to_string(), None)], u64::MAX)
-                .unwrap()
-                .remove(0)
-                .remove(0)
-                .map(|(t, v)| (t - t0, v))
-        };
+        let x = |entity: &str| feature_x(&store, entity, u64::MAX, t0);
         assert_eq!(x("busy"), Some((100, n(100.0))));
         // Many operands in one batch.
         let mut b = store.record_batch();
@@ -1053,14 +1064,7 @@ mod tests {
             w.add_features(entity, t0 + dt, [("x", &n(x))]);
         }
         store.commit(w, false).unwrap();
-        let x = |entity: &str, as_of: u64| {
-            store
-                .get_features(&[entity.to_string()], &[("x".to_string(), None)], as_of)
-                .unwrap()
-                .remove(0)
-                .remove(0)
-                .map(|(t, v)| (t - t0, v))
-        };
+        let x = |entity: &str, as_of: u64| feature_x(&store, entity, as_of, t0);
         assert_eq!(x("a", now), Some((500, n(6.0))));
         assert_eq!(
             x("b", now),
