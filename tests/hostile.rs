@@ -600,3 +600,83 @@ async fn shedding_thousands_of_calls_keeps_the_connection() {
         .expect("the call holding the slot completes on the same connection");
     mg.shutdown().await;
 }
+
+/// modelgate's HTTP/2 (vendored h2, vendor/README.md) writes HPACK string literals raw, not
+/// Huffman-coded, which any decoder must accept (RFC 7541 §5.2) and costs far less to write. The
+/// request id is a per-call value: a literal never indexed, with its name spelled out.
+#[tokio::test]
+async fn response_header_blocks_are_raw_literals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "1ms").await;
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    raw.call(1, INFER, &infer_message("iris")).await;
+    let block = loop {
+        let f = raw.read().await.expect("the call is answered");
+        if f.ty == HEADERS && f.stream == 1 {
+            assert!(
+                f.flags & END_HEADERS != 0,
+                "one frame holds the block: {f:?}"
+            );
+            break f.payload;
+        }
+    };
+    // Never indexed, new name (0x10), then the name's length with the Huffman bit clear.
+    let name = b"x-modelgate-request-id";
+    let mut field = vec![0x10, name.len() as u8];
+    field.extend_from_slice(name);
+    let at = block
+        .windows(field.len())
+        .position(|w| w == field)
+        .unwrap_or_else(|| panic!("no raw never-indexed request id in {block:02x?}"));
+    let rest = &block[at + field.len()..];
+    let len = rest[0] as usize;
+    assert!(
+        rest[0] & 0x80 == 0,
+        "the value is Huffman-coded: {block:02x?}"
+    );
+    let id = std::str::from_utf8(&rest[1..1 + len]).unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "request id {id:?}");
+    mg.shutdown().await;
+}
+
+/// The vendored h2 checks connection-specific fields (RFC 9113 §8.2.2) in one pass over the
+/// names instead of five lookups: the rule is the same, whether the field is first, last or the
+/// only one.
+#[tokio::test]
+async fn h2_still_refuses_connection_specific_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "1ms").await;
+    let tcp = TcpStream::connect(mg.data_addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let request = |extra: &[(&str, &str)]| {
+        let mut req = http::Request::post(format!("http://{}{INFER}", mg.data_addr));
+        for (n, v) in extra {
+            req = req.header(*n, *v);
+        }
+        req.header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    };
+    for bad in [
+        ("connection", "close"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "h2c"),
+        ("keep-alive", "5"),
+        ("proxy-connection", "keep-alive"),
+        ("te", "gzip"),
+    ] {
+        let first = client.send_request(request(&[bad]), true);
+        assert!(first.is_err(), "{bad:?} was sent");
+        let last = client.send_request(request(&[("x-a", "1"), ("x-b", "2"), bad]), true);
+        assert!(last.is_err(), "{bad:?} after others was sent");
+    }
+    let (response, _) = client
+        .send_request(request(&[("te", "trailers"), ("x-keep-alive", "5")]), true)
+        .expect("te: trailers and look-alike names are allowed");
+    // An empty body is not a message: the call is answered with an error status, not reset.
+    let resp = response.await.expect("the request was sent and answered");
+    assert_eq!(resp.status(), 200);
+    mg.shutdown().await;
+}
