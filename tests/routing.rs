@@ -239,7 +239,7 @@ async fn backend_name_and_version_are_rewritten() {
 }
 
 /// The grpc-status of a ModelInfer call for `model` from a raw HTTP/2 client that sends
-/// content-length.
+/// content-length, checking that the answer announces none.
 async fn status_with_content_length(addr: std::net::SocketAddr, model: &str) -> String {
     use prost::Message;
     let message = infer_request(model, &[&[3.0]]).encode_to_vec();
@@ -260,7 +260,11 @@ async fn status_with_content_length(addr: std::net::SocketAddr, model: &str) -> 
     .unwrap();
     let (response, mut send) = client.send_request(req, false).unwrap();
     send.send_data(body.into(), true).unwrap();
-    let mut resp = response.await.unwrap().into_body();
+    let resp = response.await.unwrap();
+    // The answer is framed by its messages and trailers, with no length announced (as model
+    // servers answer).
+    assert!(resp.headers().get("content-length").is_none(), "{resp:?}");
+    let mut resp = resp.into_body();
     while let Some(chunk) = resp.data().await {
         chunk.expect("the response body arrives");
     }
