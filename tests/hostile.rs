@@ -212,14 +212,6 @@ fn grpc_headers(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     b
 }
 
-/// One length-prefixed, uncompressed gRPC message.
-fn grpc_frame(message: &[u8]) -> Vec<u8> {
-    let mut b = vec![0];
-    b.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    b.extend_from_slice(message);
-    b
-}
-
 fn infer_message(model: &str) -> Vec<u8> {
     use prost::Message;
     infer_request(model, &[&[1.0, 2.0]]).encode_to_vec()

@@ -48,14 +48,6 @@ struct StreamResponse {
 /// What the upstream saw: (method, first string field, second string field) per message.
 type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
 
-fn frame(msg: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + msg.len());
-    b.extend_from_slice(&[0]);
-    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    b.extend_from_slice(msg);
-    b.freeze()
-}
-
 /// The answer to one ModelInfer: `value` = the sum of the input's FP32 values, per the request id.
 fn answer(req: &ModelInferRequest) -> ModelInferResponse {
     let values: Vec<f32> = match req.raw_input_contents.first() {
@@ -178,7 +170,7 @@ async fn serve(
                     Vec::new()
                 }
             };
-            send.send_data(frame(&answer_msg), false).unwrap();
+            send.send_data(grpc_frame(&answer_msg), false).unwrap();
         }
     }
     let mut t = HeaderMap::new();
@@ -226,7 +218,7 @@ async fn setup(
 }
 
 fn encoded<M: Message>(m: &M) -> Bytes {
-    frame(&m.encode_to_vec())
+    grpc_frame(&m.encode_to_vec())
 }
 
 const OIP: &str = "/inference.GRPCInferenceService/";
@@ -293,7 +285,7 @@ async fn methods_that_name_a_model_are_routed_by_it() {
     let (code, msg) = raw_grpc_call(
         mg.data_addr,
         &format!("{OIP}ModelStatistics"),
-        frame(&[0x0a, 0x09, b'x']),
+        grpc_frame(&[0x0a, 0x09, b'x']),
     )
     .await;
     assert_eq!(code, 3, "{msg}");
@@ -305,8 +297,12 @@ async fn methods_that_name_a_model_are_routed_by_it() {
 async fn methods_that_name_no_model_need_the_default_model() {
     let dir = tempfile::tempdir().unwrap();
     let (mg, _, _) = setup(dir.path(), None).await;
-    let (code, msg) =
-        raw_grpc_call(mg.data_addr, &format!("{OIP}RepositoryIndex"), frame(&[])).await;
+    let (code, msg) = raw_grpc_call(
+        mg.data_addr,
+        &format!("{OIP}RepositoryIndex"),
+        grpc_frame(&[]),
+    )
+    .await;
     assert_eq!(code, 9, "FAILED_PRECONDITION: {msg}");
     assert!(
         msg.contains("RepositoryIndex names no model") && msg.contains("--default-model"),
@@ -317,11 +313,13 @@ async fn methods_that_name_no_model_need_the_default_model() {
     let dir = tempfile::tempdir().unwrap();
     let (mg, prod, _) = setup(dir.path(), Some("fraud")).await;
     for method in ["RepositoryIndex", "SystemSharedMemoryStatus", "LogSettings"] {
-        let (code, msg) = raw_grpc_call(mg.data_addr, &format!("{OIP}{method}"), frame(&[])).await;
+        let (code, msg) =
+            raw_grpc_call(mg.data_addr, &format!("{OIP}{method}"), grpc_frame(&[])).await;
         assert_eq!(code, 0, "{method}: {msg}");
     }
     // Trace settings naming no model go to the default model too.
-    let (code, msg) = raw_grpc_call(mg.data_addr, &format!("{OIP}TraceSetting"), frame(&[])).await;
+    let (code, msg) =
+        raw_grpc_call(mg.data_addr, &format!("{OIP}TraceSetting"), grpc_frame(&[])).await;
     assert_eq!(code, 0, "{msg}");
     let methods: Vec<String> = prod.lock().iter().map(|s| s.0.clone()).collect();
     assert_eq!(

@@ -221,11 +221,7 @@ async fn setup(dir: &std::path::Path) -> (modelgate::server::Running, String, Ar
 
 fn infer_body() -> Bytes {
     use prost::Message;
-    let req = infer_request("m", &[&[1.0, 2.0, 3.0]]);
-    let mut b = vec![0u8];
-    b.extend((req.encoded_len() as u32).to_be_bytes());
-    req.encode(&mut b).unwrap();
-    Bytes::from(b)
+    grpc_frame(&infer_request("m", &[&[1.0, 2.0, 3.0]]).encode_to_vec())
 }
 
 /// A kind of call: its name, its path, and the headers it needs.

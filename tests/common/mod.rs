@@ -166,6 +166,15 @@ pub fn served_version<T>(resp: &Response<T>) -> String {
         .to_string()
 }
 
+/// One length-prefixed, uncompressed gRPC message.
+pub fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(5 + message.len());
+    b.push(0);
+    b.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    b.extend_from_slice(message);
+    Bytes::from(b)
+}
+
 /// Sends raw bytes as one gRPC request body over HTTP/2 and returns (grpc-status, grpc-message).
 pub async fn raw_grpc_call(addr: SocketAddr, path: &str, body: Bytes) -> (i32, String) {
     raw_grpc_call_with(addr, path, body, &[]).await
@@ -178,6 +187,17 @@ pub async fn raw_grpc_call_with(
     body: Bytes,
     headers: &[(&str, &str)],
 ) -> (i32, String) {
+    let (_, code, message) = raw_grpc_exchange(addr, path, body, headers).await;
+    (code, message)
+}
+
+/// [`raw_grpc_call_with`] that also returns the response's headers (not its trailers).
+pub async fn raw_grpc_exchange(
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> (http::HeaderMap, i32, String) {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -197,16 +217,16 @@ pub async fn raw_grpc_call_with(
     let resp = sender.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.unwrap();
-    let headers = collected.trailers().cloned().unwrap_or(parts.headers);
-    let code = headers
+    let status = collected.trailers().unwrap_or(&parts.headers);
+    let code = status
         .get("grpc-status")
         .map(|v| v.to_str().unwrap().parse().unwrap())
         .unwrap_or(-1);
     // tonic percent-decodes grpc-message.
-    let message = tonic::Status::from_header_map(&headers)
+    let message = tonic::Status::from_header_map(status)
         .map(|s| s.message().to_string())
         .unwrap_or_default();
-    (code, message)
+    (parts.headers, code, message)
 }
 
 /// The Echo test service: every call kind, echoing `x-*` metadata and setting a trailer.
