@@ -187,6 +187,27 @@ fn approx_bytes(w: &RecordWrite) -> usize {
     }
 }
 
+/// Where a write goes in a batch: prediction records by their index key (model, time, request
+/// id), after every other write, which keeps its order (the sort is stable, so of two writes of
+/// one key the later still wins).
+///
+/// Why: a memtable is a skip list that remembers where its last insert went and places a key
+/// just past it in a step or two; any other key is searched for from the top (~20 key
+/// comparisons in a memtable of 8,000 records). Calls finish, and are queued for writing, out of
+/// the order they started in, so nearly every record and index entry was searched for from the
+/// top. Sorted, a batch's records mostly follow one another: ~3 comparisons each (the test
+/// below; callgrind: ~2,300 fewer instructions per recorded call). Their own key, a generated
+/// request id, follows time too; with several models in a batch it runs once per model. Feature
+/// rows are left in order: keyed by entity, consecutive ones land far apart whatever their order.
+fn insertion_place(w: &RecordWrite) -> Option<(&str, u64, &str)> {
+    match w {
+        RecordWrite::Prediction { record, time_ms } => {
+            Some((&record.model, *time_ms, &record.request_id))
+        }
+        _ => None,
+    }
+}
+
 impl Store {
     /// Starts a batch of records.
     pub(crate) fn record_batch(&self) -> RecordBatch<'_> {
@@ -210,10 +231,12 @@ impl Store {
 
 impl crate::storage::RecordLog for Store {
     fn commit(&self, writes: RecordWrites, no_slowdown: bool) -> Result<(), StoreError> {
+        let mut order: Vec<&RecordWrite> = writes.writes.iter().collect();
+        order.sort_by(|a, b| insertion_place(a).cmp(&insertion_place(b)));
         let mut batch = self.record_batch();
         // Sized up front: RocksDB grows a batch by doubling, copying it each time.
         batch.batch = WriteBatch::with_capacity_bytes(writes.writes.iter().map(approx_bytes).sum());
-        for w in &writes.writes {
+        for w in order {
             batch.apply(w);
         }
         batch.commit(no_slowdown)
@@ -262,5 +285,95 @@ impl crate::storage::RecordLog for Store {
         n: usize,
     ) -> Result<Vec<Judgement>, StoreError> {
         Store::recent_judgements(self, model, version, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{EncodedPrediction, RecordLog};
+
+    fn record(model: &str, id: &str, version: u32) -> EncodedPrediction {
+        EncodedPrediction::of(&pb::PredictionRecord {
+            request_id: id.to_string(),
+            model: model.to_string(),
+            version,
+            ..Default::default()
+        })
+    }
+
+    /// Key comparisons RocksDB makes (its perf context, this thread) while `store` commits
+    /// `writes`.
+    fn comparisons(store: &Store, writes: RecordWrites) -> u64 {
+        rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::EnableCount);
+        let mut perf = rocksdb::perf::PerfContext::default();
+        perf.reset();
+        store.commit(writes, false).unwrap();
+        let n = perf.metric(rocksdb::perf::PerfMetric::UserKeyComparisonCount);
+        rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::Disable);
+        n
+    }
+
+    /// A batch's records arrive in the order their calls finished, not started. Put into RocksDB
+    /// in key order, each record and index entry follows the previous one in its memtable, a few
+    /// key comparisons each instead of a search from the top (~20 each in this memtable); and
+    /// what reads back is what was written: every record, listed in time order, the later of two
+    /// writes of one request id kept.
+    #[test]
+    fn a_batch_of_records_finished_out_of_order_is_inserted_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 600_000;
+        let id = |t: u64| format!("req-{t:08}");
+        // A memtable of 8,000 records (and as many index entries) already.
+        for b in 0..100u64 {
+            let mut w = RecordWrites::default();
+            for i in 0..80 {
+                let t = b * 80 + i;
+                w.add_prediction(record("m", &id(t), 1), t0 + t);
+            }
+            store.commit(w, false).unwrap();
+        }
+        // The next 64 calls, finished in a scrambled order, one request id twice.
+        let scrambled = |from: u64| (0..64).map(move |i| from + (i * 37) % 64);
+        let mut w = RecordWrites::default();
+        for t in scrambled(8_000) {
+            w.add_prediction(record("m", &id(t), 1), t0 + t);
+        }
+        w.add_prediction(record("m", &id(8_000), 2), t0 + 8_000);
+        let per_insert = comparisons(&store, w) as f64 / (65.0 * 2.0);
+        assert!(
+            per_insert < 5.0,
+            "{per_insert:.1} key comparisons per insert"
+        );
+        // And 64 more of two models.
+        let mut w = RecordWrites::default();
+        for t in scrambled(8_064) {
+            let model = if t % 2 == 0 { "m" } else { "n" };
+            w.add_prediction(record(model, &id(t), 1), t0 + t);
+        }
+        store.commit(w, false).unwrap();
+        // Listed newest first: all of n's, and m's of both batches.
+        for (model, times) in [
+            (
+                "n",
+                (8_064..8_128).filter(|t| t % 2 == 1).collect::<Vec<u64>>(),
+            ),
+            (
+                "m",
+                (8_000..8_128)
+                    .filter(|t| *t < 8_064 || t % 2 == 0)
+                    .collect(),
+            ),
+        ] {
+            let page = store
+                .list_predictions(model, 0, t0 + 8_000, t0 + 8_128, 200, None)
+                .unwrap();
+            let ids: Vec<String> = page.records.into_iter().map(|r| r.request_id).collect();
+            let expected: Vec<String> = times.into_iter().rev().map(id).collect();
+            assert_eq!(ids, expected, "{model}");
+        }
+        let (_, kept) = store.get_prediction(&id(8_000), 0).unwrap().unwrap();
+        assert_eq!(kept.version, 2, "the later of two writes of one request id");
     }
 }
