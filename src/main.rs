@@ -88,7 +88,7 @@ fn main() -> ExitCode {
         }
     };
     // Before the runtime's threads exist (a thread takes its arena at its first allocation).
-    tune_malloc(matches!(&cli.command, Command::Serve(a) if a.record_predictions));
+    limit_malloc_arenas(matches!(&cli.command, Command::Serve(a) if a.record_predictions));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -169,9 +169,8 @@ fn main() -> ExitCode {
 /// for its lock). With records on, the record writer allocates and frees on every call and,
 /// sharing a data thread's arena, spent a fifth of its time waiting for that arena's lock
 /// (`perf`, everything on); two more arenas took that to 14% and everything on's throughput up
-/// by about a tenth in interleaved runs, for 1–3 MiB. When recording, the mmap threshold is
-/// fixed too (below), unless `MALLOC_MMAP_THRESHOLD_` says otherwise.
-fn tune_malloc(recording: bool) {
+/// by about a tenth in interleaved runs, for 1–3 MiB.
+fn limit_malloc_arenas(recording: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -180,21 +179,6 @@ fn tune_malloc(recording: bool) {
         // SAFETY: mallopt only sets a malloc tunable; called before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, arenas);
-        }
-    }
-    // RocksDB's memtables grow by 512 KiB blocks (a family's memtable size / 8), freed when the
-    // memtable is flushed. glibc serves a first one with mmap and returns it to the kernel on
-    // free, but then raises its mmap threshold above that size, so every later block came from
-    // an arena and stayed there when freed: with everything on, peak RSS crept up with every
-    // flush (h2load 4 × 32, 800,000 calls: 58.9–64.1 MiB in five runs). A fixed threshold
-    // (glibc's initial 128 KiB, which also stops the adjustment) keeps the blocks mmapped:
-    // 55.0–57.1 MiB in five, CPU per call unchanged in three interleaved pairs (a block is one
-    // mmap per ~370 recorded calls).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if recording && std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-        // SAFETY: mallopt only sets a malloc tunable; called before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
