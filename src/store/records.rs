@@ -232,7 +232,7 @@ impl Store {
 impl crate::storage::RecordLog for Store {
     fn commit(&self, writes: RecordWrites, no_slowdown: bool) -> Result<(), StoreError> {
         let mut order: Vec<&RecordWrite> = writes.writes.iter().collect();
-        order.sort_by(|a, b| insertion_place(a).cmp(&insertion_place(b)));
+        order.sort_by_key(|w| insertion_place(w));
         let mut batch = self.record_batch();
         // Sized up front: RocksDB grows a batch by doubling, copying it each time.
         batch.batch = WriteBatch::with_capacity_bytes(writes.writes.iter().map(approx_bytes).sum());
