@@ -16,6 +16,14 @@ type EncodeBuf<'a> = bytes::buf::Limit<&'a mut BytesMut>;
 
 const MAX_HEADER_LIST_ABUSE_MULTIPLIER: usize = 4;
 
+/// modelgate: the fields a decoded HEADERS frame's map has room for before it grows. A map
+/// starts at room for 6 (8 slots) on its first insert and doubles, rehashing every entry, when
+/// full. A proxied call's request and response carry a few headers from the peer and gain a
+/// few more on the way (request id, deadline, trace context, the version and experiment served,
+/// hyper's `date` lookup), so with 6 both maps grew on every call: ~1,200 instructions each.
+/// 12 (16 slots) holds a typical gRPC call's headers with ours; larger maps still grow.
+const DECODED_FIELDS_CAPACITY: usize = 12;
+
 /// Header frame
 ///
 /// This could be either a request or a response.
@@ -204,7 +212,9 @@ impl Headers {
             stream_id: head.stream_id(),
             stream_dep,
             header_block: HeaderBlock {
-                fields: HeaderMap::new(),
+                // modelgate: room for a proxy's own headers from the start (see
+                // `DECODED_FIELDS_CAPACITY`).
+                fields: HeaderMap::with_capacity(DECODED_FIELDS_CAPACITY),
                 field_size: 0,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
