@@ -181,10 +181,11 @@ const BLOCK_CACHE_BYTES: usize = 16 << 20;
 /// of order, so a memtable's oldest keys (request ids, index times) fall inside the range already
 /// compacted — for `prediction_index`, one file holding every key so far. Compacting twice the
 /// input at a time rewrites that overlap half as often: measured everything on (`/proc`,
-/// per-thread CPU, three interleaved pairs each), RocksDB's compaction thread went from 1.4–1.8
-/// to 0.8 µs per call under h2load and from 3.7–3.9 to 2.3–2.7 µs per call with 10,000 users
-/// (the feature store on). `features_latest` keeps the default: "as of now" feature reads look
-/// every key up in each of its level-0 files, and they are the online path.
+/// per-thread user + kernel CPU, three interleaved pairs each), RocksDB's compaction thread went
+/// from 1.6–2.1 to 0.9–1.0 µs per call under h2load and from 3.7–3.9 to 2.3–2.7 µs per call
+/// with 10,000 users (the feature store on; README, Performance). `features_latest` keeps the
+/// default: "as of now" feature reads look every key up in each of its level-0 files, and they
+/// are the online path.
 const LOG_L0_FILES_TO_COMPACT: i32 = 8;
 
 /// Whether `family` is a log appended to as calls and outcomes arrive, whose reads (a record or
