@@ -697,11 +697,8 @@ async fn decoded_header_maps_have_room_for_modelgate_headers() {
         .body(())
         .unwrap();
     let (response, mut body) = client.send_request(req, false).unwrap();
-    let message = infer_message("iris");
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    body.send_data(framed.into(), true).unwrap();
+    body.send_data(grpc_frame(&infer_message("iris")), true)
+        .unwrap();
     let resp = response.await.expect("the call is answered");
     assert_eq!(resp.status(), 200);
     assert!(
