@@ -6,7 +6,8 @@
 //!
 //! | family | key | value |
 //! |---|---|---|
-//! | `feature_rows` | entity ∅ ¬time ‖ seq | the row: names and `FeatureValue`s |
+//! | `feature_rows` | entity ∅ ¬time ‖ seq | the row: names and `FeatureValue`s, or, when every value is a number, 0x00 ‖ table id ‖ the numbers (see [`NameTable`]) |
+//! | `feature_rows` | 0xFF ‖ table id | a table of names those compact rows refer to |
 //! | `features_latest` | entity | newest time ‖ every feature's newest (time, value), merged per feature; an operand is the row's time ‖ the row |
 //! | `feature_defs` | name | JSON `FeatureDef` |
 
@@ -77,6 +78,65 @@ impl LatestFeatures {
     fn from_value(v: &[u8]) -> Option<LatestFeatures> {
         let (_, body) = keys::split_timed_value(cf::FEATURES_LATEST, v).ok()?;
         LatestFeatures::decode(body).ok()
+    }
+}
+
+/// The first byte of a compact history row ([`NameTable`]). No `LatestFeatures` encoding starts
+/// with it (0 is no field's number), so rows written before compact rows read as they did.
+const COMPACT_ROW: u8 = 0x00;
+
+/// A table of feature names as `feature_rows` stores it, once, under its id
+/// ([`keys::feature_table_key`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredNames {
+    #[prost(string, repeated, tag = "1")]
+    names: Vec<String>,
+}
+
+/// A table of names (in its layout's order: by name, each once) that history rows of numbers
+/// refer to instead of naming every value: such a row is [`COMPACT_ROW`], the table's id (u64
+/// LE) and each column's number (f64 LE), 137 bytes for 16 features where naming them took
+/// ~400. Every recorded call writes one history row, so this is most of what the feature
+/// store flushes and compacts (measured: README, Performance). The table is written into
+/// every batch holding a row that refers to it (one put per batch, whatever the rows), so a
+/// row is never committed without its table. The id is the xxh3 hash of the stored table;
+/// should two tables ever share one, the later table's rows are written whole.
+#[derive(Clone)]
+pub(super) struct NameTable {
+    id: u64,
+    key: [u8; 9],
+    /// [`StoredNames`], encoded.
+    stored: Vec<u8>,
+}
+
+impl NameTable {
+    fn of(names: Vec<String>) -> NameTable {
+        let stored = StoredNames { names }.encode_to_vec();
+        let id = xxhash_rust::xxh3::xxh3_64(&stored);
+        NameTable {
+            id,
+            key: keys::feature_table_key(id),
+            stored,
+        }
+    }
+}
+
+/// Appends the compact history row of `values` (numbers, every one) laid out by `layout`.
+fn write_compact<V: std::borrow::Borrow<FeatureValue>>(
+    table: &NameTable,
+    layout: &[(usize, Vec<u8>)],
+    values: &[V],
+    out: &mut Vec<u8>,
+) {
+    out.reserve(9 + 8 * layout.len());
+    out.push(COMPACT_ROW);
+    out.extend_from_slice(&table.id.to_le_bytes());
+    for (i, _) in layout {
+        let x = match values.get(*i).map(V::borrow) {
+            Some(FeatureValue::Number(x)) => *x,
+            _ => f64::NAN,
+        };
+        out.extend_from_slice(&x.to_le_bytes());
     }
 }
 
@@ -325,11 +385,14 @@ fn layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Layout {
 /// table (`RecordWrite::Features`), and sorting its names again for every record cost ~3,200
 /// instructions per recorded call, encoding them twice more. The layouts of tables no longer
 /// used are dropped once there are more than [`MAX_LAYOUTS`].
+///
+/// Its [`NameTable`] too, unless `free` says the table's id holds another table.
 fn table_layout<'o>(
     layouts: &'o mut RowLayouts,
     names: &Arc<[String]>,
-) -> (&'o Layout, &'o NumberRow) {
-    let i = match layouts.iter().position(|(n, _, _)| Arc::ptr_eq(n, names)) {
+    free: impl FnOnce(&NameTable) -> bool,
+) -> (&'o Layout, &'o NumberRow, Option<&'o NameTable>) {
+    let i = match layouts.iter().position(|(n, ..)| Arc::ptr_eq(n, names)) {
         Some(i) => i,
         None => {
             if layouts.len() >= MAX_LAYOUTS {
@@ -337,11 +400,14 @@ fn table_layout<'o>(
             }
             let layout = layout(names.iter().map(String::as_str));
             let numbers = number_row(&layout);
-            layouts.push((names.clone(), layout, numbers));
+            let table = NameTable::of(layout.iter().map(|(i, _)| names[*i].clone()).collect());
+            let table = free(&table).then_some(table);
+            layouts.push((names.clone(), layout, numbers, table));
             layouts.len() - 1
         }
     };
-    (&layouts[i].1, &layouts[i].2)
+    let (_, layout, numbers, table) = &layouts[i];
+    (layout, numbers, table.as_ref())
 }
 
 /// The history row (time 0) of `layout` when every value is a number: [`encode_row`] of zeros,
@@ -454,6 +520,7 @@ impl RecordBatch<'_> {
             time_ms,
             &layout(row.iter().map(|(n, _)| *n)),
             None,
+            None,
             &values,
         );
     }
@@ -470,23 +537,27 @@ impl RecordBatch<'_> {
             // Not a row the recorder writes: paired as far as both go.
             let n = names.len().min(values.len());
             let own = layout(names[..n].iter().map(String::as_str));
-            self.add_laid_out_row(entity, time_ms, &own, None, values);
+            self.add_laid_out_row(entity, time_ms, &own, None, None, values);
             return;
         }
         let mut layouts = std::mem::take(&mut self.row_layouts);
-        let (layout, numbers) = table_layout(&mut layouts, names);
-        self.add_laid_out_row(entity, time_ms, layout, Some(numbers), values);
+        let store = self.store;
+        let (layout, numbers, table) =
+            table_layout(&mut layouts, names, |t| store.table_is_free(t));
+        self.add_laid_out_row(entity, time_ms, layout, Some(numbers), table, values);
         self.row_layouts = layouts;
     }
 
-    /// Adds a row of one entity at one time: the history row, and the same row behind its time
-    /// merged into the entity's latest values.
+    /// Adds a row of one entity at one time: the history row (compact when `table` is given and
+    /// every value is a number), and the same row behind its time merged into the entity's
+    /// latest values.
     fn add_laid_out_row<V: std::borrow::Borrow<FeatureValue>>(
         &mut self,
         entity: &str,
         time_ms: u64,
         layout: &[(usize, Vec<u8>)],
         numbers: Option<&NumberRow>,
+        table: Option<&NameTable>,
         values: &[V],
     ) {
         if layout.is_empty() {
@@ -503,17 +574,32 @@ impl RecordBatch<'_> {
         let value = &mut self.scratch;
         value.clear();
         value.extend_from_slice(&time_ms.to_be_bytes());
-        if !numbers.is_some_and(|n| write_numbers(n, values, value)) {
+        let all_numbers = numbers.is_some_and(|n| write_numbers(n, values, value));
+        if !all_numbers {
             encode_row(layout, values, 0, value);
         }
+        // The history row: behind the operand, compact; or the operand's row itself.
+        let operand_end = value.len();
+        let history = match table.filter(|_| all_numbers) {
+            Some(table) => {
+                if !self.tables.contains(&table.id) {
+                    self.batch
+                        .put_cf(self.families.features, table.key, &table.stored);
+                    self.tables.push(table.id);
+                }
+                write_compact(table, layout, values, value);
+                operand_end..value.len()
+            }
+            None => 8..operand_end,
+        };
         self.batch.put_cf(
             self.families.features,
             keys::feature_row_key(entity, time_ms, seq),
-            &value[8..],
+            &value[history],
         );
         let key = keys::feature_entity_key(entity);
         self.batch
-            .merge_cf(self.families.features_latest, key, &value);
+            .merge_cf(self.families.features_latest, key, &value[..operand_end]);
         self.merged.push(key);
     }
 
@@ -656,8 +742,7 @@ impl Store {
             }
             // A feature whose TTL has passed at this row is not in any older one either.
             wanted.retain(|&i| feature_store::visible(t, as_of_ms, features[i].1));
-            let stored =
-                LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string()))?;
+            let stored = self.history_row(entity, v)?;
             wanted.retain(|&i| match stored.get(&features[i].0) {
                 Some(e) => {
                     row[i] = e
@@ -672,6 +757,78 @@ impl Store {
             history.next();
         }
         Ok(())
+    }
+
+    /// A history row as stored: compact ([`NameTable`]) or a `LatestFeatures`.
+    fn history_row(&self, entity: &str, v: &[u8]) -> Result<LatestFeatures, StoreError> {
+        let Some(rest) = v.strip_prefix(&[COMPACT_ROW]) else {
+            return LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string()));
+        };
+        let bad = |reason: String| StoreError::Decode {
+            family: cf::FEATURES,
+            key: entity.to_string(),
+            reason,
+        };
+        let Some((id, numbers)) = rest.split_first_chunk::<8>() else {
+            return Err(bad("a compact row without its table's id".into()));
+        };
+        let id = u64::from_le_bytes(*id);
+        let names = self
+            .name_table(id)?
+            .ok_or_else(|| bad(format!("the table of names {id:016x} is missing")))?;
+        if numbers.len() != 8 * names.len() {
+            return Err(bad(format!(
+                "{} bytes of numbers for a table of {} names",
+                numbers.len(),
+                names.len()
+            )));
+        }
+        let entries = names
+            .iter()
+            .zip(numbers.chunks_exact(8))
+            .map(|(name, x)| {
+                let mut le = [0u8; 8];
+                le.copy_from_slice(x);
+                LatestEntry {
+                    name: name.clone(),
+                    time_ms: 0,
+                    value: Some(pb::FeatureValue {
+                        kind: Some(pb::feature_value::Kind::Number(f64::from_le_bytes(le))),
+                    }),
+                }
+            })
+            .collect();
+        Ok(LatestFeatures { entries })
+    }
+
+    /// The table of names `id`, read once from `feature_rows` and then kept.
+    fn name_table(&self, id: u64) -> Result<Option<Arc<[String]>>, StoreError> {
+        if let Some(names) = self.name_tables.read().get(&id) {
+            return Ok(Some(names.clone()));
+        }
+        let key = keys::feature_table_key(id);
+        let Some(v) = self.db.get_pinned_cf(self.cf(cf::FEATURES), key)? else {
+            return Ok(None);
+        };
+        let names: Arc<[String]> = StoredNames::decode(&*v)
+            .map_err(decode_err(
+                cf::FEATURES,
+                format!("table of names {id:016x}"),
+            ))?
+            .names
+            .into();
+        self.name_tables.write().insert(id, names.clone());
+        Ok(Some(names))
+    }
+
+    /// Whether `table`'s id is free for it: unused, or holding this very table. Checked once per
+    /// table a writer lays out; a failed read counts as taken (its rows are then written whole).
+    fn table_is_free(&self, table: &NameTable) -> bool {
+        match self.db.get_pinned_cf(self.cf(cf::FEATURES), table.key) {
+            Ok(None) => true,
+            Ok(Some(v)) => *v == table.stored[..],
+            Err(_) => false,
+        }
     }
 
     /// Flushes the feature families' memtables to SST files (benchmarks compare reads from both).
@@ -759,7 +916,7 @@ mod tests {
                 .map(|i| FeatureValue::Number((k * 10 + i) as f64))
                 .collect();
             let row: Vec<_> = shared.iter().map(String::as_str).zip(&values).collect();
-            let got = encoded(table_layout(&mut layouts, &shared).0, &values);
+            let got = encoded(table_layout(&mut layouts, &shared, |_| true).0, &values);
             assert_eq!(got, reference(&row, 1_764_000_000_123));
             let names: Vec<&str> = got.entries.iter().map(|e| e.name.as_str()).collect();
             assert_eq!(names, ["a", "b", "x[10]", "x[2]"]);
@@ -768,7 +925,7 @@ mod tests {
             let two = &values[..2];
             let twin_row: Vec<_> = twin.iter().map(String::as_str).zip(two).collect();
             assert_eq!(
-                encoded(table_layout(&mut layouts, &twin).0, two),
+                encoded(table_layout(&mut layouts, &twin, |_| true).0, two),
                 reference(&twin_row, 1_764_000_000_123)
             );
             // Fewer values than names: paired as far as they go.
@@ -1074,6 +1231,175 @@ mod tests {
         assert_eq!(x("c", now), Some((0, n(7.0))));
         assert_eq!(x("b", t0 + 999), Some((0, n(1.0))));
         assert_eq!(x("a", t0 + 499), Some((0, n(5.0))));
+    }
+
+    /// The stored history rows of `entity`, newest first (raw values).
+    fn stored_rows(store: &Store, entity: &str) -> Vec<Vec<u8>> {
+        let prefix = keys::feature_row_prefix(entity);
+        store
+            .db
+            .prefix_iterator_cf(store.cf(cf::FEATURES), &prefix)
+            .map(|kv| kv.unwrap())
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.to_vec())
+            .collect()
+    }
+
+    /// The table of names of `names`' compact rows: in layout order, by name.
+    fn laid_out_table(names: &[String]) -> NameTable {
+        let mut sorted = names.to_vec();
+        sorted.sort();
+        NameTable::of(sorted)
+    }
+
+    /// Sixteen numeric features of one model's table, `x[0]`..`x[15]`, for `entity` at `t`.
+    fn sixteen(w: &mut crate::storage::RecordWrites, names: &Arc<[String]>, entity: &str, t: u64) {
+        let values = (0..16).map(|i| FeatureValue::Number(t as f64 + i as f64 / 8.0));
+        w.add_feature_row(entity, t, names.clone(), values.collect());
+    }
+
+    /// A row of numbers is stored compact: 0x00, its table's id and the numbers, 137 bytes for
+    /// 16 features (named, it was ~400); its table of names once, beside it. A row holding text
+    /// is stored named, as before. Point-in-time reads give back every value, from the memtable,
+    /// from files, and after a restart (the table read back from the store).
+    #[test]
+    fn rows_of_numbers_are_stored_compact_and_read_back_whole() {
+        use crate::storage::{RecordLog, RecordWrites};
+        let dir = tempfile::tempdir().unwrap();
+        let names: Arc<[String]> = (0..16).map(|i| format!("x[{i}]")).collect();
+        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 60_000;
+        let want = |store: &Store, entity: &str, as_of: u64| {
+            let features: Vec<(String, Option<u64>)> =
+                names.iter().map(|n| (n.clone(), None)).collect();
+            store
+                .get_features(&[entity.to_string()], &features, as_of)
+                .unwrap()
+                .remove(0)
+        };
+        let expect = |t: u64| {
+            (0..16)
+                .map(|i| Some((t, FeatureValue::Number(t as f64 + i as f64 / 8.0))))
+                .collect::<Vec<_>>()
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for b in 0..3u64 {
+                let mut w = RecordWrites::default();
+                for e in ["u1", "u2"] {
+                    sixteen(&mut w, &names, e, t0 + b * 1_000);
+                }
+                store.commit(w, false).unwrap();
+            }
+            let mut w = RecordWrites::default();
+            w.add_features(
+                "u1",
+                t0 + 5_000,
+                [("x[0]", &FeatureValue::Text("hi".into()))],
+            );
+            store.commit(w, false).unwrap();
+
+            let rows = stored_rows(&store, "u1");
+            assert_eq!(rows.len(), 4);
+            assert_eq!(rows[0][0], 0x0a, "a row with text is named");
+            for row in &rows[1..] {
+                assert_eq!(row[0], COMPACT_ROW);
+                assert_eq!(row.len(), 9 + 16 * 8);
+            }
+            let id = u64::from_le_bytes(rows[1][1..9].try_into().unwrap());
+            let table = store
+                .db
+                .get_cf(store.cf(cf::FEATURES), keys::feature_table_key(id))
+                .unwrap()
+                .expect("the table is stored");
+            assert_eq!(StoredNames::decode(&table[..]).unwrap().names.len(), 16);
+            // Looking back past the text row reads compact rows (memtable).
+            assert_eq!(want(&store, "u1", t0 + 1_500), expect(t0 + 1_000));
+            store.flush_features().unwrap();
+            assert_eq!(want(&store, "u2", t0 + 999), expect(t0));
+        }
+        // A restart: the table is read from the store.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(want(&store, "u1", t0 + 2_500), expect(t0 + 2_000));
+        assert_eq!(want(&store, "u2", t0 + 1_000), expect(t0 + 1_000));
+        let text = want(&store, "u1", t0 + 9_000);
+        assert_eq!(text[0], Some((t0 + 5_000, FeatureValue::Text("hi".into()))));
+        assert_eq!(
+            text[1],
+            Some((
+                t0 + 2_000,
+                FeatureValue::Number((t0 + 2_000) as f64 + 0.125)
+            ))
+        );
+    }
+
+    /// Should a table's id already hold another table, that table is left as it is and the rows
+    /// are stored named: both read back.
+    #[test]
+    fn a_table_id_taken_by_another_table_leaves_rows_named() {
+        use crate::storage::{RecordLog, RecordWrites};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names: Arc<[String]> = (0..16).map(|i| format!("x[{i}]")).collect();
+        let table = laid_out_table(&names);
+        let other = StoredNames {
+            names: vec!["other".into()],
+        }
+        .encode_to_vec();
+        store
+            .db
+            .put_cf(store.cf(cf::FEATURES), table.key, &other)
+            .unwrap();
+        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 60_000;
+        for t in [t0, t0 + 1_000] {
+            let mut w = RecordWrites::default();
+            sixteen(&mut w, &names, "u", t);
+            store.commit(w, false).unwrap();
+        }
+        let rows = stored_rows(&store, "u");
+        assert!(rows.iter().all(|r| r[0] == 0x0a), "named rows");
+        let stored = store
+            .db
+            .get_cf(store.cf(cf::FEATURES), table.key)
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, other, "the other table is untouched");
+        let got = store
+            .get_features(&["u".to_string()], &[("x[3]".to_string(), None)], t0 + 500)
+            .unwrap();
+        assert_eq!(
+            got[0][0],
+            Some((t0, FeatureValue::Number(t0 as f64 + 0.375)))
+        );
+    }
+
+    /// Retention drops expired rows but keeps the tables of names that newer rows refer to.
+    #[test]
+    fn retention_keeps_tables_of_names() {
+        use crate::storage::{RecordLog, RecordWrites};
+        let dir = tempfile::tempdir().unwrap();
+        let clock = crate::clock::ManualClock::now();
+        let now = crate::clock::Clock::now_ms(&*clock);
+        let retention = crate::storage::Retention {
+            features: std::time::Duration::from_secs(60),
+            ..Default::default()
+        };
+        let store = Store::open_with(dir.path(), retention, clock.clone()).unwrap();
+        let names: Arc<[String]> = (0..16).map(|i| format!("x[{i}]")).collect();
+        let mut w = RecordWrites::default();
+        sixteen(&mut w, &names, "old", now - 1_000);
+        store.commit(w, false).unwrap();
+        let table = laid_out_table(&names);
+        clock.advance(120_000);
+        store.compact_expired();
+        assert!(
+            stored_rows(&store, "old").is_empty(),
+            "the expired row is gone"
+        );
+        assert!(store
+            .db
+            .get_cf(store.cf(cf::FEATURES), table.key)
+            .unwrap()
+            .is_some());
     }
 
     /// History reads walk an entity's rows newest first: rows without the feature are passed

@@ -253,6 +253,15 @@ pub fn feature_row_time(key: &[u8]) -> Result<u64, KeyError> {
     Ok(u64::MAX - be64(&key[n - 12..n - 4]))
 }
 
+/// `feature_rows` key of a table of feature names (`features::NameTable`): 0xFF, then the
+/// table's id (u64 BE). No entity's rows sort among these (UTF-8 has no 0xFF byte), and no time
+/// reads from it (too short), so retention keeps it.
+pub fn feature_table_key(id: u64) -> [u8; 9] {
+    let mut k = [0xff; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
 /// `features_latest` key: the entity id.
 pub fn feature_entity_key(entity: &str) -> &[u8] {
     entity.as_bytes()
@@ -366,6 +375,10 @@ mod tests {
         // "u1" and "u10" do not interleave.
         assert!(!feature_row_key("u10", 5, 0).starts_with(&feature_row_prefix("u1")));
         assert!(feature_row_time(b"short").is_err());
+        // Tables of names sort apart from every entity's rows, and carry no time.
+        let table = feature_table_key(u64::MAX);
+        assert!(feature_row_time(&table).is_err());
+        assert!(feature_row_key("\u{10ffff}", 0, u32::MAX).as_slice() < &table[..]);
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Store {
     row_layouts: Arc<parking_lot::Mutex<records::RowLayouts>>,
     /// Operands piled up per entity in `features_latest` (`features::LatestChains`).
     latest_chains: Arc<parking_lot::Mutex<features::LatestChains>>,
+    /// The tables of names of compact history rows read so far, by id (`features::NameTable`).
+    name_tables: Arc<parking_lot::RwLock<rustc_hash::FxHashMap<u64, Arc<[String]>>>>,
 }
 
 /// What the store knows about its writes, for `/ready`.
@@ -271,6 +273,7 @@ impl Store {
             health: Arc::default(),
             row_layouts: Arc::default(),
             latest_chains: Arc::default(),
+            name_tables: Arc::default(),
         })
     }
 

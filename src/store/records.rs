@@ -57,6 +57,9 @@ pub(crate) struct RecordBatch<'s> {
     pub(super) row_layouts: RowLayouts,
     /// Entities whose latest values the batch merges into (`features::LatestChains`).
     pub(super) merged: MergedKeys,
+    /// The tables of names the batch's compact history rows refer to, each written once into
+    /// the batch beside them (`features::NameTable`).
+    pub(super) tables: Vec<u64>,
 }
 
 /// The entities a batch merges into (`RecordBatch::merged`): their `features_latest` keys, end
@@ -90,7 +93,12 @@ impl MergedKeys {
 /// How the rows of each table of feature names are written, by table (`features.rs`). A
 /// model's records share one table, so its layout is found once and kept: finding it again for
 /// every batch was ~750 instructions per recorded call at ~14 calls per batch.
-pub(super) type RowLayouts = Vec<(std::sync::Arc<[String]>, Layout, NumberRow)>;
+pub(super) type RowLayouts = Vec<(
+    std::sync::Arc<[String]>,
+    Layout,
+    NumberRow,
+    Option<super::features::NameTable>,
+)>;
 
 impl Drop for RecordBatch<'_> {
     fn drop(&mut self) {
@@ -225,6 +233,7 @@ impl Store {
             records: 0,
             row_layouts: std::mem::take(&mut self.row_layouts.lock()),
             merged: Default::default(),
+            tables: Vec::new(),
         }
     }
 }
