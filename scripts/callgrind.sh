@@ -100,5 +100,5 @@ load "$N" | grep -E "^requests:" >&2
 callgrind_control -i off $PID >/dev/null
 callgrind_control -d $PID >/dev/null
 sleep 1
-total=$(grep -hE "^(summary|totals):" "$OUT"/callgrind.out.1 | awk '{s += $2} END {print s}')
+total=$(grep -hE "^(summary|totals):" "$OUT"/callgrind.out.1 | awk '{s += $2} END {printf "%.0f\n", s}')
 echo "$TARGET: $((total / N)) instructions per call ($total over $N calls; profile: $OUT/callgrind.out.1)"

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use prost::Message;
 use rocksdb::{IteratorMode, MergeOperands};
 
-use super::records::{decode_err, Layout, MergedKeys, NumberRow, RecordBatch, RowLayouts};
+use super::records::{
+    decode_err, Layout, MergedKeys, NameTable, NumberRow, RecordBatch, RowLayouts,
+};
 use super::{cf, keys, Store, StoreError};
 use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
@@ -91,22 +93,6 @@ const COMPACT_ROW: u8 = 0x00;
 struct StoredNames {
     #[prost(string, repeated, tag = "1")]
     names: Vec<String>,
-}
-
-/// A table of names (in its layout's order: by name, each once) that history rows of numbers
-/// refer to instead of naming every value: such a row is [`COMPACT_ROW`], the table's id (u64
-/// LE) and each column's number (f64 LE), 137 bytes for 16 features where naming them took
-/// ~400. Every recorded call writes one history row, so this is most of what the feature
-/// store flushes and compacts (measured: README, Performance). The table is written into
-/// every batch holding a row that refers to it (one put per batch, whatever the rows), so a
-/// row is never committed without its table. The id is the xxh3 hash of the stored table;
-/// should two tables ever share one, the later table's rows are written whole.
-#[derive(Clone)]
-pub(super) struct NameTable {
-    id: u64,
-    key: [u8; 9],
-    /// [`StoredNames`], encoded.
-    stored: Vec<u8>,
 }
 
 impl NameTable {

@@ -97,7 +97,7 @@ pub(super) type RowLayouts = Vec<(
     std::sync::Arc<[String]>,
     Layout,
     NumberRow,
-    Option<super::features::NameTable>,
+    Option<NameTable>,
 )>;
 
 impl Drop for RecordBatch<'_> {
@@ -106,6 +106,22 @@ impl Drop for RecordBatch<'_> {
         // Two batches at once (the writer's and a control call's): the later one's are kept.
         *kept = std::mem::take(&mut self.row_layouts);
     }
+}
+
+/// A table of feature names (in its layout's order: by name, each once) that history rows of
+/// numbers refer to instead of naming every value (`features.rs`): such a row is a zero byte,
+/// the table's id (u64 LE) and each column's number (f64 LE), 137 bytes for 16 features where
+/// naming them took ~400. Every recorded call writes one history row, so this is most of what
+/// the feature store flushes and compacts (measured: README, Performance). The table is
+/// written into every batch holding a row that refers to it (one put per batch, whatever the
+/// rows), so a row is never committed without its table. The id is the xxh3 hash of the stored
+/// table; should two tables ever share one, the later table's rows are written whole.
+#[derive(Clone)]
+pub(super) struct NameTable {
+    pub(super) id: u64,
+    pub(super) key: [u8; 9],
+    /// `features::StoredNames`, encoded.
+    pub(super) stored: Vec<u8>,
 }
 
 /// How the rows of a table of feature names are written (`features.rs`): the table's columns in
