@@ -1240,6 +1240,11 @@ mod tests {
         NameTable::of(sorted)
     }
 
+    /// The names of [`sixteen`]'s features: `x[0]`..`x[15]`.
+    fn sixteen_names() -> Arc<[String]> {
+        (0..16).map(|i| format!("x[{i}]")).collect()
+    }
+
     /// Sixteen numeric features of one model's table, `x[0]`..`x[15]`, for `entity` at `t`.
     fn sixteen(w: &mut crate::storage::RecordWrites, names: &Arc<[String]>, entity: &str, t: u64) {
         let values = (0..16).map(|i| FeatureValue::Number(t as f64 + i as f64 / 8.0));
@@ -1254,7 +1259,7 @@ mod tests {
     fn rows_of_numbers_are_stored_compact_and_read_back_whole() {
         use crate::storage::{RecordLog, RecordWrites};
         let dir = tempfile::tempdir().unwrap();
-        let names: Arc<[String]> = (0..16).map(|i| format!("x[{i}]")).collect();
+        let names = sixteen_names();
         let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 60_000;
         let want = |store: &Store, entity: &str, as_of: u64| {
             let features: Vec<(String, Option<u64>)> =
@@ -1327,7 +1332,7 @@ mod tests {
         use crate::storage::{RecordLog, RecordWrites};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let names: Arc<[String]> = (0..16).map(|i| format!("x[{i}]")).collect();
+        let names = sixteen_names();
         let table = laid_out_table(&names);
         let other = StoredNames {
             names: vec!["other".into()],
@@ -1372,7 +1377,7 @@ mod tests {
             ..Default::default()
         };
         let store = Store::open_with(dir.path(), retention, clock.clone()).unwrap();
-        let names: Arc<[String]> = (0..16).map(|i| format!("x[{i}]")).collect();
+        let names = sixteen_names();
         let mut w = RecordWrites::default();
         sixteen(&mut w, &names, "old", now - 1_000);
         store.commit(w, false).unwrap();

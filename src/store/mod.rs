@@ -788,6 +788,23 @@ mod tests {
         assert!(level0(cf::FEATURES_LATEST) < 4);
     }
 
+    /// A number from RocksDB's aggregated table properties of `family` (`# data blocks`, `data
+    /// block size`, …).
+    fn table_property(store: &Store, family: &str, name: &str) -> u64 {
+        let props = store
+            .db
+            .property_value_cf(store.cf(family), "rocksdb.aggregated-table-properties")
+            .unwrap()
+            .unwrap();
+        props
+            .split(';')
+            .find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k.trim() == name).then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {name} in {props}"))
+    }
+
     /// What one flushed file of `family` holds: (data blocks, compressed data bytes, raw data
     /// bytes), from RocksDB's table properties, after writing `n` values of 100 digits (which
     /// compress well) and flushing.
@@ -799,20 +816,7 @@ mod tests {
         }
         store.write(b, false).unwrap();
         store.db.flush_cf(store.cf(family)).unwrap();
-        let props = store
-            .db
-            .property_value_cf(store.cf(family), "rocksdb.aggregated-table-properties")
-            .unwrap()
-            .unwrap();
-        let field = |name: &str| -> u64 {
-            props
-                .split(';')
-                .find_map(|kv| {
-                    let (k, v) = kv.split_once('=')?;
-                    (k.trim() == name).then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or_else(|| panic!("no {name} in {props}"))
-        };
+        let field = |name: &str| table_property(store, family, name);
         (
             field("# data blocks"),
             field("data block size"),
@@ -843,21 +847,8 @@ mod tests {
         store
             .db
             .compact_range_cf(store.cf(cf::FEATURES_LATEST), None::<&[u8]>, None::<&[u8]>);
-        let props = store
-            .db
-            .property_value_cf(
-                store.cf(cf::FEATURES_LATEST),
-                "rocksdb.aggregated-table-properties",
-            )
-            .unwrap()
-            .unwrap();
-        assert!(props.contains("data block size="), "{props}");
-        let size = |p: &str| -> u64 {
-            p.split(';')
-                .find_map(|kv| kv.trim().strip_prefix("data block size=")?.parse().ok())
-                .unwrap()
-        };
-        assert!(size(&props) < 5_000 * 100 / 4, "{props}");
+        let size = table_property(&store, cf::FEATURES_LATEST, "data block size");
+        assert!(size < 5_000 * 100 / 4, "compressed: {size} bytes");
     }
 
     #[test]
