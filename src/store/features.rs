@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `feature_rows` | entity ∅ ¬time ‖ seq | the row: names and `FeatureValue`s, or, when every value is a number, 0x00 ‖ table id ‖ the numbers (see [`NameTable`]) |
 //! | `feature_rows` | 0xFF ‖ table id | a table of names those compact rows refer to |
-//! | `features_latest` | entity | newest time ‖ every feature's newest (time, value), merged per feature; an operand is the row's time ‖ the row |
+//! | `features_latest` | entity | newest time ‖ every feature's newest (time, value), merged per feature; or the newest compact row of the entity's one table; or 0x01 ‖ pieces of both kinds, which only a reader with the names can merge (see [`merge_values`]); an operand is the row's time ‖ the row (compact or named, as its history row) |
 //! | `feature_defs` | name | JSON `FeatureDef` |
 
 use std::sync::Arc;
@@ -48,8 +48,8 @@ struct LatestFeatures {
 }
 
 /// The meaning of a merge, spelled out on messages: what the merge on the wire
-/// ([`merge_latest`]) and the row encoding ([`encode_row`]) are tested against.
-#[cfg(test)]
+/// ([`merge_latest`]) and the row encoding ([`encode_row`]) are tested against, and how a
+/// reader resolves a layered value's pieces ([`Store::latest_of`]).
 impl LatestFeatures {
     /// Keeps, per feature, the entry with the newest time (the later one on ties).
     fn absorb(&mut self, other: LatestFeatures) {
@@ -63,6 +63,7 @@ impl LatestFeatures {
     }
 
     /// Encoded with the newest time in front, for the retention filter.
+    #[cfg(test)]
     fn to_value(&self) -> Vec<u8> {
         let newest = self.entries.iter().map(|e| e.time_ms).max().unwrap_or(0);
         keys::timed_value(newest, &self.encode_to_vec())
@@ -77,6 +78,7 @@ impl LatestFeatures {
             .map(|i| &self.entries[i])
     }
 
+    #[cfg(test)]
     fn from_value(v: &[u8]) -> Option<LatestFeatures> {
         let (_, body) = keys::split_timed_value(cf::FEATURES_LATEST, v).ok()?;
         LatestFeatures::decode(body).ok()
@@ -126,6 +128,12 @@ fn write_compact<V: std::borrow::Borrow<FeatureValue>>(
     }
 }
 
+/// The first byte of a `features_latest` value holding pieces that a merge could not combine
+/// without their names: compact rows of different tables, or compact rows beside named entries
+/// ([`merge_values`]). Like [`COMPACT_ROW`], no `LatestFeatures` encoding starts with it (field
+/// 0 is no field).
+const LAYERED: u8 = 0x01;
+
 /// Merge operator of `features_latest`: per feature, the value with the newest time wins, so a
 /// late write of an old value never hides a newer one and no write needs a read first.
 pub(super) fn keep_newest(
@@ -133,7 +141,133 @@ pub(super) fn keep_newest(
     existing: Option<&[u8]>,
     operands: &MergeOperands,
 ) -> Option<Vec<u8>> {
-    Some(merge_latest(existing.into_iter().chain(operands.iter())))
+    Some(merge_values(existing.into_iter().chain(operands.iter())))
+}
+
+/// The table id of a compact row (0x00 ‖ id ‖ 8 bytes per number), `None` when it is not one.
+fn compact_id(body: &[u8]) -> Option<u64> {
+    let rest = body.strip_prefix(&[COMPACT_ROW])?;
+    let (id, numbers) = rest.split_first_chunk::<8>()?;
+    (numbers.len() % 8 == 0).then(|| u64::from_le_bytes(*id))
+}
+
+/// The pieces of a layered value (each its length, then a value: time ‖ body), as far as they
+/// are whole.
+fn layered_pieces(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = usize::try_from(prost::encoding::decode_varint(&mut bytes).ok()?).ok()?;
+        let (piece, rest) = bytes.split_at_checked(len)?;
+        bytes = rest;
+        Some(piece)
+    })
+}
+
+/// A compact row met by a merge: its table, its time and the whole value.
+struct CompactPiece<'a> {
+    id: u64,
+    time_ms: u64,
+    value: &'a [u8],
+}
+
+/// What a merge has met so far: of compact rows, the newest per table (in the order they came),
+/// and the named values, to be merged entry by entry ([`merge_latest`]).
+#[derive(Default)]
+struct Pieces<'a> {
+    compact: Vec<CompactPiece<'a>>,
+    named: Vec<&'a [u8]>,
+}
+
+impl<'a> Pieces<'a> {
+    /// Takes in one value (time ‖ body); a layered one piece by piece. What is malformed is
+    /// passed over, as [`merge_latest`] passes over what does not decode.
+    fn add(&mut self, value: &'a [u8], in_layered: bool) {
+        let Ok((time_ms, body)) = keys::split_timed_value(cf::FEATURES_LATEST, value) else {
+            return;
+        };
+        match body.first() {
+            Some(&COMPACT_ROW) => {
+                let Some(id) = compact_id(body) else { return };
+                let piece = CompactPiece { id, time_ms, value };
+                match self.compact.iter().position(|p| p.id == id) {
+                    // Rows of one table hold the same features: the newer row (the later one
+                    // on a tie, which goes last: of two tables' rows of one millisecond, the
+                    // later one wins too) holds each one's newest value.
+                    Some(i) if self.compact[i].time_ms > time_ms => {}
+                    Some(i) => {
+                        self.compact.remove(i);
+                        self.compact.push(piece);
+                    }
+                    None => self.compact.push(piece),
+                }
+            }
+            Some(&LAYERED) if !in_layered => {
+                for piece in layered_pieces(&body[1..]) {
+                    self.add(piece, true);
+                }
+            }
+            Some(&LAYERED) => {}
+            _ => {
+                self.named.push(value);
+            }
+        }
+    }
+}
+
+/// Merges `features_latest` values (oldest first): per feature, the value with the newest time,
+/// the later one on ties.
+///
+/// Named values (and named rows) merge into one named value, entry by entry ([`merge_latest`]),
+/// as they always did. Compact rows ([`NameTable`]) cannot be: RocksDB runs this where the
+/// tables of names are not at hand (flushes and compactions, some at open). But rows of one table
+/// hold the same features, so of those the newest row is all there is to keep, and that is the
+/// merge of a model's rows: ~200 instructions, where merging them named cost ~27,000 per flushed
+/// entity. Only when an entity has rows of several tables, or named values beside compact rows,
+/// is the result layered: 0x01 and each piece kept — the named merge first, then the newest row
+/// per table in the order they came — for the reader to absorb in that order with the names
+/// ([`Store::latest_of`]).
+///
+/// Of two values of one millisecond, the later one wins, except that a compact row always wins
+/// over a named value (a row holding text) of the same millisecond: which of the two came later
+/// is not kept once the named values are merged.
+fn merge_values<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut pieces = Pieces::default();
+    for v in values {
+        pieces.add(v, false);
+    }
+    let Pieces { compact, named, .. } = pieces;
+    if compact.is_empty() {
+        return merge_latest(named.into_iter());
+    }
+    // A named merge of nothing that decodes is no piece.
+    let named = (!named.is_empty())
+        .then(|| merge_latest(named.into_iter()))
+        .filter(|v| v.len() > 8);
+    if named.is_none() && compact.len() == 1 {
+        return compact[0].value.to_vec();
+    }
+    let newest = compact
+        .iter()
+        .map(|p| p.time_ms)
+        .chain(named.iter().map(|v| keys::be64(&v[..8])))
+        .max()
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(
+        9 + compact.iter().map(|p| p.value.len() + 2).sum::<usize>()
+            + named.as_ref().map_or(0, |v| v.len() + 3),
+    );
+    out.extend_from_slice(&newest.to_be_bytes());
+    out.push(LAYERED);
+    let piece = |value: &[u8], out: &mut Vec<u8>| {
+        prost::encoding::encode_varint(value.len() as u64, out);
+        out.extend_from_slice(value);
+    };
+    if let Some(v) = &named {
+        piece(v, &mut out);
+    }
+    for p in &compact {
+        piece(p.value, &mut out);
+    }
+    out
 }
 
 /// How many operands each entity's latest values have piled up in the active memtable of
@@ -241,19 +375,19 @@ struct RawEntry<'a> {
     timed: bool,
 }
 
-/// Merges encoded `features_latest` values (oldest first) as decoding each into a
+/// Merges named `features_latest` values (oldest first) as decoding each into a
 /// [`LatestFeatures`], absorbing them in order and encoding the result would — per feature the
 /// entry with the newest time, the later one on ties; a value that does not decode is passed
 /// over — but on the wire: entries are found, compared and copied without being decoded into
-/// owned names and values. (RocksDB runs this on every flush and compaction that meets an
-/// entity twice, on the writer when an entity's operands pile up, and on every read of an
-/// operand.)
+/// owned names and values. ([`merge_values`] runs this for the named values of every merge
+/// RocksDB does: flushes and compactions that meet an entity twice, the writer's resolutions
+/// when an entity's operands pile up, reads of operands.)
 ///
 /// An entry without a time is at its value's time, the one in front: that is how the writer
-/// sends its operands, a history row's bytes behind the row's time
+/// sends its named operands (rows holding text), a history row's bytes behind the row's time
 /// (`RecordBatch::add_laid_out_row`), rather than encoding the row again with a time in every
-/// entry. Such an entry is written out with its time appended, so that every value this
-/// returns — all RocksDB ever hands a reader — has a time in each entry.
+/// entry. Such an entry is written out with its time appended, so that every named value this
+/// returns has a time in each entry.
 fn merge_latest<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
     // Room for a few rows of 16 features: grown from empty, the vector was reallocated five
     // times for two or three such rows (~2,600 instructions of a ~27,000-instruction merge).
@@ -538,7 +672,7 @@ impl RecordBatch<'_> {
 
     /// Adds a row of one entity at one time: the history row (compact when `table` is given and
     /// every value is a number), and the same row behind its time merged into the entity's
-    /// latest values.
+    /// latest values (compact too, then).
     fn add_laid_out_row<V: std::borrow::Borrow<FeatureValue>>(
         &mut self,
         entity: &str,
@@ -555,20 +689,17 @@ impl RecordBatch<'_> {
             .store
             .row_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The row's time, then the row (entries without a time): the latest values' operand,
-        // whose entries are at the time in front (`merge_latest`), and behind the time the
-        // history row. One encoding serves both (encoding the row again with a time in every
-        // entry was ~2,000 instructions per recorded call of 16 features).
+        // The row's time, then the row: the latest values' operand, whose entries are at the
+        // time in front (`merge_values`), and behind the time the history row. One encoding
+        // serves both (encoding the row again with a time in every entry was ~2,000
+        // instructions per recorded call of 16 features). Compact when it can be: 145 bytes
+        // for 16 numbers instead of ~400, and merged by keeping the newest row.
         let value = &mut self.scratch;
         value.clear();
         value.extend_from_slice(&time_ms.to_be_bytes());
-        let all_numbers = numbers.is_some_and(|n| write_numbers(n, values, value));
-        if !all_numbers {
-            encode_row(layout, values, 0, value);
-        }
-        // The history row: behind the operand, compact; or the operand's row itself.
-        let operand_end = value.len();
-        let history = match table.filter(|_| all_numbers) {
+        let number =
+            |i: &usize| matches!(values.get(*i).map(V::borrow), Some(FeatureValue::Number(_)));
+        match table.filter(|_| layout.iter().all(|(i, _)| number(i))) {
             Some(table) => {
                 if !self.tables.contains(&table.id) {
                     self.batch
@@ -576,18 +707,21 @@ impl RecordBatch<'_> {
                     self.tables.push(table.id);
                 }
                 write_compact(table, layout, values, value);
-                operand_end..value.len()
             }
-            None => 8..operand_end,
-        };
+            None => {
+                if !numbers.is_some_and(|n| write_numbers(n, values, value)) {
+                    encode_row(layout, values, 0, value);
+                }
+            }
+        }
         self.batch.put_cf(
             self.families.features,
             keys::feature_row_key(entity, time_ms, seq),
-            &value[history],
+            &value[8..],
         );
         let key = keys::feature_entity_key(entity);
         self.batch
-            .merge_cf(self.families.features_latest, key, &value[..operand_end]);
+            .merge_cf(self.families.features_latest, key, &value[..]);
         self.merged.push(key);
     }
 
@@ -655,7 +789,10 @@ impl Store {
         );
         let mut latest: Vec<Option<LatestFeatures>> = vec![None; entities.len()];
         for ((_, i), v) in order.iter().zip(values) {
-            latest[*i] = v?.and_then(|v| LatestFeatures::from_value(&v));
+            latest[*i] = match v? {
+                Some(v) => self.latest_of(&entities[*i], &v)?,
+                None => None,
+            };
         }
         let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
         let mut out = Vec::with_capacity(entities.len());
@@ -749,11 +886,58 @@ impl Store {
 
     /// A history row as stored: compact ([`NameTable`]) or a `LatestFeatures`.
     fn history_row(&self, entity: &str, v: &[u8]) -> Result<LatestFeatures, StoreError> {
-        let Some(rest) = v.strip_prefix(&[COMPACT_ROW]) else {
-            return LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string()));
+        match v.strip_prefix(&[COMPACT_ROW]) {
+            Some(rest) => self.compact_row(cf::FEATURES, entity, rest, 0),
+            None => LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string())),
+        }
+    }
+
+    /// An entity's `features_latest` value with its names: named (as merged), compact (every
+    /// feature at the value's time) or layered (its pieces absorbed in the order they are kept,
+    /// see [`merge_values`]); `None` when it is malformed, as a value that does not decode
+    /// always read.
+    fn latest_of(&self, entity: &str, v: &[u8]) -> Result<Option<LatestFeatures>, StoreError> {
+        let Ok((time_ms, body)) = keys::split_timed_value(cf::FEATURES_LATEST, v) else {
+            return Ok(None);
         };
+        match body.split_first() {
+            Some((&COMPACT_ROW, rest)) => self
+                .compact_row(cf::FEATURES_LATEST, entity, rest, time_ms)
+                .map(Some),
+            Some((&LAYERED, pieces)) => {
+                let mut all = LatestFeatures::default();
+                for piece in layered_pieces(pieces) {
+                    let Ok((time_ms, body)) = keys::split_timed_value(cf::FEATURES_LATEST, piece)
+                    else {
+                        continue;
+                    };
+                    let found = match body.split_first() {
+                        Some((&COMPACT_ROW, rest)) => {
+                            Some(self.compact_row(cf::FEATURES_LATEST, entity, rest, time_ms)?)
+                        }
+                        Some((&LAYERED, _)) => None,
+                        _ => LatestFeatures::decode(body).ok(),
+                    };
+                    if let Some(found) = found {
+                        all.absorb(found);
+                    }
+                }
+                Ok(Some(all))
+            }
+            _ => Ok(LatestFeatures::decode(body).ok()),
+        }
+    }
+
+    /// The entries of a compact row (past its first byte), each at `time_ms`, sorted by name.
+    fn compact_row(
+        &self,
+        family: &'static str,
+        entity: &str,
+        rest: &[u8],
+        time_ms: u64,
+    ) -> Result<LatestFeatures, StoreError> {
         let bad = |reason: String| StoreError::Decode {
-            family: cf::FEATURES,
+            family,
             key: entity.to_string(),
             reason,
         };
@@ -771,7 +955,7 @@ impl Store {
                 names.len()
             )));
         }
-        let entries = names
+        let mut entries = names
             .iter()
             .zip(numbers.chunks_exact(8))
             .map(|(name, x)| {
@@ -779,13 +963,16 @@ impl Store {
                 le.copy_from_slice(x);
                 LatestEntry {
                     name: name.clone(),
-                    time_ms: 0,
+                    time_ms,
                     value: Some(pb::FeatureValue {
                         kind: Some(pb::feature_value::Kind::Number(f64::from_le_bytes(le))),
                     }),
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Tables are written sorted by name (their rows' layout); sorted again, a table that
+        // were not would still be searched right (`LatestFeatures::get`).
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(LatestFeatures { entries })
     }
 
@@ -928,6 +1115,37 @@ mod tests {
         assert_eq!(layouts.len(), 2);
     }
 
+    /// A random named value at `time_ms`: fewer than `most` entries of `names`, numbers or
+    /// texts, given a time or not (untimed, at the value's time: said by the `bool`).
+    fn random_named(
+        rng: &mut impl rand::Rng,
+        names: &[&str],
+        most: usize,
+        time_ms: u64,
+    ) -> (Vec<u8>, bool) {
+        let row: Vec<(String, FeatureValue)> = (0..rng.random_range(0..most))
+            .map(|_| {
+                let name = names[rng.random_range(0..names.len())].to_string();
+                let value = if rng.random_bool(0.5) {
+                    FeatureValue::Number(rng.random_range(-3..3) as f64)
+                } else {
+                    FeatureValue::Text(format!("v{}", rng.random_range(0..3)))
+                };
+                (name, value)
+            })
+            .collect();
+        let row_values: Vec<&FeatureValue> = row.iter().map(|(_, v)| v).collect();
+        let untimed = rng.random_bool(0.5);
+        let mut v = time_ms.to_be_bytes().to_vec();
+        encode_row(
+            &layout(row.iter().map(|(n, _)| n.as_str())),
+            &row_values,
+            if untimed { 0 } else { time_ms },
+            &mut v,
+        );
+        (v, untimed)
+    }
+
     /// The merge on the wire gives what decoding, absorbing and encoding the messages gave:
     /// random operands over a few names (so names repeat, at equal and different times), an
     /// existing value or none, operands as the writer sends them (entries without a time, at
@@ -957,26 +1175,7 @@ mod tests {
             let mut values: Vec<(Vec<u8>, bool)> = Vec::new();
             for _ in 0..rng.random_range(1..6) {
                 let time_ms = rng.random_range(0..4u64) * 1_000;
-                let row: Vec<(String, FeatureValue)> = (0..rng.random_range(0..5))
-                    .map(|_| {
-                        let name = names[rng.random_range(0..names.len())].to_string();
-                        let value = if rng.random_bool(0.5) {
-                            FeatureValue::Number(rng.random_range(-3..3) as f64)
-                        } else {
-                            FeatureValue::Text(format!("v{}", rng.random_range(0..3)))
-                        };
-                        (name, value)
-                    })
-                    .collect();
-                let row_values: Vec<&FeatureValue> = row.iter().map(|(_, v)| v).collect();
-                let untimed = rng.random_bool(0.5);
-                let mut v = time_ms.to_be_bytes().to_vec();
-                encode_row(
-                    &layout(row.iter().map(|(n, _)| n.as_str())),
-                    &row_values,
-                    if untimed { 0 } else { time_ms },
-                    &mut v,
-                );
+                let (mut v, untimed) = random_named(&mut rng, &names, 5, time_ms);
                 match rng.random_range(0..12) {
                     // Not a value at all, and one cut short inside an entry.
                     0 => v.truncate(5),
@@ -1008,6 +1207,156 @@ mod tests {
             merge_latest([&b"\x00"[..]].into_iter()),
             reference(&[(vec![0], false)])
         );
+    }
+
+    /// Compact rows (of several tables, late ones too), named values, timed or not, and
+    /// malformed ones merge — at once, or in groups whose merges are merged again, as RocksDB
+    /// merges operands piecewise — into a value that reads back as absorbing every one of them
+    /// named, in order. Rows of one table alone merge into the newest row as it is; rows of
+    /// several tables into a layered value. (Named values and compact rows never share a
+    /// millisecond here: between those two kinds the compact row wins a tie, checked last.)
+    #[test]
+    fn merging_compact_rows_is_absorbing_them_named() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names = ["a", "b", "clicks", "country", "z"];
+        let tables: Vec<(NameTable, Vec<String>)> =
+            [&["a", "b"][..], &["b", "clicks", "z"], &["a", "country"]]
+                .iter()
+                .map(|t| {
+                    let t: Vec<String> = t.iter().map(|n| n.to_string()).collect();
+                    (NameTable::of(t.clone()), t)
+                })
+                .collect();
+        for (table, names) in &tables {
+            store
+                .name_tables
+                .write()
+                .insert(table.id, names.clone().into());
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1805);
+        for case in 0..1_000 {
+            let mut values: Vec<Vec<u8>> = Vec::new();
+            let mut reference = LatestFeatures::default();
+            let mut compact_tables = std::collections::BTreeSet::new();
+            let mut only_compact = true;
+            for _ in 0..rng.random_range(1..8) {
+                let mut v;
+                let mut entries = None;
+                if rng.random_bool(0.6) {
+                    // Compact rows at odd seconds.
+                    let time_ms = rng.random_range(0..4u64) * 2_000 + 1_000;
+                    let (table, names) = &tables[rng.random_range(0..tables.len())];
+                    v = time_ms.to_be_bytes().to_vec();
+                    let row: Vec<(usize, Vec<u8>)> =
+                        (0..names.len()).map(|i| (i, vec![])).collect();
+                    let numbers: Vec<FeatureValue> = (0..names.len())
+                        .map(|_| FeatureValue::Number(rng.random_range(-3..3) as f64))
+                        .collect();
+                    write_compact(table, &row, &numbers, &mut v);
+                    compact_tables.insert(table.id);
+                    entries = Some(LatestFeatures {
+                        entries: names
+                            .iter()
+                            .zip(&numbers)
+                            .map(|(name, x)| LatestEntry {
+                                name: name.clone(),
+                                time_ms,
+                                value: Some(feature_value_to_pb(x)),
+                            })
+                            .collect(),
+                    });
+                } else {
+                    // Named values at even seconds, their entries at the value's time or not.
+                    only_compact = false;
+                    let time_ms = rng.random_range(0..4u64) * 2_000;
+                    v = random_named(&mut rng, &names, 4, time_ms).0;
+                    if let Some(mut l) = LatestFeatures::from_value(&v) {
+                        l.entries.iter_mut().for_each(|e| e.time_ms = time_ms);
+                        entries = Some(l);
+                    }
+                }
+                // Malformed: too short for a time, or cut inside a number or an entry.
+                match rng.random_range(0..15) {
+                    0 => v.truncate(5),
+                    1 if v.len() > 12 => v.truncate(v.len() - 3),
+                    _ => {
+                        if let Some(e) = entries {
+                            reference.absorb(e);
+                        }
+                    }
+                }
+                values.push(v);
+            }
+            let newest = reference
+                .entries
+                .iter()
+                .map(|e| e.time_ms)
+                .max()
+                .unwrap_or(0);
+            let resolved = |v: &[u8]| {
+                assert_eq!(
+                    keys::be64(&v[..8]),
+                    newest,
+                    "case {case}: the newest time in front"
+                );
+                store.latest_of("e", v).unwrap().unwrap_or_default()
+            };
+            let merged = merge_values(values.iter().map(Vec::as_slice));
+            assert_eq!(resolved(&merged), reference, "case {case}");
+            assert_eq!(
+                resolved(&merge_values([merged.as_slice()].into_iter())),
+                reference,
+                "case {case}: merged again with nothing"
+            );
+            // In groups, as flushes and compactions merge operands, then merged again.
+            let mut groups = Vec::new();
+            let mut rest = &values[..];
+            while !rest.is_empty() {
+                let (group, tail) = rest.split_at(rng.random_range(1..=rest.len()));
+                groups.push(merge_values(group.iter().map(Vec::as_slice)));
+                rest = tail;
+            }
+            let regrouped = merge_values(groups.iter().map(Vec::as_slice));
+            assert_eq!(resolved(&regrouped), reference, "case {case}: in groups");
+            let well_formed = values
+                .iter()
+                .all(|v| v.len() > 8 && compact_id(&v[8..]).is_some());
+            if only_compact && well_formed && compact_tables.len() == 1 {
+                // The newest row, the later one on a tie.
+                let newest_row = values
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(i, v)| (keys::be64(&v[..8]), *i))
+                    .unwrap()
+                    .1;
+                assert_eq!(&merged, newest_row, "case {case}: the newest row as it is");
+            }
+            if well_formed && compact_tables.len() > 1 {
+                assert_eq!(merged[8], LAYERED, "case {case}");
+            }
+        }
+        // A compact row and a named value of one millisecond, in either order: the row's number.
+        let (table, _) = &tables[0];
+        let mut row = 5_000u64.to_be_bytes().to_vec();
+        let numbers = [FeatureValue::Number(1.0), FeatureValue::Number(2.0)];
+        write_compact(table, &[(0, vec![]), (1, vec![])], &numbers, &mut row);
+        let mut named = 5_000u64.to_be_bytes().to_vec();
+        encode_row(
+            &layout(["a"]),
+            &[FeatureValue::Text("t".into())],
+            0,
+            &mut named,
+        );
+        for pair in [[&row, &named], [&named, &row]] {
+            let merged = merge_values(pair.into_iter().map(Vec::as_slice));
+            let a = store.latest_of("e", &merged).unwrap().unwrap();
+            assert_eq!(
+                a.get("a").unwrap().value,
+                Some(feature_value_to_pb(&numbers[0]))
+            );
+        }
     }
 
     /// A history row of numbers written from its table's zero row is the row encoded entry by
@@ -1252,9 +1601,10 @@ mod tests {
     }
 
     /// A row of numbers is stored compact: 0x00, its table's id and the numbers, 137 bytes for
-    /// 16 features (named, it was ~400); its table of names once, beside it. A row holding text
-    /// is stored named, as before. Point-in-time reads give back every value, from the memtable,
-    /// from files, and after a restart (the table read back from the store).
+    /// 16 features (named, it was ~400); its table of names once, beside it; and so is the
+    /// entity's latest values' operand. A row holding text is stored named, as before.
+    /// Point-in-time reads give back every value, from the memtable, from files, and after a
+    /// restart (the table read back from the store).
     #[test]
     fn rows_of_numbers_are_stored_compact_and_read_back_whole() {
         use crate::storage::{RecordLog, RecordWrites};
@@ -1283,6 +1633,20 @@ mod tests {
                 }
                 store.commit(w, false).unwrap();
             }
+            // The latest values, merged: the newest compact row as it is, 8 + 137 bytes.
+            let latest = |entity: &str| {
+                store
+                    .db
+                    .get_cf(
+                        store.cf(cf::FEATURES_LATEST),
+                        keys::feature_entity_key(entity),
+                    )
+                    .unwrap()
+                    .unwrap()
+            };
+            let u2 = latest("u2");
+            assert_eq!((u2.len(), u2[8]), (8 + 9 + 16 * 8, COMPACT_ROW));
+            assert_eq!(keys::be64(&u2[..8]), t0 + 2_000);
             let mut w = RecordWrites::default();
             w.add_features(
                 "u1",
@@ -1290,6 +1654,8 @@ mod tests {
                 [("x[0]", &FeatureValue::Text("hi".into()))],
             );
             store.commit(w, false).unwrap();
+            // A named row beside compact ones: layered, for reads to resolve.
+            assert_eq!(latest("u1")[8], LAYERED);
 
             let rows = stored_rows(&store, "u1");
             assert_eq!(rows.len(), 4);

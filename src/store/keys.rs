@@ -74,7 +74,7 @@ fn err(family: &'static str, key: &[u8], reason: &'static str) -> KeyError {
     }
 }
 
-fn be64(b: &[u8]) -> u64 {
+pub(super) fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b.try_into().expect("8 bytes"))
 }
 
