@@ -794,7 +794,9 @@ impl Store {
                 None => None,
             };
         }
-        let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
+        // Opened at the first look-back only: most reads ("as of now") need none, and an
+        // iterator pins a view of every memtable and file of the family.
+        let mut history = None;
         let mut out = Vec::with_capacity(entities.len());
         for (entity, latest) in entities.iter().zip(latest) {
             let mut row: Vec<Option<(u64, FeatureValue)>> = Vec::with_capacity(features.len());
@@ -816,7 +818,7 @@ impl Store {
             }
             if !older.is_empty() {
                 self.look_back(
-                    &mut history,
+                    history.get_or_insert_with(|| self.db.raw_iterator_cf(self.cf(cf::FEATURES))),
                     entity,
                     features,
                     as_of_ms,
