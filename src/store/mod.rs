@@ -229,6 +229,17 @@ fn written_per_call(family: &str) -> bool {
     )
 }
 
+/// Whether `family` is only ever read by seeking (ranges of an index, an entity's rows), never
+/// by a point lookup of a whole key, so that a bloom filter or a hash index inside its data
+/// blocks would be built at every flush and compaction and kept in the block cache for nothing
+/// (`feature_rows`' tables of names are looked up by key, once per table a process meets).
+fn only_seeked(family: &str) -> bool {
+    matches!(
+        family,
+        cf::PREDICTION_INDEX | cf::OUTCOME_INDEX | cf::SHADOW_LOG | cf::FEATURES
+    )
+}
+
 fn db_options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
@@ -624,8 +635,8 @@ impl Store {
     }
 }
 
-/// Options of one column family: a shared block cache with bloom filters for point lookups,
-/// the merge operators of `counters` and `features_latest`, and — for families with a retention —
+/// Options of one column family: a shared block cache with bloom filters for point lookups
+/// (where there are any, [`only_seeked`]), the merge operators of `counters` and `features_latest`, and — for families with a retention —
 /// a compaction filter that drops expired entries, with periodic compaction so that files are
 /// revisited even when nothing else triggers a compaction.
 fn family_options(
@@ -646,10 +657,13 @@ fn family_options(
         o.set_compression_per_level(&FLUSHED_UNCOMPRESSED);
     }
     table.set_block_cache(cache);
-    table.set_bloom_filter(10.0, false);
     table.set_cache_index_and_filter_blocks(true);
-    // A hash index inside data blocks speeds point lookups (records, outcomes, latest features).
-    table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
+    if !only_seeked(family) {
+        table.set_bloom_filter(10.0, false);
+        // A hash index inside data blocks speeds point lookups (records, outcomes, latest
+        // features).
+        table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
+    }
     o.set_block_based_table_factory(&table);
     match family {
         cf::COUNTERS => o.set_merge_operator_associative("add", counters::add_counters),
@@ -832,7 +846,7 @@ mod tests {
 
     /// The call logs write 16 KiB data blocks (RocksDB sets up an LZ4 stream per block); they
     /// and `features_latest` flush uncompressed, their compactions compress; everything else
-    /// keeps RocksDB's 4 KiB blocks, compressed.
+    /// keeps RocksDB's 4 KiB blocks, compressed. Families only ever seeked have no bloom filter.
     #[test]
     fn block_sizes_and_compression_follow_how_each_family_is_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -852,6 +866,11 @@ mod tests {
         let (blocks, stored, raw) = flushed(&store, cf::COUNTERS, 5_000);
         assert!(raw / blocks < 5 << 10, "{blocks} blocks for {raw} bytes");
         assert!(stored < raw / 4, "compressed: {stored} of {raw} bytes");
+        // Bloom filters only where keys are looked up whole.
+        let filter = |family| table_property(&store, family, "filter block size");
+        assert!(filter(cf::PREDICTIONS) > 0);
+        flushed(&store, cf::PREDICTION_INDEX, 1_000);
+        assert_eq!(filter(cf::PREDICTION_INDEX), 0, "an index is only seeked");
         // Compacted, they are compressed.
         for family in [cf::FEATURES_LATEST, cf::PREDICTIONS] {
             store
