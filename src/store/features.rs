@@ -1361,6 +1361,48 @@ mod tests {
         }
     }
 
+    /// Whatever bytes a value holds — a time, then a compact, layered or named body, cut or
+    /// garbled anywhere — merging and reading them never panics, and a merge of a compact row
+    /// with such bytes, where they hold no value of the row's features, keeps the row's.
+    #[test]
+    fn merging_arbitrary_bytes_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = vec!["a".into(), "b".into()];
+        let table = NameTable::of(names.clone());
+        store.name_tables.write().insert(table.id, names.into());
+        let mut row = 7_000u64.to_be_bytes().to_vec();
+        let numbers = [FeatureValue::Number(1.5), FeatureValue::Number(-2.0)];
+        write_compact(&table, &[(0, vec![]), (1, vec![])], &numbers, &mut row);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..5_000 {
+            let mut junk: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+            if junk.len() > 8 {
+                junk[8] = [COMPACT_ROW, LAYERED, 0x0a][rng.random_range(0..3)];
+            }
+            let merged = merge_values([junk.as_slice()].into_iter());
+            let _ = store.latest_of("e", &merged);
+            let _ = store.latest_of("e", &junk);
+            let merged = merge_values([row.as_slice(), junk.as_slice()].into_iter());
+            let _ = merge_values([junk.as_slice(), merged.as_slice()].into_iter());
+            // Unless the junk holds an `a` of its own, or names a table that is not stored.
+            let junk_read = store.latest_of("e", &junk);
+            if junk_read
+                .as_ref()
+                .is_ok_and(|l| l.as_ref().is_none_or(|l| l.get("a").is_none()))
+            {
+                let read = store.latest_of("e", &merged).unwrap();
+                let a = read.expect("a merge holding the row reads");
+                let a = a.get("a").expect("the row's a is kept");
+                assert_eq!(
+                    (a.time_ms, &a.value),
+                    (7_000, &Some(feature_value_to_pb(&numbers[0])))
+                );
+            }
+        }
+    }
+
     /// A history row of numbers written from its table's zero row is the row encoded entry by
     /// entry (names out of order, given twice, long enough for a two-byte length; numbers
     /// negative, zero, NaN, huge); a row with a text, or too few values, is left to the encoder.
