@@ -636,9 +636,10 @@ impl Store {
 }
 
 /// Options of one column family: a shared block cache with bloom filters for point lookups
-/// (where there are any, [`only_seeked`]), the merge operators of `counters` and `features_latest`, and — for families with a retention —
-/// a compaction filter that drops expired entries, with periodic compaction so that files are
-/// revisited even when nothing else triggers a compaction.
+/// (where there are any, [`only_seeked`]), the merge operators of `counters` and
+/// `features_latest`, and — for families with a retention — a compaction filter that drops
+/// expired entries, with periodic compaction so that files are revisited even when nothing else
+/// triggers a compaction.
 fn family_options(
     family: &str,
     cache: &rocksdb::Cache,
