@@ -109,6 +109,14 @@ impl NameTable {
     }
 }
 
+/// Column `i`'s number in `values`, `None` when it holds text or is missing.
+fn number_at<V: std::borrow::Borrow<FeatureValue>>(values: &[V], i: usize) -> Option<f64> {
+    match values.get(i).map(V::borrow) {
+        Some(FeatureValue::Number(x)) => Some(*x),
+        _ => None,
+    }
+}
+
 /// Appends the compact history row of `values` (numbers, every one) laid out by `layout`.
 fn write_compact<V: std::borrow::Borrow<FeatureValue>>(
     table: &NameTable,
@@ -120,10 +128,7 @@ fn write_compact<V: std::borrow::Borrow<FeatureValue>>(
     out.push(COMPACT_ROW);
     out.extend_from_slice(&table.id.to_le_bytes());
     for (i, _) in layout {
-        let x = match values.get(*i).map(V::borrow) {
-            Some(FeatureValue::Number(x)) => *x,
-            _ => f64::NAN,
-        };
+        let x = number_at(values, *i).unwrap_or(f64::NAN);
         out.extend_from_slice(&x.to_le_bytes());
     }
 }
@@ -562,17 +567,13 @@ fn write_numbers<V: std::borrow::Borrow<FeatureValue>>(
     values: &[V],
     out: &mut Vec<u8>,
 ) -> bool {
-    let number = |i: usize| match values.get(i).map(V::borrow) {
-        Some(FeatureValue::Number(x)) => Some(*x),
-        _ => None,
-    };
-    if !row.1.iter().all(|(i, _)| number(*i).is_some()) {
+    if !row.1.iter().all(|(i, _)| number_at(values, *i).is_some()) {
         return false;
     }
     let start = out.len();
     out.extend_from_slice(&row.0);
     for (i, at) in &row.1 {
-        let x = number(*i).unwrap_or_default();
+        let x = number_at(values, *i).unwrap_or_default();
         out[start + at..start + at + 8].copy_from_slice(&x.to_le_bytes());
     }
     true
@@ -697,9 +698,7 @@ impl RecordBatch<'_> {
         let value = &mut self.scratch;
         value.clear();
         value.extend_from_slice(&time_ms.to_be_bytes());
-        let number =
-            |i: &usize| matches!(values.get(*i).map(V::borrow), Some(FeatureValue::Number(_)));
-        match table.filter(|_| layout.iter().all(|(i, _)| number(i))) {
+        match table.filter(|_| layout.iter().all(|(i, _)| number_at(values, *i).is_some())) {
             Some(table) => {
                 if !self.tables.contains(&table.id) {
                     self.batch
