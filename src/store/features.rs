@@ -898,6 +898,17 @@ impl Store {
     /// see [`merge_values`]); `None` when it is malformed, as a value that does not decode
     /// always read.
     fn latest_of(&self, entity: &str, v: &[u8]) -> Result<Option<LatestFeatures>, StoreError> {
+        self.latest_piece(entity, v, false)
+    }
+
+    /// [`Store::latest_of`] of one value, or of one piece of a layered value (`in_layered`:
+    /// pieces are never layered themselves, as [`Pieces::add`] takes them).
+    fn latest_piece(
+        &self,
+        entity: &str,
+        v: &[u8],
+        in_layered: bool,
+    ) -> Result<Option<LatestFeatures>, StoreError> {
         let Ok((time_ms, body)) = keys::split_timed_value(cf::FEATURES_LATEST, v) else {
             return Ok(None);
         };
@@ -905,21 +916,11 @@ impl Store {
             Some((&COMPACT_ROW, rest)) => self
                 .compact_row(cf::FEATURES_LATEST, entity, rest, time_ms)
                 .map(Some),
+            Some((&LAYERED, _)) if in_layered => Ok(None),
             Some((&LAYERED, pieces)) => {
                 let mut all = LatestFeatures::default();
                 for piece in layered_pieces(pieces) {
-                    let Ok((time_ms, body)) = keys::split_timed_value(cf::FEATURES_LATEST, piece)
-                    else {
-                        continue;
-                    };
-                    let found = match body.split_first() {
-                        Some((&COMPACT_ROW, rest)) => {
-                            Some(self.compact_row(cf::FEATURES_LATEST, entity, rest, time_ms)?)
-                        }
-                        Some((&LAYERED, _)) => None,
-                        _ => LatestFeatures::decode(body).ok(),
-                    };
-                    if let Some(found) = found {
+                    if let Some(found) = self.latest_piece(entity, piece, true)? {
                         all.absorb(found);
                     }
                 }
