@@ -9,6 +9,29 @@ use modelgate::config::{self, Config, ServeArgs};
 use modelgate::demo::DemoArgs;
 use modelgate::model_server::ModelSpec;
 
+/// jemalloc for every Rust allocation of the binary (RocksDB's C++ keeps glibc's malloc: the
+/// symbols are prefixed). Measured under h2load (4 × 32 streams, 8 s, this README's issue #18,
+/// a thirteenth round): modelgate's CPU per call routing only 15.5 → 14.7 µs and everything on
+/// 26.0 → 22.0 µs; callgrind 80,367 → 72,991 instructions per routed call. glibc's thread cache
+/// holds 7 chunks of each size up to 1 KiB, so with 128 calls in flight most allocations fell
+/// through to its arenas (~385 instructions each), and the record writer freed what data
+/// threads allocated under their arenas' locks.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its first allocation; `_RJEM_MALLOC_CONF` in the environment
+/// overrides them one by one. Its defaults (eight arenas per core, thread caches up to 32 KiB
+/// per size, freed pages kept 10 s) took routing only's peak RSS under saturation from 29–31 to
+/// 36 MiB; with one arena (the data threads are pinned and rarely contend: CPU per call
+/// unchanged), thread caches up to 1 KiB and freed pages returned within half a second, 31 MiB
+/// (everything on: 57 MiB). `tests/cli.rs` checks that jemalloc takes them.
+#[cfg(not(target_env = "msvc"))]
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 62] =
+    b"narenas:1,tcache_max:1024,dirty_decay_ms:500,muzzy_decay_ms:0\0";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "modelgate",
@@ -162,14 +185,14 @@ fn main() -> ExitCode {
 
 /// Caps glibc's malloc arenas at one per core (at least 2), and two more when every call is
 /// recorded, unless `MALLOC_ARENA_MAX` says otherwise. glibc's default is eight per core: every
-/// thread that allocates under contention (data threads, Tokio workers, the record writer,
-/// RocksDB's threads) may get an arena of its own, and each keeps freed memory for itself.
-/// Measured routing only under h2load (4 × 32 streams, 2 cores): peak RSS 36.5 → 32.4 MiB with
-/// two arenas and no CPU cost; one arena cost 30% more CPU per call (the data threads contend
-/// for its lock). With records on, the record writer allocates and frees on every call and,
-/// sharing a data thread's arena, spent a fifth of its time waiting for that arena's lock
-/// (`perf`, everything on); two more arenas took that to 14% and everything on's throughput up
-/// by about a tenth in interleaved runs, for 1–3 MiB.
+/// thread that allocates under contention may get an arena of its own, and each keeps freed
+/// memory for itself. Since jemalloc became the global allocator (above), glibc's malloc serves
+/// RocksDB's C++ only (memtable blocks, write batches, the block cache, its flush and compaction
+/// threads, the record writer's writes). The figures that set the cap were measured when glibc
+/// served every allocation: routing only under h2load (4 × 32 streams, 2 cores), peak RSS 36.5 →
+/// 32.4 MiB with two arenas and no CPU cost, one arena 30% more CPU per call (the data threads
+/// contended for its lock); with records on, the record writer shared a data thread's arena and
+/// spent a fifth of its time waiting for its lock, and two more arenas took that to 14%.
 fn limit_malloc_arenas(recording: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

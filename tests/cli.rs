@@ -147,3 +147,29 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
         "escape codes in logs to a pipe:\n{logs:?}"
     );
 }
+
+/// The binary allocates with jemalloc under its built-in settings (src/main.rs, `malloc_conf`):
+/// jemalloc prints the options it runs with at exit when asked, and complains on stderr about a
+/// setting it cannot parse.
+#[test]
+fn the_allocator_is_jemalloc_with_its_settings() {
+    let (code, stderr) = modelgate(&["--version"], &[("_RJEM_MALLOC_CONF", "stats_print:true")]);
+    assert_eq!(code, 0, "{stderr}");
+    for option in [
+        "opt.narenas: 1",
+        "opt.tcache_max: 1024",
+        "opt.dirty_decay_ms: 500",
+        "opt.muzzy_decay_ms: 0",
+    ] {
+        assert!(stderr.contains(option), "{option} not in:\n{stderr}");
+    }
+    let (code, stderr) = modelgate(&["--version"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("<jemalloc>"), "{stderr}");
+    // The environment still overrides a setting, for an operator tuning memory against CPU.
+    let (_, stderr) = modelgate(
+        &["--version"],
+        &[("_RJEM_MALLOC_CONF", "narenas:3,stats_print:true")],
+    );
+    assert!(stderr.contains("opt.narenas: 3"), "{stderr}");
+}
