@@ -12,10 +12,11 @@ use modelgate::model_server::ModelSpec;
 /// jemalloc for every Rust allocation of the binary (RocksDB's C++ keeps glibc's malloc: the
 /// symbols are prefixed). Measured under h2load (4 × 32 streams, 8 s, this README's issue #18,
 /// a thirteenth round): modelgate's CPU per call routing only 15.5 → 14.7 µs and everything on
-/// 26.0 → 22.0 µs; callgrind 80,367 → 72,991 instructions per routed call. glibc's thread cache
-/// holds 7 chunks of each size up to 1 KiB, so with 128 calls in flight most allocations fell
-/// through to its arenas (~385 instructions each), and the record writer freed what data
-/// threads allocated under their arenas' locks.
+/// 26.0 → 22.0 µs; callgrind 80,367 → 75,553 instructions per routed call (72,991 with
+/// jemalloc's default settings, below). glibc's thread cache holds 7 chunks of each size up to
+/// 1 KiB, so with 128 calls in flight most allocations fell through to its arenas (~385
+/// instructions each), and the record writer freed what data threads allocated under their
+/// arenas' locks.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -23,9 +24,9 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's settings, read at its first allocation; `_RJEM_MALLOC_CONF` in the environment
 /// overrides them one by one. Its defaults (eight arenas per core, thread caches up to 32 KiB
 /// per size, freed pages kept 10 s) took routing only's peak RSS under saturation from 29–31 to
-/// 36 MiB; with one arena (the data threads are pinned and rarely contend: CPU per call
-/// unchanged), thread caches up to 1 KiB and freed pages returned within half a second, 31 MiB
-/// (everything on: 57 MiB). `tests/cli.rs` checks that jemalloc takes them.
+/// 36 MiB; with one arena (CPU per call no different from two arenas in interleaved runs),
+/// thread caches up to 1 KiB and freed pages returned within half a second, 31 MiB (everything
+/// on: 57 MiB). `tests/cli.rs` checks that jemalloc takes them.
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
