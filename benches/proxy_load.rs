@@ -54,6 +54,8 @@
 //! (HTTP/2 both sides) and nginx (`grpc_pass`) appear when `haproxy` / `nginx` are on PATH
 //! (`BENCH_COMPARE=0` skips them). `BENCH_BASELINE=path/to/modelgate` adds routing-only and
 //! everything-on rows for another build of the binary, measured in the same run (before/after).
+//! `BENCH_BINARY=path/to/modelgate` measures that build instead of the one cargo built for the
+//! benchmark (e.g. `BENCH_BINARY=$(bash scripts/release.sh)`, the profile-optimised build).
 //!
 //! Everything runs on one machine: the load generator, the proxy and the model server share its
 //! cores, so the figures measure the cost a proxy adds under contention, not a NIC.
@@ -222,6 +224,16 @@ impl Drop for Proc {
     }
 }
 
+/// The modelgate under test: `BENCH_BINARY` (e.g. the profile-optimised build of
+/// `scripts/release.sh`), or the one cargo built for this benchmark.
+fn modelgate_binary() -> std::path::PathBuf {
+    std::env::var_os("BENCH_BINARY")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| env!("CARGO_BIN_EXE_modelgate").into(), Into::into)
+}
+
+/// The built-in model server: always cargo's build, so that "direct" is the same whichever
+/// modelgate is measured.
 fn spawn_modelgate(args: &[&str]) -> Proc {
     spawn(Command::new(env!("CARGO_BIN_EXE_modelgate")).args(args))
 }
@@ -874,7 +886,7 @@ fn nginx(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Proc {
 /// Starts a modelgate in front of the model server at `model` with `extra` flags; returns it and
 /// its data and control addresses.
 async fn modelgate(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
-    modelgate_from(Path::new(env!("CARGO_BIN_EXE_modelgate")), dir, extra).await
+    modelgate_from(&modelgate_binary(), dir, extra).await
 }
 
 /// [`modelgate`] from another build of the binary (`BENCH_BASELINE`).

@@ -38,22 +38,7 @@ PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 "$BIN" model-server --listen 127.0.0.1:$MODEL --model 'name=bench;kind=logistic;features=16;seed=1' >"$OUT/model.log" 2>&1 &
 PIDS+=($!)
-# The request: ModelInferRequest{model_name "bench", inputs [{name "input", FP32, [1,16], fp32_contents}]},
-# framed as one gRPC message.
-python3 - "$OUT/request.grpc" <<'PY'
-import struct, sys
-def varint(n):
-    out = b''
-    while True:
-        b, n = n & 0x7f, n >> 7
-        if n: out += bytes([b | 0x80])
-        else: return out + bytes([b])
-def field(num, payload): return varint(num << 3 | 2) + varint(len(payload)) + payload
-fp32 = b''.join(struct.pack('<f', i / 10) for i in range(16))
-tensor = field(1, b'input') + field(2, b'FP32') + field(3, varint(1) + varint(16)) + field(5, field(6, fp32))
-msg = field(1, b'bench') + field(5, tensor)
-open(sys.argv[1], 'wb').write(b'\x00' + struct.pack('>I', len(msg)) + msg)
-PY
+python3 "$ROOT/scripts/bench_request.py" "$OUT/request.grpc"
 VG=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out")
 if [ "$TARGET" = haproxy ]; then
     printf 'global\n  nbthread 2\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\nfrontend grpc\n  bind 127.0.0.1:%s proto h2\n  default_backend model\n\nbackend model\n  server m1 127.0.0.1:%s proto h2\n' $DATA $MODEL >"$OUT/haproxy.cfg"

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_build_deps
-cargo run --release --locked -- demo "$@"
+# The release build optimised with the committed execution profile (scripts/release.sh).
+BIN=$(bash scripts/release.sh)
+exec "$BIN" demo "$@"

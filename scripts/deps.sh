@@ -107,3 +107,9 @@ advisories_offline() {
     rm -rf "$dbs"
     return $status
 }
+
+# The host's target triple (x86_64-unknown-linux-gnu): builds that pass RUSTFLAGS name it with
+# --target, so the flags reach the crates but not build scripts and proc macros.
+host_triple() {
+    rustc -vV | awk '/^host:/ {print $2}'
+}

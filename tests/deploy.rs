@@ -1388,3 +1388,41 @@ fn the_fleet_overlay_sets_real_settings_and_queries_real_metrics() {
         );
     }
 }
+
+// ---- the release build's execution profile ----------------------------------------------------
+
+const PROFILE: &str = "pgo/modelgate.profdata";
+
+/// The profile the release build is optimised with is an indexed LLVM profile (what
+/// `llvm-profdata merge` writes), not a Git LFS pointer or a raw profile, and every way of
+/// building the release binary for users passes it to rustc.
+#[test]
+fn release_builds_use_the_committed_execution_profile() {
+    let bytes = std::fs::read(repo().join(PROFILE)).expect("the committed profile");
+    // The indexed format's magic: 0xff 'lprofi' 0x81, then a little-endian format version.
+    assert!(
+        bytes.starts_with(b"\xfflprofi\x81"),
+        "{PROFILE} is not an indexed LLVM profile (regenerate it with scripts/pgo.sh)"
+    );
+    assert!(
+        bytes.len() > 100_000,
+        "{PROFILE} is too small to hold modelgate's counters ({} bytes)",
+        bytes.len()
+    );
+    let flag = format!("-Cprofile-use=/src/{PROFILE}");
+    let docker = read(DOCKERFILE);
+    assert!(
+        docker.contains(&flag) && docker.contains("COPY pgo ./pgo"),
+        "{DOCKERFILE} must copy pgo/ and build with {flag}"
+    );
+    let release = read("scripts/release.sh");
+    assert!(
+        release.contains(&format!("PROFILE=\"$ROOT/{PROFILE}\""))
+            && release.contains("-Cprofile-use=$PROFILE"),
+        "scripts/release.sh must build with {PROFILE}"
+    );
+    assert!(
+        read("scripts/demo.sh").contains("scripts/release.sh"),
+        "the demo runs the profile-optimised build"
+    );
+}

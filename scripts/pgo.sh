@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Regenerates pgo/modelgate.profdata, the execution profile the release build optimises with
+# (profile-guided optimisation; scripts/release.sh uses it, see the README's "Profile-guided
+# optimisation"). Run it after changes to the data plane, and commit the new profile.
+#
+# 1. builds modelgate instrumented (-Cprofile-generate), in its own target directory;
+# 2. runs it on the data plane's common paths: the built-in model server, then modelgate routing
+#    only, then everything on (records, an experiment over half the traffic, a 10% shadow, drift),
+#    each driven by h2load (OIP ModelInfer, gRPC) and a REST caller (POST /v2/models/m/infer);
+# 3. merges the raw profiles (llvm-profdata, from rustup's llvm-tools component).
+#
+# A profile that no longer matches some functions (the code changed since) is still used for the
+# rest; those functions are optimised as without one. Needs h2load (Debian nghttp2-client).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+source scripts/deps.sh
+TRIPLE=$(host_triple)
+SYSROOT=$(rustc --print sysroot)
+PROFDATA="$SYSROOT/lib/rustlib/$TRIPLE/bin/llvm-profdata"
+if [ ! -x "$PROFDATA" ]; then
+    rustup component add llvm-tools
+fi
+command -v h2load >/dev/null || { echo "h2load is needed (apt-get install nghttp2-client)" >&2; exit 1; }
+# Its own target directory: its flags differ from the release build's, and cargo reruns build
+# scripts (RocksDB's C++) whenever a directory's RUSTFLAGS change.
+TARGET_DIR=${PGO_TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/pgo-generate}
+if [ -n "${PGO_BIN:-}" ]; then
+    BIN=$PGO_BIN    # an instrumented build already at hand
+else
+    BIN=$(PGO_GENERATE="$TARGET_DIR/profraw" CARGO_TARGET_DIR="$TARGET_DIR" bash scripts/release.sh)
+fi
+WORK=$(mktemp -d)
+RAW="$WORK/profraw"
+# Where each process writes its raw profile on exit (%p: its pid).
+export LLVM_PROFILE_FILE="$RAW/modelgate-%p.profraw"
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+python3 scripts/bench_request.py "$WORK/request.grpc" "$WORK/request.json"
+
+MODEL=$(free_port)
+"$BIN" model-server --listen 127.0.0.1:$MODEL --model 'name=bench;kind=logistic;features=16;seed=1' \
+    >"$WORK/model.log" 2>&1 &
+MODEL_PID=$!
+PIDS+=($MODEL_PID)
+
+# One modelgate run: $1 = routing | everything.
+run() {
+    local mode=$1 data control admin flags pid
+    data=$(free_port); control=$(free_port); admin=$(free_port)
+    flags=(--record-predictions false)
+    [ "$mode" = everything ] && flags=(--record-predictions true)
+    "$BIN" serve --data-dir "$WORK/db-$mode" --listen 127.0.0.1:$data --control-listen 127.0.0.1:$control \
+        --admin-listen 127.0.0.1:$admin "${flags[@]}" >"$WORK/$mode.log" 2>&1 &
+    pid=$!
+    PIDS+=($pid)
+    for _ in $(seq 1 100); do curl -sf -o /dev/null 127.0.0.1:$admin/live && break; sleep 0.2; done
+    ctl() { MODELGATE_CTL_ADDR=http://127.0.0.1:$control "$BIN" ctl "$@" >/dev/null; }
+    ctl models register bench --endpoint http://127.0.0.1:$MODEL
+    ctl models promote bench 1
+    if [ "$mode" = everything ]; then
+        ctl models register bench --endpoint http://127.0.0.1:$MODEL
+        ctl models register bench --endpoint http://127.0.0.1:$MODEL
+        ctl experiments create bench-ab --model bench --variant control=1 --variant treatment=2 --coverage 0.5
+        ctl shadows set bench 3 --fraction 0.1
+        ctl drift capture bench --rows 1000
+    fi
+    local user
+    for user in u1 u2 u3 u4; do
+        h2load -c 4 -m 32 -n 50000 -d "$WORK/request.grpc" -H 'content-type: application/grpc' \
+            -H 'te: trailers' -H "x-user-id: $user" \
+            "http://127.0.0.1:$data/inference.GRPCInferenceService/ModelInfer" | grep -E '^requests:'
+    done
+    h2load -c 2 -m 16 -n 20000 -d "$WORK/request.json" -H 'content-type: application/json' \
+        -H 'x-user-id: u5' "http://127.0.0.1:$data/v2/models/bench/infer" | grep -E '^requests:'
+    curl -sf -o /dev/null "127.0.0.1:$admin/metrics"
+    if [ "$mode" = everything ]; then ctl experiments results bench-ab; ctl drift report bench; fi
+    kill -TERM $pid
+    wait $pid || true
+}
+run routing
+run everything
+kill -TERM $MODEL_PID
+wait $MODEL_PID || true
+mkdir -p "$ROOT/pgo"
+"$PROFDATA" merge --sparse -o "$ROOT/pgo/modelgate.profdata" "$RAW"/*.profraw
+ls -l "$ROOT/pgo/modelgate.profdata"
