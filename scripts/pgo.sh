@@ -6,7 +6,9 @@
 # 1. builds modelgate instrumented (-Cprofile-generate), in its own target directory;
 # 2. runs it on the data plane's common paths: the built-in model server, then modelgate routing
 #    only, then everything on (records, an experiment over half the traffic, a 10% shadow, drift),
-#    each driven by h2load (OIP ModelInfer, gRPC) and a REST caller (POST /v2/models/m/infer);
+#    each driven by h2load (OIP ModelInfer, gRPC; four users), a REST caller
+#    (POST /v2/models/bench/infer) and, when Python's grpcio is installed, gRPC calls from 10,000
+#    users (scripts/grpc_load.py);
 # 3. merges the raw profiles (llvm-profdata, from rustup's llvm-tools component).
 #
 # A profile that no longer matches some functions (the code changed since) is still used for the
@@ -22,6 +24,11 @@ if [ ! -x "$PROFDATA" ]; then
     rustup component add llvm-tools
 fi
 command -v h2load >/dev/null || { echo "h2load is needed (apt-get install nghttp2-client)" >&2; exit 1; }
+GRPCIO=1
+python3 -c 'import grpc' 2>/dev/null || {
+    GRPCIO=""
+    echo "warning: no Python grpcio (pip install grpcio): the profile will miss calls from many users" >&2
+}
 # Its own target directory: its flags differ from the release build's, and cargo reruns build
 # scripts (RocksDB's C++) whenever a directory's RUSTFLAGS change.
 TARGET_DIR=${PGO_TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/pgo-generate}
@@ -75,6 +82,11 @@ run() {
     done
     h2load -c 2 -m 16 -n 20000 -d "$WORK/request.json" -H 'content-type: application/json' \
         -H 'x-user-id: u5' "http://127.0.0.1:$data/v2/models/bench/infer" | grep -E '^requests:'
+    # Callers from 10,000 users (the benchmark's tonic loop has as many): experiment units and
+    # feature-store entities that differ from call to call.
+    if [ -n "$GRPCIO" ]; then
+        python3 scripts/grpc_load.py "127.0.0.1:$data" 30000 10000 "$WORK/request.grpc"
+    fi
     curl -sf -o /dev/null "127.0.0.1:$admin/metrics"
     if [ "$mode" = everything ]; then ctl experiments results bench-ab; ctl drift report bench; fi
     kill -TERM $pid
