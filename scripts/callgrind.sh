@@ -32,7 +32,7 @@ done
 if [ -n "${USERS:-}" ]; then
     python3 -c 'import grpc' 2>/dev/null || { echo "USERS needs Python's grpcio (pip install grpcio)" >&2; exit 1; }
 fi
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$ROOT/scripts/bench_lib.sh"
 MODEL=$(free_port); DATA=$(free_port); CONTROL=$(free_port); ADMIN=$(free_port)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
@@ -57,16 +57,7 @@ else
         --admin-listen 127.0.0.1:$ADMIN "${FLAGS[@]}" ${EXTRA:-} >"$OUT/target.log" 2>&1 &
     PID=$!
     for _ in $(seq 1 200); do curl -sf -o /dev/null 127.0.0.1:$ADMIN/live && break; sleep 0.3; done
-    ctl() { MODELGATE_CTL_ADDR=http://127.0.0.1:$CONTROL "$BIN" ctl "$@" >/dev/null; }
-    ctl models register bench --endpoint http://127.0.0.1:$MODEL
-    ctl models promote bench 1
-    if [ -n "${EVERYTHING:-}" ]; then
-        ctl models register bench --endpoint http://127.0.0.1:$MODEL
-        ctl models register bench --endpoint http://127.0.0.1:$MODEL
-        ctl experiments create bench-ab --model bench --variant control=1 --variant treatment=2 --coverage 0.5
-        ctl shadows set bench 3 --fraction 0.1
-        ctl drift capture bench --rows 1000
-    fi
+    configure_bench "$BIN" $CONTROL $MODEL ${EVERYTHING:+everything}
 fi
 PIDS+=($PID)
 load() {

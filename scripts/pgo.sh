@@ -17,6 +17,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 source scripts/deps.sh
+source scripts/bench_lib.sh
 TRIPLE=$(host_triple)
 SYSROOT=$(rustc --print sysroot)
 PROFDATA="$SYSROOT/lib/rustlib/$TRIPLE/bin/llvm-profdata"
@@ -44,7 +45,6 @@ export LLVM_PROFILE_FILE="$RAW/modelgate-%p.profraw"
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 python3 scripts/bench_request.py "$WORK/request.grpc" "$WORK/request.json"
 
 MODEL=$(free_port)
@@ -64,16 +64,7 @@ run() {
     pid=$!
     PIDS+=($pid)
     for _ in $(seq 1 100); do curl -sf -o /dev/null 127.0.0.1:$admin/live && break; sleep 0.2; done
-    ctl() { MODELGATE_CTL_ADDR=http://127.0.0.1:$control "$BIN" ctl "$@" >/dev/null; }
-    ctl models register bench --endpoint http://127.0.0.1:$MODEL
-    ctl models promote bench 1
-    if [ "$mode" = everything ]; then
-        ctl models register bench --endpoint http://127.0.0.1:$MODEL
-        ctl models register bench --endpoint http://127.0.0.1:$MODEL
-        ctl experiments create bench-ab --model bench --variant control=1 --variant treatment=2 --coverage 0.5
-        ctl shadows set bench 3 --fraction 0.1
-        ctl drift capture bench --rows 1000
-    fi
+    configure_bench "$BIN" $control $MODEL $mode
     local user
     for user in u1 u2 u3 u4; do
         h2load -c 4 -m 32 -n 50000 -d "$WORK/request.grpc" -H 'content-type: application/grpc' \
@@ -88,7 +79,10 @@ run() {
         python3 scripts/grpc_load.py "127.0.0.1:$data" 30000 10000 "$WORK/request.grpc"
     fi
     curl -sf -o /dev/null "127.0.0.1:$admin/metrics"
-    if [ "$mode" = everything ]; then ctl experiments results bench-ab; ctl drift report bench; fi
+    if [ "$mode" = everything ]; then
+        bench_ctl "$BIN" $control experiments results bench-ab
+        bench_ctl "$BIN" $control drift report bench
+    fi
     kill -TERM $pid
     wait $pid || true
 }
