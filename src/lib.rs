@@ -37,6 +37,7 @@ pub mod routing;
 pub mod server;
 pub mod shadow;
 pub mod spec;
+pub mod startup_pages;
 pub mod state;
 pub mod stats;
 pub mod storage;
