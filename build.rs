@@ -20,6 +20,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {
         println!("cargo:rerun-if-changed={p}");
     }
+    // The functions serving runs, laid out together in the order given (scripts/release.sh sets
+    // this to pgo/symbol-order.txt; lld's option, the linker of Rust on x86-64 Linux). See the
+    // README's "Serving's code together".
+    println!("cargo:rerun-if-env-changed=MODELGATE_SYMBOL_ORDER");
+    if let Some(order) = std::env::var_os("MODELGATE_SYMBOL_ORDER").filter(|p| !p.is_empty()) {
+        let order = PathBuf::from(order);
+        println!("cargo:rerun-if-changed={}", order.display());
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            order.display()
+        );
+        // Functions renamed or inlined since the file was written are skipped, silently.
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

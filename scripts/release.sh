@@ -4,7 +4,7 @@
 #
 #   bash scripts/release.sh            # → $CARGO_TARGET_DIR/<host triple>/release/modelgate
 #
-# MODELGATE_NO_PGO=1 builds without the profile (for comparisons; other flags, so give it its own
+# MODELGATE_NO_PGO=1 builds without the profile (and without pgo/symbol-order.txt's layout) (for comparisons; other flags, so give it its own
 # CARGO_TARGET_DIR). PGO_GENERATE=dir builds an instrumented binary instead, which writes raw
 # profiles into dir (scripts/pgo.sh, also in its own target directory).
 #
@@ -27,6 +27,14 @@ elif [ -f "$PROFILE" ] && [ -z "${MODELGATE_NO_PGO:-}" ]; then
     # Functions changed since the profile was taken are optimised as without one; LLVM's warning
     # for each of them is silenced (scripts/pgo.sh regenerates the profile).
     FLAGS="-Cprofile-use=$PROFILE -Cllvm-args=-no-pgo-warn-mismatch"
+fi
+# The functions serving runs, linked together first in the code (pgo/symbol-order.txt, written by
+# scripts/symbol_order.sh; README, "Serving's code together"): lld's option, and lld is the linker
+# of Rust (1.90 on) for x86-64 Linux only. Passed to modelgate's build script, not in RUSTFLAGS.
+ORDER="$ROOT/pgo/symbol-order.txt"
+if [ "$TRIPLE" = x86_64-unknown-linux-gnu ] && [ -f "$ORDER" ] && [ -z "${MODELGATE_NO_PGO:-}" ] \
+    && [ -z "${PGO_GENERATE:-}" ]; then
+    export MODELGATE_SYMBOL_ORDER="$ORDER"
 fi
 RUSTFLAGS="${RUSTFLAGS:-} $FLAGS" cargo build --release --locked --target "$TRIPLE" --bin modelgate >&2
 echo "${CARGO_TARGET_DIR:-$ROOT/target}/$TRIPLE/release/modelgate"

@@ -1426,3 +1426,45 @@ fn release_builds_use_the_committed_execution_profile() {
         "the demo runs the profile-optimised build"
     );
 }
+
+const SYMBOL_ORDER: &str = "pgo/symbol-order.txt";
+
+/// The order serving's functions are linked in names functions of the binary as the linker sees
+/// them (mangled Rust and C++ names, one per line; the hottest, HPACK's encoder, among the
+/// first), and the release script and the Dockerfile hand it to the build script that passes it
+/// to the linker.
+#[test]
+fn release_builds_link_serving_code_in_the_committed_order() {
+    let order = read(SYMBOL_ORDER);
+    let names: Vec<&str> = order.lines().collect();
+    assert!(
+        names.len() > 500,
+        "{SYMBOL_ORDER} lists {} functions (regenerate it with scripts/symbol_order.sh)",
+        names.len()
+    );
+    for name in &names {
+        assert!(
+            !name.is_empty() && !name.contains(char::is_whitespace),
+            "{SYMBOL_ORDER}: {name:?} is not a symbol name"
+        );
+    }
+    assert!(
+        names[..50]
+            .iter()
+            .any(|n| n.contains("hpack") || n.contains("HeaderBlock")),
+        "{SYMBOL_ORDER} starts with the hottest functions"
+    );
+    let build = read("build.rs");
+    assert!(
+        build.contains("MODELGATE_SYMBOL_ORDER") && build.contains("--symbol-ordering-file"),
+        "build.rs passes MODELGATE_SYMBOL_ORDER to the linker"
+    );
+    assert!(
+        read("scripts/release.sh").contains(&format!("ORDER=\"$ROOT/{SYMBOL_ORDER}\"")),
+        "scripts/release.sh links in {SYMBOL_ORDER}'s order"
+    );
+    assert!(
+        read(DOCKERFILE).contains(&format!("MODELGATE_SYMBOL_ORDER=$([ \"$TRIPLE\" = x86_64-unknown-linux-gnu ] && echo /src/{SYMBOL_ORDER})")),
+        "{DOCKERFILE} links in {SYMBOL_ORDER}'s order"
+    );
+}
