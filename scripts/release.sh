@@ -30,9 +30,12 @@ elif [ -f "$PROFILE" ] && [ -z "${MODELGATE_NO_PGO:-}" ]; then
 fi
 # The functions serving runs, linked together first in the code (pgo/symbol-order.txt, written by
 # scripts/symbol_order.sh; README, "Serving's code together"): lld's option, and lld is the linker
-# of Rust (1.90 on) for x86-64 Linux only. Passed to modelgate's build script, not in RUSTFLAGS.
+# of Rust 1.90 and later for x86-64 Linux only. Passed to modelgate's build script, not in
+# RUSTFLAGS. MODELGATE_SYMBOL_ORDER set (even empty) overrides the choice, e.g. with another linker.
 ORDER="$ROOT/pgo/symbol-order.txt"
-if [ "$TRIPLE" = x86_64-unknown-linux-gnu ] && [ -f "$ORDER" ] && [ -z "${MODELGATE_NO_PGO:-}" ] \
+RUST_MINOR=$(rustc -V | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')
+if [ -z "${MODELGATE_SYMBOL_ORDER+set}" ] && [ "$TRIPLE" = x86_64-unknown-linux-gnu ] \
+    && [ "${RUST_MINOR:-0}" -ge 90 ] && [ -f "$ORDER" ] && [ -z "${MODELGATE_NO_PGO:-}" ] \
     && [ -z "${PGO_GENERATE:-}" ]; then
     export MODELGATE_SYMBOL_ORDER="$ORDER"
 fi

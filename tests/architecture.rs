@@ -47,6 +47,7 @@ const ADAPTERS: &[&str] = &[
     "proxy",
     "recorder",
     "server",
+    "startup_pages",
     "store",
     "telemetry",
     "tls",
