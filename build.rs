@@ -21,8 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     // The functions serving runs, laid out together in the order given (scripts/release.sh sets
-    // this to pgo/symbol-order.txt; lld's option, the linker of Rust on x86-64 Linux). See the
-    // README's "Serving's code together".
+    // this to pgo/symbol-order.txt; an option of lld, the linker of Rust 1.90 and later on x86-64
+    // Linux). See the README's "Serving's code together".
     println!("cargo:rerun-if-env-changed=MODELGATE_SYMBOL_ORDER");
     if let Some(order) = std::env::var_os("MODELGATE_SYMBOL_ORDER").filter(|p| !p.is_empty()) {
         let order = PathBuf::from(order);

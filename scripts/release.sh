@@ -4,9 +4,10 @@
 #
 #   bash scripts/release.sh            # → $CARGO_TARGET_DIR/<host triple>/release/modelgate
 #
-# MODELGATE_NO_PGO=1 builds without the profile (and without pgo/symbol-order.txt's layout) (for comparisons; other flags, so give it its own
-# CARGO_TARGET_DIR). PGO_GENERATE=dir builds an instrumented binary instead, which writes raw
-# profiles into dir (scripts/pgo.sh, also in its own target directory).
+# MODELGATE_NO_PGO=1 builds without the profile and without pgo/symbol-order.txt's layout (for
+# comparisons; other flags, so give it its own CARGO_TARGET_DIR). PGO_GENERATE=dir builds an
+# instrumented binary instead, which writes raw profiles into dir (scripts/pgo.sh, also in its own
+# target directory).
 #
 # `cargo build --release` still works and gives the same program without the profile (slower:
 # see the README's "Profile-guided optimisation"). The profile is passed in RUSTFLAGS with an
