@@ -104,19 +104,26 @@ fn stderr_until(mut child: std::process::Child, until: &str) -> String {
     seen
 }
 
+/// `modelgate serve` on free loopback ports with its database in `dir`, logs piped from stderr.
+fn serve_on_free_ports(dir: &std::path::Path) -> Command {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_modelgate"));
+    serve
+        .args(["serve", "--data-dir", dir.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    serve
+}
+
 #[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-        .args(["serve", "--data-dir", dir.path().to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
-        .args(["--admin-listen", "127.0.0.1:0"])
+    let serve = serve_on_free_ports(dir.path())
         // An unknown variable: a WARN line, which a terminal would show in colour.
         .env("MODELGATE_NOT_A_SETTING", "1")
-        .env_remove("RUST_LOG")
         .env_remove("NO_COLOR")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let logs = stderr_until(serve, "modelgate listening");
@@ -172,4 +179,38 @@ fn the_allocator_is_jemalloc_with_its_settings() {
         &[("_RJEM_MALLOC_CONF", "narenas:3,stats_print:true")],
     );
     assert!(stderr.contains("opt.narenas: 3"), "{stderr}");
+}
+
+/// Once it serves, `modelgate serve` releases the pages of code and read-only data that starting
+/// up mapped (src/startup_pages.rs): its binary's and libc's at least, tens of MiB with RocksDB.
+/// The tests that drive the binary afterwards (the demo, the tutorial, restarts) run the code
+/// mapped back.
+#[cfg(target_os = "linux")]
+#[test]
+fn serve_releases_the_pages_mapped_to_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve_on_free_ports(dir.path())
+        .args(["--log-level", "debug"])
+        .spawn()
+        .unwrap();
+    let logs = stderr_until(serve, "released the pages mapped to start up");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("released the pages mapped to start up"))
+        .unwrap_or_else(|| panic!("no release logged:\n{logs}"));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    assert!(field("mappings") >= 2, "{line}");
+    assert!(field("bytes") > 10 << 20, "{line}");
+    let listening = logs
+        .find("modelgate listening")
+        .expect("the listening line");
+    assert!(
+        listening < logs.find("released the pages").unwrap(),
+        "released before every port served:\n{logs}"
+    );
 }
