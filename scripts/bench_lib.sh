@@ -1,9 +1,36 @@
 # shellcheck shell=bash
-# Sourced by scripts/callgrind.sh and scripts/pgo.sh: a free loopback port, and the benchmark's
+# Sourced by scripts/callgrind.sh, scripts/pgo.sh and scripts/symbol_order.sh: a free loopback
+# port, the benchmark's model server, waiting for a modelgate to serve, its gRPC load, and its
 # model configured through a modelgate's control port.
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_bench_model BIN PORT LOG: the built-in model server with the benchmark's model ("bench",
+# logistic over 16 features), in the background ($! is its pid).
+start_bench_model() {
+    "$1" model-server --listen 127.0.0.1:$2 --model 'name=bench;kind=logistic;features=16;seed=1' \
+        >"$3" 2>&1 &
+}
+
+# wait_live ADMIN_PORT [TRIES] [SECONDS]: until that modelgate's /live answers (200 tries, 0.3 s
+# apart, unless told otherwise).
+wait_live() {
+    local admin=$1 tries=${2:-200} pause=${3:-0.3}
+    for _ in $(seq 1 "$tries"); do
+        curl -sf -o /dev/null "127.0.0.1:$admin/live" && return
+        sleep "$pause"
+    done
+}
+
+# h2load_grpc DATA_PORT REQUEST H2LOAD_ARGS…: h2load's OIP ModelInfer calls with the framed
+# REQUEST body, 4 connections × 32 streams (-n, extra headers… in H2LOAD_ARGS).
+h2load_grpc() {
+    local data=$1 request=$2
+    shift 2
+    h2load -c 4 -m 32 "$@" -d "$request" -H 'content-type: application/grpc' -H 'te: trailers' \
+        "http://127.0.0.1:$data/inference.GRPCInferenceService/ModelInfer"
 }
 
 # bench_ctl BIN CONTROL_PORT ARGS…: `modelgate ctl ARGS…` against that control port, quietly.

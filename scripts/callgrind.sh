@@ -36,7 +36,7 @@ source "$ROOT/scripts/bench_lib.sh"
 MODEL=$(free_port); DATA=$(free_port); CONTROL=$(free_port); ADMIN=$(free_port)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-"$BIN" model-server --listen 127.0.0.1:$MODEL --model 'name=bench;kind=logistic;features=16;seed=1' >"$OUT/model.log" 2>&1 &
+start_bench_model "$BIN" $MODEL "$OUT/model.log"
 PIDS+=($!)
 python3 "$ROOT/scripts/bench_request.py" "$OUT/request.grpc"
 VG=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out")
@@ -56,7 +56,7 @@ else
     "${VG[@]}" "$BIN" serve --data-dir "$OUT/db" --listen 127.0.0.1:$DATA --control-listen 127.0.0.1:$CONTROL \
         --admin-listen 127.0.0.1:$ADMIN "${FLAGS[@]}" ${EXTRA:-} >"$OUT/target.log" 2>&1 &
     PID=$!
-    for _ in $(seq 1 200); do curl -sf -o /dev/null 127.0.0.1:$ADMIN/live && break; sleep 0.3; done
+    wait_live $ADMIN
     configure_bench "$BIN" $CONTROL $MODEL ${EVERYTHING:+everything}
 fi
 PIDS+=($PID)
@@ -65,8 +65,7 @@ load() {
         python3 "$ROOT/scripts/grpc_load.py" "127.0.0.1:$DATA" "$1" "$USERS" "$OUT/request.grpc"
         return
     fi
-    h2load -c 4 -m 32 -n "$1" -d "$OUT/request.grpc" -H 'content-type: application/grpc' -H 'te: trailers' \
-        "http://127.0.0.1:$DATA/inference.GRPCInferenceService/ModelInfer"
+    h2load_grpc $DATA "$OUT/request.grpc" -n "$1"
 }
 for _ in $(seq 1 120); do load 1 2>/dev/null | grep -q " 1 succeeded" && break; sleep 0.5; done
 # Warm up past the drift capture's 1,000 rows (everything on), so the measured calls are steady.

@@ -48,8 +48,7 @@ trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 python3 scripts/bench_request.py "$WORK/request.grpc" "$WORK/request.json"
 
 MODEL=$(free_port)
-"$BIN" model-server --listen 127.0.0.1:$MODEL --model 'name=bench;kind=logistic;features=16;seed=1' \
-    >"$WORK/model.log" 2>&1 &
+start_bench_model "$BIN" $MODEL "$WORK/model.log"
 MODEL_PID=$!
 PIDS+=($MODEL_PID)
 
@@ -63,13 +62,11 @@ run() {
         --admin-listen 127.0.0.1:$admin "${flags[@]}" >"$WORK/$mode.log" 2>&1 &
     pid=$!
     PIDS+=($pid)
-    for _ in $(seq 1 100); do curl -sf -o /dev/null 127.0.0.1:$admin/live && break; sleep 0.2; done
+    wait_live $admin 100 0.2
     configure_bench "$BIN" $control $MODEL $mode
     local user
     for user in u1 u2 u3 u4; do
-        h2load -c 4 -m 32 -n 50000 -d "$WORK/request.grpc" -H 'content-type: application/grpc' \
-            -H 'te: trailers' -H "x-user-id: $user" \
-            "http://127.0.0.1:$data/inference.GRPCInferenceService/ModelInfer" | grep -E '^requests:'
+        h2load_grpc $data "$WORK/request.grpc" -n 50000 -H "x-user-id: $user" | grep -E '^requests:'
     done
     h2load -c 2 -m 16 -n 20000 -d "$WORK/request.json" -H 'content-type: application/json' \
         -H 'x-user-id: u5' "http://127.0.0.1:$data/v2/models/bench/infer" | grep -E '^requests:'

@@ -21,8 +21,7 @@ WORK=$(mktemp -d)
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 MODEL=$(free_port)
-"$BIN" model-server --listen 127.0.0.1:$MODEL --model 'name=bench;kind=logistic;features=16;seed=1' \
-    >"$WORK/model.log" 2>&1 &
+start_bench_model "$BIN" $MODEL "$WORK/model.log"
 PIDS+=($!)
 python3 scripts/bench_request.py "$WORK/request.grpc" "$WORK/request.json"
 
@@ -36,15 +35,11 @@ for mode in routing everything; do
         "${FLAGS[@]}" >"$WORK/$mode.log" 2>&1 &
     PID=$!
     PIDS+=($PID)
-    for _ in $(seq 1 200); do curl -sf -o /dev/null 127.0.0.1:$ADMIN/live && break; sleep 0.3; done
+    wait_live $ADMIN
     # Everything from here on: what a serving process runs.
     callgrind_control -i on $PID >/dev/null
     configure_bench "$BIN" $CONTROL $MODEL ${mode/routing/}
-    grpc() {
-        h2load -c 4 -m 32 -n "$1" -d "$WORK/request.grpc" -H 'content-type: application/grpc' \
-            -H 'te: trailers' -H "x-user-id: u$2" \
-            "http://127.0.0.1:$DATA/inference.GRPCInferenceService/ModelInfer"
-    }
+    grpc() { h2load_grpc $DATA "$WORK/request.grpc" -n "$1" -H "x-user-id: u$2"; }
     for _ in $(seq 1 120); do grpc 1 0 2>/dev/null | grep -q " 1 succeeded" && break; sleep 0.5; done
     for user in 1 2 3 4; do grpc 1000 $user >/dev/null; done
     for h1 in "" --h1; do
