@@ -501,7 +501,9 @@ async fn start_data_plane(
     let data = data.into_std()?;
     let serving = Arc::new(AtomicUsize::new(0));
     let mut started = Vec::new();
-    for i in 0..config.data_threads {
+    // What each thread accepts is served by the thread with the fewest connections.
+    let seats = proxy::balance::seats(config.data_threads, metrics);
+    for (i, seat) in seats.into_iter().enumerate() {
         let listener = data.try_clone()?;
         let proxy = if i == 0 {
             proxy.clone()
@@ -525,7 +527,7 @@ async fn start_data_plane(
                         Ok(l) => {
                             serving.fetch_add(1, Ordering::AcqRel);
                             let _ = started_tx.send(());
-                            proxy::serve(l, proxy, settings, shutdown).await
+                            proxy::serve(l, proxy, settings, seat, shutdown).await
                         }
                         Err(e) => tracing::error!(error = %e, "data port listener failed"),
                     }

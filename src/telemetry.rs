@@ -142,6 +142,13 @@ pub struct FeatureLabels {
     pub feature: String,
 }
 
+/// Labels of a data-plane thread.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadLabels {
+    /// The data thread's index, from 0.
+    pub thread: String,
+}
+
 /// Labels of a RocksDB column family.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
@@ -173,6 +180,8 @@ pub struct Metrics {
     pub queued: Gauge,
     /// Requests refused because of the in-flight limit.
     pub shed: Counter,
+    /// Open data-port connections per data thread.
+    pub connections: Family<ThreadLabels, Gauge>,
     /// Upstream failures.
     pub upstream_errors: Family<EndpointLabels, Counter>,
     /// Shadow copies by outcome.
@@ -281,6 +290,11 @@ impl Metrics {
                 "queued_requests",
                 "Data-plane requests waiting for an in-flight slot (--max-in-flight, --queue-timeout)",
                 Gauge::default()
+            ),
+            connections: metric!(
+                "data_connections",
+                "Open data-port connections per data thread (--data-threads); new ones go to the thread with the fewest",
+                Family::default()
             ),
             shed: metric!(
                 "shed_requests",
@@ -521,6 +535,15 @@ impl Metrics {
                     .clone()
             })
             .inc();
+    }
+
+    /// The open-connections gauge of data thread `thread`.
+    pub fn data_connections(&self, thread: usize) -> Gauge {
+        self.connections
+            .get_or_create(&ThreadLabels {
+                thread: thread.to_string(),
+            })
+            .clone()
     }
 
     /// The upstream latency histogram of `endpoint`, resolved once per route.

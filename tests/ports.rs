@@ -239,3 +239,55 @@ async fn grpcurl_works_without_proto_files() {
     );
     mg.shutdown().await;
 }
+
+/// Data-port connections are spread over the data threads (`--data-threads`, two in tests):
+/// four clients, each connecting after the last was served, end up two on each thread, whichever
+/// thread accepted them, and every one is proxied. Left to whichever thread called `accept`
+/// first, a thread often took three or all four while the other idled. A closed connection stops
+/// counting, so the next one goes to the thread it left.
+#[tokio::test]
+async fn data_connections_spread_evenly_over_the_data_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_server("name=iris;kind=logistic;weights=0.5,-0.25;bias=0.1").await;
+    let mg = start(dir.path()).await;
+    let mut reg = registry(mg.control_addr).await;
+    register(&mut reg, "iris", &model.endpoint()).await;
+    promote(&mut reg, "iris", "1").await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = infer_client(mg.data_addr).await;
+        let resp = client
+            .model_infer(infer_request("iris", &[&[1.0, 2.0]]))
+            .await
+            .expect("proxied on whichever thread the connection went to");
+        assert_eq!(served_version(&resp), "1");
+        clients.push(client);
+    }
+    let within = std::time::Duration::from_secs(5);
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_data_connections{thread=\"0\"} 2\n",
+        within,
+    )
+    .await;
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_data_connections{thread=\"1\"} 2\n",
+        within,
+    )
+    .await;
+    drop(clients);
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_data_connections{thread=\"0\"} 0\n",
+        within,
+    )
+    .await;
+    wait_for_metric(
+        mg.admin_addr,
+        "modelgate_data_connections{thread=\"1\"} 0\n",
+        within,
+    )
+    .await;
+    mg.shutdown().await;
+}

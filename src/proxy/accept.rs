@@ -14,7 +14,9 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::balance::{Handed, Placed, Seat};
 
 use super::Proxy;
 
@@ -49,11 +51,14 @@ const PREFACE_LEN: usize = 24;
 type Builder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
 
 /// Serves the data port on `listener` until `shutdown` resolves, then drains open connections for
-/// up to the grace period.
+/// up to the grace period. What this thread accepts is served on the thread `seat` places it on
+/// (the one with the fewest connections, [`super::balance`]); connections other threads placed
+/// here arrive in `seat`.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     settings: ServerSettings,
+    mut seat: Seat,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -80,12 +85,37 @@ pub async fn serve(
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(tls))
     });
-    let rest = super::rest::RestGateway::new(proxy.clone());
+    let here = Here {
+        proxy: proxy.clone(),
+        rest: super::rest::RestGateway::new(proxy),
+        builder,
+        acceptor,
+        handshake_timeout: settings.handshake_timeout,
+    };
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+        let (stream, peer, placed) = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(h) = seat.handed() => match TcpStream::from_std(h.stream) {
+                Ok(stream) => (stream, h.peer, h.placed),
+                Err(e) => {
+                    tracing::warn!(peer = %h.peer, error = %e, "cannot take over a data connection from another thread");
+                    continue;
+                }
+            },
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((stream, peer)) => {
+                    let placed = seat.place();
+                    if placed.thread() == seat.thread() {
+                        (stream, peer, placed)
+                    } else {
+                        match hand_over(&seat, stream, peer, placed) {
+                            Some(back) => back,
+                            None => continue,
+                        }
+                    }
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed on the data port");
@@ -93,27 +123,89 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
         };
+        here.serve(stream, peer, placed, graceful.watcher());
+    }
+    // Connections handed over but not yet taken are closed with the seat's inbox; those handed
+    // over from now on are served by the thread that accepted them.
+    seat.close();
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ended with requests still open");
+        }
+    }
+}
+
+/// Hands `stream` to the thread it was `placed` on. Gives it back, counted here, when that
+/// thread is shutting down; None when the socket cannot leave this thread's reactor (it is
+/// then closed).
+fn hand_over(
+    seat: &Seat,
+    stream: TcpStream,
+    peer: SocketAddr,
+    placed: Placed,
+) -> Option<(TcpStream, SocketAddr, Placed)> {
+    let _ = stream.set_nodelay(true);
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot hand a data connection to another thread");
+            return None;
+        }
+    };
+    let back = seat.hand(Handed {
+        stream,
+        peer,
+        placed,
+    });
+    let back = back.err()?;
+    let Handed { stream, peer, .. } = *back;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => Some((stream, peer, seat.here())),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot serve a data connection given back");
+            None
+        }
+    }
+}
+
+/// What a data thread needs to serve the connections placed on it.
+struct Here {
+    proxy: Arc<Proxy>,
+    rest: Arc<super::rest::RestGateway>,
+    builder: Builder,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+}
+
+impl Here {
+    /// Serves `stream` in a task of its own: TLS first when on (the handshake runs in the
+    /// connection's task, so a slow or silent client never holds up the accept loop), then HTTP.
+    /// `placed` counts the connection on this thread until it ends.
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, placed: Placed, watcher: Watcher) {
         let _ = stream.set_nodelay(true);
         let conn = Connection {
-            proxy: proxy.clone(),
-            rest: rest.clone(),
-            builder: builder.clone(),
-            watcher: graceful.watcher(),
+            proxy: self.proxy.clone(),
+            rest: self.rest.clone(),
+            builder: self.builder.clone(),
+            watcher,
             peer,
-            handshake_timeout: settings.handshake_timeout,
+            handshake_timeout: self.handshake_timeout,
         };
-        match &acceptor {
+        match &self.acceptor {
             None => {
-                tokio::spawn(conn.serve(stream));
+                tokio::spawn(async move {
+                    conn.serve(stream).await;
+                    drop(placed);
+                });
             }
             Some(acceptor) => {
-                // The handshake runs in the connection's own task, so a slow or silent client
-                // never holds up the accept loop.
                 let accept = acceptor.accept(stream);
+                let timeout = self.handshake_timeout;
                 tokio::spawn(async move {
-                    match tokio::time::timeout(settings.handshake_timeout, accept).await {
+                    match tokio::time::timeout(timeout, accept).await {
                         Ok(Ok(stream)) => conn.serve(stream).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %crate::tls::describe_io_error(&e), "TLS handshake failed on the data port");
@@ -122,15 +214,9 @@ pub async fn serve(
                             tracing::debug!(%peer, "TLS handshake timed out on the data port");
                         }
                     }
+                    drop(placed);
                 });
             }
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(settings.shutdown_grace) => {
-            tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period ended with requests still open");
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod accept;
 pub mod admission;
+pub mod balance;
 pub mod body;
 pub mod mirror;
 pub mod rest;
