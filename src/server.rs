@@ -420,6 +420,15 @@ struct DataPlane {
     traces: Option<Arc<crate::traces::Traces>>,
 }
 
+/// What every data thread runs first, given its index: the binary gives each an allocator arena
+/// of its own (`src/main.rs`). Unset in tests and library use.
+static DATA_THREAD_START: std::sync::OnceLock<fn(usize)> = std::sync::OnceLock::new();
+
+/// Sets what every data thread runs first (once per process; later calls change nothing).
+pub fn on_data_thread_start(f: fn(usize)) {
+    let _ = DATA_THREAD_START.set(f);
+}
+
 /// Starts the data port: the proxy, with health and reflection for the OIP service, on
 /// `--data-threads` threads. Returns once every thread serves.
 async fn start_data_plane(
@@ -518,6 +527,9 @@ async fn start_data_plane(
         std::thread::Builder::new()
             .name(format!("modelgate-data-{i}"))
             .spawn(move || {
+                if let Some(start) = DATA_THREAD_START.get() {
+                    start(i);
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

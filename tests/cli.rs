@@ -185,6 +185,44 @@ fn the_allocator_is_jemalloc_with_its_settings() {
 /// up mapped (src/startup_pages.rs): its binary's and libc's at least, tens of MiB with RocksDB.
 /// The tests that drive the binary afterwards (the demo, the tutorial, restarts) run the code
 /// mapped back.
+/// Each data thread allocates from a jemalloc arena of its own (src/main.rs, `own_arena`), so two
+/// data threads never wait on each other's allocator locks; the arenas are new ones, not the
+/// process's first, which the other threads share.
+#[cfg(not(target_env = "msvc"))]
+#[test]
+fn every_data_thread_gets_an_allocator_arena_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve_on_free_ports(dir.path())
+        .args(["--log-level", "debug", "--data-threads", "3"])
+        .spawn()
+        .unwrap();
+    let logs = stderr_until(serve, "modelgate listening");
+    let mut arenas: Vec<(u64, u64)> = logs
+        .lines()
+        .filter(|l| l.contains("data thread allocates from an arena of its own"))
+        .map(|l| {
+            let field = |name: &str| -> u64 {
+                l.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in {l:?}"))
+            };
+            (field("thread"), field("arena"))
+        })
+        .collect();
+    arenas.sort();
+    assert_eq!(
+        arenas.iter().map(|a| a.0).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "{logs}"
+    );
+    let mut distinct: Vec<u64> = arenas.iter().map(|a| a.1).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "arenas shared: {arenas:?}");
+    assert!(distinct.iter().all(|&a| a >= 1), "{arenas:?}");
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn serve_releases_the_pages_mapped_to_start_up() {
