@@ -26,7 +26,9 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// per size, freed pages kept 10 s) took routing only's peak RSS under saturation from 29–31 to
 /// 36 MiB; with one arena (CPU per call no different from two arenas in interleaved runs),
 /// thread caches up to 1 KiB and freed pages returned within half a second, 31 MiB (everything
-/// on: 57 MiB). `tests/cli.rs` checks that jemalloc takes them.
+/// on: 57 MiB). `tests/cli.rs` checks that jemalloc takes them. The data threads each get an
+/// arena of their own besides ([`own_arena`]): measured then with connections on one thread, one
+/// arena was no dearer; with both threads serving, it was.
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
@@ -198,9 +200,9 @@ fn main() -> ExitCode {
 /// With one arena for the process (`narenas:1`, above, for memory), every data thread took that
 /// arena's locks about twelve times a call — the call's futures, boxed, are above the 1 KiB thread
 /// caches — and once connections were spread over the threads (`proxy::balance`), two threads
-/// running at once waited on each other for them: routing only's CPU per call rose from 14.6–16.3
-/// to 17.7–18.1 µs (h2load 4 × 32, two data threads). One arena per data thread keeps each
-/// thread's locks on its own core (README, issue #18, a sixteenth round); the record writer's
+/// running at once waited on each other for them: routing only's CPU per call rose from 12.4–12.9
+/// to 14.8–15.1 µs (h2load 4 × 32, two data threads). One arena per data thread: 13.2–13.4 µs,
+/// each thread's locks on its own core (README, issue #18, a sixteenth round); the record writer's
 /// frees of what a data thread allocated still go to that thread's arena. jemalloc's
 /// `percpu_arena` measured the same but makes an arena for every CPU a thread ever runs on — dozens
 /// on a large node, for a sidecar given one or two of them.
