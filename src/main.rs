@@ -208,21 +208,53 @@ fn main() -> ExitCode {
 /// on a large node, for a sidecar given one or two of them.
 #[cfg(not(target_env = "msvc"))]
 fn own_arena(thread: usize) {
-    // SAFETY: `arenas.create` is read as the new arena's index, an unsigned int, and
-    // `thread.arena` is written with one (jemalloc's mallctl namespace).
-    let bound = unsafe {
-        tikv_jemalloc_ctl::raw::read::<u32>(b"arenas.create\0").and_then(|arena| {
-            tikv_jemalloc_ctl::raw::write(b"thread.arena\0", arena).map(|()| arena)
-        })
+    let mut arena: u32 = 0;
+    let mut len = std::mem::size_of::<u32>();
+    // SAFETY: both names are NUL-terminated; `arenas.create` writes the new arena's index, an
+    // unsigned int, to `arena` (`len` bytes), and `thread.arena` reads one from it.
+    let code = unsafe {
+        match mallctl(
+            c"arenas.create".as_ptr(),
+            (&mut arena as *mut u32).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        ) {
+            0 => mallctl(
+                c"thread.arena".as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&mut arena as *mut u32).cast(),
+                std::mem::size_of::<u32>(),
+            ),
+            failed => failed,
+        }
     };
-    match bound {
-        Ok(arena) => tracing::debug!(
+    if code == 0 {
+        tracing::debug!(
             thread,
             arena,
             "data thread allocates from an arena of its own"
-        ),
-        Err(e) => tracing::warn!(thread, error = %e, "data thread shares the allocator's arena"),
+        );
+    } else {
+        let error = std::io::Error::from_raw_os_error(code);
+        tracing::warn!(thread, %error, "data thread shares the allocator's arena");
     }
+}
+
+#[cfg(not(target_env = "msvc"))]
+extern "C" {
+    /// jemalloc's control interface, prefixed like `malloc_conf` above. jemalloc is linked
+    /// through tikv-jemallocator; declared here rather than through tikv-jemalloc-ctl, whose
+    /// `paste` dependency is unmaintained (RUSTSEC-2024-0436, refused by `cargo deny`).
+    #[link_name = "_rjem_mallctl"]
+    fn mallctl(
+        name: *const std::ffi::c_char,
+        oldp: *mut std::ffi::c_void,
+        oldlenp: *mut usize,
+        newp: *mut std::ffi::c_void,
+        newlen: usize,
+    ) -> std::ffi::c_int;
 }
 
 /// Drops this process's mappings of the pages `modelgate::startup_pages` picks (code and
