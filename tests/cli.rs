@@ -104,6 +104,14 @@ fn stderr_until(mut child: std::process::Child, until: &str) -> String {
     seen
 }
 
+/// The number logged as `name=N` on a log line; panics naming the field when it is missing.
+fn log_field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+}
+
 /// `modelgate serve` on free loopback ports with its database in `dir`, logs piped from stderr.
 fn serve_on_free_ports(dir: &std::path::Path) -> Command {
     let mut serve = Command::new(env!("CARGO_BIN_EXE_modelgate"));
@@ -181,10 +189,6 @@ fn the_allocator_is_jemalloc_with_its_settings() {
     assert!(stderr.contains("opt.narenas: 3"), "{stderr}");
 }
 
-/// Once it serves, `modelgate serve` releases the pages of code and read-only data that starting
-/// up mapped (src/startup_pages.rs): its binary's and libc's at least, tens of MiB with RocksDB.
-/// The tests that drive the binary afterwards (the demo, the tutorial, restarts) run the code
-/// mapped back.
 /// Each data thread allocates from a jemalloc arena of its own (src/main.rs, `own_arena`), so two
 /// data threads never wait on each other's allocator locks; the arenas are new ones, not the
 /// process's first, which the other threads share.
@@ -200,15 +204,7 @@ fn every_data_thread_gets_an_allocator_arena_of_its_own() {
     let mut arenas: Vec<(u64, u64)> = logs
         .lines()
         .filter(|l| l.contains("data thread allocates from an arena of its own"))
-        .map(|l| {
-            let field = |name: &str| -> u64 {
-                l.split_whitespace()
-                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("no {name} in {l:?}"))
-            };
-            (field("thread"), field("arena"))
-        })
+        .map(|l| (log_field(l, "thread"), log_field(l, "arena")))
         .collect();
     arenas.sort();
     assert_eq!(
@@ -223,6 +219,10 @@ fn every_data_thread_gets_an_allocator_arena_of_its_own() {
     assert!(distinct.iter().all(|&a| a >= 1), "{arenas:?}");
 }
 
+/// Once it serves, `modelgate serve` releases the pages of code and read-only data that starting
+/// up mapped (src/startup_pages.rs): its binary's and libc's at least, tens of MiB with RocksDB.
+/// The tests that drive the binary afterwards (the demo, the tutorial, restarts) run the code
+/// mapped back.
 #[cfg(target_os = "linux")]
 #[test]
 fn serve_releases_the_pages_mapped_to_start_up() {
@@ -236,14 +236,8 @@ fn serve_releases_the_pages_mapped_to_start_up() {
         .lines()
         .find(|l| l.contains("released the pages mapped to start up"))
         .unwrap_or_else(|| panic!("no release logged:\n{logs}"));
-    let field = |name: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-    };
-    assert!(field("mappings") >= 2, "{line}");
-    assert!(field("bytes") > 10 << 20, "{line}");
+    assert!(log_field(line, "mappings") >= 2, "{line}");
+    assert!(log_field(line, "bytes") > 10 << 20, "{line}");
     let listening = logs
         .find("modelgate listening")
         .expect("the listening line");

@@ -147,7 +147,7 @@ fn hand_over(
     peer: SocketAddr,
     placed: Placed,
 ) -> Option<(TcpStream, SocketAddr, Placed)> {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY is set where the connection is served, on either thread.
     let stream = match stream.into_std() {
         Ok(s) => s,
         Err(e) => {

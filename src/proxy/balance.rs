@@ -11,7 +11,6 @@
 //! may, once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,7 +20,7 @@ use crate::telemetry::Metrics;
 
 /// The index of the least loaded of `live` (connections per thread), `me` when it is one of the
 /// least loaded, else the first of them.
-pub fn least_loaded(live: &[usize], me: usize) -> usize {
+pub fn least_loaded(live: &[i64], me: usize) -> usize {
     let min = live.iter().copied().min().unwrap_or(0);
     if live.get(me) == Some(&min) {
         return me;
@@ -39,11 +38,11 @@ pub struct Handed {
     pub placed: Placed,
 }
 
-/// The live connections of every data thread, and a way to hand each one a connection.
+/// The live connections of every data thread (the `modelgate_data_connections` gauges, which
+/// placing reads), and a way to hand each one a connection.
 struct Shared {
-    live: Box<[AtomicUsize]>,
+    live: Vec<Gauge>,
     inboxes: Vec<mpsc::UnboundedSender<Handed>>,
-    gauges: Vec<Gauge>,
 }
 
 /// One data thread's place in the balance: where it counts its connections and where it
@@ -62,8 +61,7 @@ pub struct Placed {
 
 impl Drop for Placed {
     fn drop(&mut self) {
-        self.shared.live[self.thread].fetch_sub(1, Ordering::Relaxed);
-        self.shared.gauges[self.thread].dec();
+        self.shared.live[self.thread].dec();
     }
 }
 
@@ -81,9 +79,8 @@ pub fn seats(threads: usize, metrics: &Metrics) -> Vec<Seat> {
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
     let shared = Arc::new(Shared {
-        live: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+        live: (0..threads).map(|i| metrics.data_connections(i)).collect(),
         inboxes: senders,
-        gauges: (0..threads).map(|i| metrics.data_connections(i)).collect(),
     });
     receivers
         .into_iter()
@@ -104,12 +101,7 @@ impl Seat {
 
     /// Counts a new connection on the least loaded thread and says which.
     pub fn place(&self) -> Placed {
-        let live: Vec<usize> = self
-            .shared
-            .live
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect();
+        let live: Vec<i64> = self.shared.live.iter().map(Gauge::get).collect();
         self.count_on(least_loaded(&live, self.thread))
     }
 
@@ -119,8 +111,7 @@ impl Seat {
     }
 
     fn count_on(&self, thread: usize) -> Placed {
-        self.shared.live[thread].fetch_add(1, Ordering::Relaxed);
-        self.shared.gauges[thread].inc();
+        self.shared.live[thread].inc();
         Placed {
             thread,
             shared: self.shared.clone(),
