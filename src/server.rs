@@ -527,6 +527,7 @@ async fn start_data_plane(
         std::thread::Builder::new()
             .name(format!("modelgate-data-{i}"))
             .spawn(move || {
+                crate::telemetry::sharded::set_data_thread(i);
                 if let Some(start) = DATA_THREAD_START.get() {
                     start(i);
                 }

@@ -1,5 +1,7 @@
 //! Prometheus metrics and logs.
 
+pub mod sharded;
+
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
@@ -7,9 +9,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tonic::Code;
+
+pub use sharded::{ShardedCounter, ShardedHistogram};
 
 /// Labels of a data-plane request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,19 +159,15 @@ pub struct FamilyLabels {
     pub family: String,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+/// Latency histograms (50 µs … ~3.3 s), written per data thread (see [`sharded`]).
+type HistogramFamily<L> = Family<L, ShardedHistogram>;
 type FloatGauge = Gauge<f64, AtomicU64>;
-
-fn latency_histogram() -> Histogram {
-    // 50µs … ~3.3s
-    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
-}
 
 /// Every metric modelgate exports.
 pub struct Metrics {
     registry: Registry,
-    /// Finished data-plane requests.
-    pub requests: Family<RequestLabels, Counter>,
+    /// Finished data-plane requests (counted per data thread, see [`sharded`]).
+    pub requests: Family<RequestLabels, ShardedCounter>,
     /// Request duration through modelgate, until the response body ends.
     pub request_duration: HistogramFamily<LatencyLabels>,
     /// Time from sending a request upstream to the end of its answer (OIP unary) or its response
@@ -273,13 +272,13 @@ impl Metrics {
                 "request_duration",
                 "Time from request arrival to the end of the response, through modelgate",
                 seconds(),
-                HistogramFamily::<LatencyLabels>::new_with_constructor(latency_histogram)
+                HistogramFamily::<LatencyLabels>::default()
             ),
             upstream_duration: metric!(
                 "upstream_request_duration",
                 "Time the upstream took: to the end of an OIP answer, to the response head of a stream",
                 seconds(),
-                HistogramFamily::<UpstreamLabels>::new_with_constructor(latency_histogram)
+                HistogramFamily::<UpstreamLabels>::default()
             ),
             in_flight: metric!(
                 "in_flight_requests",
@@ -478,44 +477,15 @@ impl Metrics {
                 .inc();
             return;
         };
-        let find = |entries: &[Arc<RouteEntry>]| {
-            entries
-                .iter()
-                .find(|e| match (&e.experiment, experiment) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => a.0 == b.0 && a.1 == b.1,
-                    _ => false,
-                })
-                .cloned()
-        };
-        let found = find(&cache.entries.read());
-        let entry = match found {
+        // Found by reference in a snapshot of the list: reading it writes nothing shared (an
+        // `ArcSwap` load), where a lock or an `Arc` clone wrote a line both data threads use.
+        let entries = cache.entries.load();
+        let entry = match entries.iter().find(|e| e.is_for(experiment)) {
             Some(e) => e,
             None => {
-                let mut entries = cache.entries.write();
-                match find(&entries) {
-                    Some(e) => e,
-                    None => {
-                        let (exp, var) = experiment
-                            .map(|(e, v)| (e.to_string(), v.to_string()))
-                            .unwrap_or_default();
-                        let e = Arc::new(RouteEntry {
-                            experiment: experiment.cloned(),
-                            duration: self
-                                .request_duration
-                                .get_or_create(&LatencyLabels {
-                                    model: model.to_string(),
-                                    version: version.to_string(),
-                                    experiment: exp,
-                                    variant: var,
-                                })
-                                .clone(),
-                            codes: Default::default(),
-                        });
-                        entries.push(e.clone());
-                        e
-                    }
-                }
+                drop(entries);
+                self.add_route_entry(cache, model, version, experiment);
+                return self.observe_request(Some(cache), route, experiment, code, seconds);
             }
         };
         entry.duration.observe(seconds);
@@ -537,6 +507,40 @@ impl Metrics {
             .inc();
     }
 
+    /// Adds a route's series for `experiment` (once: callers racing here add one).
+    fn add_route_entry(
+        &self,
+        cache: &RouteMetrics,
+        model: &str,
+        version: &str,
+        experiment: Option<&(Arc<str>, Arc<str>)>,
+    ) {
+        let _one_at_a_time = cache.adding.lock();
+        let entries = cache.entries.load();
+        if entries.iter().any(|e| e.is_for(experiment)) {
+            return;
+        }
+        let (exp, var) = experiment
+            .map(|(e, v)| (e.to_string(), v.to_string()))
+            .unwrap_or_default();
+        let mut next = Vec::with_capacity(entries.len() + 1);
+        next.extend(entries.iter().cloned());
+        next.push(Arc::new(RouteEntry {
+            experiment: experiment.cloned(),
+            duration: self
+                .request_duration
+                .get_or_create(&LatencyLabels {
+                    model: model.to_string(),
+                    version: version.to_string(),
+                    experiment: exp,
+                    variant: var,
+                })
+                .clone(),
+            codes: Default::default(),
+        }));
+        cache.entries.store(Arc::new(next));
+    }
+
     /// The open-connections gauge of data thread `thread`.
     pub fn data_connections(&self, thread: usize) -> Gauge {
         self.connections
@@ -547,7 +551,11 @@ impl Metrics {
     }
 
     /// The upstream latency histogram of `endpoint`, resolved once per route.
-    pub fn upstream_histogram<'a>(&self, cache: &'a RouteMetrics, endpoint: &str) -> &'a Histogram {
+    pub fn upstream_histogram<'a>(
+        &self,
+        cache: &'a RouteMetrics,
+        endpoint: &str,
+    ) -> &'a ShardedHistogram {
         cache.upstream.get_or_init(|| {
             self.upstream_duration
                 .get_or_create(&UpstreamLabels {
@@ -640,14 +648,29 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
 /// (`routing::Extension`).
 #[derive(Default)]
 pub struct RouteMetrics {
-    entries: parking_lot::RwLock<Vec<Arc<RouteEntry>>>,
-    upstream: OnceLock<Histogram>,
+    /// One entry per experiment variant seen on the route (and one outside any): read on every
+    /// call, replaced whole when one is added.
+    entries: arc_swap::ArcSwap<Vec<Arc<RouteEntry>>>,
+    /// Held while adding an entry.
+    adding: parking_lot::Mutex<()>,
+    upstream: OnceLock<ShardedHistogram>,
 }
 
 struct RouteEntry {
     experiment: Option<(Arc<str>, Arc<str>)>,
-    duration: Histogram,
-    codes: [OnceLock<Counter>; 17],
+    duration: ShardedHistogram,
+    codes: [OnceLock<ShardedCounter>; 17],
+}
+
+impl RouteEntry {
+    /// Whether this is the series of `experiment`'s variant (or of calls outside any).
+    fn is_for(&self, experiment: Option<&(Arc<str>, Arc<str>)>) -> bool {
+        match (&self.experiment, experiment) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.0 == b.0 && a.1 == b.1,
+            _ => false,
+        }
+    }
 }
 
 /// The canonical upper-case name of a gRPC code, as Prometheus labels and logs use it.
