@@ -491,9 +491,7 @@ impl Metrics {
         entry.duration.observe(seconds);
         entry.codes[code as usize % 17]
             .get_or_init(|| {
-                let (exp, var) = experiment
-                    .map(|(e, v)| (e.to_string(), v.to_string()))
-                    .unwrap_or_default();
+                let (exp, var) = experiment_labels(experiment);
                 self.requests
                     .get_or_create(&RequestLabels {
                         model: model.to_string(),
@@ -520,9 +518,7 @@ impl Metrics {
         if entries.iter().any(|e| e.is_for(experiment)) {
             return;
         }
-        let (exp, var) = experiment
-            .map(|(e, v)| (e.to_string(), v.to_string()))
-            .unwrap_or_default();
+        let (exp, var) = experiment_labels(experiment);
         let mut next = Vec::with_capacity(entries.len() + 1);
         next.extend(entries.iter().cloned());
         next.push(Arc::new(RouteEntry {
@@ -665,12 +661,16 @@ struct RouteEntry {
 impl RouteEntry {
     /// Whether this is the series of `experiment`'s variant (or of calls outside any).
     fn is_for(&self, experiment: Option<&(Arc<str>, Arc<str>)>) -> bool {
-        match (&self.experiment, experiment) {
-            (None, None) => true,
-            (Some(a), Some(b)) => a.0 == b.0 && a.1 == b.1,
-            _ => false,
-        }
+        self.experiment.as_ref() == experiment
     }
+}
+
+/// The `experiment` and `variant` label values of a call in `experiment`'s variant (empty
+/// outside any).
+fn experiment_labels(experiment: Option<&(Arc<str>, Arc<str>)>) -> (String, String) {
+    experiment
+        .map(|(e, v)| (e.to_string(), v.to_string()))
+        .unwrap_or_default()
 }
 
 /// The canonical upper-case name of a gRPC code, as Prometheus labels and logs use it.

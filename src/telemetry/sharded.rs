@@ -54,34 +54,49 @@ fn shard(len: usize) -> usize {
 #[derive(Default, Debug)]
 struct Padded<T>(T);
 
-/// A monotonic counter, summed over its shards when read.
-#[derive(Clone, Debug)]
-pub struct ShardedCounter {
-    shards: Arc<[Padded<AtomicU64>]>,
+/// One `T` per shard ([`shard_count`]), each on lines of its own; clones share them.
+#[derive(Debug)]
+struct Shards<T>(Arc<[Padded<T>]>);
+
+impl<T> Clone for Shards<T> {
+    fn clone(&self) -> Self {
+        Shards(self.0.clone())
+    }
 }
 
-impl Default for ShardedCounter {
+impl<T: Default> Default for Shards<T> {
     fn default() -> Self {
-        ShardedCounter {
-            shards: (0..shard_count()).map(|_| Padded::default()).collect(),
-        }
+        Shards((0..shard_count()).map(|_| Padded::default()).collect())
     }
+}
+
+impl<T> Shards<T> {
+    /// The calling thread's shard.
+    fn mine(&self) -> &T {
+        &self.0[shard(self.0.len())].0
+    }
+
+    /// Every shard, to sum them.
+    fn all(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|p| &p.0)
+    }
+}
+
+/// A monotonic counter, summed over its shards when read.
+#[derive(Clone, Debug, Default)]
+pub struct ShardedCounter {
+    shards: Shards<AtomicU64>,
 }
 
 impl ShardedCounter {
     /// Adds one.
     pub fn inc(&self) {
-        self.shards[shard(self.shards.len())]
-            .0
-            .fetch_add(1, Ordering::Relaxed);
+        self.shards.mine().fetch_add(1, Ordering::Relaxed);
     }
 
     /// The total over every shard.
     pub fn get(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.0.load(Ordering::Relaxed))
-            .sum()
+        self.shards.all().map(|s| s.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -122,23 +137,15 @@ struct HistogramShard {
 
 /// A latency histogram over [`LATENCY_BOUNDS`] (what prometheus-client's
 /// `Histogram::new(exponential_buckets(0.00005, 2.0, 17))` exports, written per shard).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ShardedHistogram {
-    shards: Arc<[Padded<HistogramShard>]>,
-}
-
-impl Default for ShardedHistogram {
-    fn default() -> Self {
-        ShardedHistogram {
-            shards: (0..shard_count()).map(|_| Padded::default()).collect(),
-        }
-    }
+    shards: Shards<HistogramShard>,
 }
 
 impl ShardedHistogram {
     /// Counts `v` (seconds) in the first bucket whose upper bound is at least `v`.
     pub fn observe(&self, v: f64) {
-        let s = &self.shards[shard(self.shards.len())].0;
+        let s = self.shards.mine();
         // Only this thread writes its shard, unless threads share one: the loop then retries.
         let mut old = s.sum.load(Ordering::Relaxed);
         while let Err(now) = s.sum.compare_exchange_weak(
@@ -168,10 +175,10 @@ impl ShardedHistogram {
             .chain(std::iter::once(f64::MAX))
             .map(|b| (b, 0))
             .collect();
-        for s in self.shards.iter() {
-            sum += f64::from_bits(s.0.sum.load(Ordering::Relaxed));
-            count += s.0.count.load(Ordering::Relaxed);
-            for (b, n) in buckets.iter_mut().zip(&s.0.buckets) {
+        for s in self.shards.all() {
+            sum += f64::from_bits(s.sum.load(Ordering::Relaxed));
+            count += s.count.load(Ordering::Relaxed);
+            for (b, n) in buckets.iter_mut().zip(&s.buckets) {
                 b.1 += n.load(Ordering::Relaxed);
             }
         }
