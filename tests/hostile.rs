@@ -639,6 +639,117 @@ async fn response_header_blocks_are_raw_literals() {
     mg.shutdown().await;
 }
 
+/// modelgate's HTTP/2 encodes header blocks against the static table only (vendor/README.md):
+/// no field is added to the dynamic table, so every representation is a static index or a
+/// literal without (or never) indexing — on the first call of a connection and on the next.
+#[tokio::test]
+async fn header_blocks_never_add_to_the_dynamic_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mg, _ms) = gateway(Config::for_tests(dir.path()), "1ms").await;
+    let mut raw = Raw::handshake(mg.data_addr).await;
+    for stream in [1, 3, 5] {
+        raw.call(stream, INFER, &infer_message("iris")).await;
+        let mut blocks = Vec::new();
+        while blocks.len() < 2 {
+            let f = raw.read().await.expect("the call is answered");
+            if f.ty == HEADERS && f.stream == stream {
+                assert!(f.flags & END_HEADERS != 0, "one frame holds the block");
+                blocks.push(f.payload);
+            }
+        }
+        // The response's headers, then its trailers.
+        let fields: Vec<Vec<Field>> = blocks.iter().map(|b| hpack_fields(b)).collect();
+        for (block, fields) in blocks.iter().zip(&fields) {
+            for f in fields {
+                assert!(
+                    !matches!(f, Field::Incremental | Field::Indexed(62..)),
+                    "stream {stream}: {f:?} in {block:02x?}"
+                );
+            }
+        }
+        assert!(
+            fields[0].contains(&Field::Indexed(8)),
+            ":status 200, indexed"
+        );
+        assert!(
+            fields[1].contains(&Field::Literal(b"grpc-status".to_vec(), b"0".to_vec())),
+            "{:?}",
+            fields[1]
+        );
+    }
+    mg.shutdown().await;
+}
+
+/// One HPACK field representation (RFC 7541 §6), as far as the test above tells them apart.
+#[derive(Debug, PartialEq)]
+enum Field {
+    /// Indexed: its index.
+    Indexed(usize),
+    /// Literal with incremental indexing (added to the dynamic table).
+    Incremental,
+    /// Literal without or never indexing, a new name and its value.
+    Literal(Vec<u8>, Vec<u8>),
+    /// Literal without or never indexing, the name by index.
+    IndexedName(usize, Vec<u8>),
+    /// Dynamic table size update.
+    SizeUpdate,
+}
+
+/// Reads a header block's representations; strings must be raw (modelgate sends no Huffman).
+fn hpack_fields(mut b: &[u8]) -> Vec<Field> {
+    fn int(b: &mut &[u8], prefix: u32) -> usize {
+        let max = (1usize << prefix) - 1;
+        let mut v = (b[0] as usize) & max;
+        *b = &b[1..];
+        if v == max {
+            let mut shift = 0;
+            loop {
+                let byte = b[0];
+                *b = &b[1..];
+                v += ((byte & 0x7f) as usize) << shift;
+                shift += 7;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+    fn string(b: &mut &[u8]) -> Vec<u8> {
+        assert!(b[0] & 0x80 == 0, "a Huffman-coded string");
+        let len = int(b, 7);
+        let s = b[..len].to_vec();
+        *b = &b[len..];
+        s
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let first = b[0];
+        out.push(if first & 0x80 != 0 {
+            Field::Indexed(int(&mut b, 7))
+        } else if first & 0xc0 == 0x40 {
+            let name = int(&mut b, 6);
+            if name == 0 {
+                string(&mut b);
+            }
+            string(&mut b);
+            Field::Incremental
+        } else if first & 0xe0 == 0x20 {
+            int(&mut b, 5);
+            Field::SizeUpdate
+        } else {
+            match int(&mut b, 4) {
+                0 => {
+                    let name = string(&mut b);
+                    Field::Literal(name, string(&mut b))
+                }
+                i => Field::IndexedName(i, string(&mut b)),
+            }
+        });
+    }
+    out
+}
+
 /// The vendored h2 checks connection-specific fields (RFC 9113 §8.2.2) in one pass over the
 /// names instead of five lookups: the rule is the same, whether the field is first, last or the
 /// only one.

@@ -1,5 +1,6 @@
-use super::table::{Index, Table};
+use super::table::{self, Index, Table};
 use super::Header;
+use crate::frame::Pseudo;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -136,6 +137,52 @@ impl Encoder {
         }
     }
 
+    /// modelgate: encodes a header block from its pseudo-headers and fields by reference, each
+    /// field indexed in the static table only (its name, or its name and value) and otherwise sent
+    /// as a literal that is not added to the dynamic table (RFC 7541 6.2.2), which this encoder
+    /// leaves empty (as HAProxy's does). `encode` above moved every field out of its map into a
+    /// `Header`, looked it up in the dynamic table by hash and inserted it (evicting older ones),
+    /// for fields that a proxy mostly sends once: request ids change on every call. Sensitive
+    /// values keep the never-indexed representation. The peer's decoder takes either.
+    pub(crate) fn encode_block(
+        &mut self,
+        pseudo: &Pseudo,
+        fields: &http::HeaderMap,
+        dst: &mut BytesMut,
+    ) {
+        self.encode_size_updates(dst);
+        if let Some(v) = &pseudo.method {
+            encode_static(table::index_static_method(v), v.as_str().as_bytes(), false, dst);
+        }
+        if let Some(v) = &pseudo.scheme {
+            encode_static(table::index_static_scheme(v), v.as_bytes(), false, dst);
+        }
+        if let Some(v) = &pseudo.authority {
+            encode_static((1, false), v.as_bytes(), false, dst);
+        }
+        if let Some(v) = &pseudo.path {
+            encode_static(table::index_static_path(v), v.as_bytes(), false, dst);
+        }
+        if let Some(v) = &pseudo.protocol {
+            encode_not_indexed2(b":protocol", v.as_str().as_bytes(), false, dst);
+        }
+        if let Some(v) = pseudo.status {
+            encode_static(table::index_static_status(v), v.as_str().as_bytes(), false, dst);
+        }
+        for (name, value) in fields {
+            let sensitive = value.is_sensitive();
+            match table::index_static_field(name, value) {
+                Some(index) => encode_static(index, value.as_bytes(), sensitive, dst),
+                None => encode_not_indexed2(
+                    name.as_str().as_bytes(),
+                    value.as_bytes(),
+                    sensitive,
+                    dst,
+                ),
+            }
+        }
+    }
+
     fn encode_size_updates(&mut self, dst: &mut BytesMut) {
         match self.size_update.take() {
             Some(SizeUpdate::One(val)) => {
@@ -230,6 +277,15 @@ impl Default for Encoder {
 
 fn encode_size_update(val: usize, dst: &mut BytesMut) {
     encode_int(val, 5, 0b0010_0000, dst)
+}
+
+/// modelgate: a field whose name (and perhaps value) is in the static table: indexed when both
+/// are, else its value as a literal after the name's index.
+fn encode_static(index: (usize, bool), value: &[u8], sensitive: bool, dst: &mut BytesMut) {
+    match index {
+        (idx, true) => encode_int(idx, 7, 0x80, dst),
+        (idx, false) => encode_not_indexed(idx, value, sensitive, dst),
+    }
 }
 
 fn encode_not_indexed(name: usize, value: &[u8], sensitive: bool, dst: &mut BytesMut) {
