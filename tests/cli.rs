@@ -172,7 +172,7 @@ fn the_allocator_is_jemalloc_with_its_settings() {
     assert_eq!(code, 0, "{stderr}");
     for option in [
         "opt.narenas: 1",
-        "opt.tcache_max: 1024",
+        "opt.tcache_max: 4096",
         "opt.dirty_decay_ms: 500",
         "opt.muzzy_decay_ms: 0",
     ] {

@@ -302,7 +302,7 @@ impl Recv {
         use super::peer::PollMessage::*;
 
         match stream.pending_recv.pop_front(&mut self.buffer) {
-            Some(Event::Headers(Server(request))) => request,
+            Some(Event::Headers(Server(request))) => *request,
             _ => unreachable!("server stream queue must start with Headers"),
         }
     }
@@ -318,7 +318,7 @@ impl Recv {
         let mut ppp = stream.pending_push_promises.take();
         let pushed = ppp.pop(stream.store_mut()).map(|mut pushed| {
             match pushed.pending_recv.pop_front(&mut self.buffer) {
-                Some(Event::Headers(Server(headers))) => (headers, pushed.key()),
+                Some(Event::Headers(Server(headers))) => (*headers, pushed.key()),
                 // When frames are pushed into the queue, it is verified that
                 // the first frame is a HEADERS frame.
                 _ => panic!("Headers not set on pushed stream"),
@@ -350,7 +350,7 @@ impl Recv {
         // Skip over any interim informational headers to find the main response
         loop {
             match stream.pending_recv.pop_front(&mut self.buffer) {
-                Some(Event::Headers(Client(response))) => return Poll::Ready(Ok(response)),
+                Some(Event::Headers(Client(response))) => return Poll::Ready(Ok(*response)),
                 Some(Event::InformationalHeaders(_)) => {
                     tracing::trace!("Skipping informational response in poll_response - should be consumed via poll_informational; stream_id={:?}", stream.id);
                     continue;
@@ -393,7 +393,7 @@ impl Recv {
                 }
                 Event::InformationalHeaders(Client(response)) => {
                     // Found an informational response, return it
-                    return Poll::Ready(Some(Ok(response)));
+                    return Poll::Ready(Some(Ok(*response)));
                 }
                 other => {
                     // Not an informational response, put it back at the front
@@ -869,7 +869,7 @@ impl Recv {
         use super::peer::PollMessage::*;
         stream
             .pending_recv
-            .push_back(&mut self.buffer, Event::Headers(Server(req)));
+            .push_back(&mut self.buffer, Event::Headers(Server(Box::new(req))));
         stream.notify_recv();
         stream.notify_push();
         Ok(())
