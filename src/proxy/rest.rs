@@ -45,9 +45,7 @@ const HEADER_LENGTH: http::HeaderName =
 
 /// Whether a data-port request is a REST call: not gRPC, and HTTP/1 or a REST path.
 pub fn is_rest<B>(req: &Request<B>) -> bool {
-    let grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
+    let grpc = super::find_header(req.headers(), &http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     let path = req.uri().path();

@@ -25,7 +25,7 @@ pub fn trailers(status: Status) -> HeaderMap {
 /// response), if any.
 pub fn code_from_headers(headers: &HeaderMap) -> Option<Code> {
     const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-    let v = headers.get(GRPC_STATUS)?;
+    let v = super::find_header(headers, &GRPC_STATUS)?;
     let n: i32 = v.to_str().ok()?.parse().ok()?;
     Some(Code::from_i32(n))
 }

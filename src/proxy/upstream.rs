@@ -281,9 +281,7 @@ impl Upstreams {
         // insert, the old value dropped) cost ~2,000 instructions per call from clients that send
         // one (h2load, curl), and most messages go out as long as they came in.
         if let Payload::Full(b) = &payload {
-            let stale = parts
-                .headers
-                .get(http::header::CONTENT_LENGTH)
+            let stale = super::find_header(&parts.headers, &http::header::CONTENT_LENGTH)
                 .is_some_and(|v| {
                     v.to_str().ok().and_then(|s| s.parse::<usize>().ok()) != Some(b.len())
                 });
@@ -500,7 +498,7 @@ fn strip_connection_headers(h: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         h.remove(name);
     }
-    if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
+    if super::find_header(h, &http::header::TE).is_some_and(|v| v != "trailers") {
         h.remove(http::header::TE);
     }
 }

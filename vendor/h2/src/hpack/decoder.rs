@@ -1,8 +1,8 @@
-use super::{header::BytesStr, huffman, Header};
+use super::{header::BytesStr, header::Name, huffman, Header};
 use crate::frame;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header;
+use http::header::{self, HeaderValue};
 use http::method::{self, Method};
 use http::status::{self, StatusCode};
 
@@ -296,7 +296,18 @@ impl Decoder {
         if table_idx == 0 {
             let old_pos = buf.position();
             let name_marker = self.try_decode_string(buf)?;
+            let value_pos = buf.position();
             let value_marker = self.try_decode_string(buf)?;
+            // modelgate: a regular field's name and value are copied into a `HeaderName` and
+            // `HeaderValue` anyway, so they are read in place: no split of the connection's buffer
+            // per string (each a reference count taken and dropped). The cursor is left after the
+            // value, where `consume` removes the field from the buffer.
+            let block: &[u8] = buf.get_ref();
+            let name = name_marker.slice(block, old_pos);
+            if !name.is_empty() && name[0] != b':' {
+                let value = value_marker.slice(block, value_pos);
+                return Header::field(name, value);
+            }
             buf.set_position(old_pos);
             // Read the name as a literal
             let name = name_marker.consume(buf);
@@ -304,6 +315,16 @@ impl Decoder {
             Header::new(name, value)
         } else {
             let e = self.table.get(table_idx)?;
+            if let Name::Field(name) = e.name() {
+                // modelgate: the value read in place, as above.
+                let value_pos = buf.position();
+                let value_marker = self.try_decode_string(buf)?;
+                let value = value_marker.slice(buf.get_ref(), value_pos);
+                return Ok(Header::Field {
+                    name: name.clone(),
+                    value: HeaderValue::from_bytes(value)?,
+                });
+            }
             let value = self.decode_string(buf)?;
 
             e.name().into_entry(value)
@@ -473,6 +494,18 @@ fn take(buf: &mut Cursor<&mut BytesMut>, n: usize) -> Bytes {
 }
 
 impl StringMarker {
+    /// modelgate: the string's bytes, for a marker read from `start` in `block` (the cursor's
+    /// whole buffer) — the Huffman-decoded copy, or the raw bytes in place.
+    fn slice<'a>(&'a self, block: &'a [u8], start: u64) -> &'a [u8] {
+        match self.string {
+            Some(ref string) => string,
+            None => {
+                let from = start as usize + self.offset;
+                &block[from..from + self.len]
+            }
+        }
+    }
+
     fn consume(self, buf: &mut Cursor<&mut BytesMut>) -> Bytes {
         buf.advance(self.offset);
         match self.string {
@@ -489,7 +522,11 @@ fn consume(buf: &mut Cursor<&mut BytesMut>) {
     // remove bytes from the internal BytesMut when they have been successfully
     // decoded. This is a more permanent cursor position, which will be
     // used to resume if decoding was only partial.
-    take(buf, 0);
+    // modelgate: advanced past, not split off and dropped (`take(buf, 0)` took and released a
+    // reference to the buffer for every field).
+    let pos = buf.position() as usize;
+    buf.get_mut().advance(pos);
+    buf.set_position(0);
 }
 
 // ===== impl Table =====

@@ -102,6 +102,15 @@ impl Header {
         }
     }
 
+    /// modelgate: a regular (not pseudo-) field from its name and value read in place; the same
+    /// checks and copies as `Header::new`'s.
+    pub fn field(name: &[u8], value: &[u8]) -> Result<Header, DecoderError> {
+        // HTTP/2 requires lower case header names
+        let name = HeaderName::from_lowercase(name)?;
+        let value = HeaderValue::from_bytes(value)?;
+        Ok(Header::Field { name, value })
+    }
+
     pub fn len(&self) -> usize {
         match *self {
             Header::Field {
