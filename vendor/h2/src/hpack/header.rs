@@ -94,16 +94,12 @@ impl Header {
                 _ => Err(DecoderError::InvalidPseudoheader),
             }
         } else {
-            // HTTP/2 requires lower case header names
-            let name = HeaderName::from_lowercase(&name)?;
-            let value = HeaderValue::from_bytes(&value)?;
-
-            Ok(Header::Field { name, value })
+            Header::field(&name, &value)
         }
     }
 
-    /// modelgate: a regular (not pseudo-) field from its name and value read in place; the same
-    /// checks and copies as `Header::new`'s.
+    /// modelgate: a regular (not pseudo-) field from its name and value, read in place by the
+    /// decoder or from `Header::new`'s bytes: both copy them into the name and value.
     pub fn field(name: &[u8], value: &[u8]) -> Result<Header, DecoderError> {
         // HTTP/2 requires lower case header names
         let name = HeaderName::from_lowercase(name)?;
