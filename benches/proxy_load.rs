@@ -50,7 +50,10 @@
 //!
 //! For every target it prints throughput, the ratio to direct, latency p50 / p99 / p99.9, and —
 //! for the proxy processes — CPU seconds per 1,000 requests and peak resident memory (VmHWM,
-//! reset before each run). `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
+//! reset before each run); then the CPU µs per call of the load generator (this process) and
+//! of the model server in the same run ("gen µs", "model µs"): the three share the two cores,
+//! so a target whose calls cost the generator or the model more gets less of them for itself.
+//! `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
 //! (HTTP/2 both sides) and nginx (`grpc_pass`) appear when `haproxy` / `nginx` are on PATH
 //! (`BENCH_COMPARE=0` skips them). `BENCH_BASELINE=path/to/modelgate` adds routing-only and
 //! everything-on rows for another build of the binary, measured in the same run (before/after).
@@ -319,23 +322,55 @@ fn family(root: u32) -> Vec<u32> {
     pids
 }
 
-fn usage(root: u32) -> Usage {
+/// CPU seconds (user + system) one process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
     let ticks = 100.0; // USER_HZ, fixed at 100 on Linux for /proc/<pid>/stat
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+    let t: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    t / ticks
+}
+
+/// The benchmark's model server (the "direct" target's process), for its CPU per call.
+static MODEL_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// CPU seconds used so far by the load generator (this process alone, not its children) and by
+/// the model server: beside the proxy's, where the two cores went.
+#[derive(Clone, Copy)]
+struct Shared {
+    generator: f64,
+    model: f64,
+}
+
+impl Shared {
+    fn now() -> Self {
+        Shared {
+            generator: cpu_seconds(std::process::id()),
+            model: MODEL_PID.get().map_or(0.0, |&p| cpu_seconds(p)),
+        }
+    }
+    fn since(self, before: Shared) -> Shared {
+        Shared {
+            generator: self.generator - before.generator,
+            model: self.model - before.model,
+        }
+    }
+}
+
+fn usage(root: u32) -> Usage {
     let mut u = Usage {
         cpu_seconds: 0.0,
         peak_rss_bytes: 0,
     };
     for pid in family(root) {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-            let f: Vec<&str> = after.split_whitespace().collect();
-            // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
-            let t: f64 = [11, 12]
-                .iter()
-                .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
-                .sum();
-            u.cpu_seconds += t / ticks;
-        }
+        u.cpu_seconds += cpu_seconds(pid);
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             let hwm = status
                 .lines()
@@ -374,6 +409,8 @@ struct Run {
     hist: Histogram<u64>,
     /// CPU seconds and peak RSS of the proxy during the run.
     proxy: Option<Usage>,
+    /// CPU seconds of the load generator and the model server during the run.
+    shared: Shared,
 }
 
 impl Run {
@@ -387,6 +424,11 @@ impl Run {
         self.proxy
             .map(|u| u.cpu_seconds / self.requests.max(1) as f64 * 1000.0)
     }
+    /// The load generator's and the model server's CPU µs per call.
+    fn shared_us(&self) -> (f64, f64) {
+        let n = self.requests.max(1) as f64;
+        (self.shared.generator / n * 1e6, self.shared.model / n * 1e6)
+    }
     fn json(&self, direct: &Run) -> serde_json::Value {
         serde_json::json!({
             "target": self.target, "mode": self.mode, "requests": self.requests,
@@ -397,6 +439,8 @@ impl Run {
             "added_p99_ms": self.ms(0.99) - direct.ms(0.99),
             "proxy_cpu_seconds_per_1000": self.cpu_per_1000(),
             "proxy_peak_rss_mib": self.proxy.map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
+            "generator_cpu_us_per_call": self.shared_us().0,
+            "model_cpu_us_per_call": self.shared_us().1,
         })
     }
 }
@@ -438,7 +482,7 @@ async fn closed(target: &Target, concurrency: usize, connections: usize, seconds
     if let Some(pid) = target.pid {
         reset_peak(pid);
     }
-    let before = target.pid.map(usage);
+    let before = (target.pid.map(usage), Shared::now());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
@@ -472,7 +516,7 @@ async fn end_closed(
     stop: &AtomicBool,
     errors: &AtomicU64,
     started: Instant,
-    before: Option<Usage>,
+    before: (Option<Usage>, Shared),
     seconds: f64,
 ) -> Run {
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
@@ -504,7 +548,7 @@ async fn closed_rest(target: &Target, concurrency: usize, seconds: f64) -> Run {
     if let Some(pid) = target.pid {
         reset_peak(pid);
     }
-    let before = target.pid.map(usage);
+    let before = (target.pid.map(usage), Shared::now());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -562,6 +606,7 @@ async fn open(target: &Target, rate: f64, workers: usize, connections: usize, se
         seconds: o.seconds,
         hist: o.ok_hist,
         proxy: o.proxy,
+        shared: o.shared,
     }
 }
 
@@ -578,6 +623,7 @@ struct Overload {
     /// Time from sending to RESOURCE_EXHAUSTED.
     shed_hist: Histogram<u64>,
     proxy: Option<Usage>,
+    shared: Shared,
 }
 
 /// The open-loop driver: request `n` is due at `n / rate` seconds whether or not earlier ones
@@ -598,6 +644,7 @@ async fn overload(
         reset_peak(pid);
     }
     let before = target.pid.map(usage);
+    let shared = Shared::now();
     let started = tokio::time::Instant::now();
     let total = (rate * seconds) as u64;
     let mut tasks = Vec::new();
@@ -646,6 +693,7 @@ async fn overload(
         ok_hist,
         shed_hist,
         proxy: proxy_usage(target, before),
+        shared: Shared::now().since(shared),
     }
 }
 
@@ -708,7 +756,7 @@ fn finish(
     hist: Histogram<u64>,
     errors: u64,
     seconds: f64,
-    before: Option<Usage>,
+    before: (Option<Usage>, Shared),
 ) -> Run {
     Run {
         target: target.name,
@@ -717,7 +765,8 @@ fn finish(
         errors,
         seconds,
         hist,
-        proxy: proxy_usage(target, before),
+        proxy: proxy_usage(target, before.0),
+        shared: Shared::now().since(before.1),
     }
 }
 
@@ -797,7 +846,7 @@ fn machine() -> String {
 fn print_table(title: &str, runs: &[Run], direct: &Run) {
     println!("\n{title}");
     println!(
-        "{:<26} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>10} {:>9} {:>6}",
+        "{:<26} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>10} {:>9} {:>6} {:>7} {:>7}",
         "target",
         "req/s",
         "ratio",
@@ -807,7 +856,9 @@ fn print_table(title: &str, runs: &[Run], direct: &Run) {
         "+p50 ms",
         "+p99 ms",
         "CPU s/1k",
-        "RSS MiB"
+        "RSS MiB",
+        "gen µs",
+        "model µs"
     );
     for r in runs {
         let (cpu, rss) = match r.proxy {
@@ -817,8 +868,9 @@ fn print_table(title: &str, runs: &[Run], direct: &Run) {
             ),
             None => ("-".into(), "-".into()),
         };
+        let (generator, model) = r.shared_us();
         println!(
-            "{:<26} {:>9.0} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>10.3} {:>10.3} {:>9} {:>6}{}",
+            "{:<26} {:>9.0} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>10.3} {:>10.3} {:>9} {:>6} {:>7.1} {:>7.1}{}",
             r.target,
             r.rps(),
             r.rps() / direct.rps(),
@@ -829,6 +881,8 @@ fn print_table(title: &str, runs: &[Run], direct: &Run) {
             r.ms(0.99) - direct.ms(0.99),
             cpu,
             rss,
+            generator,
+            model,
             if r.errors > 0 {
                 format!("  ({} errors)", r.errors)
             } else {
@@ -1008,6 +1062,7 @@ fn main() {
             "--model",
             "name=bench;kind=logistic;features=16;seed=1",
         ]);
+        let _ = MODEL_PID.set(_model.0.id());
         wait_for(model_addr).await;
         wait_for(model_rest).await;
 

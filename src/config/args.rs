@@ -89,8 +89,10 @@ pub struct ServeArgs {
     pub data_threads: usize,
 
     /// HTTP/2 connections modelgate opens to each upstream endpoint, per data thread, used in
-    /// turn (env MODELGATE_UPSTREAM_CONNECTIONS).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    /// turn (env MODELGATE_UPSTREAM_CONNECTIONS). One a thread batches the most calls into each
+    /// of the model server's reads and each of modelgate's writes; more spread a connection's
+    /// flow-control window for large tensors.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub upstream_connections: usize,
 
     /// Time allowed to open a connection to an upstream (env MODELGATE_CONNECT_TIMEOUT).
