@@ -338,8 +338,9 @@ fn cpu_seconds(pid: u32) -> f64 {
     t / ticks
 }
 
-/// The benchmark's model server (the "direct" target's process), for its CPU per call.
-static MODEL_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+/// The model server the runs in progress call (the "direct" target's process, or the overload
+/// mode's own), for its CPU per call; 0 before one is started.
+static MODEL_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// CPU seconds used so far by the load generator (this process alone, not its children) and by
 /// the model server: beside the proxy's, where the two cores went.
@@ -353,7 +354,10 @@ impl Shared {
     fn now() -> Self {
         Shared {
             generator: cpu_seconds(std::process::id()),
-            model: MODEL_PID.get().map_or(0.0, |&p| cpu_seconds(p)),
+            model: match MODEL_PID.load(Ordering::Relaxed) {
+                0 => 0.0,
+                p => cpu_seconds(p),
+            },
         }
     }
     fn since(self, before: Shared) -> Shared {
@@ -1053,7 +1057,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let model_addr = free_addr();
         let model_rest = free_addr();
-        let _model = spawn_modelgate(&[
+        let model = spawn_modelgate(&[
             "model-server",
             "--listen",
             &model_addr.to_string(),
@@ -1062,7 +1066,7 @@ fn main() {
             "--model",
             "name=bench;kind=logistic;features=16;seed=1",
         ]);
-        let _ = MODEL_PID.set(_model.0.id());
+        MODEL_PID.store(model.0.id(), Ordering::Relaxed);
         wait_for(model_addr).await;
         wait_for(model_rest).await;
 
@@ -1395,7 +1399,8 @@ fn main() {
             });
         }
         let mut overload_json = serde_json::Value::Null;
-        if let Some((p, data, _model)) = &overload_gate {
+        if let Some((p, data, model)) = &overload_gate {
+            MODEL_PID.store(model.0.id(), Ordering::Relaxed);
             let target = Target {
                 name: "modelgate overload",
                 addr: *data,
@@ -1410,6 +1415,15 @@ fn main() {
             eprintln!("overload: open loop at {rate:.0} req/s");
             let o = overload(&target, rate, callers, connections, seconds).await;
             o.print(&max, overload_cap, callers, &overload_latency);
+            let per_call = |cpu: f64, n: u64| cpu / n.max(1) as f64 * 1e6;
+            let (max_gen, max_model) = max.shared_us();
+            println!(
+                "CPU µs per call at the maximum / at {factor:.0}x: modelgate {:.1} / {:.1}, load generator {max_gen:.1} / {:.1}, model server {max_model:.1} / {:.1}",
+                max.cpu_per_1000().unwrap_or(0.0) * 1000.0,
+                o.proxy.map_or(0.0, |u| per_call(u.cpu_seconds, o.ok + o.shed)),
+                per_call(o.shared.generator, o.ok + o.shed),
+                per_call(o.shared.model, o.ok),
+            );
             overload_json = o.json(&max, overload_cap);
             overload_json["model_latency"] = overload_latency.clone().into();
         }
