@@ -53,6 +53,10 @@
 //! reset before each run); then the CPU µs per call of the load generator (this process) and
 //! of the model server in the same run ("gen µs", "model µs"): the three share the two cores,
 //! so a target whose calls cost the generator or the model more gets less of them for itself.
+//! Under the closed-loop table, each modelgate's CPU per call is split by thread (from
+//! `/proc/<pid>/task`): the data threads, the record writer, RocksDB's flush and compaction
+//! threads, and the rest; and the everything-on line gives issue #18's two figures, its
+//! throughput and its CPU per call against routing only's.
 //! `BENCH_JSON=path` also writes everything as JSON. Rows for HAProxy
 //! (HTTP/2 both sides) and nginx (`grpc_pass`) appear when `haproxy` / `nginx` are on PATH
 //! (`BENCH_COMPARE=0` skips them). `BENCH_BASELINE=path/to/modelgate` adds routing-only and
@@ -301,6 +305,55 @@ fn call(n: u64, req: &ModelInferRequest) -> tonic::Request<ModelInferRequest> {
 struct Usage {
     cpu_seconds: f64,
     peak_rss_bytes: u64,
+    /// The root process's CPU seconds by thread, grouped as [`THREAD_GROUPS`] (modelgate's).
+    threads: [f64; 4],
+}
+
+/// modelgate's threads, grouped by name for where its CPU goes: the data threads that serve
+/// calls, the record writer, RocksDB's flush and compaction threads, and the rest (drift,
+/// fleet, the control plane's runtime).
+const THREAD_GROUPS: [&str; 4] = ["data threads", "record writer", "RocksDB", "other"];
+
+fn thread_group(name: &str) -> usize {
+    if name.starts_with("modelgate-data") {
+        0
+    } else if name.starts_with("modelgate-recor") {
+        1
+    } else if name.starts_with("rocksdb:") {
+        2
+    } else {
+        3
+    }
+}
+
+/// CPU seconds (user + system) of one `stat` line of `/proc`, and the name it gives.
+fn stat_cpu(stat: &str) -> (&str, f64) {
+    let ticks = 100.0; // USER_HZ, fixed at 100 on Linux for /proc/<pid>/stat
+    let (head, after) = stat.rsplit_once(')').unwrap_or(("", ""));
+    let name = head.split_once('(').map_or("", |x| x.1);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+    let t: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    (name, t / ticks)
+}
+
+/// CPU seconds `pid`'s threads have used so far, by [`thread_group`] (threads that have
+/// exited are not counted: modelgate's live as long as it does).
+fn thread_cpu(pid: u32) -> [f64; 4] {
+    let mut groups = [0.0; 4];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return groups;
+    };
+    for task in tasks.flatten() {
+        if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
+            let (name, seconds) = stat_cpu(&stat);
+            groups[thread_group(name)] += seconds;
+        }
+    }
+    groups
 }
 
 /// The pids of `root` and its direct children (nginx's workers).
@@ -324,18 +377,7 @@ fn family(root: u32) -> Vec<u32> {
 
 /// CPU seconds (user + system) one process has used so far, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = 100.0; // USER_HZ, fixed at 100 on Linux for /proc/<pid>/stat
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
-    let t: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    t / ticks
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(0.0, |s| stat_cpu(&s).1)
 }
 
 /// The model server the runs in progress call (the "direct" target's process, or the overload
@@ -372,6 +414,7 @@ fn usage(root: u32) -> Usage {
     let mut u = Usage {
         cpu_seconds: 0.0,
         peak_rss_bytes: 0,
+        threads: thread_cpu(root),
     };
     for pid in family(root) {
         u.cpu_seconds += cpu_seconds(pid);
@@ -428,6 +471,11 @@ impl Run {
         self.proxy
             .map(|u| u.cpu_seconds / self.requests.max(1) as f64 * 1000.0)
     }
+    /// The proxy's CPU µs per call by [`THREAD_GROUPS`], when it is a proxy.
+    fn threads_us(&self) -> Option<[f64; 4]> {
+        let n = self.requests.max(1) as f64;
+        self.proxy.map(|u| u.threads.map(|s| s / n * 1e6))
+    }
     /// The load generator's and the model server's CPU µs per call.
     fn shared_us(&self) -> (f64, f64) {
         let n = self.requests.max(1) as f64;
@@ -443,6 +491,10 @@ impl Run {
             "added_p99_ms": self.ms(0.99) - direct.ms(0.99),
             "proxy_cpu_seconds_per_1000": self.cpu_per_1000(),
             "proxy_peak_rss_mib": self.proxy.map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
+            "proxy_cpu_us_per_call_by_thread": self.threads_us().map(|t| {
+                THREAD_GROUPS.iter().zip(t).map(|(g, us)| (g.to_string(), us.into()))
+                    .collect::<serde_json::Map<String, serde_json::Value>>()
+            }),
             "generator_cpu_us_per_call": self.shared_us().0,
             "model_cpu_us_per_call": self.shared_us().1,
         })
@@ -781,6 +833,7 @@ fn proxy_usage(target: &Target, before: Option<Usage>) -> Option<Usage> {
         Usage {
             cpu_seconds: a.cpu_seconds - b.cpu_seconds,
             peak_rss_bytes: a.peak_rss_bytes,
+            threads: std::array::from_fn(|i| a.threads[i] - b.threads[i]),
         }
     })
 }
@@ -892,6 +945,29 @@ fn print_table(title: &str, runs: &[Run], direct: &Run) {
             } else {
                 String::new()
             }
+        );
+    }
+}
+
+/// Where each modelgate's CPU per call went in the closed loop, by thread group.
+fn print_threads(runs: &[Run]) {
+    let modelgates: Vec<(&Run, [f64; 4])> = runs
+        .iter()
+        .filter(|r| r.target.contains("modelgate") || r.target.starts_with("baseline"))
+        .filter_map(|r| r.threads_us().map(|t| (r, t)))
+        .collect();
+    if modelgates.is_empty() {
+        return;
+    }
+    println!("\nmodelgate's CPU µs per call by thread (closed loop)");
+    println!(
+        "{:<32} {:>12} {:>14} {:>9} {:>7}",
+        "target", THREAD_GROUPS[0], THREAD_GROUPS[1], THREAD_GROUPS[2], THREAD_GROUPS[3]
+    );
+    for (r, t) in modelgates {
+        println!(
+            "{:<32} {:>12.1} {:>14.1} {:>9.1} {:>7.1}",
+            r.target, t[0], t[1], t[2], t[3]
         );
     }
 }
@@ -1306,14 +1382,21 @@ fn main() {
             );
         }
         println!("machine: {}", machine());
+        print_threads(&closed_runs);
         let by_name: HashMap<&str, &Run> = closed_runs.iter().map(|r| (r.target, r)).collect();
         if let (Some(r), Some(e)) = (
             by_name.get("modelgate routing only"),
             by_name.get("modelgate everything on"),
         ) {
+            // Issue #18's goal for everything on: at least 0.8 of the throughput, at most 1.5×
+            // the CPU per call.
             println!(
-                "everything on / routing only: {:.3}",
-                e.rps() / r.rps()
+                "everything on / routing only: {:.3} throughput, {} CPU per call",
+                e.rps() / r.rps(),
+                match (e.cpu_per_1000(), r.cpu_per_1000()) {
+                    (Some(a), Some(b)) => format!("{:.3}", a / b),
+                    _ => "-".into(),
+                }
             );
         }
         if let (Some(e), Some(f)) = (
