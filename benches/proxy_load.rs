@@ -471,10 +471,14 @@ impl Run {
         self.proxy
             .map(|u| u.cpu_seconds / self.requests.max(1) as f64 * 1000.0)
     }
-    /// The proxy's CPU µs per call by [`THREAD_GROUPS`], when it is a proxy.
+    /// modelgate's CPU µs per call by [`THREAD_GROUPS`], when the target is a modelgate (other
+    /// proxies' threads are not grouped).
     fn threads_us(&self) -> Option<[f64; 4]> {
         let n = self.requests.max(1) as f64;
-        self.proxy.map(|u| u.threads.map(|s| s / n * 1e6))
+        let modelgate = self.target.contains("modelgate") || self.target.starts_with("baseline");
+        self.proxy
+            .filter(|_| modelgate)
+            .map(|u| u.threads.map(|s| s / n * 1e6))
     }
     /// The load generator's and the model server's CPU µs per call.
     fn shared_us(&self) -> (f64, f64) {
@@ -953,7 +957,6 @@ fn print_table(title: &str, runs: &[Run], direct: &Run) {
 fn print_threads(runs: &[Run]) {
     let modelgates: Vec<(&Run, [f64; 4])> = runs
         .iter()
-        .filter(|r| r.target.contains("modelgate") || r.target.starts_with("baseline"))
         .filter_map(|r| r.threads_us().map(|t| (r, t)))
         .collect();
     if modelgates.is_empty() {
