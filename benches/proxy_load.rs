@@ -34,7 +34,11 @@
 //!    share refused with RESOURCE_EXHAUSTED and how fast (latency from sending), the latency of
 //!    the calls served, and the proxy's peak memory: the excess must not stop the served calls
 //!    flowing. With the default `--queue-timeout` the calls beyond the cap wait for a slot
-//!    (their callers held back) rather than being refused.
+//!    (their callers held back) rather than being refused. When h2load is on PATH it runs the
+//!    same two steps again as the load generator (its maximum with as many streams as the cap
+//!    over `BENCH_CONNECTIONS` connections, then twice that rate with `--rps` and as many
+//!    streams as callers): the in-process generator's thousands of callers cost more CPU per
+//!    call than modelgate does, and share its two cores.
 //!
 //! 4. **h2load** (when `h2load`, Debian's `nghttp2-client`, is on PATH; `BENCH_H2LOAD=0` skips
 //!    it): an external load generator that shares no code with modelgate, at saturation.
@@ -103,6 +107,8 @@ struct H2load {
 
 /// Runs h2load for `seconds` against `url`, POSTing `body` with `headers`; HTTP/1.1 with `h1`
 /// (`clients` connections, one request each at a time), else HTTP/2 (`clients` × `streams`).
+/// With `rps`, each connection sends that many requests per second, on schedule, as long as
+/// it has a stream free (h2load's `--rps`: what is due while every stream is busy waits).
 #[allow(clippy::too_many_arguments)]
 fn h2load(
     name: String,
@@ -111,8 +117,8 @@ fn h2load(
     body: &Path,
     headers: &[&str],
     h1: bool,
-    clients: usize,
-    streams: usize,
+    (clients, streams): (usize, usize),
+    rps: Option<f64>,
     seconds: f64,
 ) -> H2load {
     let mut cmd = Command::new("h2load");
@@ -121,6 +127,9 @@ fn h2load(
         .args(["--warm-up-time", "1"])
         .arg("-d")
         .arg(body);
+    if let Some(rps) = rps {
+        cmd.args(["--rps", &format!("{}", rps.ceil().max(1.0))]);
+    }
     if h1 {
         cmd.arg("--h1");
     }
@@ -175,6 +184,86 @@ fn h2load(
         done,
         cpu_seconds,
     }
+}
+
+/// The overload mode again with h2load as the load generator, which shares no code with
+/// modelgate and costs a few µs per call where the in-process generator's 2,048 callers cost
+/// more than modelgate itself: the maximum closed loop with `cap` streams over `connections`,
+/// then `factor` × that rate on schedule (`--rps`) with `callers` streams. h2load reads no
+/// gRPC status, so the calls modelgate shed (its `modelgate_shed_requests_total`) are taken off
+/// what it counted as served.
+fn h2load_overload(
+    target: &Target,
+    admin: SocketAddr,
+    body: &Path,
+    (connections, cap, callers): (usize, usize, usize),
+    factor: f64,
+    seconds: f64,
+) -> serde_json::Value {
+    let url = format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        target.addr
+    );
+    let headers = ["content-type: application/grpc", "te: trailers"];
+    let streams = |n: usize| (connections, n.div_ceil(connections).max(1));
+    eprintln!("overload, h2load: maximum, closed loop with {cap} streams");
+    let max = h2load(
+        "maximum".into(),
+        target.pid,
+        &url,
+        body,
+        &headers,
+        false,
+        streams(cap),
+        None,
+        seconds,
+    );
+    let rate = max.rps * factor;
+    eprintln!("overload, h2load: {rate:.0} req/s on schedule, {callers} streams");
+    let shed_before = shed_so_far(admin);
+    let over = h2load(
+        format!("{factor:.0}x"),
+        target.pid,
+        &url,
+        body,
+        &headers,
+        false,
+        streams(callers),
+        Some(rate / connections as f64),
+        seconds,
+    );
+    let shed = shed_so_far(admin).saturating_sub(shed_before);
+    let served = over.rps * (1.0 - (shed as f64 / over.done.max(1) as f64).min(1.0));
+    let us = |r: &H2load| r.cpu_seconds.map(|c| c * 1e6 / r.done.max(1) as f64);
+    println!(
+        "overload, h2load: maximum ({connections} connections × {} streams, closed loop) {:.0} req/s; offered {rate:.0} req/s ({factor:.2}x, {connections} × {} streams, --rps): served {served:.0} req/s = {:.3} of the maximum, shed {shed}; modelgate CPU µs per call {} / {}",
+        streams(cap).1,
+        max.rps,
+        streams(callers).1,
+        served / max.rps,
+        us(&max).map_or("-".into(), |v| format!("{v:.1}")),
+        us(&over).map_or("-".into(), |v| format!("{v:.1}")),
+    );
+    serde_json::json!({
+        "maximum_rps": max.rps, "offered_rps": rate, "served_rps": served,
+        "goodput_ratio": served / max.rps, "shed": shed, "failed": over.failed,
+        "proxy_cpu_us_per_call_at_maximum": us(&max), "proxy_cpu_us_per_call_overloaded": us(&over),
+    })
+}
+
+/// Calls the modelgate whose admin port is `admin` has shed so far
+/// (`modelgate_shed_requests_total`).
+fn shed_so_far(admin: SocketAddr) -> u64 {
+    use std::io::{Read, Write};
+    let mut text = String::new();
+    let mut s = std::net::TcpStream::connect(admin).expect("modelgate's admin port");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: modelgate\r\n\r\n")
+        .and_then(|_| s.read_to_string(&mut text))
+        .expect("modelgate's metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix("modelgate_shed_requests_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 fn print_h2load(title: &str, runs: &[H2load]) {
@@ -1028,6 +1117,16 @@ async fn modelgate(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr)
 
 /// [`modelgate`] from another build of the binary (`BENCH_BASELINE`).
 async fn modelgate_from(bin: &Path, dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    let (p, data, control, _) = modelgate_with_admin(bin, dir, extra).await;
+    (p, data, control)
+}
+
+/// [`modelgate_from`], also returning the admin address (its metrics).
+async fn modelgate_with_admin(
+    bin: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> (Proc, SocketAddr, SocketAddr, SocketAddr) {
     let (data, control, admin) = (free_addr(), free_addr(), free_addr());
     let mut args = vec![
         "serve".to_string(),
@@ -1046,7 +1145,7 @@ async fn modelgate_from(bin: &Path, dir: &Path, extra: &[&str]) -> (Proc, Socket
     let p = spawn(Command::new(bin).args(&args));
     wait_for(control).await;
     wait_for(data).await;
-    (p, data, control)
+    (p, data, control, admin)
 }
 
 /// Registers `versions` versions of `bench` at `model`; version 1 becomes production.
@@ -1176,13 +1275,14 @@ fn main() {
             ]);
             wait_for(slow_model).await;
             let cap = overload_cap.to_string();
-            let (p, data, control) = modelgate(
+            let (p, data, control, admin) = modelgate_with_admin(
+                &modelgate_binary(),
                 &dir.path().join("overload"),
                 &["--record-predictions", "false", "--max-in-flight", &cap],
             )
             .await;
             register(control, slow_model, 1).await;
-            Some((p, data, model))
+            Some((p, data, model, admin))
         } else {
             None
         };
@@ -1443,8 +1543,8 @@ fn main() {
                     &grpc_body,
                     &["content-type: application/grpc", "te: trailers"],
                     false,
-                    clients,
-                    streams,
+                    (clients, streams),
+                    None,
                     seconds,
                 ));
             }
@@ -1461,8 +1561,8 @@ fn main() {
                     &rest_body,
                     &["content-type: application/json"],
                     true,
-                    concurrency,
-                    1,
+                    (concurrency, 1),
+                    None,
                     seconds,
                 ));
             }
@@ -1485,7 +1585,7 @@ fn main() {
             });
         }
         let mut overload_json = serde_json::Value::Null;
-        if let Some((p, data, model)) = &overload_gate {
+        if let Some((p, data, model, admin)) = &overload_gate {
             MODEL_PID.store(model.0.id(), Ordering::Relaxed);
             let target = Target {
                 name: "modelgate overload",
@@ -1512,6 +1612,18 @@ fn main() {
             );
             overload_json = o.json(&max, overload_cap);
             overload_json["model_latency"] = overload_latency.clone().into();
+            if std::env::var("BENCH_H2LOAD").map_or(true, |v| v != "0") && on_path("h2load") {
+                let body = dir.path().join("overload.grpc");
+                std::fs::write(&body, modelgate::protocol::grpc::frame(&request())).unwrap();
+                overload_json["h2load"] = h2load_overload(
+                    &target,
+                    *admin,
+                    &body,
+                    (connections, overload_cap, callers),
+                    factor,
+                    seconds,
+                );
+            }
         }
         if let Some(path) = json_path {
             let doc = serde_json::json!({

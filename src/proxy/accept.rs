@@ -255,7 +255,7 @@ impl Connection {
                 if super::rest::is_rest(&req) {
                     Box::pin(rest.clone().handle(req))
                 } else {
-                    Box::pin(proxy.clone().handle(req))
+                    proxy.clone().call(req)
                 };
             futures_util::FutureExt::map(call, Ok::<_, Infallible>)
         });

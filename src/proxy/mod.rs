@@ -1,6 +1,6 @@
 //! The data plane: an HTTP/2 gRPC server that routes each call to a model version's upstream.
 //!
-//! [`Proxy::handle`] is the whole request path, in typed stages: admitted (request id, the
+//! [`Proxy::call`] is the whole request path, in typed stages: admitted (request id, the
 //! protocol and kind of call, an in-flight slot) → routed (version, experiment variant, shadows)
 //! → forwarded (the upstream exchange) → finished (when the response ends: metrics, span, shadow
 //! copies, record, in-flight release). What a protocol says about a call — its kind, the model it
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -445,22 +446,47 @@ impl Proxy {
         }
     }
 
-    /// Serves one request. Never fails: every error is a gRPC status.
+    /// Serves one request, as a boxed future. Never fails: every error is a gRPC status.
+    ///
+    /// A call with a free slot is [`Proxy::serve`]'s future at once. One that must wait for
+    /// a slot waits in a small future of its own, and [`Proxy::serve`]'s — kilobytes — is
+    /// allocated only once it has one. Why: under overload thousands of calls wait (one per
+    /// stream the clients opened); holding a whole call's future each, they spread each
+    /// call's state over megabytes that a served call then reads back from memory, not from
+    /// the cache. Allocated on admission, a call's future takes the block a call just
+    /// finished with, still in the cache (measured: README, issue #18, a twenty-second round).
+    pub fn call(self: Arc<Self>, req: Request<Incoming>) -> BoxFuture<'static, Response<Body>> {
+        let admitted = self.admit(&req);
+        if admitted.slot.is_some() {
+            Box::pin(self.serve(admitted, req))
+        } else {
+            Box::pin(self.queue(admitted, req))
+        }
+    }
+
+    /// A call that found every slot taken: waits for one (or is shed), then is served.
+    async fn queue(
+        self: Arc<Self>,
+        mut admitted: Admitted,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let deadline = self.unary_deadline(req.headers());
+        match self.admission.wait(deadline).await {
+            Ok(slot) => {
+                admitted.slot = Some(slot);
+                Box::pin(self.serve(admitted, req)).await
+            }
+            Err(refused) => self.shed(admitted, req, refused),
+        }
+    }
+
+    /// Serves an admitted call.
     ///
     /// A call goes through typed stages: admitted ([`Admitted`]: id, protocol and kind,
     /// in-flight slot) → routed ([`Routed`]: version, experiment variant, shadows) → forwarded
     /// ([`Forwarded`]: what the upstream exchange left) → finished (its status code, when the
     /// response ends: metrics, span, shadow copies, record).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let mut admitted = self.admit(&req);
-        if admitted.slot.is_none() {
-            // Rare (every slot taken): boxed, so the common path's future stays small.
-            let deadline = self.unary_deadline(req.headers());
-            match Box::pin(self.admission.wait(deadline)).await {
-                Ok(slot) => admitted.slot = Some(slot),
-                Err(refused) => return self.shed(admitted, req, refused),
-            }
-        }
+    async fn serve(self: Arc<Self>, admitted: Admitted, req: Request<Incoming>) -> Response<Body> {
         let mut trail = Trail {
             admitted,
             subject: Subject::default(),
@@ -1549,8 +1575,16 @@ mod tests {
     /// future was 9,008 bytes and memmove was 16% of modelgate's CPU under h2load.
     #[test]
     fn a_calls_future_stays_small() {
-        let handle = size_of_output(Proxy::handle);
-        assert!(handle <= 4096, "Proxy::handle's future is {handle} bytes");
+        let serve =
+            size_of_output(|p: Arc<Proxy>, (a, r): (Admitted, Request<Incoming>)| p.serve(a, r));
+        assert!(serve <= 4096, "Proxy::serve's future is {serve} bytes");
+        // What a call waiting for a slot holds instead (`Proxy::call`).
+        let queue =
+            size_of_output(|p: Arc<Proxy>, (a, r): (Admitted, Request<Incoming>)| p.queue(a, r));
+        assert!(
+            queue * 2 <= serve,
+            "a waiting call's future is {queue} bytes, a served call's {serve}"
+        );
         let send = size_of_output(|p: &Proxy, (r, h): (&Route, Request<()>)| {
             p.send(h, upstream::Payload::Full(Bytes::new()), r, "", None, None)
         });

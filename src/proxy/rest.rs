@@ -2,7 +2,7 @@
 //! what `tritonclient.http`, MLServer's and KServe's clients and curl send).
 //!
 //! A REST call is translated to its OIP gRPC twin (`protocol::oip_rest`) and served by the proxy
-//! exactly as a gRPC call, through an in-process HTTP/2 connection to [`Proxy::handle`] (one per
+//! exactly as a gRPC call, through an in-process HTTP/2 connection to [`Proxy::call`] (one per
 //! data-plane runtime, multiplexed): routing to production or the caller's experiment variant,
 //! shadows, records with named features and parsed predictions, outcomes, drift, metrics and
 //! traces all apply unchanged, and the backend is called in its registered protocol (OIP gRPC, or
@@ -252,10 +252,7 @@ impl RestGateway {
             proxy.limits.max_message_bytes,
             proxy.limits.max_tensor_elements,
         );
-        Self::with_handler(
-            Arc::new(move |req| Box::pin(proxy.clone().handle(req))),
-            limits,
-        )
+        Self::with_handler(Arc::new(move |req| proxy.clone().call(req)), limits)
     }
 
     /// A gateway to any gRPC `handler` of the Open Inference Protocol, with the limits
