@@ -73,7 +73,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -186,6 +186,48 @@ fn h2load(
     }
 }
 
+impl H2load {
+    /// The proxy's CPU µs per call over the run, when it is a proxy.
+    fn cpu_us_per_call(&self) -> Option<f64> {
+        self.cpu_seconds.map(|c| c * 1e6 / self.done.max(1) as f64)
+    }
+}
+
+/// Whether the h2load runs are on: h2load installed, and not `BENCH_H2LOAD=0`.
+fn h2load_on() -> bool {
+    std::env::var("BENCH_H2LOAD").map_or(true, |v| v != "0") && on_path("h2load")
+}
+
+/// The framed `ModelInferRequest` h2load POSTs, written into `dir`.
+fn grpc_body(dir: &Path) -> PathBuf {
+    let body = dir.join("request.grpc");
+    std::fs::write(&body, modelgate::protocol::grpc::frame(&request())).unwrap();
+    body
+}
+
+/// [`h2load`] of OIP `ModelInfer` over gRPC against `addr`, POSTing the framed `body`.
+fn h2load_grpc(
+    name: String,
+    pid: Option<u32>,
+    addr: SocketAddr,
+    body: &Path,
+    connections_streams: (usize, usize),
+    rps: Option<f64>,
+    seconds: f64,
+) -> H2load {
+    h2load(
+        name,
+        pid,
+        &format!("http://{addr}/inference.GRPCInferenceService/ModelInfer"),
+        body,
+        &["content-type: application/grpc", "te: trailers"],
+        false,
+        connections_streams,
+        rps,
+        seconds,
+    )
+}
+
 /// The overload mode again with h2load as the load generator, which shares no code with
 /// modelgate and costs a few µs per call where the in-process generator's 2,048 callers cost
 /// more than modelgate itself: the maximum closed loop with `cap` streams over `connections`,
@@ -200,20 +242,13 @@ fn h2load_overload(
     factor: f64,
     seconds: f64,
 ) -> serde_json::Value {
-    let url = format!(
-        "http://{}/inference.GRPCInferenceService/ModelInfer",
-        target.addr
-    );
-    let headers = ["content-type: application/grpc", "te: trailers"];
     let streams = |n: usize| (connections, n.div_ceil(connections).max(1));
     eprintln!("overload, h2load: maximum, closed loop with {cap} streams");
-    let max = h2load(
+    let max = h2load_grpc(
         "maximum".into(),
         target.pid,
-        &url,
+        target.addr,
         body,
-        &headers,
-        false,
         streams(cap),
         None,
         seconds,
@@ -221,33 +256,33 @@ fn h2load_overload(
     let rate = max.rps * factor;
     eprintln!("overload, h2load: {rate:.0} req/s on schedule, {callers} streams");
     let shed_before = shed_so_far(admin);
-    let over = h2load(
+    let over = h2load_grpc(
         format!("{factor:.0}x"),
         target.pid,
-        &url,
+        target.addr,
         body,
-        &headers,
-        false,
         streams(callers),
         Some(rate / connections as f64),
         seconds,
     );
     let shed = shed_so_far(admin).saturating_sub(shed_before);
     let served = over.rps * (1.0 - (shed as f64 / over.done.max(1) as f64).min(1.0));
-    let us = |r: &H2load| r.cpu_seconds.map(|c| c * 1e6 / r.done.max(1) as f64);
     println!(
         "overload, h2load: maximum ({connections} connections × {} streams, closed loop) {:.0} req/s; offered {rate:.0} req/s ({factor:.2}x, {connections} × {} streams, --rps): served {served:.0} req/s = {:.3} of the maximum, shed {shed}; modelgate CPU µs per call {} / {}",
         streams(cap).1,
         max.rps,
         streams(callers).1,
         served / max.rps,
-        us(&max).map_or("-".into(), |v| format!("{v:.1}")),
-        us(&over).map_or("-".into(), |v| format!("{v:.1}")),
+        max.cpu_us_per_call()
+            .map_or("-".into(), |v| format!("{v:.1}")),
+        over.cpu_us_per_call()
+            .map_or("-".into(), |v| format!("{v:.1}")),
     );
     serde_json::json!({
         "maximum_rps": max.rps, "offered_rps": rate, "served_rps": served,
         "goodput_ratio": served / max.rps, "shed": shed, "failed": over.failed,
-        "proxy_cpu_us_per_call_at_maximum": us(&max), "proxy_cpu_us_per_call_overloaded": us(&over),
+        "proxy_cpu_us_per_call_at_maximum": max.cpu_us_per_call(),
+        "proxy_cpu_us_per_call_overloaded": over.cpu_us_per_call(),
     })
 }
 
@@ -280,10 +315,8 @@ fn print_h2load(title: &str, runs: &[H2load]) {
             r.rps,
             r.rps / base,
             r.mean_ms,
-            r.cpu_seconds.map_or("-".into(), |c| format!(
-                "{:.1}",
-                c * 1e6 / r.done.max(1) as f64
-            )),
+            r.cpu_us_per_call()
+                .map_or("-".into(), |us| format!("{us:.1}")),
             r.failed
         );
     }
@@ -322,7 +355,7 @@ impl Drop for Proc {
 
 /// The modelgate under test: `BENCH_BINARY` (e.g. the profile-optimised build of
 /// `scripts/release.sh`), or the one cargo built for this benchmark.
-fn modelgate_binary() -> std::path::PathBuf {
+fn modelgate_binary() -> PathBuf {
     std::env::var_os("BENCH_BINARY")
         .filter(|p| !p.is_empty())
         .map_or_else(|| env!("CARGO_BIN_EXE_modelgate").into(), Into::into)
@@ -1526,23 +1559,20 @@ fn main() {
             );
         }
         let mut h2load_json = serde_json::Value::Null;
-        if std::env::var("BENCH_H2LOAD").map_or(true, |v| v != "0") && on_path("h2load") {
+        if h2load_on() {
             let clients: usize = env_or("BENCH_H2LOAD_CLIENTS", 4);
             let streams: usize = env_or("BENCH_H2LOAD_STREAMS", 32);
-            let grpc_body = dir.path().join("request.grpc");
-            std::fs::write(&grpc_body, modelgate::protocol::grpc::frame(&request())).unwrap();
+            let grpc_body = grpc_body(dir.path());
             let rest_body = dir.path().join("request.json");
             std::fs::write(&rest_body, REST_BODY).unwrap();
             let mut grpc_runs = Vec::new();
             for t in targets.iter().filter(|t| !t.rest) {
                 eprintln!("h2load gRPC, {clients} connections × {streams} streams: {}", t.name);
-                grpc_runs.push(h2load(
+                grpc_runs.push(h2load_grpc(
                     t.name.to_string(),
                     t.pid,
-                    &format!("http://{}/inference.GRPCInferenceService/ModelInfer", t.addr),
+                    t.addr,
                     &grpc_body,
-                    &["content-type: application/grpc", "te: trailers"],
-                    false,
                     (clients, streams),
                     None,
                     seconds,
@@ -1577,7 +1607,7 @@ fn main() {
             let json = |r: &H2load, base: f64| {
                 serde_json::json!({"target": r.target, "rps": r.rps, "ratio": r.rps / base,
                     "mean_ms": r.mean_ms, "failed": r.failed,
-                    "proxy_cpu_us_per_call": r.cpu_seconds.map(|c| c * 1e6 / r.done.max(1) as f64)})
+                    "proxy_cpu_us_per_call": r.cpu_us_per_call()})
             };
             h2load_json = serde_json::json!({
                 "grpc": grpc_runs.iter().map(|r| json(r, grpc_runs[0].rps)).collect::<Vec<_>>(),
@@ -1612,13 +1642,11 @@ fn main() {
             );
             overload_json = o.json(&max, overload_cap);
             overload_json["model_latency"] = overload_latency.clone().into();
-            if std::env::var("BENCH_H2LOAD").map_or(true, |v| v != "0") && on_path("h2load") {
-                let body = dir.path().join("overload.grpc");
-                std::fs::write(&body, modelgate::protocol::grpc::frame(&request())).unwrap();
+            if h2load_on() {
                 overload_json["h2load"] = h2load_overload(
                     &target,
                     *admin,
-                    &body,
+                    &grpc_body(dir.path()),
                     (connections, overload_cap, callers),
                     factor,
                     seconds,
