@@ -602,6 +602,10 @@ impl Run {
             .as_ref()
             .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
     }
+    /// Latency from sending at quantile `q` added to `direct`'s, in ms (open loop only).
+    fn added_from_sent(&self, direct: &Run, q: f64) -> Option<f64> {
+        Some(self.sent_ms(q)? - direct.sent_ms(q)?)
+    }
     fn cpu_per_1000(&self) -> Option<f64> {
         self.proxy
             .map(|u| u.cpu_seconds / self.requests.max(1) as f64 * 1000.0)
@@ -630,8 +634,8 @@ impl Run {
             "added_p99_ms": self.ms(0.99) - direct.ms(0.99),
             "from_sent_p50_ms": self.sent_ms(0.5),
             "from_sent_p99_ms": self.sent_ms(0.99),
-            "added_from_sent_p50_ms": self.sent_ms(0.5).zip(direct.sent_ms(0.5)).map(|(a, b)| a - b),
-            "added_from_sent_p99_ms": self.sent_ms(0.99).zip(direct.sent_ms(0.99)).map(|(a, b)| a - b),
+            "added_from_sent_p50_ms": self.added_from_sent(direct, 0.5),
+            "added_from_sent_p99_ms": self.added_from_sent(direct, 0.99),
             "proxy_cpu_seconds_per_1000": self.cpu_per_1000(),
             "proxy_peak_rss_mib": self.proxy.map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
             "proxy_cpu_us_per_call_by_thread": self.threads_us().map(|t| {
@@ -1105,23 +1109,25 @@ fn print_table(title: &str, runs: &[Run], direct: &Run) {
 /// At a moderate rate nothing queues, and the time from due adds how late the generator's timer
 /// (1 ms granularity) woke to send, which varies more between runs than a proxy adds.
 fn print_from_sent(runs: &[Run], direct: &Run) {
-    let (Some(d50), Some(d99)) = (direct.sent_ms(0.5), direct.sent_ms(0.99)) else {
+    if direct.sent_hist.is_none() {
         return;
-    };
+    }
     println!("…the same calls, latency from sending (as ghz measures it)");
     println!(
         "{:<26} {:>8} {:>8} {:>10} {:>10}",
         "target", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms"
     );
     for r in runs {
-        if let (Some(p50), Some(p99)) = (r.sent_ms(0.5), r.sent_ms(0.99)) {
+        let row = (
+            r.sent_ms(0.5),
+            r.sent_ms(0.99),
+            r.added_from_sent(direct, 0.5),
+            r.added_from_sent(direct, 0.99),
+        );
+        if let (Some(p50), Some(p99), Some(a50), Some(a99)) = row {
             println!(
                 "{:<26} {:>8.3} {:>8.3} {:>10.3} {:>10.3}",
-                r.target,
-                p50,
-                p99,
-                p50 - d50,
-                p99 - d99
+                r.target, p50, p99, a50, a99
             );
         }
     }
