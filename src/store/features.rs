@@ -234,7 +234,7 @@ impl<'a> Pieces<'a> {
 /// Of two values of one millisecond, the later one wins, except that a compact row always wins
 /// over a named value (a row holding text) of the same millisecond: which of the two came later
 /// is not kept once the named values are merged.
-pub(super) fn merge_values<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+fn merge_values<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut pieces = Pieces::default();
     for v in values {
         pieces.add(v, false);
@@ -713,12 +713,15 @@ impl RecordBatch<'_> {
                 }
             }
         }
-        let row_key = keys::feature_row_key(entity, time_ms, seq);
+        self.batch.put_cf(
+            self.families.features,
+            keys::feature_row_key(entity, time_ms, seq),
+            &value[8..],
+        );
+        let key = keys::feature_entity_key(entity);
         self.batch
-            .put_cf(self.families.features, &row_key, &value[8..]);
-        keys::journal_row(&mut self.journal, &row_key);
-        self.latest
-            .push((keys::feature_entity_key(entity).to_vec(), value.clone()));
+            .merge_cf(self.families.features_latest, key, &value[..]);
+        self.merged.push(key);
     }
 
     /// Adds a feature definition.
@@ -778,27 +781,16 @@ impl Store {
             .map(|(i, e)| (keys::feature_entity_key(e), i))
             .collect();
         order.sort_unstable();
-        // Pending latest values first, then the stored ones: a persist between the two leaves a
-        // value in both (merged twice, it is the same), never in neither (`latest.rs`).
-        let pending: Vec<Option<Vec<u8>>> = {
-            let pending = self.latest_pending.lock();
-            order.iter().map(|(k, _)| pending.get(k)).collect()
-        };
         let values = self.db.batched_multi_get_cf(
             self.cf(cf::FEATURES_LATEST),
             order.iter().map(|(k, _)| k),
             true,
         );
         let mut latest: Vec<Option<LatestFeatures>> = vec![None; entities.len()];
-        for (((_, i), v), pending) in order.iter().zip(values).zip(pending) {
-            latest[*i] = match (v?, pending) {
-                (Some(v), Some(p)) => {
-                    let merged = merge_values([&*v, p.as_slice()].into_iter());
-                    self.latest_of(&entities[*i], &merged)?
-                }
-                (Some(v), None) => self.latest_of(&entities[*i], &v)?,
-                (None, Some(p)) => self.latest_of(&entities[*i], &p)?,
-                (None, None) => None,
+        for ((_, i), v) in order.iter().zip(values) {
+            latest[*i] = match v? {
+                Some(v) => self.latest_of(&entities[*i], &v)?,
+                None => None,
             };
         }
         // Opened at the first look-back only: most reads ("as of now") need none, and an
@@ -1018,7 +1010,6 @@ impl Store {
 
     /// Flushes the feature families' memtables to SST files (benchmarks compare reads from both).
     pub fn flush_features(&self) -> Result<(), StoreError> {
-        self.persist_latest()?;
         for name in [cf::FEATURES, cf::FEATURES_LATEST] {
             self.db.flush_cf(self.cf(name))?;
         }
@@ -1536,22 +1527,20 @@ mod tests {
         }
     }
 
-    /// An entity's operands in `features_latest` (one per persist of its pending latest values,
-    /// `latest.rs`) are resolved each time [`MAX_SUCCESSIVE_MERGES`] pile up in the active
-    /// memtable; rows of one entity pending together are one operand; a flush starts a new
-    /// memtable and the counts again, and other entities' operands count apart.
+    /// An entity's operands are resolved each time [`MAX_SUCCESSIVE_MERGES`] pile up in the
+    /// active memtable, whether they came one batch at a time or many in one batch; a flush
+    /// starts a new memtable and the counts again, and other entities' operands count apart.
     #[test]
     fn piles_of_operands_are_resolved_by_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 600_000;
         let n = |x: f64| FeatureValue::Number(x);
-        let resolved = || store.latest_writes.lock().chains.resolved;
+        let resolved = || store.latest_chains.lock().resolved;
         let write = |entity: &str, i: u64| {
             let mut b = store.record_batch();
             b.add_features(entity, t0 + i, [("x", &n(i as f64))]);
             b.commit(false).unwrap();
-            store.persist_latest().unwrap();
         };
         for i in 0..MAX_SUCCESSIVE_MERGES as u64 - 1 {
             write("busy", i);
@@ -1563,29 +1552,20 @@ mod tests {
         // A resolution is a put: the entity's newest value is still read.
         let x = |entity: &str| feature_x(&store, entity, u64::MAX, t0);
         assert_eq!(x("busy"), Some((100, n(100.0))));
-        // Rows pending together, in one batch or several, are one operand.
-        for batch in 0..4 {
-            let mut b = store.record_batch();
-            for i in 0..10 {
-                b.add_features("busy", t0 + 200 + batch * 10 + i, [("x", &n(i as f64))]);
-            }
-            b.commit(false).unwrap();
+        // Many operands in one batch.
+        let mut b = store.record_batch();
+        for i in 0..40 {
+            b.add_features("busy", t0 + 200 + i, [("x", &n(i as f64))]);
         }
-        assert_eq!(x("busy"), Some((239, n(9.0))), "read while pending");
-        store.persist_latest().unwrap();
-        for i in 0..MAX_SUCCESSIVE_MERGES as u64 - 2 {
-            write("busy", 300 + i);
-        }
-        assert_eq!(resolved(), 1, "40 rows were one operand: 15 so far");
-        write("busy", 400);
-        assert_eq!(resolved(), 2);
-        assert_eq!(x("busy"), Some((400, n(400.0))));
+        b.commit(false).unwrap();
+        assert_eq!(resolved(), 3);
+        assert_eq!(x("busy"), Some((239, n(39.0))));
         // A flush starts a new memtable: other's 15 operands are in the old one.
         store.flush_features().unwrap();
         for i in 0..10 {
             write("other", 300 + i);
         }
-        assert_eq!(resolved(), 2);
+        assert_eq!(resolved(), 3);
         assert_eq!(x("other"), Some((309, n(309.0))));
         // A value that would have to be read from disk is not waited for: "cold" was flushed and
         // never read since, so its 16th operand leaves the pile as it is — and loses nothing.
@@ -1594,73 +1574,8 @@ mod tests {
         for i in 0..MAX_SUCCESSIVE_MERGES as u64 {
             write("cold", 401 + i);
         }
-        assert_eq!(resolved(), 2);
+        assert_eq!(resolved(), 3);
         assert_eq!(x("cold"), Some((416, n(416.0))));
-    }
-
-    /// Latest values wait in memory after their rows are committed, are read from there, and
-    /// are not lost when the process stops before they are merged: the journal committed with
-    /// the rows brings them into `features_latest` when the store opens again.
-    #[test]
-    fn pending_latest_values_are_read_and_survive_a_stop() {
-        use crate::storage::{RecordLog, RecordWrites};
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 60_000;
-        let n = FeatureValue::Number;
-        let journal = |store: &Store| {
-            store
-                .db
-                .iterator_cf(store.cf(cf::FEATURES_JOURNAL), IteratorMode::Start)
-                .count()
-        };
-        {
-            let store = Store::open(dir.path()).unwrap();
-            let mut w = RecordWrites::default();
-            w.add_features("a", t0, [("x", &n(1.0))]);
-            w.add_features("b", t0, [("x", &n(5.0))]);
-            store.commit(w, false).unwrap();
-            // Persisted: a at t0.
-            store.persist_latest().unwrap();
-            assert_eq!(journal(&store), 0);
-            let mut w = RecordWrites::default();
-            w.add_features("a", t0 + 1_000, [("x", &n(2.0)), ("y", &n(9.0))]);
-            w.add_features("c", t0 + 1_000, [("x", &n(7.0))]);
-            store.commit(w, false).unwrap();
-            let mut w = RecordWrites::default();
-            w.add_features("a", t0 + 2_000, [("x", &n(3.0))]);
-            store.commit(w, false).unwrap();
-            assert!(stored_latest(&store, "c").is_none(), "c is pending");
-            assert_eq!(journal(&store), 2);
-            assert_eq!(feature_x(&store, "a", u64::MAX, t0), Some((2_000, n(3.0))));
-            assert_eq!(feature_x(&store, "c", u64::MAX, t0), Some((1_000, n(7.0))));
-            // As of a time before the pending rows, the history answers.
-            assert_eq!(
-                feature_x(&store, "a", t0 + 1_500, t0),
-                Some((1_000, n(2.0)))
-            );
-            // Stopped with a and c pending: nothing merges them into features_latest.
-        }
-        let store = Store::open(dir.path()).unwrap();
-        assert!(
-            stored_latest(&store, "c").is_some(),
-            "recovered from the journal"
-        );
-        assert_eq!(journal(&store), 0);
-        assert_eq!(feature_x(&store, "a", u64::MAX, t0), Some((2_000, n(3.0))));
-        assert_eq!(feature_x(&store, "b", u64::MAX, t0), Some((0, n(5.0))));
-        assert_eq!(feature_x(&store, "c", u64::MAX, t0), Some((1_000, n(7.0))));
-        let y = store
-            .get_features(&["a".to_string()], &[("y".to_string(), None)], u64::MAX)
-            .unwrap();
-        assert_eq!(y, vec![vec![Some((t0 + 1_000, n(9.0)))]]);
-        // Writing goes on after a recovery: the journal's next entries do not collide.
-        let mut w = RecordWrites::default();
-        w.add_features("a", t0 + 3_000, [("x", &n(4.0))]);
-        store.commit(w, false).unwrap();
-        assert_eq!(journal(&store), 1);
-        drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(feature_x(&store, "a", u64::MAX, t0), Some((3_000, n(4.0))));
     }
 
     /// A batch's feature rows of several entities, interleaved (`RecordLog::commit`): every
@@ -1697,17 +1612,6 @@ mod tests {
         assert_eq!(x("c", now), Some((0, n(7.0))));
         assert_eq!(x("b", t0 + 999), Some((0, n(1.0))));
         assert_eq!(x("a", t0 + 499), Some((0, n(5.0))));
-    }
-
-    /// `entity`'s value in `features_latest` as stored (what is pending in memory left out).
-    fn stored_latest(store: &Store, entity: &str) -> Option<Vec<u8>> {
-        store
-            .db
-            .get_cf(
-                store.cf(cf::FEATURES_LATEST),
-                keys::feature_entity_key(entity),
-            )
-            .unwrap()
     }
 
     /// The stored history rows of `entity`, newest first (raw values).
@@ -1774,8 +1678,16 @@ mod tests {
                 store.commit(w, false).unwrap();
             }
             // The latest values, merged: the newest compact row as it is, 8 + 137 bytes.
-            let latest = |entity: &str| stored_latest(&store, entity).unwrap();
-            store.persist_latest().unwrap();
+            let latest = |entity: &str| {
+                store
+                    .db
+                    .get_cf(
+                        store.cf(cf::FEATURES_LATEST),
+                        keys::feature_entity_key(entity),
+                    )
+                    .unwrap()
+                    .unwrap()
+            };
             let u2 = latest("u2");
             assert_eq!((u2.len(), u2[8]), (8 + 9 + 16 * 8, COMPACT_ROW));
             assert_eq!(keys::be64(&u2[..8]), t0 + 2_000);
@@ -1786,7 +1698,6 @@ mod tests {
                 [("x[0]", &FeatureValue::Text("hi".into()))],
             );
             store.commit(w, false).unwrap();
-            store.persist_latest().unwrap();
             // A named row beside compact ones: layered, for reads to resolve.
             assert_eq!(latest("u1")[8], LAYERED);
 

@@ -262,23 +262,6 @@ pub fn feature_table_key(id: u64) -> [u8; 9] {
     k
 }
 
-/// Appends a history row's key to a `features_journal` entry (the keys of the rows one batch
-/// added, each after its length as a varint).
-pub fn journal_row(entry: &mut Vec<u8>, row_key: &[u8]) {
-    prost::encoding::encode_varint(row_key.len() as u64, entry);
-    entry.extend_from_slice(row_key);
-}
-
-/// The row keys of a `features_journal` entry, as far as they are whole.
-pub fn journal_rows(mut entry: &[u8]) -> impl Iterator<Item = &[u8]> {
-    std::iter::from_fn(move || {
-        let len = usize::try_from(prost::encoding::decode_varint(&mut entry).ok()?).ok()?;
-        let (key, rest) = entry.split_at_checked(len)?;
-        entry = rest;
-        Some(key)
-    })
-}
-
 /// `features_latest` key: the entity id.
 pub fn feature_entity_key(entity: &str) -> &[u8] {
     entity.as_bytes()

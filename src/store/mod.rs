@@ -8,7 +8,6 @@ pub mod drift;
 mod experiments;
 mod features;
 pub mod keys;
-mod latest;
 mod outcomes;
 mod predictions;
 pub mod records;
@@ -56,9 +55,6 @@ pub mod cf {
     pub const LEGACY_FEATURES: &str = "features";
     /// Online feature store: the newest value per entity and feature.
     pub const FEATURES_LATEST: &str = "features_latest";
-    /// The feature rows whose latest values are not yet merged into `features_latest`, by
-    /// commit (`latest.rs`).
-    pub const FEATURES_JOURNAL: &str = "features_journal";
     /// Feature definitions.
     pub const FEATURE_DEFS: &str = "feature_defs";
     /// Merge-operator counters.
@@ -79,7 +75,6 @@ pub mod cf {
         OUTCOME_INDEX,
         FEATURES,
         FEATURES_LATEST,
-        FEATURES_JOURNAL,
         FEATURE_DEFS,
         COUNTERS,
         EVENTS,
@@ -127,11 +122,8 @@ pub struct Store {
     /// How the rows of each table of feature names are written, kept from batch to batch
     /// (`records::RowLayouts`).
     row_layouts: Arc<parking_lot::Mutex<records::RowLayouts>>,
-    /// Orders the commits that add feature rows and the merges of their latest values into
-    /// `features_latest` (`latest.rs`).
-    latest_writes: Arc<parking_lot::Mutex<latest::LatestWrites>>,
-    /// Latest values of committed rows not yet merged into `features_latest` (`latest.rs`).
-    latest_pending: Arc<parking_lot::Mutex<latest::Pending>>,
+    /// Operands piled up per entity in `features_latest` (`features::LatestChains`).
+    latest_chains: Arc<parking_lot::Mutex<features::LatestChains>>,
     /// The tables of names of compact history rows read so far, by id (`features::NameTable`).
     name_tables: Arc<parking_lot::RwLock<rustc_hash::FxHashMap<u64, Arc<[String]>>>>,
 }
@@ -308,19 +300,16 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let store = Store {
+        Ok(Store {
             db: Arc::new(db),
             row_seq: Arc::new(std::sync::atomic::AtomicU32::new(seed)),
             retention,
             clock,
             health: Arc::default(),
             row_layouts: Arc::default(),
-            latest_writes: Arc::default(),
-            latest_pending: Arc::default(),
+            latest_chains: Arc::default(),
             name_tables: Arc::default(),
-        };
-        store.recover_latest()?;
-        Ok(store)
+        })
     }
 
     /// How long records are kept.

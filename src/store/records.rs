@@ -55,19 +55,15 @@ pub(crate) struct RecordBatch<'s> {
     /// How the rows of each table of feature names are written (`features.rs`): the store's,
     /// taken for the batch and given back when it ends.
     pub(super) row_layouts: RowLayouts,
-    /// Each history row's entity (its `features_latest` key) and operand, for the latest values
-    /// held pending once the batch is committed (`latest.rs`).
-    pub(super) latest: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The batch's journal entry: the keys of the history rows it adds (`latest.rs`).
-    pub(super) journal: Vec<u8>,
+    /// Entities whose latest values the batch merges into (`features::LatestChains`).
+    pub(super) merged: MergedKeys,
     /// The tables of names the batch's compact history rows refer to, each written once into
     /// the batch beside them (`features::NameTable`).
     pub(super) tables: Vec<u64>,
 }
 
-/// The entities a persist of pending latest values merges into (`latest.rs`): their
-/// `features_latest` keys, end to end, for the count of each entity's operands
-/// (`features::LatestChains`).
+/// The entities a batch merges into (`RecordBatch::merged`): their `features_latest` keys, end
+/// to end, for the writer's count of each entity's operands (`features::LatestChains`).
 #[derive(Default)]
 pub(super) struct MergedKeys {
     bytes: Vec<u8>,
@@ -78,6 +74,10 @@ impl MergedKeys {
     pub(super) fn push(&mut self, key: &[u8]) {
         self.bytes.extend_from_slice(key);
         self.ends.push(self.bytes.len());
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.ends.is_empty()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -137,6 +137,7 @@ pub(super) struct Families<'s> {
     pub(super) predictions: &'s rocksdb::ColumnFamily,
     pub(super) prediction_index: &'s rocksdb::ColumnFamily,
     pub(super) features: &'s rocksdb::ColumnFamily,
+    pub(super) features_latest: &'s rocksdb::ColumnFamily,
     pub(super) counters: &'s rocksdb::ColumnFamily,
 }
 
@@ -186,11 +187,13 @@ impl RecordBatch<'_> {
         let mut wo = WriteOptions::default();
         wo.set_no_slowdown(no_slowdown);
         let batch = std::mem::take(&mut self.batch);
-        if self.latest.is_empty() {
+        if self.merged.is_empty() {
             return self.store.write_opt(batch, &wo);
         }
-        let rows = std::mem::take(&mut self.latest);
-        self.store.commit_rows(batch, &self.journal, rows, &wo)
+        let mut chains = self.store.latest_chains.lock();
+        self.store.write_opt(batch, &wo)?;
+        self.store.settle_latest(&mut chains, &self.merged, &wo);
+        Ok(())
     }
 }
 
@@ -239,13 +242,13 @@ impl Store {
                 predictions: self.cf(super::cf::PREDICTIONS),
                 prediction_index: self.cf(super::cf::PREDICTION_INDEX),
                 features: self.cf(super::cf::FEATURES),
+                features_latest: self.cf(super::cf::FEATURES_LATEST),
                 counters: self.cf(super::cf::COUNTERS),
             },
             scratch: Vec::new(),
             records: 0,
             row_layouts: std::mem::take(&mut self.row_layouts.lock()),
-            latest: Vec::new(),
-            journal: Vec::new(),
+            merged: Default::default(),
             tables: Vec::new(),
         }
     }
