@@ -1,4 +1,5 @@
-//! Durability: the registry, stages, aliases and routing survive a restart and a `kill -9`.
+//! Durability: the registry, stages, aliases, routing and feature values survive a restart and a
+//! `kill -9`.
 
 mod common;
 
@@ -156,6 +157,79 @@ async fn acknowledged_control_writes_survive_kill_9() {
 
     let (mut child, data, control) = spawn_binary(dir.path());
     check_state(control, data, &b.endpoint()).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Feature values put just before a `kill -9` read back as the latest after the restart: an
+/// acknowledged `PutFeatures` is in RocksDB's write-ahead log, history rows and latest values
+/// in one write.
+#[tokio::test]
+async fn features_written_just_before_kill_9_are_the_latest_after_it() {
+    use modelgate::pb::modelgate::v1::feature_value::Kind;
+    use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
+    let ts = |ms: u64| prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    let row = |entity: &str, x: f64, at: u64| pb::FeatureRowInput {
+        entity_id: entity.into(),
+        values: [(
+            "balance".to_string(),
+            pb::FeatureValue {
+                kind: Some(Kind::Number(x)),
+            },
+        )]
+        .into(),
+        event_time: Some(ts(at)),
+    };
+    let (mut child, _data, control) = spawn_binary(dir.path());
+    let mut features = FeaturesClient::new(channel(control).await);
+    features
+        .register_feature(pb::RegisterFeatureRequest {
+            name: "balance".into(),
+            r#type: pb::FeatureType::Number as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (i, x) in [10.0, 20.0, 30.0].into_iter().enumerate() {
+        let r = features
+            .put_features(pb::PutFeaturesRequest {
+                rows: vec![
+                    row("acct-1", x, now - 3_000 + i as u64 * 1_000),
+                    row("acct-2", -x, now),
+                ],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.accepted, 2);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, _data, control) = spawn_binary(dir.path());
+    let mut features = FeaturesClient::new(channel(control).await);
+    let r = features
+        .get_features(pb::GetFeaturesRequest {
+            entity_ids: vec!["acct-1".into(), "acct-2".into()],
+            feature_names: vec!["balance".into()],
+            as_of: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let value = |e: usize| r.entities[e].cells[0].value.clone().and_then(|v| v.kind);
+    assert_eq!(value(0), Some(Kind::Number(30.0)));
+    assert_eq!(r.entities[0].cells[0].event_time, Some(ts(now - 1_000)));
+    assert_eq!(
+        value(1),
+        Some(Kind::Number(-30.0)),
+        "the later of three rows at one time"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
