@@ -558,35 +558,6 @@ async fn under_load_the_writer_lingers_and_writes_what_gathered_as_one_batch() {
     mg.shutdown().await;
 }
 
-fn ts(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-fn put_row(
-    entity: &str,
-    values: &[(&str, pb::feature_value::Kind)],
-    time_ms: u64,
-) -> pb::FeatureRowInput {
-    pb::FeatureRowInput {
-        entity_id: entity.into(),
-        values: values
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    pb::FeatureValue {
-                        kind: Some(v.clone()),
-                    },
-                )
-            })
-            .collect(),
-        event_time: Some(ts(time_ms)),
-    }
-}
-
 #[tokio::test]
 async fn point_in_time_reads_ttl_and_unknown_entities() {
     use pb::feature_value::Kind::{Number, Text};

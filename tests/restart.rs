@@ -170,21 +170,6 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
     use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
     let dir = tempfile::tempdir().unwrap();
     let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
-    let ts = |ms: u64| prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    };
-    let row = |entity: &str, x: f64, at: u64| pb::FeatureRowInput {
-        entity_id: entity.into(),
-        values: [(
-            "balance".to_string(),
-            pb::FeatureValue {
-                kind: Some(Kind::Number(x)),
-            },
-        )]
-        .into(),
-        event_time: Some(ts(at)),
-    };
     let (mut child, _data, control) = spawn_binary(dir.path());
     let mut features = FeaturesClient::new(channel(control).await);
     features
@@ -199,8 +184,12 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
         let r = features
             .put_features(pb::PutFeaturesRequest {
                 rows: vec![
-                    row("acct-1", x, now - 3_000 + i as u64 * 1_000),
-                    row("acct-2", -x, now),
+                    put_row(
+                        "acct-1",
+                        &[("balance", Kind::Number(x))],
+                        now - 3_000 + i as u64 * 1_000,
+                    ),
+                    put_row("acct-2", &[("balance", Kind::Number(-x))], now),
                 ],
             })
             .await

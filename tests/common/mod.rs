@@ -25,6 +25,37 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub mod redis;
 
+/// A protobuf timestamp of Unix milliseconds.
+pub fn ts(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// A `PutFeatures` row: `values` of `entity` at `time_ms`.
+pub fn put_row(
+    entity: &str,
+    values: &[(&str, pb::feature_value::Kind)],
+    time_ms: u64,
+) -> pb::FeatureRowInput {
+    pb::FeatureRowInput {
+        entity_id: entity.into(),
+        values: values
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    pb::FeatureValue {
+                        kind: Some(v.clone()),
+                    },
+                )
+            })
+            .collect(),
+        event_time: Some(ts(time_ms)),
+    }
+}
+
 pub const ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// modelgate on 127.0.0.1:0 with its RocksDB in `dir`.
