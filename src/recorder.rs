@@ -758,6 +758,11 @@ impl Writer {
         }
         // Last changes of the unit sketches.
         self.write(&[], &[], true);
+        // What the store keeps between batches (runs of feature rows): lost to a crash, it is
+        // repaired at the next start; written here, it need not be.
+        if let Err(e) = self.records.finish() {
+            tracing::warn!(error = %e, "finishing the record store failed; it is repaired at the next start");
+        }
     }
 
     fn write(

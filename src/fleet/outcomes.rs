@@ -329,6 +329,10 @@ impl RecordLog for FleetRecords {
         Ok(())
     }
 
+    fn finish(&self) -> StoreResult<()> {
+        self.local.finish()
+    }
+
     fn get_prediction(
         &self,
         request_id: &str,

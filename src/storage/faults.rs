@@ -90,6 +90,10 @@ impl RecordLog for Faulty {
         self.inner.records.commit(writes, no_slowdown)
     }
 
+    fn finish(&self) -> StoreResult<()> {
+        self.inner.records.finish()
+    }
+
     fn get_prediction(
         &self,
         request_id: &str,

@@ -434,6 +434,11 @@ pub trait RecordLog: Send + Sync {
     /// Commits a batch of record writes (records, features, tallies) atomically. With
     /// `no_slowdown`, a write that would stall fails instead ([`StoreError::would_stall`]).
     fn commit(&self, writes: RecordWrites, no_slowdown: bool) -> StoreResult<()>;
+    /// Writes what the store keeps in memory between commits, once the last batch is committed
+    /// (the record writer stops). Commits after it still work.
+    fn finish(&self) -> StoreResult<()> {
+        Ok(())
+    }
     /// One prediction record with its time, unless unknown or older than `not_before_ms`.
     fn get_prediction(
         &self,

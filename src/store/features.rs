@@ -19,6 +19,7 @@ use rocksdb::{IteratorMode, MergeOperands};
 use super::records::{
     decode_err, Layout, MergedKeys, NameTable, NumberRow, RecordBatch, RowLayouts,
 };
+use super::runs::{RunBatch, RUN_ROW};
 use super::{cf, keys, Store, StoreError};
 use crate::convert::feature_value_from_pb;
 use crate::feature_store::{self, FeatureDef};
@@ -87,7 +88,7 @@ impl LatestFeatures {
 
 /// The first byte of a compact history row ([`NameTable`]). No `LatestFeatures` encoding starts
 /// with it (0 is no field's number), so rows written before compact rows read as they did.
-const COMPACT_ROW: u8 = 0x00;
+pub(super) const COMPACT_ROW: u8 = 0x00;
 
 /// A table of feature names as `feature_rows` stores it, once, under its id
 /// ([`keys::feature_table_key`]).
@@ -137,7 +138,7 @@ fn write_compact<V: std::borrow::Borrow<FeatureValue>>(
 /// without their names: compact rows of different tables, or compact rows beside named entries
 /// ([`merge_values`]). Like [`COMPACT_ROW`], no `LatestFeatures` encoding starts with it (field
 /// 0 is no field).
-const LAYERED: u8 = 0x01;
+pub(super) const LAYERED: u8 = 0x01;
 
 /// Merge operator of `features_latest`: per feature, the value with the newest time wins, so a
 /// late write of an old value never hides a newer one and no write needs a read first.
@@ -149,9 +150,17 @@ pub(super) fn keep_newest(
     Some(merge_values(existing.into_iter().chain(operands.iter())))
 }
 
-/// The table id of a compact row (0x00 ‖ id ‖ 8 bytes per number), `None` when it is not one.
+/// `operands` (oldest first) merged into one, as RocksDB would merge them.
+pub(super) fn merge_operands(operands: &[&[u8]]) -> Vec<u8> {
+    merge_values(operands.iter().copied())
+}
+
+/// The table id of a compact row (0x00 ‖ id ‖ 8 bytes per number, or a run's first row, flagged
+/// [`RUN_ROW`]), `None` when it is not one.
 fn compact_id(body: &[u8]) -> Option<u64> {
-    let rest = body.strip_prefix(&[COMPACT_ROW])?;
+    let rest = body
+        .strip_prefix(&[COMPACT_ROW])
+        .or_else(|| body.strip_prefix(&[RUN_ROW]))?;
     let (id, numbers) = rest.split_first_chunk::<8>()?;
     (numbers.len() % 8 == 0).then(|| u64::from_le_bytes(*id))
 }
@@ -190,7 +199,7 @@ impl<'a> Pieces<'a> {
             return;
         };
         match body.first() {
-            Some(&COMPACT_ROW) => {
+            Some(&COMPACT_ROW | &RUN_ROW) => {
                 let Some(id) = compact_id(body) else { return };
                 let piece = CompactPiece { id, time_ms, value };
                 match self.compact.iter().position(|p| p.id == id) {
@@ -368,6 +377,51 @@ impl Store {
             chains.entries = chains.entries.max(active());
         }
     }
+}
+
+/// The runs' first rows flagged in a `features_latest` value ([`RUN_ROW`], alone or among a
+/// layered value's pieces): each one's table, time and bytes (time ‖ flagged row).
+fn run_pieces(value: &[u8]) -> Vec<(u64, u64, &[u8])> {
+    fn piece(v: &[u8]) -> Option<(u64, u64, &[u8])> {
+        let (time_ms, body) = keys::split_timed_value(cf::FEATURES_LATEST, v).ok()?;
+        (body.first() == Some(&RUN_ROW)).then_some(())?;
+        Some((compact_id(body)?, time_ms, v))
+    }
+    match keys::split_timed_value(cf::FEATURES_LATEST, value) {
+        Ok((_, body)) if body.first() == Some(&LAYERED) => {
+            layered_pieces(&body[1..]).filter_map(piece).collect()
+        }
+        _ => piece(value).into_iter().collect(),
+    }
+}
+
+/// The newest compact row of `table` in `entity`'s history not older than `not_before_ms`, as
+/// an operand (time ‖ row); of rows of one millisecond, the last written (the history keeps
+/// them in the order of their sequence numbers, which grow).
+fn newest_row_of(
+    history: &mut rocksdb::DBRawIterator<'_>,
+    entity: &str,
+    table: u64,
+    not_before_ms: u64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let prefix = keys::feature_row_prefix(entity);
+    history.seek(&prefix);
+    let mut found: Option<Vec<u8>> = None;
+    while let (Some(k), Some(v)) = (history.key(), history.value()) {
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        let t = keys::feature_row_time(k)?;
+        if t < not_before_ms || found.as_ref().is_some_and(|f| keys::be64(&f[..8]) > t) {
+            break;
+        }
+        if v.first() == Some(&COMPACT_ROW) && compact_id(v) == Some(table) {
+            found = Some(keys::timed_value(t, v));
+        }
+        history.next();
+    }
+    history.status()?;
+    Ok(found)
 }
 
 /// One entry of an encoded `LatestFeatures`, borrowed: its name, its time and its encoding.
@@ -698,30 +752,56 @@ impl RecordBatch<'_> {
         let value = &mut self.scratch;
         value.clear();
         value.extend_from_slice(&time_ms.to_be_bytes());
-        match table.filter(|_| layout.iter().all(|(i, _)| number_at(values, *i).is_some())) {
-            Some(table) => {
-                if !self.tables.contains(&table.id) {
-                    self.batch
-                        .put_cf(self.families.features, table.key, &table.stored);
-                    self.tables.push(table.id);
+        let compact =
+            match table.filter(|_| layout.iter().all(|(i, _)| number_at(values, *i).is_some())) {
+                Some(table) => {
+                    if !self.tables.contains(&table.id) {
+                        self.batch
+                            .put_cf(self.families.features, table.key, &table.stored);
+                        self.tables.push(table.id);
+                    }
+                    write_compact(table, layout, values, value);
+                    Some(table.id)
                 }
-                write_compact(table, layout, values, value);
-            }
-            None => {
-                if !numbers.is_some_and(|n| write_numbers(n, values, value)) {
-                    encode_row(layout, values, 0, value);
+                None => {
+                    if !numbers.is_some_and(|n| write_numbers(n, values, value)) {
+                        encode_row(layout, values, 0, value);
+                    }
+                    None
                 }
-            }
-        }
+            };
         self.batch.put_cf(
             self.families.features,
             keys::feature_row_key(entity, time_ms, seq),
             &value[8..],
         );
         let key = keys::feature_entity_key(entity);
-        self.batch
-            .merge_cf(self.families.features_latest, key, &value[..]);
-        self.merged.push(key);
+        let Some(table) = compact else {
+            self.batch
+                .merge_cf(self.families.features_latest, key, &value[..]);
+            self.merged.push(key);
+            return;
+        };
+        // A compact row is merged only when it opens or closes a run (`runs.rs`).
+        let store = self.store;
+        let refresh_ms = (store.retention.features / 2).as_millis() as u64;
+        let runs = self
+            .runs
+            .get_or_insert_with(|| RunBatch::new(store.runs.lock()));
+        let (batch, merged, latest) = (
+            &mut self.batch,
+            &mut self.merged,
+            self.families.features_latest,
+        );
+        let operand = runs.row(entity, table, &self.scratch, refresh_ms, |other, op| {
+            let key = keys::feature_entity_key(other);
+            batch.merge_cf(latest, key, op);
+            merged.push(key);
+        });
+        if let Some(op) = operand {
+            self.batch.merge_cf(latest, key, op);
+            self.merged.push(key);
+        }
     }
 
     /// Adds a feature definition.
@@ -781,17 +861,32 @@ impl Store {
             .map(|(i, e)| (keys::feature_entity_key(e), i))
             .collect();
         order.sort_unstable();
+        // Read under the runs' lock, with the newest rows of runs not merged (`runs.rs`): no
+        // batch writes between the two.
+        let runs = self.runs.lock();
         let values = self.db.batched_multi_get_cf(
             self.cf(cf::FEATURES_LATEST),
             order.iter().map(|(k, _)| k),
             true,
         );
+        let pending: Vec<Option<Vec<u8>>> = entities
+            .iter()
+            .map(|e| runs.pending(e).map(<[u8]>::to_vec))
+            .collect();
+        drop(runs);
         let mut latest: Vec<Option<LatestFeatures>> = vec![None; entities.len()];
         for ((_, i), v) in order.iter().zip(values) {
             latest[*i] = match v? {
                 Some(v) => self.latest_of(&entities[*i], &v)?,
                 None => None,
             };
+        }
+        for ((entity, latest), row) in entities.iter().zip(&mut latest).zip(pending) {
+            if let Some(newer) =
+                row.and_then(|row| self.latest_piece(entity, &row, true).transpose())
+            {
+                latest.get_or_insert_with(Default::default).absorb(newer?);
+            }
         }
         // Opened at the first look-back only: most reads ("as of now") need none, and an
         // iterator pins a view of every memtable and file of the family.
@@ -913,7 +1008,7 @@ impl Store {
             return Ok(None);
         };
         match body.split_first() {
-            Some((&COMPACT_ROW, rest)) => self
+            Some((&COMPACT_ROW | &RUN_ROW, rest)) => self
                 .compact_row(cf::FEATURES_LATEST, entity, rest, time_ms)
                 .map(Some),
             Some((&LAYERED, _)) if in_layered => Ok(None),
@@ -976,6 +1071,58 @@ impl Store {
         // were not would still be searched right (`LatestFeatures::get`).
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(LatestFeatures { entries })
+    }
+
+    /// Closes every run of feature rows (the record writer stops): merges each run's newest
+    /// row not merged yet and marks the store finished, in one synced write (`runs.rs`).
+    pub fn finish_feature_runs(&self) -> Result<(), StoreError> {
+        let mut runs = self.runs.lock();
+        let pending = runs.finish();
+        let mut b = rocksdb::WriteBatch::default();
+        let latest = self.cf(cf::FEATURES_LATEST);
+        for (entity, row) in &pending {
+            b.merge_cf(latest, keys::feature_entity_key(entity), row);
+        }
+        b.delete(super::runs::FeatureRuns::finished_key());
+        self.write(b, true)
+    }
+
+    /// Merges, for each run's first row flagged in `features_latest` ([`RUN_ROW`]), the newest
+    /// row of its table in the entity's history, unflagged: the runs a process that did not
+    /// finish left open (`runs.rs`). Run when the store opens, before anything is written.
+    pub(super) fn repair_feature_runs(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let latest = self.cf(cf::FEATURES_LATEST);
+        let mut history = self.db.raw_iterator_cf(self.cf(cf::FEATURES));
+        let mut batch = rocksdb::WriteBatch::default();
+        let (mut entities, mut repaired) = (0u64, 0u64);
+        for item in self.db.iterator_cf(latest, IteratorMode::Start) {
+            let (key, value) = item?;
+            entities += 1;
+            let Ok(entity) = std::str::from_utf8(&key) else {
+                continue;
+            };
+            for (table, time_ms, piece) in run_pieces(&value) {
+                let newest = newest_row_of(&mut history, entity, table, time_ms)?;
+                // Unflagged, the newest row (or the piece itself when the history has nothing
+                // newer, e.g. expired) closes the run.
+                let mut close = newest.unwrap_or_else(|| piece.to_vec());
+                close[8] = COMPACT_ROW;
+                batch.merge_cf(latest, &key, close);
+                repaired += 1;
+            }
+            if batch.len() >= 1_000 {
+                self.write(std::mem::take(&mut batch), false)?;
+            }
+        }
+        self.write(batch, true)?;
+        tracing::info!(
+            entities,
+            repaired,
+            elapsed = ?started.elapsed(),
+            "the last process did not stop cleanly: feature runs it left open are merged"
+        );
+        Ok(())
     }
 
     /// The table of names `id`, read once from `feature_rows` and then kept.
@@ -1677,7 +1824,8 @@ mod tests {
                 }
                 store.commit(w, false).unwrap();
             }
-            // The latest values, merged: the newest compact row as it is, 8 + 137 bytes.
+            // The latest values, merged: the run's first compact row as it is, flagged, 8 + 137
+            // bytes; its newer rows are in the history, and the newest in memory (`runs.rs`).
             let latest = |entity: &str| {
                 store
                     .db
@@ -1689,8 +1837,9 @@ mod tests {
                     .unwrap()
             };
             let u2 = latest("u2");
-            assert_eq!((u2.len(), u2[8]), (8 + 9 + 16 * 8, COMPACT_ROW));
-            assert_eq!(keys::be64(&u2[..8]), t0 + 2_000);
+            assert_eq!((u2.len(), u2[8]), (8 + 9 + 16 * 8, RUN_ROW));
+            assert_eq!(keys::be64(&u2[..8]), t0);
+            assert_eq!(want(&store, "u2", u64::MAX), expect(t0 + 2_000));
             let mut w = RecordWrites::default();
             w.add_features(
                 "u1",

@@ -12,6 +12,7 @@ mod outcomes;
 mod predictions;
 pub mod records;
 mod retention;
+mod runs;
 pub mod shadows;
 
 use std::path::Path;
@@ -126,6 +127,8 @@ pub struct Store {
     latest_chains: Arc<parking_lot::Mutex<features::LatestChains>>,
     /// The tables of names of compact history rows read so far, by id (`features::NameTable`).
     name_tables: Arc<parking_lot::RwLock<rustc_hash::FxHashMap<u64, Arc<[String]>>>>,
+    /// Entities' runs of feature rows not merged one by one (`runs.rs`).
+    runs: Arc<parking_lot::Mutex<runs::FeatureRuns>>,
 }
 
 /// What the store knows about its writes, for `/ready`.
@@ -300,7 +303,8 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        Ok(Store {
+        let (runs, left_open) = runs::FeatureRuns::start(&db)?;
+        let store = Store {
             db: Arc::new(db),
             row_seq: Arc::new(std::sync::atomic::AtomicU32::new(seed)),
             retention,
@@ -309,7 +313,13 @@ impl Store {
             row_layouts: Arc::default(),
             latest_chains: Arc::default(),
             name_tables: Arc::default(),
-        })
+            runs: Arc::new(parking_lot::Mutex::new(runs)),
+        };
+        if left_open {
+            // Before any row is written: the last process did not finish its runs.
+            store.repair_feature_runs()?;
+        }
+        Ok(store)
     }
 
     /// How long records are kept.

@@ -60,6 +60,9 @@ pub(crate) struct RecordBatch<'s> {
     /// The tables of names the batch's compact history rows refer to, each written once into
     /// the batch beside them (`features::NameTable`).
     pub(super) tables: Vec<u64>,
+    /// The runs of feature rows, locked from the batch's first compact row to its write
+    /// (`runs.rs`).
+    pub(super) runs: Option<super::runs::RunBatch<'s>>,
 }
 
 /// The entities a batch merges into (`RecordBatch::merged`): their `features_latest` keys, end
@@ -143,7 +146,7 @@ pub(super) struct Families<'s> {
 
 impl RecordBatch<'_> {
     /// Adds one backend-neutral write.
-    fn apply(&mut self, w: &RecordWrite) {
+    pub(super) fn apply(&mut self, w: &RecordWrite) {
         match w {
             RecordWrite::Prediction { record, time_ms } => self.add_prediction(record, *time_ms),
             RecordWrite::Features {
@@ -187,12 +190,17 @@ impl RecordBatch<'_> {
         let mut wo = WriteOptions::default();
         wo.set_no_slowdown(no_slowdown);
         let batch = std::mem::take(&mut self.batch);
+        let runs = self.runs.take();
         if self.merged.is_empty() {
-            return self.store.write_opt(batch, &wo);
+            self.store.write_opt(batch, &wo)?;
+        } else {
+            let mut chains = self.store.latest_chains.lock();
+            self.store.write_opt(batch, &wo)?;
+            self.store.settle_latest(&mut chains, &self.merged, &wo);
         }
-        let mut chains = self.store.latest_chains.lock();
-        self.store.write_opt(batch, &wo)?;
-        self.store.settle_latest(&mut chains, &self.merged, &wo);
+        if let Some(runs) = runs {
+            runs.written();
+        }
         Ok(())
     }
 }
@@ -250,6 +258,7 @@ impl Store {
             row_layouts: std::mem::take(&mut self.row_layouts.lock()),
             merged: Default::default(),
             tables: Vec::new(),
+            runs: None,
         }
     }
 }
@@ -265,6 +274,10 @@ impl crate::storage::RecordLog for Store {
             batch.apply(w);
         }
         batch.commit(no_slowdown)
+    }
+
+    fn finish(&self) -> Result<(), StoreError> {
+        self.finish_feature_runs()
     }
 
     fn get_prediction(

@@ -1,0 +1,501 @@
+//! Runs of feature rows: an entity's newest values merged into `features_latest` once per run of
+//! rows of one table of names, not once per row.
+//!
+//! Every recorded call writes its input features twice: the history row (`feature_rows`) and an
+//! operand merged into the entity's latest values (`features_latest`). Both are keyed by entity,
+//! so both inserts land at random places in their memtables (~25 key comparisons each), and the
+//! operands are merged again at every flush and compaction: callgrind, 30,000 calls from 10,000
+//! users with everything on, the per-call merge cost ~9,300 instructions of ~112,000 (README,
+//! Performance). But a model's calls give its entities rows of one table of names
+//! (`records::NameTable`), and of a table's rows only the newest says anything about the
+//! entity's latest values.
+//!
+//! So the writer merges a compact row only when it opens a *run*: the entity's first row (in
+//! this process) or its first of another table than its last. That operand is flagged
+//! ([`RUN_ROW`]). Later rows of the run go to the history only, and the run's newest row is kept
+//! here, in memory ([`Run`]); reads of the entity's latest values (`Store::get_features`)
+//! absorb it. A run is closed — its newest row merged, unflagged — when the entity's next row is
+//! of another table (the old run's newest row and the new run's first go as one operand, so an
+//! entity alternating between two models merges one operand per row, as before), when more than
+//! [`MAX_RUNS`] entities have runs (each run with rows not merged is closed), and when the
+//! process stops (`Store::finish_feature_runs`, one synced write). A run whose merged piece is
+//! older than half the features' retention behind its newest row is merged again, so that
+//! retention never drops the latest values of an entity that still gets rows. Rows with text
+//! (named rows), and rows written once the store has finished, are merged one by one, as
+//! before.
+//!
+//! A process that did not stop (a crash, `kill -9`) leaves runs open: their newest rows are in
+//! the history only. The store knows it (a key written when it opens, deleted when it finishes)
+//! and, when it next opens, repairs before anything else: for each flagged piece in
+//! `features_latest`, it merges the newest history row of the piece's table (`Store::
+//! repair_feature_runs`). Nothing is lost — every row is in the history — and the repair reads
+//! every entity's latest values once.
+//!
+//! Batches hold the runs' lock from their first compact row to the end of their write, and
+//! reads while they read `features_latest`: a read never sees a run apart from the write that
+//! made it. A batch stages the runs it changes; they replace the kept ones only once it is
+//! written, so a failed write changes nothing.
+
+use rustc_hash::FxHashMap;
+
+use super::features::COMPACT_ROW;
+use super::{keys, StoreError};
+
+/// The first byte of a run's first row as merged into `features_latest`: 0x02, then what follows
+/// [`COMPACT_ROW`] in a compact row (the table's id and the numbers). Merged and read as a
+/// compact row; the flag says that newer rows of the table may be in the history only, should
+/// the process not stop. Like the other kinds, no `LatestFeatures` encoding starts with it
+/// (field 0 is no field).
+pub(super) const RUN_ROW: u8 = 0x02;
+
+/// Entities with runs kept at most: ~260 bytes each (the newest row of 16 numbers, the entity,
+/// the map's slot), ~4 MiB in all.
+pub(super) const MAX_RUNS: usize = 16_384;
+
+/// Written (synced) when the store opens, deleted when it finishes: found at the next open, it
+/// says that runs may have been left open. In the default family, beside `/ready`'s probe.
+const OPEN_KEY: &[u8] = b"modelgate/feature-runs-open";
+
+/// An entity's run: its rows of one table since the run was opened.
+#[derive(Clone, Debug)]
+pub(super) struct Run {
+    /// The table of names of its rows.
+    pub(super) table: u64,
+    /// Its newest row as an unflagged operand: time ‖ [`COMPACT_ROW`] ‖ id ‖ numbers.
+    pub(super) newest: Vec<u8>,
+    /// Whether `newest` is in the history only (not merged).
+    pub(super) pending: bool,
+    /// Time of the run's row last merged.
+    pub(super) merged_ms: u64,
+}
+
+impl Run {
+    fn newest_ms(&self) -> u64 {
+        keys::be64(&self.newest[..8])
+    }
+}
+
+/// The runs of this process.
+#[derive(Debug)]
+pub(super) struct FeatureRuns {
+    runs: FxHashMap<Box<str>, Run>,
+    /// Set once the runs are closed for good: rows are merged one by one from then on.
+    finished: bool,
+    /// [`MAX_RUNS`], smaller in tests.
+    pub(super) max: usize,
+}
+
+impl FeatureRuns {
+    /// The runs of a store opening, and whether the last process left runs open (it did not
+    /// finish). Marks the store open, synced, before any row is written.
+    pub(super) fn start(db: &rocksdb::DB) -> Result<(FeatureRuns, bool), StoreError> {
+        let left_open = db.get(OPEN_KEY)?.is_some();
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        db.put_opt(OPEN_KEY, [], &wo)?;
+        let runs = FeatureRuns {
+            runs: FxHashMap::default(),
+            finished: false,
+            max: MAX_RUNS,
+        };
+        Ok((runs, left_open))
+    }
+
+    /// The newest row of `entity`'s run when it is not merged (time ‖ compact row).
+    pub(super) fn pending(&self, entity: &str) -> Option<&[u8]> {
+        self.runs
+            .get(entity)
+            .filter(|run| run.pending)
+            .map(|run| run.newest.as_slice())
+    }
+
+    /// Closes every run for good (the store is stopping): the operands that merge the rows not
+    /// merged, by entity, to go in one synced write with [`FeatureRuns::finished_key`]'s delete.
+    pub(super) fn finish(&mut self) -> Vec<(Box<str>, Vec<u8>)> {
+        self.finished = true;
+        std::mem::take(&mut self.runs)
+            .into_iter()
+            .filter(|(_, run)| run.pending)
+            .map(|(entity, run)| (entity, run.newest))
+            .collect()
+    }
+
+    /// The key [`FeatureRuns::finish`]'s write deletes.
+    pub(super) fn finished_key() -> &'static [u8] {
+        OPEN_KEY
+    }
+
+    /// Runs kept.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+/// [`RUN_ROW`]'s form of `row` (time ‖ [`COMPACT_ROW`] ‖ id ‖ numbers).
+pub(super) fn flagged(row: &[u8]) -> Vec<u8> {
+    let mut v = row.to_vec();
+    v[8] = RUN_ROW;
+    v
+}
+
+/// A batch's view of the runs, holding their lock: runs it changes are staged, and replace the
+/// kept ones when the batch is written ([`RunBatch::written`]).
+pub(super) struct RunBatch<'s> {
+    runs: parking_lot::MutexGuard<'s, FeatureRuns>,
+    staged: FxHashMap<Box<str>, Run>,
+    /// Whether the batch closed every kept run (too many entities): they are gone once it is
+    /// written.
+    evicted: bool,
+}
+
+impl<'s> RunBatch<'s> {
+    pub(super) fn new(runs: parking_lot::MutexGuard<'s, FeatureRuns>) -> Self {
+        RunBatch {
+            runs,
+            staged: FxHashMap::default(),
+            evicted: false,
+        }
+    }
+
+    fn current(&self, entity: &str) -> Option<&Run> {
+        self.staged.get(entity).or_else(|| {
+            (!self.evicted)
+                .then(|| self.runs.runs.get(entity))
+                .flatten()
+        })
+    }
+
+    /// Takes `entity`'s compact row `row` (time ‖ [`COMPACT_ROW`] ‖ table id ‖ numbers) of
+    /// `table`, and says what to merge into its latest values: nothing while it continues a run,
+    /// else the operand (the new run's flagged row, and the closing of the entity's run of
+    /// another table, merged into one). A run's newest row more than `refresh_ms` newer than
+    /// its row last merged is merged (flagged: the run goes on). `close` receives the operands
+    /// closing other entities' runs when there are too many (by entity).
+    pub(super) fn row(
+        &mut self,
+        entity: &str,
+        table: u64,
+        row: &[u8],
+        refresh_ms: u64,
+        mut close: impl FnMut(&str, Vec<u8>),
+    ) -> Option<Vec<u8>> {
+        debug_assert_eq!(row.get(8), Some(&COMPACT_ROW));
+        if self.runs.finished {
+            return Some(row.to_vec());
+        }
+        let time_ms = keys::be64(&row[..8]);
+        match self.current(entity) {
+            Some(run) if run.table == table => {
+                let mut run = run.clone();
+                // Of two rows of one millisecond the later is the newer, as merges keep them.
+                if time_ms >= run.newest_ms() {
+                    run.newest.clear();
+                    run.newest.extend_from_slice(row);
+                    run.pending = true;
+                }
+                let mut operand = None;
+                if run.pending && run.newest_ms().saturating_sub(run.merged_ms) >= refresh_ms {
+                    operand = Some(flagged(&run.newest));
+                    run.pending = false;
+                    run.merged_ms = run.newest_ms();
+                }
+                self.stage(entity, run);
+                operand
+            }
+            other => {
+                let opened = flagged(row);
+                let operand = match other {
+                    // The old run's newest row, unflagged, closes it: of one table's rows a
+                    // merge keeps the newest (the later of one millisecond).
+                    Some(old) => super::features::merge_operands(&[&old.newest, &opened]),
+                    None => opened,
+                };
+                if other.is_none() && !self.evicted {
+                    let kept = self.runs.runs.len();
+                    if kept + self.staged.len() >= self.runs.max {
+                        for (entity, run) in &self.runs.runs {
+                            if run.pending && !self.staged.contains_key(entity) {
+                                close(entity, run.newest.clone());
+                            }
+                        }
+                        self.evicted = true;
+                    }
+                }
+                self.stage(
+                    entity,
+                    Run {
+                        table,
+                        newest: row.to_vec(),
+                        pending: false,
+                        merged_ms: time_ms,
+                    },
+                );
+                Some(operand)
+            }
+        }
+    }
+
+    fn stage(&mut self, entity: &str, run: Run) {
+        match self.staged.get_mut(entity) {
+            Some(r) => *r = run,
+            None => {
+                self.staged.insert(entity.into(), run);
+            }
+        }
+    }
+
+    /// The batch was written: its runs replace the kept ones (all of them, if it closed them).
+    pub(super) fn written(mut self) {
+        if self.evicted {
+            self.runs.runs.clear();
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.runs.runs.extend(staged);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::record::FeatureValue;
+    use crate::storage::{RecordLog, RecordWrites};
+    use crate::store::{cf, Store};
+
+    /// A table of names: `{prefix}0`..`{prefix}3`.
+    fn table(prefix: &str) -> Arc<[String]> {
+        (0..4).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    /// Row `x` of `names`: x, x + 0.25, x + 0.5, x + 0.75.
+    fn row(x: f64) -> Vec<FeatureValue> {
+        (0..4)
+            .map(|i| FeatureValue::Number(x + f64::from(i) / 4.0))
+            .collect()
+    }
+
+    fn write(store: &Store, rows: &[(&str, &Arc<[String]>, u64, f64)]) {
+        let mut w = RecordWrites::default();
+        for (entity, names, t, x) in rows {
+            w.add_feature_row(entity, *t, (*names).clone(), row(*x));
+        }
+        store.commit(w, false).unwrap();
+    }
+
+    /// What a read gives for `names` of `entity` as of `as_of`: each (time, value).
+    fn read(
+        store: &Store,
+        entity: &str,
+        names: &[String],
+        as_of: u64,
+    ) -> Vec<Option<(u64, FeatureValue)>> {
+        let features: Vec<(String, Option<u64>)> =
+            names.iter().map(|n| (n.clone(), None)).collect();
+        store
+            .get_features(&[entity.to_string()], &features, as_of)
+            .unwrap()
+            .remove(0)
+    }
+
+    /// A read of row `x` at `t`.
+    fn at(t: u64, x: f64) -> Vec<Option<(u64, FeatureValue)>> {
+        row(x).into_iter().map(|v| Some((t, v))).collect()
+    }
+
+    /// The entity's stored latest value: its time and the first byte of its body.
+    fn stored(store: &Store, entity: &str) -> (u64, u8) {
+        let v = store
+            .db
+            .get_cf(store.cf(cf::FEATURES_LATEST), entity.as_bytes())
+            .unwrap()
+            .expect("a latest value");
+        (keys::be64(&v[..8]), v[8])
+    }
+
+    fn operands_in_memtable(store: &Store) -> u64 {
+        store
+            .db
+            .property_int_value_cf(
+                store.cf(cf::FEATURES_LATEST),
+                rocksdb::properties::NUM_ENTRIES_ACTIVE_MEM_TABLE,
+            )
+            .unwrap()
+            .unwrap()
+    }
+
+    fn t0() -> u64 {
+        crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 600_000
+    }
+
+    /// Ten rows of one table, one batch each: one operand merged (the first row, flagged), and
+    /// every read gives the newest row — as of now, looking back, after a late row (an older
+    /// time) and after a second row of the newest millisecond (the later one wins).
+    #[test]
+    fn a_run_merges_its_first_row_and_reads_its_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (t0, a) = (t0(), table("a"));
+        for i in 0..10 {
+            write(&store, &[("u", &a, t0 + i * 1_000, i as f64)]);
+            assert_eq!(
+                read(&store, "u", &a, u64::MAX),
+                at(t0 + i * 1_000, i as f64)
+            );
+        }
+        assert_eq!(operands_in_memtable(&store), 1, "one operand for ten rows");
+        assert_eq!(stored(&store, "u"), (t0, RUN_ROW));
+        assert_eq!(read(&store, "u", &a, t0 + 4_500), at(t0 + 4_000, 4.0));
+        write(&store, &[("u", &a, t0 + 3_000, 30.0)]);
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 9_000, 9.0));
+        write(&store, &[("u", &a, t0 + 9_000, 99.0)]);
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 9_000, 99.0));
+        assert_eq!(operands_in_memtable(&store), 1);
+    }
+
+    /// An entity whose rows move to another table: the old run's newest row and the new run's
+    /// first are merged as one operand, and both tables read their newest rows; back to the
+    /// first table, a run of it starts again.
+    #[test]
+    fn a_run_closes_when_the_entitys_table_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (t0, a, b) = (t0(), table("a"), table("b"));
+        for i in 0..3 {
+            write(&store, &[("u", &a, t0 + i, i as f64)]);
+        }
+        write(&store, &[("u", &b, t0 + 10, 10.0)]);
+        assert_eq!(operands_in_memtable(&store), 2);
+        assert_eq!(
+            stored(&store, "u"),
+            (t0 + 10, super::super::features::LAYERED)
+        );
+        write(&store, &[("u", &b, t0 + 11, 11.0)]);
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 2, 2.0));
+        assert_eq!(read(&store, "u", &b, u64::MAX), at(t0 + 11, 11.0));
+        write(&store, &[("u", &a, t0 + 20, 20.0)]);
+        write(&store, &[("u", &a, t0 + 21, 21.0)]);
+        assert_eq!(operands_in_memtable(&store), 3);
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 21, 21.0));
+        assert_eq!(read(&store, "u", &b, u64::MAX), at(t0 + 11, 11.0));
+    }
+
+    /// A store dropped without finishing (as a crash leaves it) is repaired when it opens: each
+    /// run's newest row, in the history only, is merged; one that finished needs nothing.
+    #[test]
+    fn runs_left_open_are_merged_when_the_store_opens_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t0, a, b) = (t0(), table("a"), table("b"));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for i in 0..5 {
+                write(
+                    &store,
+                    &[
+                        ("u", &a, t0 + i, i as f64),
+                        ("v", &b, t0 + i, 10.0 + i as f64),
+                    ],
+                );
+            }
+            // A later row of v's first table, then its newest row of b: both runs open.
+            write(&store, &[("v", &a, t0 + 7, 7.0), ("v", &a, t0 + 8, 8.0)]);
+            write(&store, &[("v", &b, t0 + 9, 9.0), ("v", &b, t0 + 12, 12.0)]);
+            store.flush_features().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(stored(&store, "u"), (t0 + 4, COMPACT_ROW), "closed");
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 4, 4.0));
+        assert_eq!(read(&store, "v", &a, u64::MAX), at(t0 + 8, 8.0));
+        assert_eq!(read(&store, "v", &b, u64::MAX), at(t0 + 12, 12.0));
+        // A clean stop merges what is pending and leaves nothing to repair.
+        write(&store, &[("u", &a, t0 + 30, 30.0)]);
+        write(&store, &[("u", &a, t0 + 31, 31.0)]);
+        store.finish().unwrap();
+        assert_eq!(stored(&store, "u"), (t0 + 31, COMPACT_ROW));
+        assert!(store.db.get(FeatureRuns::finished_key()).unwrap().is_none());
+        // Rows after the finish are merged one by one.
+        write(&store, &[("u", &a, t0 + 32, 32.0)]);
+        assert_eq!(stored(&store, "u"), (t0 + 32, COMPACT_ROW));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 32, 32.0));
+    }
+
+    /// More entities than runs are kept: every run with rows not merged is closed (merged) in
+    /// the batch that needs the room, and every entity still reads its newest row.
+    #[test]
+    fn too_many_runs_close_them_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.runs.lock().max = 4;
+        let (t0, a) = (t0(), table("a"));
+        let entities = ["e0", "e1", "e2", "e3"];
+        for (i, e) in entities.iter().enumerate() {
+            let t = t0 + i as u64;
+            write(&store, &[(e, &a, t, 0.0), (e, &a, t + 100, 1.0)]);
+        }
+        assert_eq!(store.runs.lock().len(), 4);
+        // A fifth entity: the four runs are closed, their newest rows merged.
+        write(&store, &[("e4", &a, t0, 0.0), ("e4", &a, t0 + 100, 1.0)]);
+        assert_eq!(store.runs.lock().len(), 1);
+        for (i, e) in entities.iter().enumerate() {
+            assert_eq!(stored(&store, e), (t0 + i as u64 + 100, COMPACT_ROW), "{e}");
+            assert_eq!(read(&store, e, &a, u64::MAX), at(t0 + i as u64 + 100, 1.0));
+        }
+        assert_eq!(read(&store, "e4", &a, u64::MAX), at(t0 + 100, 1.0));
+        // A closed run starts again with its entity's next row.
+        write(
+            &store,
+            &[("e0", &a, t0 + 200, 2.0), ("e0", &a, t0 + 201, 3.0)],
+        );
+        assert_eq!(read(&store, "e0", &a, u64::MAX), at(t0 + 201, 3.0));
+    }
+
+    /// A batch that is never written (a failed write) changes no run: its rows are read
+    /// nowhere, and the next row continues the run as it was.
+    #[test]
+    fn a_batch_not_written_changes_no_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (t0, a) = (t0(), table("a"));
+        write(&store, &[("u", &a, t0, 0.0)]);
+        write(&store, &[("u", &a, t0 + 1, 1.0)]);
+        {
+            let mut w = RecordWrites::default();
+            w.add_feature_row("u", t0 + 2, a.clone(), row(2.0));
+            let mut b = store.record_batch();
+            for write in &w.writes {
+                b.apply(write);
+            }
+            // Dropped unwritten.
+        }
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 1, 1.0));
+        write(&store, &[("u", &a, t0 + 3, 3.0)]);
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 3, 3.0));
+        assert_eq!(operands_in_memtable(&store), 1);
+    }
+
+    /// A run's newest row is merged again once it is half the retention newer than the row
+    /// merged last, so that retention, which drops an entity's latest values by their newest
+    /// time, keeps those of an entity that still gets rows.
+    #[test]
+    fn a_long_run_is_merged_again_within_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = crate::clock::ManualClock::now();
+        let now = crate::clock::Clock::now_ms(&*clock);
+        let retention = crate::storage::Retention {
+            features: std::time::Duration::from_secs(60),
+            ..Default::default()
+        };
+        let store = Store::open_with(dir.path(), retention, clock.clone()).unwrap();
+        let a = table("a");
+        for s in [0u64, 10, 20, 29, 30, 40] {
+            write(&store, &[("u", &a, now + s * 1_000, s as f64)]);
+        }
+        assert_eq!(stored(&store, "u"), (now + 30_000, RUN_ROW));
+        clock.advance(85_000);
+        store.compact_expired();
+        assert_eq!(read(&store, "u", &a, u64::MAX), at(now + 40_000, 40.0));
+    }
+}
