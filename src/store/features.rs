@@ -150,11 +150,6 @@ pub(super) fn keep_newest(
     Some(merge_values(existing.into_iter().chain(operands.iter())))
 }
 
-/// `operands` (oldest first) merged into one, as RocksDB would merge them.
-pub(super) fn merge_operands(operands: &[&[u8]]) -> Vec<u8> {
-    merge_values(operands.iter().copied())
-}
-
 /// The table id of a compact row (0x00 ‖ id ‖ 8 bytes per number, or a run's first row, flagged
 /// [`RUN_ROW`]), `None` when it is not one.
 fn compact_id(body: &[u8]) -> Option<u64> {
@@ -793,15 +788,18 @@ impl RecordBatch<'_> {
             &mut self.merged,
             self.families.features_latest,
         );
-        let operand = runs.row(entity, table, &self.scratch, refresh_ms, |other, op| {
+        let operands = runs.row(entity, table, &self.scratch, refresh_ms, |other, op| {
             let key = keys::feature_entity_key(other);
             batch.merge_cf(latest, key, op);
             merged.push(key);
         });
-        if let Some(op) = operand {
-            self.batch.merge_cf(latest, key, op);
-            self.merged.push(key);
-        }
+        let operand = match operands.as_slice() {
+            [] => return,
+            [one] => std::borrow::Cow::Borrowed(one.as_slice()),
+            more => std::borrow::Cow::Owned(merge_values(more.iter().map(Vec::as_slice))),
+        };
+        self.batch.merge_cf(latest, key, operand);
+        self.merged.push(key);
     }
 
     /// Adds a feature definition.

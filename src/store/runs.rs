@@ -38,11 +38,10 @@
 
 use rustc_hash::FxHashMap;
 
-use super::features::COMPACT_ROW;
 use super::{keys, StoreError};
 
 /// The first byte of a run's first row as merged into `features_latest`: 0x02, then what follows
-/// [`COMPACT_ROW`] in a compact row (the table's id and the numbers). Merged and read as a
+/// the zero byte of a compact row (the table's id and the numbers). Merged and read as a
 /// compact row; the flag says that newer rows of the table may be in the history only, should
 /// the process not stop. Like the other kinds, no `LatestFeatures` encoding starts with it
 /// (field 0 is no field).
@@ -61,7 +60,7 @@ const OPEN_KEY: &[u8] = b"modelgate/feature-runs-open";
 pub(super) struct Run {
     /// The table of names of its rows.
     pub(super) table: u64,
-    /// Its newest row as an unflagged operand: time ‖ [`COMPACT_ROW`] ‖ id ‖ numbers.
+    /// Its newest row as an unflagged operand: time ‖ 0x00 ‖ id ‖ numbers.
     pub(super) newest: Vec<u8>,
     /// Whether `newest` is in the history only (not merged).
     pub(super) pending: bool,
@@ -132,7 +131,7 @@ impl FeatureRuns {
     }
 }
 
-/// [`RUN_ROW`]'s form of `row` (time ‖ [`COMPACT_ROW`] ‖ id ‖ numbers).
+/// [`RUN_ROW`]'s form of `row` (time ‖ 0x00 ‖ id ‖ numbers).
 pub(super) fn flagged(row: &[u8]) -> Vec<u8> {
     let mut v = row.to_vec();
     v[8] = RUN_ROW;
@@ -166,12 +165,14 @@ impl<'s> RunBatch<'s> {
         })
     }
 
-    /// Takes `entity`'s compact row `row` (time ‖ [`COMPACT_ROW`] ‖ table id ‖ numbers) of
-    /// `table`, and says what to merge into its latest values: nothing while it continues a run,
-    /// else the operand (the new run's flagged row, and the closing of the entity's run of
-    /// another table, merged into one). A run's newest row more than `refresh_ms` newer than
-    /// its row last merged is merged (flagged: the run goes on). `close` receives the operands
-    /// closing other entities' runs when there are too many (by entity).
+    /// Takes `entity`'s compact row `row` (time ‖ 0x00 ‖ table id ‖ numbers) of `table`, and
+    /// says what to merge into its latest values: nothing while it continues a run, else the
+    /// operands, oldest first — the closing of the entity's run of another table (its newest
+    /// row, unflagged: of one table's rows a merge keeps the newest, the later of one
+    /// millisecond), then the new run's flagged row — for the caller to merge as one. A run's
+    /// newest row more than `refresh_ms` newer than its row last merged is merged (flagged: the
+    /// run goes on). `close` receives the operands closing other entities' runs when there are
+    /// too many (by entity).
     pub(super) fn row(
         &mut self,
         entity: &str,
@@ -179,10 +180,9 @@ impl<'s> RunBatch<'s> {
         row: &[u8],
         refresh_ms: u64,
         mut close: impl FnMut(&str, Vec<u8>),
-    ) -> Option<Vec<u8>> {
-        debug_assert_eq!(row.get(8), Some(&COMPACT_ROW));
+    ) -> Vec<Vec<u8>> {
         if self.runs.finished {
-            return Some(row.to_vec());
+            return vec![row.to_vec()];
         }
         let time_ms = keys::be64(&row[..8]);
         match self.current(entity) {
@@ -194,9 +194,9 @@ impl<'s> RunBatch<'s> {
                     run.newest.extend_from_slice(row);
                     run.pending = true;
                 }
-                let mut operand = None;
+                let mut operand = Vec::new();
                 if run.pending && run.newest_ms().saturating_sub(run.merged_ms) >= refresh_ms {
-                    operand = Some(flagged(&run.newest));
+                    operand.push(flagged(&run.newest));
                     run.pending = false;
                     run.merged_ms = run.newest_ms();
                 }
@@ -204,13 +204,11 @@ impl<'s> RunBatch<'s> {
                 operand
             }
             other => {
-                let opened = flagged(row);
-                let operand = match other {
-                    // The old run's newest row, unflagged, closes it: of one table's rows a
-                    // merge keeps the newest (the later of one millisecond).
-                    Some(old) => super::features::merge_operands(&[&old.newest, &opened]),
-                    None => opened,
-                };
+                let mut operands = Vec::with_capacity(2);
+                if let Some(old) = other {
+                    operands.push(old.newest.clone());
+                }
+                operands.push(flagged(row));
                 if other.is_none() && !self.evicted {
                     let kept = self.runs.runs.len();
                     if kept + self.staged.len() >= self.runs.max {
@@ -231,7 +229,7 @@ impl<'s> RunBatch<'s> {
                         merged_ms: time_ms,
                     },
                 );
-                Some(operand)
+                operands
             }
         }
     }
@@ -263,6 +261,10 @@ mod tests {
     use crate::record::FeatureValue;
     use crate::storage::{RecordLog, RecordWrites};
     use crate::store::{cf, Store};
+
+    /// The first bytes of a compact row and of a layered value, as `features.rs` writes them.
+    const COMPACT_ROW: u8 = 0x00;
+    const LAYERED: u8 = 0x01;
 
     /// A table of names: `{prefix}0`..`{prefix}3`.
     fn table(prefix: &str) -> Arc<[String]> {
@@ -367,10 +369,7 @@ mod tests {
         }
         write(&store, &[("u", &b, t0 + 10, 10.0)]);
         assert_eq!(operands_in_memtable(&store), 2);
-        assert_eq!(
-            stored(&store, "u"),
-            (t0 + 10, super::super::features::LAYERED)
-        );
+        assert_eq!(stored(&store, "u"), (t0 + 10, LAYERED));
         write(&store, &[("u", &b, t0 + 11, 11.0)]);
         assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 2, 2.0));
         assert_eq!(read(&store, "u", &b, u64::MAX), at(t0 + 11, 11.0));
