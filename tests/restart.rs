@@ -104,6 +104,18 @@ async fn registry_and_routing_survive_a_restart() {
 
 /// Starts the real binary and reads its listening addresses from the JSON start-up log line.
 fn spawn_binary(dir: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
+    let (child, data, control, _) = spawn_binary_logged(dir);
+    (child, data, control)
+}
+
+/// The log message of a store repairing the feature runs a process left open (`store::runs`).
+const REPAIRED: &str =
+    "the last process did not stop cleanly: feature runs it left open are merged";
+
+/// [`spawn_binary`], with the JSON log lines written before it listened.
+fn spawn_binary_logged(
+    dir: &std::path::Path,
+) -> (Child, SocketAddr, SocketAddr, Vec<serde_json::Value>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
         .args([
             "serve",
@@ -124,6 +136,7 @@ fn spawn_binary(dir: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
         .expect("binary starts");
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    let mut before = Vec::new();
     loop {
         let Some(Ok(line)) = lines.next() else {
             let _ = child.kill();
@@ -139,9 +152,27 @@ fn spawn_binary(dir: &std::path::Path) -> (Child, SocketAddr, SocketAddr) {
             let control = v["control"].as_str().unwrap().parse().unwrap();
             // Keep draining stderr so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            return (child, data, control);
+            return (child, data, control, before);
         }
+        before.push(v);
     }
+}
+
+/// How many runs of feature rows the store repaired as it opened, if it did.
+fn repaired(log: &[serde_json::Value]) -> Option<u64> {
+    log.iter()
+        .find(|v| v["message"] == REPAIRED)
+        .map(|v| v["repaired"].as_u64().unwrap())
+}
+
+/// Sends SIGTERM and waits for the process to exit.
+fn terminate(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
 }
 
 #[tokio::test]
@@ -200,7 +231,10 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let (mut child, _data, control) = spawn_binary(dir.path());
+    let (mut child, _data, control, log) = spawn_binary_logged(dir.path());
+    // Both entities' runs (three rows each) were left open: their newest rows were in the
+    // history only, and the store merged them as it opened.
+    assert_eq!(repaired(&log), Some(2));
     let mut features = FeaturesClient::new(channel(control).await);
     let r = features
         .get_features(pb::GetFeaturesRequest {
@@ -221,4 +255,56 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A process stopped with SIGTERM merges its runs of feature rows as it stops: the next start
+/// has nothing to repair, and reads the newest values.
+#[tokio::test]
+async fn feature_runs_are_merged_when_the_process_stops() {
+    use modelgate::pb::modelgate::v1::feature_value::Kind;
+    use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
+    let (child, _data, control) = spawn_binary(dir.path());
+    let mut features = FeaturesClient::new(channel(control).await);
+    features
+        .register_feature(pb::RegisterFeatureRequest {
+            name: "balance".into(),
+            r#type: pb::FeatureType::Number as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for x in [1.0, 2.0, 3.0] {
+        let row = put_row(
+            "acct",
+            &[("balance", Kind::Number(x))],
+            now - 3_000 + x as u64,
+        );
+        features
+            .put_features(pb::PutFeaturesRequest { rows: vec![row] })
+            .await
+            .unwrap();
+    }
+    terminate(child);
+
+    let (child, _data, control, log) = spawn_binary_logged(dir.path());
+    assert_eq!(repaired(&log), None, "nothing left to repair");
+    let mut features = FeaturesClient::new(channel(control).await);
+    let r = features
+        .get_features(pb::GetFeaturesRequest {
+            entity_ids: vec!["acct".into()],
+            feature_names: vec!["balance".into()],
+            as_of: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cell = &r.entities[0].cells[0];
+    assert_eq!(
+        cell.value.clone().and_then(|v| v.kind),
+        Some(Kind::Number(3.0))
+    );
+    assert_eq!(cell.event_time, Some(ts(now - 3_000 + 3)));
+    terminate(child);
 }
