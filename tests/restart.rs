@@ -158,6 +158,23 @@ fn spawn_binary_logged(
     }
 }
 
+/// A features client of `control`, with the numeric feature "balance" registered.
+async fn balance_registered(
+    control: SocketAddr,
+) -> modelgate::pb::modelgate::v1::features_client::FeaturesClient<tonic::transport::Channel> {
+    let mut features =
+        modelgate::pb::modelgate::v1::features_client::FeaturesClient::new(channel(control).await);
+    features
+        .register_feature(pb::RegisterFeatureRequest {
+            name: "balance".into(),
+            r#type: pb::FeatureType::Number as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    features
+}
+
 /// How many runs of feature rows the store repaired as it opened, if it did.
 fn repaired(log: &[serde_json::Value]) -> Option<u64> {
     log.iter()
@@ -202,15 +219,7 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
     let (mut child, _data, control) = spawn_binary(dir.path());
-    let mut features = FeaturesClient::new(channel(control).await);
-    features
-        .register_feature(pb::RegisterFeatureRequest {
-            name: "balance".into(),
-            r#type: pb::FeatureType::Number as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut features = balance_registered(control).await;
     for (i, x) in [10.0, 20.0, 30.0].into_iter().enumerate() {
         let r = features
             .put_features(pb::PutFeaturesRequest {
@@ -266,15 +275,7 @@ async fn feature_runs_are_merged_when_the_process_stops() {
     let dir = tempfile::tempdir().unwrap();
     let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
     let (child, _data, control) = spawn_binary(dir.path());
-    let mut features = FeaturesClient::new(channel(control).await);
-    features
-        .register_feature(pb::RegisterFeatureRequest {
-            name: "balance".into(),
-            r#type: pb::FeatureType::Number as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut features = balance_registered(control).await;
     for x in [1.0, 2.0, 3.0] {
         let row = put_row(
             "acct",
