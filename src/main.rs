@@ -95,18 +95,27 @@ fn parse_cli() -> Result<(Cli, Vec<String>), config::ConfigError> {
     Ok((cli, warnings))
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT (Ctrl-C). Listened for from the call on, not from the first poll: `serve`
+/// calls it before it starts, so that a signal that arrives while it starts (opening RocksDB,
+/// or just after it logged that it listens) stops it gracefully instead of killing it with the
+/// signal's default action, records and feature runs unwritten.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn main() -> ExitCode {
@@ -141,6 +150,7 @@ fn main() -> ExitCode {
                 }
                 #[cfg(not(target_env = "msvc"))]
                 modelgate::server::on_data_thread_start(own_arena);
+                let stop = shutdown_signal();
                 let running = modelgate::server::start(config).await?;
                 // Starting up ran code (RocksDB's open above all) that serving does not.
                 match release_startup_pages() {
@@ -149,7 +159,7 @@ fn main() -> ExitCode {
                     }
                     Err(e) => tracing::warn!("could not release the pages mapped to start up: {e}"),
                 }
-                shutdown_signal().await;
+                stop.await;
                 tracing::info!("shutting down");
                 running.shutdown().await;
                 Ok(ExitCode::SUCCESS)

@@ -182,14 +182,18 @@ fn repaired(log: &[serde_json::Value]) -> Option<u64> {
         .map(|v| v["repaired"].as_u64().unwrap())
 }
 
-/// Sends SIGTERM and waits for the process to exit.
-fn terminate(mut child: Child) {
+/// Sends SIGTERM and waits for the process to exit, successfully (off the runtime, whose tasks
+/// close this test's connections meanwhile: the drain waits for them).
+async fn terminate(mut child: Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    assert!(child.wait().unwrap().success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }
 
 #[tokio::test]
@@ -287,7 +291,8 @@ async fn feature_runs_are_merged_when_the_process_stops() {
             .await
             .unwrap();
     }
-    terminate(child);
+    drop(features);
+    terminate(child).await;
 
     let (child, _data, control, log) = spawn_binary_logged(dir.path());
     assert_eq!(repaired(&log), None, "nothing left to repair");
@@ -307,5 +312,7 @@ async fn feature_runs_are_merged_when_the_process_stops() {
         Some(Kind::Number(3.0))
     );
     assert_eq!(cell.event_time, Some(ts(now - 3_000 + 3)));
-    terminate(child);
+    // Right after the start: a SIGTERM this early stops it gracefully too.
+    drop(features);
+    terminate(child).await;
 }
