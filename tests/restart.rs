@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 use modelgate::pb::modelgate::v1 as pb;
+use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
 
 async fn snapshot(
     reg: &mut modelgate::pb::modelgate::v1::registry_client::RegistryClient<
@@ -159,11 +160,8 @@ fn spawn_binary_logged(
 }
 
 /// A features client of `control`, with the numeric feature "balance" registered.
-async fn balance_registered(
-    control: SocketAddr,
-) -> modelgate::pb::modelgate::v1::features_client::FeaturesClient<tonic::transport::Channel> {
-    let mut features =
-        modelgate::pb::modelgate::v1::features_client::FeaturesClient::new(channel(control).await);
+async fn balance_registered(control: SocketAddr) -> FeaturesClient<tonic::transport::Channel> {
+    let mut features = FeaturesClient::new(channel(control).await);
     features
         .register_feature(pb::RegisterFeatureRequest {
             name: "balance".into(),
@@ -173,6 +171,19 @@ async fn balance_registered(
         .await
         .unwrap();
     features
+}
+
+/// The "balance" of `entities` as of now, as `GetFeatures` answers on `control`.
+async fn balances(control: SocketAddr, entities: &[&str]) -> pb::GetFeaturesResponse {
+    FeaturesClient::new(channel(control).await)
+        .get_features(pb::GetFeaturesRequest {
+            entity_ids: entities.iter().map(|e| e.to_string()).collect(),
+            feature_names: vec!["balance".into()],
+            as_of: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// How many runs of feature rows the store repaired as it opened, if it did.
@@ -219,7 +230,6 @@ async fn acknowledged_control_writes_survive_kill_9() {
 #[tokio::test]
 async fn features_written_just_before_kill_9_are_the_latest_after_it() {
     use modelgate::pb::modelgate::v1::feature_value::Kind;
-    use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
     let dir = tempfile::tempdir().unwrap();
     let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
     let (mut child, _data, control) = spawn_binary(dir.path());
@@ -248,16 +258,7 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
     // Both entities' runs (three rows each) were left open: their newest rows were in the
     // history only, and the store merged them as it opened.
     assert_eq!(repaired(&log), Some(2));
-    let mut features = FeaturesClient::new(channel(control).await);
-    let r = features
-        .get_features(pb::GetFeaturesRequest {
-            entity_ids: vec!["acct-1".into(), "acct-2".into()],
-            feature_names: vec!["balance".into()],
-            as_of: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = balances(control, &["acct-1", "acct-2"]).await;
     let value = |e: usize| r.entities[e].cells[0].value.clone().and_then(|v| v.kind);
     assert_eq!(value(0), Some(Kind::Number(30.0)));
     assert_eq!(r.entities[0].cells[0].event_time, Some(ts(now - 1_000)));
@@ -275,7 +276,6 @@ async fn features_written_just_before_kill_9_are_the_latest_after_it() {
 #[tokio::test]
 async fn feature_runs_are_merged_when_the_process_stops() {
     use modelgate::pb::modelgate::v1::feature_value::Kind;
-    use modelgate::pb::modelgate::v1::features_client::FeaturesClient;
     let dir = tempfile::tempdir().unwrap();
     let now = modelgate::clock::Clock::now_ms(&modelgate::clock::SystemClock);
     let (child, _data, control) = spawn_binary(dir.path());
@@ -296,16 +296,7 @@ async fn feature_runs_are_merged_when_the_process_stops() {
 
     let (child, _data, control, log) = spawn_binary_logged(dir.path());
     assert_eq!(repaired(&log), None, "nothing left to repair");
-    let mut features = FeaturesClient::new(channel(control).await);
-    let r = features
-        .get_features(pb::GetFeaturesRequest {
-            entity_ids: vec!["acct".into()],
-            feature_names: vec!["balance".into()],
-            as_of: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = balances(control, &["acct"]).await;
     let cell = &r.entities[0].cells[0];
     assert_eq!(
         cell.value.clone().and_then(|v| v.kind),
@@ -313,6 +304,5 @@ async fn feature_runs_are_merged_when_the_process_stops() {
     );
     assert_eq!(cell.event_time, Some(ts(now - 3_000 + 3)));
     // Right after the start: a SIGTERM this early stops it gracefully too.
-    drop(features);
     terminate(child).await;
 }

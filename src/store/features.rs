@@ -1081,7 +1081,7 @@ impl Store {
         for (entity, row) in &pending {
             b.merge_cf(latest, keys::feature_entity_key(entity), row);
         }
-        b.delete(super::runs::FeatureRuns::finished_key());
+        b.delete(super::runs::OPEN_KEY);
         self.write(b, true)
     }
 
@@ -1927,13 +1927,8 @@ mod tests {
     fn retention_keeps_tables_of_names() {
         use crate::storage::{RecordLog, RecordWrites};
         let dir = tempfile::tempdir().unwrap();
-        let clock = crate::clock::ManualClock::now();
+        let (store, clock) = Store::with_minute_of_features(dir.path());
         let now = crate::clock::Clock::now_ms(&*clock);
-        let retention = crate::storage::Retention {
-            features: std::time::Duration::from_secs(60),
-            ..Default::default()
-        };
-        let store = Store::open_with(dir.path(), retention, clock.clone()).unwrap();
         let names = sixteen_names();
         let mut w = RecordWrites::default();
         sixteen(&mut w, &names, "old", now - 1_000);

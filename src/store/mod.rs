@@ -769,6 +769,21 @@ pub fn storage(store: Store) -> crate::storage::Storage {
 }
 
 #[cfg(test)]
+impl Store {
+    /// A store in `dir` keeping feature values for a minute of a manual clock (for retention
+    /// tests), and the clock.
+    pub(crate) fn with_minute_of_features(dir: &Path) -> (Store, Arc<crate::clock::ManualClock>) {
+        let clock = crate::clock::ManualClock::now();
+        let retention = records::Retention {
+            features: std::time::Duration::from_secs(60),
+            ..Default::default()
+        };
+        let store = Store::open_with(dir, retention, clock.clone()).expect("store opens");
+        (store, clock)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::{NewVersion, Stage};

@@ -51,9 +51,10 @@ pub(super) const RUN_ROW: u8 = 0x02;
 /// the map's slot), ~4 MiB in all.
 pub(super) const MAX_RUNS: usize = 16_384;
 
-/// Written (synced) when the store opens, deleted when it finishes: found at the next open, it
-/// says that runs may have been left open. In the default family, beside `/ready`'s probe.
-const OPEN_KEY: &[u8] = b"modelgate/feature-runs-open";
+/// Written (synced) when the store opens, deleted when it finishes (in the write of
+/// [`FeatureRuns::finish`]'s operands): found at the next open, it says that runs may have been
+/// left open. In the default family, beside `/ready`'s probe.
+pub(super) const OPEN_KEY: &[u8] = b"modelgate/feature-runs-open";
 
 /// An entity's run: its rows of one table since the run was opened.
 #[derive(Clone, Debug)]
@@ -109,7 +110,7 @@ impl FeatureRuns {
     }
 
     /// Closes every run for good (the store is stopping): the operands that merge the rows not
-    /// merged, by entity, to go in one synced write with [`FeatureRuns::finished_key`]'s delete.
+    /// merged, by entity, to go in one synced write with [`OPEN_KEY`]'s delete.
     pub(super) fn finish(&mut self) -> Vec<(Box<str>, Vec<u8>)> {
         self.finished = true;
         std::mem::take(&mut self.runs)
@@ -117,11 +118,6 @@ impl FeatureRuns {
             .filter(|(_, run)| run.pending)
             .map(|(entity, run)| (entity, run.newest))
             .collect()
-    }
-
-    /// The key [`FeatureRuns::finish`]'s write deletes.
-    pub(super) fn finished_key() -> &'static [u8] {
-        OPEN_KEY
     }
 
     /// Runs kept.
@@ -187,13 +183,14 @@ impl<'s> RunBatch<'s> {
         let time_ms = keys::be64(&row[..8]);
         match self.current(entity) {
             Some(run) if run.table == table => {
-                let mut run = run.clone();
                 // Of two rows of one millisecond the later is the newer, as merges keep them.
-                if time_ms >= run.newest_ms() {
-                    run.newest.clear();
-                    run.newest.extend_from_slice(row);
-                    run.pending = true;
-                }
+                let newer = time_ms >= run.newest_ms();
+                let mut run = Run {
+                    table,
+                    newest: if newer { row } else { &run.newest }.to_vec(),
+                    pending: run.pending || newer,
+                    merged_ms: run.merged_ms,
+                };
                 let mut operand = Vec::new();
                 if run.pending && run.newest_ms().saturating_sub(run.merged_ms) >= refresh_ms {
                     operand.push(flagged(&run.newest));
@@ -412,7 +409,7 @@ mod tests {
         write(&store, &[("u", &a, t0 + 31, 31.0)]);
         store.finish().unwrap();
         assert_eq!(stored(&store, "u"), (t0 + 31, COMPACT_ROW));
-        assert!(store.db.get(FeatureRuns::finished_key()).unwrap().is_none());
+        assert!(store.db.get(OPEN_KEY).unwrap().is_none());
         // Rows after the finish are merged one by one.
         write(&store, &[("u", &a, t0 + 32, 32.0)]);
         assert_eq!(stored(&store, "u"), (t0 + 32, COMPACT_ROW));
@@ -481,13 +478,8 @@ mod tests {
     #[test]
     fn a_long_run_is_merged_again_within_the_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let clock = crate::clock::ManualClock::now();
+        let (store, clock) = Store::with_minute_of_features(dir.path());
         let now = crate::clock::Clock::now_ms(&*clock);
-        let retention = crate::storage::Retention {
-            features: std::time::Duration::from_secs(60),
-            ..Default::default()
-        };
-        let store = Store::open_with(dir.path(), retention, clock.clone()).unwrap();
         let a = table("a");
         for s in [0u64, 10, 20, 29, 30, 40] {
             write(&store, &[("u", &a, now + s * 1_000, s as f64)]);
