@@ -805,7 +805,7 @@ impl RecordBatch<'_> {
     /// Adds a feature definition.
     pub(super) fn add_feature_def(&mut self, def: &FeatureDef) {
         self.batch.put_cf(
-            self.store.cf(cf::FEATURE_DEFS),
+            self.store.family_id(cf::FEATURE_DEFS),
             def.name.as_bytes(),
             serde_json::to_vec(def).expect("feature definitions serialise"),
         );
@@ -838,7 +838,7 @@ impl Store {
         for d in defs {
             b.add_feature_def(d);
         }
-        self.write(std::mem::take(&mut b.batch), true)
+        self.write(std::mem::take(&mut b.batch).into_write_batch(), true)
     }
 
     /// Point-in-time feature reads: for each entity, for each `(feature, ttl)`, the latest value at

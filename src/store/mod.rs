@@ -3,6 +3,7 @@
 //! Every call here blocks; callers on the async runtime go through `spawn_blocking` (control
 //! plane) or the record writer thread (data plane), never a request task.
 
+pub(crate) mod batch;
 mod counters;
 pub mod drift;
 mod experiments;
@@ -129,6 +130,8 @@ pub struct Store {
     name_tables: Arc<parking_lot::RwLock<rustc_hash::FxHashMap<u64, Arc<[String]>>>>,
     /// Entities' runs of feature rows not merged one by one (`runs.rs`).
     runs: Arc<parking_lot::Mutex<runs::FeatureRuns>>,
+    /// Each family's id, in [`cf::ALL`]'s order, for batches built as bytes (`batch.rs`).
+    family_ids: Arc<[batch::FamilyId]>,
 }
 
 /// What the store knows about its writes, for `/ready`.
@@ -304,7 +307,15 @@ impl Store {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         let (runs, left_open) = runs::FeatureRuns::start(&db)?;
+        let family_ids = cf::ALL
+            .iter()
+            .map(|name| {
+                let family = db.cf_handle(name).expect("every family is opened");
+                batch::FamilyId::of(family)
+            })
+            .collect::<Result<_, _>>()?;
         let store = Store {
+            family_ids,
             db: Arc::new(db),
             row_seq: Arc::new(std::sync::atomic::AtomicU32::new(seed)),
             retention,
@@ -448,6 +459,15 @@ impl Store {
             delayed_write_rate: int("rocksdb.actual-delayed-write-rate").unwrap_or(0),
             stall_seconds,
         }
+    }
+
+    /// The id of the family `name` (one of [`cf::ALL`]), for a batch built as bytes.
+    pub(crate) fn family_id(&self, name: &str) -> batch::FamilyId {
+        let i = cf::ALL
+            .iter()
+            .position(|f| *f == name)
+            .unwrap_or_else(|| panic!("column family {name} not opened"));
+        self.family_ids[i]
     }
 
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {

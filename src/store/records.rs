@@ -16,7 +16,9 @@
 //!
 //! [`RecordLog`]: crate::storage::RecordLog
 
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::WriteOptions;
+
+use super::batch::{BatchBytes, FamilyId};
 
 use super::{Store, StoreError};
 use crate::outcome::Judgement;
@@ -43,10 +45,10 @@ pub(super) fn decode_err(
 /// committed; a power loss may lose the last moments).
 pub(crate) struct RecordBatch<'s> {
     pub(super) store: &'s Store,
-    pub(super) batch: WriteBatch,
+    pub(super) batch: BatchBytes,
     /// The families records go to, looked up once per batch (each lookup searches RocksDB's
     /// map of family names).
-    pub(super) families: Families<'s>,
+    pub(super) families: Families,
     /// A value being built, kept between writes so that each does not allocate its own
     /// (`WriteBatch` copies what it is given).
     pub(super) scratch: Vec<u8>,
@@ -136,12 +138,12 @@ pub(super) type Layout = Vec<(usize, Vec<u8>)>;
 pub(super) type NumberRow = (Vec<u8>, Vec<(usize, usize)>);
 
 /// The column families every recorded call writes to.
-pub(super) struct Families<'s> {
-    pub(super) predictions: &'s rocksdb::ColumnFamily,
-    pub(super) prediction_index: &'s rocksdb::ColumnFamily,
-    pub(super) features: &'s rocksdb::ColumnFamily,
-    pub(super) features_latest: &'s rocksdb::ColumnFamily,
-    pub(super) counters: &'s rocksdb::ColumnFamily,
+pub(super) struct Families {
+    pub(super) predictions: FamilyId,
+    pub(super) prediction_index: FamilyId,
+    pub(super) features: FamilyId,
+    pub(super) features_latest: FamilyId,
+    pub(super) counters: FamilyId,
 }
 
 impl RecordBatch<'_> {
@@ -189,7 +191,7 @@ impl RecordBatch<'_> {
     pub(super) fn commit(mut self, no_slowdown: bool) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
         wo.set_no_slowdown(no_slowdown);
-        let batch = std::mem::take(&mut self.batch);
+        let batch = std::mem::take(&mut self.batch).into_write_batch();
         let runs = self.runs.take();
         if self.merged.is_empty() {
             self.store.write_opt(batch, &wo)?;
@@ -245,13 +247,13 @@ impl Store {
     pub(crate) fn record_batch(&self) -> RecordBatch<'_> {
         RecordBatch {
             store: self,
-            batch: WriteBatch::default(),
+            batch: BatchBytes::default(),
             families: Families {
-                predictions: self.cf(super::cf::PREDICTIONS),
-                prediction_index: self.cf(super::cf::PREDICTION_INDEX),
-                features: self.cf(super::cf::FEATURES),
-                features_latest: self.cf(super::cf::FEATURES_LATEST),
-                counters: self.cf(super::cf::COUNTERS),
+                predictions: self.family_id(super::cf::PREDICTIONS),
+                prediction_index: self.family_id(super::cf::PREDICTION_INDEX),
+                features: self.family_id(super::cf::FEATURES),
+                features_latest: self.family_id(super::cf::FEATURES_LATEST),
+                counters: self.family_id(super::cf::COUNTERS),
             },
             scratch: Vec::new(),
             records: 0,
@@ -268,8 +270,8 @@ impl crate::storage::RecordLog for Store {
         let mut order: Vec<&RecordWrite> = writes.writes.iter().collect();
         order.sort_by_key(|w| insertion_place(w));
         let mut batch = self.record_batch();
-        // Sized up front: RocksDB grows a batch by doubling, copying it each time.
-        batch.batch = WriteBatch::with_capacity_bytes(writes.writes.iter().map(approx_bytes).sum());
+        // Sized up front: a growing batch is copied at each doubling.
+        batch.batch = BatchBytes::with_capacity(writes.writes.iter().map(approx_bytes).sum());
         for w in order {
             batch.apply(w);
         }

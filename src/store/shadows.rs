@@ -63,7 +63,7 @@ impl RecordBatch<'_> {
     /// Logs a disagreement.
     pub(super) fn add_disagreement(&mut self, model: &str, version: u32, d: &Disagreement) {
         self.batch.put_cf(
-            self.store.cf(cf::SHADOW_LOG),
+            self.store.family_id(cf::SHADOW_LOG),
             keys::shadow_log_key(model, version, d.time_ms, &d.request_id),
             serde_json::to_vec(d).expect("disagreements serialise"),
         );
