@@ -46,8 +46,7 @@ pub(super) fn decode_err(
 pub(crate) struct RecordBatch<'s> {
     pub(super) store: &'s Store,
     pub(super) batch: BatchBytes,
-    /// The families records go to, looked up once per batch (each lookup searches RocksDB's
-    /// map of family names).
+    /// The ids of the families records go to, looked up once per batch.
     pub(super) families: Families,
     /// A value being built, kept between writes so that each does not allocate its own
     /// (`WriteBatch` copies what it is given).
