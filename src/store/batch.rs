@@ -54,17 +54,13 @@ impl FamilyId {
     }
 }
 
-/// A write batch being built: puts and merges, in order.
-#[derive(Debug)]
+/// A write batch being built: puts and merges, in order. The default one allocates nothing
+/// (a record batch starts with one and replaces it with one sized for its writes, and taking
+/// the batch out to write it leaves one behind); its header is added with its first entry.
+#[derive(Debug, Default)]
 pub(crate) struct BatchBytes {
     rep: Vec<u8>,
     count: u32,
-}
-
-impl Default for BatchBytes {
-    fn default() -> Self {
-        BatchBytes::with_capacity(0)
-    }
 }
 
 impl BatchBytes {
@@ -127,6 +123,9 @@ impl BatchBytes {
         else {
             panic!("a write batch entry of 4 GiB or more");
         };
+        if self.rep.is_empty() {
+            self.rep.resize(HEADER, 0);
+        }
         self.rep.reserve(11 + key.len() + value.len());
         if family.0 == 0 {
             self.rep.push(default_type);
@@ -143,6 +142,7 @@ impl BatchBytes {
 
     /// The batch as RocksDB's (one copy of the bytes).
     pub(crate) fn into_write_batch(mut self) -> WriteBatch {
+        self.rep.resize(self.rep.len().max(HEADER), 0);
         self.rep[8..HEADER].copy_from_slice(&self.count.to_le_bytes());
         WriteBatch::from_data(&self.rep)
     }
@@ -224,6 +224,16 @@ mod tests {
         }
         assert_eq!(ours.len(), entries.len());
         assert_eq!(ours.into_write_batch().data(), theirs.data());
+        // An empty one too, sized or not (its header alone).
+        let empty = WriteBatch::default();
+        assert_eq!(
+            BatchBytes::default().into_write_batch().data(),
+            empty.data()
+        );
+        assert_eq!(
+            BatchBytes::with_capacity(64).into_write_batch().data(),
+            empty.data()
+        );
     }
 
     /// A batch built here writes what it holds: puts read back, merges go through the family's
