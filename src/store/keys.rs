@@ -105,8 +105,47 @@ pub fn prediction_index_prefix(model: &str) -> Vec<u8> {
     k
 }
 
-/// Parses a `prediction_index` key into (model, time, request id).
-pub fn decode_prediction_index_key(key: &[u8]) -> Result<(String, u64, String), KeyError> {
+/// The byte after the time in a `prediction_index` key of a group of records
+/// ([`prediction_group_key`]); never a request id's first byte (those are visible ASCII), so a
+/// group's key sorts after every single record's of its model and time.
+pub const PREDICTION_GROUP: u8 = 0xFF;
+
+/// Widest span of time (ms) between the oldest and newest record of one `prediction_index` group:
+/// a record of time t is in a group whose key time is at most this much after t, so a listing
+/// from time t starts reading there.
+pub const PREDICTION_GROUP_SPAN_MS: u64 = 100;
+
+/// `prediction_index` key of a group of records: model, 0x00, the group's newest time (ms, u64
+/// BE), [`PREDICTION_GROUP`], the group's id (16 bytes, unique); the value lists the records.
+pub fn prediction_group_key(model: &str, newest_ms: u64, group: [u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(model.len() + 26);
+    k.extend_from_slice(model.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&newest_ms.to_be_bytes());
+    k.push(PREDICTION_GROUP);
+    k.extend_from_slice(&group);
+    k
+}
+
+/// Where a reverse scan of `model`'s `prediction_index` starts to meet every key whose time is
+/// at most `time_ms`, single records and groups: past all of them, before any later time's.
+pub fn prediction_index_seek(model: &str, time_ms: u64) -> Vec<u8> {
+    let mut k = prediction_index_prefix(model);
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(&[PREDICTION_GROUP, PREDICTION_GROUP]);
+    k
+}
+
+/// The time of a `prediction_index` key (a single record's, or a group's newest), and whether it
+/// is a group's.
+pub fn prediction_index_time(key: &[u8]) -> Result<(u64, bool), KeyError> {
+    let (_, rest) = split_prediction_index_key(key)?;
+    Ok((be64(&rest[..8]), rest.get(8) == Some(&PREDICTION_GROUP)))
+}
+
+/// A `prediction_index` key's model's length, and what follows the separator (at least the
+/// time's 8 bytes).
+fn split_prediction_index_key(key: &[u8]) -> Result<(usize, &[u8]), KeyError> {
     const F: &str = "prediction_index";
     let sep = key
         .iter()
@@ -116,6 +155,13 @@ pub fn decode_prediction_index_key(key: &[u8]) -> Result<(String, u64, String), 
     if rest.len() < 8 {
         return Err(err(F, key, "too short"));
     }
+    Ok((sep, rest))
+}
+
+/// Parses a single record's `prediction_index` key into (model, time, request id).
+pub fn decode_prediction_index_key(key: &[u8]) -> Result<(String, u64, String), KeyError> {
+    const F: &str = "prediction_index";
+    let (sep, rest) = split_prediction_index_key(key)?;
     let model = std::str::from_utf8(&key[..sep]).map_err(|_| err(F, key, "model is not UTF-8"))?;
     let id = std::str::from_utf8(&rest[8..]).map_err(|_| err(F, key, "request id is not UTF-8"))?;
     Ok((model.to_string(), be64(&rest[..8]), id.to_string()))

@@ -1,11 +1,23 @@
 //! Prediction records: `predictions` (request id → time ‖ `PredictionRecord`) and its index by
-//! model and time, `prediction_index` (model ∅ time ‖ request id → version), read back one at a
-//! time or listed newest first, a page at a time.
+//! model and time, `prediction_index`, read back one at a time or listed newest first, a page at
+//! a time.
 //!
 //! | family | key | value |
 //! |---|---|---|
 //! | `predictions` | request id | time ‖ `PredictionRecord` |
-//! | `prediction_index` | model ∅ time ‖ request id | version |
+//! | `prediction_index` | model ∅ newest time ‖ 0xFF ‖ group id | the group's records: time ‖ version ‖ request id, each |
+//! | `prediction_index` | model ∅ time ‖ request id | version (one record: written before groups, still read) |
+//!
+//! The index holds a group of records per entry, not one record per entry: the records of a
+//! write batch, by model, split where they would span more than
+//! [`keys::PREDICTION_GROUP_SPAN_MS`]. Every entry is a memtable insert, a key the flush and
+//! each compaction carry, and a pass of RocksDB's over the batch: one entry per record cost
+//! the writer and the flush ~3,800 instructions per recorded call for an entry of ~60 bytes
+//! (callgrind, README). A listing reads groups newest first and lists a record once no group
+//! still unread can hold a newer one: groups are keyed by their newest time, and hold nothing
+//! older than that time less the span.
+
+use std::collections::BTreeMap;
 
 use prost::Message;
 use rocksdb::{Direction, IteratorMode};
@@ -15,8 +27,76 @@ use super::{cf, keys, Store, StoreError};
 use crate::pb::modelgate::v1 as pb;
 use crate::storage::{EncodedPrediction, PredictionPage};
 
+/// The group of the index a batch is filling (`RecordBatch::index`): records of one model whose
+/// times lie within [`keys::PREDICTION_GROUP_SPAN_MS`] of one another.
+#[derive(Default)]
+pub(super) struct IndexGroup {
+    model: String,
+    oldest: u64,
+    newest: u64,
+    /// The records, each time (u64 BE) ‖ version (u32 BE) ‖ request id length (varint) ‖
+    /// request id; empty when no group is open.
+    entries: Vec<u8>,
+}
+
+impl IndexGroup {
+    /// Whether a record of `model` at `time_ms` joins the open group.
+    fn takes(&self, model: &str, time_ms: u64) -> bool {
+        !self.entries.is_empty()
+            && self.model == model
+            && time_ms.max(self.newest) - time_ms.min(self.oldest) <= keys::PREDICTION_GROUP_SPAN_MS
+    }
+
+    fn push(&mut self, time_ms: u64, version: u32, request_id: &str) {
+        self.oldest = self.oldest.min(time_ms);
+        self.newest = self.newest.max(time_ms);
+        self.entries.extend_from_slice(&time_ms.to_be_bytes());
+        self.entries.extend_from_slice(&version.to_be_bytes());
+        prost::encoding::encode_varint(request_id.len() as u64, &mut self.entries);
+        self.entries.extend_from_slice(request_id.as_bytes());
+    }
+}
+
+/// The records a `prediction_index` entry lists, as (time, request id, version).
+fn index_records(key: &[u8], value: &[u8]) -> Result<Vec<(u64, String, u32)>, StoreError> {
+    let bad = |reason: &str| StoreError::Decode {
+        family: cf::PREDICTION_INDEX,
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: reason.to_string(),
+    };
+    let (_, group) = keys::prediction_index_time(key)?;
+    if !group {
+        let (_, time, id) = keys::decode_prediction_index_key(key)?;
+        let v: [u8; 4] = value
+            .try_into()
+            .map_err(|_| bad("version is not 4 bytes"))?;
+        return Ok(vec![(time, id, u32::from_be_bytes(v))]);
+    }
+    let mut records = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        if rest.len() < 12 {
+            return Err(bad("a group's record is cut short"));
+        }
+        let time = keys::be64(&rest[..8]);
+        let version = u32::from_be_bytes(rest[8..12].try_into().expect("4 bytes"));
+        rest = &rest[12..];
+        let len = prost::encoding::decode_varint(&mut rest)
+            .map_err(|_| bad("a group's request id has no length"))?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= rest.len())
+            .ok_or_else(|| bad("a group's request id is cut short"))?;
+        let id = std::str::from_utf8(&rest[..len])
+            .map_err(|_| bad("a group's request id is not UTF-8"))?;
+        records.push((time, id.to_string(), version));
+        rest = &rest[len..];
+    }
+    Ok(records)
+}
+
 impl RecordBatch<'_> {
-    /// Adds a prediction record and its index entry.
+    /// Adds a prediction record, and lists it in the index group being filled.
     pub(super) fn add_prediction(&mut self, rec: &EncodedPrediction, time_ms: u64) {
         self.scratch.clear();
         keys::timed_value_into(time_ms, &rec.bytes, &mut self.scratch);
@@ -25,12 +105,31 @@ impl RecordBatch<'_> {
             keys::prediction_key(&rec.request_id),
             &self.scratch,
         );
-        self.batch.put_cf(
-            self.families.prediction_index,
-            keys::prediction_index_key(&rec.model, time_ms, &rec.request_id),
-            rec.version.to_be_bytes(),
-        );
+        if !self.index.takes(&rec.model, time_ms) {
+            self.close_index_group();
+            self.index.model.clear();
+            self.index.model.push_str(&rec.model);
+            self.index.oldest = time_ms;
+            self.index.newest = time_ms;
+        }
+        self.index.push(time_ms, rec.version, &rec.request_id);
         self.records += 1;
+    }
+
+    /// Writes the index group being filled, if any, into the batch. Its id (a UUIDv7) makes its
+    /// key unique, whatever other groups share its model and newest time.
+    pub(super) fn close_index_group(&mut self) {
+        if self.index.entries.is_empty() {
+            return;
+        }
+        let key = keys::prediction_group_key(
+            &self.index.model,
+            self.index.newest,
+            uuid::Uuid::now_v7().into_bytes(),
+        );
+        self.batch
+            .put_cf(self.families.prediction_index, key, &self.index.entries);
+        self.index.entries.clear();
     }
 }
 
@@ -68,45 +167,63 @@ impl Store {
         after: Option<(u64, String)>,
     ) -> Result<PredictionPage, StoreError> {
         let prefix = keys::prediction_index_prefix(model);
-        let from = match &after {
-            Some((t, id)) => keys::prediction_index_key(model, *t, id),
-            None => keys::prediction_index_key(model, end_ms, ""),
+        // Listed: entries before this one, newest first (a time, and an id at that time).
+        let below = |time: u64, id: &str| match &after {
+            Some((t, after_id)) => (time, id) < (*t, after_id.as_str()),
+            None => time < end_ms,
         };
-        let mut ids = Vec::new();
-        let mut next = None;
+        let bound = after.as_ref().map_or(end_ms, |(t, _)| *t);
+        // A record at `bound` may be in a group keyed up to the span later.
+        let from = keys::prediction_index_seek(
+            model,
+            bound.saturating_add(keys::PREDICTION_GROUP_SPAN_MS),
+        );
         let iter = self.db.iterator_cf(
             self.cf(cf::PREDICTION_INDEX),
             IteratorMode::From(&from, Direction::Reverse),
         );
+        // Records read and not yet listed, and those listed (one more than the page, to know
+        // whether a next page starts after it).
+        let mut waiting: BTreeMap<(u64, String), u32> = BTreeMap::new();
+        let mut ids: Vec<(u64, String)> = Vec::new();
+        let list = |waiting: &mut BTreeMap<(u64, String), u32>,
+                    ids: &mut Vec<(u64, String)>,
+                    newer_than: Option<u64>| {
+            while ids.len() <= limit {
+                match waiting.last_key_value() {
+                    Some(((t, _), _)) if newer_than.is_none_or(|n| *t > n) => {
+                        let (k, _) = waiting.pop_last().expect("a last entry");
+                        ids.push(k);
+                    }
+                    _ => break,
+                }
+            }
+        };
         for item in iter {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            if k.as_ref() == from.as_slice() {
-                continue; // the page token's own entry, or an entry exactly at end_ms
-            }
-            let (_, time, id) = keys::decode_prediction_index_key(&k)?;
-            if time < start_ms {
+            let (key_time, _) = keys::prediction_index_time(&k)?;
+            // Entries still unread are keyed at or before this one's time, and hold no record
+            // newer than it: what waits newer than it is next in order.
+            list(&mut waiting, &mut ids, Some(key_time));
+            if ids.len() > limit || key_time < start_ms {
                 break;
             }
-            if time >= end_ms {
-                continue;
+            for (time, id, v) in index_records(&k, &v)? {
+                if time >= start_ms && below(time, &id) && (version == 0 || v == version) {
+                    waiting.insert((time, id), v);
+                }
             }
-            let v: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Decode {
-                family: cf::PREDICTION_INDEX,
-                key: id.clone(),
-                reason: "version is not 4 bytes".into(),
-            })?;
-            if version != 0 && u32::from_be_bytes(v) != version {
-                continue;
-            }
-            if ids.len() == limit {
-                next = ids.last().cloned();
-                break;
-            }
-            ids.push((time, id));
         }
+        list(&mut waiting, &mut ids, None);
+        let next = if ids.len() > limit {
+            ids.truncate(limit);
+            ids.last().cloned()
+        } else {
+            None
+        };
         let mut records = Vec::with_capacity(ids.len());
         for (_, id) in &ids {
             // An index entry whose record is gone (retention, or a re-used request id) is skipped.
@@ -117,5 +234,213 @@ impl Store {
             }
         }
         Ok(PredictionPage { records, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::super::records::tests::record;
+    use super::*;
+    use crate::storage::{RecordLog, RecordWrites};
+
+    fn index_entries(store: &Store) -> usize {
+        store
+            .db
+            .iterator_cf(store.cf(cf::PREDICTION_INDEX), IteratorMode::Start)
+            .count()
+    }
+
+    /// Every page of a listing, followed through its page tokens, as (time, request id).
+    fn list_all(
+        store: &Store,
+        model: &str,
+        version: u32,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> Vec<(u64, String)> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .list_predictions(model, version, start, end, limit, after.clone())
+                .unwrap();
+            assert!(page.records.len() <= limit);
+            for r in &page.records {
+                assert_eq!(r.model, model);
+                assert!(version == 0 || r.version == version);
+                let (t, _) = store.get_prediction(&r.request_id, 0).unwrap().unwrap();
+                all.push((t, r.request_id.clone()));
+            }
+            match page.next {
+                Some(next) => {
+                    assert_eq!(Some(&next), all.last(), "a page ends where the next starts");
+                    after = Some(next);
+                }
+                None => return all,
+            }
+        }
+    }
+
+    /// Batches whose calls finished out of order and far apart (their records span up to 600 ms,
+    /// batches overlap), two models, three versions, calls at the same millisecond, and records
+    /// indexed one per entry as before groups: listed page by page, newest first, every record
+    /// of the query exactly once, in the order of (time, request id).
+    #[test]
+    fn listing_through_groups_gives_every_record_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let t0 = 1_700_000_000_000u64;
+        let mut all: Vec<(String, u32, u64, String)> = Vec::new();
+        let mut n = 0;
+        for b in 0..12u64 {
+            let mut w = RecordWrites::default();
+            for _ in 0..40 {
+                n += 1;
+                let id = format!("r{n:05}");
+                let model = if rng.random_bool(0.7) { "m" } else { "n" };
+                let version = rng.random_range(1..=3);
+                let t = t0 + b * 200 + rng.random_range(0..600) / 3 * 3;
+                w.add_prediction(record(model, &id, version), t);
+                all.push((model.to_string(), version, t, id));
+            }
+            store.commit(w, false).unwrap();
+        }
+        // Entries of one record each, as stores written before groups hold.
+        for i in 0..30u64 {
+            let id = format!("old{i:03}");
+            let (model, version) = (if i % 3 == 0 { "n" } else { "m" }, 1 + (i % 3) as u32);
+            let t = t0 + rng.random_range(0..2_800);
+            let predictions = store.cf(cf::PREDICTIONS);
+            let bytes = record(model, &id, version).bytes;
+            store
+                .db
+                .put_cf(predictions, id.as_bytes(), keys::timed_value(t, &bytes))
+                .unwrap();
+            let index = store.cf(cf::PREDICTION_INDEX);
+            let key = keys::prediction_index_key(model, t, &id);
+            store.db.put_cf(index, key, version.to_be_bytes()).unwrap();
+            all.push((model.to_string(), version, t, id));
+        }
+        assert!(
+            index_entries(&store) < 30 + 12 * 2 * 8,
+            "groups, not one entry per record"
+        );
+        for (model, version, start, end, limit) in [
+            ("m", 0, 0, u64::MAX, 7),
+            ("m", 2, 0, u64::MAX, 5),
+            ("n", 0, t0 + 500, t0 + 1_700, 4),
+            ("m", 3, t0 + 999, t0 + 1_000, 1),
+            ("m", 0, t0 + 300, t0 + 2_000, 1_000),
+            ("x", 0, 0, u64::MAX, 3),
+        ] {
+            let mut expected: Vec<(u64, String)> = all
+                .iter()
+                .filter(|(m, v, t, _)| {
+                    m == model && (version == 0 || *v == version) && *t >= start && *t < end
+                })
+                .map(|(_, _, t, id)| (*t, id.clone()))
+                .collect();
+            expected.sort();
+            expected.reverse();
+            assert_eq!(
+                list_all(&store, model, version, start, end, limit),
+                expected,
+                "{model} v{version} [{start}, {end}) by {limit}"
+            );
+        }
+    }
+
+    /// A batch's records of one model within the span are one index entry; another model, or a
+    /// record past the span, opens another.
+    #[test]
+    fn a_batch_indexes_its_records_a_group_per_model_and_span() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = 1_700_000_000_000u64;
+        let mut w = RecordWrites::default();
+        for i in 0..50 {
+            w.add_prediction(record("m", &format!("a{i:02}"), 1), t0 + i * 2);
+        }
+        store.commit(w, false).unwrap();
+        assert_eq!(index_entries(&store), 1);
+        let mut w = RecordWrites::default();
+        for i in 0..10 {
+            w.add_prediction(record("m", &format!("b{i:02}"), 1), t0 + 1_000 + i);
+            w.add_prediction(record("n", &format!("c{i:02}"), 1), t0 + 1_000 + i);
+        }
+        let span = keys::PREDICTION_GROUP_SPAN_MS;
+        w.add_prediction(record("m", "late", 1), t0 + 1_000 + span + 1);
+        store.commit(w, false).unwrap();
+        assert_eq!(index_entries(&store), 1 + 3);
+        let page = store
+            .list_predictions("m", 0, 0, u64::MAX, 100, None)
+            .unwrap();
+        assert_eq!(page.records.len(), 61);
+        assert_eq!(page.records[0].request_id, "late");
+    }
+
+    /// Entries keyed at one millisecond (two groups whose newest record is at it, and a record
+    /// indexed alone) are all read before any record of that millisecond is listed: listed by
+    /// request id, whichever entry holds them.
+    #[test]
+    fn records_of_one_millisecond_in_several_entries_list_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = 1_700_000_000_000u64;
+        for (older, newest) in [("a2", "x2"), ("a9", "x9")] {
+            let mut w = RecordWrites::default();
+            w.add_prediction(record("m", older, 1), t - 5);
+            w.add_prediction(record("m", newest, 1), t);
+            store.commit(w, false).unwrap();
+        }
+        let bytes = record("m", "x5", 1).bytes;
+        let predictions = store.cf(cf::PREDICTIONS);
+        let value = keys::timed_value(t, &bytes);
+        store.db.put_cf(predictions, "x5", value).unwrap();
+        let index = store.cf(cf::PREDICTION_INDEX);
+        let key = keys::prediction_index_key("m", t, "x5");
+        store.db.put_cf(index, key, 1u32.to_be_bytes()).unwrap();
+        let ids = |page: PredictionPage| -> Vec<String> {
+            page.records.into_iter().map(|r| r.request_id).collect()
+        };
+        let page = store
+            .list_predictions("m", 0, 0, u64::MAX, 10, None)
+            .unwrap();
+        assert_eq!(ids(page), ["x9", "x5", "x2", "a9", "a2"]);
+        let after = Some((t, "x5".to_string()));
+        let page = store
+            .list_predictions("m", 0, 0, u64::MAX, 2, after)
+            .unwrap();
+        assert_eq!(page.next, Some((t - 5, "a9".to_string())));
+        assert_eq!(ids(page), ["x2", "a9"]);
+    }
+
+    /// A group that does not decode is an error naming its family, not a panic or a short page.
+    #[test]
+    fn a_damaged_group_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = keys::prediction_group_key("m", 1_700_000_000_000, [7; 16]);
+        for value in [
+            &[1u8, 2, 3][..],
+            &[0; 12][..],
+            &[[0; 12].as_slice(), &[9, b'a']].concat(),
+        ] {
+            let index = store.cf(cf::PREDICTION_INDEX);
+            store.db.put_cf(index, &key, value).unwrap();
+            match store.list_predictions("m", 0, 0, u64::MAX, 10, None) {
+                Err(StoreError::Decode { family, .. }) => assert_eq!(family, cf::PREDICTION_INDEX),
+                other => panic!("{value:?}: {:?}", other.map(|p| p.records.len())),
+            }
+        }
+        assert_eq!(
+            super::super::retention::record_time(cf::PREDICTION_INDEX, &key, &[]),
+            Some(1_700_000_000_000),
+            "a group expires with its newest record"
+        );
     }
 }

@@ -21,9 +21,8 @@ pub(super) fn record_time(family: &str, key: &[u8], value: &[u8]) -> Option<u64>
                 .ok()
                 .map(|(t, _)| t)
         }
-        cf::PREDICTION_INDEX => keys::decode_prediction_index_key(key)
-            .ok()
-            .map(|(_, t, _)| t),
+        // A group's key holds its newest record's time: it expires with the newest.
+        cf::PREDICTION_INDEX => keys::prediction_index_time(key).ok().map(|(t, _)| t),
         cf::OUTCOME_INDEX | cf::SHADOW_LOG => keys::outcome_index_time(key).ok(),
         cf::FEATURES => keys::feature_row_time(key).ok(),
         _ => None,
