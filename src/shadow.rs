@@ -279,34 +279,41 @@ fn show_row(r: Option<&Vec<f64>>) -> String {
 /// Compares a shadow's answer with production's.
 pub fn compare(c: &Comparison, production: &Answer, shadow: &Answer) -> Verdict {
     let mut v = Verdict::default();
-    let note = |v: &mut Verdict, row: usize, agree: bool, p: String, s: String| {
+    // Both sides are written out only for the first disagreement: formatting them for every
+    // row compared was most of what comparing cost.
+    let note = |v: &mut Verdict, row: usize, agree: bool, sides: &dyn Fn() -> (String, String)| {
         v.compared += 1;
         if agree {
             v.agreed += 1;
         } else if v.first_disagreement.is_none() {
+            let (p, s) = sides();
             v.first_disagreement = Some((row as u32, p, s));
         }
     };
     match c {
         Comparison::Bytes => {
             let agree = production.bytes == shadow.bytes;
-            note(
-                &mut v,
-                0,
-                agree,
-                format!("{} bytes", production.bytes.len()),
-                format!("{} bytes", shadow.bytes.len()),
-            );
+            note(&mut v, 0, agree, &|| {
+                (
+                    format!("{} bytes", production.bytes.len()),
+                    format!("{} bytes", shadow.bytes.len()),
+                )
+            });
         }
         Comparison::Label => {
             let rows = production.predictions.len().max(shadow.predictions.len());
             for r in 0..rows {
                 let (p, s) = (production.predictions.get(r), shadow.predictions.get(r));
                 let agree = match (p, s) {
+                    // Two numbers agree when they are written alike, which for `format_number`
+                    // is when they are equal (0 and -0 included), or both NaN.
+                    (Some(Prediction::Value(a)), Some(Prediction::Value(b))) => {
+                        a == b || (a.is_nan() && b.is_nan())
+                    }
                     (Some(a), Some(b)) => show(Some(a)) == show(Some(b)),
                     _ => false,
                 };
-                note(&mut v, r, agree, show(p), show(s));
+                note(&mut v, r, agree, &|| (show(p), show(s)));
             }
         }
         Comparison::Tolerance { absolute, relative } => {
@@ -322,7 +329,7 @@ pub fn compare(c: &Comparison, production: &Answer, shadow: &Answer) -> Verdict 
                     }
                     _ => false,
                 };
-                note(&mut v, r, agree, show_row(p), show_row(s));
+                note(&mut v, r, agree, &|| (show_row(p), show_row(s)));
             }
         }
     }
@@ -746,5 +753,53 @@ mod tests {
         };
         assert_eq!(compare(&Comparison::Bytes, &b("x"), &b("x")).agreed, 1);
         assert_eq!(compare(&Comparison::Bytes, &b("x"), &b("y")).agreed, 0);
+    }
+
+    /// Numbers read as predictions agree exactly when they are written alike, as labels: what
+    /// comparing them as numbers, without writing them, must keep.
+    #[test]
+    fn numeric_predictions_agree_when_written_alike() {
+        let values = [
+            0.0,
+            -0.0,
+            1.0,
+            2.0,
+            0.1,
+            0.1f32 as f64,
+            1e15,
+            1e15 + 2.0,
+            -7.5,
+            f64::NAN,
+            -f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+        ];
+        let one = |p: Prediction| Answer {
+            predictions: vec![p],
+            ..Default::default()
+        };
+        for a in values {
+            for b in values {
+                let v = compare(
+                    &Comparison::Label,
+                    &one(Prediction::Value(a)),
+                    &one(Prediction::Value(b)),
+                );
+                let alike = format_number(a) == format_number(b);
+                assert_eq!(v.agreed == 1, alike, "{a} and {b}");
+                if !alike {
+                    let written = Some((0, format_number(a), format_number(b)));
+                    assert_eq!(v.first_disagreement, written);
+                }
+            }
+        }
+        let mixed = compare(
+            &Comparison::Label,
+            &one(Prediction::Value(2.0)),
+            &one(Prediction::Label("2".into())),
+        );
+        assert_eq!(mixed.agreed, 1, "a number and a label compare as text");
     }
 }
