@@ -10,12 +10,12 @@
 //!
 //! The index holds a group of records per entry, not one record per entry: the records of a
 //! write batch, by model, split where they would span more than
-//! [`keys::PREDICTION_GROUP_SPAN_MS`]. Every entry is a memtable insert, a key the flush and
-//! each compaction carry, and a pass of RocksDB's over the batch: one entry per record cost
-//! the writer and the flush ~3,800 instructions per recorded call for an entry of ~60 bytes
-//! (callgrind, README). A listing reads groups newest first and lists a record once no group
-//! still unread can hold a newer one: groups are keyed by their newest time, and hold nothing
-//! older than that time less the span.
+//! [`keys::PREDICTION_GROUP_SPAN_MS`]. Every entry is a memtable insert, two passes of RocksDB's
+//! over the batch, and a key the flush and each compaction carry, whatever its size: an entry of
+//! ~60 bytes per record cost ~2,200 instructions per recorded call over a long run, writer and
+//! flush together (callgrind, README "Index groups"). A listing reads groups newest first and
+//! lists a record once no group still unread can hold a newer one: groups are keyed by their
+//! newest time, and hold nothing older than that time less the span.
 
 use std::collections::BTreeMap;
 
