@@ -17,7 +17,7 @@
 //! lists a record once no group still unread can hold a newer one: groups are keyed by their
 //! newest time, and hold nothing older than that time less the span.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use prost::Message;
 use rocksdb::{Direction, IteratorMode};
@@ -26,36 +26,6 @@ use super::records::{decode_err, RecordBatch};
 use super::{cf, keys, Store, StoreError};
 use crate::pb::modelgate::v1 as pb;
 use crate::storage::{EncodedPrediction, PredictionPage};
-
-/// The group of the index a batch is filling (`RecordBatch::index`): records of one model whose
-/// times lie within [`keys::PREDICTION_GROUP_SPAN_MS`] of one another.
-#[derive(Default)]
-pub(super) struct IndexGroup {
-    model: String,
-    oldest: u64,
-    newest: u64,
-    /// The records, each time (u64 BE) ‖ version (u32 BE) ‖ request id length (varint) ‖
-    /// request id; empty when no group is open.
-    entries: Vec<u8>,
-}
-
-impl IndexGroup {
-    /// Whether a record of `model` at `time_ms` joins the open group.
-    fn takes(&self, model: &str, time_ms: u64) -> bool {
-        !self.entries.is_empty()
-            && self.model == model
-            && time_ms.max(self.newest) - time_ms.min(self.oldest) <= keys::PREDICTION_GROUP_SPAN_MS
-    }
-
-    fn push(&mut self, time_ms: u64, version: u32, request_id: &str) {
-        self.oldest = self.oldest.min(time_ms);
-        self.newest = self.newest.max(time_ms);
-        self.entries.extend_from_slice(&time_ms.to_be_bytes());
-        self.entries.extend_from_slice(&version.to_be_bytes());
-        prost::encoding::encode_varint(request_id.len() as u64, &mut self.entries);
-        self.entries.extend_from_slice(request_id.as_bytes());
-    }
-}
 
 /// The records a `prediction_index` entry lists, as (time, request id, version).
 fn index_records(key: &[u8], value: &[u8]) -> Result<Vec<(u64, String, u32)>, StoreError> {
@@ -168,9 +138,11 @@ impl Store {
     ) -> Result<PredictionPage, StoreError> {
         let prefix = keys::prediction_index_prefix(model);
         // Listed: entries before this one, newest first (a time, and an id at that time).
-        let below = |time: u64, id: &str| match &after {
-            Some((t, after_id)) => (time, id) < (*t, after_id.as_str()),
-            None => time < end_ms,
+        let below = |time: u64, id: &str| {
+            time < end_ms
+                && after
+                    .as_ref()
+                    .is_none_or(|(t, after_id)| (time, id) < (*t, after_id.as_str()))
         };
         let bound = after.as_ref().map_or(end_ms, |(t, _)| *t);
         // A record at `bound` may be in a group keyed up to the span later.
@@ -184,16 +156,15 @@ impl Store {
         );
         // Records read and not yet listed, and those listed (one more than the page, to know
         // whether a next page starts after it).
-        let mut waiting: BTreeMap<(u64, String), u32> = BTreeMap::new();
+        let mut waiting: BTreeSet<(u64, String)> = BTreeSet::new();
         let mut ids: Vec<(u64, String)> = Vec::new();
-        let list = |waiting: &mut BTreeMap<(u64, String), u32>,
+        let list = |waiting: &mut BTreeSet<(u64, String)>,
                     ids: &mut Vec<(u64, String)>,
                     newer_than: Option<u64>| {
             while ids.len() <= limit {
-                match waiting.last_key_value() {
-                    Some(((t, _), _)) if newer_than.is_none_or(|n| *t > n) => {
-                        let (k, _) = waiting.pop_last().expect("a last entry");
-                        ids.push(k);
+                match waiting.last() {
+                    Some((t, _)) if newer_than.is_none_or(|n| *t > n) => {
+                        ids.push(waiting.pop_last().expect("a last entry"));
                     }
                     _ => break,
                 }
@@ -213,7 +184,7 @@ impl Store {
             }
             for (time, id, v) in index_records(&k, &v)? {
                 if time >= start_ms && below(time, &id) && (version == 0 || v == version) {
-                    waiting.insert((time, id), v);
+                    waiting.insert((time, id));
                 }
             }
         }
@@ -417,6 +388,10 @@ mod tests {
             .unwrap();
         assert_eq!(page.next, Some((t - 5, "a9".to_string())));
         assert_eq!(ids(page), ["x2", "a9"]);
+        // A page token past the end of the range lists nothing past the end.
+        let after = Some((t, "x9".to_string()));
+        let page = store.list_predictions("m", 0, 0, t, 10, after).unwrap();
+        assert_eq!(ids(page), ["a9", "a2"]);
     }
 
     /// A group that does not decode is an error naming its family, not a panic or a short page.

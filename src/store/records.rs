@@ -20,7 +20,7 @@ use rocksdb::WriteOptions;
 
 use super::batch::{BatchBytes, FamilyId};
 
-use super::{Store, StoreError};
+use super::{keys, Store, StoreError};
 use crate::outcome::Judgement;
 use crate::pb::modelgate::v1 as pb;
 use crate::storage::{OutcomeWrite, RecordWrite, RecordWrites};
@@ -54,7 +54,7 @@ pub(crate) struct RecordBatch<'s> {
     /// Prediction records added.
     pub(super) records: usize,
     /// The group of `prediction_index` being filled (`predictions.rs`).
-    pub(super) index: super::predictions::IndexGroup,
+    pub(super) index: IndexGroup,
     /// How the rows of each table of feature names are written (`features.rs`): the store's,
     /// taken for the batch and given back when it ends.
     pub(super) row_layouts: RowLayouts,
@@ -93,6 +93,36 @@ impl MergedKeys {
     pub(super) fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
         starts.zip(&self.ends).map(|(a, &b)| &self.bytes[a..b])
+    }
+}
+
+/// The group of `prediction_index` a batch is filling (`RecordBatch::index`, `predictions.rs`):
+/// records of one model whose times lie within [`keys::PREDICTION_GROUP_SPAN_MS`] of one another.
+#[derive(Default)]
+pub(super) struct IndexGroup {
+    pub(super) model: String,
+    pub(super) oldest: u64,
+    pub(super) newest: u64,
+    /// The records, each time (u64 BE) ‖ version (u32 BE) ‖ request id length (varint) ‖
+    /// request id; empty when no group is open.
+    pub(super) entries: Vec<u8>,
+}
+
+impl IndexGroup {
+    /// Whether a record of `model` at `time_ms` joins the open group.
+    pub(super) fn takes(&self, model: &str, time_ms: u64) -> bool {
+        !self.entries.is_empty()
+            && self.model == model
+            && time_ms.max(self.newest) - time_ms.min(self.oldest) <= keys::PREDICTION_GROUP_SPAN_MS
+    }
+
+    pub(super) fn push(&mut self, time_ms: u64, version: u32, request_id: &str) {
+        self.oldest = self.oldest.min(time_ms);
+        self.newest = self.newest.max(time_ms);
+        self.entries.extend_from_slice(&time_ms.to_be_bytes());
+        self.entries.extend_from_slice(&version.to_be_bytes());
+        prost::encoding::encode_varint(request_id.len() as u64, &mut self.entries);
+        self.entries.extend_from_slice(request_id.as_bytes());
     }
 }
 
