@@ -27,14 +27,18 @@ use super::{cf, keys, Store, StoreError};
 use crate::pb::modelgate::v1 as pb;
 use crate::storage::{EncodedPrediction, PredictionPage};
 
-/// The records a `prediction_index` entry lists, as (time, request id, version).
-fn index_records(key: &[u8], value: &[u8]) -> Result<Vec<(u64, String, u32)>, StoreError> {
+/// The records a `prediction_index` entry lists, as (time, request id, version); `group`: whether
+/// the entry is a group's ([`keys::prediction_index_time`]).
+fn index_records(
+    key: &[u8],
+    value: &[u8],
+    group: bool,
+) -> Result<Vec<(u64, String, u32)>, StoreError> {
     let bad = |reason: &str| StoreError::Decode {
         family: cf::PREDICTION_INDEX,
         key: String::from_utf8_lossy(key).into_owned(),
         reason: reason.to_string(),
     };
-    let (_, group) = keys::prediction_index_time(key)?;
     if !group {
         let (_, time, id) = keys::decode_prediction_index_key(key)?;
         let v: [u8; 4] = value
@@ -175,14 +179,14 @@ impl Store {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let (key_time, _) = keys::prediction_index_time(&k)?;
+            let (key_time, group) = keys::prediction_index_time(&k)?;
             // Entries still unread are keyed at or before this one's time, and hold no record
             // newer than it: what waits newer than it is next in order.
             list(&mut waiting, &mut ids, Some(key_time));
             if ids.len() > limit || key_time < start_ms {
                 break;
             }
-            for (time, id, v) in index_records(&k, &v)? {
+            for (time, id, v) in index_records(&k, &v, group)? {
                 if time >= start_ms && below(time, &id) && (version == 0 || v == version) {
                     waiting.insert((time, id));
                 }
