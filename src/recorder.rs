@@ -28,7 +28,7 @@ use crate::record::{self, FeatureTable, Prediction};
 use crate::routing::Route;
 use crate::shadow::{self, Answer, Comparison};
 use crate::shadow::{Disagreement, ShadowCounter, ShadowLatency};
-use crate::storage::{EncodedPrediction, RecordLog, RecordWrites, Tallies};
+use crate::storage::{EncodedPrediction, RecordLog, RecordWrites, SharedFields, Tallies};
 use crate::telemetry::Metrics;
 use prometheus_client::metrics::counter::Counter;
 
@@ -247,21 +247,21 @@ impl Prepared {
     /// The stored record of `raw`, encoded from what it borrows (see
     /// [`crate::convert::prediction_record`]).
     pub fn encode(&self, raw: &RawRecord) -> EncodedPrediction {
-        self.encode_with_names(raw, None)
+        self.encode_sharing(raw, None)
     }
 
-    /// [`Prepared::encode`], with its feature names already encoded
-    /// ([`prediction_record::encode_names`]).
-    pub fn encode_with_names(
+    /// [`Prepared::encode`], its shared fields kept apart when given: `shared` must be
+    /// [`Prepared::shared_fields`] of this record.
+    pub fn encode_sharing(
         &self,
         raw: &RawRecord,
-        encoded_names: Option<&[u8]>,
+        shared: Option<&Arc<SharedFields>>,
     ) -> EncodedPrediction {
         let route = raw.route.as_deref();
         let model = route.map_or(raw.model.as_str(), |r| r.model.as_str());
         let version = route.map_or(0, |r| r.version);
         let note = self.notes.join("; ");
-        let bytes = prediction_record::encode(&RecordParts {
+        let parts = RecordParts {
             request_id: &raw.request_id,
             time_ms: raw.time_ms,
             model,
@@ -274,19 +274,35 @@ impl Prepared {
             upstream_latency_us: raw.upstream_latency.map_or(0, |d| d.as_micros() as u64),
             latency_us: raw.latency.as_micros() as u64,
             feature_names: &self.features.names,
-            encoded_names,
             rows: &self.features.rows,
             predictions: &self.predictions,
             entity_ids: &self.features.entities,
             note: &note,
             variant_forced: raw.experiment.is_some() && !raw.counted,
-        });
+        };
+        debug_assert!(shared.is_none_or(|s| s.bytes == self.shared_fields(raw).bytes));
+        let bytes = match shared {
+            Some(_) => prediction_record::encode_own(&parts),
+            None => prediction_record::encode(&parts),
+        };
         EncodedPrediction {
             request_id: raw.request_id.clone(),
             model: model.to_string(),
             version,
             bytes,
+            shared: shared.cloned(),
         }
+    }
+
+    /// The fields `raw`'s record shares with the other records of its model, method and
+    /// feature names.
+    pub fn shared_fields(&self, raw: &RawRecord) -> SharedFields {
+        let model = raw.route.as_deref().map_or(&raw.model, |r| &r.model);
+        SharedFields::new(prediction_record::encode_shared(
+            model,
+            &raw.method,
+            &self.features.names,
+        ))
     }
 }
 
@@ -681,10 +697,12 @@ impl Writer {
 /// A model's shadow counter metrics, by version and counter.
 type ShadowMetrics = FxHashMap<(u32, ShadowCounter), Counter>;
 
-/// A model's latest feature columns, and their names as a stored record holds them.
+/// A model's latest feature columns, and the fields its records share (with the method they
+/// came by).
 struct ModelNames {
     columns: record::Columns,
-    encoded: Vec<u8>,
+    method: String,
+    shared: Arc<SharedFields>,
 }
 
 struct Writer {
@@ -784,20 +802,26 @@ impl Writer {
             let model = raw.route.as_ref().map(|r| &r.model);
             let previous = model.and_then(|m| names.get(m));
             let p = prepare(raw, &self.settings, previous.map(|n| &n.columns));
-            // The model's entry, holding this record's names from here on (when it routed).
+            // The model's entry, holding this record's names and shared fields from here on
+            // (when it routed).
             let entry = match (model, previous) {
-                (Some(_), Some(n)) if Arc::ptr_eq(&n.columns.names, &p.features.names) => Some(n),
+                (Some(_), Some(n))
+                    if Arc::ptr_eq(&n.columns.names, &p.features.names) && n.method == raw.method =>
+                {
+                    Some(n)
+                }
                 (Some(m), _) => {
                     let fresh = ModelNames {
                         columns: p.features.columns(),
-                        encoded: prediction_record::encode_names(&p.features.names),
+                        method: raw.method.clone(),
+                        shared: Arc::new(p.shared_fields(raw)),
                     };
                     names.insert(m.clone(), fresh);
                     names.get(m)
                 }
                 (None, _) => None,
             };
-            let encoded_names = entry.map(|n| n.encoded.as_slice());
+            let shared = entry.map(|n| &n.shared);
             if let Some(m) = &self.monitor {
                 let model = raw.route.as_ref().map_or(&raw.model, |r| &r.model);
                 m.observe(
@@ -823,7 +847,7 @@ impl Writer {
             }
             // Encoded first, so that the rows can then move into the writes instead of being
             // copied.
-            let record = p.encode_with_names(raw, encoded_names);
+            let record = p.encode_sharing(raw, shared);
             let Prepared { features, .. } = p;
             for (row, entity) in features.rows.into_iter().zip(&features.entities) {
                 let Some(entity) = entity else { continue };

@@ -3,6 +3,12 @@
 //! first copying every feature name, value and id into a message (that copy, and freeing it
 //! again, was about a tenth of the writer's work per call; the names are shared, see
 //! `record::extract_features`).
+//!
+//! Or in two parts ([`encode_shared`], [`encode_own`]): what a model's records share — its name,
+//! the method called, the feature names — encoded once, and what is the record's own, without
+//! its request id (the store's key). Protobuf reads fields in any order and a repeated field's
+//! elements in the order met, so the request id, the shared part and the own part one after the
+//! other ([`reassemble`]) are the same message.
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
@@ -34,9 +40,6 @@ pub struct RecordParts<'a> {
     pub latency_us: u64,
     /// Field 12.
     pub feature_names: &'a [String],
-    /// Field 12 already encoded ([`encode_names`] of `feature_names`): a model's records mostly
-    /// share their names, so the writer encodes them once, not once per record.
-    pub encoded_names: Option<&'a [u8]>,
     /// Field 13 (`FeatureRow`s).
     pub rows: &'a [Vec<FeatureValue>],
     /// Field 14 (`PredictionValue`s).
@@ -52,36 +55,85 @@ pub struct RecordParts<'a> {
 /// Encodes the record as prost would: fields in number order, proto3 defaults left out, every
 /// element of a repeated field and every set oneof written.
 pub fn encode(p: &RecordParts) -> Vec<u8> {
-    let names: usize = p.feature_names.iter().map(|n| n.len() + 2).sum();
+    let mut out = Vec::with_capacity(encoded_len_bound(p) + p.method.len() + names_len(p));
+    string(1, p.request_id, &mut out);
+    fields(p, true, &mut out);
+    out
+}
+
+/// The fields of `p` that are its own: all but its request id (1), model (3), method (8) and
+/// feature names (12), which [`reassemble`] puts back.
+pub fn encode_own(p: &RecordParts) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len_bound(p));
+    fields(p, false, &mut out);
+    out
+}
+
+/// What the records of one model, called by one method with one table of feature names, share:
+/// fields 3, 8 and 12.
+pub fn encode_shared(model: &str, method: &str, names: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(model.len() + method.len() + 4 + names.len());
+    string(3, model, &mut out);
+    string(8, method, &mut out);
+    for name in names {
+        element(12, name, &mut out);
+    }
+    out
+}
+
+/// The record whose request id is `request_id`, whose shared fields are `shared`
+/// ([`encode_shared`]) and whose own are `own` ([`encode_own`]).
+pub fn reassemble(request_id: &str, shared: &[u8], own: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(request_id.len() + 2 + shared.len() + own.len());
+    string(1, request_id, &mut out);
+    out.extend_from_slice(shared);
+    out.extend_from_slice(own);
+    out
+}
+
+/// About the bytes of a record's own fields (an upper bound for numbers).
+fn encoded_len_bound(p: &RecordParts) -> usize {
     let values: usize = p.rows.iter().map(|r| r.len() * 11 + 2).sum();
-    let mut out = Vec::with_capacity(96 + p.request_id.len() * 2 + p.method.len() + names + values);
-    let out_ = &mut out;
-    string(1, p.request_id, out_);
+    96 + p.request_id.len() + p.unit_id.len() + values + p.predictions.len() * 12
+}
+
+fn names_len(p: &RecordParts) -> usize {
+    p.feature_names.iter().map(|n| n.len() + 2).sum()
+}
+
+/// Every field but the request id (1); the model (3), method (8) and names (12) only when
+/// `shared`.
+fn fields(p: &RecordParts, shared: bool, out: &mut Vec<u8>) {
     let (seconds, nanos) = (p.time_ms / 1000, (p.time_ms % 1000) * 1_000_000);
     let time_len = scalar_len(1, seconds) + scalar_len(2, nanos);
-    encode_key(2, WireType::LengthDelimited, out_);
-    encode_varint(time_len as u64, out_);
-    scalar(1, seconds, out_);
-    scalar(2, nanos, out_);
-    string(3, p.model, out_);
-    scalar(4, u64::from(p.version), out_);
-    string(5, p.experiment, out_);
-    string(6, p.variant, out_);
-    string(7, p.unit_id, out_);
-    string(8, p.method, out_);
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(time_len as u64, out);
+    scalar(1, seconds, out);
+    scalar(2, nanos, out);
+    if shared {
+        string(3, p.model, out);
+    }
+    scalar(4, u64::from(p.version), out);
+    string(5, p.experiment, out);
+    string(6, p.variant, out);
+    string(7, p.unit_id, out);
+    if shared {
+        string(8, p.method, out);
+    }
     // An int32 is written as its sign extension to 64 bits.
-    scalar(9, p.status_code as i64 as u64, out_);
-    scalar(10, p.upstream_latency_us, out_);
-    scalar(11, p.latency_us, out_);
-    match p.encoded_names {
-        Some(encoded) => out_.extend_from_slice(encoded),
-        None => encode_names_into(p.feature_names, out_),
+    scalar(9, p.status_code as i64 as u64, out);
+    scalar(10, p.upstream_latency_us, out);
+    scalar(11, p.latency_us, out);
+    if shared {
+        for name in p.feature_names {
+            element(12, name, out);
+        }
     }
     for row in p.rows {
-        encode_key(13, WireType::LengthDelimited, out_);
-        encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out_);
+        encode_key(13, WireType::LengthDelimited, out);
+        encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
         for v in row {
-            feature_value(1, v, out_);
+            feature_value(1, v, out);
         }
     }
     for prediction in p.predictions {
@@ -89,32 +141,18 @@ pub fn encode(p: &RecordParts) -> Vec<u8> {
             Prediction::Label(l) => delimited_len(1, l.len()),
             Prediction::Value(_) => 9,
         };
-        encode_key(14, WireType::LengthDelimited, out_);
-        encode_varint(inner as u64, out_);
+        encode_key(14, WireType::LengthDelimited, out);
+        encode_varint(inner as u64, out);
         match prediction {
-            Prediction::Label(l) => element(1, l, out_),
-            Prediction::Value(x) => double(2, *x, out_),
+            Prediction::Label(l) => element(1, l, out),
+            Prediction::Value(x) => double(2, *x, out),
         }
     }
     for entity in p.entity_ids {
-        element(15, entity.as_deref().unwrap_or_default(), out_);
+        element(15, entity.as_deref().unwrap_or_default(), out);
     }
-    string(16, p.note, out_);
-    scalar(18, u64::from(p.variant_forced), out_);
-    out
-}
-
-/// Field 12 of a record with these feature names, for [`RecordParts::encoded_names`].
-pub fn encode_names(names: &[String]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(names.iter().map(|n| n.len() + 2).sum());
-    encode_names_into(names, &mut out);
-    out
-}
-
-fn encode_names_into(names: &[String], out: &mut Vec<u8>) {
-    for name in names {
-        element(12, name, out);
-    }
+    string(16, p.note, out);
+    scalar(18, u64::from(p.variant_forced), out);
 }
 
 /// Field `tag` holding a `FeatureValue` message (always written: an element or a oneof).
@@ -272,7 +310,6 @@ mod tests {
             upstream_latency_us: 1234,
             latency_us: 1_000_000_000_000,
             feature_names: &names,
-            encoded_names: None,
             rows: &rows,
             predictions: &predictions,
             entity_ids: &entities,
@@ -292,7 +329,6 @@ mod tests {
             upstream_latency_us: 0,
             latency_us: 0,
             feature_names: &[],
-            encoded_names: None,
             rows: &[],
             predictions: &[],
             entity_ids: &[],
@@ -304,18 +340,29 @@ mod tests {
             status_code: -1,
             ..empty
         };
-        let encoded = encode_names(&names);
-        let names_given = RecordParts {
-            encoded_names: Some(&encoded),
-            ..full
-        };
-        for parts in [&full, &empty, &whole_seconds, &names_given] {
+        for parts in [&full, &empty, &whole_seconds] {
             let expected = message(parts);
             let bytes = encode(parts);
             assert_eq!(bytes, expected.encode_to_vec());
             let back = pb::PredictionRecord::decode(&bytes[..]).unwrap();
             assert_eq!(back.feature_names, expected.feature_names);
             assert_eq!(back.rows.len(), parts.rows.len());
+            // In two parts, put back together: the same message.
+            let shared = encode_shared(parts.model, parts.method, parts.feature_names);
+            let own = encode_own(parts);
+            assert!(own.len() + shared.len() < bytes.len() || parts.request_id.is_empty());
+            let whole = reassemble(parts.request_id, &shared, &own);
+            // Re-encoded in field order (a NaN prediction is not equal to itself).
+            let back = pb::PredictionRecord::decode(&whole[..]).unwrap();
+            assert_eq!(back.encode_to_vec(), bytes);
+            // The part of its own holds none of the shared fields, nor the request id.
+            let alone = pb::PredictionRecord::decode(&own[..]).unwrap();
+            assert_eq!(
+                (alone.request_id, alone.model, alone.method),
+                (String::new(), String::new(), String::new())
+            );
+            assert!(alone.feature_names.is_empty());
+            assert_eq!(alone.rows, expected.rows);
         }
     }
 }

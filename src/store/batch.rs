@@ -33,6 +33,9 @@ const HEADER: usize = 12;
 pub(crate) struct FamilyId(u32);
 
 impl FamilyId {
+    /// The default family's (its entries carry no id).
+    pub(super) const DEFAULT: FamilyId = FamilyId(0);
+
     /// The id of `family`, read from a one-entry batch that RocksDB lays out (it is fixed when
     /// the family is created; the C API has no getter the `rocksdb` crate exposes).
     pub(super) fn of(family: &ColumnFamily) -> Result<FamilyId, StoreError> {

@@ -87,6 +87,17 @@ pub fn prediction_key(request_id: &str) -> &[u8] {
     request_id.as_bytes()
 }
 
+/// Default-family key of the shared fields of prediction records whose id is `id`
+/// (`records::SharedTables`): a fixed prefix, then the id (u64 BE).
+pub fn shared_fields_key(id: u64) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..24].copy_from_slice(SHARED_FIELDS_PREFIX);
+    k[24..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+const SHARED_FIELDS_PREFIX: &[u8; 24] = b"modelgate/record-shared/";
+
 /// `prediction_index` key: model, 0x00, time (ms, u64 BE), request id; the value is the version.
 /// Scanning a model's prefix walks its records in time order.
 pub fn prediction_index_key(model: &str, time_ms: u64, request_id: &str) -> Vec<u8> {

@@ -130,6 +130,8 @@ pub struct Store {
     name_tables: Arc<parking_lot::RwLock<rustc_hash::FxHashMap<u64, Arc<[String]>>>>,
     /// Entities' runs of feature rows not merged one by one (`runs.rs`).
     runs: Arc<parking_lot::Mutex<runs::FeatureRuns>>,
+    /// The shared fields of prediction records known stored, by id (`records::SharedTables`).
+    shared_fields: Arc<parking_lot::Mutex<records::SharedTables>>,
     /// Each family's id, in [`cf::ALL`]'s order, for batches built as bytes (`batch.rs`).
     family_ids: Arc<[batch::FamilyId]>,
 }
@@ -322,6 +324,7 @@ impl Store {
             clock,
             health: Arc::default(),
             row_layouts: Arc::default(),
+            shared_fields: Arc::default(),
             latest_chains: Arc::default(),
             name_tables: Arc::default(),
             runs: Arc::new(parking_lot::Mutex::new(runs)),

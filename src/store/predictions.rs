@@ -18,14 +18,23 @@
 //! newest time, and hold nothing older than that time less the span.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use prost::Message;
 use rocksdb::{Direction, IteratorMode};
 
+use super::batch::FamilyId;
 use super::records::{decode_err, RecordBatch};
 use super::{cf, keys, Store, StoreError};
+use crate::convert::prediction_record;
 use crate::pb::modelgate::v1 as pb;
-use crate::storage::{EncodedPrediction, PredictionPage};
+use crate::storage::{EncodedPrediction, PredictionPage, SharedFields};
+
+/// The first byte of a stored record (past its time) that refers to its shared fields
+/// (`storage::SharedFields`) instead of holding them: then the fields' id (u64 LE) and the
+/// record's own fields (`prediction_record::encode_own`). A whole record, a `PredictionRecord`
+/// message, never starts with it (field 0 is no field).
+const SHARED: u8 = 0x00;
 
 /// The records a `prediction_index` entry lists, as (time, request id, version); `group`: whether
 /// the entry is a group's ([`keys::prediction_index_time`]).
@@ -73,7 +82,15 @@ impl RecordBatch<'_> {
     /// Adds a prediction record, and lists it in the index group being filled.
     pub(super) fn add_prediction(&mut self, rec: &EncodedPrediction, time_ms: u64) {
         self.scratch.clear();
-        keys::timed_value_into(time_ms, &rec.bytes, &mut self.scratch);
+        self.scratch.extend_from_slice(&time_ms.to_be_bytes());
+        match rec.shared.as_ref().filter(|s| self.shares(s)) {
+            Some(shared) => {
+                self.scratch.push(SHARED);
+                self.scratch.extend_from_slice(&shared.id.to_le_bytes());
+                self.scratch.extend_from_slice(&rec.bytes);
+            }
+            None => self.scratch.extend_from_slice(&rec.whole()),
+        }
         self.batch.put_cf(
             self.families.predictions,
             keys::prediction_key(&rec.request_id),
@@ -88,6 +105,39 @@ impl RecordBatch<'_> {
         }
         self.index.push(time_ms, rec.version, &rec.request_id);
         self.records += 1;
+    }
+
+    /// Whether a record may refer to `shared` rather than hold it: when the store holds it, or
+    /// this batch writes it. Not when its id names other fields in the store (two encodings with
+    /// one xxh3 hash): such records are written whole.
+    fn shares(&mut self, shared: &Arc<SharedFields>) -> bool {
+        if self
+            .shared_last
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, shared))
+        {
+            return true;
+        }
+        let ok = match self.store.stored_shared_fields(shared.id) {
+            Ok(Some(stored)) => stored.bytes == shared.bytes,
+            Ok(None) => {
+                if !self.shared_new.iter().any(|n| n.id == shared.id) {
+                    self.batch.put_cf(
+                        FamilyId::DEFAULT,
+                        keys::shared_fields_key(shared.id),
+                        &shared.bytes,
+                    );
+                    self.shared_new.push(shared.clone());
+                }
+                self.shared_new.iter().any(|n| n.bytes == shared.bytes)
+            }
+            // Not known to be stored, and not readable: the record is written whole.
+            Err(_) => false,
+        };
+        if ok {
+            self.shared_last = Some(shared.clone());
+        }
+        ok
     }
 
     /// Writes the index group being filled, if any, into the batch. Its id (a UUIDv7) makes its
@@ -124,9 +174,39 @@ impl Store {
         if time < not_before_ms {
             return Ok(None);
         }
-        let rec = pb::PredictionRecord::decode(body)
-            .map_err(decode_err(cf::PREDICTIONS, request_id.to_string()))?;
+        let bad = || decode_err(cf::PREDICTIONS, request_id.to_string());
+        let whole;
+        let bytes = match body.split_first() {
+            Some((&SHARED, rest)) if rest.len() >= 8 => {
+                let (id, own) = rest.split_at(8);
+                let id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
+                let shared =
+                    self.stored_shared_fields(id)?
+                        .ok_or_else(|| StoreError::Decode {
+                            family: cf::PREDICTIONS,
+                            key: request_id.to_string(),
+                            reason: format!("its shared fields {id:016x} are not stored"),
+                        })?;
+                whole = prediction_record::reassemble(request_id, &shared.bytes, own);
+                &whole[..]
+            }
+            _ => body,
+        };
+        let rec = pb::PredictionRecord::decode(bytes).map_err(bad())?;
         Ok(Some((time, rec)))
+    }
+
+    /// The shared fields of prediction records stored under `id`, if any.
+    fn stored_shared_fields(&self, id: u64) -> Result<Option<Arc<SharedFields>>, StoreError> {
+        if let Some(known) = self.shared_fields.lock().known.get(&id) {
+            return Ok(Some(known.clone()));
+        }
+        let Some(bytes) = self.db.get(keys::shared_fields_key(id))? else {
+            return Ok(None);
+        };
+        let fields = Arc::new(SharedFields { id, bytes });
+        self.shared_fields.lock().insert(fields.clone());
+        Ok(Some(fields))
     }
 
     /// Records of `model` (and `version`, unless 0) with `start_ms <= time < end_ms`, newest first,
@@ -218,6 +298,7 @@ mod tests {
 
     use super::super::records::tests::record;
     use super::*;
+    use crate::record::FeatureValue;
     use crate::storage::{RecordLog, RecordWrites};
 
     fn index_entries(store: &Store) -> usize {
@@ -421,5 +502,142 @@ mod tests {
             Some(1_700_000_000_000),
             "a group expires with its newest record"
         );
+    }
+
+    /// A record of `model` whose method and feature names are shared, as the writer encodes it:
+    /// its own fields, and the shared ones apart.
+    fn sharing(model: &str, id: &str, names: &[String]) -> (pb::PredictionRecord, EncodedPrediction) {
+        let method = "/inference.GRPCInferenceService/ModelInfer";
+        let whole = pb::PredictionRecord {
+            request_id: id.to_string(),
+            time: Some(crate::pb::timestamp(1_700_000_000_123)),
+            model: model.to_string(),
+            version: 2,
+            method: method.to_string(),
+            unit_id: "user-7".to_string(),
+            feature_names: names.to_vec(),
+            rows: vec![pb::FeatureRow {
+                values: (0..names.len())
+                    .map(|i| crate::convert::feature_value_to_pb(&FeatureValue::Number(i as f64)))
+                    .collect(),
+            }],
+            entity_ids: vec!["user-7".to_string()],
+            ..Default::default()
+        };
+        let own = pb::PredictionRecord {
+            request_id: String::new(),
+            model: String::new(),
+            method: String::new(),
+            feature_names: Vec::new(),
+            ..whole.clone()
+        };
+        let shared = prediction_record::encode_shared(model, method, names);
+        let encoded = EncodedPrediction {
+            request_id: id.to_string(),
+            model: model.to_string(),
+            version: 2,
+            bytes: own.encode_to_vec(),
+            shared: Some(Arc::new(SharedFields::new(shared))),
+        };
+        (whole, encoded)
+    }
+
+    fn stored_shared_keys(store: &Store) -> usize {
+        store
+            .db
+            .prefix_iterator(b"modelgate/record-shared/")
+            .map(Result::unwrap)
+            .take_while(|(k, _)| k.starts_with(b"modelgate/record-shared/"))
+            .count()
+    }
+
+    /// Records whose fields are shared are stored without them, the fields once, and read back
+    /// whole, after the store is opened again too; records written whole before still read.
+    #[test]
+    fn shared_fields_are_stored_once_and_records_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..16).map(|i| format!("input_{i}")).collect();
+        let t = 1_700_000_000_123;
+        let mut expected = Vec::new();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for b in 0..3 {
+                let mut w = RecordWrites::default();
+                for i in 0..20 {
+                    let model = if i % 3 == 0 { "n" } else { "m" };
+                    let (whole, encoded) = sharing(model, &format!("r{b}-{i:02}"), &names);
+                    w.add_prediction(encoded, t);
+                    expected.push(whole);
+                }
+                let (id, old) = (format!("old{b}"), record("m", &format!("old{b}"), 1));
+                expected.push(old.decode().unwrap());
+                w.add_prediction(old, t);
+                assert_eq!(id, expected.last().unwrap().request_id);
+                store.commit(w, false).unwrap();
+            }
+            assert_eq!(stored_shared_keys(&store), 2, "one entry per model's fields");
+            let (whole, encoded) = sharing("m", "r0-01", &names);
+            let stored = store
+                .db
+                .get_cf(store.cf(cf::PREDICTIONS), "r0-01")
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored.len(), 8 + 1 + 8 + encoded.bytes.len());
+            // Without the method (44 bytes) and the 16 names (~150).
+            assert!(stored.len() + 180 < 8 + whole.encode_to_vec().len());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        for e in &expected {
+            let (time, rec) = store.get_prediction(&e.request_id, 0).unwrap().unwrap();
+            assert_eq!((time, &rec), (t, e));
+        }
+        let page = store
+            .list_predictions("n", 0, 0, u64::MAX, 100, None)
+            .unwrap();
+        assert_eq!(page.records.len(), 21);
+        assert!(page.records.iter().all(|r| r.feature_names == names));
+    }
+
+    /// Shared fields whose id names other fields already stored (two encodings, one hash): the
+    /// records are written whole, and both kinds read back as written. Shared fields gone from
+    /// the store make their records a decode error naming them, not a panic or a wrong record.
+    #[test]
+    fn records_are_written_whole_when_their_shared_id_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = (0..4).map(|i| format!("x{i}")).collect();
+        let (whole, encoded) = sharing("m", "a", &names);
+        let id = encoded.shared.as_ref().unwrap().id;
+        let key = keys::shared_fields_key(id);
+        store.db.put(key, b"other fields").unwrap();
+        let mut w = RecordWrites::default();
+        w.add_prediction(encoded.clone(), 5);
+        store.commit(w, false).unwrap();
+        let stored = store.db.get_cf(store.cf(cf::PREDICTIONS), "a").unwrap().unwrap();
+        assert_ne!(stored[8], SHARED, "written whole");
+        assert_eq!(pb::PredictionRecord::decode(&stored[8..]).unwrap(), whole);
+        assert_eq!(store.get_prediction("a", 0).unwrap().unwrap().1, whole);
+        assert_eq!(store.db.get(key).unwrap().unwrap(), b"other fields");
+        // Once the id is free, the next batch stores the fields and refers to them.
+        store.db.delete(key).unwrap();
+        store.shared_fields.lock().known.clear();
+        let (whole_b, encoded_b) = sharing("m", "b", &names);
+        let mut w = RecordWrites::default();
+        w.add_prediction(encoded_b, 6);
+        store.commit(w, false).unwrap();
+        let stored = store.db.get_cf(store.cf(cf::PREDICTIONS), "b").unwrap().unwrap();
+        assert_eq!(stored[8], SHARED);
+        assert_eq!(store.get_prediction("b", 0).unwrap().unwrap().1, whole_b);
+        // Gone: an error naming the record.
+        store.db.delete(key).unwrap();
+        store.shared_fields.lock().known.clear();
+        match store.get_prediction("b", 0) {
+            Err(StoreError::Decode { family, key, reason }) => {
+                assert_eq!((family, key.as_str()), (cf::PREDICTIONS, "b"));
+                assert!(reason.contains("shared fields"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.get_prediction("a", 0).unwrap().unwrap().1, whole);
     }
 }

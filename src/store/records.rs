@@ -16,6 +16,8 @@
 //!
 //! [`RecordLog`]: crate::storage::RecordLog
 
+use std::sync::Arc;
+
 use rocksdb::WriteOptions;
 
 use super::batch::{BatchBytes, FamilyId};
@@ -23,7 +25,7 @@ use super::batch::{BatchBytes, FamilyId};
 use super::{keys, Store, StoreError};
 use crate::outcome::Judgement;
 use crate::pb::modelgate::v1 as pb;
-use crate::storage::{OutcomeWrite, RecordWrite, RecordWrites};
+use crate::storage::{OutcomeWrite, RecordWrite, RecordWrites, SharedFields};
 
 pub use crate::convert::{feature_value_from_pb, feature_value_to_pb};
 pub use crate::experiment::{unit_estimate_registers, UnitSketch, UNIT_SKETCH_PRECISION};
@@ -66,6 +68,33 @@ pub(crate) struct RecordBatch<'s> {
     /// The runs of feature rows, locked from the batch's first compact row to its write
     /// (`runs.rs`).
     pub(super) runs: Option<super::runs::RunBatch<'s>>,
+    /// Shared fields of prediction records that the batch writes beside the records referring
+    /// to them, known stored once it is written (`predictions.rs`).
+    pub(super) shared_new: Vec<Arc<SharedFields>>,
+    /// The shared fields the batch's last record referred to.
+    pub(super) shared_last: Option<Arc<SharedFields>>,
+}
+
+/// The shared fields of prediction records (`storage::SharedFields`) a store holds, as far as
+/// this process knows, by id: those it wrote and those it read back (`predictions.rs`). The
+/// fields are stored once, in the default family (`keys::shared_fields_key`), and kept forever:
+/// a store holds a few (a model's records share them while their method and feature names stay
+/// the same). Past [`SharedTables::MAX`] the map is emptied, and what is needed again is read
+/// again.
+#[derive(Default)]
+pub(super) struct SharedTables {
+    pub(super) known: rustc_hash::FxHashMap<u64, Arc<SharedFields>>,
+}
+
+impl SharedTables {
+    pub(super) const MAX: usize = 4096;
+
+    pub(super) fn insert(&mut self, fields: Arc<SharedFields>) {
+        if self.known.len() >= Self::MAX {
+            self.known.clear();
+        }
+        self.known.insert(fields.id, fields);
+    }
 }
 
 /// The entities a batch merges into (`RecordBatch::merged`): their `features_latest` keys, end
@@ -235,6 +264,12 @@ impl RecordBatch<'_> {
         if let Some(runs) = runs {
             runs.written();
         }
+        if !self.shared_new.is_empty() {
+            let mut known = self.store.shared_fields.lock();
+            for fields in self.shared_new.drain(..) {
+                known.insert(fields);
+            }
+        }
         Ok(())
     }
 }
@@ -295,6 +330,8 @@ impl Store {
             merged: Default::default(),
             tables: Vec::new(),
             runs: None,
+            shared_new: Vec::new(),
+            shared_last: None,
         }
     }
 }
