@@ -806,7 +806,8 @@ impl Writer {
             // (when it routed).
             let entry = match (model, previous) {
                 (Some(_), Some(n))
-                    if Arc::ptr_eq(&n.columns.names, &p.features.names) && n.method == raw.method =>
+                    if Arc::ptr_eq(&n.columns.names, &p.features.names)
+                        && n.method == raw.method =>
                 {
                     Some(n)
                 }

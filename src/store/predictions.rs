@@ -4,7 +4,9 @@
 //!
 //! | family | key | value |
 //! |---|---|---|
-//! | `predictions` | request id | time ‖ `PredictionRecord` |
+//! | `predictions` | request id | time ‖ 0x00 ‖ shared fields' id ‖ the record's own fields |
+//! | `predictions` | request id | time ‖ `PredictionRecord` (a record written whole) |
+//! | default | `modelgate/record-shared/` ‖ id | shared fields (`storage::SharedFields`) |
 //! | `prediction_index` | model ∅ newest time ‖ 0xFF ‖ group id | the group's records: time ‖ version ‖ request id, each |
 //! | `prediction_index` | model ∅ time ‖ request id | version (one record: written before groups, still read) |
 //!
@@ -16,6 +18,16 @@
 //! flush together (callgrind, README "Index groups"). A listing reads groups newest first and
 //! lists a record once no group still unread can hold a newer one: groups are keyed by their
 //! newest time, and hold nothing older than that time less the span.
+//!
+//! A record holds its own fields only, not its request id (the key) nor what the records of its
+//! model, method and feature names share: the model, the method and the names, ~60% of a record
+//! of 16 features (`prediction_record::encode_shared`). Those are stored once, under their xxh3
+//! hash, beside the first records that refer to them, and kept forever (a store holds a few).
+//! Every byte of a record is copied into the write-ahead log and the memtable, checksummed,
+//! flushed, read back and compressed by the compaction: ~10 instructions per byte in all, and
+//! the shared fields were ~230 bytes per record (callgrind, README "Shared record fields"). A
+//! record is written whole, as before, when its fields' id names other fields in the store, or
+//! when the writer has no shared fields for it (a call that reached no model).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -180,13 +192,13 @@ impl Store {
             Some((&SHARED, rest)) if rest.len() >= 8 => {
                 let (id, own) = rest.split_at(8);
                 let id = u64::from_le_bytes(id.try_into().expect("8 bytes"));
-                let shared =
-                    self.stored_shared_fields(id)?
-                        .ok_or_else(|| StoreError::Decode {
-                            family: cf::PREDICTIONS,
-                            key: request_id.to_string(),
-                            reason: format!("its shared fields {id:016x} are not stored"),
-                        })?;
+                let shared = self
+                    .stored_shared_fields(id)?
+                    .ok_or_else(|| StoreError::Decode {
+                        family: cf::PREDICTIONS,
+                        key: request_id.to_string(),
+                        reason: format!("its shared fields {id:016x} are not stored"),
+                    })?;
                 whole = prediction_record::reassemble(request_id, &shared.bytes, own);
                 &whole[..]
             }
@@ -506,7 +518,11 @@ mod tests {
 
     /// A record of `model` whose method and feature names are shared, as the writer encodes it:
     /// its own fields, and the shared ones apart.
-    fn sharing(model: &str, id: &str, names: &[String]) -> (pb::PredictionRecord, EncodedPrediction) {
+    fn sharing(
+        model: &str,
+        id: &str,
+        names: &[String],
+    ) -> (pb::PredictionRecord, EncodedPrediction) {
         let method = "/inference.GRPCInferenceService/ModelInfer";
         let whole = pb::PredictionRecord {
             request_id: id.to_string(),
@@ -575,7 +591,11 @@ mod tests {
                 assert_eq!(id, expected.last().unwrap().request_id);
                 store.commit(w, false).unwrap();
             }
-            assert_eq!(stored_shared_keys(&store), 2, "one entry per model's fields");
+            assert_eq!(
+                stored_shared_keys(&store),
+                2,
+                "one entry per model's fields"
+            );
             let (whole, encoded) = sharing("m", "r0-01", &names);
             let stored = store
                 .db
@@ -613,7 +633,11 @@ mod tests {
         let mut w = RecordWrites::default();
         w.add_prediction(encoded.clone(), 5);
         store.commit(w, false).unwrap();
-        let stored = store.db.get_cf(store.cf(cf::PREDICTIONS), "a").unwrap().unwrap();
+        let stored = store
+            .db
+            .get_cf(store.cf(cf::PREDICTIONS), "a")
+            .unwrap()
+            .unwrap();
         assert_ne!(stored[8], SHARED, "written whole");
         assert_eq!(pb::PredictionRecord::decode(&stored[8..]).unwrap(), whole);
         assert_eq!(store.get_prediction("a", 0).unwrap().unwrap().1, whole);
@@ -625,14 +649,22 @@ mod tests {
         let mut w = RecordWrites::default();
         w.add_prediction(encoded_b, 6);
         store.commit(w, false).unwrap();
-        let stored = store.db.get_cf(store.cf(cf::PREDICTIONS), "b").unwrap().unwrap();
+        let stored = store
+            .db
+            .get_cf(store.cf(cf::PREDICTIONS), "b")
+            .unwrap()
+            .unwrap();
         assert_eq!(stored[8], SHARED);
         assert_eq!(store.get_prediction("b", 0).unwrap().unwrap().1, whole_b);
         // Gone: an error naming the record.
         store.db.delete(key).unwrap();
         store.shared_fields.lock().known.clear();
         match store.get_prediction("b", 0) {
-            Err(StoreError::Decode { family, key, reason }) => {
+            Err(StoreError::Decode {
+                family,
+                key,
+                reason,
+            }) => {
                 assert_eq!((family, key.as_str()), (cf::PREDICTIONS, "b"));
                 assert!(reason.contains("shared fields"), "{reason}");
             }
