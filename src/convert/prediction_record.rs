@@ -8,7 +8,10 @@
 //! the method called, the feature names — encoded once, and what is the record's own, without
 //! its request id (the store's key). Protobuf reads fields in any order and a repeated field's
 //! elements in the order met, so the request id, the shared part and the own part one after the
-//! other ([`reassemble`]) are the same message.
+//! other ([`reassemble`]) are the same message. The own part also packs each row of numbers:
+//! 4 bytes a number when every one is a float exactly (FP32 inputs), else 8, where a `FeatureRow`
+//! spends 11 (fields 60 and 61, reserved in `PredictionRecord`; [`reassemble`] writes them back
+//! as `FeatureRow`s).
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
@@ -82,13 +85,69 @@ pub fn encode_shared(model: &str, method: &str, names: &[String]) -> Vec<u8> {
 }
 
 /// The record whose request id is `request_id`, whose shared fields are `shared`
-/// ([`encode_shared`]) and whose own are `own` ([`encode_own`]).
+/// ([`encode_shared`]) and whose own are `own` ([`encode_own`]): its packed rows written as
+/// `FeatureRow`s. Own fields that do not scan are copied as they are, for decoding to refuse.
 pub fn reassemble(request_id: &str, shared: &[u8], own: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(request_id.len() + 2 + shared.len() + own.len());
+    let mut out = Vec::with_capacity(request_id.len() + 2 + shared.len() + own.len() * 2);
     string(1, request_id, &mut out);
     out.extend_from_slice(shared);
-    out.extend_from_slice(own);
+    let mut copied = 0;
+    for f in crate::wire::fields(own) {
+        let Ok(f) = f else { break };
+        let width = match f.number {
+            PACKED_FLOATS => 4,
+            PACKED_DOUBLES => 8,
+            _ => continue,
+        };
+        let Some(payload) = f.payload.filter(|p| p.len() % width == 0) else {
+            break;
+        };
+        out.extend_from_slice(&own[copied..f.whole.start]);
+        copied = f.whole.end;
+        let numbers = own[payload].chunks_exact(width).map(|b| match *b {
+            [a, b, c, d] => f64::from(f32::from_le_bytes([a, b, c, d])),
+            _ => f64::from_le_bytes(b.try_into().expect("8 bytes")),
+        });
+        let n = numbers.len();
+        encode_key(13, WireType::LengthDelimited, &mut out);
+        encode_varint((n * 11) as u64, &mut out);
+        for x in numbers {
+            feature_value(1, &FeatureValue::Number(x), &mut out);
+        }
+    }
+    out.extend_from_slice(&own[copied..]);
     out
+}
+
+/// Own fields holding a row of numbers, each 4 bytes (an `f32`, LE) or 8 (an `f64`, LE).
+const PACKED_FLOATS: u32 = 60;
+const PACKED_DOUBLES: u32 = 61;
+
+/// A row as its own part holds it: packed when every value is a number.
+fn own_row(row: &[FeatureValue], out: &mut Vec<u8>) {
+    let number = |v: &FeatureValue| match v {
+        FeatureValue::Number(x) => Some(*x),
+        FeatureValue::Text(_) => None,
+    };
+    if row.iter().any(|v| number(v).is_none()) {
+        encode_key(13, WireType::LengthDelimited, out);
+        encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
+        for v in row {
+            feature_value(1, v, out);
+        }
+        return;
+    }
+    let numbers = || row.iter().filter_map(number);
+    // Bit for bit: a NaN's payload and a zero's sign come back as they were.
+    if numbers().all(|x| (x as f32 as f64).to_bits() == x.to_bits()) {
+        encode_key(PACKED_FLOATS, WireType::LengthDelimited, out);
+        encode_varint((row.len() * 4) as u64, out);
+        numbers().for_each(|x| out.extend_from_slice(&(x as f32).to_le_bytes()));
+    } else {
+        encode_key(PACKED_DOUBLES, WireType::LengthDelimited, out);
+        encode_varint((row.len() * 8) as u64, out);
+        numbers().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    }
 }
 
 /// About the bytes of a record's own fields (an upper bound for numbers).
@@ -130,10 +189,14 @@ fn fields(p: &RecordParts, shared: bool, out: &mut Vec<u8>) {
         }
     }
     for row in p.rows {
-        encode_key(13, WireType::LengthDelimited, out);
-        encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
-        for v in row {
-            feature_value(1, v, out);
+        if shared {
+            encode_key(13, WireType::LengthDelimited, out);
+            encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
+            for v in row {
+                feature_value(1, v, out);
+            }
+        } else {
+            own_row(row, out);
         }
     }
     for prediction in p.predictions {
@@ -289,6 +352,19 @@ mod tests {
             (0..20)
                 .map(|i| FeatureValue::Number(f64::from(i)))
                 .collect(),
+            // Not all floats: packed as doubles, a NaN's payload and a zero's sign kept.
+            vec![
+                FeatureValue::Number(0.1),
+                FeatureValue::Number(f64::from_bits(0x7ff8_0000_0000_0001)),
+                FeatureValue::Number(-0.0),
+            ],
+            // Floats, a float NaN and infinities among them.
+            vec![
+                FeatureValue::Number(f64::from(f32::NAN)),
+                FeatureValue::Number(f64::INFINITY),
+                FeatureValue::Number(-0.0),
+                FeatureValue::Number(f64::from(0.1f32)),
+            ],
         ];
         let predictions = vec![
             Prediction::Label(String::new()),
@@ -355,14 +431,27 @@ mod tests {
             // Re-encoded in field order (a NaN prediction is not equal to itself).
             let back = pb::PredictionRecord::decode(&whole[..]).unwrap();
             assert_eq!(back.encode_to_vec(), bytes);
-            // The part of its own holds none of the shared fields, nor the request id.
+            // The part of its own holds none of the shared fields, nor the request id, nor a
+            // row of numbers as a `FeatureRow` (only the row with text).
             let alone = pb::PredictionRecord::decode(&own[..]).unwrap();
             assert_eq!(
                 (alone.request_id, alone.model, alone.method),
                 (String::new(), String::new(), String::new())
             );
             assert!(alone.feature_names.is_empty());
-            assert_eq!(alone.rows, expected.rows);
+            let texts = parts
+                .rows
+                .iter()
+                .filter(|r| r.iter().any(|v| matches!(v, FeatureValue::Text(_))));
+            assert_eq!(alone.rows.len(), texts.count());
         }
+        // Packed: a number in 4 bytes (floats) or 8, not 11.
+        let floats = [vec![FeatureValue::Number(0.5); 16]];
+        let packed = RecordParts {
+            rows: &floats,
+            ..empty
+        };
+        let row = encode(&packed).len();
+        assert_eq!(encode_own(&packed).len(), row - 16 * 11 + 16 * 4);
     }
 }
