@@ -134,6 +134,53 @@ fn write_compact<V: std::borrow::Borrow<FeatureValue>>(
     }
 }
 
+/// The first byte of a compact history row whose numbers are all floats exactly (FP32 inputs,
+/// the common case): 0x03 ‖ the table's id ‖ 4 bytes per number (`f32` LE), where a compact row
+/// spends 8. History rows only (`features_latest` keeps [`COMPACT_ROW`]s): every recorded call
+/// writes one, and each byte is logged, flushed and rewritten by every compaction that the
+/// history goes through (README, "Shared record fields"). Read as the compact row it widens to
+/// ([`widen`]). No `LatestFeatures` encoding starts with it (field 0 is no field).
+pub(super) const FLOAT_ROW: u8 = 0x03;
+
+/// The history row of compact row `compact` (0x00 ‖ id ‖ numbers): in `out` as a [`FLOAT_ROW`]
+/// when every number is a float exactly (bit for bit, NaN payloads and zeros' signs too), else
+/// `compact` itself.
+fn history_of<'a>(compact: &'a [u8], out: &'a mut Vec<u8>) -> &'a [u8] {
+    let numbers = || {
+        compact[9..]
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if !numbers().all(|x| (x as f32 as f64).to_bits() == x.to_bits()) {
+        return compact;
+    }
+    out.clear();
+    out.push(FLOAT_ROW);
+    out.extend_from_slice(&compact[1..9]);
+    for x in numbers() {
+        out.extend_from_slice(&(x as f32).to_le_bytes());
+    }
+    out
+}
+
+/// The compact row (0x00 ‖ id ‖ 8 bytes per number) a [`FLOAT_ROW`] stands for; `None` when
+/// `row` is not one.
+fn widen(row: &[u8]) -> Option<Vec<u8>> {
+    let rest = row.strip_prefix(&[FLOAT_ROW])?;
+    let (id, floats) = rest.split_first_chunk::<8>()?;
+    if floats.len() % 4 != 0 {
+        return None;
+    }
+    let mut wide = Vec::with_capacity(9 + floats.len() * 2);
+    wide.push(COMPACT_ROW);
+    wide.extend_from_slice(id);
+    for b in floats.chunks_exact(4) {
+        let x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+        wide.extend_from_slice(&f64::from(x).to_le_bytes());
+    }
+    Some(wide)
+}
+
 /// The first byte of a `features_latest` value holding pieces that a merge could not combine
 /// without their names: compact rows of different tables, or compact rows beside named entries
 /// ([`merge_values`]). Like [`COMPACT_ROW`], no `LatestFeatures` encoding starts with it (field
@@ -410,8 +457,10 @@ fn newest_row_of(
         if t < not_before_ms || found.as_ref().is_some_and(|f| keys::be64(&f[..8]) > t) {
             break;
         }
-        if v.first() == Some(&COMPACT_ROW) && compact_id(v) == Some(table) {
-            found = Some(keys::timed_value(t, v));
+        let wide = widen(v);
+        let row = wide.as_deref().unwrap_or(v);
+        if row.first() == Some(&COMPACT_ROW) && compact_id(row) == Some(table) {
+            found = Some(keys::timed_value(t, row));
         }
         history.next();
     }
@@ -765,10 +814,14 @@ impl RecordBatch<'_> {
                     None
                 }
             };
+        let history = match compact {
+            Some(_) => history_of(&value[8..], &mut self.floats),
+            None => &value[8..],
+        };
         self.batch.put_cf(
             self.families.features,
             keys::feature_row_key(entity, time_ms, seq),
-            &value[8..],
+            history,
         );
         let key = keys::feature_entity_key(entity);
         let Some(table) = compact else {
@@ -980,9 +1033,17 @@ impl Store {
 
     /// A history row as stored: compact ([`NameTable`]) or a `LatestFeatures`.
     fn history_row(&self, entity: &str, v: &[u8]) -> Result<LatestFeatures, StoreError> {
-        match v.strip_prefix(&[COMPACT_ROW]) {
-            Some(rest) => self.compact_row(cf::FEATURES, entity, rest, 0),
-            None => LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string())),
+        match v.split_first() {
+            Some((&COMPACT_ROW, rest)) => self.compact_row(cf::FEATURES, entity, rest, 0),
+            Some((&FLOAT_ROW, _)) => match widen(v) {
+                Some(wide) => self.compact_row(cf::FEATURES, entity, &wide[1..], 0),
+                None => Err(StoreError::Decode {
+                    family: cf::FEATURES,
+                    key: entity.to_string(),
+                    reason: "a row of floats cut short".into(),
+                }),
+            },
+            _ => LatestFeatures::decode(v).map_err(decode_err(cf::FEATURES, entity.to_string())),
         }
     }
 
@@ -1787,6 +1848,68 @@ mod tests {
     fn sixteen(w: &mut crate::storage::RecordWrites, names: &Arc<[String]>, entity: &str, t: u64) {
         let values = (0..16).map(|i| FeatureValue::Number(t as f64 + i as f64 / 8.0));
         w.add_feature_row(entity, t, names.clone(), values.collect());
+    }
+
+    /// A history row whose numbers are all floats (FP32 inputs) holds 4 bytes a number: 73 bytes
+    /// for 16 features. What reads back is what was written, bit for bit (a NaN's payload, a
+    /// zero's sign), from the memtable and from files; a row with a number that is not a float
+    /// keeps 8 bytes a number. (`runs.rs`'s repair reads rows of floats too.)
+    #[test]
+    fn rows_of_floats_are_stored_in_four_bytes_a_number() {
+        use crate::storage::{RecordLog, RecordWrites};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names = sixteen_names();
+        let t0 = crate::clock::Clock::now_ms(&crate::clock::SystemClock) - 60_000;
+        let floats = |k: u64| -> Vec<FeatureValue> {
+            let odd = [f64::from(f32::NAN), -0.0, f64::INFINITY, f64::from(0.1f32)];
+            (0..16)
+                .map(|i| {
+                    FeatureValue::Number(odd.get(i).copied().unwrap_or(k as f64 + i as f64 / 8.0))
+                })
+                .collect()
+        };
+        for k in 0..3 {
+            let mut w = RecordWrites::default();
+            w.add_feature_row("u", t0 + k * 1_000, names.clone(), floats(k));
+            let mut wide = floats(k);
+            wide[5] = FeatureValue::Number(0.1);
+            w.add_feature_row("v", t0 + k * 1_000, names.clone(), wide);
+            store.commit(w, false).unwrap();
+        }
+        for row in stored_rows(&store, "u") {
+            assert_eq!((row[0], row.len()), (FLOAT_ROW, 9 + 16 * 4));
+        }
+        for row in stored_rows(&store, "v") {
+            assert_eq!((row[0], row.len()), (COMPACT_ROW, 9 + 16 * 8));
+        }
+        let bits = |store: &Store, entity: &str, as_of: u64| -> Vec<(u64, u64)> {
+            let features: Vec<(String, Option<u64>)> =
+                names.iter().map(|n| (n.clone(), None)).collect();
+            let mut row = store
+                .get_features(&[entity.to_string()], &features, as_of)
+                .unwrap()
+                .remove(0);
+            row.drain(..)
+                .map(|v| match v {
+                    Some((t, FeatureValue::Number(x))) => (t, x.to_bits()),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let expect = |k: u64| -> Vec<(u64, u64)> {
+            floats(k)
+                .iter()
+                .map(|v| match v {
+                    FeatureValue::Number(x) => (t0 + k * 1_000, x.to_bits()),
+                    FeatureValue::Text(_) => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(bits(&store, "u", t0 + 1_500), expect(1));
+        store.flush_features().unwrap();
+        assert_eq!(bits(&store, "u", t0 + 500), expect(0));
+        assert_eq!(bits(&store, "u", u64::MAX), expect(2));
     }
 
     /// A row of numbers is stored compact: 0x00, its table's id and the numbers, 137 bytes for

@@ -53,6 +53,8 @@ pub(crate) struct RecordBatch<'s> {
     /// A value being built, kept between writes so that each does not allocate its own
     /// (`WriteBatch` copies what it is given).
     pub(super) scratch: Vec<u8>,
+    /// A history row of floats being built (`features::FLOAT_ROW`), kept as `scratch` is.
+    pub(super) floats: Vec<u8>,
     /// Prediction records added.
     pub(super) records: usize,
     /// The group of `prediction_index` being filled (`predictions.rs`).
@@ -324,6 +326,7 @@ impl Store {
                 counters: self.family_id(super::cf::COUNTERS),
             },
             scratch: Vec::new(),
+            floats: Vec::new(),
             records: 0,
             index: Default::default(),
             row_layouts: std::mem::take(&mut self.row_layouts.lock()),
