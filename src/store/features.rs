@@ -146,19 +146,18 @@ pub(super) const FLOAT_ROW: u8 = 0x03;
 /// when every number is a float exactly (bit for bit, NaN payloads and zeros' signs too), else
 /// `compact` itself.
 fn history_of<'a>(compact: &'a [u8], out: &'a mut Vec<u8>) -> &'a [u8] {
-    let numbers = || {
-        compact[9..]
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
-    if !numbers().all(|x| (x as f32 as f64).to_bits() == x.to_bits()) {
-        return compact;
-    }
     out.clear();
+    out.reserve(compact.len() / 2 + 5);
     out.push(FLOAT_ROW);
     out.extend_from_slice(&compact[1..9]);
-    for x in numbers() {
-        out.extend_from_slice(&(x as f32).to_le_bytes());
+    // One pass, given up at the first number that is not a float.
+    for b in compact[9..].chunks_exact(8) {
+        let x = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+        let f = x as f32;
+        if f64::from(f).to_bits() != x.to_bits() {
+            return compact;
+        }
+        out.extend_from_slice(&f.to_le_bytes());
     }
     out
 }
