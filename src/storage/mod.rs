@@ -204,7 +204,7 @@ pub struct EncodedPrediction {
 }
 
 /// Fields that the records of one model, called by one method with one table of feature names,
-/// share (`convert::prediction_record::encode_shared`): ~60% of a record of 16 features.
+/// share (`convert::prediction_record::encode_shared`): half of a record of 16 features.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SharedFields {
     /// The xxh3 hash of `bytes`: how a stored record names them.
