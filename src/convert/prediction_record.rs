@@ -86,21 +86,29 @@ pub fn encode_shared(model: &str, method: &str, names: &[String]) -> Vec<u8> {
 
 /// The record whose request id is `request_id`, whose shared fields are `shared`
 /// ([`encode_shared`]) and whose own are `own` ([`encode_own`]): its packed rows written as
-/// `FeatureRow`s. Own fields that do not scan are copied as they are, for decoding to refuse.
+/// `FeatureRow`s. Own fields that do not scan, or a packed row cut short, end the message with a
+/// zero byte, which no message holds: decoding refuses the record rather than skip a row (a
+/// decoder skips the packed rows' field numbers, unknown to it).
 pub fn reassemble(request_id: &str, shared: &[u8], own: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(request_id.len() + 2 + shared.len() + own.len() * 2);
     string(1, request_id, &mut out);
     out.extend_from_slice(shared);
     let mut copied = 0;
     for f in crate::wire::fields(own) {
-        let Ok(f) = f else { break };
+        let Ok(f) = f else {
+            out.extend_from_slice(&own[copied..]);
+            out.push(0);
+            return out;
+        };
         let width = match f.number {
             PACKED_FLOATS => 4,
             PACKED_DOUBLES => 8,
             _ => continue,
         };
         let Some(payload) = f.payload.filter(|p| p.len() % width == 0) else {
-            break;
+            out.extend_from_slice(&own[copied..]);
+            out.push(0);
+            return out;
         };
         out.extend_from_slice(&own[copied..f.whole.start]);
         copied = f.whole.end;
@@ -445,6 +453,21 @@ mod tests {
                 .filter(|r| r.iter().any(|v| matches!(v, FeatureValue::Text(_))));
             assert_eq!(alone.rows.len(), texts.count());
         }
+        // A damaged own part is refused, not read without the row it cannot read.
+        let own = encode_own(&full);
+        let packed = crate::wire::fields(&own)
+            .map(Result::unwrap)
+            .filter(|f| f.number == PACKED_FLOATS)
+            .find_map(|f| f.payload.filter(|p| !p.is_empty()))
+            .unwrap();
+        // Its length one short: a row of 3¾ floats.
+        let mut cut = own.clone();
+        cut[packed.start - 1] -= 1;
+        let back = reassemble("r", &[], &cut);
+        assert!(pb::PredictionRecord::decode(&back[..]).is_err());
+        // Cut inside its note: the own part does not scan.
+        let back = reassemble("r", &[], &own[..own.len() - 10]);
+        assert!(pb::PredictionRecord::decode(&back[..]).is_err());
         // Packed: a number in 4 bytes (floats) or 8, not 11.
         let floats = [vec![FeatureValue::Number(0.5); 16]];
         let packed = RecordParts {
