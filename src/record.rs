@@ -23,6 +23,13 @@ pub enum FeatureValue {
     Text(String),
 }
 
+/// `x` as an `f32`, when that is `x` exactly, bit for bit (a NaN's payload and a zero's sign
+/// too): what a number read from an FP32 tensor always is. Stores keep such numbers in 4 bytes.
+pub fn exact_f32(x: f64) -> Option<f32> {
+    let f = x as f32;
+    (f64::from(f).to_bits() == x.to_bits()).then_some(f)
+}
+
 /// The precision a feature's numbers travel in: what its tensor's datatype can represent. Live
 /// values are exact at it (an FP32 0.1 is the float32 nearest 0.1, widened exactly), so a
 /// float64 reference is compared with them only after rounding to it (see `drift`).

@@ -15,7 +15,7 @@
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
-use crate::record::{FeatureValue, Prediction};
+use crate::record::{exact_f32, FeatureValue, Prediction};
 
 /// The fields of a `PredictionRecord`, borrowed (`outcomes` are never stored with the record).
 pub struct RecordParts<'a> {
@@ -131,6 +131,15 @@ pub fn reassemble(request_id: &str, shared: &[u8], own: &[u8]) -> Vec<u8> {
 const PACKED_FLOATS: u32 = 60;
 const PACKED_DOUBLES: u32 = 61;
 
+/// Field 13: a `FeatureRow` of `row`.
+fn feature_row(row: &[FeatureValue], out: &mut Vec<u8>) {
+    encode_key(13, WireType::LengthDelimited, out);
+    encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
+    for v in row {
+        feature_value(1, v, out);
+    }
+}
+
 /// A row as its own part holds it: packed when every value is a number.
 fn own_row(row: &[FeatureValue], out: &mut Vec<u8>) {
     let number = |v: &FeatureValue| match v {
@@ -138,16 +147,12 @@ fn own_row(row: &[FeatureValue], out: &mut Vec<u8>) {
         FeatureValue::Text(_) => None,
     };
     if row.iter().any(|v| number(v).is_none()) {
-        encode_key(13, WireType::LengthDelimited, out);
-        encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
-        for v in row {
-            feature_value(1, v, out);
-        }
+        feature_row(row, out);
         return;
     }
     let numbers = || row.iter().filter_map(number);
     // Bit for bit: a NaN's payload and a zero's sign come back as they were.
-    if numbers().all(|x| (x as f32 as f64).to_bits() == x.to_bits()) {
+    if numbers().all(|x| exact_f32(x).is_some()) {
         encode_key(PACKED_FLOATS, WireType::LengthDelimited, out);
         encode_varint((row.len() * 4) as u64, out);
         numbers().for_each(|x| out.extend_from_slice(&(x as f32).to_le_bytes()));
@@ -198,11 +203,7 @@ fn fields(p: &RecordParts, shared: bool, out: &mut Vec<u8>) {
     }
     for row in p.rows {
         if shared {
-            encode_key(13, WireType::LengthDelimited, out);
-            encode_varint(row.iter().map(value_len).sum::<usize>() as u64, out);
-            for v in row {
-                feature_value(1, v, out);
-            }
+            feature_row(row, out);
         } else {
             own_row(row, out);
         }

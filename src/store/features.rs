@@ -153,10 +153,9 @@ fn history_of<'a>(compact: &'a [u8], out: &'a mut Vec<u8>) -> &'a [u8] {
     // One pass, given up at the first number that is not a float.
     for b in compact[9..].chunks_exact(8) {
         let x = f64::from_le_bytes(b.try_into().expect("8 bytes"));
-        let f = x as f32;
-        if f64::from(f).to_bits() != x.to_bits() {
+        let Some(f) = crate::record::exact_f32(x) else {
             return compact;
-        }
+        };
         out.extend_from_slice(&f.to_le_bytes());
     }
     out

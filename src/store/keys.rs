@@ -327,14 +327,9 @@ pub fn feature_entity_key(entity: &str) -> &[u8] {
 /// Prefixes a stored value with its time (ms, u64 BE), so retention can read it cheaply.
 pub fn timed_value(time_ms: u64, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + body.len());
-    timed_value_into(time_ms, body, &mut v);
+    v.extend_from_slice(&time_ms.to_be_bytes());
+    v.extend_from_slice(body);
     v
-}
-
-/// [`timed_value`], appended to `out` (the record writer reuses one buffer).
-pub fn timed_value_into(time_ms: u64, body: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&time_ms.to_be_bytes());
-    out.extend_from_slice(body);
 }
 
 /// Splits a value written by [`timed_value`].

@@ -93,6 +93,7 @@ fn index_records(
 impl RecordBatch<'_> {
     /// Adds a prediction record, and lists it in the index group being filled.
     pub(super) fn add_prediction(&mut self, rec: &EncodedPrediction, time_ms: u64) {
+        // A timed value (`keys::timed_value`), built in the batch's buffer.
         self.scratch.clear();
         self.scratch.extend_from_slice(&time_ms.to_be_bytes());
         match rec.shared.as_ref().filter(|s| self.shares(s)) {
@@ -558,6 +559,15 @@ mod tests {
         (whole, encoded)
     }
 
+    /// The `predictions` value stored under `request_id`.
+    fn stored_value(store: &Store, request_id: &str) -> Vec<u8> {
+        store
+            .db
+            .get_cf(store.cf(cf::PREDICTIONS), request_id)
+            .unwrap()
+            .unwrap()
+    }
+
     fn stored_shared_keys(store: &Store) -> usize {
         store
             .db
@@ -597,11 +607,7 @@ mod tests {
                 "one entry per model's fields"
             );
             let (whole, encoded) = sharing("m", "r0-01", &names);
-            let stored = store
-                .db
-                .get_cf(store.cf(cf::PREDICTIONS), "r0-01")
-                .unwrap()
-                .unwrap();
+            let stored = stored_value(&store, "r0-01");
             assert_eq!(stored.len(), 8 + 1 + 8 + encoded.bytes.len());
             // Without the method (44 bytes) and the 16 names (~150).
             assert!(stored.len() + 180 < 8 + whole.encode_to_vec().len());
@@ -633,11 +639,7 @@ mod tests {
         let mut w = RecordWrites::default();
         w.add_prediction(encoded.clone(), 5);
         store.commit(w, false).unwrap();
-        let stored = store
-            .db
-            .get_cf(store.cf(cf::PREDICTIONS), "a")
-            .unwrap()
-            .unwrap();
+        let stored = stored_value(&store, "a");
         assert_ne!(stored[8], SHARED, "written whole");
         assert_eq!(pb::PredictionRecord::decode(&stored[8..]).unwrap(), whole);
         assert_eq!(store.get_prediction("a", 0).unwrap().unwrap().1, whole);
@@ -649,11 +651,7 @@ mod tests {
         let mut w = RecordWrites::default();
         w.add_prediction(encoded_b, 6);
         store.commit(w, false).unwrap();
-        let stored = store
-            .db
-            .get_cf(store.cf(cf::PREDICTIONS), "b")
-            .unwrap()
-            .unwrap();
+        let stored = stored_value(&store, "b");
         assert_eq!(stored[8], SHARED);
         assert_eq!(store.get_prediction("b", 0).unwrap().unwrap().1, whole_b);
         // Gone: an error naming the record.
