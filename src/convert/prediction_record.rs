@@ -116,9 +116,10 @@ pub fn reassemble(request_id: &str, shared: &[u8], own: &[u8]) -> Vec<u8> {
             [a, b, c, d] => f64::from(f32::from_le_bytes([a, b, c, d])),
             _ => f64::from_le_bytes(b.try_into().expect("8 bytes")),
         });
-        let n = numbers.len();
+        // A number's `FeatureValue` is as long whatever the number.
+        let len = numbers.len() * value_len(&FeatureValue::Number(0.0));
         encode_key(13, WireType::LengthDelimited, &mut out);
-        encode_varint((n * 11) as u64, &mut out);
+        encode_varint(len as u64, &mut out);
         for x in numbers {
             feature_value(1, &FeatureValue::Number(x), &mut out);
         }
