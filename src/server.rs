@@ -235,8 +235,12 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create --data-dir {}", dir.display()))?;
-    let (retention, clock) = (config.retention, config.clock.clone());
-    storage::blocking(move || Store::open_with(&dir, retention, clock))
+    let (retention, clock, cache) = (
+        config.retention,
+        config.clock.clone(),
+        config.block_cache_bytes,
+    );
+    storage::blocking(move || Store::open_tuned(&dir, retention, clock, cache))
         .await
         .with_context(|| {
             format!(
@@ -809,6 +813,17 @@ fn refresh_metrics(m: &Metrics, store: &dyn StoreHealth, monitor: &Monitor, plan
         m.rocksdb_live_data_bytes
             .get_or_create(&l)
             .set(f.live_data_bytes as i64);
+        m.rocksdb_table_readers_bytes
+            .get_or_create(&l)
+            .set(f.table_readers_bytes as i64);
+    }
+    m.rocksdb_block_cache_bytes
+        .set(stats.block_cache_bytes as i64);
+    m.rocksdb_block_cache_pinned_bytes
+        .set(stats.block_cache_pinned_bytes as i64);
+    if let Some((rss, peak)) = crate::telemetry::resident_memory() {
+        m.resident_memory_bytes.set(rss as i64);
+        m.resident_memory_peak_bytes.set(peak as i64);
     }
     m.rocksdb_write_stopped.set(stats.write_stopped as i64);
     m.rocksdb_delayed_write_rate

@@ -404,6 +404,11 @@ async fn metrics_pass_promtool_in_the_format_the_scraper_asks_for() {
         "drift_p_value",
         "records_written_total",
         "rocksdb_sst_bytes",
+        "rocksdb_table_readers_bytes",
+        "rocksdb_block_cache_bytes",
+        "rocksdb_block_cache_pinned_bytes",
+        "resident_memory_bytes",
+        "resident_memory_peak_bytes",
     ] {
         assert!(
             text.lines()
@@ -411,6 +416,19 @@ async fn metrics_pass_promtool_in_the_format_the_scraper_asks_for() {
             "no series of modelgate_{family}:\n{text}"
         );
     }
+    // Where the memory goes: the process's resident set (at least the binary's code it ran,
+    // and at most its peak) and the block cache (within --block-cache-bytes).
+    let gauge = |name: &str| sample(&text, name, &[]).unwrap_or_else(|| panic!("no {name}"));
+    let (rss, peak) = (
+        gauge("modelgate_resident_memory_bytes"),
+        gauge("modelgate_resident_memory_peak_bytes"),
+    );
+    assert!(rss > 1e6 && rss <= peak, "resident {rss}, peak {peak}");
+    let cache = gauge("modelgate_rocksdb_block_cache_bytes");
+    assert!(
+        cache <= modelgate::store::DEFAULT_BLOCK_CACHE_BYTES as f64,
+        "block cache {cache}"
+    );
     // Every family has help text, named as its samples are.
     let lines: Vec<&str> = text.lines().collect();
     for (i, l) in lines.iter().enumerate() {

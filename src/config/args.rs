@@ -154,6 +154,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
     pub record_queue_bytes: usize,
 
+    /// Bytes of RocksDB's block cache, shared by every column family: recent files' index and
+    /// filter blocks and the blocks reads touched. Under a steady write load it is always full,
+    /// so it counts in full towards the process's memory; raise it when a large feature store is
+    /// read online (env MODELGATE_BLOCK_CACHE_BYTES).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::store::DEFAULT_BLOCK_CACHE_BYTES)]
+    pub block_cache_bytes: usize,
+
     /// How long the record writer waits after a partial batch before it takes the next, so
     /// that under load it wakes once per many records instead of once per few; 0s writes as
     /// soon as records arrive (env MODELGATE_RECORD_LINGER).

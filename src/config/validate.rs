@@ -83,6 +83,8 @@ pub struct Config {
     pub record_queue: usize,
     /// Record queue bytes.
     pub record_queue_bytes: usize,
+    /// RocksDB's block cache, bytes.
+    pub block_cache_bytes: usize,
     /// The record writer's wait after a partial batch.
     pub record_linger: Duration,
     /// How often changed unit sketches and latency histograms are stored.
@@ -147,6 +149,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("record_queue", &self.record_queue)
             .field("record_queue_bytes", &self.record_queue_bytes)
+            .field("block_cache_bytes", &self.block_cache_bytes)
             .field("record_linger", &self.record_linger)
             .field("tally_persist_interval", &self.tally_persist_interval)
             .field("max_shadow_in_flight", &self.max_shadow_in_flight)
@@ -286,6 +289,9 @@ impl Config {
         }
         if a.record_queue_bytes < 1 << 20 {
             return Err(bad("record_queue_bytes", "must be at least 1048576".into()));
+        }
+        if a.block_cache_bytes < 1 << 20 {
+            return Err(bad("block_cache_bytes", "must be at least 1048576".into()));
         }
         if a.record_linger > MAX_RECORD_LINGER {
             return Err(bad(
@@ -506,6 +512,7 @@ impl Config {
             },
             record_queue: a.record_queue,
             record_queue_bytes: a.record_queue_bytes,
+            block_cache_bytes: a.block_cache_bytes,
             record_linger: a.record_linger,
             tally_persist_interval: a.tally_persist_interval,
             max_shadow_in_flight: a.max_shadow_in_flight,
@@ -615,6 +622,11 @@ mod tests {
         assert!(err.contains("MODELGATE_MAX_IN_FLIGHT"), "{err}");
         let err = load(&[], &[("MODELGATE_LISTEN", "nonsense")], None).unwrap_err();
         assert!(err.contains("--listen"), "{err}");
+        let err = load(&["--block-cache-bytes", "4096"], &[], None).unwrap_err();
+        assert!(err.contains("--block-cache-bytes"), "{err}");
+        assert!(err.contains("at least 1048576"), "{err}");
+        let c = load(&["--config", "f"], &[], Some("block_cache_bytes = 33554432")).unwrap();
+        assert_eq!(c.block_cache_bytes, 32 << 20);
         let err = load(&["--config", "f"], &[], Some("lisen = \"1.2.3.4:1\"")).unwrap_err();
         assert!(err.contains("unknown setting 'lisen'"), "{err}");
         let err = load(&["--config", "f"], &[], Some("connect_timeout = \"soon\"")).unwrap_err();

@@ -693,6 +693,8 @@ pub struct FamilyStats {
     pub memtable_bytes: u64,
     /// Estimated live data.
     pub live_data_bytes: u64,
+    /// Memory of its open files' readers outside the block cache.
+    pub table_readers_bytes: u64,
 }
 
 /// The store's size and write-stall state, for the metrics.
@@ -706,6 +708,10 @@ pub struct StoreStats {
     pub delayed_write_rate: u64,
     /// Time writes have stalled in total.
     pub stall_seconds: f64,
+    /// Bytes the block cache holds (every family shares it; index and filter blocks included).
+    pub block_cache_bytes: u64,
+    /// Of those, bytes pinned (in use by a reader, so not evictable).
+    pub block_cache_pinned_bytes: u64,
 }
 
 /// Whether the store works, for `/ready`, `/live` and the metrics.

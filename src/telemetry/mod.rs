@@ -220,6 +220,16 @@ pub struct Metrics {
     pub rocksdb_memtable_bytes: Family<FamilyLabels, Gauge>,
     /// Estimated live data per column family.
     pub rocksdb_live_data_bytes: Family<FamilyLabels, Gauge>,
+    /// Memory of open files' readers outside the block cache, per column family.
+    pub rocksdb_table_readers_bytes: Family<FamilyLabels, Gauge>,
+    /// Bytes in RocksDB's block cache (shared by every column family).
+    pub rocksdb_block_cache_bytes: Gauge,
+    /// Of those, bytes pinned by readers.
+    pub rocksdb_block_cache_pinned_bytes: Gauge,
+    /// The process's resident memory (VmRSS).
+    pub resident_memory_bytes: Gauge,
+    /// The process's peak resident memory since it started (VmHWM).
+    pub resident_memory_peak_bytes: Gauge,
     /// 1 while RocksDB stops writes (a write stall).
     pub rocksdb_write_stopped: Gauge,
     /// 1 while the fleet's Redis answers (0 while it does not, and without a fleet).
@@ -398,6 +408,36 @@ impl Metrics {
                 "Estimated live data per column family",
                 bytes(),
                 Family::default()
+            ),
+            rocksdb_table_readers_bytes: metric!(
+                "rocksdb_table_readers",
+                "Memory of open SST files' readers outside the block cache, per column family",
+                bytes(),
+                Family::default()
+            ),
+            rocksdb_block_cache_bytes: metric!(
+                "rocksdb_block_cache",
+                "Bytes in RocksDB's block cache, shared by every column family (index and filter blocks included)",
+                bytes(),
+                Gauge::default()
+            ),
+            rocksdb_block_cache_pinned_bytes: metric!(
+                "rocksdb_block_cache_pinned",
+                "Bytes of the block cache pinned by readers",
+                bytes(),
+                Gauge::default()
+            ),
+            resident_memory_bytes: metric!(
+                "resident_memory",
+                "The process's resident memory (VmRSS)",
+                bytes(),
+                Gauge::default()
+            ),
+            resident_memory_peak_bytes: metric!(
+                "resident_memory_peak",
+                "The process's peak resident memory since it started (VmHWM)",
+                bytes(),
+                Gauge::default()
             ),
             fleet_store_up: metric!(
                 "fleet_store_up",
@@ -613,6 +653,17 @@ impl Exposition {
 /// `x_total`, becomes `x_total` in `# HELP` and `# TYPE`, else Prometheus reads the samples as an
 /// untyped metric without help — and the lines 0.0.4 does not have (`# UNIT`, `# EOF`) go.
 /// modelgate registers no exemplars and no `_created` samples, the other OpenMetrics-only parts.
+/// The process's resident memory and its peak, in bytes (`VmRSS` and `VmHWM` of
+/// `/proc/self/status`); `None` where there is no such file.
+pub fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        let line = status.lines().find_map(|l| l.strip_prefix(field))?;
+        line.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+    };
+    Some((kib("VmRSS:")? * 1024, kib("VmHWM:")? * 1024))
+}
+
 fn openmetrics_to_prometheus(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     // prometheus-client writes HELP before TYPE; HELP needs the family's name from TYPE.
