@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates pgo/modelgate.profdata, the execution profile the release build optimises with
-# (profile-guided optimisation; scripts/release.sh uses it, see the README's "Profile-guided
-# optimisation"). Run it after changes to the data plane, and commit the new profile.
+# (profile-guided optimisation; scripts/release.sh uses it, see "Profile-guided optimisation"
+# in docs/performance-log.md). Run it after changes to the data plane, and commit the new profile.
 #
 # 1. builds modelgate instrumented (-Cprofile-generate), in its own target directory;
 # 2. runs it on the data plane's common paths: the built-in model server, then modelgate routing

@@ -10,7 +10,7 @@
 # target directory).
 #
 # `cargo build --release` still works and gives the same program without the profile (slower:
-# see the README's "Profile-guided optimisation"). The profile is passed in RUSTFLAGS with an
+# see "Profile-guided optimisation" in docs/performance-log.md). The profile is passed in RUSTFLAGS with an
 # explicit --target, so the flags reach modelgate and its Rust dependencies but not build scripts
 # and proc macros. Cargo reruns build scripts when RUSTFLAGS change (RocksDB's C++, ~13 minutes),
 # not when the profile's content does: the flags name the file, and rustc tracks its content.
@@ -30,7 +30,7 @@ elif [ -f "$PROFILE" ] && [ -z "${MODELGATE_NO_PGO:-}" ]; then
     FLAGS="-Cprofile-use=$PROFILE -Cllvm-args=-no-pgo-warn-mismatch"
 fi
 # The functions serving runs, linked together first in the code (pgo/symbol-order.txt, written by
-# scripts/symbol_order.sh; README, "Serving's code together"): lld's option, and lld is the linker
+# scripts/symbol_order.sh; docs/performance-log.md, "Serving's code together"): lld's option, and lld is the linker
 # of Rust 1.90 and later for x86-64 Linux only. Passed to modelgate's build script, not in
 # RUSTFLAGS. MODELGATE_SYMBOL_ORDER set (even empty) overrides the choice, e.g. with another linker.
 ORDER="$ROOT/pgo/symbol-order.txt"

@@ -2,7 +2,7 @@
 # Writes pgo/symbol-order.txt: the functions of the release binary that run once it serves —
 # configured through the control port, then calls under h2load (gRPC and REST), from 10,000 users
 # (grpcio, when installed), /metrics scraped — routing only and everything on, hottest first.
-# scripts/release.sh links them together, first in the code (README, "Serving's code together").
+# scripts/release.sh links them together, first in the code (docs/performance-log.md, "Serving's code together").
 #
 #   bash scripts/symbol_order.sh [BIN]    # BIN: a release build (default: scripts/release.sh's)
 #

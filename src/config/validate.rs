@@ -625,7 +625,12 @@ mod tests {
         let err = load(&["--block-cache-bytes", "4096"], &[], None).unwrap_err();
         assert!(err.contains("--block-cache-bytes"), "{err}");
         assert!(err.contains("at least 1048576"), "{err}");
-        let c = load(&["--config", "f"], &[], Some("block_cache_bytes = 33554432")).unwrap();
+        let c = load(
+            &["--config", "f"],
+            &[],
+            Some("block_cache_bytes = 33554432"),
+        )
+        .unwrap();
         assert_eq!(c.block_cache_bytes, 32 << 20);
         let err = load(&["--config", "f"], &[], Some("lisen = \"1.2.3.4:1\"")).unwrap_err();
         assert!(err.contains("unknown setting 'lisen'"), "{err}");
