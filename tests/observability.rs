@@ -416,8 +416,8 @@ async fn metrics_pass_promtool_in_the_format_the_scraper_asks_for() {
             "no series of modelgate_{family}:\n{text}"
         );
     }
-    // Where the memory goes: the process's resident set (at least the binary's code it ran,
-    // and at most its peak) and the block cache (within --block-cache-bytes).
+    // Where the memory goes: the process's resident set (more than a megabyte, and at most its
+    // peak) and the block cache (within --block-cache-bytes).
     let gauge = |name: &str| sample(&text, name, &[]).unwrap_or_else(|| panic!("no {name}"));
     let (rss, peak) = (
         gauge("modelgate_resident_memory_bytes"),

@@ -186,8 +186,8 @@ const FAMILY_MEMTABLE_BYTES: usize = 4 << 20;
 /// index and filter blocks of every file a flush or compaction writes (they are read when the
 /// file is opened), and a deleted file's blocks stay until newer ones push them out, so under a
 /// steady write load it is always full: measured everything on, 10,000 users, it grew ~110 KiB
-/// a second to its capacity (`modelgate_rocksdb_block_cache_bytes`), and at 16 MiB peak RSS
-/// reached 62.8 MiB after four minutes against 57.8 after one (README, Performance). What the
+/// a second to its capacity (`modelgate_rocksdb_block_cache_bytes`); peak RSS over 180 s was
+/// 70.4 MiB with 16 MiB, 64.2 with 8 (docs/performance-log.md, the thirtieth round). What the
 /// online path reads (`features_latest`, the tables of feature names) is a small part of it.
 pub const DEFAULT_BLOCK_CACHE_BYTES: usize = 8 << 20;
 

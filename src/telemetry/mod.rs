@@ -435,7 +435,7 @@ impl Metrics {
             ),
             resident_memory_peak_bytes: metric!(
                 "resident_memory_peak",
-                "The process's peak resident memory since it started (VmHWM)",
+                "The process's peak resident memory (VmHWM: since it started, or since the peak was last reset through /proc/<pid>/clear_refs)",
                 bytes(),
                 Gauge::default()
             ),
@@ -648,11 +648,6 @@ impl Exposition {
     }
 }
 
-/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4 (the crate writes only
-/// OpenMetrics). A family is named as its samples are — a counter `x`, whose samples are
-/// `x_total`, becomes `x_total` in `# HELP` and `# TYPE`, else Prometheus reads the samples as an
-/// untyped metric without help — and the lines 0.0.4 does not have (`# UNIT`, `# EOF`) go.
-/// modelgate registers no exemplars and no `_created` samples, the other OpenMetrics-only parts.
 /// The process's resident memory and its peak, in bytes (`VmRSS` and `VmHWM` of
 /// `/proc/self/status`); `None` where there is no such file.
 pub fn resident_memory() -> Option<(u64, u64)> {
@@ -664,6 +659,11 @@ pub fn resident_memory() -> Option<(u64, u64)> {
     Some((kib("VmRSS:")? * 1024, kib("VmHWM:")? * 1024))
 }
 
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4 (the crate writes only
+/// OpenMetrics). A family is named as its samples are — a counter `x`, whose samples are
+/// `x_total`, becomes `x_total` in `# HELP` and `# TYPE`, else Prometheus reads the samples as an
+/// untyped metric without help — and the lines 0.0.4 does not have (`# UNIT`, `# EOF`) go.
+/// modelgate registers no exemplars and no `_created` samples, the other OpenMetrics-only parts.
 fn openmetrics_to_prometheus(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     // prometheus-client writes HELP before TYPE; HELP needs the family's name from TYPE.
