@@ -184,36 +184,41 @@ impl<'s> RunBatch<'s> {
         }
         let time_ms = keys::be64(&row[..8]);
         let (batch, evicted) = (self.batch, self.evicted);
+        // Empty (no allocation) while a run goes on, the common case.
+        let mut operands = Vec::new();
         // Runs from before an eviction in this batch are closed: as if there were none.
-        let current = (self.runs.runs.get_mut(entity)).filter(|run| !evicted || run.batch == batch);
-        if let Some(run) = current.filter(|run| run.table == table) {
-            // Of two rows of one millisecond the later is the newer, as merges keep them.
-            let newer = time_ms >= run.newest_ms;
-            let mut next = Run {
-                table,
-                newest: if newer { row } else { &run.newest }.to_vec(),
-                newest_ms: time_ms.max(run.newest_ms),
-                pending: run.pending || newer,
-                merged_ms: run.merged_ms,
-                batch,
-            };
-            let mut operand = Vec::new();
-            if next.pending && next.newest_ms.saturating_sub(next.merged_ms) >= refresh_ms {
-                operand.push(flagged(&next.newest));
-                next.pending = false;
-                next.merged_ms = next.newest_ms;
+        let had_run = match self
+            .runs
+            .runs
+            .get_mut(entity)
+            .filter(|run| !evicted || run.batch == batch)
+        {
+            Some(run) if run.table == table => {
+                // Of two rows of one millisecond the later is the newer, as merges keep them.
+                let newer = time_ms >= run.newest_ms;
+                let mut next = Run {
+                    table,
+                    newest: if newer { row } else { &run.newest }.to_vec(),
+                    newest_ms: time_ms.max(run.newest_ms),
+                    pending: run.pending || newer,
+                    merged_ms: run.merged_ms,
+                    batch,
+                };
+                if next.pending && next.newest_ms.saturating_sub(next.merged_ms) >= refresh_ms {
+                    operands.push(flagged(&next.newest));
+                    next.pending = false;
+                    next.merged_ms = next.newest_ms;
+                }
+                let before = std::mem::replace(run, next);
+                self.undo.push((entity.into(), Some(before)));
+                return operands;
             }
-            let before = std::mem::replace(run, next);
-            self.undo.push((entity.into(), Some(before)));
-            return operand;
-        }
-        let mut operands = Vec::with_capacity(2);
-        let had_run = match self.runs.runs.get(entity) {
-            Some(old) if !evicted || old.batch == batch => {
+            // A run of another table: closed with its newest row.
+            Some(old) => {
                 operands.push(old.newest.clone());
                 true
             }
-            _ => false,
+            None => false,
         };
         operands.push(flagged(row));
         if !had_run && !evicted && self.runs.runs.len() >= self.runs.max {
@@ -291,12 +296,25 @@ mod tests {
             .collect()
     }
 
-    fn write(store: &Store, rows: &[(&str, &Arc<[String]>, u64, f64)]) {
+    fn writes(rows: &[(&str, &Arc<[String]>, u64, f64)]) -> RecordWrites {
         let mut w = RecordWrites::default();
         for (entity, names, t, x) in rows {
             w.add_feature_row(entity, *t, (*names).clone(), row(*x));
         }
-        store.commit(w, false).unwrap();
+        w
+    }
+
+    fn write(store: &Store, rows: &[(&str, &Arc<[String]>, u64, f64)]) {
+        store.commit(writes(rows), false).unwrap();
+    }
+
+    /// Adds `rows` to a batch that is then dropped unwritten, as after a failed write.
+    fn apply_unwritten(store: &Store, rows: &[(&str, &Arc<[String]>, u64, f64)]) {
+        let w = writes(rows);
+        let mut b = store.record_batch();
+        for write in &w.writes {
+            b.apply(write);
+        }
     }
 
     /// What a read gives for `names` of `entity` as of `as_of`: each (time, value).
@@ -473,17 +491,14 @@ mod tests {
         let (t0, a) = (t0(), table("a"));
         write(&store, &[("u", &a, t0, 0.0)]);
         write(&store, &[("u", &a, t0 + 1, 1.0)]);
-        {
-            let mut w = RecordWrites::default();
-            w.add_feature_row("u", t0 + 2, a.clone(), row(2.0));
-            w.add_feature_row("u", t0 + 3, a.clone(), row(2.5));
-            w.add_feature_row("v", t0 + 2, a.clone(), row(2.0));
-            let mut b = store.record_batch();
-            for write in &w.writes {
-                b.apply(write);
-            }
-            // Dropped unwritten.
-        }
+        apply_unwritten(
+            &store,
+            &[
+                ("u", &a, t0 + 2, 2.0),
+                ("u", &a, t0 + 3, 2.5),
+                ("v", &a, t0 + 2, 2.0),
+            ],
+        );
         assert_eq!(read(&store, "u", &a, u64::MAX), at(t0 + 1, 1.0));
         assert_eq!(read(&store, "v", &a, u64::MAX), vec![None; 4]);
         assert_eq!(store.runs.lock().len(), 1);
@@ -505,16 +520,7 @@ mod tests {
         let (t0, a) = (t0(), table("a"));
         write(&store, &[("e0", &a, t0, 0.0), ("e0", &a, t0 + 1, 1.0)]);
         write(&store, &[("e1", &a, t0, 0.0), ("e1", &a, t0 + 1, 1.0)]);
-        {
-            let mut w = RecordWrites::default();
-            w.add_feature_row("e0", t0 + 2, a.clone(), row(2.0));
-            w.add_feature_row("e2", t0 + 2, a.clone(), row(2.0));
-            let mut b = store.record_batch();
-            for write in &w.writes {
-                b.apply(write);
-            }
-            // Dropped unwritten.
-        }
+        apply_unwritten(&store, &[("e0", &a, t0 + 2, 2.0), ("e2", &a, t0 + 2, 2.0)]);
         assert_eq!(store.runs.lock().len(), 2);
         for e in ["e0", "e1"] {
             assert_eq!(stored(&store, e), (t0, RUN_ROW), "{e}");
