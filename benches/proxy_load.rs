@@ -53,8 +53,9 @@
 //!    against direct REST. h2load reports throughput and mean latency; modelgate's CPU per call
 //!    comes from /proc as for the other modes.
 //!
-//! `BENCH_REPEAT=N` runs the closed loop N times, the targets interleaved round by round, and
-//! reports each target's median round (this machine's neighbours make single runs noisy).
+//! `BENCH_REPEAT=N` runs the closed loop and the h2load runs N times each, the targets
+//! interleaved round by round, and reports each target's median round (this machine's
+//! neighbours make single runs noisy); h2load's table lists every round's req/s beside it.
 //!
 //! For every target it prints throughput, the ratio to direct, latency p50 / p99 / p99.9, and —
 //! for the proxy processes — CPU seconds per 1,000 requests and peak resident memory (VmHWM,
@@ -107,6 +108,8 @@ struct H2load {
     failed: u64,
     done: u64,
     cpu_seconds: Option<f64>,
+    /// Every round's req/s, when this is the median of several (see [`H2load::median`]).
+    rounds: Vec<f64>,
 }
 
 /// Runs h2load for `seconds` against `url`, POSTing `body` with `headers`; HTTP/1.1 with `h1`
@@ -187,10 +190,21 @@ fn h2load(
         failed,
         done,
         cpu_seconds,
+        rounds: vec![rps],
     }
 }
 
 impl H2load {
+    /// The median of one target's rounds by throughput (the middle one, or the faster of the
+    /// two middle ones), with every round's throughput kept beside it.
+    fn median(mut rounds: Vec<H2load>) -> H2load {
+        rounds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        let all: Vec<f64> = rounds.iter().map(|r| r.rps).collect();
+        let mut m = rounds.swap_remove(rounds.len() / 2);
+        m.rounds = all;
+        m
+    }
+
     /// The proxy's CPU µs per call over the run, when it is a proxy.
     fn cpu_us_per_call(&self) -> Option<f64> {
         self.cpu_seconds.map(|c| c * 1e6 / self.done.max(1) as f64)
@@ -308,20 +322,25 @@ fn shed_so_far(admin: SocketAddr) -> u64 {
 fn print_h2load(title: &str, runs: &[H2load]) {
     println!("\n{title}");
     println!(
-        "{:<30} {:>9} {:>7} {:>9} {:>12} {:>8}",
+        "{:<30} {:>9} {:>7} {:>9} {:>12} {:>8}  rounds' req/s",
         "target", "req/s", "ratio", "mean ms", "CPU µs/call", "failed"
     );
     let base = runs.first().map_or(1.0, |r| r.rps);
     for r in runs {
         println!(
-            "{:<30} {:>9.0} {:>7.3} {:>9.3} {:>12} {:>8}",
+            "{:<30} {:>9.0} {:>7.3} {:>9.3} {:>12} {:>8}  {}",
             r.target,
             r.rps,
             r.rps / base,
             r.mean_ms,
             r.cpu_us_per_call()
                 .map_or("-".into(), |us| format!("{us:.1}")),
-            r.failed
+            r.failed,
+            r.rounds
+                .iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
     }
 }
@@ -1624,37 +1643,52 @@ fn main() {
             let grpc_body = grpc_body(dir.path());
             let rest_body = dir.path().join("request.json");
             std::fs::write(&rest_body, REST_BODY).unwrap();
-            let mut grpc_runs = Vec::new();
-            for t in targets.iter().filter(|t| !t.rest) {
-                eprintln!("h2load gRPC, {clients} connections × {streams} streams: {}", t.name);
-                grpc_runs.push(h2load_grpc(
-                    t.name.to_string(),
-                    t.pid,
-                    t.addr,
-                    &grpc_body,
-                    (clients, streams),
-                    None,
-                    seconds,
-                ));
-            }
-            let mut rest_runs = Vec::new();
-            for (name, addr, pid) in [
+            // Like the closed loop: BENCH_REPEAT rounds, the targets interleaved within each,
+            // and each target's median round (by throughput) reported.
+            let grpc_targets: Vec<&Target> = targets.iter().filter(|t| !t.rest).collect();
+            let rest_targets = [
                 ("direct REST (model server)", model_rest, None),
                 ("modelgate routing only, REST", routing_data, Some(routing.0.id())),
-            ] {
-                eprintln!("h2load REST (HTTP/1.1), {concurrency} connections: {name}");
-                rest_runs.push(h2load(
-                    name.to_string(),
-                    pid,
-                    &format!("http://{addr}/v2/models/bench/infer"),
-                    &rest_body,
-                    &["content-type: application/json"],
-                    true,
-                    (concurrency, 1),
-                    None,
-                    seconds,
-                ));
+            ];
+            let mut grpc_rounds: Vec<Vec<H2load>> = grpc_targets.iter().map(|_| Vec::new()).collect();
+            let mut rest_rounds: Vec<Vec<H2load>> = rest_targets.iter().map(|_| Vec::new()).collect();
+            for round in 0..repeat {
+                for (i, t) in grpc_targets.iter().enumerate() {
+                    eprintln!(
+                        "h2load gRPC (round {}/{repeat}), {clients} connections × {streams} streams: {}",
+                        round + 1,
+                        t.name
+                    );
+                    grpc_rounds[i].push(h2load_grpc(
+                        t.name.to_string(),
+                        t.pid,
+                        t.addr,
+                        &grpc_body,
+                        (clients, streams),
+                        None,
+                        seconds,
+                    ));
+                }
+                for (i, (name, addr, pid)) in rest_targets.iter().enumerate() {
+                    eprintln!(
+                        "h2load REST (HTTP/1.1, round {}/{repeat}), {concurrency} connections: {name}",
+                        round + 1
+                    );
+                    rest_rounds[i].push(h2load(
+                        name.to_string(),
+                        *pid,
+                        &format!("http://{addr}/v2/models/bench/infer"),
+                        &rest_body,
+                        &["content-type: application/json"],
+                        true,
+                        (concurrency, 1),
+                        None,
+                        seconds,
+                    ));
+                }
             }
+            let grpc_runs: Vec<H2load> = grpc_rounds.into_iter().map(H2load::median).collect();
+            let rest_runs: Vec<H2load> = rest_rounds.into_iter().map(H2load::median).collect();
             print_h2load(
                 &format!("h2load gRPC, {clients} connections × {streams} streams, saturation"),
                 &grpc_runs,
@@ -1665,7 +1699,7 @@ fn main() {
             );
             let json = |r: &H2load, base: f64| {
                 serde_json::json!({"target": r.target, "rps": r.rps, "ratio": r.rps / base,
-                    "mean_ms": r.mean_ms, "failed": r.failed,
+                    "mean_ms": r.mean_ms, "failed": r.failed, "rounds_rps": r.rounds,
                     "proxy_cpu_us_per_call": r.cpu_us_per_call()})
             };
             h2load_json = serde_json::json!({
