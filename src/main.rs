@@ -34,20 +34,17 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// them. The data threads each get an arena of their own besides ([`own_arena`]): measured then
 /// with connections on one thread, one arena was no dearer; with both threads serving, it was.
 ///
-/// Each small size's thread cache holds 100 to 400 blocks (jemalloc: 20 to 200), and a thread's
-/// unused cached blocks are given back after every 1 MiB it allocates (jemalloc: 64 KiB). With
-/// 128 calls in flight, a call's ~40 allocations of a few sizes emptied and overfilled the
-/// caches in turns: the refills and flushes (each under the arena's lock) were ~2,200 of
-/// routing only's 48,500 instructions per call (callgrind, h2load 4 × 32, 5,000 calls); now
-/// 46,651. Timed (closed loop and h2load, 3 interleaved rounds): routing only 16.8 → 15.8 and
-/// 11.8 → 10.7 µs per call, everything on 24.0 → 22.0 and 18.8 → 17.8; peak RSS routing only
-/// 13.6 → 15.0 MiB, everything on 48.1 → 47.0 (docs/performance-log.md, a thirty-second round).
+/// Larger caches for small sizes (`tcache_nslots_small_min:100,tcache_nslots_small_max:400,
+/// tcache_gc_incr_bytes:1048576`) took routing only from 48,534 to 46,651 instructions per call
+/// (callgrind, h2load) but are not set: timed, the record writer's CPU per call was the same or
+/// higher with them (3.7 against 3.7, 4.2 against 3.6, 5.9 against 4.4 µs in three paired runs),
+/// everything on missed issue #18's ratio to routing only in both full runs with them, and its
+/// peak RSS over 180 s rose by 2.3 MiB (docs/performance-log.md, a thirty-second round).
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8; 147] = b"narenas:1,tcache_max:4096,\
-    tcache_nslots_small_min:100,tcache_nslots_small_max:400,tcache_gc_incr_bytes:1048576,\
-    dirty_decay_ms:500,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8; 62] =
+    b"narenas:1,tcache_max:4096,dirty_decay_ms:500,muzzy_decay_ms:0\0";
 
 #[derive(Parser, Debug)]
 #[command(

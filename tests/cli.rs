@@ -173,9 +173,6 @@ fn the_allocator_is_jemalloc_with_its_settings() {
     for option in [
         "opt.narenas: 1",
         "opt.tcache_max: 4096",
-        "opt.tcache_nslots_small_min: 100",
-        "opt.tcache_nslots_small_max: 400",
-        "opt.tcache_gc_incr_bytes: 1048576",
         "opt.dirty_decay_ms: 500",
         "opt.muzzy_decay_ms: 0",
     ] {
