@@ -353,11 +353,22 @@ fn print_h2load(title: &str, runs: &[H2load]) {
     }
 }
 
+/// A free loopback port, never one handed out before in this run: the listener that found it is
+/// closed at once (the process that will listen is started later), so the kernel may offer the
+/// same port again, and two of a modelgate's ports once came out equal (it refuses to start).
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static GIVEN: parking_lot::Mutex<Vec<u16>> = parking_lot::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock();
+    loop {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A child process, killed with the benchmark.
