@@ -85,6 +85,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use modelgate::pb::inference::{
+    grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
+};
+use modelgate::pb::modelgate::v1 as pb;
+use tonic::transport::Channel;
 
 /// The load generator allocates with jemalloc, as modelgate does. With glibc's malloc, its
 /// allocations churned by 2,048 callers in flight (the overload mode at twice the maximum) took
@@ -93,12 +99,6 @@ use hdrhistogram::Histogram;
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use modelgate::pb::inference::{
-    grpc_inference_service_client::GrpcInferenceServiceClient,
-    model_infer_request::InferInputTensor, InferTensorContents, ModelInferRequest,
-};
-use modelgate::pb::modelgate::v1 as pb;
-use tonic::transport::Channel;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
