@@ -3,8 +3,25 @@
 # port, the benchmark's model server, waiting for a modelgate to serve, its gRPC load, and its
 # model configured through a modelgate's control port.
 
+# free_port: a free loopback port, never one this script was given before (the socket that
+# found it is closed at once, and the kernel may offer the same port again; two of a modelgate's
+# ports once came out equal in the benchmark). The ports given are listed in a temporary file.
+MODELGATE_GIVEN_PORTS=${MODELGATE_GIVEN_PORTS:-$(mktemp)}
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+    python3 - "$MODELGATE_GIVEN_PORTS" <<'PY'
+import socket, sys
+path = sys.argv[1]
+given = set(open(path).read().split())
+while True:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+    s.close()
+    if port not in given:
+        open(path, "a").write(port + "\n")
+        print(port)
+        break
+PY
 }
 
 # start_bench_model BIN PORT LOG: the built-in model server with the benchmark's model ("bench",
