@@ -36,10 +36,11 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///
 /// Larger caches for small sizes (`tcache_nslots_small_min:100,tcache_nslots_small_max:400,
 /// tcache_gc_incr_bytes:1048576`) took routing only from 48,534 to 46,651 instructions per call
-/// (callgrind, h2load) but are not set: timed, the record writer's CPU per call was the same or
-/// higher with them (3.7 against 3.7, 4.2 against 3.6, 5.9 against 4.4 µs in three paired runs),
-/// everything on missed issue #18's ratio to routing only in both full runs with them, and its
-/// peak RSS over 180 s rose by 2.3 MiB (docs/performance-log.md, a thirty-second round).
+/// (callgrind, h2load) but are not set: timed, everything on was no cheaper with them — at a
+/// fixed rate, in turns, its data threads took 21.4 against 20.8 µs per call and its record
+/// writer 4.45 against 4.28, the writer never cheaper in paired runs (the blocks it frees are the
+/// data threads', held longer in larger caches) — and its peak RSS over 180 s rose by 2.3 MiB
+/// (docs/performance-log.md, a thirty-second round).
 #[cfg(not(target_env = "msvc"))]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
