@@ -203,12 +203,12 @@ fn h2load(
 }
 
 impl H2load {
-    /// The median of one target's rounds by throughput (the middle one, or the faster of the
-    /// two middle ones), with every round's throughput kept beside it.
-    fn median(mut rounds: Vec<H2load>) -> H2load {
-        rounds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-        let all: Vec<f64> = rounds.iter().map(|r| r.rps).collect();
-        let mut m = rounds.swap_remove(rounds.len() / 2);
+    /// The median of one target's rounds by throughput (see [`median_by`]), with every round's
+    /// throughput kept beside it.
+    fn median(rounds: Vec<H2load>) -> H2load {
+        let mut all: Vec<f64> = rounds.iter().map(|r| r.rps).collect();
+        all.sort_by(f64::total_cmp);
+        let mut m = median_by(rounds, |r| r.rps).expect("at least one round");
         m.rounds = all;
         m
     }
@@ -351,6 +351,14 @@ fn print_h2load(title: &str, runs: &[H2load]) {
                 .join(" "),
         );
     }
+}
+
+/// The median of `values` by `key`: the middle one, or the larger of the two middle ones; none
+/// when there are none.
+fn median_by<T>(mut values: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    values.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = values.len() / 2;
+    (!values.is_empty()).then(|| values.swap_remove(middle))
 }
 
 /// A free loopback port, never one handed out before in this run: the listener that found it is
@@ -1590,20 +1598,12 @@ fn main() {
             rounds[i].push(run);
         }
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied()
-        };
+        let median = |v: Vec<f64>| median_by(v, |x| *x);
         let redis_per_call = median(redis_rounds.iter().map(|r| r.0).collect())
             .zip(median(redis_rounds.iter().map(|r| r.1).collect()));
         let closed_runs: Vec<Run> = rounds
             .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(|mut r| {
-                r.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
-                let middle = r.len() / 2;
-                r.swap_remove(middle)
-            })
+            .filter_map(|r| median_by(r, Run::rps))
             .collect();
         let (rate, why) = match std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()) {
             Some(r) => (r, "BENCH_RATE"),
